@@ -1,0 +1,129 @@
+"""Clean top-1 accuracy over a shard stream, with skipped samples counted (never a shrunken denominator)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ClassificationResult", "AdversarialResult", "evaluate_clean", "evaluate_adversarial", "project_logits"]
+
+
+@dataclass
+class ClassificationResult:
+    correct: int = 0
+    n: int = 0
+    skipped: dict = field(default_factory=dict)
+    expected: int | None = None
+
+    @property
+    def top1(self) -> float | None:
+        return 100.0 * self.correct / self.n if self.n else None
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def as_dict(self) -> dict:
+        return {"top1": self.top1, "n": self.n, "skipped": self.n_skipped, "skipped_by_reason": dict(self.skipped),
+                "expected": self.expected}
+
+
+def project_logits(logits: torch.Tensor, class_subset: list[int] | None) -> torch.Tensor:
+    """Restrict a head's logits to a label subset (e.g. ImageNet-R's 200 of 1000 classes)."""
+    return logits if class_subset is None else logits[:, class_subset]
+
+
+@torch.no_grad()
+def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subset: list[int] | None = None,
+                   autocast=None, progress: bool = False, desc: str = "eval") -> ClassificationResult:
+    """Top-1 of ``model`` (taking [0,1] images) over every batch of ``loader``."""
+    import contextlib
+
+    res = ClassificationResult()
+    skipped: Counter = Counter()
+    model.eval()
+    it = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    for batch in it:
+        for k, v in batch.get("skipped", {}).items():
+            skipped[k] += v
+        x = batch["image"]
+        if x.numel() == 0:
+            continue
+        x, y = x.to(device), batch["label"].to(device)
+        with (autocast or contextlib.nullcontext)():
+            logits = model(x)
+        pred = project_logits(logits.float(), class_subset).argmax(-1)
+        res.correct += int((pred == y).sum())
+        res.n += int(y.numel())
+    res.skipped = dict(skipped)
+    return res
+
+
+@dataclass
+class AdversarialResult:
+    attack: str
+    eps: float
+    norm: str
+    n: int = 0
+    clean_correct: int = 0
+    robust_correct: int = 0
+    skipped: dict = field(default_factory=dict)
+
+    @property
+    def robust_acc(self) -> float | None:
+        return 100.0 * self.robust_correct / self.n if self.n else None
+
+    @property
+    def clean_acc(self) -> float | None:
+        return 100.0 * self.clean_correct / self.n if self.n else None
+
+    def as_dict(self) -> dict:
+        return {"attack": self.attack, "eps": self.eps, "norm": self.norm, "n": self.n,
+                "clean_acc": self.clean_acc, "robust_acc": self.robust_acc, "precision": "fp32",
+                "skipped": sum(self.skipped.values())}
+
+
+def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int | None = None,
+                         norm: str = "Linf", device: str | torch.device = "cpu", seed: int = 0,
+                         progress: bool = False) -> AdversarialResult:
+    """Robust accuracy of ``model`` under a registered attack on the first ``n_max`` samples, in fp32."""
+    from .attacks import create_attack
+
+    model.eval()
+    attack = create_attack(attack_name, model, eps=eps, norm=norm, seed=seed)
+    res = AdversarialResult(attack_name, eps, norm)
+    skipped: Counter = Counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_max, desc=f"attack {attack_name}", unit="img", leave=False, dynamic_ncols=True)
+    for batch in loader:
+        for k, v in batch.get("skipped", {}).items():
+            skipped[k] += v
+        x, y = batch["image"], batch["label"]
+        if x.numel() == 0:
+            continue
+        if n_max is not None:
+            take = n_max - res.n
+            if take <= 0:
+                break
+            x, y = x[:take], y[:take]
+        x, y = x.to(device).float(), y.to(device)
+        with torch.no_grad():
+            res.clean_correct += int((model(x).argmax(-1) == y).sum())
+        x_adv = attack(x, y)
+        with torch.no_grad():
+            res.robust_correct += int((model(x_adv).argmax(-1) == y).sum())
+        res.n += int(y.numel())
+        if bar is not None:
+            bar.update(int(y.numel()))
+    if bar is not None:
+        bar.close()
+    res.skipped = dict(skipped)
+    return res

@@ -1,0 +1,67 @@
+"""Evaluate one model on an ID set, OOD sets and an attack; return the three-axis report (see ``report``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .evaluate import evaluate_adversarial, evaluate_clean
+from .report import build_report
+
+__all__ = ["EvalRequest", "evaluate_model"]
+
+
+@dataclass
+class EvalRequest:
+    id_set: tuple[str, str | Path]
+    ood_sets: list[tuple[str, str | Path]]
+    attack: str | None = "apgd-ce"
+    eps: float = 4 / 255
+    norm: str = "Linf"
+    n_adv: int = 500
+    batch_size: int = 128
+    num_workers: int = 0
+    device: str = "cpu"
+    seed: int = 0
+    strict: bool = False
+
+
+def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
+    """``loaded`` is a ``registry.LoadedModel``. Clean top-1 on every set, attack on the ID set (fp32)."""
+    from grace_plugin.data.loader import make_eval_loader
+    from grace_plugin.data.shards import open_shard_set
+    from grace_plugin.data.transforms import eval_transform
+
+    from .attacks import get_attack
+
+    if req.attack is not None:
+        get_attack(req.attack)  # unknown names fail before any work
+    device = torch.device(req.device)
+    transform = eval_transform(loaded.pretrained_cfg)
+    sets = [req.id_set] + list(req.ood_sets)
+    opened = {name: open_shard_set(path) for name, path in sets}  # bad folders fail before any work
+    results, models = {}, {}
+    for name, _ in sets:
+        shards = opened[name]
+        model = loaded.for_classes(shards.classnames, shards.templates, device=device).to(device).eval()
+        models[name] = model
+        n_classes = shards.num_classes or getattr(model, "num_classes", None)
+        loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=n_classes,
+                                  num_workers=req.num_workers)
+        res = evaluate_clean(model, loader, device=device, progress=progress, desc=f"eval {name}")
+        if req.strict and res.n_skipped:
+            raise ValueError(f"{shards.root}: {res.n_skipped} samples skipped ({res.skipped}) and --strict is set")
+        results[name] = res.as_dict()
+    adversarial = None
+    if req.attack is not None and req.n_adv > 0:
+        id_name = req.id_set[0]
+        shards = opened[id_name]
+        loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=shards.num_classes)
+        adv = evaluate_adversarial(models[id_name], loader, req.attack, req.eps, n_max=req.n_adv, norm=req.norm,
+                                   device=device, seed=req.seed, progress=progress)
+        adversarial = adv.as_dict()
+    config = {"id_set": [req.id_set[0], str(req.id_set[1])], "ood_sets": [[n, str(p)] for n, p in req.ood_sets],
+              "attack": req.attack, "eps": req.eps, "norm": req.norm, "n_adv": req.n_adv,
+              "batch_size": req.batch_size, "device": req.device, "seed": req.seed}
+    return build_report(loaded.name, results, req.id_set[0], [n for n, _ in req.ood_sets], adversarial, config)

@@ -1,0 +1,115 @@
+"""The main job on the embedded testbed (``grace quickstart``): synth -> tiny CLIP -> recipes -> reports.
+
+Layout written under ``out``: ``data/<set>/`` (synthetic shards), ``pretrained/`` (the tiny CLIP, valid as
+``--init``), ``runs/<method>/`` (each valid as ``--model``, with its ``report.json``), ``summary.json``,
+``summary.md`` and ``tradeoff.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["TESTBED_RECIPE_OVERRIDES", "QuickstartConfig", "run_quickstart", "OOD_SETS"]
+
+log = logging.getLogger(__name__)
+
+OOD_SETS = ["v2", "sketch", "rendition", "a"]
+
+# Testbed-scale settings (32 px, 3-layer tower, a few hundred steps). Paper-scale settings live in configs/.
+_COMMON = {"train": {"batch_size": 64, "lr": 1e-4, "weight_decay": 0.1, "warmup_steps": 10, "log_every": 10}}
+TESTBED_RECIPE_OVERRIDES: dict[str, dict] = {
+    "ft": {"train": {"lr": 1e-4}},
+    "grace": {"train": {"lr": 1e-3},
+              "recipe": {"lora_rank": 8, "lora_alpha": 16.0, "curvature_interval": 50, "awp_rank_max": 4}},
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+@dataclass
+class QuickstartConfig:
+    out: Path
+    seed: int = 0
+    recipes: list[str] = field(default_factory=lambda: ["ft", "grace"])
+    steps: int = 150
+    n_adv: int = 300
+    eps: float = 4 / 255
+    attack: str = "apgd-ce"
+    device: str = "cpu"
+    overrides: list[str] = field(default_factory=list)
+    size: str = "default"  # "small": a few hundred images and a 2-layer CLIP (smoke tests)
+    pretrain_steps: int | None = None
+
+
+def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
+    """``--set`` for a study: ``recipe.X`` goes to every recipe whose config has field X (an error if none has it);
+    ``train.*``/``data.*`` go to all."""
+    from grace_plugin.config import ConfigError, parse_overrides
+    from grace_plugin.recipes import get_recipe_class
+
+    parsed = parse_overrides(items)
+    rec = parsed.pop("recipe", {})
+    out = {name: dict(parsed) for name in recipes}
+    for key, value in rec.items():
+        takers = [n for n in recipes if key in get_recipe_class(n).Config.__dataclass_fields__]
+        if not takers:
+            raise ConfigError(f"unknown config field 'recipe.{key}' for recipes {', '.join(recipes)}")
+        for n in takers:
+            out[n] = _merge(out[n], {"recipe": {key: value}})
+    return out
+
+
+def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> dict:
+    from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+    from grace_plugin.finetune import build_config, fine_tune
+    from grace_plugin.testbed import PretrainConfig, tiny_clip
+    from registry import load_model
+
+    from .report import write_report, write_summary
+    from .runner import EvalRequest, evaluate_model
+
+    t0 = time.time()
+    out = Path(cfg.out)
+    data, pretrained, runs = out / "data", out / "pretrained", out / "runs"
+    world = data / "world.json"
+    world_spec = SyntheticWorldSpec.small() if cfg.size == "small" else SyntheticWorldSpec()
+    pre = PretrainConfig(width=64, layers=2, batch_size=64) if cfg.size == "small" else PretrainConfig()
+    if cfg.pretrain_steps is not None:
+        pre.steps = cfg.pretrain_steps
+    if world.is_file() and json.loads(world.read_text()).get("spec") == asdict(world_spec) \
+            and json.loads(world.read_text()).get("seed") == cfg.seed:
+        echo(f"[1/4] synthetic world: reusing {data}")
+    else:
+        echo(f"[1/4] synthetic world -> {data}")
+        write_synthetic_world(data, seed=cfg.seed, spec=world_spec, progress=progress)
+    echo(f"[2/4] tiny CLIP -> {pretrained} (cached after the first run)")
+    tiny_clip(data, pretrained, cfg=pre, progress=progress)
+    req = EvalRequest(id_set=("id", data / "id"), ood_sets=[(n, data / n) for n in OOD_SETS], attack=cfg.attack,
+                      eps=cfg.eps, n_adv=cfg.n_adv, device=cfg.device, seed=cfg.seed)
+    rows = []
+    echo("[3/4] fine-tuning: " + ", ".join(cfg.recipes))
+    run_dirs = {}
+    user = _user_overrides(cfg.overrides, cfg.recipes)
+    for name in cfg.recipes:
+        overrides = _merge(_COMMON, TESTBED_RECIPE_OVERRIDES.get(name, {}))
+        overrides = _merge(overrides, {"train": {"seed": cfg.seed, "device": cfg.device}})
+        overrides = _merge(overrides, user[name])
+        run_cfg = build_config(name, overrides=overrides, steps=cfg.steps)
+        run_dirs[name] = fine_tune(name, pretrained, data / "id", runs / name, run_cfg, progress=progress)
+    echo("[4/4] evaluation: ID, OOD (" + ", ".join(OOD_SETS) + f"), {cfg.attack} l_inf eps={cfg.eps:.4f} "
+         f"on {cfg.n_adv} ID images")
+    for method, spec in [("zero-shot", pretrained)] + list(run_dirs.items()):
+        report = evaluate_model(load_model(spec), req, progress=progress)
+        report["model"] = method
+        write_report((runs / method) if method != "zero-shot" else (out / "zero_shot"), report)
+        rows.append({"method": method, **{k: report["axes"][k] for k in ("id", "ood", "adv", "hm")}})
+    paths = write_summary(out, rows, extra={"seed": cfg.seed, "steps": cfg.steps, "seconds": round(time.time() - t0, 1)})
+    return {"rows": rows, "paths": paths, "seconds": time.time() - t0}

@@ -1,0 +1,190 @@
+"""The ``grace`` command-line app: parse arguments, call library functions, print. Nothing else lives here.
+
+This module is the one place allowed to import all three packages (grace_plugin, registry, eval_suites); it does
+so lazily inside each command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _named_dir(text: str, default_name: str | None = None) -> tuple[str, str]:
+    if "=" in text and not Path(text).exists():
+        name, path = text.split("=", 1)
+        if not name or not path:
+            raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+        return name, path
+    if default_name is None:
+        return Path(text.rstrip("/")).name, text
+    return default_name, text
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grace", description="Robust fine-tuning of CLIP: GRACE and baselines, "
+                                "timm/RobustBench registration, three-axis evaluation.")
+    p.add_argument("--verbose", "-v", action="store_true", help="info-level logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write the synthetic testbed (WebDataset shards, CLIP_benchmark layout)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", choices=["default", "small"], default="default",
+                   help="small: a few hundred images, for smoke tests")
+
+    t = sub.add_parser("train", help="fine-tune a CLIP with a recipe")
+    t.add_argument("--recipe", required=True)
+    t.add_argument("--init", required=True, help="CLIP folder (e.g. quickstart's pretrained/) or NAME:PRETRAINED")
+    t.add_argument("--data", required=True, help="shard set folder with a train split")
+    t.add_argument("--out", required=True, help="run folder to write")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int)
+    g.add_argument("--epochs", type=float)
+    t.add_argument("--config", help="YAML with train/data/recipe sections (deltas only)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=3e-5 --set recipe.rho=0.1")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/train_state.pt")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="three-axis evaluation of a model on shard sets")
+    e.add_argument("--model", required=True, help="run folder, weights file, CLIP folder or timm model name")
+    e.add_argument("--data", required=True, metavar="[NAME=]DIR", help="ID shard set (named 'id' unless NAME=)")
+    e.add_argument("--ood", action="append", default=[], metavar="NAME=DIR")
+    e.add_argument("--attack", help="registered attack name (see `grace list attacks`)")
+    e.add_argument("--eps", default="4/255", help="l_inf radius, e.g. 4/255 or 0.0157")
+    e.add_argument("--norm", default="Linf")
+    e.add_argument("--n-adv", type=int, default=500)
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--strict", action="store_true", help="any skipped sample is an error")
+    e.add_argument("--out", required=True)
+    e.add_argument("--no-progress", action="store_true")
+
+    q = sub.add_parser("quickstart", help="the whole flow on the embedded testbed in minutes on a CPU")
+    q.add_argument("--out", default="quickstart")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--recipes", default="ft,grace", help="comma-separated recipe names, or 'all'")
+    q.add_argument("--steps", type=int, default=150)
+    q.add_argument("--n-adv", type=int, default=300)
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of every recipe run, e.g. --set train.batch_size=32")
+    q.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
+    q.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default 1500)")
+    q.add_argument("--no-progress", action="store_true")
+
+    ls = sub.add_parser("list", help="list registered names")
+    ls.add_argument("kind", choices=["recipes", "attacks"])
+    return p
+
+
+def _cmd_synth(a) -> int:
+    from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+
+    spec = SyntheticWorldSpec.small() if a.size == "small" else SyntheticWorldSpec()
+    meta = write_synthetic_world(a.out, seed=a.seed, spec=spec, progress=True)
+    for name, splits in meta["counts"].items():
+        print(f"{name:10s} " + "  ".join(f"{k}={v}" for k, v in splits.items()))
+    print(f"wrote {a.out}")
+    return 0
+
+
+def _cmd_train(a) -> int:
+    from grace_plugin.finetune import build_config, fine_tune
+    from grace_plugin.recipes import get_recipe_class
+
+    get_recipe_class(a.recipe)
+    cfg = build_config(a.recipe, config_file=a.config, overrides=a.overrides, steps=a.steps, epochs=a.epochs)
+    out = fine_tune(a.recipe, a.init, a.data, a.out, cfg, progress=not a.no_progress, resume=a.resume)
+    print(f"wrote {out / 'model.safetensors'} and {out / 'checkpoint.json'}")
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from eval_suites.attacks import get_attack, parse_eps
+    from eval_suites.report import report_markdown, write_report
+    from eval_suites.runner import EvalRequest, evaluate_model
+    from registry import load_model
+
+    eps = parse_eps(a.eps)
+    if a.attack:
+        get_attack(a.attack)
+    id_set = _named_dir(a.data, default_name="id") if "=" not in a.data else _named_dir(a.data)
+    ood = [_named_dir(o) for o in a.ood]
+    req = EvalRequest(id_set=id_set, ood_sets=ood, attack=a.attack, eps=eps, norm=a.norm, n_adv=a.n_adv,
+                      batch_size=a.batch_size, num_workers=a.num_workers, device=a.device, strict=a.strict)
+    report = evaluate_model(load_model(a.model, device=a.device), req, progress=not a.no_progress)
+    path = write_report(a.out, report)
+    print(report_markdown(report))
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_quickstart(a) -> int:
+    from eval_suites.report import summary_markdown
+    from eval_suites.study import QuickstartConfig, run_quickstart
+    from grace_plugin.recipes import get_recipe_class, list_recipes
+
+    recipes = list_recipes() if a.recipes == "all" else [r.strip() for r in a.recipes.split(",") if r.strip()]
+    for r in recipes:
+        get_recipe_class(r)
+    cfg = QuickstartConfig(out=Path(a.out), seed=a.seed, recipes=recipes, steps=a.steps, n_adv=a.n_adv,
+                           overrides=a.overrides, size=a.size, pretrain_steps=a.pretrain_steps)
+    res = run_quickstart(cfg, progress=not a.no_progress)
+    print()
+    print(summary_markdown(res["rows"]))
+    print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']} "
+          f"({res['seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_list(a) -> int:
+    if a.kind == "recipes":
+        from grace_plugin.recipes import list_recipes
+
+        names = list_recipes()
+    else:
+        from eval_suites.attacks import list_attacks
+
+        names = list_attacks()
+    print("\n".join(names))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import grace_plugin  # noqa: F401  (autoattack shim)
+    from grace_plugin.checkpoint import CheckpointError
+    from grace_plugin.config import ConfigError
+    from grace_plugin.data.shards import ShardSetError
+    from grace_plugin.recipes import UnknownRecipeError
+
+    from eval_suites.attacks import UnknownAttackError
+    from registry import ModelNotFound
+
+    handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
+                "list": _cmd_list}
+    expected = (ConfigError, ShardSetError, UnknownRecipeError, UnknownAttackError, ModelNotFound, CheckpointError,
+                FileNotFoundError, ValueError)
+    try:
+        return handlers[a.command](a)
+    except expected as e:
+        if os.environ.get("GRACE_DEBUG"):
+            raise
+        print(f"grace {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Typed configuration: dataclass defaults < YAML file < ``--set a.b=value`` overrides (aesthetics.md §9.5).
+
+Every section is a dataclass; recipes bring their own ``RecipeConfig`` subclass. Overrides are validated against
+the dataclass fields, so a typo is an error naming the field and the valid choices instead of a silent no-op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["ConfigError", "TrainConfig", "DataConfig", "RunConfig", "parse_overrides", "apply_overrides",
+           "load_yaml", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or field; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation loop settings shared by every recipe (the trainer reads only these)."""
+
+    steps: int | None = None  # exactly one of steps/epochs; None for both means 1 epoch
+    epochs: float | None = None
+    batch_size: int = 64
+    grad_accum: int = 1
+    opt: str = "adamw"  # any name timm.optim.create_optimizer_v2 accepts
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    sched: str = "cosine"  # any name timm.scheduler.create_scheduler_v2 accepts
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    grad_clip: float | None = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    seed: int = 0
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only at the end
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
+    device: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Where the training shards live and how samples become tensors."""
+
+    train_split: str = "train"
+    # spec §2: the paper states no augmentation; "none" trains on the eval transform (CLIP/WiSE-FT style),
+    # "rrc" uses timm's RandomResizedCrop + flip derived from the model's pretrained cfg.
+    augment: str = "none"
+
+
+@dataclass
+class RunConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    recipe: Any = None  # a RecipeConfig dataclass instance
+
+
+def to_dict(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["train.lr=3e-5", "recipe.rho=0.1"]`` -> nested dict with YAML-typed values."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"malformed --set {item!r}: expected key=value, e.g. train.lr=3e-5")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"malformed --set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"malformed --set {item!r}: value is not valid YAML ({e})") from None
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                value = float(value) if any(ch in value for ch in ".eE") else int(value)
+            except ValueError:
+                pass
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} conflicts with an earlier value for {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at top level")
+    return data
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        vals = [_coerce(v, inner, where) for v in value]
+        return tuple(vals) if origin is tuple else vals
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(obj: Any, updates: Mapping[str, Any], prefix: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``updates`` applied; unknown fields raise ConfigError."""
+    if not is_dataclass(obj):
+        raise ConfigError(f"{prefix or 'config'} is not a configurable section")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    changes = {}
+    for key, value in updates.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config field {where!r}; valid fields: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if is_dataclass(current) and not isinstance(current, type):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where} is a section; set its fields, e.g. {where}.<field>=...")
+            changes[key] = apply_overrides(current, value, prefix=f"{where}.")
+        else:
+            changes[key] = _coerce(value, hints.get(key, Any), where)
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,134 @@
+"""Recipe registry and base class.
+
+A recipe owns *what one training step computes* (losses, attacks, perturbations) and which parameters train; the
+trainer owns the loop (device, precision, optimizer, schedule, accumulation, checkpoints). Every recipe is a class
+registered with ``@register_recipe("name")`` carrying a ``Config`` dataclass; the registry drives the CLI and the
+parametrized tests.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RecipeConfig", "Recipe", "StepContext", "StepOutput", "register_recipe", "create_recipe",
+           "list_recipes", "get_recipe_class", "UnknownRecipeError"]
+
+
+class UnknownRecipeError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class RecipeConfig:
+    """Fields every recipe understands."""
+
+    lora: bool = False  # train LoRA adapters instead of full weights ("LoRA-FT" rows of Table 7)
+    lora_rank: int = 64  # spec §1.f: r = 64 (Table 10 via [RI])
+    lora_alpha: float = 128.0  # spec §1.f: not stated; [RI] uses alpha = 2r
+    lora_targets: list[str] = field(default_factory=lambda: ["blocks.*.attn.qkv", "blocks.*.attn.proj"])
+    lora_split_qkv: bool = True  # separate q/k/v factors as PEFT's q/k/v adapters (spec §1.f, [RI])
+    train_head: bool = False  # the zero-shot head stays frozen unless a recipe says otherwise
+
+
+@dataclass
+class StepContext:
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    step: int = 0
+    total_steps: int = 1
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+_RECIPES: dict[str, type["Recipe"]] = {}
+
+
+def register_recipe(name: str):
+    def deco(cls):
+        if name in _RECIPES:
+            raise ValueError(f"recipe {name!r} is already registered ({_RECIPES[name].__qualname__})")
+        cls.name = name
+        _RECIPES[name] = cls
+        return cls
+
+    return deco
+
+
+def list_recipes() -> list[str]:
+    return sorted(_RECIPES)
+
+
+def get_recipe_class(name: str) -> type["Recipe"]:
+    try:
+        return _RECIPES[name]
+    except KeyError:
+        raise UnknownRecipeError(f"unknown recipe {name!r}; valid recipes: {', '.join(list_recipes())}") from None
+
+
+def create_recipe(name: str, model: nn.Module, cfg: RecipeConfig | None = None) -> "Recipe":
+    cls = get_recipe_class(name)
+    return cls(model, cfg if cfg is not None else cls.Config())
+
+
+class Recipe:
+    """Base: plain cross-entropy on the trainable parameters (full weights, or LoRA when ``cfg.lora``)."""
+
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[RecipeConfig]] = RecipeConfig
+
+    def __init__(self, model: nn.Module, cfg: RecipeConfig):
+        from ..models.lora import inject_lora
+
+        self.model = model
+        self.cfg = cfg
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.lora:
+            inject_lora(model.visual, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_split_qkv,
+                        awp_rank=self.awp_rank())
+        else:
+            for p in model.visual.parameters():
+                p.requires_grad_(True)
+        model.head.weight.requires_grad_(bool(cfg.train_head))
+
+    def awp_rank(self) -> int:
+        return 0
+
+    # ------------------------------------------------------------------ interface used by the trainer
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
+        x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
+        with ctx.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return StepOutput(loss, {"loss": float(loss.detach())})
+
+    def after_step(self, batch: dict, ctx: StepContext) -> dict[str, float]:
+        """Called after each optimizer step (e.g. curvature updates); returns extra logs."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Recipe state beyond the model weights (for resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def export_model(self) -> nn.Module:
+        """The deployable classifier: LoRA merged into plain timm Linear layers."""
+        from ..models.lora import merge_lora
+
+        merge_lora(self.model.visual)
+        return self.model

@@ -1,0 +1,145 @@
+"""The embedded testbed's tiny CLIP: contrastive pretraining on the synthetic image-caption pairs.
+
+``tiny_clip(data_dir)`` returns a folder loadable with ``grace train --init``; the first call pretrains (about 2
+minutes on 2 CPU cores), later calls with the same world and settings reuse the copy cached under
+``$GRACE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/grace_plugin`` or ``~/.cache/grace_plugin``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .models.clip import TINY_CLIP_NAME, ClipBundle, register_open_clip_config, save_clip, tiny_clip_config
+
+__all__ = ["PretrainConfig", "pretrain_tiny_clip", "tiny_clip", "cache_dir"]
+
+_VERSION = 1  # bump when the pretraining procedure changes (invalidates caches)
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    seed: int = 0
+    width: int = 96
+    layers: int = 3
+
+
+def cache_dir() -> Path:
+    if os.environ.get("GRACE_CACHE_DIR"):
+        return Path(os.environ["GRACE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "grace_plugin"
+
+
+def _load_pairs(pairs_dir: Path, image_size: int):
+    """All pairs in memory as uint8 images + captions (the set is small; read through webdataset)."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from .data.shards import open_shard_set
+
+    shards = open_shard_set(pairs_dir, split="train")
+    images, captions = [], []
+    for s in wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples()):
+        img_key = next(k for k in ("webp", "png", "jpg", "jpeg") if k in s)
+        im = Image.open(io.BytesIO(s[img_key])).convert("RGB")
+        if im.size != (image_size, image_size):
+            im = im.resize((image_size, image_size), Image.BICUBIC)
+        images.append(np.asarray(im))
+        captions.append(s["txt"].decode("utf-8"))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return x, captions
+
+
+def pretrain_tiny_clip(pairs_dir: str | Path, out: str | Path, cfg: PretrainConfig = PretrainConfig(),
+                       progress: bool = True) -> Path:
+    import open_clip
+    from timm.scheduler import create_scheduler_v2
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = tiny_clip_config(width=cfg.width, layers=cfg.layers)
+    register_open_clip_config(TINY_CLIP_NAME, model_cfg)
+    clip = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+    tok = open_clip.get_tokenizer(TINY_CLIP_NAME)
+    size = model_cfg["vision_cfg"]["image_size"]
+    images, captions = _load_pairs(Path(pairs_dir), size)
+    texts = tok(captions)
+    mean = torch.tensor(clip.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(clip.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=cfg.steps, warmup_epochs=cfg.warmup_steps,
+                                   warmup_lr=cfg.lr * 1e-2, step_on_epochs=False, updates_per_epoch=1)
+    loss_fn = open_clip.ClipLoss()
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = images.shape[0]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="pretrain tiny CLIP", unit="step", dynamic_ncols=True)
+    t0 = time.time()
+    clip.train()
+    for step in range(cfg.steps):
+        sched.step_update(step)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+        x = (images[idx].float() / 255 - mean) / std
+        img_f, txt_f, scale = clip(x, texts[idx])
+        loss = loss_fn(img_f, txt_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, 4.6052)  # CLIP's cap at 100
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    if bar is not None:
+        bar.close()
+    clip.eval()
+    return save_clip(ClipBundle(TINY_CLIP_NAME, model_cfg, clip), out,
+                     extra={"pretrain": asdict(cfg), "seconds": round(time.time() - t0, 1),
+                            "final_loss": float(loss.detach()), "pairs": n})
+
+
+def _key(data_dir: Path, cfg: PretrainConfig) -> str:
+    world = (data_dir / "world.json").read_text() if (data_dir / "world.json").is_file() else str(data_dir)
+    blob = json.dumps({"world": world, "cfg": asdict(cfg), "version": _VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tiny_clip(data_dir: str | Path, out: str | Path, cfg: PretrainConfig = PretrainConfig(),
+              progress: bool = True, use_cache: bool = True) -> Path:
+    """Pretrain (or fetch from the cache) the tiny CLIP for the world in ``data_dir``; copy it to ``out``."""
+    data_dir, out = Path(data_dir), Path(out)
+    cached = cache_dir() / "tiny_clip" / _key(data_dir, cfg)
+    if not (use_cache and (cached / "open_clip_model.safetensors").is_file()):
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        pretrain_tiny_clip(data_dir / "pairs", tmp, cfg, progress=progress)
+        if use_cache:
+            if cached.exists():
+                shutil.rmtree(cached)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, cached)
+        else:
+            cached = tmp
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(cached, out)
+    if not use_cache:
+        shutil.rmtree(cached)
+    return out
+

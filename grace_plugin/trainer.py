@@ -1,0 +1,200 @@
+"""The training loop. It knows no GRACE maths: recipes compute the loss, the trainer does everything else.
+
+Device and precision are decided once here (bf16 autocast on CUDA, fp32 on CPU) and passed to the recipe as an
+autocast factory. Optimizer and schedule come from timm's factories. Non-finite losses are skipped and counted;
+too many in a row stop the run with a clear message and no NaN checkpoint is ever written. The loop state
+(optimizer, scheduler, recipe state, RNG states, data position) is checkpointed atomically and ``resume`` continues
+a killed run to identical weights on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_path
+from .config import TrainConfig
+from .recipes.base import Recipe, StepContext
+
+__all__ = ["train", "TrainingDiverged", "resolve_device", "autocast_factory", "TrainResult"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    skipped_steps: int
+    final_loss: float | None
+    seconds: float
+    data_skipped: dict
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_factory(device: torch.device, precision: str = "auto"):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "bf16":
+        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}; valid: auto, bf16, fp32")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _cycle(loader: Iterable) -> Iterator[dict]:
+    while True:
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        if not got:
+            raise RuntimeError("training stream produced no batches (are the shards empty or all corrupt?)")
+
+
+def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps: int, out_dir: str | Path,
+          progress: bool = True, resume: bool = False) -> TrainResult:
+    """Run ``total_steps`` optimizer steps of ``recipe`` on batches from ``loader``; logs to ``out_dir/log.jsonl``."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    autocast = autocast_factory(device, cfg.precision)
+    seed_everything(cfg.seed)
+    recipe.model.to(device).train()
+    params = recipe.trainable_parameters()
+    if not params:
+        raise ValueError(f"recipe {recipe.name!r} has no trainable parameters")
+    optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=max(total_steps, 1),
+                                       warmup_epochs=cfg.warmup_steps, warmup_lr=cfg.lr * 1e-3 if cfg.warmup_steps
+                                       else cfg.lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=1)
+    state_file = out / "train_state.pt"
+    start, bad_total, data_skipped = 0, 0, {}
+    if resume and state_file.is_file():
+        st = torch.load(state_file, map_location=device, weights_only=True)
+        trainable = dict((n, p) for n, p in recipe.model.named_parameters() if p.requires_grad)
+        with torch.no_grad():
+            for n, t in st["trainable"].items():
+                trainable[n].copy_(t)
+        optimizer.load_state_dict(st["optimizer"])
+        recipe.load_state_dict(st["recipe"])
+        start, bad_total, data_skipped = st["step"], st["skipped_steps"], dict(st.get("data_skipped", {}))
+        log.info("resumed %s at step %d", out, start)
+    stream = _cycle(loader)
+    for _ in range(start * cfg.grad_accum):  # deterministic stream: skip what the killed run consumed
+        next(stream)
+    if start:
+        _set_rng_state(st["rng"])  # after the skip, which may draw from the global RNG (augmentations)
+    log_file = open(out / "log.jsonl", "a" if start else "w")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc=f"train {recipe.name}", unit="step", dynamic_ncols=True)
+    t0, bad_run, last_loss = time.time(), 0, None
+    try:
+        for step in range(start, total_steps):
+            scheduler.step_update(step)
+            ctx = StepContext(device=device, autocast=autocast, step=step, total_steps=total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            logs: dict = {}
+            finite = True
+            batch = None
+            for _ in range(cfg.grad_accum):
+                batch = next(stream)
+                for k, v in batch.get("skipped", {}).items():
+                    data_skipped[k] = data_skipped.get(k, 0) + v
+                out_step = recipe.training_step(batch, ctx)
+                if not torch.isfinite(out_step.loss):
+                    finite = False
+                    break
+                (out_step.loss / cfg.grad_accum).backward()
+                logs = out_step.logs
+            if not finite:
+                bad_total += 1
+                bad_run += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss; step skipped (%d in a row)", step, bad_run)
+                if bad_run >= cfg.max_bad_steps:
+                    raise TrainingDiverged(f"{bad_run} consecutive non-finite losses at step {step}; stopping "
+                                           "(no checkpoint written for the diverged state). Lower train.lr or check "
+                                           "the data.")
+                continue
+            bad_run = 0
+            if cfg.grad_clip:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                logs["grad_norm"] = float(gnorm)
+            optimizer.step()
+            logs.update(recipe.after_step(batch, ctx))
+            last_loss = logs.get("loss")
+            if step % cfg.log_every == 0 or step == total_steps - 1:
+                rec = {"step": step, "lr": optimizer.param_groups[0]["lr"], **logs}
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            if bar is not None:
+                bar.update(1)
+                if last_loss is not None:
+                    bar.set_postfix(loss=f"{last_loss:.3f}")
+            if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
+                _save_state(state_file, recipe, optimizer, step + 1, bad_total, data_skipped)
+    finally:
+        log_file.close()
+        if bar is not None:
+            bar.close()
+    return TrainResult(total_steps, bad_total, last_loss, time.time() - t0, data_skipped)
+
+
+def _save_state(path: Path, recipe: Recipe, optimizer, step: int, bad_total: int, data_skipped: dict) -> None:
+    trainable = {n: p.detach().cpu().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    if not all(torch.isfinite(t).all() for t in trainable.values()):
+        raise TrainingDiverged(f"step {step}: non-finite weights; refusing to write {path}")
+    state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "recipe": recipe.state_dict(),
+             "rng": _rng_state(), "skipped_steps": bad_total, "data_skipped": data_skipped}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def steps_for_epochs(epochs: float, num_samples: int, batch_size: int, grad_accum: int = 1, world: int = 1) -> int:
+    return max(1, math.ceil(epochs * num_samples / (batch_size * grad_accum * world)))

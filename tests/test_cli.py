@@ -1,0 +1,161 @@
+"""End to end through the real CLI (``grace_plugin.cli.main``) on tiny shards in tmp dirs."""
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from grace_plugin.cli import main
+
+FAST = ["--set", "train.batch_size=8", "--set", "train.log_every=1", "--no-progress"]
+
+
+def _direct_top1(model, set_dir):
+    """Independent of our loader: read the tars with tarfile, decode with PIL, scale to [0,1]."""
+    import tarfile
+
+    from grace_plugin.data.shards import open_shard_set
+
+    imgs, labels = {}, {}
+    for url in open_shard_set(set_dir).urls:
+        with tarfile.open(url) as tf:
+            for m in tf:
+                key, ext = m.name.split(".", 1)
+                data = tf.extractfile(m).read()
+                if ext == "cls":
+                    labels[key] = int(data)
+                else:
+                    imgs[key] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255
+    keys = sorted(imgs)
+    x = torch.from_numpy(np.stack([imgs[k] for k in keys])).permute(0, 3, 1, 2)
+    y = torch.tensor([labels[k] for k in keys])
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(-1) == y).float().mean()), len(keys)
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tiny_world, tiny_clip_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    base = ["train", "--init", str(tiny_clip_dir), "--data", str(tiny_world / "id"), "--steps", "3"] + FAST
+    assert main(base + ["--recipe", "ft", "--out", str(out / "ft")]) == 0
+    assert main(base + ["--recipe", "grace", "--out", str(out / "grace"), "--set", "recipe.lora_rank=4",
+                        "--set", "recipe.pgd_steps=2", "--set", "recipe.curvature_interval=1"]) == 0
+    return out
+
+
+def test_train_writes_loadable_runs(trained_runs):
+    from grace_plugin.checkpoint import load_run
+
+    for name in ("ft", "grace"):
+        run = trained_runs / name
+        meta = json.loads((run / "checkpoint.json").read_text())
+        assert meta["recipe"] == name and meta["metrics"]["train"]["steps"] == 3
+        assert meta["config"]["train"]["batch_size"] == 8
+        assert len(meta["classnames"]) == 10 and meta["architecture"]["num_classes"] == 10
+        logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logs] == [0, 1, 2] and all(np.isfinite(r["loss"]) for r in logs)
+        load_run(run)
+    glog = json.loads((trained_runs / "grace" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"l_task", "l_lar", "l_gv", "cos_id_adv", "cos_id_awp", "cos_adv_awp"} <= set(glog)
+
+
+def test_eval_report_matches_independent_computation(trained_runs, tiny_world, tmp_path, capsys):
+    from grace_plugin.checkpoint import load_run
+
+    out = tmp_path / "eval"
+    rc = main(["eval", "--model", str(trained_runs / "grace"), "--data", str(tiny_world / "id"),
+               "--ood", f"sketch={tiny_world / 'sketch'}", "--ood", f"a={tiny_world / 'a'}", "--attack", "pgd",
+               "--n-adv", "16", "--batch-size", "16", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep) >= {"model", "axes", "datasets", "adversarial", "config"}
+    assert set(rep["axes"]) == {"id", "ood", "adv", "hm"}
+    model, _ = load_run(trained_runs / "grace")
+    for name in ("id", "sketch", "a"):
+        top1, n = _direct_top1(model, tiny_world / name)
+        assert rep["datasets"][name]["n"] == n and rep["datasets"][name]["skipped"] == 0
+        assert rep["datasets"][name]["top1"] == pytest.approx(top1)
+    assert rep["axes"]["id"] == rep["datasets"]["id"]["top1"]
+    assert rep["axes"]["ood"] == pytest.approx((rep["datasets"]["sketch"]["top1"] + rep["datasets"]["a"]["top1"]) / 2)
+    adv = rep["adversarial"]
+    assert adv["attack"] == "pgd" and adv["n"] == 16 and adv["robust_acc"] <= adv["clean_acc"]
+    vals = [rep["axes"][k] for k in ("id", "ood", "adv")]
+    hm = 0.0 if min(vals) == 0 else 3 / sum(1 / v for v in vals)
+    assert rep["axes"]["hm"] == pytest.approx(hm)
+    assert (out / "report.md").is_file() and "| ID | OOD | Adv | HM |" in capsys.readouterr().out
+
+
+def test_eval_rebuilds_head_for_other_classnames(trained_runs):
+    """Other class names get a head from the run's text tower (zero-shot transfer). GRACE keeps the zero-shot head
+    frozen, so a head rebuilt for the permuted names must give the permuted logits of the stored head."""
+    from registry import load_model
+
+    loaded = load_model(trained_runs / "grace")
+    names, templates = loaded.classnames, loaded.meta["templates"]
+    assert loaded.for_classes(names, templates) is loaded.model
+    permuted = loaded.for_classes(list(reversed(names)), templates)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(permuted(x), loaded.model(x).flip(-1), atol=1e-4)
+
+
+def test_zero_shot_clip_folder_is_a_model(tiny_clip_dir, tiny_world, tmp_path):
+    assert main(["eval", "--model", str(tiny_clip_dir), "--data", str(tiny_world / "v2"), "--out",
+                 str(tmp_path / "zs"), "--no-progress"]) == 0
+    rep = json.loads((tmp_path / "zs" / "report.json").read_text())
+    assert rep["datasets"]["id"]["n"] == 60 and rep["adversarial"] is None and rep["axes"]["hm"] is None
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--recipe", "nope", "--init", "x", "--data", "y", "--out", "z"], "valid recipes: .*ft.*grace"),
+    (["eval", "--model", "{clip}", "--data", "{tmp}/missing", "--out", "{tmp}/o"], "missing: shard folder does not exist"),
+    (["eval", "--model", "{clip}", "--data", "{world}/id", "--attack", "nope", "--out", "{tmp}/o"],
+     "valid attacks: .*apgd-ce"),
+    (["eval", "--model", "{clip}", "--data", "{world}/id", "--eps", "four", "--out", "{tmp}/o"], "bad eps"),
+    (["eval", "--model", "{clip}", "--data", "{nocls}", "--out", "{tmp}/o"], "classnames.txt"),
+    (["eval", "--model", "{tmp}", "--data", "{world}/id", "--out", "{tmp}/o"], "not a grace run folder"),
+    (["train", "--recipe", "ft", "--init", "{clip}", "--data", "{world}/id", "--out", "{tmp}/r", "--set", "train.lr"],
+     "malformed --set"),
+    (["train", "--recipe", "ft", "--init", "{clip}", "--data", "{world}/id", "--out", "{tmp}/r", "--set", "train.x=1"],
+     "unknown config field 'train.x'"),
+])
+def test_bad_input_is_one_clear_error(argv, msg, tiny_clip_dir, tiny_world, tmp_path, capsys):
+    import re
+    import shutil
+
+    nocls = tmp_path / "nocls"
+    shutil.copytree(tiny_world / "v2", nocls)
+    (nocls / "classnames.txt").unlink()
+    fmt = dict(clip=tiny_clip_dir, tmp=tmp_path, world=tiny_world, nocls=nocls)
+    rc = main([a.format(**fmt) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert re.search(msg, err), err
+    assert "Traceback" not in err
+
+
+def test_list_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "grace_plugin", "list", "recipes"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    from grace_plugin.recipes import list_recipes
+
+    assert out == list_recipes() and {"ft", "grace"} <= set(out)
+
+
+def test_quickstart_smoke(tmp_path, capsys):
+    out = tmp_path / "qs"
+    rc = main(["quickstart", "--out", str(out), "--size", "small", "--pretrain-steps", "10", "--steps", "2",
+               "--n-adv", "8", "--no-progress", "--set", "train.batch_size=8", "--set", "recipe.pgd_steps=1"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == ["zero-shot", "ft", "grace"]
+    for r in summary["rows"]:
+        assert all(r[k] is not None for k in ("id", "ood", "adv", "hm"))
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "pretrained" / "open_clip_config.json").is_file()
+    assert all((out / "runs" / m / "report.json").is_file() for m in ("ft", "grace"))
+    assert "| zero-shot |" in capsys.readouterr().out
