@@ -36,8 +36,14 @@ def project_logits(logits: torch.Tensor, class_subset: list[int] | None) -> torc
 
 @torch.no_grad()
 def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subset: list[int] | None = None,
-                   autocast=None, progress: bool = False, desc: str = "eval") -> ClassificationResult:
-    """Top-1 of ``model`` (taking [0,1] images) over every batch of ``loader``."""
+                   autocast=None, progress: bool = False, desc: str = "eval",
+                   label_targets: dict[int, list[int]] | None = None) -> ClassificationResult:
+    """Top-1 of ``model`` (taking [0,1] images) over every batch of ``loader``.
+
+    ``class_subset``: score with ``logits[:, class_subset]`` (labels index the subset). ``label_targets``: a
+    prediction over the union of the targets counts as correct when it is one of ``label_targets[label]``
+    (ObjectNet-style class mappings).
+    """
     import contextlib
 
     res = ClassificationResult()
@@ -57,8 +63,14 @@ def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subs
         x, y = x.to(device), batch["label"].to(device)
         with (autocast or contextlib.nullcontext)():
             logits = model(x)
-        pred = project_logits(logits.float(), class_subset).argmax(-1)
-        res.correct += int((pred == y).sum())
+        if label_targets is not None:
+            union = sorted({i for t in label_targets.values() for i in t})
+            pred = torch.tensor(union, device=logits.device)[logits.float()[:, union].argmax(-1)]
+            ok = [int(p) in label_targets.get(int(t), ()) for p, t in zip(pred.tolist(), y.tolist())]
+            res.correct += sum(ok)
+        else:
+            pred = project_logits(logits.float(), class_subset).argmax(-1)
+            res.correct += int((pred == y).sum())
         res.n += int(y.numel())
     res.skipped = dict(skipped)
     return res

@@ -6,8 +6,13 @@ from pathlib import Path
 
 import torch
 
+import logging
+
 from .evaluate import evaluate_adversarial, evaluate_clean
 from .report import build_report
+from .shardsets import apply_mapping, get_shardset, match_class_subset
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EvalRequest", "evaluate_model"]
 
@@ -25,6 +30,8 @@ class EvalRequest:
     device: str = "cpu"
     seed: int = 0
     strict: bool = False
+    scoring: str | None = None  # override every catalogued set's scoring: own | subset | mapping
+    mapping_files: dict | None = None  # set name -> mapping JSON (scoring "mapping")
 
 
 def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
@@ -42,17 +49,41 @@ def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
     sets = [req.id_set] + list(req.ood_sets)
     opened = {name: open_shard_set(path) for name, path in sets}  # bad folders fail before any work
     results, models = {}, {}
+    id_shards = opened[req.id_set[0]]
     for name, _ in sets:
         shards = opened[name]
-        model = loaded.for_classes(shards.classnames, shards.templates, device=device).to(device).eval()
+        entry = get_shardset(name)
+        scoring = (req.scoring or (entry.scoring if entry else "own")) if name != req.id_set[0] else "own"
+        subset = targets = None
+        if scoring == "own":
+            model = loaded.for_classes(shards.classnames, shards.templates, device=device)
+        else:
+            id_names = id_shards.require_classnames()
+            model = loaded.for_classes(id_names, id_shards.templates, device=device)
+            if scoring == "subset":
+                subset = match_class_subset(shards.require_classnames(), id_names)
+            else:
+                mfile = (req.mapping_files or {}).get(name) or (entry.mapping_file if entry else None)
+                if not mfile:
+                    raise ValueError(f"{name}: scoring 'mapping' needs a mapping file (e.g. ObjectNet's "
+                                     "objectnet_to_imagenet_1k.json); none given")
+                targets = apply_mapping(mfile, shards.require_classnames(), id_names)
+        model = model.to(device).eval()
         models[name] = model
         n_classes = shards.num_classes or getattr(model, "num_classes", None)
         loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=n_classes,
                                   num_workers=req.num_workers)
-        res = evaluate_clean(model, loader, device=device, progress=progress, desc=f"eval {name}")
+        res = evaluate_clean(model, loader, device=device, progress=progress, desc=f"eval {name}",
+                             class_subset=subset, label_targets=targets)
+        res.expected = shards.expected
+        seen = res.n + res.n_skipped
+        if res.expected is not None and seen != res.expected:
+            log.warning("%s: read %d samples (%d scored, %d skipped) but the layout promises %d", name, seen, res.n,
+                        res.n_skipped, res.expected)
+            res.skipped = dict(res.skipped, unaccounted=res.expected - seen)
         if req.strict and res.n_skipped:
             raise ValueError(f"{shards.root}: {res.n_skipped} samples skipped ({res.skipped}) and --strict is set")
-        results[name] = res.as_dict()
+        results[name] = dict(res.as_dict(), scoring=scoring)
     adversarial = None
     if req.attack is not None and req.n_adv > 0:
         id_name = req.id_set[0]

@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--num-workers", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.add_argument("--strict", action="store_true", help="any skipped sample is an error")
+    e.add_argument("--data-root", help="root holding catalogued sets, so `--ood imagenet-r` finds its folder")
+    e.add_argument("--scoring", choices=["own", "subset", "mapping"],
+                   help="override the catalogue's scoring of OOD sets (own head / ID head restricted / mapped)")
+    e.add_argument("--mapping", action="append", default=[], metavar="NAME=FILE",
+                   help="class mapping JSON for a set scored by 'mapping' (e.g. objectnet=objectnet_to_imagenet_1k.json)")
     e.add_argument("--out", required=True)
     e.add_argument("--no-progress", action="store_true")
 
@@ -115,10 +120,21 @@ def _cmd_eval(a) -> int:
     eps = parse_eps(a.eps)
     if a.attack:
         get_attack(a.attack)
+    from eval_suites.shardsets import get_shardset, resolve_set_dir
+
+    def catalogued(text):
+        if "=" not in text and not Path(text).exists() and get_shardset(text) is not None:
+            if not a.data_root:
+                raise ValueError(f"--ood {text}: a catalogued set name needs --data-root (or pass {text}=DIR)")
+            return text, str(resolve_set_dir(text, a.data_root))
+        return _named_dir(text)
+
     id_set = _named_dir(a.data, default_name="id") if "=" not in a.data else _named_dir(a.data)
-    ood = [_named_dir(o) for o in a.ood]
+    ood = [catalogued(o) for o in a.ood]
+    mappings = dict(_named_dir(m) for m in a.mapping)
     req = EvalRequest(id_set=id_set, ood_sets=ood, attack=a.attack, eps=eps, norm=a.norm, n_adv=a.n_adv,
-                      batch_size=a.batch_size, num_workers=a.num_workers, device=a.device, strict=a.strict)
+                      batch_size=a.batch_size, num_workers=a.num_workers, device=a.device, strict=a.strict,
+                      scoring=a.scoring, mapping_files=mappings)
     report = evaluate_model(load_model(a.model, device=a.device), req, progress=not a.no_progress)
     path = write_report(a.out, report)
     print(report_markdown(report))

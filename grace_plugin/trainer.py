@@ -82,8 +82,14 @@ def _set_rng_state(st: dict) -> None:
 
 
 def _cycle(loader: Iterable) -> Iterator[dict]:
+    """Endless batches; passes are numbered and the loader's dataset re-seeded per pass when it supports it."""
+    epoch = 0
     while True:
         got = False
+        ds = getattr(loader, "dataset", None)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+        epoch += 1
         for batch in loader:
             got = True
             yield batch

@@ -126,3 +126,49 @@ def test_bad_folders_name_the_problem(tmp_path, setup, msg):
     setup(p)
     with pytest.raises(ShardSetError, match=msg):
         open_shard_set(p)
+
+
+def _simulate(monkeypatch, rank, world, worker, nworkers):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("WORKER", str(worker))
+    monkeypatch.setenv("NUM_WORKERS", str(nworkers))
+
+
+def test_eval_every_sample_once_across_2_ranks_x_2_workers(tiny_world, monkeypatch):
+    """Each (rank, worker) pair reads its slice of shards; together they read every sample exactly once."""
+    import tarfile as tf_
+
+    s = open_shard_set(tiny_world / "id", split="train")  # 5 shards: fewer than 2x2x2, uneven on purpose
+    keys = []
+    for rank in range(2):
+        for worker in range(2):
+            _simulate(monkeypatch, rank, 2, worker, 2)
+            for b in make_eval_loader(s.urls, IDENT, 16, 10):
+                keys.append(b["label"].numel())
+    assert sum(keys) == count_samples(s.urls) == 240
+    # and the slices are disjoint: label multiset per class equals the full set's
+    total = {}
+    for url in s.urls:
+        with tf_.open(url) as t:
+            for m in t:
+                if m.name.endswith(".cls"):
+                    total[int(t.extractfile(m).read())] = total.get(int(t.extractfile(m).read()), 0) + 1
+    assert sorted(total.values()) == [24] * 10
+
+
+def test_train_equal_batches_per_rank(tiny_world, monkeypatch):
+    """With a fixed epoch length every rank yields the same number of full batches, even with few shards."""
+    s = open_shard_set(tiny_world / "id", split="train")
+    counts, firsts = [], []
+    for rank in range(2):
+        _simulate(monkeypatch, rank, 2, 0, 1)
+        loader = make_train_loader(s.urls[:1], IDENT, 8, 10, seed=0, shuffle_buffer=20, batches_per_epoch=6)
+        batches = list(loader)
+        counts.append(len(batches))
+        assert all(b["label"].shape == (8,) for b in batches)
+        firsts.append(batches[0]["label"])
+        loader.dataset.set_epoch(1)
+        assert not torch.equal(next(iter(loader))["label"], batches[0]["label"])  # epochs re-seed the stream
+    assert counts == [6, 6]
+    assert not torch.equal(firsts[0], firsts[1])  # ranks draw different data

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .shards import IMAGE_KEYS
 
-__all__ = ["decode_sample", "make_eval_loader", "make_train_loader", "merge_skips", "SKIP_REASONS"]
+__all__ = ["decode_sample", "make_eval_loader", "make_train_loader", "TrainStream", "merge_skips", "SKIP_REASONS"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def merge_skips(total: Counter, batch: dict) -> None:
 
 def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,
                      num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """Every sample exactly once across ranks and workers, in shard order."""
+    """Every sample exactly once across ranks and workers, in shard order (batched inside the workers)."""
     import webdataset as wds
 
     pipeline = wds.DataPipeline(
@@ -127,31 +127,67 @@ def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_
         wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, num_classes)),
         lambda src: _batches(src, batch_size, partial=True),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers)
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Endless resampled training stream; ``set_epoch`` re-seeds it (per rank, per worker, per epoch).
+
+    Shards are drawn with replacement from a generator seeded by ``(seed, epoch, rank, worker)``, shuffled in a
+    buffer, decoded and batched inside the workers. Every rank therefore yields the same number of full batches
+    (``batches_per_epoch``, or as many as the trainer asks for), so DDP never hangs on a short rank, whatever the
+    number of shards (webdataset issues #225/#303: resampling + a fixed epoch length is the maintainers' recipe).
+    """
+
+    def __init__(self, urls, transform, batch_size, num_classes=None, seed=0, shuffle_buffer=1000,
+                 batches_per_worker=None):
+        super().__init__()
+        self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
+        self.num_classes, self.seed, self.shuffle_buffer = num_classes, seed, shuffle_buffer
+        self.batches_per_worker = batches_per_worker
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import itertools
+        import random
+
+        import webdataset as wds
+
+        rank, world, worker, nworkers = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
+
+        def shards(_=None):
+            while True:
+                yield {"url": self.urls[rng.randrange(len(self.urls))]}
+
+        transform, n_cls = self.transform, self.num_classes
+        pipeline = wds.DataPipeline(
+            shards,
+            _tar_samples,
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(rng.random())),
+            wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, n_cls)),
+            lambda src: _batches(src, self.batch_size, partial=False),
+        )
+        it = iter(pipeline)
+        if self.batches_per_worker is not None:
+            it = itertools.islice(it, self.batches_per_worker)
+        yield from it
 
 
 def make_train_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,
                       seed: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
-                      ) -> torch.utils.data.DataLoader:
-    """An endless, resampled, shuffled stream of full batches (the trainer decides how many steps to draw).
+                      batches_per_epoch: int | None = None) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` over a ``TrainStream`` (batched in the workers); ``loader.dataset.set_epoch(e)`` re-seeds it.
 
-    Shards are resampled with a deterministic seed per rank and worker, so every rank draws the same number of
-    batches and a run with the same seed sees the same data.
+    With ``batches_per_epoch`` every rank yields exactly that many batches per pass (split evenly over workers).
     """
-    import webdataset as wds
-
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-
-    def shards(_=None):
-        info = torch.utils.data.get_worker_info()
-        wid = info.id if info is not None else 0
-        yield from wds.ResampledShards(urls, seed=seed + 1000 * rank + wid, deterministic=True)
-
-    pipeline = wds.DataPipeline(
-        shards,
-        _tar_samples,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=None, seed=seed + rank),
-        wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, num_classes)),
-        lambda src: _batches(src, batch_size, partial=False),
-    )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    per_worker = None
+    if batches_per_epoch is not None:
+        if batches_per_epoch % max(1, num_workers):
+            raise ValueError(f"batches_per_epoch {batches_per_epoch} must be divisible by num_workers {num_workers}")
+        per_worker = batches_per_epoch // max(1, num_workers)
+    ds = TrainStream(urls, transform, batch_size, num_classes, seed, shuffle_buffer, per_worker)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)

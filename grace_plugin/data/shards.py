@@ -1,18 +1,30 @@
-"""Self-describing WebDataset shard sets (CLIP_benchmark layout).
+"""Shard sets: the two public WebDataset layouts of ImageNet and its OOD sets, read as they are.
 
-A *shard set* is a folder ``<root>`` holding ``classnames.txt``, ``zeroshot_classification_templates.txt`` (templates
-use ``{c}``) and one folder per split with ``nshards.txt`` and ``0.tar .. (N-1).tar``. ``open_shard_set`` accepts
-the set root (the split defaults to ``test`` for evaluation) or a split folder itself.
+* **CLIP_benchmark** (``clip-benchmark/wds_*``): ``<root>/{train,test}/{0..N-1}.tar`` + ``nshards.txt``,
+  ``classnames.txt``, ``zeroshot_classification_templates.txt`` (templates use ``{c}``), optional
+  ``dataset_type.txt``; image keys webp/png/jpg/jpeg, label key ``cls``.
+* **timm** (``timm/imagenet-1k-wds``): ``_info.json`` (or ``info.json``) with per-split ``num_samples``,
+  ``shard_lengths`` and ``filenames``; shards ``imagenet1k-{train,validation}-NNNN.tar`` with ``jpg``, ``cls``,
+  ``json``. The split ``test`` is read as ``validation``.
+* Remote or pattern specs: a brace pattern (``/data/{0..9}.tar``), ``http(s)://``, ``pipe:`` (and any URL scheme
+  webdataset opens, e.g. ``hf://``-style hub URLs when online). Metadata files beside the shards are fetched with
+  webdataset's ``gopen``; append ``|N`` to state the expected sample count (timm's split-string convention).
+
+When a 1000-class layout carries no class names, the ImageNet names and the 80 OpenAI templates are taken from
+open_clip (``IMAGENET_CLASSNAMES``, ``OPENAI_IMAGENET_TEMPLATES``).
 """
 from __future__ import annotations
 
+import json
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ShardSet", "ShardSetError", "open_shard_set", "read_lines", "count_samples"]
+__all__ = ["ShardSet", "ShardSetError", "open_shard_set", "read_lines", "count_samples", "imagenet_metadata"]
 
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
+_REMOTE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://|pipe:)")
 
 
 class ShardSetError(ValueError):
@@ -21,11 +33,13 @@ class ShardSetError(ValueError):
 
 @dataclass
 class ShardSet:
-    root: Path
+    root: Path | str
     split: str
     urls: list[str]
     classnames: list[str] | None = None
     templates: list[str] | None = None
+    expected: int | None = None  # number of samples the layout promises (``_info.json`` or ``|N``)
+    layout: str = "clip_benchmark"
     meta: dict = field(default_factory=dict)
 
     @property
@@ -34,8 +48,9 @@ class ShardSet:
 
     def require_classnames(self) -> list[str]:
         if not self.classnames:
-            raise ShardSetError(f"{self.root / 'classnames.txt'}: missing or empty; a CLIP zero-shot head needs "
-                                "one class name per line in label order")
+            where = Path(self.root) / "classnames.txt" if not isinstance(self.root, str) else f"{self.root}/classnames.txt"
+            raise ShardSetError(f"{where}: missing or empty; a CLIP zero-shot head needs one class name per line "
+                                "in label order")
         return self.classnames
 
 
@@ -44,6 +59,13 @@ def read_lines(path: Path) -> list[str] | None:
         return None
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     return [ln for ln in lines if ln]
+
+
+def imagenet_metadata() -> tuple[list[str], list[str]]:
+    """The 1000 CLIP ImageNet class names and the 80 OpenAI templates (as ``{c}`` strings), from open_clip."""
+    import open_clip
+
+    return list(open_clip.IMAGENET_CLASSNAMES), [t("{c}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
 
 
 def _split_urls(split_dir: Path) -> list[str]:
@@ -62,19 +84,108 @@ def _split_urls(split_dir: Path) -> list[str]:
             raise ShardSetError(f"{split_dir}: nshards.txt says {n} shards but {len(missing)} are missing "
                                 f"(first: {missing[0]})")
         return [str(u) for u in urls]
-    tars = sorted(split_dir.glob("*.tar"))
+    tars = sorted(split_dir.glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
     if not tars:
         raise ShardSetError(f"{split_dir}: no shards (no nshards.txt and no *.tar files)")
     return [str(t) for t in tars]
 
 
+def _timm_info(p: Path) -> Path | None:
+    for name in ("_info.json", "info.json"):
+        if (p / name).is_file():
+            return p / name
+    return None
+
+
+def _open_timm(p: Path, info_file: Path, split: str | None) -> ShardSet:
+    try:
+        info = json.loads(info_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardSetError(f"{info_file}: not valid JSON ({e})") from None
+    splits = info.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise ShardSetError(f"{info_file}: field 'splits' is missing or empty")
+    split = split or "validation"
+    if split == "test" and "test" not in splits:
+        split = "validation"
+    if split not in splits:
+        raise ShardSetError(f"{info_file}: no split {split!r}; splits: {', '.join(sorted(splits))}")
+    sp = splits[split]
+    files = sp.get("filenames")
+    if not files:
+        raise ShardSetError(f"{info_file}: splits.{split}.filenames is missing or empty")
+    urls = [p / f for f in files]
+    missing = [u.name for u in urls if not u.is_file()]
+    if missing:
+        raise ShardSetError(f"{p}: _info.json lists {len(urls)} {split} shards but {len(missing)} are missing "
+                            f"(first: {missing[0]})")
+    expected = sp.get("num_samples")
+    lengths = sp.get("shard_lengths")
+    if expected is not None and lengths and sum(lengths) != expected:
+        raise ShardSetError(f"{info_file}: splits.{split}: shard_lengths sum to {sum(lengths)} but num_samples is "
+                            f"{expected}")
+    classnames = read_lines(p / "classnames.txt")
+    templates = read_lines(p / "zeroshot_classification_templates.txt")
+    num_classes = info.get("num_classes") or (info.get("features", {}).get("cls", {}) or {}).get("num_classes")
+    if classnames is None and (num_classes in (None, 1000)) and "imagenet" in (info.get("name", "") + p.name).lower():
+        classnames, default_templates = imagenet_metadata()
+        templates = templates or default_templates
+    return ShardSet(root=p, split=split, urls=[str(u) for u in urls], classnames=classnames, templates=templates,
+                    expected=expected, layout="timm", meta={"info": info_file.name, "shard_lengths": lengths})
+
+
+def _read_remote_lines(url: str) -> list[str] | None:
+    import webdataset as wds
+
+    try:
+        with wds.gopen(url) as f:
+            data = f.read()
+    except Exception:  # a metadata file that is not there is normal for some layouts
+        return None
+    lines = [ln.strip() for ln in data.decode("utf-8").splitlines()]
+    return [ln for ln in lines if ln] or None
+
+
+def _open_pattern(spec: str) -> ShardSet:
+    """A brace pattern or URL (optionally ``|N``); metadata is looked for beside the shards and one level up."""
+    import braceexpand
+
+    expected = None
+    if "|" in spec and spec.rsplit("|", 1)[1].strip().isdigit():
+        spec, n = spec.rsplit("|", 1)
+        expected = int(n)
+    urls = list(braceexpand.braceexpand(spec))
+    if not _REMOTE.match(spec):
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            raise ShardSetError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+    base = spec.split("{", 1)[0].rsplit("/", 1)[0] if "/" in spec.split("{", 1)[0] else "."
+    parent = base.rsplit("/", 1)[0] if "/" in base else base
+    classnames = templates = None
+    for d in (base, parent):
+        if _REMOTE.match(spec):
+            classnames = classnames or _read_remote_lines(f"{d}/classnames.txt")
+            templates = templates or _read_remote_lines(f"{d}/zeroshot_classification_templates.txt")
+        else:
+            classnames = classnames or read_lines(Path(d) / "classnames.txt")
+            templates = templates or read_lines(Path(d) / "zeroshot_classification_templates.txt")
+    return ShardSet(root=base, split=Path(base).name, urls=urls, classnames=classnames, templates=templates,
+                    expected=expected, layout="pattern")
+
+
 def open_shard_set(path: str | Path, split: str | None = None) -> ShardSet:
-    """Resolve a shard set folder (or one of its split folders) into shard URLs and metadata."""
+    """Resolve a shard set (folder of either layout, split folder, brace pattern or URL) into URLs and metadata."""
+    spec = str(path)
+    if isinstance(path, str) and (_REMOTE.match(spec) or "{" in spec or spec.endswith(".tar") or "|" in spec):
+        return _open_pattern(spec)
     p = Path(path).expanduser()
     if not p.exists():
         raise ShardSetError(f"{p}: shard folder does not exist")
     if not p.is_dir():
         raise ShardSetError(f"{p}: not a folder (expected a shard set root or split folder)")
+    info = _timm_info(p)
+    if info is not None:
+        return _open_timm(p, info, split)
     if (p / "nshards.txt").is_file() or (split is None and any(p.glob("*.tar"))):
         split_dir, root = p, p.parent
         split = p.name
@@ -93,7 +204,9 @@ def open_shard_set(path: str | Path, split: str | None = None) -> ShardSet:
     classnames = read_lines(root / "classnames.txt") or read_lines(split_dir / "classnames.txt")
     templates = (read_lines(root / "zeroshot_classification_templates.txt")
                  or read_lines(split_dir / "zeroshot_classification_templates.txt"))
-    return ShardSet(root=root, split=split, urls=urls, classnames=classnames, templates=templates)
+    dtype = read_lines(root / "dataset_type.txt")
+    return ShardSet(root=root, split=split, urls=urls, classnames=classnames, templates=templates,
+                    meta={"dataset_type": dtype[0] if dtype else "classification"})
 
 
 def count_samples(urls: list[str]) -> int:
