@@ -84,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default 1500)")
     q.add_argument("--no-progress", action="store_true")
 
+    sh = sub.add_parser("shards", help="shard utilities")
+    shs = sh.add_subparsers(dest="shards_command", required=True)
+    cv = shs.add_parser("convert", help="ImageFolder tree -> WebDataset shards (parallel, resumable, verified)")
+    cv.add_argument("--imagefolder", required=True)
+    cv.add_argument("--out", required=True)
+    cv.add_argument("--layout", choices=["clip_benchmark", "timm"], default="clip_benchmark")
+    cv.add_argument("--split", help="split name (default: test for clip_benchmark, validation for timm)")
+    cv.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    cv.add_argument("--workers", type=int, default=2)
+    cv.add_argument("--prefix", default="imagenet1k", help="timm layout shard name prefix")
+
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=["recipes", "attacks"])
     return p
@@ -160,6 +171,16 @@ def _cmd_quickstart(a) -> int:
     return 0
 
 
+def _cmd_shards(a) -> int:
+    from grace_plugin.data.convert import convert_imagefolder
+
+    r = convert_imagefolder(a.imagefolder, a.out, layout=a.layout, split=a.split, maxcount=a.maxcount,
+                            workers=a.workers, prefix=a.prefix, progress=True)
+    print(f"{r.out}: {r.samples} samples from {r.classes} classes in {r.shards} shards ({r.layout}, split "
+          f"{r.split}; {r.skipped_existing} complete shards reused); counts verified")
+    return 0
+
+
 def _cmd_list(a) -> int:
     if a.kind == "recipes":
         from grace_plugin.recipes import list_recipes
@@ -190,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from registry import ModelNotFound
 
     handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
-                "list": _cmd_list}
+                "list": _cmd_list, "shards": _cmd_shards}
     expected = (ConfigError, ShardSetError, UnknownRecipeError, UnknownAttackError, ModelNotFound, CheckpointError,
                 FileNotFoundError, ValueError)
     try:

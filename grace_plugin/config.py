@@ -44,6 +44,8 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end
     max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
     device: str = "auto"
+    ema_decay: float | None = None  # timm ModelEmaV3 over the model; the exported weights are the EMA's
+    tensorboard: bool = False  # also log to RUN_DIR/tb (needs the `tensorboard` package)
 
 
 @dataclass

@@ -53,28 +53,33 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
     from .data.transforms import train_transform
     from .models.clip import classifier_from_clip, load_clip, text_state_dict, tower_spec
     from .recipes import create_recipe
-    from .trainer import resolve_device, steps_for_epochs, train
+    from .trainer import init_distributed, resolve_device, seed_everything, steps_for_epochs, train
 
+    rank, world = init_distributed()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
     shards = open_shard_set(data, split=cfg.data.train_split)
     classnames = shards.require_classnames()
     device = resolve_device(cfg.train.device)
     bundle = load_clip(init)
     model = classifier_from_clip(bundle, classnames, shards.templates or [], device="cpu")
+    seed_everything(cfg.train.seed)  # adapter initialisation (LoRA A) draws from the RNG
     rec = create_recipe(recipe, model, cfg.recipe)
     transform = train_transform(model.pretrained_cfg, cfg.data.augment)
     if cfg.train.steps is not None:
         total = int(cfg.train.steps)
     else:
         n = count_samples(shards.urls)
-        total = steps_for_epochs(cfg.train.epochs or 1.0, n, cfg.train.batch_size, cfg.train.grad_accum)
+        total = steps_for_epochs(cfg.train.epochs or 1.0, n, cfg.train.batch_size, cfg.train.grad_accum, world)
     loader = make_train_loader(shards.urls, transform, cfg.train.batch_size, num_classes=len(classnames),
                                seed=cfg.train.seed, shuffle_buffer=cfg.train.shuffle_buffer,
                                num_workers=cfg.train.num_workers)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     resolved = to_dict(cfg)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump({"recipe_name": recipe, **resolved}, sort_keys=False))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump({"recipe_name": recipe, **resolved}, sort_keys=False))
     result = train(rec, loader, cfg.train, total, out, progress=progress, resume=resume)
+    if rank != 0:
+        return out
     final = rec.export_model().cpu().eval()
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "skipped_steps": result.skipped_steps,
                                          "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
@@ -83,7 +88,7 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
              clip_meta={"model_name": bundle.model_name, "model_cfg": bundle.model_cfg},
              text_state=text_state_dict(bundle), classnames=classnames, templates=shards.templates,
              recipe=recipe, config=resolved, metrics=metrics,
-             extra={"init": str(init), "data": str(data), "device": str(device)})
+             extra={"init": str(init), "data": str(data), "device": str(device), "world_size": world})
     state = out / "train_state.pt"
     if state.exists():
         state.unlink()  # the run finished; its resumable state is no longer needed

@@ -26,7 +26,8 @@ from .checkpoint import atomic_path
 from .config import TrainConfig
 from .recipes.base import Recipe, StepContext
 
-__all__ = ["train", "TrainingDiverged", "resolve_device", "autocast_factory", "TrainResult"]
+__all__ = ["train", "TrainingDiverged", "resolve_device", "autocast_factory", "TrainResult", "init_distributed",
+           "world_info"]
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,56 @@ class TrainResult:
     data_skipped: dict
 
 
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes (env WORLD_SIZE > 1): NCCL on GPU, gloo on CPU."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = torch.distributed
+    if world > 1 and not d.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        d.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return world_info()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     return torch.device(name)
+
+
+def _all_reduce_grads(params, world: int) -> None:
+    """Average gradients over ranks. Recipes run several forwards per step (attacks, AWP ascent), which DDP's
+    one-forward-one-backward reducer does not model; an explicit all-reduce keeps recipes unaware of DDP."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()
+
+
+def _all_finite(flag: bool, world: int, device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item() > 0)
 
 
 def autocast_factory(device: torch.device, precision: str = "auto"):
@@ -67,7 +114,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state holds an ndarray, which torch.load(weights_only=True) refuses: store its parts as tensors.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                "has_gauss": int(has_gauss), "cached": float(cached)}
+    st = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -75,8 +126,10 @@ def _rng_state() -> dict:
 
 def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -104,7 +157,10 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
     from timm.scheduler import create_scheduler_v2
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world = world_info()
+    main_proc = rank == 0
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     autocast = autocast_factory(device, cfg.precision)
     seed_everything(cfg.seed)
@@ -133,9 +189,21 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
         next(stream)
     if start:
         _set_rng_state(st["rng"])  # after the skip, which may draw from the global RNG (augmentations)
-    log_file = open(out / "log.jsonl", "a" if start else "w")
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(recipe.model, decay=cfg.ema_decay)
+        if resume and state_file.is_file() and "ema" in st:
+            ema.module.load_state_dict(st["ema"])
+    tb = None
+    if cfg.tensorboard and main_proc:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tb"))
+    log_file = open(out / "log.jsonl", "a" if start else "w") if main_proc else None
     bar = None
-    if progress:
+    if progress and main_proc:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=start, desc=f"train {recipe.name}", unit="step", dynamic_ncols=True)
@@ -158,6 +226,7 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
                     break
                 (out_step.loss / cfg.grad_accum).backward()
                 logs = out_step.logs
+            finite = _all_finite(finite, world, device)
             if not finite:
                 bad_total += 1
                 bad_run += 1
@@ -169,35 +238,53 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
                                            "the data.")
                 continue
             bad_run = 0
+            if world > 1:
+                _all_reduce_grads(params, world)
             if cfg.grad_clip:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 logs["grad_norm"] = float(gnorm)
             optimizer.step()
+            if ema is not None:
+                ema.update(recipe.model, step=step)
             logs.update(recipe.after_step(batch, ctx))
             last_loss = logs.get("loss")
-            if step % cfg.log_every == 0 or step == total_steps - 1:
+            if main_proc and (step % cfg.log_every == 0 or step == total_steps - 1):
                 rec = {"step": step, "lr": optimizer.param_groups[0]["lr"], **logs}
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
+                if tb is not None:
+                    for k, v in rec.items():
+                        if k != "step" and isinstance(v, (int, float)):
+                            tb.add_scalar(k, v, step)
             if bar is not None:
                 bar.update(1)
                 if last_loss is not None:
                     bar.set_postfix(loss=f"{last_loss:.3f}")
-            if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
-                _save_state(state_file, recipe, optimizer, step + 1, bad_total, data_skipped)
+            if main_proc and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
+                _save_state(state_file, recipe, optimizer, step + 1, bad_total, data_skipped, ema)
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
+        if tb is not None:
+            tb.close()
         if bar is not None:
             bar.close()
+    if ema is not None:  # the exported model carries the EMA weights
+        with torch.no_grad():
+            for p_model, p_ema in zip(recipe.model.state_dict().values(), ema.module.state_dict().values()):
+                p_model.copy_(p_ema)
     return TrainResult(total_steps, bad_total, last_loss, time.time() - t0, data_skipped)
 
 
-def _save_state(path: Path, recipe: Recipe, optimizer, step: int, bad_total: int, data_skipped: dict) -> None:
+def _save_state(path: Path, recipe: Recipe, optimizer, step: int, bad_total: int, data_skipped: dict,
+                ema=None) -> None:
     trainable = {n: p.detach().cpu().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
     if not all(torch.isfinite(t).all() for t in trainable.values()):
         raise TrainingDiverged(f"step {step}: non-finite weights; refusing to write {path}")
     state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "recipe": recipe.state_dict(),
              "rng": _rng_state(), "skipped_steps": bad_total, "data_skipped": data_skipped}
+    if ema is not None:
+        state["ema"] = ema.module.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

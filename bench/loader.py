@@ -1,0 +1,91 @@
+"""Loader throughput: our eval and train streams vs a torchvision ImageFolder DataLoader, side by side in one run.
+
+Same JPEGs (ImageNet-like 500x375 photos written here), same transform (the CLIP eval transform at 224: resize
+shortest side, centre crop, to [0,1] tensor), same number of workers and batch size. Prints images/s per loader and
+the ratios to ImageFolder. ``--draft`` adds the streams with JPEG draft decoding (``decode_sample(draft_size=)``).
+
+    python bench/loader.py --images 2000 --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
+    # smooth random images compress like photos; one base per class plus noise keeps the writer fast
+    bases = [np.kron(rng.uniform(0, 255, (24, 32, 3)), np.ones((16, 16, 1))).astype(np.float32)
+             for _ in range(classes)]
+    for i in range(n):
+        c = i % classes
+        img = np.clip(bases[c][:375, :500] + rng.normal(0, 12, (375, 500, 3)), 0, 255).astype("uint8")
+        Image.fromarray(img).save(root / f"n{c:08d}" / f"img{i:06d}.JPEG", quality=90)
+
+
+def rate(loader, limit_batches=None) -> tuple[float, int]:
+    n, t0 = 0, time.perf_counter()
+    for i, b in enumerate(loader):
+        x = b["image"] if isinstance(b, dict) else b[0]
+        n += x.shape[0]
+        if limit_batches and i + 1 >= limit_batches:
+            break
+    return n / (time.perf_counter() - t0), n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--draft", action="store_true", help="also measure JPEG draft decoding")
+    ap.add_argument("--dir", help="reuse/keep data here")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+
+    from torchvision.datasets import ImageFolder
+
+    from grace_plugin.data.convert import convert_imagefolder
+    from grace_plugin.data.loader import make_eval_loader, make_train_loader
+    from grace_plugin.data.shards import open_shard_set
+    from grace_plugin.data.transforms import eval_transform
+
+    base = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="grace_bench_loader_"))
+    folder, shards_dir = base / "folder", base / "shards"
+    if not folder.exists():
+        make_folder(folder, a.images)
+    if not (shards_dir / "test" / "nshards.txt").exists():
+        convert_imagefolder(folder, shards_dir, maxcount=250, workers=a.workers)
+    cfg = {"input_size": (3, 224, 224), "crop_pct": 1.0, "interpolation": "bicubic"}
+    tf = eval_transform(cfg)
+    urls = open_shard_set(shards_dir).urls
+    nb = a.images // a.batch_size
+    rows = {}
+    folder_loader = torch.utils.data.DataLoader(ImageFolder(str(folder), transform=tf), batch_size=a.batch_size,
+                                                num_workers=a.workers, shuffle=False)
+    rows["imagefolder"] = rate(folder_loader)
+    rows["ours eval"] = rate(make_eval_loader(urls, tf, a.batch_size, num_workers=a.workers))
+    rows["ours train"] = rate(make_train_loader(urls, tf, a.batch_size, num_workers=a.workers, shuffle_buffer=500,
+                                                batches_per_epoch=nb - nb % max(1, a.workers)))
+    if a.draft:
+        rows["ours eval (draft)"] = rate(make_eval_loader(urls, tf, a.batch_size, num_workers=a.workers,
+                                                          draft_size=224))
+        rows["ours train (draft)"] = rate(make_train_loader(urls, tf, a.batch_size, num_workers=a.workers,
+                                                            shuffle_buffer=500, draft_size=224,
+                                                            batches_per_epoch=nb - nb % max(1, a.workers)))
+    ref = rows["imagefolder"][0]
+    print(f"{a.images} JPEGs 500x375 -> 224 crop, batch {a.batch_size}, {a.workers} workers")
+    for name, (r, n) in rows.items():
+        print(f"{name:22s} {r:8.1f} img/s ({n} images)  ratio vs imagefolder {r / ref:.2f}")
+
+
+if __name__ == "__main__":
+    main()

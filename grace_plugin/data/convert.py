@@ -1,0 +1,141 @@
+"""``grace shards convert``: an ImageFolder tree -> WebDataset shards in the CLIP_benchmark or timm layout.
+
+Image bytes are copied as they are (no re-encoding, so nothing changes and nothing is lost). Shards are written in
+parallel, each to a temp file renamed when complete, so an interrupted conversion resumes by skipping the shards that
+exist with the right number of samples. At the end the total is verified against the number of images found.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ConvertResult", "convert_imagefolder", "scan_imagefolder"]
+
+EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".JPEG": "jpg", ".JPG": "jpg",
+        ".PNG": "png"}
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    layout: str
+    split: str
+    shards: int
+    samples: int
+    skipped_existing: int
+    classes: int
+
+
+def scan_imagefolder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Sorted class folders (label order) and ``(path, label)`` pairs, like torchvision's ImageFolder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: ImageFolder root does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders")
+    samples = []
+    for label, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.is_file() and f.suffix in EXTS:
+                samples.append((str(f), label))
+    if not samples:
+        raise ValueError(f"{root}: no images with extensions {sorted(set(EXTS))}")
+    return classes, samples
+
+
+def _shard_name(layout: str, split: str, i: int, prefix: str) -> str:
+    return f"{i}.tar" if layout == "clip_benchmark" else f"{prefix}-{split}-{i:04d}.tar"
+
+
+def _count(path: Path) -> int:
+    with tarfile.open(path) as tf:
+        return sum(1 for m in tf if m.name.endswith(".cls"))
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = len(data), 0, 0o444
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def _write_shard(args) -> int:
+    path, items, layout, classes = args
+    tmp = Path(str(path) + f".tmp{os.getpid()}")
+    with tarfile.open(tmp, "w") as tf:
+        for key, (src, label) in items:
+            ext = EXTS[Path(src).suffix]
+            _add(tf, f"{key}.{ext}", Path(src).read_bytes())
+            _add(tf, f"{key}.cls", str(label).encode())
+            if layout == "timm":
+                _add(tf, f"{key}.json", json.dumps({"filename": os.path.basename(src), "label": label,
+                                                    "class": classes[label]}).encode())
+    os.replace(tmp, path)
+    return len(items)
+
+
+def convert_imagefolder(src: str | Path, out: str | Path, layout: str = "clip_benchmark", split: str | None = None,
+                        maxcount: int = 1000, workers: int = 2, prefix: str = "imagenet1k",
+                        classnames: list[str] | None = None, templates: list[str] | None = None,
+                        progress: bool = False) -> ConvertResult:
+    if layout not in ("clip_benchmark", "timm"):
+        raise ValueError(f"unknown layout {layout!r}; valid: clip_benchmark, timm")
+    if maxcount <= 0:
+        raise ValueError(f"--maxcount must be > 0, got {maxcount}")
+    classes, samples = scan_imagefolder(src)
+    split = split or ("test" if layout == "clip_benchmark" else "validation")
+    out = Path(out)
+    shard_dir = out / split if layout == "clip_benchmark" else out
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    keyed = [(f"s{i:07d}", s) for i, s in enumerate(samples)]
+    chunks = [keyed[i:i + maxcount] for i in range(0, len(keyed), maxcount)]
+    jobs, skipped = [], 0
+    for i, chunk in enumerate(chunks):
+        path = shard_dir / _shard_name(layout, split, i, prefix)
+        if path.is_file():
+            try:
+                if _count(path) == len(chunk):
+                    skipped += 1
+                    continue
+            except tarfile.TarError:
+                pass  # a broken leftover: rewrite it
+        jobs.append((path, chunk, layout, classes))
+    if jobs:
+        it = None
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as ex:
+            it = ex.map(_write_shard, jobs)
+            if progress:
+                from tqdm import tqdm
+
+                it = tqdm(it, total=len(jobs), desc="convert", unit="shard")
+            list(it)
+    names = [_shard_name(layout, split, i, prefix) for i in range(len(chunks))]
+    lengths = [_count(shard_dir / n) for n in names]
+    if sum(lengths) != len(samples):
+        raise RuntimeError(f"{out}: wrote {sum(lengths)} samples but found {len(samples)} images")
+    if classnames is None and len(classes) == 1000 and all(c.startswith("n") and c[1:].isdigit() for c in classes):
+        from .shards import imagenet_metadata
+
+        classnames, default_templates = imagenet_metadata()  # wnid folders sort into the standard index order
+        templates = templates or default_templates
+    names_file = "\n".join(classnames or classes) + "\n"
+    tmpl = "\n".join(templates or ["a photo of a {c}."]) + "\n"
+    from ..checkpoint import atomic_write_text
+
+    atomic_write_text(out / "classnames.txt", names_file)
+    atomic_write_text(out / "zeroshot_classification_templates.txt", tmpl)
+    if layout == "clip_benchmark":
+        atomic_write_text(shard_dir / "nshards.txt", f"{len(chunks)}\n")
+    else:
+        info_file = out / "_info.json"
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {"name": prefix, "splits": {}}
+        info["num_classes"] = len(classes)
+        info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": names,
+                                 "shard_lengths": lengths}
+        atomic_write_text(info_file, json.dumps(info, indent=2) + "\n")
+    return ConvertResult(out, layout, split, len(chunks), sum(lengths), skipped, len(classes))
