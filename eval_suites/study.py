@@ -39,8 +39,8 @@ class QuickstartConfig:
     out: Path
     seed: int = 0
     recipes: list[str] = field(default_factory=lambda: ["ft", "grace"])
-    steps: int = 150
-    n_adv: int = 300
+    steps: int = 300
+    n_adv: int = 200
     eps: float = 4 / 255
     attack: str = "apgd-ce"
     device: str = "cpu"

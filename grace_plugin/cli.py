@@ -76,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="quickstart")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--recipes", default="ft,grace", help="comma-separated recipe names, or 'all'")
-    q.add_argument("--steps", type=int, default=150)
-    q.add_argument("--n-adv", type=int, default=300)
+    q.add_argument("--steps", type=int, default=300, help="fine-tuning steps per recipe")
+    q.add_argument("--n-adv", type=int, default=200, help="ID images attacked per model")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every recipe run, e.g. --set train.batch_size=32")
     q.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")

@@ -119,6 +119,11 @@ class Recipe:
         """Called after each optimizer step (e.g. curvature updates); returns extra logs."""
         return {}
 
+    def pass_counts(self) -> dict[str, float] | None:
+        """Forward/backward passes over one batch that one step must do (``bench/step_cost.py``'s floor);
+        None when not declared."""
+        return {"forward": 1, "backward": 1} if type(self).training_step is Recipe.training_step else None
+
     def state_dict(self) -> dict:
         """Recipe state beyond the model weights (for resume)."""
         return {}

@@ -184,6 +184,13 @@ class Grace(Recipe):
                     awp_layers=float(len(active)))
         return StepOutput(loss, logs)
 
+    def pass_counts(self) -> dict[str, float]:
+        """PGD: k forward+input-backward; shared [x; x_adv] forward (2 batches); f_AWP forward; ascent backward (the
+        first reuses the shared forward); extra ascent steps; final backward through the clean, adv and AWP graphs.
+        The curvature measurement (every K steps) is amortised and not counted."""
+        k, t = self.cfg.pgd_steps, self.cfg.awp_steps
+        return {"forward": k + 2 + 1 + (t - 1), "backward": k + 1 + (t - 1) + 3}
+
     # ------------------------------------------------------------------------------------------ curvature
     def measure_curvature(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, float]:
         """Eq. 28 on one mini-batch: gradient w.r.t. each adapted *full* weight W (= grad of its frozen base)."""

@@ -1,0 +1,125 @@
+"""Step cost of every recipe relative to ``ft``, measured side by side on one model and batch, with a floor.
+
+The floor is the recipe's declared number of forward and backward passes (``Recipe.pass_counts``) times the
+measured cost of one forward and one backward pass of ``ft`` on the same batch: the time a recipe must spend if
+it wastes nothing. Last line: ``grace/ft ratio R floor F``.
+
+    python bench/step_cost.py                     # tiny testbed tower on CPU (32 px, 3 layers)
+    python bench/step_cost.py --arch vit_b32 --batch 128 --device cuda   # ViT-B/32, bf16 autocast (GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+
+def build(arch: str):
+    from grace_plugin.models.classifier import ClipClassifier, ZeroShotHead
+    from grace_plugin.models.clip import build_tower, tiny_clip_config, tower_spec
+
+    if arch == "tiny":
+        spec, size, dim = tower_spec("GRACE-Tiny-32", tiny_clip_config()), 32, 64
+    else:
+        name = {"vit_b32": "ViT-B-32-quickgelu", "vit_b16": "ViT-B-16-quickgelu"}[arch]
+        spec, size, dim = tower_spec(name, {"embed_dim": 512}), 224, 512
+    tower = build_tower(spec)
+    head = ZeroShotHead(torch.nn.functional.normalize(torch.randn(1000, dim), dim=-1), 100.0)
+    cfg = {"input_size": (3, size, size), "mean": (0.48, 0.46, 0.41), "std": (0.27, 0.26, 0.28)}
+    return ClipClassifier(tower, head, cfg), size
+
+
+def timeit(fn, reps, sync):
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="tiny", choices=["tiny", "vit_b32", "vit_b16"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--recipes", default="all")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe overrides, e.g. recipe.pgd_steps=3")
+    a = ap.parse_args()
+
+    from grace_plugin.finetune import build_config
+    from grace_plugin.recipes import StepContext, create_recipe, list_recipes
+    from grace_plugin.trainer import autocast_factory
+
+    device = torch.device(a.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    base, size = build(a.arch)
+    x = torch.rand(a.batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (a.batch,), device=device)
+    batch = {"image": x, "label": y}
+    ctx = StepContext(device=device, autocast=autocast_factory(device, "auto"))
+    names = list_recipes() if a.recipes == "all" else a.recipes.split(",")
+    names = ["ft"] + [n for n in names if n != "ft"]
+
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        cfg = build_config(name, overrides=[o for o in a.overrides if o.startswith(("recipe.", "train."))]
+                           if name != "ft" else None).recipe
+        try:
+            rec = create_recipe(name, copy.deepcopy(base).to(device), cfg)
+        except Exception as e:  # a recipe that needs extra inputs (e.g. a text tower) is reported, not hidden
+            print(f"{name:10s} skipped: {e}")
+            continue
+        if name == "grace":  # measure with the LAR-AWP branch active on the top-curvature layers
+            rec.after_step(batch, StepContext(device=device, autocast=ctx.autocast, step=0))
+        params = rec.trainable_parameters()
+
+        def step():
+            for p in params:
+                p.grad = None
+            out = rec.training_step(batch, ctx)
+            out.loss.backward()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = timeit(step, a.reps, sync)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        if name == "ft":
+            model = rec.model
+
+            def fwd():
+                with torch.no_grad(), ctx.autocast():
+                    model(x)
+
+            def fwd_bwd():
+                for p in params:
+                    p.grad = None
+                with ctx.autocast():
+                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+                loss.backward()
+
+            t_f = timeit(fwd, a.reps, sync)
+            t_b = timeit(fwd_bwd, a.reps, sync) - t_f
+        passes = rec.pass_counts()
+        floor = passes["forward"] * t_f + passes["backward"] * t_b if passes else None
+        results[name] = (t, floor, mem)
+
+    t_ft = results["ft"][0]
+    print(f"arch {a.arch}, batch {a.batch}, device {a.device}; one forward {t_f * 1e3:.1f} ms, one backward "
+          f"{t_b * 1e3:.1f} ms")
+    for name, (t, floor, mem) in results.items():
+        fl = f"floor {floor / t_ft:6.2f}  R/floor {t / floor:5.2f}" if floor else "floor   n/a"
+        extra = f"  {a.batch / t:8.1f} img/s  peak {mem:.2f} GiB" if a.device != "cpu" else f"  {a.batch / t:8.1f} img/s"
+        print(f"{name:10s} {t * 1e3:9.1f} ms/step  ratio {t / t_ft:6.2f}  {fl}{extra}")
+    if "grace" in results:
+        t, floor, _ = results["grace"]
+        print(f"grace/ft ratio {t / t_ft:.2f} floor {floor / t_ft:.2f}")
+
+
+if __name__ == "__main__":
+    main()
