@@ -220,8 +220,9 @@ def test_import_grace_plugin_makes_names_visible_via_entry_point(registered, tmp
         print(timm.is_model({registered['name']!r}), "registry" in sys.modules)
     """
     assert _run_py(code, _env(registered["weights_dir"], tmp_path / "site")).stdout.split() == ["True", "True"]
-    # without the installed metadata nothing above grace_plugin is imported
-    assert _run_py(code, _env(registered["weights_dir"])).stdout.split() == ["False", "False"]
+    # the hook's off switch: then nothing above grace_plugin is imported
+    env = dict(_env(registered["weights_dir"], tmp_path / "site"), GRACE_NO_PLUGINS="1")
+    assert _run_py(code, env).stdout.split() == ["False", "False"]
 
 
 def _imagenet_folder_and_shards(root: Path, n: int):
@@ -431,3 +432,19 @@ def test_register_cli_errors_exit_2(tiny_run, tmp_path, capsys):
     assert "valid choices: imagenet" in capsys.readouterr().err
     assert main(["register", str(tmp_path), "--name", "Ok2026", "--weights-dir", str(tmp_path)]) == 2
     assert "checkpoint.json" in capsys.readouterr().err
+
+
+def test_timm_to_open_clip_is_the_inverse_of_timms_converter(tiny_clip_dir):
+    from grace_plugin.models.clip import build_tower, convert_visual, load_clip, tower_spec
+    from registry.publish import timm_to_open_clip_visual
+
+    bundle = load_clip(tiny_clip_dir)
+    oc = {k: v for k, v in bundle.clip.state_dict().items() if k.startswith("visual.")}
+    tower = build_tower(tower_spec(bundle.model_name, bundle.model_cfg))
+    back = timm_to_open_clip_visual(convert_visual(bundle.clip.state_dict(), tower))
+    assert set(back) == set(oc)
+    assert all(torch.equal(back[k], oc[k]) for k in oc)
+    sd = convert_visual(bundle.clip.state_dict(), tower)
+    sd["head.bias"] = sd["head.bias"] + 1
+    with pytest.raises(ValueError, match="non-zero bias"):
+        timm_to_open_clip_visual(sd)
