@@ -1,8 +1,9 @@
 """Step cost of every recipe relative to ``ft``, measured side by side on one model and batch, with a floor.
 
 The floor is the recipe's declared number of forward and backward passes (``Recipe.pass_counts``) times the
-measured cost of one forward and one backward pass of ``ft`` on the same batch: the time a recipe must spend if
-it wastes nothing. Last line: ``grace/ft ratio R floor F``.
+measured cost of one forward and one backward pass of *that recipe's own parameterisation* (e.g. GRACE's LoRA
+model, whose backward computes no frozen-weight gradients) on the same batch: the time the recipe must spend if it
+wastes nothing, in units of one ``ft`` step. Last line: ``grace/ft ratio R floor F``.
 
     python bench/step_cost.py                     # tiny testbed tower on CPU (32 px, 3 layers)
     python bench/step_cost.py --arch vit_b32 --batch 128 --device cuda   # ViT-B/32, bf16 autocast (GPU)
@@ -89,35 +90,34 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         t = timeit(step, a.reps, sync)
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        if name == "ft":
-            model = rec.model
+        model = rec.model
 
-            def fwd():
-                with torch.no_grad(), ctx.autocast():
-                    model(x)
+        def fwd():
+            with torch.no_grad(), ctx.autocast():
+                model(x)
 
-            def fwd_bwd():
-                for p in params:
-                    p.grad = None
-                with ctx.autocast():
-                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-                loss.backward()
+        def fwd_bwd():
+            for p in params:
+                p.grad = None
+            with ctx.autocast():
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
 
-            t_f = timeit(fwd, a.reps, sync)
-            t_b = timeit(fwd_bwd, a.reps, sync) - t_f
+        t_f = timeit(fwd, a.reps, sync)
+        t_b = max(timeit(fwd_bwd, a.reps, sync) - t_f, 0.0)
         passes = rec.pass_counts()
         floor = passes["forward"] * t_f + passes["backward"] * t_b if passes else None
-        results[name] = (t, floor, mem)
+        results[name] = (t, floor, mem, t_f, t_b)
 
     t_ft = results["ft"][0]
-    print(f"arch {a.arch}, batch {a.batch}, device {a.device}; one forward {t_f * 1e3:.1f} ms, one backward "
-          f"{t_b * 1e3:.1f} ms")
-    for name, (t, floor, mem) in results.items():
-        fl = f"floor {floor / t_ft:6.2f}  R/floor {t / floor:5.2f}" if floor else "floor   n/a"
+    print(f"arch {a.arch}, batch {a.batch}, device {a.device}, overrides {a.overrides or 'none'}")
+    for name, (t, floor, mem, t_f, t_b) in results.items():
+        fl = f"floor {floor / t_ft:6.2f}  R/floor {t / floor:5.2f}" if floor else "floor   n/a          "
+        fl += f"  (fwd {t_f * 1e3:.1f} ms, bwd {t_b * 1e3:.1f} ms)"
         extra = f"  {a.batch / t:8.1f} img/s  peak {mem:.2f} GiB" if a.device != "cpu" else f"  {a.batch / t:8.1f} img/s"
         print(f"{name:10s} {t * 1e3:9.1f} ms/step  ratio {t / t_ft:6.2f}  {fl}{extra}")
     if "grace" in results:
-        t, floor, _ = results["grace"]
+        t, floor = results["grace"][:2]
         print(f"grace/ft ratio {t / t_ft:.2f} floor {floor / t_ft:.2f}")
 
 

@@ -1,6 +1,10 @@
 """grace-plugin core library: data, models, recipes, trainer, checkpoints.
 
-``import grace_plugin`` also makes ``import robustbench`` work with PyPI's pyautoattack (see ``_compat``).
+``import grace_plugin`` also makes ``import robustbench`` work with PyPI's pyautoattack (see ``_compat``), and loads
+the plugins other distributions declare under the entry-point group ``grace_plugin.plugins``. This distribution
+declares ``registry.grace_models`` there (pyproject.toml), so an installed grace-plugin makes the registered GRACE
+timm names visible after ``import grace_plugin`` too, while this package imports nothing above it (the name
+``registry`` appears only in packaging metadata; tests/test_layering.py).
 """
 from ._compat import install_autoattack_shim
 
@@ -8,4 +12,27 @@ install_autoattack_shim()
 
 from .version import __version__  # noqa: E402
 
-__all__ = ["__version__", "install_autoattack_shim"]
+__all__ = ["__version__", "install_autoattack_shim", "load_plugins"]
+
+PLUGIN_GROUP = "grace_plugin.plugins"
+
+
+def load_plugins() -> list[str]:
+    """Import every ``grace_plugin.plugins`` entry point (``GRACE_NO_PLUGINS=1`` skips); failures only warn."""
+    import os
+    import warnings
+    from importlib.metadata import entry_points
+
+    if os.environ.get("GRACE_NO_PLUGINS"):
+        return []
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+            loaded.append(ep.name)
+        except Exception as e:  # a broken plugin must not break `import grace_plugin`
+            warnings.warn(f"grace_plugin: plugin {ep.name} ({ep.value}) failed to load: {e}", stacklevel=2)
+    return loaded
+
+
+load_plugins()

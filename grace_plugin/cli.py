@@ -96,7 +96,27 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--prefix", default="imagenet1k", help="timm layout shard name prefix")
 
     ls = sub.add_parser("list", help="list registered names")
-    ls.add_argument("kind", choices=["recipes", "attacks"])
+    ls.add_argument("kind", choices=["recipes", "attacks", "models"])
+
+    r = sub.add_parser("register", help="publish a run under its timm and RobustBench names")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--name", required=True, help="RobustBench name, e.g. Grace2026Gram_ViT-B-32")
+    r.add_argument("--dataset", default="imagenet", help="RobustBench dataset whose head is built (imagenet)")
+    r.add_argument("--threat-model", default="Linf", help="Linf, L2, corruptions")
+    r.add_argument("--weights-dir", help="registry folder (default $GRACE_WEIGHTS_DIR or ~/.cache/grace_plugin/weights)")
+    r.add_argument("--templates", default="openai", help="prompt set for the head: openai (80) or simple (7)")
+    r.add_argument("--hub-id", help="Hugging Face repo id recorded in the card (weights fallback when not local)")
+    r.add_argument("--info", action="append", default=[], metavar="FIELD=VALUE",
+                   help="RobustBench ModelInfo field for the card, e.g. --info authors='A. B' --info venue=CVPR")
+
+    x = sub.add_parser("export", help="export a run as an open_clip model or a timm hub folder")
+    x.add_argument("run_dir", metavar="RUN_DIR")
+    x.add_argument("--format", required=True, choices=["open_clip", "timm-hub"])
+    x.add_argument("--out", required=True)
+    x.add_argument("--name", help="open_clip: the model config name; timm-hub: the RobustBench name (required)")
+    x.add_argument("--dataset", default="imagenet")
+    x.add_argument("--threat-model", default="Linf")
+    x.add_argument("--templates", default="openai")
     return p
 
 
@@ -181,11 +201,53 @@ def _cmd_shards(a) -> int:
     return 0
 
 
+def _parse_info(items: list[str]) -> dict:
+    info = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--info {item!r}: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        info[k.strip()] = v
+    return info
+
+
+def _cmd_register(a) -> int:
+    from registry.publish import register_run
+
+    res = register_run(a.run_dir, a.name, dataset=a.dataset, threat_model=a.threat_model, out_dir=a.weights_dir,
+                       templates=a.templates, model_info=_parse_info(a.info), hf_hub_id=a.hub_id)
+    print(f"wrote {res.folder}", file=sys.stderr)
+    if a.weights_dir:
+        print(f"(set GRACE_WEIGHTS_DIR={a.weights_dir} so that `import registry` finds it)", file=sys.stderr)
+    print(res.timm_name)
+    return 0
+
+
+def _cmd_export(a) -> int:
+    from registry.publish import export_open_clip, export_timm_hub
+
+    if a.format == "open_clip":
+        res = export_open_clip(a.run_dir, a.out, name=a.name)
+        print(f"wrote {res['config']} and {res['weights']}; load with open_clip.add_model_config(...) and "
+              f"open_clip.create_model_and_transforms({res['name']!r}, pretrained=...)")
+    else:
+        if not a.name:
+            raise ValueError("--format timm-hub needs --name RB_NAME (the timm architecture in config.json)")
+        res = export_timm_hub(a.run_dir, a.out, a.name, dataset=a.dataset, threat_model=a.threat_model,
+                              templates=a.templates)
+        print(f"wrote {res['config']} and {res['weights']} (architecture {res['timm_name']})")
+    return 0
+
+
 def _cmd_list(a) -> int:
     if a.kind == "recipes":
         from grace_plugin.recipes import list_recipes
 
         names = list_recipes()
+    elif a.kind == "models":
+        from registry import list_grace_models
+
+        names = list_grace_models()
     else:
         from eval_suites.attacks import list_attacks
 
@@ -211,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from registry import ModelNotFound
 
     handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
-                "list": _cmd_list, "shards": _cmd_shards}
+                "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export}
     expected = (ConfigError, ShardSetError, UnknownRecipeError, UnknownAttackError, ModelNotFound, CheckpointError,
                 FileNotFoundError, ValueError)
     try:

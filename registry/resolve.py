@@ -86,4 +86,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise ModelNotFound(f"--model {name!r}: not a folder or file, and not a registered timm model name")
     model = timm.create_model(name, pretrained=True).to(device).eval()
     classnames = getattr(model, "classnames", None)
-    return LoadedModel(model, name, classnames, getattr(model, "text_bundle", None), {})
+    # GRACE entries (registry.grace_models) carry their class names and text tower, so heads can be rebuilt.
+    text = model.text_bundle() if callable(getattr(model, "text_bundle", None)) else None
+    meta = dict(getattr(model, "card", None) or {})
+    meta.pop("classnames", None)
+    return LoadedModel(model, name, classnames, text, meta)

@@ -165,11 +165,15 @@ def tower_spec(model_name: str, model_cfg: dict) -> dict:
 
 
 def build_tower(spec: dict) -> nn.Module:
-    """A randomly initialised timm CLIP ViT from ``tower_spec`` output."""
+    """A timm CLIP ViT from ``tower_spec`` output, with PyTorch's default init (weights are loaded next).
+
+    timm's own ViT init (truncated normals) is skipped (``weight_init="skip"``): every caller overwrites the weights,
+    and for ViT-L/14 that init alone takes seconds on a CPU.
+    """
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    kwargs = dict(spec["kwargs"])
+    kwargs = dict(spec["kwargs"], weight_init="skip")
     if spec.get("arch"):
         return timm.create_model(spec["arch"], pretrained=False, **kwargs)
     kwargs.pop("norm", None)

@@ -99,6 +99,10 @@ class Recipe:
         else:
             for p in model.visual.parameters():
                 p.requires_grad_(True)
+            # CLIP's visual projection has no bias (timm's converter adds a zero one): keeping it zero keeps every
+            # checkpoint exactly exportable to open_clip (registry.publish.export_open_clip).
+            if getattr(getattr(model.visual, "head", None), "bias", None) is not None:
+                model.visual.head.bias.requires_grad_(False)
         model.head.weight.requires_grad_(bool(cfg.train_head))
 
     def awp_rank(self) -> int:

@@ -1,0 +1,258 @@
+"""timm entries for GRACE classifiers, named by the RobustBench rule (``registry.naming``), built from model cards.
+
+A registered model is a folder ``<weights dir>/<timm name>/`` written by ``grace register``:
+
+* ``model.safetensors``: the ``ClipClassifier`` state dict (timm key space, LoRA merged, dataset head included);
+* ``text.safetensors``: the open_clip text side, so heads for other class sets can be rebuilt;
+* ``card.json``: architecture (tower spec, embed dim, classes), the timm ``pretrained_cfg`` (CLIP preprocessing:
+  crop_pct 1.0, bicubic, CLIP mean/std), class names and templates, RobustBench ``ModelInfo`` fields and the
+  sha256 of both weight files.
+
+Importing this module scans the weights dir (``$GRACE_WEIGHTS_DIR``, default ``<grace cache>/weights``) and
+registers one timm architecture per card, so in a new process ``import registry`` (or ``import grace_plugin``
+through its plugin hook) makes ``timm.create_model(name, pretrained=True)`` and
+``robustbench.utils.load_model(rb_name, dataset=..., threat_model=...)`` work. timm has no entry points of its own
+(ecosystem.md B10). Weights resolve, in timm's order, from ``pretrained_cfg_overlay=dict(file=...)``, the card's
+local file, then the card's ``hf_hub_id``; they are read by ``GraceClassifier.load_pretrained`` (cfg
+``custom_load``) through ``registry.weights.load_state_dict_safe`` and the card's sha256.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from grace_plugin.models.classifier import ClipClassifier, ZeroShotHead
+from grace_plugin.models.clip import build_tower
+
+from .naming import NUM_CLASSES, timm_name
+from .weights import WeightsError, load_state_dict_safe, verify_sha256
+
+__all__ = ["GraceClassifier", "RegistryError", "HeadSizeError", "weights_dir", "register_card", "scan_weights_dir",
+           "list_grace_models", "get_card", "card_pretrained_cfg", "CARD_FILE", "WEIGHTS_FILE", "TEXT_FILE",
+           "CARD_FORMAT", "default_cfgs"]
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "model.safetensors"
+TEXT_FILE = "text.safetensors"
+CARD_FORMAT = 1
+
+# timm's register_model looks entries up here by architecture name (ecosystem.md §1.1); filled per card below.
+default_cfgs: dict = {}
+_CARDS: dict[str, tuple[dict, Path | None]] = {}
+
+
+class RegistryError(ValueError):
+    """A bad model card or registry request; the message names the file or field."""
+
+
+class HeadSizeError(RegistryError):
+    """``num_classes`` (or a weights file's head) disagrees with the registered head."""
+
+
+def weights_dir() -> Path:
+    """``$GRACE_WEIGHTS_DIR``, else ``weights/`` under the grace cache (``$GRACE_CACHE_DIR`` or ~/.cache/grace_plugin)."""
+    if os.environ.get("GRACE_WEIGHTS_DIR"):
+        return Path(os.environ["GRACE_WEIGHTS_DIR"]).expanduser()
+    if os.environ.get("GRACE_CACHE_DIR"):
+        return Path(os.environ["GRACE_CACHE_DIR"]).expanduser() / "weights"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "grace_plugin" / "weights"
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+class GraceClassifier(ClipClassifier):
+    """A ``ClipClassifier`` built from a model card; loads its weights safely and knows its classes and text tower."""
+
+    def __init__(self, visual, head, pretrained_cfg: dict, card: dict, card_dir: Path | None):
+        super().__init__(visual, head, pretrained_cfg)
+        self.num_features = head.weight.shape[1]  # timm convention: the pre-logits feature size
+        self.card = card
+        self.card_dir = card_dir
+        self.classnames = list(card.get("classnames") or []) or None
+        self.templates = list(card.get("templates") or [])
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Called by timm's ``load_pretrained`` (cfg ``custom_load``) with the resolved local file."""
+        path = Path(path)
+        name = self.card["timm_name"]
+        # The card's sha256 covers the card's own source (local file, or its hub repo); an explicit
+        # pretrained_cfg_overlay=dict(file=...) is the caller's file and is loaded as given.
+        cfg_file = (getattr(self, "pretrained_cfg", None) or {}).get("file")
+        own_file = self.card_dir is not None and path.resolve() == (self.card_dir / WEIGHTS_FILE).resolve()
+        if own_file or not cfg_file:
+            verify_sha256(path, self.card.get("weights_sha256"), what=f"registry entry {name}'s card")
+        sd = load_state_dict_safe(path)
+        head = sd.get("head.weight")
+        if head is None:
+            raise WeightsError(f"{path}: no 'head.weight' tensor; not a GRACE classifier state dict for {name}")
+        if head.shape[0] != self.num_classes:
+            raise HeadSizeError(f"{path}: its zero-shot head has {head.shape[0]} classes but {name} was built with "
+                                f"num_classes={self.num_classes}")
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise WeightsError(f"{path}: does not match {name}'s architecture (missing {missing[:3]}, unexpected "
+                               f"{unexpected[:3]})")
+
+    def text_bundle(self):
+        """The open_clip text side (``ClipBundle``) from ``text.safetensors``, or None when the entry has none."""
+        from grace_plugin.models.clip import bundle_from_text_state
+
+        clip = self.card.get("clip")
+        if not clip or self.card_dir is None:
+            return None
+        f = self.card_dir / TEXT_FILE
+        if not f.is_file():
+            return None
+        verify_sha256(f, self.card.get("text_sha256"), what=f"registry entry {self.card['timm_name']}'s card")
+        return bundle_from_text_state(clip["model_name"], clip["model_cfg"], load_state_dict_safe(f))
+
+
+def _build(card: dict, card_dir: Path | None, num_classes: int | None = None, in_chans: int = 3,
+           img_size=None, global_pool=None, **unknown) -> GraceClassifier:
+    name = card["timm_name"]
+    arch = card["architecture"]
+    if unknown:
+        raise TypeError(f"{name}: unexpected keyword arguments {sorted(unknown)}; GRACE entries take num_classes, "
+                        "pretrained, pretrained_cfg_overlay")
+    n = arch["num_classes"] if num_classes is None else int(num_classes)
+    if n != arch["num_classes"]:
+        raise HeadSizeError(f"{name}: its zero-shot head has {arch['num_classes']} classes "
+                            f"({card.get('dataset', '?')}); num_classes={n} was requested. Build a head for other "
+                            "classes with registry.load_model(name).for_classes(classnames, templates)")
+    if in_chans != 3:
+        raise ValueError(f"{name}: in_chans must be 3, got {in_chans}")
+    size = tuple(card["pretrained_cfg"]["input_size"][-2:])
+    if img_size is not None and tuple(img_size if not isinstance(img_size, int) else (img_size, img_size)) != size:
+        raise ValueError(f"{name}: fixed input size {size}, got img_size={img_size}")
+    tower = build_tower(arch["tower"])
+    head = ZeroShotHead(torch.zeros(n, arch["embed_dim"]), card.get("logit_scale", 100.0))
+    return GraceClassifier(tower, head, card["pretrained_cfg"], card, card_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- cards -> timm
+def card_pretrained_cfg(card: dict, card_dir: Path | None) -> dict:
+    """The timm ``PretrainedCfg`` fields of a card (weights source included)."""
+    pc = card["pretrained_cfg"]
+    info = card.get("model_info") or {}
+    cfg = dict(
+        input_size=tuple(pc["input_size"]), fixed_input_size=True, interpolation=pc.get("interpolation", "bicubic"),
+        crop_pct=float(pc.get("crop_pct", 1.0)), crop_mode=pc.get("crop_mode", "center"),
+        mean=tuple(pc["mean"]), std=tuple(pc["std"]), num_classes=int(card["architecture"]["num_classes"]),
+        first_conv="visual.patch_embed.proj", classifier="head", license=card.get("license", "mit"),
+        description=info.get("name") or f"GRACE classifier {card.get('rb_name', '')}",
+        origin_url=info.get("link") or None, custom_load="hf",
+    )
+    local = card_dir / WEIGHTS_FILE if card_dir is not None else None
+    if local is not None and local.is_file():
+        cfg["file"] = str(local)
+    elif card.get("hf_hub_id"):
+        cfg["hf_hub_id"] = card["hf_hub_id"]
+        cfg["hf_hub_filename"] = WEIGHTS_FILE
+    return cfg
+
+
+def _check_card(card: dict, where: str) -> dict:
+    for key in ("timm_name", "architecture", "pretrained_cfg"):
+        if key not in card:
+            raise RegistryError(f"{where}: field {key!r} is missing")
+    for key in ("tower", "embed_dim", "num_classes"):
+        if key not in card["architecture"]:
+            raise RegistryError(f"{where}: field 'architecture.{key}' is missing")
+    if card.get("rb_name"):
+        expect = timm_name(card["rb_name"], card.get("dataset", "imagenet"), card.get("threat_model", "Linf"))
+        if expect != card["timm_name"]:
+            raise RegistryError(f"{where}: timm_name {card['timm_name']!r} is not the RobustBench name of "
+                                f"{card['rb_name']!r} ({expect!r})")
+    if "." in card["timm_name"]:
+        raise RegistryError(f"{where}: timm_name {card['timm_name']!r} must not contain '.' (timm's tag separator)")
+    return card
+
+
+def register_card(card: dict | str | Path, card_dir: str | Path | None = None) -> str:
+    """Register a card (dict, or a ``card.json`` path whose folder holds the weights) as a timm architecture."""
+    if not isinstance(card, dict):
+        path = Path(card)
+        if path.is_dir():
+            path = path / CARD_FILE
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RegistryError(f"{path}: not a readable model card ({e})") from None
+        where, card_dir = str(path), path.parent
+    else:
+        where = f"card {card.get('timm_name', '?')}"
+    card = _check_card(card, where)
+    card_dir = Path(card_dir) if card_dir is not None else None
+    name = card["timm_name"]
+
+    def entrypoint(pretrained: bool = False, **kwargs):
+        return build_model_with_cfg(partial(_build, card, card_dir), name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"GRACE classifier {card.get('rb_name') or name} ({card['architecture']['tower']})."
+    default_cfgs[name] = generate_default_cfgs({name: card_pretrained_cfg(card, card_dir)})[name]
+    _CARDS[name] = (card, card_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")  # re-registering a card
+        register_model(entrypoint)
+    return name
+
+
+def scan_weights_dir(root: str | Path | None = None) -> list[str]:
+    """Register every ``*/card.json`` under ``root`` (default ``weights_dir()``); bad cards are logged and skipped."""
+    root = Path(root) if root is not None else weights_dir()
+    names = []
+    if not root.is_dir():
+        return names
+    for card in sorted(root.glob(f"*/{CARD_FILE}")):
+        try:
+            names.append(register_card(card))
+        except (RegistryError, ValueError) as e:
+            warnings.warn(f"grace registry: skipped {card}: {e}", stacklevel=2)
+    return names
+
+
+def list_grace_models(pattern: str = "") -> list[str]:
+    import timm
+
+    return timm.list_models(pattern or "*", module="grace_models")
+
+
+def get_card(name: str) -> tuple[dict, Path | None]:
+    try:
+        return _CARDS[name.split(".")[0]]
+    except KeyError:
+        raise RegistryError(f"{name!r}: not a registered GRACE model; registered: {', '.join(sorted(_CARDS))}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- built-ins
+# A tiny architecture with no weights, for tests and smoke checks (aesthetics §9.7: test entries are grace_test_*).
+# Its RobustBench name resolves to it, but pretrained=True raises timm's "No pretrained weights exist".
+_TINY_CLIP_CFG = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+BUILTIN_CARDS = [{
+    "format_version": CARD_FORMAT,
+    "timm_name": timm_name("Grace_Test_Tiny", "imagenet", "Linf"),
+    "rb_name": "Grace_Test_Tiny", "dataset": "imagenet", "threat_model": "Linf",
+    "architecture": {"tower": {"arch": None, "kwargs": {
+        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0,
+        "pre_norm": True, "act_layer": "quick_gelu", "num_classes": 32, "global_pool": "token"}},
+        "embed_dim": 32, "num_classes": NUM_CLASSES["imagenet"]},
+    "pretrained_cfg": {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+                       **_TINY_CLIP_CFG},
+    "logit_scale": 100.0,
+    "model_info": {"name": "tiny test architecture (random weights)", "architecture": "ViT-tiny (CLIP)"},
+}]
+
+for _card in BUILTIN_CARDS:
+    register_card(_card)
+scan_weights_dir()
