@@ -296,3 +296,35 @@ def test_flyp_loss_is_symmetric_infonce_on_class_prompts(tiny_classifier, tiny_b
     expected_w = zero_shot_weights(bundle, shards.classnames, shards.templates)
     assert torch.allclose(model.head.weight, expected_w, atol=1e-6)
     assert float(model.head.logit_scale) == pytest.approx(float(bundle.clip.logit_scale.exp()), rel=1e-6)
+
+
+@pytest.mark.parametrize("cls", [FTP, SPD, DiGraP])
+def test_proximal_optimizer_state_round_trip_resumes_identically(cls):
+    """Anchors and hyper-state live in the optimizer state: save/load mid-run continues to identical weights."""
+    kw = {"mu": 0.1} if cls is DiGraP else {}
+    a = _params()
+    opt_a = cls(a, lr=5e-2, **kw)
+    b = _params()
+    for t in range(6):
+        if t == 3:  # "kill": a new optimizer built on the current weights, state loaded
+            with torch.no_grad():
+                for p, q in zip(b, a):
+                    p.copy_(q)
+            opt_b = cls(b, lr=5e-2, **kw)
+            opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+        for p, g in zip(a, _grads(t, a)):
+            p.grad = g
+        opt_a.step()
+        if t >= 3:
+            for p, g in zip(b, _grads(t, b)):
+                p.grad = g
+            opt_b.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_wise_ft_sweep_cli_rejects_bad_alphas(tmp_path, capsys):
+    from grace_plugin.cli import main
+
+    rc = main(["wise-ft-sweep", "--zero-shot", str(tmp_path), "--finetuned", str(tmp_path), "--data", str(tmp_path),
+               "--alphas", "0,1.5", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "every alpha must be in [0, 1]" in capsys.readouterr().err

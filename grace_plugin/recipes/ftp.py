@@ -29,6 +29,9 @@ class FTPConfig(ProximalConfig):
     ftp_k: float = 0.5  # spec §4: adamp_k, e.g. 0.5
     ftp_mu: float = 1e-2  # spec §4: internal Adam lr 1e-2
     gamma_init: float = 1e-8  # spec §4
+    # With γ starting at 1e-8, a zero anchor would project a LoRA A factor (random init) to ~0 on the first step and
+    # freeze the adapter; anchor LoRA factors at their init instead (B starts at 0 either way).
+    lora_anchor: str = "init"
 
 
 @register_recipe("ftp")
