@@ -95,6 +95,18 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--workers", type=int, default=2)
     cv.add_argument("--prefix", default="imagenet1k", help="timm layout shard name prefix")
 
+    w = sub.add_parser("wise-ft-sweep", help="WiSE-FT: evaluate (1-a) zero-shot + a fine-tuned for a list of alphas")
+    w.add_argument("--zero-shot", required=True, help="the CLIP folder the run started from (its --init)")
+    w.add_argument("--finetuned", required=True, help="run folder at alpha = 1 (e.g. an ft run)")
+    w.add_argument("--data", required=True, metavar="[NAME=]DIR", help="ID shard set")
+    w.add_argument("--ood", action="append", default=[], metavar="NAME=DIR")
+    w.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated mixing coefficients in [0, 1]")
+    w.add_argument("--attack", help="optional: also measure Adv (registered attack name)")
+    w.add_argument("--eps", default="4/255")
+    w.add_argument("--n-adv", type=int, default=500)
+    w.add_argument("--device", default="cpu")
+    w.add_argument("--out", required=True)
+
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=["recipes", "attacks", "models"])
 
@@ -239,6 +251,28 @@ def _cmd_export(a) -> int:
     return 0
 
 
+def _cmd_wise_ft_sweep(a) -> int:
+    from eval_suites.attacks import parse_eps
+    from eval_suites.runner import EvalRequest
+    from eval_suites.study import run_wise_ft_sweep
+
+    try:
+        alphas = [float(v) for v in a.alphas.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--alphas {a.alphas!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+    if not alphas or any(not 0.0 <= v <= 1.0 for v in alphas):
+        raise ValueError(f"--alphas {a.alphas!r}: every alpha must be in [0, 1]")
+    id_set = _named_dir(a.data, default_name="id") if "=" not in a.data else _named_dir(a.data)
+    req = EvalRequest(id_set=id_set, ood_sets=[_named_dir(o) for o in a.ood], attack=a.attack,
+                      eps=parse_eps(a.eps), n_adv=a.n_adv, device=a.device)
+    res = run_wise_ft_sweep(a.zero_shot, a.finetuned, req, alphas, out=a.out)
+    for p in res["points"]:
+        print(f"alpha={p['alpha']:.2f}  " + "  ".join(f"{k}={p[k]}" for k in ("id", "ood", "adv", "hm")))
+    print("frontier: " + ", ".join(f"{p['alpha']:.2f}" for p in res["frontier"]))
+    print(f"wrote {Path(a.out) / 'wise_ft_sweep.json'}")
+    return 0
+
+
 def _cmd_list(a) -> int:
     if a.kind == "recipes":
         from grace_plugin.recipes import list_recipes
@@ -273,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     from registry import ModelNotFound
 
     handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
-                "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export}
+                "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export,
+                "wise-ft-sweep": _cmd_wise_ft_sweep}
     expected = (ConfigError, ShardSetError, UnknownRecipeError, UnknownAttackError, ModelNotFound, CheckpointError,
                 FileNotFoundError, ValueError)
     try:

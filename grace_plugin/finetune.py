@@ -52,7 +52,7 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
     from .data.shards import count_samples, open_shard_set
     from .data.transforms import train_transform
     from .models.clip import classifier_from_clip, load_clip, text_state_dict, tower_spec
-    from .recipes import create_recipe
+    from .recipes import TextSide, create_recipe
     from .trainer import init_distributed, resolve_device, seed_everything, steps_for_epochs, train
 
     rank, world = init_distributed()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
@@ -62,7 +62,7 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
     bundle = load_clip(init)
     model = classifier_from_clip(bundle, classnames, shards.templates or [], device="cpu")
     seed_everything(cfg.train.seed)  # adapter initialisation (LoRA A) draws from the RNG
-    rec = create_recipe(recipe, model, cfg.recipe)
+    rec = create_recipe(recipe, model, cfg.recipe, text=TextSide(bundle, classnames, list(shards.templates or [])))
     transform = train_transform(model.pretrained_cfg, cfg.data.augment)
     if cfg.train.steps is not None:
         total = int(cfg.train.steps)

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-__all__ = ["perturbed", "awp_branch"]
+__all__ = ["perturbed", "awp_branch", "sam_perturbation", "linearized_loss"]
 
 
 @contextlib.contextmanager
@@ -49,3 +49,27 @@ def awp_branch(modules) -> Iterator[None]:
             m.awp_A = torch.zeros_like(m.awp_A, requires_grad=False)
             m.awp_B = torch.zeros_like(m.awp_B, requires_grad=False)
             m.awp_mask = torch.zeros_like(m.awp_mask)
+
+
+def sam_perturbation(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor], rho: float,
+                     adaptive: bool = False, eta: float = 0.0) -> list[torch.Tensor]:
+    """SAM's ascent ``ε* = ρ g/||g||`` or ASAM's ``ε* = ρ T² g/||T g||`` with ``T = diag(|w| + eta)`` (spec §1.a).
+
+    The norm is global over all tensors (both papers); computed in fp32.
+    """
+    params, grads = list(params), list(grads)
+    scales = [(p.detach().float().abs() + eta) if adaptive else None for p in params]
+    tg = [g.float() * t if t is not None else g.float() for g, t in zip(grads, scales)]
+    norm = torch.sqrt(sum((x * x).sum() for x in tg)) + 1e-12
+    return [(x * t if t is not None else x) * (rho / norm) for x, t in zip(tg, scales)]
+
+
+def linearized_loss(value: torch.Tensor, params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A scalar equal to ``value`` whose gradient w.r.t. ``params`` is ``grads``.
+
+    Lets a recipe that computed its gradients elsewhere (SAM: at ``w + ε*``, inside ``perturbed()``, which restores
+    ``w`` on exit) hand the trainer an ordinary loss: one ``backward()`` then deposits exactly those gradients, and
+    gradient accumulation, clipping and the NaN guard work unchanged.
+    """
+    dot = sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads))
+    return value.detach() + dot - dot.detach()

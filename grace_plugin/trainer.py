@@ -153,7 +153,6 @@ def _cycle(loader: Iterable) -> Iterator[dict]:
 def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps: int, out_dir: str | Path,
           progress: bool = True, resume: bool = False) -> TrainResult:
     """Run ``total_steps`` optimizer steps of ``recipe`` on batches from ``loader``; logs to ``out_dir/log.jsonl``."""
-    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     out = Path(out_dir)
@@ -164,11 +163,12 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
     device = resolve_device(cfg.device)
     autocast = autocast_factory(device, cfg.precision)
     seed_everything(cfg.seed)
-    recipe.model.to(device).train()
+    recipe.to(device)
+    recipe.model.train()
     params = recipe.trainable_parameters()
     if not params:
         raise ValueError(f"recipe {recipe.name!r} has no trainable parameters")
-    optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = recipe.create_optimizer(params, cfg)  # timm's factory by default (recipes/base.py)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=max(total_steps, 1),
                                        warmup_epochs=cfg.warmup_steps, warmup_lr=cfg.lr * 1e-3 if cfg.warmup_steps
                                        else cfg.lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=1)

@@ -19,10 +19,19 @@ def _recipe_cfg(name):
     return build_config(name, overrides={"recipe": overrides}).recipe
 
 
+def _text_side(tiny_clip_dir, tiny_world):
+    from grace_plugin.data.shards import open_shard_set
+    from grace_plugin.models.clip import load_clip
+    from grace_plugin.recipes import TextSide
+
+    shards = open_shard_set(tiny_world / "id", split="train")
+    return TextSide(load_clip(tiny_clip_dir), shards.classnames, shards.templates)
+
+
 @pytest.mark.parametrize("name", list_recipes())
-def test_one_step(name, tiny_classifier, tiny_batch):
+def test_one_step(name, tiny_classifier, tiny_batch, tiny_clip_dir, tiny_world):
     torch.manual_seed(0)
-    rec = create_recipe(name, tiny_classifier, _recipe_cfg(name))
+    rec = create_recipe(name, tiny_classifier, _recipe_cfg(name), text=_text_side(tiny_clip_dir, tiny_world))
     trainable = rec.trainable_parameters()
     assert trainable, "a recipe must train something"
     frozen_before = {n: p.detach().clone() for n, p in tiny_classifier.named_parameters() if not p.requires_grad}

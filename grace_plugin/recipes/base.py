@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RecipeConfig", "Recipe", "StepContext", "StepOutput", "register_recipe", "create_recipe",
+__all__ = ["RecipeConfig", "Recipe", "StepContext", "StepOutput", "TextSide", "register_recipe", "create_recipe",
            "list_recipes", "get_recipe_class", "UnknownRecipeError"]
 
 
@@ -50,6 +50,20 @@ class StepOutput:
     logs: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class TextSide:
+    """The open_clip text side a recipe may need (FLYP trains it): the CLIP bundle and the class prompts.
+
+    Passed by ``create_recipe(..., text=TextSide(...))`` only to recipes whose class sets ``uses_text = True``;
+    ``fine_tune`` always offers it. A recipe that trains ``bundle.clip`` in place changes what ``fine_tune`` saves as
+    ``text.safetensors`` (heads for new class sets then come from the fine-tuned text encoder).
+    """
+
+    bundle: object  # grace_plugin.models.clip.ClipBundle
+    classnames: list[str]
+    templates: list[str] = field(default_factory=list)
+
+
 _RECIPES: dict[str, type["Recipe"]] = {}
 
 
@@ -75,9 +89,14 @@ def get_recipe_class(name: str) -> type["Recipe"]:
         raise UnknownRecipeError(f"unknown recipe {name!r}; valid recipes: {', '.join(list_recipes())}") from None
 
 
-def create_recipe(name: str, model: nn.Module, cfg: RecipeConfig | None = None) -> "Recipe":
+def create_recipe(name: str, model: nn.Module, cfg: RecipeConfig | None = None,
+                  text: TextSide | None = None) -> "Recipe":
+    """Build recipe ``name`` on ``model``; ``text`` reaches only recipes with ``uses_text`` (e.g. ``flyp``)."""
     cls = get_recipe_class(name)
-    return cls(model, cfg if cfg is not None else cls.Config())
+    cfg = cfg if cfg is not None else cls.Config()
+    if cls.uses_text:
+        return cls(model, cfg, text=text)
+    return cls(model, cfg)
 
 
 class Recipe:
@@ -85,6 +104,7 @@ class Recipe:
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type[RecipeConfig]] = RecipeConfig
+    uses_text: ClassVar[bool] = False  # True: __init__ takes text=TextSide (the open_clip text tower)
 
     def __init__(self, model: nn.Module, cfg: RecipeConfig):
         from ..models.lora import inject_lora
@@ -109,8 +129,20 @@ class Recipe:
         return 0
 
     # ------------------------------------------------------------------ interface used by the trainer
+    def to(self, device: torch.device) -> "Recipe":
+        """Move the model and any module the recipe owns (frozen originals, text towers) to ``device``."""
+        self.model.to(device)
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def create_optimizer(self, params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
+        """The optimizer for ``params`` from ``TrainConfig`` ``cfg``: timm's factory unless the recipe *is* an
+        optimizer (FTP, SPD, DiGraP override this)."""
+        from timm.optim import create_optimizer_v2
+
+        return create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
         x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
