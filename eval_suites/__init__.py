@@ -1,8 +1,11 @@
-"""Evaluation suites: clean/OOD/adversarial accuracy, attack registry, three-axis reports."""
+"""Evaluation suites: clean/OOD/adversarial accuracy, attack and suite registries, RobustBench interop, geometry
+and shift analyses, three-axis reports (aesthetics.md §9.2)."""
 import registry  # noqa: F401  (data flow: eval_suites -> registry -> grace_plugin)
 
 from .attacks import create_attack, list_attacks, parse_eps, register_attack
-from .report import build_report, harmonic_mean, write_report
+from .report import aggregate_reports, build_report, harmonic_mean, write_report
+from .suites import SuiteContext, list_suites, parse_suite, register_suite, run_suites
 
 __all__ = ["create_attack", "list_attacks", "parse_eps", "register_attack", "build_report", "harmonic_mean",
-           "write_report"]
+           "write_report", "aggregate_reports", "SuiteContext", "list_suites", "parse_suite", "register_suite",
+           "run_suites"]

@@ -2,7 +2,10 @@
 
 Models take [0,1] input with normalisation inside (RobustBench's convention), so no attack here is ever told a
 mean/std (ecosystem.md B8). ``apgd-ce`` is pyautoattack's APGD-CE with the settings of AutoAttack's standard
-version (100 iterations, 1 restart): the paper's test protocol (spec §1.c). ``pgd`` and ``fgsm`` are torchattacks.
+version (100 iterations, 1 restart): the paper's test protocol (spec §2). ``apgd-dlr`` and ``square`` are the same
+pyautoattack components; ``autoattack`` is pyautoattack's ``version='standard'`` (APGD-CE, APGD-T with 9 targets,
+FAB-T with 9 targets, Square 5000 queries, 100 iterations), exactly what ``robustbench.eval.benchmark`` runs
+(ecosystem.md §3.1; torchattacks' AutoAttack is weaker, B7). ``pgd`` and ``fgsm`` are torchattacks.
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["register_attack", "list_attacks", "create_attack", "UnknownAttackError", "AttackInfo", "parse_eps"]
+__all__ = ["register_attack", "list_attacks", "create_attack", "get_attack", "UnknownAttackError", "AttackInfo",
+           "parse_eps", "format_eps", "InputRangeError", "check_unit_input"]
 
 
 class UnknownAttackError(KeyError):
@@ -80,8 +84,47 @@ def parse_eps(text: str | float) -> float:
     return val
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
+def format_eps(eps: float) -> str:
+    """``4/255`` for multiples of 1/255 (RobustBench's spelling), else the shortest float text."""
+    k = round(eps * 255)
+    return f"{k}/255" if abs(eps * 255 - k) < 1e-6 else repr(float(eps))
+
+
+class InputRangeError(ValueError):
+    """An attack was asked to run on a model that does not declare [0,1] input."""
+
+
+def check_unit_input(model: torch.nn.Module, unit_input: bool | None = None, name: str = "model") -> None:
+    """Refuse a model that does not take [0,1] pixels: an attack on normalised input has the wrong eps-ball (B8).
+
+    Evidence, in order: an explicit ``unit_input`` flag; a ``model.input_range`` attribute; a ``normalize`` child
+    module holding ``mean``/``std`` (our ``ClipClassifier`` and RobustBench's ``normalize_model`` both have one);
+    a timm ``pretrained_cfg`` with identity mean/std. A plain timm model expects normalised input and is refused.
+    """
+    if unit_input is not None:
+        ok = bool(unit_input)
+    elif getattr(model, "input_range", None) is not None:
+        ok = tuple(float(v) for v in model.input_range) == (0.0, 1.0)
+    else:
+        norm = getattr(model, "normalize", None)
+        ok = norm is not None and hasattr(norm, "mean") and hasattr(norm, "std")
+        if not ok:
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            ok = (tuple(cfg.get("mean", ())) == (0.0, 0.0, 0.0) and tuple(cfg.get("std", ())) == (1.0, 1.0, 1.0))
+    if not ok:
+        raise InputRangeError(
+            f"{name} ({type(model).__name__}) does not take [0,1] input: adversarial suites need the normalisation "
+            "inside the model (a `normalize` module, as in ClipClassifier or RobustBench's normalize_model), an "
+            "`input_range = (0, 1)` attribute, or an explicit --unit-input flag if you know it takes [0,1] pixels")
+
+
+def _aa(model, x, eps, norm, seed, attacks=None, version="custom"):
+    import pyautoattack
+
+    aa = pyautoattack.AutoAttack(model, attacks=attacks, device=x.device, eps=eps, norm=norm, seed=seed,
+                                 version=version)
+    aa.verbose = False
+    return aa
 
 
 @register_attack("apgd-ce", norms=("Linf", "L2"))
@@ -92,27 +135,70 @@ def _apgd_ce(model, eps, norm, seed, n_iter: int = 100, n_restarts: int = 1):
     def run(x, y):
         if eps == 0:
             return x.detach().clone()
-        aa = pyautoattack.AutoAttack(model, attacks=["apgd-ce"], device=x.device, eps=eps, norm=norm, seed=seed,
-                                     version="custom")
+        aa = _aa(model, x, eps, norm, seed, attacks=["apgd-ce"])
         aa.apgd.n_restarts, aa.apgd.n_iter = n_restarts, n_iter
-        aa.verbose = False
         x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
         return x_adv.detach()
 
     return run
 
 
-@register_attack("pgd", norms=("Linf",))
+@register_attack("apgd-dlr", norms=("Linf", "L2"))
+def _apgd_dlr(model, eps, norm, seed, n_iter: int = 100, n_restarts: int = 1):
+    """APGD-DLR (Croce & Hein 2020) via pyautoattack, 100 iterations, 1 restart (needs >= 3 classes)."""
+
+    def run(x, y):
+        if eps == 0:
+            return x.detach().clone()
+        aa = _aa(model, x, eps, norm, seed, attacks=["apgd-dlr"])
+        aa.apgd.n_restarts, aa.apgd.n_iter = n_restarts, n_iter
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+        return x_adv.detach()
+
+    return run
+
+
+@register_attack("square", norms=("Linf", "L2"))
+def _square(model, eps, norm, seed, n_queries: int = 5000):
+    """Square Attack (Andriushchenko et al. 2020) via pyautoattack, 5000 queries as in AutoAttack standard."""
+
+    def run(x, y):
+        if eps == 0:
+            return x.detach().clone()
+        aa = _aa(model, x, eps, norm, seed, attacks=["square"])
+        aa.square.n_queries = n_queries
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+        return x_adv.detach()
+
+    return run
+
+
+@register_attack("autoattack", norms=("Linf", "L2"))
+def _autoattack(model, eps, norm, seed):
+    """Standard AutoAttack (pyautoattack version='standard'): what robustbench.eval.benchmark runs."""
+
+    def run(x, y):
+        if eps == 0:
+            return x.detach().clone()
+        # version='standard' fixes APGD-CE (1 restart), APGD-T and FAB-T (9 targets), Square (5000 queries), 100 it.
+        aa = _aa(model, x, eps, norm, seed, version="standard")
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+        return x_adv.detach()
+
+    return run
+
+
+@register_attack("pgd", norms=("Linf", "L2"))
 def _pgd(model, eps, norm, seed, steps: int = 10, alpha: float | None = None):
-    """PGD-l_inf with random start (torchattacks), step eps/4 unless given."""
+    """PGD with random start (torchattacks PGD / PGDL2), step eps/4 unless given."""
     import torchattacks
 
     def run(x, y):
         if eps == 0:
             return x.detach().clone()
         torch.manual_seed(seed)
-        atk = torchattacks.PGD(model, eps=eps, alpha=alpha if alpha is not None else eps / 4, steps=steps,
-                               random_start=True)
+        cls = torchattacks.PGD if norm == "Linf" else torchattacks.PGDL2
+        atk = cls(model, eps=eps, alpha=alpha if alpha is not None else eps / 4, steps=steps, random_start=True)
         atk.set_device(x.device)
         return atk(x, y).detach()
 

@@ -100,22 +100,49 @@ class AdversarialResult:
                 "skipped": sum(self.skipped.values())}
 
 
+def _load_state(path, signature: dict) -> dict:
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return {"signature": signature, "batches": {}}
+    state = json.loads(p.read_text())
+    if state.get("signature") != signature:
+        raise ValueError(f"{p}: resume state was written for a different run ({state.get('signature')}); "
+                         "delete it or choose another --out")
+    return state
+
+
 def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int | None = None,
                          norm: str = "Linf", device: str | torch.device = "cpu", seed: int = 0,
-                         progress: bool = False) -> AdversarialResult:
-    """Robust accuracy of ``model`` under a registered attack on the first ``n_max`` samples, in fp32."""
-    from .attacks import create_attack
+                         progress: bool = False, state_path=None, unit_input: bool | None = None,
+                         model_name: str = "model") -> AdversarialResult:
+    """Robust accuracy of ``model`` under a registered attack on the first ``n_max`` samples, in fp32.
 
-    model.eval()
+    ``state_path``: a JSON file recording each finished batch (clean and robust counts); a rerun with the same
+    settings skips those batches, so a long run (AutoAttack on 5000 ImageNet images) resumes where it stopped.
+    The model must take [0,1] input (``attacks.check_unit_input``).
+    """
+    import json
+
+    from .attacks import check_unit_input, create_attack
+
+    check_unit_input(model, unit_input, name=model_name)
+    model = model.float().eval()  # fp32: low precision weakens gradient attacks
     attack = create_attack(attack_name, model, eps=eps, norm=norm, seed=seed)
     res = AdversarialResult(attack_name, eps, norm)
     skipped: Counter = Counter()
+    state = None
+    if state_path is not None:
+        sig = {"attack": attack_name, "eps": eps, "norm": norm, "seed": seed, "n_max": n_max, "model": model_name}
+        state = _load_state(state_path, sig)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=n_max, desc=f"attack {attack_name}", unit="img", leave=False, dynamic_ncols=True)
-    for batch in loader:
+    for idx, batch in enumerate(loader):
         for k, v in batch.get("skipped", {}).items():
             skipped[k] += v
         x, y = batch["image"], batch["label"]
@@ -126,12 +153,23 @@ def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int
             if take <= 0:
                 break
             x, y = x[:take], y[:take]
-        x, y = x.to(device).float(), y.to(device)
-        with torch.no_grad():
-            res.clean_correct += int((model(x).argmax(-1) == y).sum())
-        x_adv = attack(x, y)
-        with torch.no_grad():
-            res.robust_correct += int((model(x_adv).argmax(-1) == y).sum())
+        done = state["batches"].get(str(idx)) if state is not None else None
+        if done is not None and done["n"] == int(y.numel()):
+            clean_c, robust_c = done["clean"], done["robust"]
+        else:
+            x, y = x.to(device).float(), y.to(device)
+            with torch.no_grad():
+                clean_c = int((model(x).argmax(-1) == y).sum())
+            x_adv = attack(x, y)
+            with torch.no_grad():
+                robust_c = int((model(x_adv).argmax(-1) == y).sum())
+            if state is not None:
+                from grace_plugin.checkpoint import atomic_write_text
+
+                state["batches"][str(idx)] = {"n": int(y.numel()), "clean": clean_c, "robust": robust_c}
+                atomic_write_text(state_path, json.dumps(state) + "\n")
+        res.clean_correct += clean_c
+        res.robust_correct += robust_c
         res.n += int(y.numel())
         if bar is not None:
             bar.update(int(y.numel()))

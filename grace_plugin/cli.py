@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="three-axis evaluation of a model on shard sets")
     e.add_argument("--model", required=True, help="run folder, weights file, CLIP folder or timm model name")
-    e.add_argument("--data", required=True, metavar="[NAME=]DIR", help="ID shard set (named 'id' unless NAME=)")
+    e.add_argument("--data", metavar="[NAME=]DIR",
+                   help="ID set: a shard set or an ImageNet val folder (named 'id' unless NAME=)")
     e.add_argument("--ood", action="append", default=[], metavar="NAME=DIR")
     e.add_argument("--attack", help="registered attack name (see `grace list attacks`)")
     e.add_argument("--eps", default="4/255", help="l_inf radius, e.g. 4/255 or 0.0157")
@@ -71,6 +72,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="class mapping JSON for a set scored by 'mapping' (e.g. objectnet=objectnet_to_imagenet_1k.json)")
     e.add_argument("--out", required=True)
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--suite", action="append", default=[], metavar="NAME",
+                   help="run registered suites (repeatable; see `grace list suites`): id, ood:<set>, adv:<attack>, "
+                        "transfer:<set>, corruptions, geometry, shift, robustbench")
+    e.add_argument("--data-root", default=os.environ.get("GRACE_DATA"),
+                   help="folder whose sub-folders ood:<name> / transfer:<name> resolve to (default $GRACE_DATA)")
+    e.add_argument("--imagenet-dir", help="ImageNet folder holding val/<wnid>/ (suite robustbench)")
+    e.add_argument("--corruptions-dir", help="folder holding ImageNet-C/<corruption>/<severity>/ (suite corruptions)")
+    e.add_argument("--n-imagenet", type=int, default=5000, help="images of RobustBench's ImageNet subset")
+    e.add_argument("--unit-input", action="store_true", default=None,
+                   help="assert the model takes [0,1] input when it does not declare it")
+    e.add_argument("--reference", help="pretrained model for the parameter drift (suite geometry)")
+    e.add_argument("--model-info-name", help="write RobustBench model_info/<dataset>/<threat>/<NAME>.json")
+    e.add_argument("--seed", type=int, default=0)
+
+    r = sub.add_parser("report", help="aggregate run folders' report.json into one table and plot")
+    r.add_argument("runs", nargs="+", metavar="RUN", help="folders holding report.json (or the files)")
+    r.add_argument("--out", required=True, help="folder for summary.json, summary.md, tradeoff.png")
+    r.add_argument("--table", default="Table 6", help="paper reference table beside the runs ('none' to omit)")
 
     q = sub.add_parser("quickstart", help="the whole flow on the embedded testbed in minutes on a CPU")
     q.add_argument("--out", default="quickstart")
@@ -108,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True)
 
     ls = sub.add_parser("list", help="list registered names")
-    ls.add_argument("kind", choices=["recipes", "attacks", "models"])
+    ls.add_argument("kind", choices=["recipes", "attacks", "models", "suites"])
 
     r = sub.add_parser("register", help="publish a run under its timm and RobustBench names")
     r.add_argument("run_dir", metavar="RUN_DIR")
@@ -163,6 +182,10 @@ def _cmd_eval(a) -> int:
     eps = parse_eps(a.eps)
     if a.attack:
         get_attack(a.attack)
+    if a.suite:
+        return _eval_suites(a, eps)
+    if not a.data:
+        raise ValueError("--data is required (or name suites with --suite)")
     from eval_suites.shardsets import get_shardset, resolve_set_dir
 
     def catalogued(text):
@@ -182,6 +205,37 @@ def _cmd_eval(a) -> int:
     path = write_report(a.out, report)
     print(report_markdown(report))
     print(f"wrote {path}")
+    return 0
+
+
+def _eval_suites(a, eps: float) -> int:
+    from eval_suites.report import report_markdown, write_report
+    from eval_suites.suites import SuiteContext, parse_suite, run_suites
+    from registry import load_model
+
+    for name in a.suite:
+        parse_suite(name)
+    id_set = None
+    if a.data:
+        id_set = _named_dir(a.data, default_name="id") if "=" not in a.data else _named_dir(a.data)
+    ctx = SuiteContext(id_set=id_set, sets=dict(_named_dir(o) for o in a.ood), data_root=a.data_root, eps=eps,
+                       norm=a.norm, n_adv=a.n_adv, batch_size=a.batch_size, num_workers=a.num_workers,
+                       device=a.device, seed=a.seed, strict=a.strict, unit_input=a.unit_input, out_dir=a.out,
+                       imagenet_dir=a.imagenet_dir, corruptions_dir=a.corruptions_dir, n_imagenet=a.n_imagenet,
+                       reference=a.reference, model_info_name=a.model_info_name, progress=not a.no_progress)
+    report = run_suites(load_model(a.model, device=a.device), a.suite, ctx)
+    path = write_report(a.out, report)
+    print(report_markdown(report))
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_report(a) -> int:
+    from eval_suites.report import aggregate_reports
+
+    res = aggregate_reports(a.runs, a.out, table=None if a.table.lower() == "none" else a.table)
+    print(Path(res["paths"]["md"]).read_text())
+    print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']}")
     return 0
 
 
@@ -282,6 +336,10 @@ def _cmd_list(a) -> int:
         from registry import list_grace_models
 
         names = list_grace_models()
+    elif a.kind == "suites":
+        from eval_suites.suites import list_suites
+
+        names = list_suites()
     else:
         from eval_suites.attacks import list_attacks
 
@@ -304,13 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     from grace_plugin.recipes import UnknownRecipeError
 
     from eval_suites.attacks import UnknownAttackError
+    from eval_suites.suites import UnknownSuiteError
     from registry import ModelNotFound
 
     handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
                 "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export,
-                "wise-ft-sweep": _cmd_wise_ft_sweep}
-    expected = (ConfigError, ShardSetError, UnknownRecipeError, UnknownAttackError, ModelNotFound, CheckpointError,
-                FileNotFoundError, ValueError)
+                "wise-ft-sweep": _cmd_wise_ft_sweep, "report": _cmd_report}
+    expected = (ConfigError, ShardSetError, UnknownRecipeError, UnknownAttackError, UnknownSuiteError, ModelNotFound,
+                CheckpointError, FileNotFoundError, ValueError)
     try:
         return handlers[a.command](a)
     except expected as e:
