@@ -145,7 +145,7 @@ class SuiteContext:
     cache: dict = field(default_factory=dict)
 
     def resolve_set(self, spec: str) -> tuple[str, Path]:
-        """``NAME=DIR`` | a folder | a name in ``sets`` | ``<data_root>/<name>``."""
+        """``NAME=DIR`` | a folder | a name in ``sets`` | the catalogued folder or ``<data_root>/<name>``."""
         if "=" in spec:
             name, path = spec.split("=", 1)
             return name, Path(path)
@@ -154,8 +154,14 @@ class SuiteContext:
         p = Path(spec).expanduser()
         if p.exists():
             return p.name, p
-        if self.data_root is not None and (Path(self.data_root) / spec).exists():
-            return spec, Path(self.data_root) / spec
+        if self.data_root is not None:
+            from .shardsets import get_shardset
+
+            entry = get_shardset(spec)
+            if entry is not None and (Path(self.data_root) / entry.folder).exists():
+                return spec, Path(self.data_root) / entry.folder
+            if (Path(self.data_root) / spec).exists():
+                return spec, Path(self.data_root) / spec
         from grace_plugin.data.shards import ShardSetError
 
         known = sorted(self.sets) + ([f"<{self.data_root}>/*"] if self.data_root else [])

@@ -65,7 +65,6 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--num-workers", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.add_argument("--strict", action="store_true", help="any skipped sample is an error")
-    e.add_argument("--data-root", help="root holding catalogued sets, so `--ood imagenet-r` finds its folder")
     e.add_argument("--scoring", choices=["own", "subset", "mapping"],
                    help="override the catalogue's scoring of OOD sets (own head / ID head restricted / mapped)")
     e.add_argument("--mapping", action="append", default=[], metavar="NAME=FILE",
@@ -76,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run registered suites (repeatable; see `grace list suites`): id, ood:<set>, adv:<attack>, "
                         "transfer:<set>, corruptions, geometry, shift, robustbench")
     e.add_argument("--data-root", default=os.environ.get("GRACE_DATA"),
-                   help="folder whose sub-folders ood:<name> / transfer:<name> resolve to (default $GRACE_DATA)")
+                   help="root of the data sets: `--ood imagenet-r` and ood:<name>/transfer:<name> resolve to its "
+                        "catalogued folder (eval_suites/catalogue.yaml) or <root>/<name> (default $GRACE_DATA)")
     e.add_argument("--imagenet-dir", help="ImageNet folder holding val/<wnid>/ (suite robustbench)")
     e.add_argument("--corruptions-dir", help="folder holding ImageNet-C/<corruption>/<severity>/ (suite corruptions)")
     e.add_argument("--n-imagenet", type=int, default=5000, help="images of RobustBench's ImageNet subset")
@@ -349,6 +349,9 @@ def _cmd_list(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit.*")  # raised inside open_clip's import
     parser = _parser()
     try:
         a = parser.parse_args(argv)
