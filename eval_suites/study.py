@@ -61,6 +61,7 @@ class QuickstartConfig:
     overrides: list[str] = field(default_factory=list)
     size: str = "default"  # "small": a few hundred images and a 2-layer CLIP (smoke tests)
     pretrain_steps: int | None = None
+    seeds: int = 1  # fine-tuning/attack seeds seed..seed+seeds-1; rows report mean and spread (sample std)
 
 
 def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
@@ -108,25 +109,50 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     tiny_clip(data, pretrained, cfg=pre, progress=progress)
     req = EvalRequest(id_set=("id", data / "id"), ood_sets=[(n, data / n) for n in OOD_SETS], attack=cfg.attack,
                       eps=cfg.eps, n_adv=cfg.n_adv, device=cfg.device, seed=cfg.seed)
-    rows = []
-    echo("[3/4] fine-tuning: " + ", ".join(cfg.recipes))
-    run_dirs = {}
+    seeds = [cfg.seed + i for i in range(max(1, cfg.seeds))]
+    echo("[3/4] fine-tuning: " + ", ".join(cfg.recipes) + (f" x seeds {seeds}" if len(seeds) > 1 else ""))
+    run_dirs: dict[str, list[Path]] = {}
     user = _user_overrides(cfg.overrides, cfg.recipes)
     for name in cfg.recipes:
-        overrides = _merge(_COMMON, TESTBED_RECIPE_OVERRIDES.get(name, {}))
-        overrides = _merge(overrides, {"train": {"seed": cfg.seed, "device": cfg.device}})
-        overrides = _merge(overrides, user[name])
-        run_cfg = build_config(name, overrides=overrides, steps=cfg.steps)
-        run_dirs[name] = fine_tune(name, pretrained, data / "id", runs / name, run_cfg, progress=progress)
+        for seed in seeds:
+            overrides = _merge(_COMMON, TESTBED_RECIPE_OVERRIDES.get(name, {}))
+            overrides = _merge(overrides, {"train": {"seed": seed, "device": cfg.device}})
+            overrides = _merge(overrides, user[name])
+            run_cfg = build_config(name, overrides=overrides, steps=cfg.steps)
+            run_dir = runs / name if len(seeds) == 1 else runs / name / f"seed{seed}"
+            run_dirs.setdefault(name, []).append(fine_tune(name, pretrained, data / "id", run_dir, run_cfg,
+                                                           progress=progress))
     echo("[4/4] evaluation: ID, OOD (" + ", ".join(OOD_SETS) + f"), {cfg.attack} l_inf eps={cfg.eps:.4f} "
          f"on {cfg.n_adv} ID images")
-    for method, spec in [("zero-shot", pretrained)] + list(run_dirs.items()):
-        report = evaluate_model(load_model(spec), req, progress=progress)
-        report["model"] = method
-        write_report((runs / method) if method != "zero-shot" else (out / "zero_shot"), report)
-        rows.append({"method": method, **{k: report["axes"][k] for k in ("id", "ood", "adv", "hm")}})
-    paths = write_summary(out, rows, extra={"seed": cfg.seed, "steps": cfg.steps, "seconds": round(time.time() - t0, 1)})
+    rows = []
+    for method, specs in [("zero-shot", [pretrained] * len(seeds))] + list(run_dirs.items()):
+        per_seed = []
+        for seed, spec in zip(seeds, specs):
+            req.seed = seed
+            report = evaluate_model(load_model(spec), req, progress=progress)
+            report["model"] = method
+            dest = out / "zero_shot" if method == "zero-shot" else Path(spec)
+            write_report(dest if len(seeds) == 1 or method != "zero-shot" else dest / f"seed{seed}", report)
+            per_seed.append(report["axes"])
+        rows.append(_aggregate(method, per_seed))
+    paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps,
+                                            "seconds": round(time.time() - t0, 1)})
     return {"rows": rows, "paths": paths, "seconds": time.time() - t0}
+
+
+def _aggregate(method: str, axes: list[dict]) -> dict:
+    """Mean over seeds, plus the sample standard deviation (``*_std``) when there are several."""
+    import statistics
+
+    row: dict = {"method": method}
+    for k in ("id", "ood", "adv", "hm"):
+        vals = [a[k] for a in axes if a[k] is not None]
+        row[k] = statistics.fmean(vals) if len(vals) == len(axes) and vals else None
+        if len(axes) > 1:
+            row[f"{k}_std"] = statistics.stdev(vals) if len(vals) == len(axes) else None
+    if len(axes) > 1:
+        row["n_seeds"] = len(axes)
+    return row
 
 
 def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, req, alphas: list[float],

@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every recipe run, e.g. --set train.batch_size=32")
     q.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
+    q.add_argument("--seeds", type=int, default=1, help="fine-tune and attack with this many seeds; mean and spread")
     q.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default 1500)")
     q.add_argument("--no-progress", action="store_true")
 
@@ -248,7 +249,8 @@ def _cmd_quickstart(a) -> int:
     for r in recipes:
         get_recipe_class(r)
     cfg = QuickstartConfig(out=Path(a.out), seed=a.seed, recipes=recipes, steps=a.steps, n_adv=a.n_adv,
-                           overrides=a.overrides, size=a.size, pretrain_steps=a.pretrain_steps)
+                           overrides=a.overrides, size=a.size, pretrain_steps=a.pretrain_steps,
+                           seeds=a.seeds)
     res = run_quickstart(cfg, progress=not a.no_progress)
     print()
     print(summary_markdown(res["rows"]))

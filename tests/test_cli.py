@@ -149,13 +149,29 @@ def test_list_and_module_entry_point():
 def test_quickstart_smoke(tmp_path, capsys):
     out = tmp_path / "qs"
     rc = main(["quickstart", "--out", str(out), "--size", "small", "--pretrain-steps", "10", "--steps", "2",
-               "--n-adv", "8", "--no-progress", "--set", "train.batch_size=8", "--set", "recipe.pgd_steps=1"])
+               "--n-adv", "8", "--no-progress", "--set", "train.batch_size=8", "--set", "recipe.pgd_steps=1",
+               "--seeds", "2"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["zero-shot", "ft", "grace"]
+    assert summary["seeds"] == [0, 1]
     for r in summary["rows"]:
-        assert all(r[k] is not None for k in ("id", "ood", "adv", "hm"))
+        assert all(r[k] is not None and r[f"{k}_std"] is not None for k in ("id", "ood", "adv", "hm"))
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "pretrained" / "open_clip_config.json").is_file()
-    assert all((out / "runs" / m / "report.json").is_file() for m in ("ft", "grace"))
+    for m in ("ft", "grace"):
+        reports = [json.loads((out / "runs" / m / f"seed{s}" / "report.json").read_text()) for s in (0, 1)]
+        mean_id = sum(r["axes"]["id"] for r in reports) / 2
+        assert next(r for r in summary["rows"] if r["method"] == m)["id"] == pytest.approx(mean_id)
     assert "| zero-shot |" in capsys.readouterr().out
+
+
+def test_study_aggregates_seeds():
+    from eval_suites.study import _aggregate
+
+    row = _aggregate("m", [{"id": 10.0, "ood": 4.0, "adv": 1.0, "hm": 2.0}, {"id": 20.0, "ood": 6.0, "adv": 3.0,
+                                                                           "hm": 4.0}])
+    assert row["id"] == 15.0 and row["ood"] == 5.0 and row["n_seeds"] == 2
+    assert row["id_std"] == pytest.approx(7.0710678) and row["adv_std"] == pytest.approx(1.4142136)
+    single = _aggregate("m", [{"id": 1.0, "ood": 2.0, "adv": None, "hm": None}])
+    assert single == {"method": "m", "id": 1.0, "ood": 2.0, "adv": None, "hm": None}
