@@ -448,3 +448,41 @@ def test_timm_to_open_clip_is_the_inverse_of_timms_converter(tiny_clip_dir):
     sd["head.bias"] = sd["head.bias"] + 1
     with pytest.raises(ValueError, match="non-zero bias"):
         timm_to_open_clip_visual(sd)
+
+
+def test_hub_weights_resolve_offline_from_hf_cache(registered, tmp_path):
+    """A card with ``hf_hub_id`` and no local file loads from the Hub (here an offline HF cache), sha256 checked."""
+    import shutil
+
+    wd = tmp_path / "w"
+    folder = wd / "gracetest2026hub_imagenet_linf"
+    folder.mkdir(parents=True)
+    shutil.copy(registered["folder"] / "text.safetensors", folder)
+    card = json.loads((registered["folder"] / "card.json").read_text())
+    card.update(rb_name="Gracetest2026Hub", timm_name=folder.name, hf_hub_id="grace-test/tiny-hub")
+    (folder / "card.json").write_text(json.dumps(card))
+    snap = tmp_path / "hf" / "hub" / "models--grace-test--tiny-hub" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    shutil.copy(registered["folder"] / "model.safetensors", snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = dict(_env(wd), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    out = tmp_path / "logits.pt"
+    _run_py(f"""
+        import torch, timm, registry
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        m = timm.create_model({folder.name!r}, pretrained=True).eval()
+        assert "file" not in m.pretrained_cfg and m.pretrained_cfg["hf_hub_id"] == "grace-test/tiny-hub"
+        with torch.no_grad():
+            torch.save(m(x), {str(out)!r})
+    """, env)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    import timm
+
+    with torch.no_grad():
+        ref = timm.create_model(registered["name"], pretrained=True).eval()(x)
+    assert torch.equal(torch.load(out, weights_only=True), ref)
+    (snap / "model.safetensors").write_bytes((snap / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    res = subprocess.run([sys.executable, "-c", f"import timm, registry; timm.create_model({folder.name!r}, "
+                          "pretrained=True)"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "sha256" in res.stderr
