@@ -51,7 +51,8 @@ def spd_project(anchor: torch.Tensor, prev: torch.Tensor, proposal: torch.Tensor
     return proposal - lam * r * d_new
 
 
-def digrap_direction(g1: torch.Tensor, g2: torch.Tensor, omega: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def digrap_direction(g1: torch.Tensor, g2: torch.Tensor,
+                     omega: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DiGraP's projected gradient (Eqs. 3-7) for one tensor; returns ``(g, g_proj_applied)``.
 
     ``g_proj = (g1·g2/||g2||²) g2``; if ``g1·g2 >= 0`` (no conflict) ``g = g1`` and nothing was projected,
