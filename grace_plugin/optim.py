@@ -51,7 +51,8 @@ def spd_project(anchor: torch.Tensor, prev: torch.Tensor, proposal: torch.Tensor
     return proposal - lam * r * d_new
 
 
-def digrap_direction(g1: torch.Tensor, g2: torch.Tensor, omega: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def digrap_direction(g1: torch.Tensor, g2: torch.Tensor,
+                     omega: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DiGraP's projected gradient (Eqs. 3-7) for one tensor; returns ``(g, g_proj_applied)``.
 
     ``g_proj = (g1·g2/||g2||²) g2``; if ``g1·g2 >= 0`` (no conflict) ``g = g1`` and nothing was projected,
@@ -151,8 +152,7 @@ class FTP(_AnchoredAdam):
             c_prev, n_prev = state["c_prev"], state["n_prev"]
             hg = (g * c_prev).reshape(c_prev.shape[0] if c_prev.dim() else 1, -1).sum(1) / n_prev
             hg = hg.sum()
-            if hg > 0:
-                hg = hg * group["k"]
+            hg = torch.where(hg > 0, hg * group["k"], hg)  # no host sync
             state["g_t"] += 1
             b1, b2 = group["betas"]
             state["g_m"].mul_(b1).add_(hg, alpha=1 - b1)
@@ -163,7 +163,7 @@ class FTP(_AnchoredAdam):
         proposal = p.detach() - self._adam_update(p, g, state, group)
         c = proposal - anchor
         n = ftp_row_norms(c)
-        state["gamma"] = state["gamma"].clamp(1e-8, float(n.max()))
+        state["gamma"] = torch.minimum(state["gamma"].clamp(min=1e-8), n.max())
         state["c_prev"], state["n_prev"] = c, n
         p.copy_(ftp_project(anchor, proposal, state["gamma"]))
 

@@ -328,3 +328,25 @@ def test_wise_ft_sweep_cli_rejects_bad_alphas(tmp_path, capsys):
     rc = main(["wise-ft-sweep", "--zero-shot", str(tmp_path), "--finetuned", str(tmp_path), "--data", str(tmp_path),
                "--alphas", "0,1.5", "--out", str(tmp_path / "o")])
     assert rc == 2 and "every alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", __import__("grace_plugin.recipes", fromlist=["list_recipes"]).list_recipes())
+def test_every_recipe_runs_on_lora(name, tiny_classifier, tiny_batch, tiny_clip_dir, tiny_world):
+    """recipe.lora=true (LoRA-FT, LoRA-TeCoA, ... rows of Table 7): only adapters (and the head where the recipe
+    trains it) receive gradients; the tower's own weights are frozen."""
+    from grace_plugin.data.shards import open_shard_set
+    from grace_plugin.models.clip import load_clip
+    from grace_plugin.recipes import TextSide
+
+    fields = get_recipe_class(name).Config.__dataclass_fields__
+    kw = {"lora": True, "lora_rank": 2, "lora_alpha": 4.0, **({"pgd_steps": 1} if "pgd_steps" in fields else {})}
+    shards = open_shard_set(tiny_world / "id", split="train")
+    text = TextSide(load_clip(tiny_clip_dir), shards.classnames, shards.templates)
+    rec = create_recipe(name, tiny_classifier, _cfg(name, **kw), text=text)
+    rec.training_step(tiny_batch, CPU).loss.backward()
+    for n, p in tiny_classifier.named_parameters():
+        if "lora_" in n:
+            assert p.grad is not None, n
+        elif n != "head.weight":
+            assert p.grad is None and not p.requires_grad, n
+    assert (tiny_classifier.head.weight.grad is not None) == bool(rec.cfg.train_head)
