@@ -6,7 +6,7 @@ from eval_suites.attacks import create_attack, format_eps, get_attack, list_atta
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(tiny_clip_dir):  # session fixtures are built first, at the default thread count
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # attacks on a tiny model are many tiny ops: threads only contend on 2 shared cores
     yield

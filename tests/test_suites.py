@@ -10,7 +10,7 @@ from grace_plugin.cli import main
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(tiny_clip_dir):  # session fixtures are built first, at the default thread count
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: intra-op threads only contend on a shared 2-core machine
     yield
