@@ -263,6 +263,9 @@ def _suite_robustbench(loaded, ctx: SuiteContext, arg=None) -> dict:
 
     if ctx.imagenet_dir is None:
         raise ValueError("suite 'robustbench' needs --imagenet-dir DIR (the folder holding val/<wnid>/...)")
+    from .imagenet import check_imagenet_folder
+
+    check_imagenet_folder(ctx.imagenet_dir, ctx.n_imagenet)  # before the 1000-class head is built
     names, templates = imagenet_classnames()
     model = loaded.for_classes(names, templates, device=ctx.device).to(ctx.device).eval()
     check_unit_input(model, ctx.unit_input, name=loaded.name)
@@ -293,6 +296,12 @@ def _suite_corruptions(loaded, ctx: SuiteContext, arg=None) -> dict:
 
     if ctx.corruptions_dir is None:
         raise ValueError("suite 'corruptions' needs --corruptions-dir DIR (holding ImageNet-C/<corruption>/<1-5>/)")
+    root = Path(ctx.corruptions_dir)
+    root = root / "ImageNet-C" if (root / "ImageNet-C").is_dir() else root
+    missing = [f"{c}/{s}" for c in CORRUPTIONS for s in range(1, 6) if not (root / c / str(s)).is_dir()]
+    if missing:
+        raise ValueError(f"{root}: {len(missing)} of the 75 ImageNet-C corruption/severity folders are missing "
+                         f"(first: {missing[0]})")
     names, templates = imagenet_classnames()
     model = loaded.for_classes(names, templates, device=ctx.device).to(ctx.device).eval()
     # RobustBench forces 'Res224' (a square resize) on ImageNet-C (ecosystem.md §3.5); we resize to the model's
@@ -360,8 +369,12 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
         m = re.match(r"visual\.(blocks\.\d+)", n)
         groups.setdefault(m.group(1) if m else n.split(".")[1], []).append(p)
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     def loss_fn():
-        return F.cross_entropy(model(x), y)
+        # HVPs need double backward; fused attention kernels (flash/efficient) do not implement it, math does
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.cross_entropy(model(x), y)
 
     try:
         out = {"kind": "geometry", "n": int(y.numel()), "params": sum(p.numel() for p in params),

@@ -1,0 +1,172 @@
+"""Suite registry, suites on the tiny testbed, resumable adversarial runs, bad input, `grace report`."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from eval_suites.suites import SuiteContext, list_suites, parse_suite, run_suites
+from grace_plugin.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(tiny_clip_dir):  # session fixtures are built first, at the default thread count
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: intra-op threads only contend on a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", list_suites())
+def test_every_suite_name_parses(name):
+    base = name.split(":")[0]
+    arg = {"adv": "pgd"}.get(base, "v2") if ":" in name else None
+    assert parse_suite(f"{base}:{arg}" if arg else base) == (base, arg)
+
+
+@pytest.mark.parametrize("bad,msg", [("nope", "valid suites: .*adv:<attack>"), ("ood", "needs an argument"),
+                                     ("id:x", "takes no argument"), ("adv:nope", "valid attacks")])
+def test_bad_suite_names(bad, msg):
+    with pytest.raises(KeyError, match=msg):
+        parse_suite(bad)
+
+
+@pytest.fixture(scope="module")
+def zs(tiny_clip_dir):
+    from registry import load_model
+
+    return load_model(tiny_clip_dir)
+
+
+def test_suites_on_testbed_match_independent_computation(zs, tiny_world, tmp_path):
+    from grace_plugin.data.shards import open_shard_set
+    from test_cli import _direct_top1
+
+    ctx = SuiteContext(id_set=("id", tiny_world / "id"), data_root=tiny_world, n_adv=16, batch_size=16,
+                       out_dir=tmp_path, n_shift=60, n_geometry=24, geometry_iters=5, geometry_samples=2,
+                       geometry_attack="fgsm", lid_k=5, reference=str(tiny_clip_dir_of(zs)))
+    rep = run_suites(zs, ["id", "ood:sketch", "ood:a", "transfer:v2", "adv:fgsm", "shift", "geometry"], ctx)
+    for name in ("id", "sketch", "a", "v2"):
+        s = open_shard_set(tiny_world / name)
+        model = zs.for_classes(s.classnames, s.templates)
+        top1, n = _direct_top1(model, tiny_world / name)
+        assert rep["datasets"][name]["top1"] == pytest.approx(top1) and rep["datasets"][name]["n"] == n
+    assert rep["datasets"]["v2"]["role"] == "transfer"
+    assert rep["axes"]["ood"] == pytest.approx((rep["datasets"]["sketch"]["top1"] + rep["datasets"]["a"]["top1"]) / 2)
+    adv = rep["suites"]["adv:fgsm"]
+    assert rep["axes"]["adv"] == adv["robust_acc"] <= adv["clean_acc"] and adv["n"] == 16
+    sh = rep["suites"]["shift"]
+    assert set(sh["spaces"]) == {"image", "text", "joint"} and set(sh["accuracy_drop"]) == {"sketch", "a"}
+    assert sorted(sh["spaces"]["image"]["order"]) == ["a", "sketch"]
+    geo = rep["suites"]["geometry"]
+    assert geo["hessian_top_eigenvalue"] > 0 and geo["hessian_trace"] == geo["hessian_trace"]
+    assert set(geo["centroid_cosine"]) == {"sketch", "a", "adv"} and set(geo["delta_lid"]) == {"sketch", "a", "adv"}
+    assert geo["parameter_drift"] == 0.0  # the zero-shot model against itself
+    assert len(geo["layerwise_curvature"]) >= 2
+    md = (tmp_path / "report.md")
+    from eval_suites.report import write_report
+
+    write_report(tmp_path, rep)
+    text = md.read_text()
+    assert "## Geometry" in text and "## Shift" in text and "GRACE" in text and "Xu2024MIMIR_Swin-L" in text
+
+
+def tiny_clip_dir_of(zs):
+    return zs.name
+
+
+def test_adv_suite_resumes_from_state(zs, tiny_world, tmp_path):
+    ctx = SuiteContext(id_set=("id", tiny_world / "id"), n_adv=16, batch_size=8, out_dir=tmp_path)
+    first = run_suites(zs, ["adv:fgsm"], ctx)["suites"]["adv:fgsm"]
+    state = tmp_path / "state" / "adv-fgsm-Linf.json"
+    st = json.loads(state.read_text())
+    assert sorted(st["batches"]) == ["0", "1"]
+    assert sum(b["robust"] for b in st["batches"].values()) * 100 / 16 == first["robust_acc"]
+    st["batches"]["0"]["robust"] = 8  # a finished batch is not recomputed: the edited count shows through
+    state.write_text(json.dumps(st))
+    ctx2 = SuiteContext(id_set=("id", tiny_world / "id"), n_adv=16, batch_size=8, out_dir=tmp_path)
+    again = run_suites(zs, ["adv:fgsm"], ctx2)["suites"]["adv:fgsm"]
+    assert again["robust_acc"] == (8 + st["batches"]["1"]["robust"]) * 100 / 16
+    ctx3 = SuiteContext(id_set=("id", tiny_world / "id"), n_adv=16, batch_size=8, out_dir=tmp_path, eps=1 / 255)
+    with pytest.raises(ValueError, match="different run"):
+        run_suites(zs, ["adv:fgsm"], ctx3)
+
+
+class Normalised(nn.Module):
+    """Takes ImageNet-normalised input (no normalisation inside): attacks must refuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3 * 32 * 32, 10)
+        self.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+
+
+def test_unit_input_check():
+    from eval_suites.attacks import InputRangeError, check_unit_input
+
+    with pytest.raises(InputRangeError, match=r"does not take \[0,1\] input"):
+        check_unit_input(Normalised())
+    check_unit_input(Normalised(), unit_input=True)
+    m = Normalised()
+    m.pretrained_cfg = dict(m.pretrained_cfg, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    check_unit_input(m)
+
+
+def test_imagenet_folder_missing_classes(tmp_path):
+    from eval_suites.imagenet import ImageNetFolderError, check_imagenet_folder, imagenet_wnids
+
+    for w in imagenet_wnids()[:10]:
+        (tmp_path / "val" / w).mkdir(parents=True)
+    with pytest.raises(ImageNetFolderError, match="missing 990 of the 1000 ImageNet class folders"):
+        check_imagenet_folder(tmp_path)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--suite", "nope"], "valid suites"),
+    (["--suite", "adv:pgd", "--eps", "4/x"], "bad eps"),
+    (["--suite", "adv:pgd", "--model", "{normalised}"], r"does not take \[0,1\] input"),
+    (["--suite", "robustbench", "--imagenet-dir", "{tmp}/inet"], "missing 999 of the 1000 ImageNet class folders"),
+    (["--suite", "ood:nowhere"], "set 'nowhere': not a folder"),
+])
+def test_suite_bad_input_is_one_clear_error(argv, msg, tiny_clip_dir, tiny_world, tmp_path, capsys, monkeypatch):
+    import re
+
+    import registry
+    from grace_plugin.data.synthetic import CLASSNAMES
+    from registry import LoadedModel
+
+    (tmp_path / "inet" / "val" / "n01440764").mkdir(parents=True)
+    orig = registry.load_model
+    monkeypatch.setattr(registry, "load_model", lambda spec, device="cpu": LoadedModel(Normalised(), "normalised", CLASSNAMES)
+                        if spec == "{normalised}" else orig(spec, device))
+    base = ["eval", "--model", str(tiny_clip_dir), "--data", str(tiny_world / "id"), "--out", str(tmp_path / "o"),
+            "--no-progress", "--n-adv", "4"]
+    if "--model" in argv:
+        i = argv.index("--model")
+        base[2] = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    rc = main(base + [a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(msg, err), err
+    assert "Traceback" not in err
+
+
+def test_cli_suites_and_report(tiny_clip_dir, tiny_world, tmp_path, capsys):
+    for name, extra in (("a", []), ("b", ["--suite", "adv:pgd"])):
+        rc = main(["eval", "--model", str(tiny_clip_dir), "--data", str(tiny_world / "id"), "--suite", "id",
+                   "--suite", f"ood:sketch={tiny_world / 'sketch'}", *extra, "--n-adv", "8", "--batch-size", "8",
+                   "--out", str(tmp_path / name), "--no-progress"])
+        assert rc == 0, capsys.readouterr().err
+    reps = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("a", "b")]
+    assert reps[0]["axes"]["id"] == reps[1]["axes"]["id"] and reps[1]["axes"]["hm"] is not None
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "agg")]) == 0
+    summary = json.loads((tmp_path / "agg" / "summary.json").read_text())
+    assert [r["axes"] if "axes" in r else r["id"] for r in summary["rows"]] == [reps[0]["axes"]["id"]] * 2
+    assert summary["rows"][1]["hm"] == reps[1]["axes"]["hm"]
+    assert summary["references"][-1]["method"] == "GRACE" and summary["references"][-1]["hm"] == 39.69
+    assert (tmp_path / "agg" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| GRACE (paper Table 6) |" in (tmp_path / "agg" / "summary.md").read_text()
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "agg2")]) == 2
