@@ -1,9 +1,10 @@
 """Step cost of every recipe relative to ``ft``, measured side by side on one model and batch, with a floor.
 
-The floor is the recipe's declared number of forward and backward passes (``Recipe.pass_counts``) times the
-measured cost of one forward and one backward pass of *that recipe's own parameterisation* (e.g. GRACE's LoRA
-model, whose backward computes no frozen-weight gradients) on the same batch: the time the recipe must spend if it
-wastes nothing, in units of one ``ft`` step. Last line: ``grace/ft ratio R floor F``.
+The floor is the recipe's declared number of passes (``Recipe.pass_counts``: forwards, backwards to the trainable
+parameters, and backwards to the input only, as an attack step does) times the measured cost of one such pass of
+*that recipe's own parameterisation* (e.g. GRACE's LoRA model, whose backward computes no frozen-weight gradients)
+on the same batch: the time the recipe must spend if it wastes nothing, in units of one ``ft`` step. Each timing
+is the median of ``--reps`` runs. Last line: ``grace/ft ratio R floor F``.
 
     python bench/step_cost.py                     # tiny testbed tower on CPU (32 px, 3 layers)
     python bench/step_cost.py --arch vit_b32 --batch 128 --device cuda   # ViT-B/32, bf16 autocast (GPU)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -32,21 +34,58 @@ def build(arch: str):
     return ClipClassifier(tower, head, cfg), size
 
 
-def timeit(fn, reps, sync):
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / reps
+def interleaved(fns: dict, reps: int, sync) -> dict:
+    """Median seconds per call of each function, timed in ``reps`` interleaved rounds (after one warm-up round), so
+    that drift on a busy or throttled machine hits every recipe alike and the ratios stay side by side."""
+    times: dict = {k: [] for k in fns}
+    for r in range(reps + 1):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _pass_fns(rec, batch: dict, ctx) -> dict:
+    """The recipe's step, and one forward / forward+backward / forward+input-backward of its own model."""
+    x, y = batch["image"], batch["label"]
+    params, model = rec.trainable_parameters(), rec.model
+
+    def step():
+        for p in params:
+            p.grad = None
+        rec.training_step(batch, ctx).loss.backward()
+
+    def fwd():
+        with torch.no_grad(), ctx.autocast():
+            model(x)
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        with ctx.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+
+    def fwd_input_bwd():  # an attack step's pass: gradient to the input only
+        xi = x.detach().requires_grad_(True)
+        with ctx.autocast():
+            loss = torch.nn.functional.cross_entropy(model(xi).float(), y)
+        torch.autograd.grad(loss, xi)
+
+    fns = {"step": step, "fwd": fwd, "fwd_bwd": fwd_bwd}
+    if (rec.pass_counts() or {}).get("input_backward"):
+        fns["fwd_input_bwd"] = fwd_input_bwd
+    return fns
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="tiny", choices=["tiny", "vit_b32", "vit_b16"])
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--recipes", default="all")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe overrides, e.g. recipe.pgd_steps=3")
@@ -66,7 +105,7 @@ def main() -> None:
     names = list_recipes() if a.recipes == "all" else a.recipes.split(",")
     names = ["ft"] + [n for n in names if n != "ft"]
 
-    results = {}
+    fns, recipes = {}, {}
     for name in names:
         torch.manual_seed(0)
         cfg = build_config(name, overrides=[o for o in a.overrides if o.startswith(("recipe.", "train."))]
@@ -76,44 +115,35 @@ def main() -> None:
         except Exception as e:  # a recipe that needs extra inputs (e.g. a text tower) is reported, not hidden
             print(f"{name:10s} skipped: {e}")
             continue
-        if name == "grace":  # measure with the LAR-AWP branch active on the top-curvature layers
+        if hasattr(rec, "measure_curvature"):  # GRACE: measure with the LAR-AWP branch active (top-curvature layers)
             rec.after_step(batch, StepContext(device=device, autocast=ctx.autocast, step=0))
-        params = rec.trainable_parameters()
+        recipes[name] = rec
+        fns.update({(name, k): fn for k, fn in _pass_fns(rec, batch, ctx).items()})
 
-        def step():
-            for p in params:
-                p.grad = None
-            out = rec.training_step(batch, ctx)
-            out.loss.backward()
-
-        if device.type == "cuda":
+    peak = {}
+    if device.type == "cuda":  # peak memory of one step, measured alone
+        for name in recipes:
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        t = timeit(step, a.reps, sync)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        model = rec.model
-
-        def fwd():
-            with torch.no_grad(), ctx.autocast():
-                model(x)
-
-        def fwd_bwd():
-            for p in params:
-                p.grad = None
-            with ctx.autocast():
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            loss.backward()
-
-        t_f = timeit(fwd, a.reps, sync)
-        t_b = max(timeit(fwd_bwd, a.reps, sync) - t_f, 0.0)
+            fns[name, "step"]()
+            sync()
+            peak[name] = torch.cuda.max_memory_allocated() / 2**30
+    med = interleaved(fns, a.reps, sync)
+    results = {}
+    for name, rec in recipes.items():
+        t, t_f = med[name, "step"], med[name, "fwd"]
+        t_b = max(med[name, "fwd_bwd"] - t_f, 0.0)
         passes = rec.pass_counts()
-        floor = passes["forward"] * t_f + passes["backward"] * t_b if passes else None
-        results[name] = (t, floor, mem, t_f, t_b)
+        t_ib = max(med[name, "fwd_input_bwd"] - t_f, 0.0) if (name, "fwd_input_bwd") in med else 0.0
+        floor = (passes["forward"] * t_f + passes["backward"] * t_b + passes.get("input_backward", 0) * t_ib
+                 if passes else None)
+        results[name] = (t, floor, peak.get(name, float("nan")), t_f, t_b, t_ib)
 
     t_ft = results["ft"][0]
     print(f"arch {a.arch}, batch {a.batch}, device {a.device}, overrides {a.overrides or 'none'}")
-    for name, (t, floor, mem, t_f, t_b) in results.items():
+    for name, (t, floor, mem, t_f, t_b, t_ib) in results.items():
         fl = f"floor {floor / t_ft:6.2f}  R/floor {t / floor:5.2f}" if floor else "floor   n/a          "
-        fl += f"  (fwd {t_f * 1e3:.1f} ms, bwd {t_b * 1e3:.1f} ms)"
+        fl += f"  (fwd {t_f * 1e3:.1f} ms, bwd {t_b * 1e3:.1f} ms" + (f", input bwd {t_ib * 1e3:.1f} ms)" if t_ib else ")")
         extra = f"  {a.batch / t:8.1f} img/s  peak {mem:.2f} GiB" if a.device != "cpu" else f"  {a.batch / t:8.1f} img/s"
         print(f"{name:10s} {t * 1e3:9.1f} ms/step  ratio {t / t_ft:6.2f}  {fl}{extra}")
     if "grace" in results:

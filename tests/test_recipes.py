@@ -84,3 +84,32 @@ def test_grace_curvature_allocation_and_awp(tiny_classifier, tiny_batch):
     assert out.logs["awp_norm"] > 0
     # radius: relative mode keeps every ||Δ_W||_F <= rho ||W||_F (checked inside the step via the log bound)
     assert all(not m.awp_enabled for m in rec.layers.values())
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_declared_forward_passes(name, tiny_classifier, tiny_batch, tiny_clip_dir, tiny_world):
+    """A recipe's step runs exactly the tower forwards its ``pass_counts`` declares (bench/step_cost.py's floor):
+    counted by a global forward hook on every ViT tower, in units of one batch."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    rec = create_recipe(name, tiny_classifier, _recipe_cfg(name), text=_text_side(tiny_clip_dir, tiny_world))
+    passes = rec.pass_counts()
+    if passes is None:
+        pytest.skip(f"{name} declares no pass counts")
+    if hasattr(rec, "measure_curvature"):  # GRACE: activate the LAR-AWP branch (ranks from a curvature update)
+        cfg_step = StepContext(device=torch.device("cpu"), step=0)
+        rec.after_step(tiny_batch, cfg_step)
+        assert any(r > 0 for r in rec.ranks.values())
+    rows = []
+
+    def hook(module, args, output):
+        if isinstance(module, VisionTransformer):
+            rows.append(args[0].shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        rec.training_step(tiny_batch, StepContext(device=torch.device("cpu"), step=1, total_steps=100))
+    finally:
+        handle.remove()
+    assert sum(rows) / tiny_batch["image"].shape[0] == passes["forward"], rows

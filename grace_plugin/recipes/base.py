@@ -156,7 +156,8 @@ class Recipe:
         return {}
 
     def pass_counts(self) -> dict[str, float] | None:
-        """Forward/backward passes over one batch that one step must do (``bench/step_cost.py``'s floor);
+        """Passes over one batch that one step must do (``bench/step_cost.py``'s floor): ``forward``,
+        ``backward`` (to the trainable parameters) and ``input_backward`` (to the input only, as an attack does);
         None when not declared."""
         return {"forward": 1, "backward": 1} if type(self).training_step is Recipe.training_step else None
 

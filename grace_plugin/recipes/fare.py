@@ -132,3 +132,10 @@ class FARE(Recipe):
             logs["l2_clean"] = float(loss_clean.detach())
         logs["loss"] = float(loss.detach())
         return StepOutput(loss, logs)
+
+    def pass_counts(self) -> dict[str, float]:
+        """The frozen original model's forward (target); PGD: k forwards + k input backwards; the adversarial
+        forward (plus the clean one when ``clean_weight`` > 0) and its backward."""
+        k = self.cfg.pgd_steps if self.cfg.pgd_eps > 0 else 0
+        n = 2 if self.cfg.clean_weight else 1
+        return {"forward": 1 + k + n, "input_backward": k, "backward": n}

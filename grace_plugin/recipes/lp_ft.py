@@ -66,3 +66,7 @@ class LPFT(Recipe):
                 logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y)
         return StepOutput(loss, {"loss": float(loss.detach()), "stage": 1.0 if probe else 2.0})
+
+    def pass_counts(self) -> dict[str, float]:
+        """Stage 2 (end to end), the stage that dominates a run; a stage-1 step has no tower backward."""
+        return {"forward": 1, "backward": 1}

@@ -76,3 +76,9 @@ class PMGAFT(Recipe):
                 logits_ori = self.original(x_adv if cfg.ori_input == "adv" else x)
         loss, parts = pmg_aft_loss(logits_adv, logits_nat, logits_ori, y, cfg.w_ori, cfg.w_nat)
         return StepOutput(loss, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}})
+
+    def pass_counts(self) -> dict[str, float]:
+        """PGD: k forwards + k input backwards; one forward of [x_adv; x] (2 batches) and its backward; the frozen
+        original model's forward."""
+        k = self.cfg.pgd_steps if self.cfg.pgd_eps > 0 else 0
+        return {"forward": k + 2 + 1, "input_backward": k, "backward": 2}

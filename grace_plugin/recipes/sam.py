@@ -64,3 +64,7 @@ class SAM(Recipe):
         loss = linearized_loss(loss1, params, g1)
         return StepOutput(loss, {"loss": float(loss1.detach()), "loss_clean": float(loss0.detach()),
                                  "eps_norm": float(torch.sqrt(sum((d * d).sum() for d in deltas)))})
+
+    def pass_counts(self) -> dict[str, float]:
+        """Two forwards and two backwards (at w and at w + eps*); the returned linearised loss has no model graph."""
+        return {"forward": 2, "backward": 2}

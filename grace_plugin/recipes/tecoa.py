@@ -55,3 +55,8 @@ class TeCoA(Recipe):
             logits = self.model(x_adv)
         loss = F.cross_entropy(logits.float(), y)
         return StepOutput(loss, {"loss": float(loss.detach())})
+
+    def pass_counts(self) -> dict[str, float]:
+        """PGD: k forwards + k input backwards; the adversarial forward and its backward."""
+        k = self.cfg.pgd_steps if self.cfg.pgd_eps > 0 else 0
+        return {"forward": k + 1, "input_backward": k, "backward": 1}
