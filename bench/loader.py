@@ -1,8 +1,10 @@
 """Loader throughput: our eval and train streams vs a torchvision ImageFolder DataLoader, side by side in one run.
 
-Same JPEGs (ImageNet-like 500x375 photos written here), same transform (the CLIP eval transform at 224: resize
-shortest side, centre crop, to [0,1] tensor), same number of workers and batch size. Prints images/s per loader and
-the ratios to ImageFolder. ``--draft`` adds the streams with JPEG draft decoding (``decode_sample(draft_size=)``).
+Same JPEGs (ImageNet-like 500x375 photos written here), same transform (timm's CLIP eval transform at 224: resize
+shortest side, bicubic, centre crop, to [0,1] tensor), same number of workers and batch size. ImageFolder runs it
+the usual way (PIL decode, PIL resize); our streams run it with ``decode="pil"`` (the same PIL steps) and with
+``decode="tensor"`` (torchvision decode, the same transform objects on uint8 tensors). Prints images/s per loader
+and the ratios to ImageFolder. ``--draft`` adds the PIL streams with JPEG draft decoding.
 
     python bench/loader.py --images 2000 --workers 2
 """
@@ -72,19 +74,23 @@ def main() -> None:
     folder_loader = torch.utils.data.DataLoader(ImageFolder(str(folder), transform=tf), batch_size=a.batch_size,
                                                 num_workers=a.workers, shuffle=False)
     rows["imagefolder"] = rate(folder_loader)
-    rows["ours eval"] = rate(make_eval_loader(urls, tf, a.batch_size, num_workers=a.workers))
-    rows["ours train"] = rate(make_train_loader(urls, tf, a.batch_size, num_workers=a.workers, shuffle_buffer=500,
-                                                batches_per_epoch=nb - nb % max(1, a.workers)))
+    per_epoch = nb - nb % max(1, a.workers)
+    for decode in ("pil", "tensor"):
+        rows[f"ours eval ({decode})"] = rate(make_eval_loader(urls, tf, a.batch_size, num_workers=a.workers,
+                                                              decode=decode))
+        rows[f"ours train ({decode})"] = rate(make_train_loader(urls, tf, a.batch_size, num_workers=a.workers,
+                                                                shuffle_buffer=500, batches_per_epoch=per_epoch,
+                                                                decode=decode))
     if a.draft:
-        rows["ours eval (draft)"] = rate(make_eval_loader(urls, tf, a.batch_size, num_workers=a.workers,
-                                                          draft_size=224))
-        rows["ours train (draft)"] = rate(make_train_loader(urls, tf, a.batch_size, num_workers=a.workers,
-                                                            shuffle_buffer=500, draft_size=224,
-                                                            batches_per_epoch=nb - nb % max(1, a.workers)))
+        rows["ours eval (pil, draft)"] = rate(make_eval_loader(urls, tf, a.batch_size, num_workers=a.workers,
+                                                               draft_size=224))
+        rows["ours train (pil, draft)"] = rate(make_train_loader(urls, tf, a.batch_size, num_workers=a.workers,
+                                                                 shuffle_buffer=500, draft_size=224, decode="pil",
+                                                                 batches_per_epoch=per_epoch))
     ref = rows["imagefolder"][0]
     print(f"{a.images} JPEGs 500x375 -> 224 crop, batch {a.batch_size}, {a.workers} workers")
     for name, (r, n) in rows.items():
-        print(f"{name:22s} {r:8.1f} img/s ({n} images)  ratio vs imagefolder {r / ref:.2f}")
+        print(f"{name:24s} {r:8.1f} img/s ({n} images)  ratio vs imagefolder {r / ref:.2f}")
 
 
 if __name__ == "__main__":

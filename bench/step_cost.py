@@ -88,7 +88,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--recipes", default="all")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe overrides, e.g. recipe.pgd_steps=3")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="recipe overrides, e.g. recipe.pgd_steps=3")
     a = ap.parse_args()
 
     from grace_plugin.finetune import build_config
@@ -143,8 +144,9 @@ def main() -> None:
     print(f"arch {a.arch}, batch {a.batch}, device {a.device}, overrides {a.overrides or 'none'}")
     for name, (t, floor, mem, t_f, t_b, t_ib) in results.items():
         fl = f"floor {floor / t_ft:6.2f}  R/floor {t / floor:5.2f}" if floor else "floor   n/a          "
-        fl += f"  (fwd {t_f * 1e3:.1f} ms, bwd {t_b * 1e3:.1f} ms" + (f", input bwd {t_ib * 1e3:.1f} ms)" if t_ib else ")")
-        extra = f"  {a.batch / t:8.1f} img/s  peak {mem:.2f} GiB" if a.device != "cpu" else f"  {a.batch / t:8.1f} img/s"
+        fl += f"  (fwd {t_f * 1e3:.1f} ms, bwd {t_b * 1e3:.1f} ms"
+        fl += f", input bwd {t_ib * 1e3:.1f} ms)" if t_ib else ")"
+        extra = f"  {a.batch / t:8.1f} img/s" + (f"  peak {mem:.2f} GiB" if a.device != "cpu" else "")
         print(f"{name:10s} {t * 1e3:9.1f} ms/step  ratio {t / t_ft:6.2f}  {fl}{extra}")
     if "grace" in results:
         t, floor = results["grace"][:2]

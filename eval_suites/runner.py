@@ -32,6 +32,7 @@ class EvalRequest:
     strict: bool = False
     scoring: str | None = None  # override every catalogued set's scoring: own | subset | mapping
     mapping_files: dict | None = None  # set name -> mapping JSON (scoring "mapping")
+    decode: str = "pil"  # "pil": timm's/RobustBench's PIL preprocessing exactly; "tensor": torchvision, ~2x faster
 
 
 def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
@@ -72,7 +73,7 @@ def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
         models[name] = model
         n_classes = shards.num_classes or getattr(model, "num_classes", None)
         loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=n_classes,
-                                  num_workers=req.num_workers)
+                                  num_workers=req.num_workers, decode=req.decode)
         res = evaluate_clean(model, loader, device=device, progress=progress, desc=f"eval {name}",
                              class_subset=subset, label_targets=targets)
         res.expected = shards.expected
@@ -88,11 +89,12 @@ def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
     if req.attack is not None and req.n_adv > 0:
         id_name = req.id_set[0]
         shards = opened[id_name]
-        loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=shards.num_classes)
+        loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=shards.num_classes,
+                                  decode=req.decode)
         adv = evaluate_adversarial(models[id_name], loader, req.attack, req.eps, n_max=req.n_adv, norm=req.norm,
                                    device=device, seed=req.seed, progress=progress)
         adversarial = adv.as_dict()
     config = {"id_set": [req.id_set[0], str(req.id_set[1])], "ood_sets": [[n, str(p)] for n, p in req.ood_sets],
               "attack": req.attack, "eps": req.eps, "norm": req.norm, "n_adv": req.n_adv,
-              "batch_size": req.batch_size, "device": req.device, "seed": req.seed}
+              "batch_size": req.batch_size, "device": req.device, "seed": req.seed, "decode": req.decode}
     return build_report(loaded.name, results, req.id_set[0], [n for n, _ in req.ood_sets], adversarial, config)

@@ -87,7 +87,7 @@ class EvalSet:
     templates: list[str] | None
     urls: list[str] | None = None
 
-    def batches(self, transform, batch_size: int, n: int | None = None, num_workers: int = 0):
+    def batches(self, transform, batch_size: int, n: int | None = None, num_workers: int = 0, decode: str = "pil"):
         if self.kind == "imagenet":
             from .imagenet import imagenet_batches
 
@@ -95,7 +95,7 @@ class EvalSet:
         from grace_plugin.data.loader import make_eval_loader
 
         return make_eval_loader(self.urls, transform, batch_size, num_classes=len(self.classnames or []) or None,
-                                num_workers=num_workers)
+                                num_workers=num_workers, decode=decode)
 
 
 def open_eval_set(name: str, path: str | Path) -> EvalSet:
@@ -124,6 +124,7 @@ class SuiteContext:
     n_adv: int = 500
     batch_size: int = 128
     num_workers: int = 0
+    decode: str = "pil"  # shard decoding: "pil" (timm's PIL preprocessing exactly) or "tensor" (torchvision, faster)
     device: str = "cpu"
     seed: int = 0
     strict: bool = False
@@ -187,6 +188,11 @@ def _model_for(loaded, ctx: SuiteContext, es: EvalSet):
     return ctx.cache[key]
 
 
+def _read(es: EvalSet, transform, ctx: SuiteContext, n: int | None):
+    """``es``'s batches with the context's batch size, workers and decoder."""
+    return es.batches(transform, ctx.batch_size, n, ctx.num_workers, ctx.decode)
+
+
 def _transform(loaded):
     from grace_plugin.data.transforms import eval_transform
 
@@ -200,7 +206,7 @@ def _clean(loaded, ctx: SuiteContext, es: EvalSet, role: str) -> dict:
     if key not in ctx.cache:
         model = _model_for(loaded, ctx, es)
         n = ctx.n_imagenet if es.kind == "imagenet" else None
-        res = evaluate_clean(model, es.batches(_transform(loaded), ctx.batch_size, n, ctx.num_workers),
+        res = evaluate_clean(model, _read(es, _transform(loaded), ctx, n),
                              device=ctx.device, progress=ctx.progress, desc=f"eval {es.name}")
         if ctx.strict and res.n_skipped:
             raise ValueError(f"{es.path}: {res.n_skipped} samples skipped ({res.skipped}) and --strict is set")
@@ -238,7 +244,7 @@ def _suite_adv(loaded, ctx: SuiteContext, arg: str) -> dict:
     if ctx.out_dir is not None:
         state = Path(ctx.out_dir) / "state" / f"adv-{arg}-{ctx.norm}.json"
         state.parent.mkdir(parents=True, exist_ok=True)
-    res = evaluate_adversarial(model, es.batches(_transform(loaded), ctx.batch_size, n, ctx.num_workers), arg,
+    res = evaluate_adversarial(model, _read(es, _transform(loaded), ctx, n), arg,
                                ctx.eps, n_max=n, norm=ctx.norm, device=ctx.device, seed=ctx.seed,
                                progress=ctx.progress, state_path=state, unit_input=ctx.unit_input,
                                model_name=loaded.name)
@@ -356,7 +362,7 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
     es = ctx.id_eval_set()
     model = _model_for(loaded, ctx, es).float()
     tf = _transform(loaded)
-    x, y = _first_batches(es.batches(tf, ctx.batch_size, ctx.n_geometry, ctx.num_workers), ctx.n_geometry)
+    x, y = _first_batches(_read(es, tf, ctx, ctx.n_geometry), ctx.n_geometry)
     x, y = x.to(ctx.device), y.to(ctx.device)
     # spec §3.2: which parameters the paper's Hessian is taken over is unstated; we use the whole visual tower.
     named = [(n, p) for n, p in model.named_parameters() if n.startswith("visual.")]
@@ -395,7 +401,7 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
     for name, path in _shift_sets(ctx, ctx.cache.get("suite_names", [])):
         es2 = ctx.eval_set(name, path)
         m2 = _model_for(loaded, ctx, es2)
-        x2, y2 = _first_batches(es2.batches(tf, ctx.batch_size, ctx.n_geometry, ctx.num_workers), ctx.n_geometry)
+        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.n_geometry), ctx.n_geometry)
         with torch.no_grad():
             z2 = m2.encode(x2.to(ctx.device))
         out["centroid_cosine"][name] = G.class_centroid_cosine(z_id, y, z2, y2.to(ctx.device))
@@ -432,13 +438,13 @@ def _suite_shift(loaded, ctx: SuiteContext, arg=None) -> dict:
 
     es = ctx.id_eval_set()
     tf = _transform(loaded)
-    x, y = _first_batches(es.batches(tf, ctx.batch_size, ctx.n_shift, ctx.num_workers), ctx.n_shift)
+    x, y = _first_batches(_read(es, tf, ctx, ctx.n_shift), ctx.n_shift)
     e_id = _shift_embeddings(_model_for(loaded, ctx, es), x.to(ctx.device))
     id_acc = 100.0 * float((e_id.pop("pred") == y).float().mean())
     sets, drop, accs = {}, {}, {}
     for name, path in _shift_sets(ctx, ctx.cache.get("suite_names", [])):
         es2 = ctx.eval_set(name, path)
-        x2, y2 = _first_batches(es2.batches(tf, ctx.batch_size, ctx.n_shift, ctx.num_workers), ctx.n_shift)
+        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.n_shift), ctx.n_shift)
         e = _shift_embeddings(_model_for(loaded, ctx, es2), x2.to(ctx.device))
         accs[name] = 100.0 * float((e.pop("pred") == y2).float().mean())
         drop[name] = id_acc - accs[name]

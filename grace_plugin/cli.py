@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--n-adv", type=int, default=500)
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--decode", choices=["pil", "tensor"], default="pil",
+                   help="shard image decoding: pil (timm's/RobustBench's preprocessing exactly) or tensor "
+                        "(torchvision decode + tensor resize, about 2x faster, 0.2 grey levels from PIL on average)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--strict", action="store_true", help="any skipped sample is an error")
     e.add_argument("--scoring", choices=["own", "subset", "mapping"],
@@ -201,7 +204,7 @@ def _cmd_eval(a) -> int:
     mappings = dict(_named_dir(m) for m in a.mapping)
     req = EvalRequest(id_set=id_set, ood_sets=ood, attack=a.attack, eps=eps, norm=a.norm, n_adv=a.n_adv,
                       batch_size=a.batch_size, num_workers=a.num_workers, device=a.device, strict=a.strict,
-                      scoring=a.scoring, mapping_files=mappings)
+                      scoring=a.scoring, mapping_files=mappings, decode=a.decode)
     report = evaluate_model(load_model(a.model, device=a.device), req, progress=not a.no_progress)
     path = write_report(a.out, report)
     print(report_markdown(report))
@@ -220,7 +223,7 @@ def _eval_suites(a, eps: float) -> int:
     if a.data:
         id_set = _named_dir(a.data, default_name="id") if "=" not in a.data else _named_dir(a.data)
     ctx = SuiteContext(id_set=id_set, sets=dict(_named_dir(o) for o in a.ood), data_root=a.data_root, eps=eps,
-                       norm=a.norm, n_adv=a.n_adv, batch_size=a.batch_size, num_workers=a.num_workers,
+                       norm=a.norm, n_adv=a.n_adv, batch_size=a.batch_size, num_workers=a.num_workers, decode=a.decode,
                        device=a.device, seed=a.seed, strict=a.strict, unit_input=a.unit_input, out_dir=a.out,
                        imagenet_dir=a.imagenet_dir, corruptions_dir=a.corruptions_dir, n_imagenet=a.n_imagenet,
                        reference=a.reference, model_info_name=a.model_info_name, progress=not a.no_progress)

@@ -71,7 +71,7 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
         total = steps_for_epochs(cfg.train.epochs or 1.0, n, cfg.train.batch_size, cfg.train.grad_accum, world)
     loader = make_train_loader(shards.urls, transform, cfg.train.batch_size, num_classes=len(classnames),
                                seed=cfg.train.seed, shuffle_buffer=cfg.train.shuffle_buffer,
-                               num_workers=cfg.train.num_workers)
+                               num_workers=cfg.train.num_workers, decode=cfg.data.decode)
     out = Path(out)
     resolved = to_dict(cfg)
     if rank == 0:

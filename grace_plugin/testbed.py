@@ -106,7 +106,7 @@ def pretrain_tiny_clip(pairs_dir: str | Path, out: str | Path, cfg: PretrainConf
             clip.logit_scale.clamp_(0, 4.6052)  # CLIP's cap at 100
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     if bar is not None:
         bar.close()
     clip.eval()

@@ -90,10 +90,13 @@ def _faulty_set(root: Path) -> Path:
     return root
 
 
-def test_faults_are_counted_per_reason(tmp_path):
+@pytest.mark.parametrize("decode", ["pil", "tensor"])
+def test_faults_are_counted_per_reason(tmp_path, decode):
+    import torchvision.transforms as T
+
     s = open_shard_set(_faulty_set(tmp_path / "bad"))
     n, skipped = 0, {}
-    for b in make_eval_loader(s.urls, IDENT, 4, num_classes=10):
+    for b in make_eval_loader(s.urls, T.Compose([T.ToTensor()]), 4, num_classes=10, decode=decode):
         n += b["label"].numel()
         for k, v in b["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
@@ -173,3 +176,51 @@ def test_train_equal_batches_per_rank(tiny_world, monkeypatch):
         assert not torch.equal(next(iter(loader))["label"], batches[0]["label"])  # epochs re-seed the stream
     assert counts == [6, 6]
     assert not torch.equal(firsts[0], firsts[1])  # ranks draw different data
+
+
+def _photo(w: int, h: int, fmt: str) -> bytes:
+    rng = np.random.default_rng(w * h)
+    base = np.kron(rng.uniform(0, 255, (h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w]
+    img = np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size,crop_pct", [(32, 1.0), (224, 1.0), (224, 0.875)])
+def test_tensor_decode_matches_the_pil_transform(size, crop_pct):
+    """The tensor path (torchvision decode + timm's transform steps on uint8 tensors) agrees with timm's PIL transform
+    for JPEG, PNG and WebP of several shapes (up- and down-scaling): on average within 0.3 grey levels, and fewer
+    than 1% of the values differ by more than one level (PIL and torchvision round their resampling differently; the
+    largest gaps, up to ~15 levels, sit on sharp edges). An unresized image is identical."""
+    from grace_plugin.data.loader import decode_sample
+    from grace_plugin.data.transforms import as_tensor_transform, eval_transform
+
+    cfg = {"input_size": (3, size, size), "crop_pct": crop_pct, "interpolation": "bicubic",
+           "mean": (0.48, 0.46, 0.41), "std": (0.27, 0.26, 0.28)}
+    tf = eval_transform(cfg)
+    tt = as_tensor_transform(tf)
+    assert tt is not None
+    for (w, h), fmt in [((500, 375), "JPEG"), ((37, 50), "PNG"), ((300, 301), "WEBP"), ((32, 32), "JPEG")]:
+        sample = {"__key__": "k", {"JPEG": "jpg"}.get(fmt, fmt.lower()): _photo(w, h, fmt), "cls": b"1"}
+        a, b = decode_sample(sample, tf)["image"], decode_sample(sample, tf, tensor_transform=tt)["image"]
+        assert a.shape == b.shape == (3, size, size) and b.dtype == torch.float32
+        levels = (a - b).abs() * 255
+        if (w, h) == (size, size):
+            assert levels.max() == 0  # decoding alone: identical pixels
+        assert levels.mean() < 0.3, (fmt, w, h, float(levels.mean()))
+        assert (levels > 1.01).float().mean() < 0.01, (fmt, w, h)
+
+
+def test_tensor_decode_falls_back_to_pil_where_the_transform_needs_it(tiny_world):
+    """PIL-only transforms (timm's RandomResizedCrop, a plain function) keep the PIL path and give its images."""
+    from grace_plugin.data.transforms import as_tensor_transform, train_transform
+
+    cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bicubic"}
+    assert as_tensor_transform(train_transform(cfg, "rrc")) is None and as_tensor_transform(IDENT) is None
+    s = open_shard_set(tiny_world / "id")
+    a = next(iter(make_eval_loader(s.urls, IDENT, 8, 10, decode="pil")))
+    b = next(iter(make_eval_loader(s.urls, IDENT, 8, 10, decode="tensor")))
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    with pytest.raises(ValueError, match="valid: pil, tensor"):
+        make_eval_loader(s.urls, IDENT, 8, 10, decode="cv2")

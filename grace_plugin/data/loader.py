@@ -17,11 +17,13 @@ import torch
 from PIL import Image
 
 from .shards import IMAGE_KEYS
+from .transforms import as_tensor_transform
 
 __all__ = ["decode_sample", "make_eval_loader", "make_train_loader", "TrainStream", "merge_skips", "SKIP_REASONS"]
 
 log = logging.getLogger(__name__)
 
+DECODERS = ("pil", "tensor")
 SKIP_REASONS = ("missing_image", "missing_label", "bad_label", "label_out_of_range", "decode_error", "tar_error")
 
 
@@ -30,12 +32,15 @@ def _skip(reason: str, key: str = "", url: str = "") -> dict:
 
 
 def decode_sample(sample: dict, transform: Callable, num_classes: int | None = None,
-                  draft_size: int | None = None) -> dict:
+                  draft_size: int | None = None, tensor_transform: Callable | None = None) -> dict:
     """Raw tar sample -> ``{"image", "label"}`` or a skip record naming the reason.
 
     ``draft_size``: let libjpeg decode JPEGs at a reduced scale (1/2, 1/4, 1/8) that still covers this size
     (PIL ``Image.draft``) before the transform resizes; several times faster for large photos, slightly different
     pixels from a full decode, so it is off unless asked for.
+    ``tensor_transform``: decode with torchvision (libjpeg-turbo, libpng, libwebp) into a uint8 tensor and apply
+    this tensor version of ``transform`` (``as_tensor_transform``) instead of PIL: about twice as fast for photos,
+    0.2 grey levels from the PIL path on average.
     """
     key, url = sample.get("__key__", ""), sample.get("__url__", "")
     img_key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -50,6 +55,17 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
         return _skip("bad_label", key, url)
     if label < 0 or (num_classes is not None and label >= num_classes):
         return _skip("label_out_of_range", key, url)
+    if tensor_transform is not None and not draft_size:
+        from torchvision.io import ImageReadMode, decode_image
+
+        data = sample[img_key]
+        try:
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.zeros(0, torch.uint8)
+            decoded = decode_image(raw, mode=ImageReadMode.RGB)
+        except Exception:  # torchvision raises RuntimeError for corrupt, truncated or unknown data
+            return _skip("decode_error", key, url)
+        if decoded.dtype == torch.uint8:  # (16-bit PNGs fall through to PIL below)
+            return {"image": tensor_transform(decoded), "label": label}
     try:
         with Image.open(io.BytesIO(sample[img_key])) as im:
             if draft_size and im.format == "JPEG":
@@ -122,17 +138,29 @@ def merge_skips(total: Counter, batch: dict) -> None:
         total[k] += v
 
 
+def _tensor_path(transform: Callable, decode: str) -> Callable | None:
+    if decode not in DECODERS:
+        raise ValueError(f"unknown decode {decode!r}; valid: {', '.join(DECODERS)}")
+    return as_tensor_transform(transform) if decode == "tensor" else None
+
+
 def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,
-                     num_workers: int = 0, draft_size: int | None = None) -> torch.utils.data.DataLoader:
-    """Every sample exactly once across ranks and workers, in shard order (batched inside the workers)."""
+                     num_workers: int = 0, draft_size: int | None = None, decode: str = "pil"
+                     ) -> torch.utils.data.DataLoader:
+    """Every sample exactly once across ranks and workers, in shard order (batched inside the workers).
+
+    ``decode``: ``pil`` (default: exactly timm's and RobustBench's PIL preprocessing) or ``tensor`` (torchvision
+    decoding and tensor resize, ``decode_sample``'s ``tensor_transform``; PIL where the transform needs it)."""
     import webdataset as wds
+
+    tt = _tensor_path(transform, decode)
 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_node,
         wds.split_by_worker,
         _tar_samples,
-        wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, num_classes, draft_size)),
+        wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, num_classes, draft_size, tt)),
         lambda src: _batches(src, batch_size, partial=True),
     )
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers)
@@ -148,9 +176,9 @@ class TrainStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls, transform, batch_size, num_classes=None, seed=0, shuffle_buffer=1000,
-                 batches_per_worker=None, draft_size=None):
+                 batches_per_worker=None, draft_size=None, decode="tensor"):
         super().__init__()
-        self.draft_size = draft_size
+        self.draft_size, self.tensor_transform = draft_size, _tensor_path(transform, decode)
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.num_classes, self.seed, self.shuffle_buffer = num_classes, seed, shuffle_buffer
         self.batches_per_worker = batches_per_worker
@@ -172,12 +200,12 @@ class TrainStream(torch.utils.data.IterableDataset):
             while True:
                 yield {"url": self.urls[rng.randrange(len(self.urls))]}
 
-        transform, n_cls, draft = self.transform, self.num_classes, self.draft_size
+        transform, n_cls, draft, tt = self.transform, self.num_classes, self.draft_size, self.tensor_transform
         pipeline = wds.DataPipeline(
             shards,
             _tar_samples,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(rng.random())),
-            wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, n_cls, draft)),
+            wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, n_cls, draft, tt)),
             lambda src: _batches(src, self.batch_size, partial=False),
         )
         it = iter(pipeline)
@@ -188,9 +216,12 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 def make_train_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,
                       seed: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
-                      batches_per_epoch: int | None = None, draft_size: int | None = None
-                      ) -> torch.utils.data.DataLoader:
+                      batches_per_epoch: int | None = None, draft_size: int | None = None,
+                      decode: str = "tensor") -> torch.utils.data.DataLoader:
     """A ``DataLoader`` over a ``TrainStream`` (batched in the workers); ``loader.dataset.set_epoch(e)`` re-seeds it.
+
+    ``decode``: ``tensor`` (default for training: torchvision decoding and tensor resize, PIL where the transform
+    needs it) or ``pil``.
 
     With ``batches_per_epoch`` every rank yields exactly that many batches per pass (split evenly over workers).
     """
@@ -199,5 +230,5 @@ def make_train_loader(urls: list[str], transform: Callable, batch_size: int, num
         if batches_per_epoch % max(1, num_workers):
             raise ValueError(f"batches_per_epoch {batches_per_epoch} must be divisible by num_workers {num_workers}")
         per_worker = batches_per_epoch // max(1, num_workers)
-    ds = TrainStream(urls, transform, batch_size, num_classes, seed, shuffle_buffer, per_worker, draft_size)
+    ds = TrainStream(urls, transform, batch_size, num_classes, seed, shuffle_buffer, per_worker, draft_size, decode)
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
