@@ -3,7 +3,7 @@
 Same JPEGs (ImageNet-like 500x375 photos written here), same transform (timm's CLIP eval transform at 224: resize
 shortest side, bicubic, centre crop, to [0,1] tensor), same number of workers and batch size. ImageFolder runs it
 the usual way (PIL decode, PIL resize); our streams run it with ``decode="pil"`` (the same PIL steps) and with
-``decode="tensor"`` (torchvision decode, the same transform objects on uint8 tensors). Prints images/s per loader
+``decode="tensor"`` (torchvision decode, the same transform steps on uint8 tensors). Prints images/s per loader
 and the ratios to ImageFolder. ``--draft`` adds the PIL streams with JPEG draft decoding.
 
     python bench/loader.py --images 2000 --workers 2
@@ -11,6 +11,7 @@ and the ratios to ImageFolder. ``--draft`` adds the PIL streams with JPEG draft 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--draft", action="store_true", help="also measure JPEG draft decoding")
     ap.add_argument("--dir", help="reuse/keep data here")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each loader's median is printed")
     a = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -70,25 +72,29 @@ def main() -> None:
     tf = eval_transform(cfg)
     urls = open_shard_set(shards_dir).urls
     nb = a.images // a.batch_size
-    rows = {}
-    folder_loader = torch.utils.data.DataLoader(ImageFolder(str(folder), transform=tf), batch_size=a.batch_size,
-                                                num_workers=a.workers, shuffle=False)
-    rows["imagefolder"] = rate(folder_loader)
     per_epoch = nb - nb % max(1, a.workers)
+    loaders = {"imagefolder": lambda: torch.utils.data.DataLoader(
+        ImageFolder(str(folder), transform=tf), batch_size=a.batch_size, num_workers=a.workers, shuffle=False)}
     for decode in ("pil", "tensor"):
-        rows[f"ours eval ({decode})"] = rate(make_eval_loader(urls, tf, a.batch_size, num_workers=a.workers,
-                                                              decode=decode))
-        rows[f"ours train ({decode})"] = rate(make_train_loader(urls, tf, a.batch_size, num_workers=a.workers,
-                                                                shuffle_buffer=500, batches_per_epoch=per_epoch,
-                                                                decode=decode))
+        loaders[f"ours eval ({decode})"] = lambda d=decode: make_eval_loader(
+            urls, tf, a.batch_size, num_workers=a.workers, decode=d)
+        loaders[f"ours train ({decode})"] = lambda d=decode: make_train_loader(
+            urls, tf, a.batch_size, num_workers=a.workers, shuffle_buffer=500, batches_per_epoch=per_epoch, decode=d)
     if a.draft:
-        rows["ours eval (pil, draft)"] = rate(make_eval_loader(urls, tf, a.batch_size, num_workers=a.workers,
-                                                               draft_size=224))
-        rows["ours train (pil, draft)"] = rate(make_train_loader(urls, tf, a.batch_size, num_workers=a.workers,
-                                                                 shuffle_buffer=500, draft_size=224, decode="pil",
-                                                                 batches_per_epoch=per_epoch))
+        loaders["ours eval (pil, draft)"] = lambda: make_eval_loader(urls, tf, a.batch_size, num_workers=a.workers,
+                                                                     draft_size=224)
+        loaders["ours train (pil, draft)"] = lambda: make_train_loader(
+            urls, tf, a.batch_size, num_workers=a.workers, shuffle_buffer=500, draft_size=224, decode="pil",
+            batches_per_epoch=per_epoch)
+    # interleaved rounds, median rate per loader: drift on a busy machine hits every loader alike
+    runs: dict = {k: [] for k in loaders}
+    for _ in range(a.rounds):
+        for name, make in loaders.items():
+            runs[name].append(rate(make()))
+    rows = {k: (statistics.median(r for r, _ in v), v[0][1]) for k, v in runs.items()}
     ref = rows["imagefolder"][0]
-    print(f"{a.images} JPEGs 500x375 -> 224 crop, batch {a.batch_size}, {a.workers} workers")
+    print(f"{a.images} JPEGs 500x375 -> 224 crop, batch {a.batch_size}, {a.workers} workers, "
+          f"median of {a.rounds} interleaved rounds")
     for name, (r, n) in rows.items():
         print(f"{name:24s} {r:8.1f} img/s ({n} images)  ratio vs imagefolder {r / ref:.2f}")
 

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--num-workers", type=int, default=0)
     e.add_argument("--decode", choices=["pil", "tensor"], default="pil",
                    help="shard image decoding: pil (timm's/RobustBench's preprocessing exactly) or tensor "
-                        "(torchvision decode + tensor resize, about 2x faster, 0.2 grey levels from PIL on average)")
+                        "(torchvision decode + tensor resize, about 2x faster, within 2 grey levels of PIL)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--strict", action="store_true", help="any skipped sample is an error")
     e.add_argument("--scoring", choices=["own", "subset", "mapping"],

@@ -56,8 +56,8 @@ class DataConfig:
     # spec §2: the paper states no augmentation; "none" trains on the eval transform (CLIP/WiSE-FT style),
     # "rrc" uses timm's RandomResizedCrop + flip derived from the model's pretrained cfg.
     augment: str = "none"
-    # "tensor": decode with torchvision and resize uint8 tensors (about 2x faster than PIL for photos, 0.2 grey levels
-    # from it on average); "pil": timm's PIL transform exactly. Not a paper setting (spec §2 states no preprocessing
+    # "tensor": decode with torchvision and resize uint8 tensors (about 2x faster than PIL for photos, within 2 grey
+    # levels of it); "pil": timm's PIL transform exactly. Not a paper setting (spec §2 states no preprocessing
     # detail); training on the faster path is the default, evaluation stays on PIL (grace eval --decode).
     decode: str = "tensor"
 

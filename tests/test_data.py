@@ -190,9 +190,9 @@ def _photo(w: int, h: int, fmt: str) -> bytes:
 @pytest.mark.parametrize("size,crop_pct", [(32, 1.0), (224, 1.0), (224, 0.875)])
 def test_tensor_decode_matches_the_pil_transform(size, crop_pct):
     """The tensor path (torchvision decode + timm's transform steps on uint8 tensors) agrees with timm's PIL transform
-    for JPEG, PNG and WebP of several shapes (up- and down-scaling): on average within 0.3 grey levels, and fewer
-    than 1% of the values differ by more than one level (PIL and torchvision round their resampling differently; the
-    largest gaps, up to ~15 levels, sit on sharp edges). An unresized image is identical."""
+    for JPEG, PNG and WebP of several shapes (up- and down-scaling): no value more than 2 grey levels apart, 0.01
+    levels on average (the two libraries round their fixed-point resampling differently). An unresized image has
+    the same pixels."""
     from grace_plugin.data.loader import decode_sample
     from grace_plugin.data.transforms import as_tensor_transform, eval_transform
 
@@ -207,9 +207,8 @@ def test_tensor_decode_matches_the_pil_transform(size, crop_pct):
         assert a.shape == b.shape == (3, size, size) and b.dtype == torch.float32
         levels = (a - b).abs() * 255
         if (w, h) == (size, size):
-            assert levels.max() == 0  # decoding alone: identical pixels
-        assert levels.mean() < 0.3, (fmt, w, h, float(levels.mean()))
-        assert (levels > 1.01).float().mean() < 0.01, (fmt, w, h)
+            assert levels.max() < 1e-3  # decoding alone: the same pixels (up to float rounding of x / 255)
+        assert levels.max() <= 2 + 1e-3 and levels.mean() < 0.05, (fmt, w, h, float(levels.max()))
 
 
 def test_tensor_decode_falls_back_to_pil_where_the_transform_needs_it(tiny_world):

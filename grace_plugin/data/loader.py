@@ -40,7 +40,7 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
     pixels from a full decode, so it is off unless asked for.
     ``tensor_transform``: decode with torchvision (libjpeg-turbo, libpng, libwebp) into a uint8 tensor and apply
     this tensor version of ``transform`` (``as_tensor_transform``) instead of PIL: about twice as fast for photos,
-    0.2 grey levels from the PIL path on average.
+    within 2 grey levels of the PIL path.
     """
     key, url = sample.get("__key__", ""), sample.get("__url__", "")
     img_key = next((k for k in IMAGE_KEYS if k in sample), None)

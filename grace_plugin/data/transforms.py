@@ -45,22 +45,29 @@ def train_transform(pretrained_cfg: dict, augment: str = "none") -> Callable:
 def as_tensor_transform(transform: Callable) -> Callable | None:
     """The same transform on decoded uint8 CHW tensors, or None when one of its steps has no tensor equivalent.
 
-    The steps are timm's own transform objects: torchvision's ``Resize``, ``CenterCrop`` and ``Normalize`` run on
-    tensors as they are (antialiased resize with torchvision's vectorised uint8 kernels, several times faster than
-    PIL's), and ``ToTensor`` becomes a conversion to float in [0,1]. Decoding gives PIL's pixels exactly; resizing
-    differs from PIL's by 0.2 grey levels on average, with under 1% of values more than one level apart (the two
-    libraries round their resampling differently; ``tests/test_data.py`` checks the bounds). PIL-only steps (timm's
+    The steps are timm's own, with their parameters: ``Resize``, ``CenterCrop`` and ``Normalize`` become their
+    torchvision v2 counterparts (antialiased resize with vectorised uint8 kernels, several times faster than PIL's)
+    and ``ToTensor`` a conversion to float in [0,1]; an identity ``Normalize`` is dropped. Decoding gives PIL's pixels exactly; resizing
+    stays within 2 grey levels of PIL's, 0.01 levels on average (the two libraries round their fixed-point
+    resampling differently; ``tests/test_data.py`` checks the bounds). PIL-only steps (timm's
     ``RandomResizedCropAndInterpolation`` of ``augment=rrc``, ``ResizeKeepRatio``) return None: callers then decode
     with PIL.
     """
     import torchvision.transforms as T
+    from torchvision.transforms import v2
 
     steps = []
     for t in getattr(transform, "transforms", [transform]):
         if isinstance(t, T.ToTensor):  # also timm's MaybeToTensor, a subclass
-            steps.append(T.ConvertImageDtype(torch.float32))
-        elif isinstance(t, (T.Resize, T.CenterCrop, T.Normalize)) and getattr(t, "antialias", True) is not False:
-            steps.append(t)
+            steps.append(v2.ToDtype(torch.float32, scale=True))
+        elif isinstance(t, T.Resize) and t.antialias is not False:
+            # v2's kernel resizes uint8 directly (v1's functional casts to float first, which is slower than PIL)
+            steps.append(v2.Resize(t.size, interpolation=t.interpolation, max_size=t.max_size, antialias=True))
+        elif isinstance(t, T.CenterCrop):
+            steps.append(v2.CenterCrop(t.size))
+        elif isinstance(t, T.Normalize):
+            if any(m != 0 for m in t.mean) or any(s != 1 for s in t.std):
+                steps.append(v2.Normalize(list(t.mean), list(t.std)))
         else:
             return None
-    return T.Compose(steps)
+    return v2.Compose(steps)
