@@ -34,6 +34,23 @@ def build(arch: str):
     return ClipClassifier(tower, head, cfg), size
 
 
+def text_side(arch: str, classes: int = 1000):
+    """A randomly initialised open_clip text side of the same CLIP (for recipes that train it, e.g. ``flyp``)."""
+    import open_clip
+
+    from grace_plugin.models.clip import ClipBundle, register_open_clip_config, tiny_clip_config
+    from grace_plugin.recipes import TextSide
+
+    if arch == "tiny":
+        name, cfg = "GRACE-Tiny-32", tiny_clip_config()
+        register_open_clip_config(name, cfg)
+    else:
+        name = {"vit_b32": "ViT-B-32-quickgelu", "vit_b16": "ViT-B-16-quickgelu"}[arch]
+        cfg = open_clip.get_model_config(name)
+    bundle = ClipBundle(name, cfg, open_clip.create_model(name, pretrained=None).eval())
+    return TextSide(bundle, [f"class {i}" for i in range(classes)], ["a photo of a {c}."])
+
+
 def interleaved(fns: dict, reps: int, sync) -> dict:
     """Median seconds per call of each function, timed in ``reps`` interleaved rounds (after one warm-up round), so
     that drift on a busy or throttled machine hits every recipe alike and the ratios stay side by side."""
@@ -93,7 +110,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from grace_plugin.finetune import build_config
-    from grace_plugin.recipes import StepContext, create_recipe, list_recipes
+    from grace_plugin.recipes import StepContext, create_recipe, get_recipe_class, list_recipes
     from grace_plugin.trainer import autocast_factory
 
     device = torch.device(a.device)
@@ -112,7 +129,8 @@ def main() -> None:
         cfg = build_config(name, overrides=[o for o in a.overrides if o.startswith(("recipe.", "train."))]
                            if name != "ft" else None).recipe
         try:
-            rec = create_recipe(name, copy.deepcopy(base).to(device), cfg)
+            text = text_side(a.arch) if getattr(get_recipe_class(name), "uses_text", False) else None
+            rec = create_recipe(name, copy.deepcopy(base).to(device), cfg, text=text)
         except Exception as e:  # a recipe that needs extra inputs (e.g. a text tower) is reported, not hidden
             print(f"{name:10s} skipped: {e}")
             continue
