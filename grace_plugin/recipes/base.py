@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RecipeConfig", "Recipe", "StepContext", "StepOutput", "TextSide", "register_recipe", "create_recipe",
-           "list_recipes", "get_recipe_class", "UnknownRecipeError"]
+__all__ = ["RecipeConfig", "Recipe", "FrozenOriginal", "StepContext", "StepOutput", "TextSide", "register_recipe",
+           "create_recipe", "list_recipes", "get_recipe_class", "UnknownRecipeError"]
 
 
 class UnknownRecipeError(KeyError):
@@ -174,3 +174,22 @@ class Recipe:
 
         merge_lora(self.model.visual)
         return self.model
+
+
+class FrozenOriginal:
+    """Mixin for recipes that compare with the model as it was (FARE's φ_orig, PMG-AFT's p_0): ``self.original`` is a
+    frozen copy in eval mode, taken before the recipe changes anything (LoRA injection included), and moves with
+    ``to``. List it before ``Recipe``: ``class FARE(FrozenOriginal, Recipe)``."""
+
+    def __init__(self, model, cfg):
+        import copy
+
+        self.original = copy.deepcopy(model).eval()
+        for p in self.original.parameters():
+            p.requires_grad_(False)
+        super().__init__(model, cfg)
+
+    def to(self, device):
+        super().to(device)
+        self.original.to(device)
+        return self

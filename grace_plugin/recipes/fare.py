@@ -18,13 +18,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import Recipe, StepContext, StepOutput, register_recipe
+from .base import FrozenOriginal, Recipe, StepContext, StepOutput, register_recipe
 from .tecoa import AdvConfig
 
 __all__ = ["FAREConfig", "FARE", "embedding_pgd_class", "embedding_l2", "fare_embedding"]
@@ -92,19 +91,8 @@ class FAREConfig(AdvConfig):
 
 
 @register_recipe("fare")
-class FARE(Recipe):
+class FARE(FrozenOriginal, Recipe):  # self.original: φ_orig, frozen, taken before any LoRA injection
     Config = FAREConfig
-
-    def __init__(self, model, cfg: FAREConfig):
-        self.original = copy.deepcopy(model).eval()  # φ_orig: frozen, taken before any LoRA injection
-        for p in self.original.parameters():
-            p.requires_grad_(False)
-        super().__init__(model, cfg)
-
-    def to(self, device):
-        super().to(device)
-        self.original.to(device)
-        return self
 
     def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
         cfg, model = self.cfg, self.model

@@ -18,13 +18,12 @@ Example:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .base import Recipe, StepContext, StepOutput, register_recipe
+from .base import FrozenOriginal, Recipe, StepContext, StepOutput, register_recipe
 from .grace import pgd_attack
 from .tecoa import AdvConfig
 
@@ -49,21 +48,13 @@ class PMGAFTConfig(AdvConfig):
 
 
 @register_recipe("pmg_aft")
-class PMGAFT(Recipe):
+class PMGAFT(FrozenOriginal, Recipe):  # self.original: p_0, the frozen original model
     Config = PMGAFTConfig
 
     def __init__(self, model, cfg: PMGAFTConfig):
         if cfg.ori_input not in ("adv", "clean"):
             raise ValueError(f"pmg_aft: recipe.ori_input must be adv|clean, got {cfg.ori_input!r}")
-        self.original = copy.deepcopy(model).eval()
-        for p in self.original.parameters():
-            p.requires_grad_(False)
         super().__init__(model, cfg)
-
-    def to(self, device):
-        super().to(device)
-        self.original.to(device)
-        return self
 
     def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
         cfg, model = self.cfg, self.model
