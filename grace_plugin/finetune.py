@@ -48,7 +48,7 @@ def build_config(recipe: str, config_file: str | Path | None = None, overrides: 
 def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, cfg: RunConfig,
               progress: bool = True, resume: bool = False) -> Path:
     """Fine-tune the CLIP ``init`` with ``recipe`` on the train split of shard set ``data``; write ``out``."""
-    from .data.loader import make_train_loader
+    from .data.loader import DECODERS, make_train_loader
     from .data.shards import count_samples, open_shard_set
     from .data.transforms import train_transform
     from .models.clip import classifier_from_clip, load_clip, text_state_dict, tower_spec
@@ -58,6 +58,8 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
     rank, world = init_distributed()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
     shards = open_shard_set(data, split=cfg.data.train_split)
     classnames = shards.require_classnames()
+    if cfg.data.decode not in DECODERS:
+        raise ValueError(f"data.decode {cfg.data.decode!r} is not a decoder; valid: {', '.join(DECODERS)}")
     device = resolve_device(cfg.train.device)
     bundle = load_clip(init)
     model = classifier_from_clip(bundle, classnames, shards.templates or [], device="cpu")
