@@ -86,14 +86,20 @@ def test_grace_curvature_allocation_and_awp(tiny_classifier, tiny_batch):
     assert all(not m.awp_enabled for m in rec.layers.values())
 
 
+@pytest.mark.parametrize("attack", ["default", "eps0"])
 @pytest.mark.parametrize("name", list_recipes())
-def test_declared_forward_passes(name, tiny_classifier, tiny_batch, tiny_clip_dir, tiny_world):
+def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny_clip_dir, tiny_world):
     """A recipe's step runs exactly the tower forwards its ``pass_counts`` declares (bench/step_cost.py's floor):
-    counted by a global forward hook on every ViT tower, in units of one batch."""
+    counted by a global forward hook on every ViT tower, in units of one batch; also with the attack off (eps 0)."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    rec = create_recipe(name, tiny_classifier, _recipe_cfg(name), text=_text_side(tiny_clip_dir, tiny_world))
+    cfg = _recipe_cfg(name)
+    if attack == "eps0":
+        if not hasattr(cfg, "pgd_eps"):
+            pytest.skip(f"{name} has no training attack")
+        cfg.pgd_eps = 0.0
+    rec = create_recipe(name, tiny_classifier, cfg, text=_text_side(tiny_clip_dir, tiny_world))
     passes = rec.pass_counts()
     if passes is None:
         pytest.skip(f"{name} declares no pass counts")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .base import FrozenOriginal, Recipe, StepContext, StepOutput, register_recipe
+from .grace import attack_steps
 from .tecoa import AdvConfig
 
 __all__ = ["FAREConfig", "FARE", "embedding_pgd_class", "embedding_l2", "fare_embedding"]
@@ -99,7 +100,7 @@ class FARE(FrozenOriginal, Recipe):  # self.original: φ_orig, frozen, taken bef
         x = batch["image"].to(ctx.device)
         with torch.no_grad(), ctx.autocast():
             target = fare_embedding(self.original, x).float()
-        if cfg.pgd_eps > 0 and cfg.pgd_steps > 0:
+        if attack_steps(cfg.pgd_eps, cfg.pgd_steps):
             atk = embedding_pgd_class()(model, cfg.pgd_eps, cfg.pgd_alpha, cfg.pgd_steps, cfg.pgd_random_start)
             atk.set_device(x.device)
             with (ctx.autocast or contextlib.nullcontext)():
@@ -124,6 +125,6 @@ class FARE(FrozenOriginal, Recipe):  # self.original: φ_orig, frozen, taken bef
     def pass_counts(self) -> dict[str, float]:
         """The frozen original model's forward (target); PGD: k forwards + k input backwards; the adversarial
         forward (plus the clean one when ``clean_weight`` > 0) and its backward."""
-        k = self.cfg.pgd_steps if self.cfg.pgd_eps > 0 else 0
+        k = attack_steps(self.cfg.pgd_eps, self.cfg.pgd_steps)
         n = 2 if self.cfg.clean_weight else 1
         return {"forward": 1 + k + n, "input_backward": k, "backward": n}

@@ -35,7 +35,7 @@ from ..models.lora import lora_modules
 from ..perturbation import awp_branch
 from .base import Recipe, RecipeConfig, StepContext, StepOutput, register_recipe
 
-__all__ = ["GraceConfig", "Grace", "pgd_attack"]
+__all__ = ["GraceConfig", "Grace", "pgd_attack", "attack_steps"]
 
 
 @dataclass
@@ -68,6 +68,11 @@ class GraceConfig(RecipeConfig):
     gv_grad: str = "all"  # spec §1.b: gradients through all three embeddings ("all") or not through f_ID ("adv_awp")
 
 
+def attack_steps(eps: float, steps: int) -> int:
+    """The attack steps ``pgd_attack`` (and FARE's embedding attack) actually run: none when eps or steps is 0."""
+    return steps if eps > 0 and steps > 0 else 0
+
+
 def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
                random_start: bool = True, autocast=None) -> torch.Tensor:
     """l_inf PGD on the CE of ``model`` (Eq. 19) in [0,1] pixel space via torchattacks; parameters get no grads."""
@@ -75,7 +80,7 @@ def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float
 
     import torchattacks
 
-    if eps <= 0 or steps <= 0:
+    if not attack_steps(eps, steps):
         return x.detach()
     atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
     atk.set_device(x.device)
@@ -190,7 +195,7 @@ class Grace(Recipe):
         """PGD: k forward+input-backward; clean and adversarial forwards; f_AWP forward; ascent backward (the first
         reuses the adversarial forward); extra ascent steps; final backward through the clean, adv and AWP graphs.
         The curvature measurement (every K steps) is amortised and not counted."""
-        k, t = self.cfg.pgd_steps, self.cfg.awp_steps
+        k, t = attack_steps(self.cfg.pgd_eps, self.cfg.pgd_steps), self.cfg.awp_steps
         return {"forward": k + 2 + 1 + (t - 1), "input_backward": k, "backward": 1 + (t - 1) + 3}
 
     # ------------------------------------------------------------------------------------------ curvature

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import FrozenOriginal, Recipe, StepContext, StepOutput, register_recipe
-from .grace import pgd_attack
+from .grace import attack_steps, pgd_attack
 from .tecoa import AdvConfig
 
 __all__ = ["PMGAFTConfig", "PMGAFT", "pmg_aft_loss"]
@@ -71,5 +71,5 @@ class PMGAFT(FrozenOriginal, Recipe):  # self.original: p_0, the frozen original
     def pass_counts(self) -> dict[str, float]:
         """PGD: k forwards + k input backwards; one forward of [x_adv; x] (2 batches) and its backward; the frozen
         original model's forward."""
-        k = self.cfg.pgd_steps if self.cfg.pgd_eps > 0 else 0
+        k = attack_steps(self.cfg.pgd_eps, self.cfg.pgd_steps)
         return {"forward": k + 2 + 1, "input_backward": k, "backward": 2}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from .base import Recipe, RecipeConfig, StepContext, StepOutput, register_recipe
-from .grace import pgd_attack
+from .grace import attack_steps, pgd_attack
 
 __all__ = ["TeCoAConfig", "TeCoA", "AdvConfig"]
 
@@ -58,5 +58,5 @@ class TeCoA(Recipe):
 
     def pass_counts(self) -> dict[str, float]:
         """PGD: k forwards + k input backwards; the adversarial forward and its backward."""
-        k = self.cfg.pgd_steps if self.cfg.pgd_eps > 0 else 0
+        k = attack_steps(self.cfg.pgd_eps, self.cfg.pgd_steps)
         return {"forward": k + 1, "input_backward": k, "backward": 1}
