@@ -27,6 +27,8 @@ _COMMON = {"train": {"batch_size": 64, "lr": 1e-4, "weight_decay": 0.1, "warmup_
 # on a CPU; GRACE keeps its PGD-10. Proximity optimizers (ftp/spd/digrap) run without decoupled weight decay, as
 # published (spec §4).
 _PGD_TESTBED = {"pgd_steps": 3, "pgd_alpha": 1.5 / 255}
+_GRACE_TESTBED = {"train": {"lr": 1e-3},
+                  "recipe": {"lora_rank": 8, "lora_alpha": 16.0, "curvature_interval": 50, "awp_rank_max": 4}}
 TESTBED_RECIPE_OVERRIDES: dict[str, dict] = {
     "ft": {"train": {"lr": 1e-4}},
     "lp_ft": {"train": {"lr": 1e-4}, "recipe": {"lp_fraction": 0.3}},
@@ -39,11 +41,8 @@ TESTBED_RECIPE_OVERRIDES: dict[str, dict] = {
     "tecoa": {"train": {"lr": 1e-4}, "recipe": dict(_PGD_TESTBED)},
     "fare": {"train": {"lr": 1e-4}, "recipe": dict(_PGD_TESTBED)},
     "pmg_aft": {"train": {"lr": 1e-4}, "recipe": dict(_PGD_TESTBED)},
-    "grace": {"train": {"lr": 1e-3},
-              "recipe": {"lora_rank": 8, "lora_alpha": 16.0, "curvature_interval": 50, "awp_rank_max": 4}},
-    # the cheaper schedule: GRACE's testbed settings with its own one-step attack
-    "grace_fast": {"train": {"lr": 1e-3},
-                   "recipe": {"lora_rank": 8, "lora_alpha": 16.0, "curvature_interval": 50, "awp_rank_max": 4}},
+    "grace": _GRACE_TESTBED,
+    "grace_fast": _GRACE_TESTBED,  # the cheaper schedule: GRACE's testbed settings with its own one-step attack
 }
 
 

@@ -209,6 +209,9 @@ def test_tensor_decode_matches_the_pil_transform(size, crop_pct):
         if (w, h) == (size, size):
             assert levels.max() < 1e-3  # decoding alone: the same pixels (up to float rounding of x / 255)
         assert levels.max() <= 2 + 1e-3 and levels.mean() < 0.05, (fmt, w, h, float(levels.max()))
+    for bad in (b"", b"\xff\xd8 not a jpeg"):  # empty and corrupt images are decode errors on both paths
+        for kw in ({}, {"tensor_transform": tt}):
+            assert decode_sample({"__key__": "k", "jpg": bad, "cls": b"1"}, tf, **kw)["__skip__"] == "decode_error"
 
 
 def test_tensor_decode_falls_back_to_pil_where_the_transform_needs_it(tiny_world):

@@ -58,11 +58,10 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
     if tensor_transform is not None and not draft_size:
         from torchvision.io import ImageReadMode, decode_image
 
-        data = sample[img_key]
-        try:
-            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.zeros(0, torch.uint8)
-            decoded = decode_image(raw, mode=ImageReadMode.RGB)
-        except Exception:  # torchvision raises RuntimeError for corrupt, truncated or unknown data
+        try:  # an empty buffer fails in frombuffer, corrupt/truncated/unknown data in decode_image
+            decoded = decode_image(torch.frombuffer(bytearray(sample[img_key]), dtype=torch.uint8),
+                                   mode=ImageReadMode.RGB)
+        except Exception:
             return _skip("decode_error", key, url)
         if decoded.dtype == torch.uint8:  # (16-bit PNGs fall through to PIL below)
             return {"image": tensor_transform(decoded), "label": label}
