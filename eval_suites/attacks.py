@@ -14,13 +14,14 @@ from typing import Callable
 
 import torch
 
+from grace_plugin.errors import GraceError
+
 __all__ = ["register_attack", "list_attacks", "create_attack", "get_attack", "UnknownAttackError", "AttackInfo",
            "parse_eps", "format_eps", "InputRangeError", "check_unit_input"]
 
 
-class UnknownAttackError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class UnknownAttackError(GraceError, KeyError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def format_eps(eps: float) -> str:
     return f"{k}/255" if abs(eps * 255 - k) < 1e-6 else repr(float(eps))
 
 
-class InputRangeError(ValueError):
+class InputRangeError(GraceError, ValueError):
     """An attack was asked to run on a model that does not declare [0,1] input."""
 
 

@@ -13,6 +13,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from grace_plugin.errors import GraceError
+
 __all__ = ["ImageNetFolderError", "imagenet_wnids", "imagenet_val_dir", "is_imagenet_folder", "check_imagenet_folder",
            "imagenet_batches", "imagenet_classnames", "CORRUPTIONS", "imagenet_c_batches"]
 
@@ -21,7 +23,7 @@ CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise"
                "zoom_blur", "frost", "glass_blur", "impulse_noise", "contrast", "jpeg_compression", "elastic_transform")
 
 
-class ImageNetFolderError(ValueError):
+class ImageNetFolderError(GraceError, ValueError):
     """An ImageNet folder that RobustBench would mislabel or cannot read; the message names what is wrong."""
 
 

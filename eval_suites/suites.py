@@ -18,15 +18,16 @@ from typing import Callable
 
 import torch
 
+from grace_plugin.errors import GraceError
+
 __all__ = ["register_suite", "list_suites", "get_suite", "parse_suite", "UnknownSuiteError", "SuiteContext",
            "EvalSet", "run_suites"]
 
 log = logging.getLogger(__name__)
 
 
-class UnknownSuiteError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class UnknownSuiteError(GraceError, KeyError):
+    pass
 
 
 @dataclass(frozen=True)

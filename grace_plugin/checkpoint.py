@@ -17,13 +17,15 @@ from typing import Any, Iterator
 
 import torch
 
+from .errors import GraceError
+
 __all__ = ["atomic_path", "atomic_write_text", "save_run", "load_run", "load_run_meta", "sha256_file",
            "CheckpointError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GraceError, ValueError):
     """A run folder or weights file that cannot be loaded; the message names the file."""
 
 

@@ -364,20 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import grace_plugin  # noqa: F401  (autoattack shim)
-    from grace_plugin.checkpoint import CheckpointError
-    from grace_plugin.config import ConfigError
-    from grace_plugin.data.shards import ShardSetError
-    from grace_plugin.recipes import UnknownRecipeError
-
-    from eval_suites.attacks import UnknownAttackError
-    from eval_suites.suites import UnknownSuiteError
-    from registry import ModelNotFound
+    from grace_plugin.errors import GraceError
 
     handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
                 "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export,
                 "wise-ft-sweep": _cmd_wise_ft_sweep, "report": _cmd_report}
-    expected = (ConfigError, ShardSetError, UnknownRecipeError, UnknownAttackError, UnknownSuiteError, ModelNotFound,
-                CheckpointError, FileNotFoundError, ValueError)
+    # GraceError is the user-mistake family (grace_plugin.errors). FileNotFoundError/ValueError are still caught here
+    # while the library's remaining plain raises are moved into that family.
+    expected = (GraceError, FileNotFoundError, ValueError)
     try:
         return handlers[a.command](a)
     except expected as e:

@@ -13,11 +13,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import GraceError
+
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "RunConfig", "parse_overrides", "apply_overrides",
            "load_yaml", "to_dict"]
 
 
-class ConfigError(ValueError):
+class ConfigError(GraceError, ValueError):
     """A bad configuration value or field; the message names the field."""
 
 

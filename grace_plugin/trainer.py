@@ -24,6 +24,7 @@ import torch
 
 from .checkpoint import atomic_path
 from .config import TrainConfig
+from .errors import GraceError
 from .recipes.base import Recipe, StepContext
 
 __all__ = ["train", "TrainingDiverged", "resolve_device", "autocast_factory", "TrainResult", "init_distributed",
@@ -32,8 +33,8 @@ __all__ = ["train", "TrainingDiverged", "resolve_device", "autocast_factory", "T
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(GraceError, RuntimeError):
+    """Too many non-finite steps in a row; the message names the step and the last finite loss."""
 
 
 @dataclass

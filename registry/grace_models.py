@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from grace_plugin.errors import GraceError
 from grace_plugin.models.classifier import ClipClassifier, ZeroShotHead
 from grace_plugin.models.clip import build_tower
 
@@ -50,7 +51,7 @@ default_cfgs: dict = {}
 _CARDS: dict[str, tuple[dict, Path | None]] = {}
 
 
-class RegistryError(ValueError):
+class RegistryError(GraceError, ValueError):
     """A bad model card or registry request; the message names the file or field."""
 
 

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from grace_plugin.errors import GraceError
+
 __all__ = ["LoadedModel", "load_model", "ModelNotFound"]
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(GraceError, ValueError):
     pass
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from grace_plugin.errors import GraceError
+
 __all__ = ["WeightsError", "UnsafeWeightsError", "load_state_dict_safe", "verify_sha256"]
 
 
-class WeightsError(ValueError):
+class WeightsError(GraceError, ValueError):
     """A weights file that cannot be used; the message names the file."""
 
 

@@ -21,13 +21,15 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import GraceError
+
 __all__ = ["ShardSet", "ShardSetError", "open_shard_set", "read_lines", "count_samples", "imagenet_metadata"]
 
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
 _REMOTE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://|pipe:)")
 
 
-class ShardSetError(ValueError):
+class ShardSetError(GraceError, ValueError):
     """A shard folder that cannot be used; the message names the file."""
 
 

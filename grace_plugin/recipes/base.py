@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import GraceError
+
 __all__ = ["RecipeConfig", "Recipe", "FrozenOriginal", "StepContext", "StepOutput", "TextSide", "register_recipe",
            "create_recipe", "list_recipes", "get_recipe_class", "UnknownRecipeError"]
 
 
-class UnknownRecipeError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class UnknownRecipeError(GraceError, KeyError):
+    pass
 
 
 @dataclass

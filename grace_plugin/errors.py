@@ -1,0 +1,27 @@
+"""The one exception family for user mistakes.
+
+Anything a user can get wrong (a path, a config field, a flag, a name, a file's contents) raises a subclass of
+:class:`GraceError` whose message names the file, field or flag. The ``grace`` CLI prints such an error as one
+line and exits 2; every other exception is a bug in this package and keeps its traceback (exit 1).
+
+Subclasses may also derive from a builtin (``ValueError``, ``KeyError``, ``FileNotFoundError``) so library callers
+that catch the builtin keep working; the CLI catches only ``GraceError``.
+"""
+from __future__ import annotations
+
+__all__ = ["GraceError", "UsageError", "InputNotFound"]
+
+
+class GraceError(Exception):
+    """Base of every user-facing error: the message is one line naming what to fix."""
+
+    def __str__(self) -> str:  # KeyError subclasses would otherwise print their message quoted
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class UsageError(GraceError, ValueError):
+    """A bad flag, config value or argument combination; the message names the flag or field."""
+
+
+class InputNotFound(GraceError, FileNotFoundError):
+    """A path the user named does not exist; the message names the path and what it was for."""
