@@ -28,6 +28,9 @@ class ImageNetFolderError(GraceError, ValueError):
 
 
 def _helper() -> Path:
+    from grace_plugin._compat import check_robustbench_install
+
+    check_robustbench_install()
     import robustbench
 
     return Path(robustbench.__file__).parent / "helper_files"

@@ -113,6 +113,9 @@ def run_robustbench(model, imagenet_dir: str | Path, preprocessing, eps: float =
     or crash on an incomplete folder. ``model`` must take [0,1] input (checked by the caller).
     """
     import torch
+    from grace_plugin._compat import check_robustbench_install
+
+    check_robustbench_install()
     from robustbench.eval import benchmark
 
     from .imagenet import check_imagenet_folder

@@ -55,3 +55,47 @@ def install_autoattack_shim() -> bool:
     sys.modules["autoattack"] = shim
     sys.modules["autoattack.state"] = shim.state
     return True
+
+
+def changed_files(dist_name: str) -> list[str]:
+    """Files of an installed distribution whose bytes differ from the sha256 its RECORD lists (or that are missing).
+
+    Needed because torchattacks 3.5.1's wheel bundles an older copy of the ``robustbench`` package (its RECORD lists
+    ``robustbench/utils.py`` etc.). Installed after robustbench 1.1.1, it silently replaces robustbench's files with
+    code that lacks the timm hook of ``robustbench.utils.load_model`` and differs in ``robustbench.eval``; which copy
+    wins depends on the installer's order. See https://peps.python.org/pep-0376/#record for the RECORD format.
+    """
+    import base64
+    import hashlib
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        return []
+    bad = []
+    for f in dist.files or ():
+        if f.hash is None:
+            continue
+        path = f.locate()
+        try:
+            data = path.read_bytes()
+        except OSError:
+            bad.append(str(f))
+            continue
+        digest = base64.urlsafe_b64encode(hashlib.new(f.hash.mode, data).digest()).rstrip(b"=").decode()
+        if digest != f.hash.value:
+            bad.append(str(f))
+    return bad
+
+
+def check_robustbench_install() -> None:
+    """Refuse to run RobustBench code that is not robustbench's own (see :func:`changed_files`)."""
+    from .errors import BrokenInstall
+
+    bad = [f for f in changed_files("robustbench") if f.endswith(".py")]
+    if bad:
+        raise BrokenInstall(
+            f"robustbench's installed files differ from its wheel ({', '.join(sorted(bad)[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): torchattacks 3.5.1 bundles an older robustbench copy that overwrote "
+            "them; repair with `python -m pip install --force-reinstall --no-deps robustbench==1.1.1`")

@@ -9,7 +9,7 @@ that catch the builtin keep working; the CLI catches only ``GraceError``.
 """
 from __future__ import annotations
 
-__all__ = ["GraceError", "UsageError", "InputNotFound"]
+__all__ = ["BrokenInstall", "GraceError", "InputNotFound", "UsageError"]
 
 
 class GraceError(Exception):
@@ -25,3 +25,7 @@ class UsageError(GraceError, ValueError):
 
 class InputNotFound(GraceError, FileNotFoundError):
     """A path the user named does not exist; the message names the path and what it was for."""
+
+
+class BrokenInstall(GraceError, ImportError):
+    """A dependency whose installed files are not the ones its own wheel recorded; the message says how to repair."""
