@@ -57,7 +57,7 @@ def _merge(a: dict, b: dict) -> dict:
 class QuickstartConfig:
     out: Path
     seed: int = 0
-    recipes: list[str] = field(default_factory=lambda: ["ft", "grace"])
+    recipes: list[str] = field(default_factory=lambda: ["ft", "tecoa", "grace"])
     steps: int = 300
     n_adv: int = 200
     eps: float = 4 / 255
@@ -67,6 +67,7 @@ class QuickstartConfig:
     size: str = "default"  # "small": a few hundred images and a 2-layer CLIP (smoke tests)
     pretrain_steps: int | None = None
     seeds: int = 1  # fine-tuning/attack seeds seed..seed+seeds-1; rows report mean and spread (sample std)
+    world: str = "v2"  # synthetic world version (grace_plugin.data.synthetic)
 
 
 def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
@@ -104,12 +105,13 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     pre = PretrainConfig(width=64, layers=2, batch_size=64) if cfg.size == "small" else PretrainConfig()
     if cfg.pretrain_steps is not None:
         pre.steps = cfg.pretrain_steps
-    if world.is_file() and json.loads(world.read_text()).get("spec") == asdict(world_spec) \
-            and json.loads(world.read_text()).get("seed") == cfg.seed:
+    meta = json.loads(world.read_text()) if world.is_file() else {}
+    if meta.get("spec") == asdict(world_spec) and meta.get("seed") == cfg.seed \
+            and meta.get("world", "v1") == cfg.world:
         echo(f"[1/4] synthetic world: reusing {data}")
     else:
         echo(f"[1/4] synthetic world -> {data}")
-        write_synthetic_world(data, seed=cfg.seed, spec=world_spec, progress=progress)
+        write_synthetic_world(data, seed=cfg.seed, spec=world_spec, progress=progress, world=cfg.world)
     echo(f"[2/4] tiny CLIP -> {pretrained} (cached after the first run)")
     tiny_clip(data, pretrained, cfg=pre, progress=progress)
     req = EvalRequest(id_set=("id", data / "id"), ood_sets=[(n, data / n) for n in OOD_SETS], attack=cfg.attack,
@@ -140,9 +142,33 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
             write_report(dest if len(seeds) == 1 or method != "zero-shot" else dest / f"seed{seed}", report)
             per_seed.append(report["axes"])
         rows.append(_aggregate(method, per_seed))
-    paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps,
-                                            "seconds": round(time.time() - t0, 1)})
-    return {"rows": rows, "paths": paths, "seconds": time.time() - t0}
+    counts = json.loads(world.read_text())["counts"]
+    legend = column_definitions(counts, cfg.attack, cfg.eps, min(cfg.n_adv, counts["id"]["test"]), len(seeds))
+    paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps, "world": cfg.world,
+                                            "columns": legend, "seconds": round(time.time() - t0, 1)})
+    with open(paths["md"], "a") as f:
+        f.write("\n" + legend + "\n")
+    return {"rows": rows, "paths": paths, "seconds": time.time() - t0, "legend": legend}
+
+
+def column_definitions(counts: dict, attack: str, eps: float, n_adv: int, n_seeds: int) -> str:
+    """What each quickstart column is, and the width of one run's 95% sampling interval at 50% accuracy (the
+    widest binomial interval, 1.96 * sqrt(0.25 / n))."""
+    import math
+
+    n_id = counts["id"]["test"]
+    n_ood = sum(counts[s]["test"] for s in OOD_SETS)
+
+    def half(n):
+        return 1.96 * math.sqrt(0.25 / n) * 100
+
+    spread = f"mean ± sample std over {n_seeds} fine-tuning/attack seeds (one world, one pretrained CLIP); " \
+        if n_seeds > 1 else ""
+    return (f"Columns: ID = top-1 (%) on the `id` test set ({n_id} images); OOD = mean top-1 over "
+            f"{', '.join(OOD_SETS)} ({n_ood} images in all); Adv = robust top-1 under {attack.upper()} l_inf "
+            f"eps {eps * 255:g}/255 on the first {n_adv} ID test images; HM = harmonic mean of ID, OOD and Adv. "
+            f"{spread}one run's 95% binomial interval is at most ±{half(n_id):.1f} (ID), "
+            f"±{half(n_ood / len(OOD_SETS)) / math.sqrt(len(OOD_SETS)):.1f} (OOD), ±{half(n_adv):.1f} (Adv) points.")
 
 
 def _aggregate(method: str, axes: list[dict]) -> dict:

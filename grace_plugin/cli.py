@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write the synthetic testbed (WebDataset shards, CLIP_benchmark layout)")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--world", choices=["v1", "v2"], default="v2",
+                   help="world version: v2 (calibrated on the baselines) or v1 (the first design, for comparison)")
     s.add_argument("--size", choices=["default", "small"], default="default",
                    help="small: a few hundred images, for smoke tests")
 
@@ -97,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the whole flow on the embedded testbed in minutes on a CPU")
     q.add_argument("--out", default="quickstart")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--recipes", default="ft,grace", help="comma-separated recipe names, or 'all'")
+    q.add_argument("--recipes", default="ft,tecoa,grace", help="comma-separated recipe names, or 'all'")
     q.add_argument("--steps", type=int, default=300, help="fine-tuning steps per recipe")
     q.add_argument("--n-adv", type=int, default=200, help="ID images attacked per model")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -105,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
     q.add_argument("--seeds", type=int, default=1, help="fine-tune and attack with this many seeds; mean and spread")
     q.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default 1500)")
+    q.add_argument("--world", choices=["v1", "v2"], default="v2", help="synthetic world version (see grace synth)")
     q.add_argument("--no-progress", action="store_true")
 
     sh = sub.add_parser("shards", help="shard utilities")
@@ -159,7 +162,7 @@ def _cmd_synth(a) -> int:
     from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
 
     spec = SyntheticWorldSpec.small() if a.size == "small" else SyntheticWorldSpec()
-    meta = write_synthetic_world(a.out, seed=a.seed, spec=spec, progress=True)
+    meta = write_synthetic_world(a.out, seed=a.seed, spec=spec, progress=True, world=a.world)
     for name, splits in meta["counts"].items():
         print(f"{name:10s} " + "  ".join(f"{k}={v}" for k, v in splits.items()))
     print(f"wrote {a.out}")
@@ -253,10 +256,11 @@ def _cmd_quickstart(a) -> int:
         get_recipe_class(r)
     cfg = QuickstartConfig(out=Path(a.out), seed=a.seed, recipes=recipes, steps=a.steps, n_adv=a.n_adv,
                            overrides=a.overrides, size=a.size, pretrain_steps=a.pretrain_steps,
-                           seeds=a.seeds)
+                           seeds=a.seeds, world=a.world)
     res = run_quickstart(cfg, progress=not a.no_progress)
     print()
     print(summary_markdown(res["rows"]))
+    print(res["legend"] + "\n")
     print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']} "
           f"({res['seconds']:.0f} s)")
     return 0
