@@ -87,6 +87,7 @@ def test_curriculum_schedule_scales_with_run_length():
 
 
 def test_rank_changes_are_counted_and_logged(tiny_classifier, tiny_batch):
+    untouched = copy.deepcopy(tiny_classifier)
     rec = _grace(tiny_classifier, curvature_updates=50, curvature_memory=0.01)  # interval 2, beta 0 on 100 steps
     ctx = lambda s: StepContext(device=torch.device("cpu"), step=s, total_steps=100)  # noqa: E731
     assert rec.after_step(tiny_batch, ctx(1)) == {}  # not a curriculum step
@@ -105,7 +106,7 @@ def test_rank_changes_are_counted_and_logged(tiny_classifier, tiny_batch):
     out = rec.training_step(tiny_batch, ctx(3))
     assert out.logs["awp_rank_changes"] == changed and out.logs["awp_rank_updates"] == 2
     state = rec.state_dict()
-    fresh = _grace(copy.deepcopy(tiny_classifier))
+    fresh = _grace(untouched)
     fresh.load_state_dict(state)
     assert fresh.awp.rank_changes == changed and fresh.ranks == rec.ranks
 
