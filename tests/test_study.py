@@ -61,3 +61,20 @@ def test_study_tune_writes_selected_values_as_data(study_dir, tmp_path, monkeypa
     assert (out / "val_split" / "test" / "nshards.txt").is_file()  # held out of ID train
     assert method_config("ft").train.lr == ft["values"]["train.lr"]  # tuned.yaml is read back by every run
     assert "# [ft] 2 trials" in (d / "tuned.yaml").read_text()
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores (Hessian power iteration and an attack per row)
+def test_study_geometry_smoke(study_dir):
+    """The geometry study (tiny Hessian budget): lambda_max, centroid cosines, dLID and drift per row, verdicts."""
+    from eval_suites.studies import StudyConfig, run_study
+
+    out = study_dir / "geo"
+    cfg = StudyConfig(name="geometry", out=out, steps=2, n_adv=4, size="small", pretrain_steps=10,
+                      overrides=["train.batch_size=8"], n_geometry=24, geometry_iters=2)
+    doc = run_study(cfg, echo=lambda *a: None)["doc"]
+    assert list(doc["rows"]) == ["zero-shot", "ft", "tecoa", "grace"]
+    zs, ft = doc["rows"]["zero-shot"]["geometry"], doc["rows"]["ft"]["geometry"]
+    assert zs["drift"] == pytest.approx(0.0, abs=1e-9) and ft["drift"] > 0  # drift is measured from zero-shot
+    assert all(g["lambda_max"] is not None and -1 <= g["centroid_adv"] <= 1 for g in (zs, ft))
+    assert [v["claim"] for v in doc["verdicts"]][0] == "lower lambda_max than FT"
+    assert "## Geometry" in (out / "study.md").read_text()
