@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TESTBED_DIR", "Method", "load_methods", "load_studies", "load_tuning", "load_tuned", "load_yaml_attack", "merge", "method_config",
-           "nest", "testbed_dir"]
+__all__ = ["TESTBED_DIR", "Method", "load_methods", "load_studies", "load_tuning", "load_tuned", "load_yaml_attack",
+           "merge", "method_config", "nest", "testbed_dir"]
 
 TESTBED_DIR = Path(__file__).resolve().parents[1] / "configs" / "testbed"
 
