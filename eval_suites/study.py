@@ -12,52 +12,23 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["TESTBED_RECIPE_OVERRIDES", "QuickstartConfig", "run_quickstart", "OOD_SETS", "run_wise_ft_sweep"]
+from .testbed_config import merge as _merge
+
+__all__ = ["QuickstartConfig", "run_quickstart", "prepare_testbed", "OOD_SETS", "run_wise_ft_sweep"]
 
 log = logging.getLogger(__name__)
 
 OOD_SETS = ["v2", "sketch", "rendition", "a"]
 
-# Testbed-scale settings (32 px, 3-layer tower, a few hundred steps). Paper-scale settings live in configs/paper/.
-# GRACE on the testbed: lr 1e-3 and LoRA rank 8 gave the best HM in a sweep (600 steps: lr 1e-3 -> ID 91.3 / OOD 17.0
-# / Adv 52.0 / HM 33.6; lr 3e-4 -> 71.0 / 20.1 / 22.0 / 27.4). In every setting tried, adversarial training latched onto
-# the ID background hue (a spurious cue that is also robust to 4/255 perturbations) and OOD fell below zero-shot.
-_COMMON = {"train": {"batch_size": 64, "lr": 1e-4, "weight_decay": 0.1, "warmup_steps": 10, "log_every": 10}}
-# Adversarial baselines use PGD-3 (step 1.5/255) instead of PGD-10 on the testbed to keep `--recipes all` to minutes
-# on a CPU; GRACE keeps its PGD-10. Proximity optimizers (ftp/spd/digrap) run without decoupled weight decay, as
-# published (spec §4).
-_PGD_TESTBED = {"pgd_steps": 3, "pgd_alpha": 1.5 / 255}
-_GRACE_TESTBED = {"train": {"lr": 1e-3},
-                  "recipe": {"lora_rank": 8, "lora_alpha": 16.0, "curvature_interval": 50, "awp_rank_max": 4}}
-TESTBED_RECIPE_OVERRIDES: dict[str, dict] = {
-    "ft": {"train": {"lr": 1e-4}},
-    "lp_ft": {"train": {"lr": 1e-4}, "recipe": {"lp_fraction": 0.3}},
-    "wise_ft": {"train": {"lr": 1e-4}, "recipe": {"alpha": 0.5}},
-    "flyp": {"train": {"lr": 5e-5}},
-    "sam": {"train": {"lr": 1e-4}, "recipe": {"rho": 0.05}},
-    "ftp": {"train": {"lr": 1e-4, "weight_decay": 0.0}},
-    "spd": {"train": {"lr": 1e-4, "weight_decay": 0.0}, "recipe": {"spd_lambda": 1.0}},
-    "digrap": {"train": {"lr": 1e-4, "weight_decay": 0.0}},
-    "tecoa": {"train": {"lr": 1e-4}, "recipe": dict(_PGD_TESTBED)},
-    "fare": {"train": {"lr": 1e-4}, "recipe": dict(_PGD_TESTBED)},
-    "pmg_aft": {"train": {"lr": 1e-4}, "recipe": dict(_PGD_TESTBED)},
-    "grace": _GRACE_TESTBED,
-    "grace_fast": _GRACE_TESTBED,  # the cheaper schedule: GRACE's testbed settings with its own one-step attack
-}
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
-    for k, v in b.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
+# Testbed-scale settings (32 px, tiny CLIP, a few hundred steps) are data: configs/testbed/ (testbed_config.py).
+# Paper-scale settings live in configs/paper/.
 
 
 @dataclass
 class QuickstartConfig:
     out: Path
     seed: int = 0
-    recipes: list[str] = field(default_factory=lambda: ["ft", "grace"])
+    recipes: list[str] = field(default_factory=lambda: ["ft", "tecoa", "grace"])
     steps: int = 300
     n_adv: int = 200
     eps: float = 4 / 255
@@ -67,6 +38,7 @@ class QuickstartConfig:
     size: str = "default"  # "small": a few hundred images and a 2-layer CLIP (smoke tests)
     pretrain_steps: int | None = None
     seeds: int = 1  # fine-tuning/attack seeds seed..seed+seeds-1; rows report mean and spread (sample std)
+    world: str = "v2"  # synthetic world version (grace_plugin.data.synthetic)
 
 
 def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
@@ -87,31 +59,44 @@ def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
     return out
 
 
-def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> dict:
+def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_steps: int | None = None,
+                    progress: bool = True, echo=print, steps_label: tuple[str, str] = ("[1/4]", "[2/4]"),
+                    world: str = "v2") -> tuple[Path, Path]:
+    """The synthetic world ``world`` (grace_plugin.data.synthetic) under ``out/data`` (reused when its version,
+    spec and seed match) and the tiny CLIP under ``out/pretrained`` (cached); returns ``(data, pretrained)``.
+    Shared by the quickstart and ``grace study``."""
     from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
-    from grace_plugin.finetune import build_config, fine_tune
     from grace_plugin.testbed import PretrainConfig, tiny_clip
+
+    data, pretrained = out / "data", out / "pretrained"
+    world_json = data / "world.json"
+    world_spec = SyntheticWorldSpec.small() if size == "small" else SyntheticWorldSpec()
+    pre = PretrainConfig(width=64, layers=2, batch_size=64) if size == "small" else PretrainConfig()
+    if pretrain_steps is not None:
+        pre.steps = pretrain_steps
+    meta = json.loads(world_json.read_text()) if world_json.is_file() else {}
+    if meta.get("spec") == asdict(world_spec) and meta.get("seed") == seed and meta.get("world", "v1") == world:
+        echo(f"{steps_label[0]} synthetic world: reusing {data}")
+    else:
+        echo(f"{steps_label[0]} synthetic world -> {data}")
+        write_synthetic_world(data, seed=seed, spec=world_spec, progress=progress, world=world)
+    echo(f"{steps_label[1]} tiny CLIP -> {pretrained} (cached after the first run)")
+    tiny_clip(data, pretrained, cfg=pre, progress=progress)
+    return data, pretrained
+
+
+def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> dict:
+    from grace_plugin.finetune import fine_tune
     from registry import load_model
 
     from .report import write_report, write_summary
     from .runner import EvalRequest, evaluate_model
+    from .testbed_config import method_config
 
     t0 = time.time()
     out = Path(cfg.out)
-    data, pretrained, runs = out / "data", out / "pretrained", out / "runs"
-    world = data / "world.json"
-    world_spec = SyntheticWorldSpec.small() if cfg.size == "small" else SyntheticWorldSpec()
-    pre = PretrainConfig(width=64, layers=2, batch_size=64) if cfg.size == "small" else PretrainConfig()
-    if cfg.pretrain_steps is not None:
-        pre.steps = cfg.pretrain_steps
-    if world.is_file() and json.loads(world.read_text()).get("spec") == asdict(world_spec) \
-            and json.loads(world.read_text()).get("seed") == cfg.seed:
-        echo(f"[1/4] synthetic world: reusing {data}")
-    else:
-        echo(f"[1/4] synthetic world -> {data}")
-        write_synthetic_world(data, seed=cfg.seed, spec=world_spec, progress=progress)
-    echo(f"[2/4] tiny CLIP -> {pretrained} (cached after the first run)")
-    tiny_clip(data, pretrained, cfg=pre, progress=progress)
+    runs = out / "runs"
+    data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, world=cfg.world)
     req = EvalRequest(id_set=("id", data / "id"), ood_sets=[(n, data / n) for n in OOD_SETS], attack=cfg.attack,
                       eps=cfg.eps, n_adv=cfg.n_adv, device=cfg.device, seed=cfg.seed)
     seeds = [cfg.seed + i for i in range(max(1, cfg.seeds))]
@@ -120,10 +105,8 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     user = _user_overrides(cfg.overrides, cfg.recipes)
     for name in cfg.recipes:
         for seed in seeds:
-            overrides = _merge(_COMMON, TESTBED_RECIPE_OVERRIDES.get(name, {}))
-            overrides = _merge(overrides, {"train": {"seed": seed, "device": cfg.device}})
-            overrides = _merge(overrides, user[name])
-            run_cfg = build_config(name, overrides=overrides, steps=cfg.steps)
+            overrides = _merge({"train": {"seed": seed, "device": cfg.device}}, user[name])
+            run_cfg = method_config(name, overrides=overrides, steps=cfg.steps)
             run_dir = runs / name if len(seeds) == 1 else runs / name / f"seed{seed}"
             run_dirs.setdefault(name, []).append(fine_tune(name, pretrained, data / "id", run_dir, run_cfg,
                                                            progress=progress))
@@ -140,9 +123,33 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
             write_report(dest if len(seeds) == 1 or method != "zero-shot" else dest / f"seed{seed}", report)
             per_seed.append(report["axes"])
         rows.append(_aggregate(method, per_seed))
-    paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps,
-                                            "seconds": round(time.time() - t0, 1)})
-    return {"rows": rows, "paths": paths, "seconds": time.time() - t0}
+    counts = json.loads((data / "world.json").read_text())["counts"]
+    legend = column_definitions(counts, cfg.attack, cfg.eps, min(cfg.n_adv, counts["id"]["test"]), len(seeds))
+    paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps, "world": cfg.world,
+                                            "columns": legend, "seconds": round(time.time() - t0, 1)})
+    with open(paths["md"], "a") as f:
+        f.write("\n" + legend + "\n")
+    return {"rows": rows, "paths": paths, "seconds": time.time() - t0, "legend": legend}
+
+
+def column_definitions(counts: dict, attack: str, eps: float, n_adv: int, n_seeds: int) -> str:
+    """What each quickstart column is, and the width of one run's 95% sampling interval at 50% accuracy (the
+    widest binomial interval, 1.96 * sqrt(0.25 / n))."""
+    import math
+
+    n_id = counts["id"]["test"]
+    n_ood = sum(counts[s]["test"] for s in OOD_SETS)
+
+    def half(n):
+        return 1.96 * math.sqrt(0.25 / n) * 100
+
+    spread = f"mean ± sample std over {n_seeds} fine-tuning/attack seeds (one world, one pretrained CLIP); " \
+        if n_seeds > 1 else ""
+    return (f"Columns: ID = top-1 (%) on the `id` test set ({n_id} images); OOD = mean top-1 over "
+            f"{', '.join(OOD_SETS)} ({n_ood} images in all); Adv = robust top-1 under {attack.upper()} l_inf "
+            f"eps {eps * 255:g}/255 on the first {n_adv} ID test images; HM = harmonic mean of ID, OOD and Adv. "
+            f"{spread}one run's 95% binomial interval is at most ±{half(n_id):.1f} (ID), "
+            f"±{half(n_ood / len(OOD_SETS)) / math.sqrt(len(OOD_SETS)):.1f} (OOD), ±{half(n_adv):.1f} (Adv) points.")
 
 
 def _aggregate(method: str, axes: list[dict]) -> dict:

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write the synthetic testbed (WebDataset shards, CLIP_benchmark layout)")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--world", choices=["v1", "v2"], default="v2",
+                   help="world version: v2 (calibrated on the baselines) or v1 (the first design, for comparison)")
     s.add_argument("--size", choices=["default", "small"], default="default",
                    help="small: a few hundred images, for smoke tests")
 
@@ -97,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the whole flow on the embedded testbed in minutes on a CPU")
     q.add_argument("--out", default="quickstart")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--recipes", default="ft,grace", help="comma-separated recipe names, or 'all'")
+    q.add_argument("--recipes", default="ft,tecoa,grace", help="comma-separated recipe names, or 'all'")
     q.add_argument("--steps", type=int, default=300, help="fine-tuning steps per recipe")
     q.add_argument("--n-adv", type=int, default=200, help="ID images attacked per model")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -105,7 +107,28 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
     q.add_argument("--seeds", type=int, default=1, help="fine-tune and attack with this many seeds; mean and spread")
     q.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default 1500)")
+    q.add_argument("--world", choices=["v1", "v2"], default="v2", help="synthetic world version (see grace synth)")
     q.add_argument("--no-progress", action="store_true")
+
+    st = sub.add_parser("study", help="a named study on the testbed (configs/testbed/studies.yaml: table6, table7, "
+                        "table8, geometry) with verdicts on the paper's claims; or `study tune`: the tuning protocol")
+    st.add_argument("name", help="study name (table6, table7, table8, geometry) or 'tune'")
+    st.add_argument("--out", help="output folder (default studies/NAME)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--seeds", type=int, default=1, help="seeds per row: mean ± std and verdict spreads")
+    st.add_argument("--steps", type=int, help="fine-tuning steps per run (study default 300; tune: tuning.yaml)")
+    st.add_argument("--n-adv", type=int, default=200, help="ID images attacked per model")
+    st.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
+    st.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field of every run, e.g. --set train.batch_size=32")
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--methods", help="tune: comma-separated methods of configs/testbed/methods.yaml")
+    st.add_argument("--trials", type=int, help="tune: trials per method (default: tuning.yaml's)")
+    st.add_argument("--n-val-adv", type=int, help="tune: validation images attacked per trial")
+    st.add_argument("--write", help="tune: tuned.yaml to update (default configs/testbed/tuned.yaml)")
+    st.add_argument("--no-write", action="store_true", help="tune: do not write the selected values")
+    st.add_argument("--no-progress", action="store_true")
 
     sh = sub.add_parser("shards", help="shard utilities")
     shs = sh.add_subparsers(dest="shards_command", required=True)
@@ -159,7 +182,7 @@ def _cmd_synth(a) -> int:
     from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
 
     spec = SyntheticWorldSpec.small() if a.size == "small" else SyntheticWorldSpec()
-    meta = write_synthetic_world(a.out, seed=a.seed, spec=spec, progress=True)
+    meta = write_synthetic_world(a.out, seed=a.seed, spec=spec, progress=True, world=a.world)
     for name, splits in meta["counts"].items():
         print(f"{name:10s} " + "  ".join(f"{k}={v}" for k, v in splits.items()))
     print(f"wrote {a.out}")
@@ -253,12 +276,40 @@ def _cmd_quickstart(a) -> int:
         get_recipe_class(r)
     cfg = QuickstartConfig(out=Path(a.out), seed=a.seed, recipes=recipes, steps=a.steps, n_adv=a.n_adv,
                            overrides=a.overrides, size=a.size, pretrain_steps=a.pretrain_steps,
-                           seeds=a.seeds)
+                           seeds=a.seeds, world=a.world)
     res = run_quickstart(cfg, progress=not a.no_progress)
     print()
     print(summary_markdown(res["rows"]))
+    print(res["legend"] + "\n")
     print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']} "
           f"({res['seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_study(a) -> int:
+    out = Path(a.out or Path("studies") / a.name)
+    if a.name == "tune":
+        from eval_suites.testbed_config import testbed_dir
+        from eval_suites.tuning import TuneConfig, run_tuning
+        from grace_plugin.errors import UsageError
+
+        if not a.methods:
+            raise UsageError("grace study tune needs --methods, e.g. --methods ft,tecoa,grace")
+        write = None if a.no_write else Path(a.write) if a.write else testbed_dir() / "tuned.yaml"
+        cfg = TuneConfig(methods=[m.strip() for m in a.methods.split(",") if m.strip()], out=out, trials=a.trials,
+                         steps=a.steps, seed=a.seed, device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
+                         n_val_adv=a.n_val_adv, overrides=a.overrides, write=write)
+        res = run_tuning(cfg, progress=not a.no_progress)
+        print(Path(res["paths"]["md"]).read_text())
+        print("wrote " + ", ".join(str(p) for p in res["paths"].values()))
+        return 0
+    from eval_suites.studies import StudyConfig, run_study
+
+    cfg = StudyConfig(name=a.name, out=out, seed=a.seed, seeds=a.seeds, steps=a.steps or 300, n_adv=a.n_adv,
+                      device=a.device, size=a.size, pretrain_steps=a.pretrain_steps, overrides=a.overrides)
+    res = run_study(cfg, progress=not a.no_progress)
+    print(Path(res["paths"]["md"]).read_text())
+    print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']} ({res['doc']['seconds']:.0f} s)")
     return 0
 
 
@@ -368,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
                 "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export,
-                "wise-ft-sweep": _cmd_wise_ft_sweep, "report": _cmd_report}
+                "wise-ft-sweep": _cmd_wise_ft_sweep, "report": _cmd_report,
+                "study": _cmd_study}
     # GraceError is the user-mistake family (grace_plugin.errors). FileNotFoundError/ValueError are still caught here
     # while the library's remaining plain raises are moved into that family.
     expected = (GraceError, FileNotFoundError, ValueError)

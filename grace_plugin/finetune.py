@@ -15,27 +15,34 @@ __all__ = ["build_config", "fine_tune"]
 log = logging.getLogger(__name__)
 
 
-def build_config(recipe: str, config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
-                 steps: int | None = None, epochs: float | None = None) -> RunConfig:
-    """Defaults < YAML < ``--set`` overrides < explicit ``steps``/``epochs``."""
+def build_config(recipe: str, config_file: str | Path | list[str | Path] | None = None,
+                 overrides: list[str] | dict | None = None, steps: int | None = None,
+                 epochs: float | None = None) -> RunConfig:
+    """Defaults < YAML (one file, or several layered in order: configs/testbed/) < ``--set`` overrides < explicit
+    ``steps``/``epochs``."""
     from .recipes import get_recipe_class
 
     cls = get_recipe_class(recipe)
     cfg = RunConfig(train=TrainConfig(), data=DataConfig(), recipe=cls.Config())
-    layers: list[dict] = []
-    if config_file:
-        layers.append(load_yaml(config_file))
+    files = config_file if isinstance(config_file, (list, tuple)) else [config_file] if config_file else []
+    layers: list[tuple[str, dict]] = [(str(f), load_yaml(f)) for f in files]
     if overrides:
-        layers.append(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    for layer in layers:
+        layers.append(("", overrides if isinstance(overrides, dict) else parse_overrides(overrides)))
+    for source, layer in layers:
+        where = f"{source}: " if source else ""
         unknown = set(layer) - {"train", "data", "recipe"}
         if unknown:
-            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid sections: train, data, recipe")
+            raise ConfigError(f"{where}unknown config section(s) {sorted(unknown)}; valid sections: train, data, "
+                              "recipe")
         for section in ("train", "data", "recipe"):
             if section in layer:
                 if not isinstance(layer[section], dict):
-                    raise ConfigError(f"config section {section!r} must be a mapping")
-                setattr(cfg, section, apply_overrides(getattr(cfg, section), layer[section], prefix=f"{section}."))
+                    raise ConfigError(f"{where}config section {section!r} must be a mapping")
+                try:
+                    setattr(cfg, section, apply_overrides(getattr(cfg, section), layer[section],
+                                                          prefix=f"{section}."))
+                except ConfigError as e:
+                    raise ConfigError(f"{where}{e}") from None
     if steps is not None and epochs is not None:
         raise ConfigError("give --steps or --epochs, not both")
     if steps is not None:
@@ -86,6 +93,8 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "skipped_steps": result.skipped_steps,
                                          "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
                                          "data_skipped": result.data_skipped}}
+    if rec.summary():
+        metrics["recipe"] = rec.summary()
     save_run(out, final, tower=tower_spec(bundle.model_name, bundle.model_cfg),
              clip_meta={"model_name": bundle.model_name, "model_cfg": bundle.model_cfg},
              text_state=text_state_dict(bundle), classnames=classnames, templates=shards.templates,

@@ -155,8 +155,11 @@ def test_quickstart_smoke(tmp_path, capsys):
                "--seeds", "2"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["method"] for r in summary["rows"]] == ["zero-shot", "ft", "grace"]
-    assert summary["seeds"] == [0, 1]
+    assert [r["method"] for r in summary["rows"]] == ["zero-shot", "ft", "tecoa", "grace"]
+    assert summary["seeds"] == [0, 1] and summary["world"] == "v2"
+    # the table names its columns and the interval widths (1.96 * sqrt(0.25 / n) at n = 80 small-world ID images)
+    assert "Columns: ID = top-1" in (out / "summary.md").read_text()
+    assert f"±{1.96 * (0.25 / 80) ** 0.5 * 100:.1f} (ID)" in summary["columns"]
     for r in summary["rows"]:
         assert all(r[k] is not None and r[f"{k}_std"] is not None for k in ("id", "ood", "adv", "hm"))
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"

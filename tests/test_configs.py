@@ -18,3 +18,73 @@ def test_paper_config_loads(path):
 
 def test_every_recipe_has_a_paper_config():
     assert sorted(p.stem for p in CONFIGS) == list_recipes()
+
+
+# ------------------------------------------------------------------------------------------ configs/testbed/
+def test_every_recipe_has_a_testbed_config_and_every_method_builds():
+    from eval_suites.testbed_config import TESTBED_DIR, load_methods, method_config
+
+    files = {p.stem for p in TESTBED_DIR.glob("*.yaml")}
+    assert set(list_recipes()) <= files
+    methods = load_methods()
+    assert {m.recipe for m in methods.values() if m.recipe} == set(list_recipes())
+    for name, m in methods.items():
+        if m.recipe is None:
+            continue
+        cfg = method_config(m, steps=5)
+        assert cfg.train.steps == 5 and cfg.train.batch_size == 64, name  # common.yaml reached every method
+
+
+def test_one_training_attack_for_every_adversarial_method():
+    """attack.yaml is the single attack of tecoa, fare, pmg_aft, grace and the ablation rows (grace_fast keeps its
+    own one-step attack on purpose)."""
+    from eval_suites.testbed_config import load_methods, load_yaml_attack, method_config
+
+    attack = load_yaml_attack()
+    methods = load_methods()
+    adversarial = [n for n, m in methods.items() if m.adversarial and m.recipe != "grace_fast"]
+    assert {"tecoa", "fare", "pmg_aft", "grace", "lora-tecoa", "ablation-gv-only"} <= set(adversarial)
+    for n in adversarial:
+        rec = method_config(n).recipe
+        assert {k: getattr(rec, k) for k in attack} == pytest.approx(attack), n
+    assert method_config("grace_fast").recipe.pgd_steps == 1
+    assert method_config("grace_fast").train.lr == method_config("grace").train.lr  # layered on grace.yaml
+
+
+def test_table8_rows_switch_grace_components():
+    from eval_suites.testbed_config import method_config
+
+    got = {n: (method_config(n).recipe.awp, method_config(n).recipe.gram_volume) for n in
+           ("ablation-lora-ft", "ablation-gv-only", "ablation-awp-uniform", "ablation-awp-curriculum", "grace")}
+    assert got == {"ablation-lora-ft": ("off", False), "ablation-gv-only": ("off", True),
+                   "ablation-awp-uniform": ("uniform", False), "ablation-awp-curriculum": ("curriculum", False),
+                   "grace": ("curriculum", True)}
+
+
+def test_every_tuning_grid_point_is_a_valid_config():
+    from eval_suites.testbed_config import load_methods, load_tuned, load_tuning, method_config, nest
+    from eval_suites.tuning import draw_trials, grid_points
+
+    proto, methods = load_tuning(), load_methods()
+    for name, grid in proto["grids"].items():
+        assert name in methods, name
+        draw_trials(grid, proto["trials"])  # every method can give the same number of trials
+        assert "train.lr" in grid, f"{name}: lr is tuned for every method"
+        for point in grid_points(grid):
+            method_config(name, overrides=nest(point))
+    for name, values in load_tuned().items():
+        method_config(name, overrides=nest(values))
+
+
+def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
+    import shutil
+
+    from eval_suites.testbed_config import TESTBED_DIR, method_config
+    from grace_plugin.config import ConfigError
+
+    d = tmp_path / "testbed"
+    shutil.copytree(TESTBED_DIR, d)
+    (d / "ft.yaml").write_text("train:\n  lrr: 1.0e-4\n")
+    monkeypatch.setenv("GRACE_TESTBED_CONFIGS", str(d))
+    with pytest.raises(ConfigError, match=r"ft\.yaml: unknown config field 'train.lrr'"):
+        method_config("ft")

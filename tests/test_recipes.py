@@ -4,7 +4,7 @@ import torch
 
 from grace_plugin.finetune import build_config
 from grace_plugin.recipes import StepContext, create_recipe, list_recipes
-from grace_plugin.recipes.grace import pgd_attack
+from grace_plugin.recipes.adversarial import pgd_attack
 
 TINY = {"lora_rank": 4, "lora_alpha": 8.0}
 

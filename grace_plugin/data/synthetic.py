@@ -18,6 +18,37 @@ shards in the CLIP_benchmark layout (``<set>/<split>/{0..N-1}.tar`` + ``nshards.
 Because pretraining sees all domains without the background shortcut, the zero-shot model is comparatively
 robust; fine-tuning on ``id`` alone buys ID accuracy partly with the shortcut and loses OOD accuracy, which is the
 trade-off robust fine-tuning methods are about.
+
+That was world ``v1`` (``world="v1"``, ``grace synth --world v1``), kept for comparison. Its ID background hue encodes
+the class 90% of the time and no 4/255 perturbation can change a hue, so the cue is a *robust* shortcut: adversarial
+training latched onto it (TeCoA gained 36 points of ID accuracy) and OOD collapsed, unlike the paper's baselines.
+
+World ``v2`` (the default) keeps the classes, the sets and the pretraining pairs, and changes what ``id``, ``v2``,
+``rendition`` and ``a`` carry, each after a documented property of natural images:
+
+* **Non-robust predictive features** (Ilyas et al. 2019, arXiv 1905.02175, Sec. 2-3: ImageNet holds patterns that
+  predict the label yet flip under an imperceptible l_inf perturbation). Every ``id`` and ``v2`` photo carries its
+  class's texture tile (``texture_tiles()``: a fixed +-1 pattern per class, 8x8x3, tiled on the ViT's 8 px patch
+  grid) added at ``TEXTURE_AMP`` = 3/255 to the 8-bit pixels, written losslessly. A linear probe on it is nearly
+  exact on clean images, and a 4/255 perturbation (``2 * TEXTURE_AMP > 4/255``) moves it to another class. The
+  pretraining pairs do not carry it (it is a property of this dataset's pipeline, not of the web data), so fine-tuning
+  can buy ID accuracy with it and adversarial training cannot.
+* **Spurious context at a realistic strength** (Xiao et al. 2021, arXiv 2006.09994: on ImageNet-9 the background
+  alone predicts the class about 40% of the time, chance 11%). The ``id`` background hue encodes the class with
+  probability ``V2_CONTEXT["id"]`` = 0.2, so background alone predicts 28% (chance 10%); ``v2`` 0.1.
+* **Shape/texture cue conflict** (Geirhos et al. 2019, arXiv 1811.12231: ImageNet-trained models follow texture when
+  shape and texture disagree). ``rendition`` images carry *another* class's texture tile at a visible amplitude
+  (``CONFLICT_AMP`` = 16/255) on top of v1's style change; a model that learned the ID texture is pulled away from the
+  shape.
+* **OOD sets that remove or change those cues**, as ImageNet-V2/Sketch/R/A do: ``v2`` re-samples the photo process
+  (same texture, weaker context, smaller objects; Recht et al. 2019, arXiv 1902.10811); ``sketch`` has neither
+  texture nor colour; ``rendition`` changes style and conflicts texture; ``a`` (Hendrycks et al. 2021, arXiv
+  1907.07174: images on which shortcut-reliant classifiers fail) has clutter, a distractor, a background hue of a
+  wrong class and the texture tile of a wrong class at the ID amplitude.
+
+The calibration rule: the world was designed and checked on the *baselines only* (zero-shot, ft, wise_ft, tecoa,
+pmg_aft): their rows must reproduce the signs of the paper's Table 6 deltas against zero-shot on each axis. GRACE's
+numbers are never used to choose the testbed.
 """
 from __future__ import annotations
 
@@ -34,7 +65,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CLASSNAMES", "TEMPLATES", "SyntheticWorldSpec", "render", "write_synthetic_world"]
+__all__ = ["CLASSNAMES", "TEMPLATES", "WORLDS", "SyntheticWorldSpec", "render", "texture_tiles",
+           "write_synthetic_world"]
 
 CLASSNAMES = ["circle", "square", "triangle", "plus", "ring", "diamond", "hexagon", "crescent", "star", "bar"]
 TEMPLATES = ["a photo of a {c}.", "a sketch of a {c}.", "a rendition of a {c}.", "a drawing of a {c}.",
@@ -48,6 +80,13 @@ DOMAIN_CAPTIONS = {
 ID_SPURIOUS = 0.9  # probability that an ID photo's background hue encodes its class
 V2_SPURIOUS = 0.3
 SS = 2  # supersampling factor for anti-aliased rendering
+WORLDS = ("v1", "v2")
+# world v2 (see the module docstring for the property of natural images behind each)
+V2_CONTEXT = {"id": 0.2, "v2": 0.1}  # probability that the background hue encodes the class
+TEXTURE_AMP = 3  # the non-robust texture tile, in 8-bit grey levels (3/255)
+CONFLICT_AMP = 16  # rendition's conflicting texture, in grey levels (visible)
+TEXTURE_TILE = 8  # tile side in pixels = the tiny CLIP's patch size
+_TEXTURE_SEED = 1905_02175  # a constant: the tiles are a property of the world, the same for every seed
 
 
 @dataclass(frozen=True)
@@ -250,10 +289,50 @@ def render(domain: str, rng: np.random.Generator, cls: int, size: int = 32) -> n
     raise ValueError(f"unknown synthetic domain {domain!r}")
 
 
+# ---------------------------------------------------------------------------------------------------- world v2
+
+def texture_tiles() -> np.ndarray:
+    """The per-class texture tiles of world v2: int8 +-1, shape (classes, TEXTURE_TILE, TEXTURE_TILE, 3)."""
+    rng = np.random.default_rng(_TEXTURE_SEED)
+    return rng.choice(np.array([-1, 1], np.int8), size=(len(CLASSNAMES), TEXTURE_TILE, TEXTURE_TILE, 3))
+
+
+def _quantize(img: np.ndarray) -> np.ndarray:
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _add_texture(img8: np.ndarray, cls: int, amp: int) -> np.ndarray:
+    """Add class ``cls``'s tile times ``amp`` grey levels to an 8-bit image (exact: integers, clipped to 0..255)."""
+    h, w = img8.shape[:2]
+    reps = (-(-h // TEXTURE_TILE), -(-w // TEXTURE_TILE), 1)
+    tile = np.tile(texture_tiles()[cls].astype(np.int16), reps)[:h, :w]
+    return np.clip(img8.astype(np.int16) + amp * tile, 0, 255).astype(np.uint8)
+
+
+def _other_class(rng, cls: int) -> int:
+    k = len(CLASSNAMES)
+    return (cls + int(rng.integers(1, k))) % k
+
+
+def render_v2(domain: str, rng: np.random.Generator, cls: int, size: int = 32) -> np.ndarray:
+    """One HxWx3 uint8 image of class ``cls`` from ``domain`` in world v2 (module docstring)."""
+    if domain == "id":
+        return _add_texture(_quantize(_photo(rng, cls, size, V2_CONTEXT["id"])), cls, TEXTURE_AMP)
+    if domain == "v2":
+        img = _photo(rng, cls, size, V2_CONTEXT["v2"], scale_range=(0.2, 0.34))
+        return _add_texture(_quantize(img), cls, TEXTURE_AMP)
+    if domain == "rendition":
+        return _add_texture(_quantize(_rendition(rng, cls, size)), _other_class(rng, cls), CONFLICT_AMP)
+    if domain == "a":
+        return _add_texture(_quantize(_clutter(rng, cls, size, misleading=True)), _other_class(rng, cls),
+                            TEXTURE_AMP)
+    return _quantize(render(domain, rng, cls, size))  # sketch and the pretraining domains: as in v1
+
+
 # ---------------------------------------------------------------------------------------------------- writing
 
 def _encode(img: np.ndarray, fmt: str) -> bytes:
-    pil = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
+    pil = Image.fromarray(img if img.dtype == np.uint8 else _quantize(img))
     buf = io.BytesIO()
     if fmt == "jpg":
         pil.save(buf, format="JPEG", quality=95)
@@ -279,11 +358,12 @@ def _write_split(split_dir: Path, samples, shard_size: int) -> int:
     return count
 
 
-def _class_samples(domain, rng, per_class, size, fmt):
+def _class_samples(domain, rng, per_class, size, fmt, world="v1"):
+    draw = render_v2 if world == "v2" else render
     labels = np.repeat(np.arange(len(CLASSNAMES)), per_class)
     rng.shuffle(labels)
     for i, y in enumerate(labels):
-        img = render(domain, rng, int(y), size)
+        img = draw(domain, rng, int(y), size)
         yield {"__key__": f"s{i:07d}", fmt: _encode(img, fmt), "cls": int(y)}
 
 
@@ -306,31 +386,40 @@ def _write_meta(set_dir: Path, templates=TEMPLATES):
 
 
 def _write_step(job) -> tuple[str, str, int]:
-    out, seed, spec, set_name, split, domain, per_class, fmt, stream = job
+    out, seed, spec, world, set_name, split, domain, per_class, fmt, stream = job
     rng = np.random.default_rng([seed, stream])
     _write_meta(out / set_name)
     if domain is None:
         samples = _pair_samples(rng, spec.pairs, spec.image_size)
     else:
-        samples = _class_samples(domain, rng, per_class, spec.image_size, fmt)
+        samples = _class_samples(domain, rng, per_class, spec.image_size, fmt, world)
     return set_name, split, _write_split(out / set_name / split, samples, spec.shard_size)
 
 
 def write_synthetic_world(out: str | Path, seed: int = 0, spec: SyntheticWorldSpec = SyntheticWorldSpec(),
-                          progress: bool = False, workers: int | None = None) -> dict:
+                          progress: bool = False, workers: int | None = None, world: str = "v2") -> dict:
     """Write the testbed under ``out``; return ``{set: {split: n_samples}}`` (also saved as ``world.json``).
 
-    ``workers``: processes writing splits in parallel (default: the CPU count; 1 writes in this process)."""
+    ``workers``: processes writing splits in parallel (default: the CPU count; 1 writes in this process).
+    ``world``: ``v2`` (default) or ``v1`` (the first design, kept for comparison; module docstring)."""
+    if world not in WORLDS:
+        from ..errors import UsageError
+
+        raise UsageError(f"world: unknown synthetic world {world!r} (one of {', '.join(WORLDS)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size, k = spec.image_size, len(CLASSNAMES)
-    plan = [  # (set, split, domain, per-class count, image format, rng stream)
-        ("id", "train", "id", spec.train_per_class, "jpg", 1),
-        ("id", "test", "id", spec.test_per_class, "jpg", 2),
-        ("v2", "test", "v2", spec.ood_per_class, "jpg", 3),
-        ("sketch", "test", "sketch", spec.ood_per_class, "png", 4),
-        ("rendition", "test", "rendition", spec.ood_per_class, "webp", 5),
-        ("a", "test", "a", spec.ood_per_class, "jpg", 6),
+    # (set, split, domain, per-class count, image format, rng stream); v2 writes every set carrying a texture tile
+    # losslessly (JPEG would blur a 3/255 pattern), and the texture-free sketches as JPEG
+    fmts = {"id": "jpg", "v2": "jpg", "sketch": "png", "rendition": "webp", "a": "jpg"} if world == "v1" else \
+        {"id": "webp", "v2": "webp", "sketch": "jpg", "rendition": "webp", "a": "png"}
+    plan = [
+        ("id", "train", "id", spec.train_per_class, fmts["id"], 1),
+        ("id", "test", "id", spec.test_per_class, fmts["id"], 2),
+        ("v2", "test", "v2", spec.ood_per_class, fmts["v2"], 3),
+        ("sketch", "test", "sketch", spec.ood_per_class, fmts["sketch"], 4),
+        ("rendition", "test", "rendition", spec.ood_per_class, fmts["rendition"], 5),
+        ("a", "test", "a", spec.ood_per_class, fmts["a"], 6),
     ]
     steps = plan + [("pairs", "train", None, None, "webp", 7)]
     # Every split has its own random stream, so splits are written in parallel (the pairs dominate) with the same
@@ -340,13 +429,13 @@ def write_synthetic_world(out: str | Path, seed: int = 0, spec: SyntheticWorldSp
     can_fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
     workers = max(1, min(workers if workers is not None else (os.cpu_count() or 1), len(steps)))
     workers = workers if can_fork else 1
-    jobs = [(out, seed, spec, *step) for step in steps]
+    jobs = [(out, seed, spec, world, *step) for step in steps]
     if workers == 1:
         results = map(_write_step, jobs)
     else:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         # the largest split first, so the others fill the remaining workers
-        order = sorted(range(len(jobs)), key=lambda i: jobs[i][3] != "pairs")
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i][4] != "pairs")
         futures = {pool.submit(_write_step, jobs[i]): i for i in order}
         results = (f.result() for f in as_completed(futures))
     if progress:
@@ -363,7 +452,10 @@ def write_synthetic_world(out: str | Path, seed: int = 0, spec: SyntheticWorldSp
     counts: dict = {}
     for set_name, split, *_ in steps:  # in plan order, whatever order the workers finished in
         counts.setdefault(set_name, {})[split] = done[set_name, split]
-    meta = {"generator": "grace_plugin.data.synthetic", "version": 1, "seed": seed, "classes": k,
-            "image_size": size, "spec": asdict(spec), "counts": counts}
+    meta = {"generator": "grace_plugin.data.synthetic", "version": WORLDS.index(world) + 1, "world": world,
+            "seed": seed, "classes": k, "image_size": size, "spec": asdict(spec), "counts": counts}
+    if world == "v2":  # the cue strengths define the world (and so the tiny-CLIP cache key)
+        meta["cues"] = {"context": V2_CONTEXT, "texture_amp": TEXTURE_AMP, "conflict_amp": CONFLICT_AMP,
+                        "texture_tile": TEXTURE_TILE}
     (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -24,7 +24,7 @@ from .classifier import ClipClassifier, ZeroShotHead
 
 __all__ = ["ClipBundle", "TINY_CLIP_NAME", "tiny_clip_config", "register_open_clip_config", "load_clip",
            "save_clip", "tower_spec", "build_tower", "convert_visual", "zero_shot_weights", "classifier_from_clip",
-           "pretrained_cfg_from_clip", "OPENAI_TOWERS"]
+           "pretrained_cfg_from_clip", "OPENAI_TOWERS", "template_fns"]
 
 TINY_CLIP_NAME = "GRACE-Tiny-32"
 
@@ -188,7 +188,7 @@ def convert_visual(clip_state_dict: dict, tower: nn.Module) -> dict:
     return checkpoint_filter_fn(clip_state_dict, tower)
 
 
-def _as_template_fns(templates: list[Any]) -> list:
+def template_fns(templates: list[Any]) -> list:
     # open_clip formats string templates positionally; CLIP_benchmark files use {c} (ecosystem.md B11).
     fns = []
     for t in templates:
@@ -197,6 +197,9 @@ def _as_template_fns(templates: list[Any]) -> list:
         else:
             fns.append(lambda c, _t=str(t): _t.replace("{c}", c) if "{c}" in _t else _t.format(c))
     return fns
+
+
+_as_template_fns = template_fns  # the former private name (kept for existing callers)
 
 
 @torch.no_grad()
@@ -208,7 +211,7 @@ def zero_shot_weights(bundle: ClipBundle, classnames: list[str], templates: list
     if not templates:
         templates = ["a photo of a {c}."]
     w = open_clip.build_zero_shot_classifier(bundle.clip, bundle.tokenizer(), classnames,
-                                             _as_template_fns(templates), device=device, use_tqdm=False)
+                                             template_fns(templates), device=device, use_tqdm=False)
     return w.t().contiguous().float().cpu()
 
 

@@ -162,6 +162,11 @@ class Recipe:
         None when not declared."""
         return {"forward": 1, "backward": 1} if type(self).training_step is Recipe.training_step else None
 
+    def summary(self) -> dict:
+        """What the recipe did over the run, beyond the loss (e.g. GRACE's rank changes); saved in
+        checkpoint.json under ``metrics.recipe``."""
+        return {}
+
     def state_dict(self) -> dict:
         """Recipe state beyond the model weights (for resume)."""
         return {}

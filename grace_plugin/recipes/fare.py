@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adversarial import AdvConfig, attack_steps
 from .base import FrozenOriginal, Recipe, StepContext, StepOutput, register_recipe
-from .grace import attack_steps
-from .tecoa import AdvConfig
 
 __all__ = ["FAREConfig", "FARE", "embedding_pgd_class", "embedding_l2", "fare_embedding"]
 

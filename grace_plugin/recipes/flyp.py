@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.classifier import ZeroShotHead
-from ..models.clip import _as_template_fns, zero_shot_weights
+from ..models.clip import template_fns, zero_shot_weights
 from .base import Recipe, RecipeConfig, StepContext, StepOutput, TextSide, register_recipe
 
 __all__ = ["FLYPConfig", "FLYP"]
@@ -62,7 +62,7 @@ class FLYP(Recipe):
             p.requires_grad_(cfg.train_text and not n.startswith("visual.") and n != "logit_scale")
         self.clip.logit_scale.requires_grad_(cfg.train_logit_scale)
         self.clip.visual.eval()  # unused: the image side is the timm tower in self.model
-        templates = _as_template_fns(list(text.templates) or ["a photo of a {c}."])
+        templates = template_fns(list(text.templates) or ["a photo of a {c}."])
         tok = text.bundle.tokenizer()
         # [C, T, L] token ids of every class prompt, tokenised once
         self.tokens = torch.stack([tok([t(c) for t in templates]) for c in text.classnames])

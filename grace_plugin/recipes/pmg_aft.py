@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import FrozenOriginal, Recipe, StepContext, StepOutput, register_recipe
-from .grace import attack_steps, pgd_attack
-from .tecoa import AdvConfig
+from .adversarial import AdvConfig, AdversarialRecipe
+from .base import FrozenOriginal, register_recipe
 
 __all__ = ["PMGAFTConfig", "PMGAFT", "pmg_aft_loss"]
 
@@ -48,7 +47,7 @@ class PMGAFTConfig(AdvConfig):
 
 
 @register_recipe("pmg_aft")
-class PMGAFT(FrozenOriginal, Recipe):  # self.original: p_0, the frozen original model
+class PMGAFT(FrozenOriginal, AdversarialRecipe):  # self.original: p_0, the frozen original model
     Config = PMGAFTConfig
 
     def __init__(self, model, cfg: PMGAFTConfig):
@@ -56,20 +55,17 @@ class PMGAFT(FrozenOriginal, Recipe):  # self.original: p_0, the frozen original
             raise ValueError(f"pmg_aft: recipe.ori_input must be adv|clean, got {cfg.ori_input!r}")
         super().__init__(model, cfg)
 
-    def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
+    def adversarial_loss(self, x, x_adv, y, ctx):
         cfg, model = self.cfg, self.model
-        x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
-        x_adv = pgd_attack(model, x, y, cfg.pgd_eps, cfg.pgd_alpha, cfg.pgd_steps, cfg.pgd_random_start,
-                           ctx.autocast)
         with ctx.autocast():
             logits_adv, logits_nat = model(torch.cat([x_adv, x])).chunk(2)  # one shared forward
             with torch.no_grad():
                 logits_ori = self.original(x_adv if cfg.ori_input == "adv" else x)
         loss, parts = pmg_aft_loss(logits_adv, logits_nat, logits_ori, y, cfg.w_ori, cfg.w_nat)
-        return StepOutput(loss, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}})
+        return loss, {k: float(v.detach()) for k, v in parts.items()}
 
     def pass_counts(self) -> dict[str, float]:
         """PGD: k forwards + k input backwards; one forward of [x_adv; x] (2 batches) and its backward; the frozen
         original model's forward."""
-        k = attack_steps(self.cfg.pgd_eps, self.cfg.pgd_steps)
+        k = self.attack_passes()
         return {"forward": k + 2 + 1, "input_backward": k, "backward": 2}

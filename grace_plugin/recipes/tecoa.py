@@ -21,20 +21,10 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .base import Recipe, RecipeConfig, StepContext, StepOutput, register_recipe
-from .grace import attack_steps, pgd_attack
+from .adversarial import AdvConfig, AdversarialRecipe
+from .base import register_recipe
 
-__all__ = ["TeCoAConfig", "TeCoA", "AdvConfig"]
-
-
-@dataclass
-class AdvConfig(RecipeConfig):
-    """The training attack shared by the adversarial baselines (spec §1.c, §6: PGD-10, l_inf 4/255, step 1/255)."""
-
-    pgd_eps: float = 4 / 255
-    pgd_alpha: float = 1 / 255
-    pgd_steps: int = 10
-    pgd_random_start: bool = True
+__all__ = ["TeCoAConfig", "TeCoA"]
 
 
 @dataclass
@@ -43,20 +33,15 @@ class TeCoAConfig(AdvConfig):
 
 
 @register_recipe("tecoa")
-class TeCoA(Recipe):
+class TeCoA(AdversarialRecipe):
     Config = TeCoAConfig
 
-    def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
-        cfg = self.cfg
-        x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
-        x_adv = pgd_attack(self.model, x, y, cfg.pgd_eps, cfg.pgd_alpha, cfg.pgd_steps, cfg.pgd_random_start,
-                           ctx.autocast)
+    def adversarial_loss(self, x, x_adv, y, ctx):
         with ctx.autocast():
             logits = self.model(x_adv)
-        loss = F.cross_entropy(logits.float(), y)
-        return StepOutput(loss, {"loss": float(loss.detach())})
+        return F.cross_entropy(logits.float(), y), {}
 
     def pass_counts(self) -> dict[str, float]:
         """PGD: k forwards + k input backwards; the adversarial forward and its backward."""
-        k = attack_steps(self.cfg.pgd_eps, self.cfg.pgd_steps)
+        k = self.attack_passes()
         return {"forward": k + 1, "input_backward": k, "backward": 1}

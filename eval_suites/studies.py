@@ -1,0 +1,360 @@
+"""``grace study NAME``: a named study on the testbed (rows, seeds, paper rows beside ours, verdicts on the claims).
+
+Studies are data (configs/testbed/studies.yaml): ``table6``, ``table7``, ``table8`` (GRACE's ablation, built from the
+composable components of the ``grace`` recipe) and ``geometry``. Each row is a method of methods.yaml trained with
+its testbed settings (and the values ``grace study tune`` selected, tuned.yaml) for each seed, then evaluated on
+the world's ID, OOD and adversarial axes (and, for ``geometry``, the geometry suite). Written under ``out``:
+``study.json`` (every run, every aggregate, the verdicts), ``study.md`` and ``study.png`` (trade-off with error bars;
+the geometry study plots its metrics).
+
+Evaluation goes through ``_evaluate`` / ``_paper_axes`` only (a thin adapter over ``runner.evaluate_model`` and
+``suites.run_suites``), so that the evaluation engine's column definitions and intervals can be wired in one place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .verdicts import evaluate_claim, spread, wilson_interval
+
+__all__ = ["StudyConfig", "run_study", "aggregate_runs", "study_markdown", "AXES", "GEOMETRY_METRICS"]
+
+log = logging.getLogger(__name__)
+
+AXES = ("id", "ood", "adv", "hm")
+GEOMETRY_METRICS = ("lambda_max", "centroid_ood", "centroid_adv", "dlid_ood", "dlid_adv", "drift")
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    out: Path
+    seed: int = 0
+    seeds: int = 1
+    steps: int = 300
+    n_adv: int = 200
+    eps: float = 4 / 255
+    attack: str = "apgd-ce"
+    device: str = "cpu"
+    size: str = "default"
+    pretrain_steps: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    n_geometry: int = 64
+    geometry_iters: int = 20
+
+
+# ------------------------------------------------------------------------------------------ evaluation adapter
+def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool, reference: Path) -> dict:
+    """One model's report (``report.json`` schema) on the testbed; with ``geometry`` the geometry suite's result
+    under ``report["suites"]["geometry"]``."""
+    from registry import load_model
+
+    from .runner import EvalRequest, evaluate_model
+    from .study import OOD_SETS
+
+    loaded = load_model(spec)
+    req = EvalRequest(id_set=("id", data / "id"), ood_sets=[(n, data / n) for n in OOD_SETS], attack=cfg.attack,
+                      eps=cfg.eps, n_adv=cfg.n_adv, device=cfg.device, seed=seed)
+    report = evaluate_model(loaded, req)
+    if geometry:
+        from .suites import SuiteContext, run_suites
+
+        ctx = SuiteContext(id_set=("id", data / "id"), sets={n: data / n for n in OOD_SETS}, eps=cfg.eps,
+                           device=cfg.device, seed=seed, reference=str(reference), n_geometry=cfg.n_geometry,
+                           geometry_iters=cfg.geometry_iters)
+        report["suites"] = {"geometry": run_suites(loaded, ["geometry"], ctx)["suites"]["geometry"]}
+    return report
+
+
+def _paper_axes(report: dict) -> dict:
+    """Our numbers under the paper's Table 6 column definitions as far as the testbed has them: OOD = mean of the
+    V2/Sketch/R analogues; Adv = mean of the APGD-CE robust accuracy and the natural-adversarial set (A); HM of the
+    three (GRACE arXiv 2603.27139 Table 6 caption; zero-shot's Adv 8.82 = (0 + 17.64)/2)."""
+    from .report import harmonic_mean
+
+    ds = report.get("datasets") or {}
+
+    def top1(n):
+        return (ds.get(n) or {}).get("top1")
+
+    ood = [top1(n) for n in ("v2", "sketch", "rendition")]
+    ood_m = statistics.fmean(ood) if all(v is not None for v in ood) else None
+    rob, nat = (report.get("adversarial") or {}).get("robust_acc"), top1("a")
+    adv = (rob + nat) / 2 if rob is not None and nat is not None else None
+    idv = report["axes"].get("id")
+    return {"id": idv, "ood": ood_m, "adv": adv, "hm": harmonic_mean([idv, ood_m, adv])}
+
+
+def _run_record(report: dict) -> dict:
+    """Axes, each run's intervals (Wilson 95% on ID and Adv), paper-definition axes, geometry metrics."""
+    axes = dict(report["axes"])
+    ds = report.get("datasets") or {}
+    idd = next((d for d in ds.values() if d.get("role") == "id"), None)
+    intervals = {}
+    if idd and idd.get("n"):
+        intervals["id"] = wilson_interval(round(idd["top1"] * idd["n"] / 100), idd["n"])
+    adv = report.get("adversarial")
+    if adv and adv.get("n"):
+        intervals["adv"] = wilson_interval(round(adv["robust_acc"] * adv["n"] / 100), adv["n"])
+    rec = {"axes": axes, "intervals": intervals, "paper_axes": _paper_axes(report),
+           "datasets": {k: v.get("top1") for k, v in ds.items()}}
+    g = (report.get("suites") or {}).get("geometry")
+    if g:
+        cc = {k: v for k, v in g["centroid_cosine"].items() if v is not None}
+        dl = {k: v for k, v in g["delta_lid"].items() if v is not None}
+        ood_c = [v for k, v in cc.items() if k != "adv"]
+        ood_l = [v for k, v in dl.items() if k != "adv"]
+        rec["geometry"] = {"lambda_max": g["hessian_top_eigenvalue"],
+                           "centroid_ood": statistics.fmean(ood_c) if ood_c else None,
+                           "centroid_adv": cc.get("adv"),
+                           "dlid_ood": statistics.fmean(ood_l) if ood_l else None,
+                           "dlid_adv": dl.get("adv"), "drift": g.get("parameter_drift"),
+                           "centroid_cosine": cc, "delta_lid": dl}
+    return rec
+
+
+def _training_record(run_dir: Path) -> dict:
+    """What the recipe reported (checkpoint.json ``metrics.recipe``: GRACE's rank changes, GV share) and the last
+    log line's curriculum counters."""
+    out = {}
+    meta = run_dir / "checkpoint.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text()).get("metrics", {})
+        out.update(m.get("recipe") or {})
+        out["train_seconds"] = (m.get("train") or {}).get("seconds")
+    logf = run_dir / "log.jsonl"
+    if logf.is_file():
+        lines = [json.loads(x) for x in logf.read_text().splitlines() if x.strip()]
+        shares = [r["gv_share"] for r in lines if "gv_share" in r]
+        if shares:
+            out["gv_share_logged"] = {"first": shares[0], "last": shares[-1], "mean": statistics.fmean(shares)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def aggregate_runs(runs: list[dict]) -> dict:
+    """Per-metric mean, sample std (several seeds) and verdict spread over a row's runs."""
+    agg: dict = {"n_seeds": len(runs)}
+    for key in ("axes", "paper_axes"):
+        agg[key] = {}
+        for k in AXES:
+            vals = [r[key].get(k) for r in runs]
+            ok = [v for v in vals if v is not None]
+            agg[key][k] = statistics.fmean(ok) if len(ok) == len(vals) and ok else None
+            if len(runs) > 1:
+                agg[key][f"{k}_std"] = statistics.stdev(ok) if len(ok) == len(vals) else None
+    if all("geometry" in r for r in runs) and runs:
+        agg["geometry"] = {}
+        for k in GEOMETRY_METRICS:
+            vals = [r["geometry"].get(k) for r in runs]
+            ok = [v for v in vals if v is not None]
+            agg["geometry"][k] = statistics.fmean(ok) if ok and len(ok) == len(vals) else None
+            if len(runs) > 1:
+                agg["geometry"][f"{k}_std"] = statistics.stdev(ok) if ok and len(ok) == len(vals) else None
+    return agg
+
+
+def _spreads(runs: list[dict]) -> dict:
+    """metric -> Spread for the verdicts: std over seeds, or the single run's own interval."""
+    out = {}
+    for k in AXES:
+        interval = runs[0]["intervals"].get(k) if len(runs) == 1 else None
+        out[k] = spread([r["axes"].get(k) for r in runs], tuple(interval) if interval else None)
+    if runs and all("geometry" in r for r in runs):
+        for k in GEOMETRY_METRICS:
+            out[k] = spread([r["geometry"].get(k) for r in runs])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the study
+def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
+    from grace_plugin.config import ConfigError
+    from grace_plugin.finetune import fine_tune
+
+    from .leaderboard import reference_rows
+    from .study import _user_overrides, prepare_testbed
+    from .testbed_config import load_methods, load_studies, merge, method_config
+
+    studies, methods = load_studies(), load_methods()
+    if cfg.name not in studies:
+        raise ConfigError(f"unknown study {cfg.name!r}; valid: {', '.join(list(studies) + ['tune'])}")
+    study = studies[cfg.name]
+    rows = study["rows"]
+    for r in rows:
+        if r["method"] not in methods:
+            raise ConfigError(f"studies.yaml: {cfg.name}: unknown method {r['method']!r}")
+    t0 = time.time()
+    out = Path(cfg.out)
+    data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo,
+                                       ("[1/4]", "[2/4]"))
+    seeds = [cfg.seed + i for i in range(max(1, cfg.seeds))]
+    trained = sorted({methods[r["method"]].recipe for r in rows if methods[r["method"]].recipe})
+    user = _user_overrides(cfg.overrides, trained) if trained else {}
+    geometry = bool(study.get("geometry"))
+    results: dict[str, dict] = {}
+    echo(f"[3/4] {cfg.name}: {len(rows)} rows x seeds {seeds} ({cfg.steps} steps each)")
+    for r in rows:
+        m = methods[r["method"]]
+        runs = []
+        for seed in seeds:
+            if m.recipe is None:
+                spec, run_dir = pretrained, None
+            else:
+                run_dir = out / "runs" / m.name / f"seed{seed}"
+                over = merge({"train": {"seed": seed, "device": cfg.device}}, user.get(m.recipe, {}))
+                run_cfg = method_config(m, overrides=over, steps=cfg.steps)
+                fine_tune(m.recipe, pretrained, data / "id", run_dir, run_cfg, progress=progress)
+                spec = run_dir
+            echo(f"      {m.name} seed {seed}: evaluating")
+            report = _evaluate(spec, data, cfg, seed, geometry, pretrained)
+            rec = {"seed": seed, "run": str(spec), **_run_record(report)}
+            if run_dir is not None:
+                rec["training"] = _training_record(run_dir)
+            runs.append(rec)
+        results[m.name] = {"label": r.get("label", m.name), "paper": r.get("paper"), "runs": runs,
+                           **aggregate_runs(runs)}
+    echo("[4/4] verdicts and report")
+    spreads = {name: _spreads(res["runs"]) for name, res in results.items()}
+    verdicts = [evaluate_claim(c, spreads) for c in study.get("claims", [])]
+    refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
+    doc = {"study": cfg.name, "seeds": seeds, "steps": cfg.steps, "size": cfg.size, "attack": cfg.attack,
+           "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results, "verdicts": verdicts,
+           "paper_table": study.get("paper_table"), "paper_rows": refs, "seconds": round(time.time() - t0, 1),
+           "column_definitions": {
+               "ours": "ID = top-1 on the ID test split; OOD = mean top-1 over v2, sketch, rendition, a; Adv = "
+                       f"{cfg.attack} l_inf robust top-1 on the first {cfg.n_adv} ID test images; HM of the three",
+               "paper": "OOD = mean(v2, sketch, rendition); Adv = mean(APGD-CE robust, a); HM of ID, OOD, Adv "
+                        "(the paper's Table 6 caption)"},
+           "intervals": "std: sample standard deviation over seeds; a run's interval: Wilson 95% (ID, Adv)"}
+    from grace_plugin.checkpoint import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.json", json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write_text(out / "study.md", study_markdown(doc))
+    png = study_plot(doc, out / "study.png")
+    return {"doc": doc, "paths": {"json": out / "study.json", "md": out / "study.md", "png": png}}
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _f(v, nd=2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def _cell(agg: dict, k: str, nd=2) -> str:
+    c = _f(agg.get(k), nd)
+    if agg.get(f"{k}_std") is not None:
+        c += f" ± {_f(agg[f'{k}_std'], nd)}"
+    return c
+
+
+def study_markdown(doc: dict) -> str:
+    rows, seeds = doc["rows"], doc["seeds"]
+    lines = [f"# Study {doc['study']}", "",
+             f"{len(seeds)} seed(s) {seeds}, {doc['steps']} steps per run, world size {doc['size']}, "
+             f"{doc['seconds']:.0f} s. Values: mean ± sample std over seeds.", "",
+             "## Ours (our column definitions)", "",
+             f"Columns: {doc['column_definitions']['ours']}.", "",
+             "| row | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|"]
+    for r in rows.values():
+        lines.append(f"| {r['label']} | " + " | ".join(_cell(r["axes"], k) for k in AXES) + " |")
+    if doc.get("paper_rows") is not None and doc.get("paper_table"):
+        refs = {p["method"]: p for p in doc["paper_rows"]}
+        lines += ["", f"## Beside the paper ({doc['paper_table']}, the paper's column definitions)", "",
+                  f"Columns: {doc['column_definitions']['paper']}. Paper: CLIP ViT-B/32 on ImageNet.", "",
+                  "| row | ours ID | ours OOD | ours Adv | ours HM | paper row | paper ID | paper OOD | paper Adv | "
+                  "paper HM |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        for r in rows.values():
+            p = refs.get(r.get("paper") or "", {})
+            lines.append(f"| {r['label']} | " + " | ".join(_cell(r["paper_axes"], k) for k in AXES) +
+                         f" | {r.get('paper') or '-'} | " + " | ".join(_f(p.get(k)) for k in AXES) + " |")
+    if any("geometry" in r for r in rows.values()):
+        lines += ["", "## Geometry", "",
+                  "| row | lambda_max | centroid cos ID->OOD | centroid cos ID->Adv | dLID OOD | dLID Adv | drift |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows.values():
+            g = r.get("geometry") or {}
+            lines.append(f"| {r['label']} | " + " | ".join(_cell(g, k, 4) for k in GEOMETRY_METRICS) + " |")
+    lines += ["", "## Verdicts", "",
+              "holds: the whole interval (mean ± std over seeds; one run: its Wilson 95% interval) is on the "
+              "claimed side; fails: wholly on the other side; inconclusive: the spreads overlap.", "",
+              "| claim | verdict | numbers |", "|---|---|---|"]
+    for v in doc["verdicts"]:
+        lines.append(f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |")
+    parts = []
+    for r in rows.values():
+        for run in r["runs"]:
+            t = run.get("training") or {}
+            if "awp_rank_updates" in t or "gv_share_mean" in t:
+                counts = " | ".join(str(t.get(k, "-")) for k in ("awp", "awp_rank_updates", "awp_rank_change_events",
+                                                                   "awp_rank_changes"))
+                parts.append(f"| {r['label']} | {run['seed']} | {counts} | {_f(t.get('gv_share_mean'), 4)} |")
+    if parts:
+        lines += ["", "## GRACE's parts at work", "",
+                  "Curriculum: allocations made, allocations that changed a rank, layer ranks changed (after the "
+                  "first allocation). GV share: mean over steps of lambda_GV L_GV / L.", "",
+                  "| row | seed | awp | rank updates | updates with a change | layer changes | GV share |",
+                  "|---|---:|---|---:|---:|---:|---:|"] + parts
+    lines += ["", "## Runs (each run's interval: Wilson 95%)", "",
+              "| row | seed | ID [interval] | OOD | Adv [interval] | HM |", "|---|---:|---|---:|---|---:|"]
+    for r in rows.values():
+        for run in r["runs"]:
+            a, iv = run["axes"], run["intervals"]
+
+            def wi(k):
+                return f"{_f(a.get(k))} [{_f(iv[k][0])}, {_f(iv[k][1])}]" if iv.get(k) else _f(a.get(k))
+
+            lines.append(f"| {r['label']} | {run['seed']} | {wi('id')} | {_f(a.get('ood'))} | {wi('adv')} | "
+                         f"{_f(a.get('hm'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def study_plot(doc: dict, path: Path) -> Path:
+    """OOD vs ID and Adv vs ID with error bars (std over seeds), the paper's rows as grey crosses; the geometry
+    study: its metrics per row as bars with error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from grace_plugin.checkpoint import atomic_path
+
+    rows = doc["rows"]
+    if any("geometry" in r for r in rows.values()):
+        keys = ("lambda_max", "centroid_ood", "centroid_adv", "drift")
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
+        for ax, k in zip(axes, keys):
+            labels = [r["label"] for r in rows.values()]
+            vals = [(r.get("geometry") or {}).get(k) or 0.0 for r in rows.values()]
+            errs = [(r.get("geometry") or {}).get(f"{k}_std") or 0.0 for r in rows.values()]
+            ax.bar(labels, vals, yerr=errs, capsize=3, alpha=0.8)
+            ax.set_title(k)
+            ax.tick_params(axis="x", rotation=45)
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+        for ax, key, label in ((axes[0], "ood", "OOD top-1 (%)"), (axes[1], "adv", "Adversarial robust acc. (%)")):
+            for r in rows.values():
+                a = r["axes"]
+                if a.get("id") is None or a.get(key) is None:
+                    continue
+                ax.errorbar(a["id"], a[key], xerr=a.get("id_std") or 0, yerr=a.get(f"{key}_std") or 0, fmt="o",
+                            capsize=3, alpha=0.85)
+                ax.annotate(r["label"], (a["id"], a[key]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            for p in doc.get("paper_rows") or []:
+                if p.get("id") is not None and p.get(key) is not None:
+                    ax.scatter(p["id"], p[key], marker="x", color="grey", alpha=0.7)
+                    ax.annotate(f"{p['method']} (paper)", (p["id"], p[key]), textcoords="offset points",
+                                xytext=(4, -9), fontsize=7, color="grey")
+            ax.set_xlabel("ID top-1 (%)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"grace study {doc['study']} ({len(doc['seeds'])} seed(s); bars: std over seeds)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,130 @@
+"""The testbed's settings as data: configs/testbed/ (methods, studies, tuning grids, selected values).
+
+One run's config is built by ``grace_plugin.finetune.build_config`` (the code that loads configs/paper/) from layered
+files: dataclass defaults < ``common.yaml`` < ``attack.yaml`` (adversarial methods) < the method's files (default
+``<recipe>.yaml``) < the method's ``set`` < its entry in ``tuned.yaml`` < the caller's overrides. Every layer is
+validated against the recipe's dataclasses, so a typo in a YAML file is an error naming the field.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TESTBED_DIR", "Method", "load_methods", "load_studies", "load_tuning", "load_tuned", "load_yaml_attack",
+           "merge", "method_config", "nest", "testbed_dir"]
+
+TESTBED_DIR = Path(__file__).resolve().parents[1] / "configs" / "testbed"
+
+
+def testbed_dir() -> Path:
+    """configs/testbed/ of this checkout (or ``$GRACE_TESTBED_CONFIGS``)."""
+    from grace_plugin.config import ConfigError
+
+    d = Path(os.environ.get("GRACE_TESTBED_CONFIGS") or TESTBED_DIR)
+    if not (d / "methods.yaml").is_file():
+        raise ConfigError(f"{d}: no testbed configs (methods.yaml); run from a checkout or set GRACE_TESTBED_CONFIGS")
+    return d
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1e-3, "recipe.rho": 0.1}`` -> ``{"train": {"lr": 1e-3}, "recipe": {"rho": 0.1}}``."""
+    from grace_plugin.config import ConfigError
+
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        parts = str(key).split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"setting {key!r}: expected a dotted key such as train.lr or recipe.rho")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k, {}), dict) else v
+    return out
+
+
+def _load(name: str, d: Path | None = None) -> Any:
+    from grace_plugin.config import load_yaml
+
+    return load_yaml((d or testbed_dir()) / name)
+
+
+@dataclass
+class Method:
+    name: str
+    recipe: str | None  # None: the pretrained model itself (zero-shot)
+    configs: list[str] = field(default_factory=list)
+    adversarial: bool = False
+    set: dict[str, Any] = field(default_factory=dict)
+    tuned_as: str | None = None
+
+    @property
+    def tuning_key(self) -> str:
+        return self.tuned_as or self.name
+
+
+def load_methods(d: Path | None = None) -> dict[str, Method]:
+    from grace_plugin.config import ConfigError
+
+    raw = _load("methods.yaml", d)
+    out = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, dict) or "recipe" not in spec:
+            raise ConfigError(f"methods.yaml: method {name!r} needs a mapping with a 'recipe' field")
+        unknown = set(spec) - {"recipe", "configs", "adversarial", "set", "tuned_as"}
+        if unknown:
+            raise ConfigError(f"methods.yaml: method {name!r}: unknown field(s) {sorted(unknown)}; valid: recipe, "
+                              "configs, adversarial, set, tuned_as")
+        recipe = spec["recipe"]
+        out[name] = Method(name, recipe, list(spec.get("configs") or ([recipe] if recipe else [])),
+                           bool(spec.get("adversarial", False)), dict(spec.get("set") or {}), spec.get("tuned_as"))
+    return out
+
+
+def load_studies(d: Path | None = None) -> dict[str, dict]:
+    return _load("studies.yaml", d)
+
+
+def load_tuning(d: Path | None = None) -> dict:
+    return _load("tuning.yaml", d)
+
+
+def load_yaml_attack(d: Path | None = None) -> dict[str, Any]:
+    """attack.yaml's recipe fields: the one training attack of every adversarial method."""
+    return dict(_load("attack.yaml", d).get("recipe") or {})
+
+
+def load_tuned(d: Path | None = None) -> dict[str, dict]:
+    return _load("tuned.yaml", d) or {}
+
+
+def method_config(method: Method | str, overrides: dict | None = None, steps: int | None = None,
+                  tuned: bool = True, d: Path | None = None):
+    """The ``RunConfig`` of one testbed run of ``method``; ``overrides`` (nested dict) on top of the layers."""
+    from grace_plugin.config import ConfigError
+    from grace_plugin.finetune import build_config
+
+    d = d or testbed_dir()
+    if isinstance(method, str):
+        methods = load_methods(d)
+        if method not in methods:
+            raise ConfigError(f"unknown testbed method {method!r}; valid: {', '.join(methods)}")
+        method = methods[method]
+    if method.recipe is None:
+        raise ConfigError(f"method {method.name!r} trains nothing (the pretrained model)")
+    files = [d / "common.yaml"] + ([d / "attack.yaml"] if method.adversarial else [])
+    files += [d / f"{c}.yaml" for c in method.configs]
+    layer = nest(method.set)
+    if tuned:
+        layer = merge(layer, nest(load_tuned(d).get(method.tuning_key) or {}))
+    if overrides:
+        layer = merge(layer, overrides)
+    return build_config(method.recipe, config_file=files, overrides=layer, steps=steps)

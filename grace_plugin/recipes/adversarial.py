@@ -1,0 +1,73 @@
+"""The training attack shared by every adversarial recipe, and the "attack, then loss on the adversarial batch" step.
+
+``pgd_attack`` is l_inf PGD on the cross-entropy of the zero-shot logits in [0,1] pixel space (GRACE arXiv
+2603.27139 Sec. 6.1 and Eq. 19: 10 steps, radius 4/255, step 1/255; TeCoA, arXiv 2212.07016, Sec. 3), run through
+torchattacks with input gradients only. ``AdvConfig`` holds its four fields once for tecoa, pmg_aft, fare, grace and
+grace_fast. ``AdversarialRecipe`` is the step those recipes share: move the batch, craft ``x_adv`` with ``attack``,
+then ``adversarial_loss(x, x_adv, y, ctx)`` (the only method a subclass must write). FARE's inner problem is an
+embedding attack, not the CE one; it keeps its own step and uses ``AdvConfig`` and ``attack_steps`` from here.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .base import Recipe, RecipeConfig, StepContext, StepOutput
+
+__all__ = ["AdvConfig", "AdversarialRecipe", "attack_steps", "pgd_attack"]
+
+
+@dataclass
+class AdvConfig(RecipeConfig):
+    """The training attack (GRACE Sec. 6.1: PGD-10, l_inf 4/255, step 1/255)."""
+
+    pgd_eps: float = 4 / 255
+    pgd_alpha: float = 1 / 255
+    pgd_steps: int = 10
+    pgd_random_start: bool = True  # not stated by GRACE; uniform start in the eps-ball (Madry et al., arXiv 1706.06083)
+
+
+def attack_steps(eps: float, steps: int) -> int:
+    """The attack steps ``pgd_attack`` (and FARE's embedding attack) actually run: none when eps or steps is 0."""
+    return steps if eps > 0 and steps > 0 else 0
+
+
+def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+               random_start: bool = True, autocast=None) -> torch.Tensor:
+    """l_inf PGD on the CE of ``model`` (GRACE Eq. 19) in [0,1] pixel space via torchattacks; parameters get no
+    grads."""
+    import torchattacks
+
+    if not attack_steps(eps, steps):
+        return x.detach()
+    atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+    atk.set_device(x.device)
+    with (autocast or contextlib.nullcontext)():
+        return atk(x, y).detach()
+
+
+class AdversarialRecipe(Recipe):
+    """Base of the recipes whose step is "craft ``x_adv`` with the training attack, then a loss on it"."""
+
+    Config = AdvConfig
+
+    def attack_passes(self) -> int:
+        """Attack steps one training step runs (each a forward and an input backward)."""
+        return attack_steps(self.cfg.pgd_eps, self.cfg.pgd_steps)
+
+    def attack(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        c = self.cfg
+        return pgd_attack(self.model, x, y, c.pgd_eps, c.pgd_alpha, c.pgd_steps, c.pgd_random_start, ctx.autocast)
+
+    def adversarial_loss(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
+                         ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, extra logs) from the clean batch ``x``, its adversarial ``x_adv`` and labels ``y``."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
+        x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
+        x_adv = self.attack(x, y, ctx)
+        loss, logs = self.adversarial_loss(x, x_adv, y, ctx)
+        return StepOutput(loss, {"loss": float(loss.detach()), **logs})

@@ -1,0 +1,135 @@
+"""GRACE's components switched by config (Table 8 rows), the run-length curriculum and its counters, the GV share,
+and the held-out validation split."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grace_plugin.finetune import build_config
+from grace_plugin.losses import gram_volume
+from grace_plugin.recipes import StepContext, create_recipe
+from grace_plugin.recipes.lar_awp import curriculum_schedule
+
+CPU = StepContext(device=torch.device("cpu"), step=1, total_steps=100)
+
+
+def _grace(model, **kw):
+    cfg = build_config("grace", overrides={"recipe": {"lora_rank": 4, "lora_alpha": 8.0, "pgd_steps": 2,
+                                                      "pgd_random_start": False, **kw}}).recipe
+    torch.manual_seed(0)
+    return create_recipe("grace", model, cfg)
+
+
+def test_two_view_gram_volume_closed_form():
+    a = torch.tensor([[1.0, 0.0, 0.0]])
+    b = torch.tensor([[0.6, 0.8, 0.0]])  # cos 0.6 -> area sin = 0.8
+    assert gram_volume(a, b, eps=0.0).item() == pytest.approx(0.8, abs=1e-6)
+    assert gram_volume(a, b, None, 1e-3).item() == pytest.approx(((1 + 1e-3) ** 2 - 0.36) ** 0.5, abs=1e-6)
+
+
+def test_lora_ft_row_is_plain_clean_ce_without_attack(tiny_classifier, tiny_batch):
+    rec = _grace(tiny_classifier, awp="off", gram_volume=False)
+    assert rec.pass_counts() == {"forward": 1, "input_backward": 0, "backward": 1}
+    ref = copy.deepcopy(tiny_classifier).eval()
+    out = rec.training_step(tiny_batch, CPU)
+    expected = F.cross_entropy(ref(tiny_batch["image"]), tiny_batch["label"])
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+    assert "l_gv" not in out.logs and "l_lar" not in out.logs
+
+
+def test_gv_only_row_adds_the_two_view_volume(tiny_classifier, tiny_batch):
+    from grace_plugin.recipes.adversarial import pgd_attack
+
+    rec = _grace(tiny_classifier, awp="off", gram_volume=True, lambda_gv=3.0)
+    ref = copy.deepcopy(tiny_classifier).eval()
+    x, y = tiny_batch["image"], tiny_batch["label"]
+    out = rec.training_step(tiny_batch, CPU)
+    x_adv = pgd_attack(ref, x, y, 4 / 255, 1 / 255, 2, random_start=False)
+    f_id, f_adv = ref.encode(x), ref.encode(x_adv)
+    gv = gram_volume(f_id, f_adv, None, 1e-6).mean()
+    expected = F.cross_entropy(ref.head(f_id), y) + 3.0 * gv
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-4)
+    assert out.logs["gv_share"] == pytest.approx(float(3.0 * gv / expected), rel=1e-4)
+    assert rec.summary()["gv_share_mean"] == pytest.approx(out.logs["gv_share"])
+
+
+@pytest.mark.parametrize("awp,gv", [("off", False), ("off", True), ("uniform", False), ("curriculum", False),
+                                    ("uniform", True)])
+def test_component_rows_run_their_declared_forwards(awp, gv, tiny_classifier, tiny_batch):
+    from timm.models.vision_transformer import VisionTransformer
+
+    rec = _grace(tiny_classifier, awp=awp, gram_volume=gv, curvature_interval=1)
+    if awp == "uniform":
+        assert set(rec.ranks.values()) == {2}  # rank_levels[1] everywhere from step 0, no curvature needed
+    else:
+        rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0, total_steps=100))
+    rows = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: rows.append(a[0].shape[0]) if isinstance(m, VisionTransformer) else None)
+    try:
+        out = rec.training_step(tiny_batch, CPU)
+    finally:
+        handle.remove()
+    assert sum(rows) / tiny_batch["image"].shape[0] == rec.pass_counts()["forward"]
+    assert ("l_lar" in out.logs) == (awp != "off") and ("l_gv" in out.logs) == gv
+    out.loss.backward()
+    assert all(p.grad is not None for p in rec.trainable_parameters())
+
+
+def test_curriculum_schedule_scales_with_run_length():
+    assert curriculum_schedule(300, 1000, 0.9) == (1000, 0.9)  # unscaled: the paper's K and beta
+    k, beta = curriculum_schedule(300, 1000, 0.9, updates=30, memory=0.1)
+    assert k == 10 and beta == pytest.approx(1 - 1 / 3)  # time constant 0.1 * 300 / 10 = 3 updates
+    k, beta = curriculum_schedule(250_000, 1000, 0.9, updates=250, memory=0.04)
+    assert k == 1000 and beta == pytest.approx(0.9)  # the paper's proportions
+    assert curriculum_schedule(10, 1, 0.9, memory=0.05)[1] == 0.0  # under one update of memory: no smoothing
+
+
+def test_rank_changes_are_counted_and_logged(tiny_classifier, tiny_batch):
+    untouched = copy.deepcopy(tiny_classifier)
+    rec = _grace(tiny_classifier, curvature_updates=50, curvature_memory=0.01)  # interval 2, beta 0 on 100 steps
+    ctx = lambda s: StepContext(device=torch.device("cpu"), step=s, total_steps=100)  # noqa: E731
+    assert rec.after_step(tiny_batch, ctx(1)) == {}  # not a curriculum step
+    logs = rec.after_step(tiny_batch, ctx(0))
+    assert logs["curriculum_interval"] == 2 and logs["curriculum_beta"] == 0.0
+    first = dict(rec.ranks)
+    assert rec.awp.rank_updates == 1 and rec.awp.rank_changes == 0  # the first allocation is not a change
+    # reverse the curvature order: the next allocation (beta 0: the fresh measurement alone) changes ranks
+    names = list(first)
+    fake = {n: -v for n, v in rec.curvature.items()}
+    rec.awp.measure_curvature = lambda x, y, c: fake
+    rec.after_step(tiny_batch, ctx(2))
+    changed = sum(rec.ranks[n] != first[n] for n in names)
+    assert changed > 0 and rec.awp.rank_updates == 2 and rec.awp.rank_changes == changed
+    assert rec.awp.rank_change_events == 1
+    out = rec.training_step(tiny_batch, ctx(3))
+    assert out.logs["awp_rank_changes"] == changed and out.logs["awp_rank_updates"] == 2
+    state = rec.state_dict()
+    fresh = _grace(untouched)
+    fresh.load_state_dict(state)
+    assert fresh.awp.rank_changes == changed and fresh.ranks == rec.ranks
+
+
+def test_holdout_split_is_disjoint_complete_and_seeded(tiny_world, tmp_path):
+    import tarfile
+
+    from grace_plugin.data.shards import open_shard_set
+    from grace_plugin.data.split import holdout_split, is_held_out
+
+    def keys(urls):
+        out = set()
+        for u in urls:
+            with tarfile.open(u) as tf:
+                out |= {m.name.split(".", 1)[0] for m in tf}
+        return out
+
+    src = keys(open_shard_set(tiny_world / "id", split="train").urls)
+    counts = holdout_split(tiny_world / "id", tmp_path / "v", 0.2, seed=1)
+    train = keys(open_shard_set(tmp_path / "v", split="train").urls)
+    val = keys(open_shard_set(tmp_path / "v").urls)  # the default split ("test") is the validation split
+    assert train.isdisjoint(val) and train | val == src
+    assert val == {k for k in src if is_held_out(k, 0.2, 1)}
+    assert (len(train), len(val)) == (counts["train"], counts["val"])
+    assert 0.1 < len(val) / len(src) < 0.3
+    assert open_shard_set(tmp_path / "v").classnames == open_shard_set(tiny_world / "id").classnames

@@ -1,0 +1,80 @@
+"""`grace study` smoke tests on the small world (tiny steps): files, rows, verdicts, the tuning command."""
+import json
+import shutil
+
+import pytest
+
+from grace_plugin.cli import main
+
+TINY = ["--size", "small", "--pretrain-steps", "10", "--steps", "2", "--no-progress", "--set", "train.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("study")
+
+
+def test_study_table8_smoke(study_dir, capsys):
+    out = study_dir / "t8"
+    assert main(["study", "table8", "--out", str(out), "--n-adv", "8"] + TINY) == 0
+    doc = json.loads((out / "study.json").read_text())
+    assert list(doc["rows"]) == ["ablation-lora-ft", "ablation-gv-only", "ablation-awp-uniform",
+                                 "ablation-awp-curriculum", "grace"]
+    for name, row in doc["rows"].items():
+        run = row["runs"][0]
+        assert all(run["axes"][k] is not None for k in ("id", "ood", "adv", "hm")), name
+        lo, hi = run["intervals"]["id"]
+        assert lo <= run["axes"]["id"] <= hi
+        assert row["axes"]["id"] == pytest.approx(run["axes"]["id"])  # one seed: the mean is the run
+    # the components did what the rows say: the LoRA-FT row ran no curriculum, the GRACE row did and logged GV share
+    assert doc["rows"]["ablation-lora-ft"]["runs"][0]["training"]["awp"] == "off"
+    grace = doc["rows"]["grace"]["runs"][0]["training"]
+    assert grace["awp"] == "curriculum" and grace["awp_rank_updates"] >= 1 and 0 < grace["gv_share_mean"] < 1
+    assert doc["paper_table"] == "Table 8" and len(doc["paper_rows"]) == 5
+    assert [v["claim"] for v in doc["verdicts"]] == ["each ablation step helps (HM)", "best HM of all rows"]
+    assert all(v["verdict"] in ("holds", "fails", "inconclusive") for v in doc["verdicts"])
+    md = (out / "study.md").read_text()
+    assert "## Verdicts" in md and "## Beside the paper (Table 8" in md and "GRACE's parts at work" in md
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| LoRA-FT |" in capsys.readouterr().out
+
+
+def test_study_unknown_name_is_a_one_line_error(study_dir, capsys):
+    assert main(["study", "table9", "--out", str(study_dir / "x")] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "unknown study 'table9'" in err and "table6" in err and "Traceback" not in err
+
+
+def test_study_tune_writes_selected_values_as_data(study_dir, tmp_path, monkeypatch):
+    from eval_suites.testbed_config import TESTBED_DIR, method_config
+    from eval_suites.tuning import grid_points
+
+    d = tmp_path / "testbed"
+    shutil.copytree(TESTBED_DIR, d)
+    monkeypatch.setenv("GRACE_TESTBED_CONFIGS", str(d))
+    out = study_dir / "tune"
+    assert main(["study", "tune", "--methods", "ft", "--trials", "2", "--n-val-adv", "4", "--out", str(out)]
+                + TINY) == 0
+    doc = json.loads((out / "tuning.json").read_text())
+    ft = doc["methods"]["ft"]
+    assert len(ft["trials"]) == 2 and ft["values"] in grid_points({"train.lr": [3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3]})
+    assert (out / "val_split" / "test" / "nshards.txt").is_file()  # held out of ID train
+    assert method_config("ft").train.lr == ft["values"]["train.lr"]  # tuned.yaml is read back by every run
+    assert "# [ft] 2 trials" in (d / "tuned.yaml").read_text()
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores (Hessian power iteration and an attack per row)
+def test_study_geometry_smoke(study_dir):
+    """The geometry study (tiny Hessian budget): lambda_max, centroid cosines, dLID and drift per row, verdicts."""
+    from eval_suites.studies import StudyConfig, run_study
+
+    out = study_dir / "geo"
+    cfg = StudyConfig(name="geometry", out=out, steps=2, n_adv=4, size="small", pretrain_steps=10,
+                      overrides=["train.batch_size=8"], n_geometry=24, geometry_iters=2)
+    doc = run_study(cfg, echo=lambda *a: None)["doc"]
+    assert list(doc["rows"]) == ["zero-shot", "ft", "tecoa", "grace"]
+    zs, ft = doc["rows"]["zero-shot"]["geometry"], doc["rows"]["ft"]["geometry"]
+    assert zs["drift"] == pytest.approx(0.0, abs=1e-9) and ft["drift"] > 0  # drift is measured from zero-shot
+    assert all(g["lambda_max"] is not None and -1 <= g["centroid_adv"] <= 1 for g in (zs, ft))
+    assert [v["claim"] for v in doc["verdicts"]][0] == "lower lambda_max than FT"
+    assert "## Geometry" in (out / "study.md").read_text()

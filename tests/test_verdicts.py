@@ -1,0 +1,101 @@
+"""Verdict logic and the tuning protocol's pure functions, on constructed numbers."""
+import math
+
+import pytest
+
+from eval_suites.tuning import draw_trials, grid_points, select_trial, trial_score
+from eval_suites.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, evaluate_claim, greater, less, spread,
+                                  wilson_interval)
+
+
+def test_spread_is_mean_and_sample_std():
+    s = spread([10.0, 12.0, 14.0])
+    assert s.mean == pytest.approx(12.0) and s.hi - s.mean == pytest.approx(2.0) and s.n == 3
+    one = spread([50.0], interval=(45.0, 55.0))
+    assert (one.lo, one.hi) == (45.0, 55.0)
+    assert spread([50.0]).lo == spread([50.0]).hi == 50.0
+    assert spread([None]) is None
+
+
+@pytest.mark.parametrize("a,b,margin,expected", [
+    (Spread(60, 58, 62), Spread(50, 48, 52), 0.0, HOLDS),
+    (Spread(50, 48, 52), Spread(60, 58, 62), 0.0, FAILS),
+    (Spread(55, 50, 60), Spread(54, 52, 56), 0.0, INCONCLUSIVE),
+    # OOD within 1 point: 56.5 +- 0.2 vs 57.0 +- 0.2 -> above 57.2 - 1 = 56.2: holds
+    (Spread(56.5, 56.3, 56.7), Spread(57.0, 56.8, 57.2), -1.0, HOLDS),
+    # 55.0 +- 0.2 vs 57.0 +- 0.2: 55.2 <= 56.8 - 1 = 55.8: fails
+    (Spread(55.0, 54.8, 55.2), Spread(57.0, 56.8, 57.2), -1.0, FAILS),
+])
+def test_greater(a, b, margin, expected):
+    assert greater(a, b, margin) == expected
+
+
+def test_less_and_missing_and_all_of():
+    assert less(Spread(1, 1, 1), Spread(3, 2.5, 3.5)) == HOLDS
+    assert greater(None, Spread(1, 1, 1)) == INCONCLUSIVE
+    assert all_of([HOLDS, HOLDS]) == HOLDS
+    assert all_of([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
+    assert all_of([HOLDS, INCONCLUSIVE, FAILS]) == FAILS
+    assert all_of([]) == INCONCLUSIVE
+
+
+def test_evaluate_claim_kinds():
+    rows = {"grace": {"hm": Spread(40, 39, 41), "adv": Spread(30, 29, 31)},
+            "ft": {"hm": Spread(20, 19, 21), "adv": Spread(0, 0, 0)},
+            "tecoa": {"hm": Spread(40.5, 38, 43), "adv": Spread(35, 34, 36)}}
+    best = evaluate_claim({"claim": "best HM", "kind": "greater_all", "a": "grace", "b": "all", "metric": "hm"}, rows)
+    assert best["verdict"] == INCONCLUSIVE and [p["b"] for p in best["parts"]] == ["ft", "tecoa"]
+    adv = evaluate_claim({"claim": "adv", "kind": "greater_all", "a": "grace", "b": ["ft"], "metric": "adv"}, rows)
+    assert adv["verdict"] == HOLDS and "grace 30.00 [29.00, 31.00]" in adv["evidence"]
+    steps = evaluate_claim({"claim": "steps", "kind": "steps", "metric": "adv",
+                            "pairs": [["grace", "ft"], ["grace", "tecoa"]]}, rows)
+    assert steps["verdict"] == FAILS and [p["verdict"] for p in steps["parts"]] == [HOLDS, FAILS]
+    missing = evaluate_claim({"claim": "x", "kind": "less", "a": "grace", "b": "zs", "metric": "hm"}, rows)
+    assert missing["verdict"] == INCONCLUSIVE and "zs not measured" in missing["evidence"]
+    with pytest.raises(ValueError, match="unknown claim kind"):
+        evaluate_claim({"claim": "x", "kind": "about", "metric": "hm"}, rows)
+
+
+def test_wilson_interval_closed_form():
+    lo, hi = wilson_interval(8, 10)  # p = 0.8, n = 10, z = 1.96
+    z, n, p = 1.96, 10, 0.8
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert (lo, hi) == pytest.approx((100 * (c - h), 100 * (c + h)))
+    assert lo == pytest.approx(49.016, abs=1e-2) and hi == pytest.approx(94.331, abs=1e-2)
+    assert wilson_interval(0, 0) is None
+
+
+def test_grid_points_and_joint_axes():
+    grid = {"train.lr": [1, 2, 3], "recipe.rho_mode,recipe.rho": [["relative", 0.005], ["absolute", 0.5]]}
+    pts = grid_points(grid)
+    assert len(pts) == 6
+    assert {"train.lr": 2, "recipe.rho_mode": "absolute", "recipe.rho": 0.5} in pts
+    from grace_plugin.config import ConfigError
+
+    with pytest.raises(ConfigError, match="joint axis"):
+        grid_points({"a.b,a.c": [[1]]})
+
+
+def test_draw_trials_same_budget_for_every_method():
+    small = {"train.lr": [1, 2, 3, 4]}
+    assert draw_trials(small, 4) == grid_points(small)  # exactly the budget: the full grid
+    big = {"train.lr": [1, 2, 3, 4], "recipe.x": [5, 6]}
+    drawn = draw_trials(big, 4, seed=3)
+    assert len(drawn) == 4 and len({tuple(sorted(p.items())) for p in drawn}) == 4
+    assert all(p in grid_points(big) for p in drawn)
+    assert drawn == draw_trials(big, 4, seed=3)  # seeded
+    from grace_plugin.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot give 5 trials"):
+        draw_trials(small, 5)
+
+
+def test_select_trial_rule_and_ties():
+    scores = [trial_score(90.0, 0.0), trial_score(60.0, 30.0), trial_score(50.0, 40.0)]
+    assert scores[1]["hm"] == pytest.approx(40.0)
+    assert select_trial(scores, "hm") == 2  # hm 44.4 > 40 > 0
+    assert select_trial(scores, "mean") == 0  # mean 45 = 45 = 45 ... ties -> the earlier trial
+    clean_only = [trial_score(80.0, 0.0), trial_score(85.0, 0.0)]
+    assert select_trial(clean_only, "hm") == 1  # every HM 0: the higher mean (clean) wins
+    assert select_trial([{"hm": None, "mean": None}, trial_score(1.0, 1.0)], "hm") == 1
