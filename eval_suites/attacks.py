@@ -119,74 +119,48 @@ def check_unit_input(model: torch.nn.Module, unit_input: bool | None = None, nam
             "`input_range = (0, 1)` attribute, or an explicit --unit-input flag if you know it takes [0,1] pixels")
 
 
-def _aa(model, x, eps, norm, seed, attacks=None, version="custom"):
-    import pyautoattack
+def _register_pyautoattack(name: str, description: str, attacks: list[str] | None = None, version: str = "custom",
+                           **options: tuple[str, str, int]) -> None:
+    """Register one pyautoattack-backed entry: ``AutoAttack(attacks=attacks, version=version)`` run on the batch.
 
-    aa = pyautoattack.AutoAttack(model, attacks=attacks, device=x.device, eps=eps, norm=norm, seed=seed,
-                                 version=version)
-    aa.verbose = False
-    return aa
+    ``options``: ``option=(component, attribute, default)``; ``create_attack(name, ..., option=v)`` sets
+    ``AutoAttack.<component>.<attribute> = v`` before the run (e.g. ``n_iter=("apgd", "n_iter", 100)``).
+    """
 
+    def factory(model, eps, norm, seed, **given):
+        unknown = sorted(set(given) - set(options))
+        if unknown:
+            raise TypeError(f"attack {name!r}: unknown option(s) {unknown}; valid: {', '.join(options) or 'none'}")
+        values = {k: given.get(k, default) for k, (_, _, default) in options.items()}
 
-@register_attack("apgd-ce", norms=("Linf", "L2"))
-def _apgd_ce(model, eps, norm, seed, n_iter: int = 100, n_restarts: int = 1):
-    """APGD-CE (Croce & Hein 2020) via pyautoattack, AutoAttack-standard settings."""
-    import pyautoattack
+        def run(x, y):
+            if eps == 0:
+                return x.detach().clone()
+            import pyautoattack
 
-    def run(x, y):
-        if eps == 0:
-            return x.detach().clone()
-        aa = _aa(model, x, eps, norm, seed, attacks=["apgd-ce"])
-        aa.apgd.n_restarts, aa.apgd.n_iter = n_restarts, n_iter
-        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
-        return x_adv.detach()
+            aa = pyautoattack.AutoAttack(model, attacks=attacks, device=x.device, eps=eps, norm=norm, seed=seed,
+                                         version=version)
+            aa.verbose = False
+            for key, (component, attribute, _) in options.items():
+                setattr(getattr(aa, component), attribute, values[key])
+            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+            return x_adv.detach()
 
-    return run
+        return run
 
-
-@register_attack("apgd-dlr", norms=("Linf", "L2"))
-def _apgd_dlr(model, eps, norm, seed, n_iter: int = 100, n_restarts: int = 1):
-    """APGD-DLR (Croce & Hein 2020) via pyautoattack, 100 iterations, 1 restart (needs >= 3 classes)."""
-
-    def run(x, y):
-        if eps == 0:
-            return x.detach().clone()
-        aa = _aa(model, x, eps, norm, seed, attacks=["apgd-dlr"])
-        aa.apgd.n_restarts, aa.apgd.n_iter = n_restarts, n_iter
-        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
-        return x_adv.detach()
-
-    return run
+    register_attack(name, norms=("Linf", "L2"), description=description)(factory)
 
 
-@register_attack("square", norms=("Linf", "L2"))
-def _square(model, eps, norm, seed, n_queries: int = 5000):
-    """Square Attack (Andriushchenko et al. 2020) via pyautoattack, 5000 queries as in AutoAttack standard."""
-
-    def run(x, y):
-        if eps == 0:
-            return x.detach().clone()
-        aa = _aa(model, x, eps, norm, seed, attacks=["square"])
-        aa.square.n_queries = n_queries
-        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
-        return x_adv.detach()
-
-    return run
-
-
-@register_attack("autoattack", norms=("Linf", "L2"))
-def _autoattack(model, eps, norm, seed):
-    """Standard AutoAttack (pyautoattack version='standard'): what robustbench.eval.benchmark runs."""
-
-    def run(x, y):
-        if eps == 0:
-            return x.detach().clone()
-        # version='standard' fixes APGD-CE (1 restart), APGD-T and FAB-T (9 targets), Square (5000 queries), 100 it.
-        aa = _aa(model, x, eps, norm, seed, version="standard")
-        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
-        return x_adv.detach()
-
-    return run
+_register_pyautoattack("apgd-ce", "APGD-CE (Croce & Hein 2020) via pyautoattack, AutoAttack-standard settings.",
+                       ["apgd-ce"], n_iter=("apgd", "n_iter", 100), n_restarts=("apgd", "n_restarts", 1))
+_register_pyautoattack("apgd-dlr", "APGD-DLR (Croce & Hein 2020) via pyautoattack, 100 iterations, 1 restart (needs "
+                       ">= 3 classes).", ["apgd-dlr"], n_iter=("apgd", "n_iter", 100),
+                       n_restarts=("apgd", "n_restarts", 1))
+_register_pyautoattack("square", "Square Attack (Andriushchenko et al. 2020) via pyautoattack, 5000 queries as in "
+                       "AutoAttack standard.", ["square"], n_queries=("square", "n_queries", 5000))
+# version='standard' fixes APGD-CE (1 restart), APGD-T and FAB-T (9 targets), Square (5000 queries), 100 iterations.
+_register_pyautoattack("autoattack", "Standard AutoAttack (pyautoattack version='standard'): what "
+                       "robustbench.eval.benchmark runs.", version="standard")
 
 
 @register_attack("pgd", norms=("Linf", "L2"))

@@ -17,6 +17,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from grace_plugin.weightspace import relative_drift  # noqa: F401  (re-exported: the one definition)
+
 __all__ = ["hvp", "top_hessian_eigenvalue", "hutchinson_trace", "hessian_frobenius_normalised",
            "layerwise_curvature", "class_centroid_cosine", "lid_mle", "delta_lid", "relative_drift"]
 
@@ -138,15 +140,3 @@ def lid_mle(x: torch.Tensor, k: int = 20) -> float:
 def delta_lid(id_emb: torch.Tensor, shift_emb: torch.Tensor, k: int = 20) -> float:
     """``LID(shift) - LID(ID)`` (spec §3.2; the paper reports GRACE <= 2.5, FT > 8)."""
     return lid_mle(shift_emb, k) - lid_mle(id_emb, k)
-
-
-def relative_drift(state: Mapping[str, torch.Tensor], state0: Mapping[str, torch.Tensor],
-                   keys: Sequence[str] | None = None) -> float:
-    """``||theta - theta_0||_2 / ||theta_0||_2`` over the shared keys (or ``keys``) with equal shapes."""
-    keys = list(keys) if keys is not None else [k for k in state if k in state0 and state[k].shape == state0[k].shape
-                                                  and state[k].is_floating_point()]
-    if not keys:
-        raise ValueError("no shared floating-point parameters between the model and its reference")
-    num = sum(float((state[k].double() - state0[k].double()).pow(2).sum()) for k in keys)
-    den = sum(float(state0[k].double().pow(2).sum()) for k in keys)
-    return (num / den) ** 0.5 if den > 0 else float("inf")

@@ -10,14 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MODEL_INFO_FIELDS", "model_info", "write_model_info", "load_references", "reference_rows",
+__all__ = ["model_info", "write_model_info", "load_references", "reference_rows",
            "alexnet_errors", "corruption_scores", "run_robustbench", "pct"]
 
 DATA = Path(__file__).parent / "data"
-# robustbench.utils.ModelInfo fields, in its order (ecosystem.md §3.6); checked against the dataclass in tests.
-MODEL_INFO_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                     "architecture", "eps", "clean_acc", "reported", "corruptions_acc", "corruptions_acc_3d",
-                     "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote")
 
 
 def pct(value: float | None, fraction: bool = False) -> str | None:
@@ -31,12 +27,15 @@ def model_info(dataset: str, threat: str, clean_acc: float | None, robust_acc: f
                eps: float | None = None, corruptions_acc: float | None = None,
                corruptions_mce: float | None = None, **fields) -> dict:
     """ModelInfo dict from percentages (ours) -> RobustBench's strings. ``fields``: link, name, authors, ..."""
+    from registry.naming import model_info_fields
+
     from .attacks import format_eps
 
-    unknown = sorted(set(fields) - set(MODEL_INFO_FIELDS))
+    names = model_info_fields()
+    unknown = sorted(set(fields) - set(names))
     if unknown:
-        raise ValueError(f"unknown ModelInfo fields {unknown}; valid: {', '.join(MODEL_INFO_FIELDS)}")
-    info = dict.fromkeys(MODEL_INFO_FIELDS)
+        raise ValueError(f"unknown ModelInfo fields {unknown}; valid: {', '.join(names)}")
+    info = dict.fromkeys(names)
     info.update(fields)
     info.update(dataset=dataset, clean_acc=pct(clean_acc))
     if threat in ("Linf", "L2"):

@@ -59,26 +59,25 @@ def near_far(scores: dict[str, float]) -> dict:
     return {"order": order, "near": order[:cut], "far": order[cut:]}
 
 
-def pearson(x, y) -> float | None:
+def _correlation(stat, x, y) -> float | None:
+    """``scipy.stats`` correlation ``stat`` of two sequences; None where it is undefined (< 2 points, constant)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return None
-    return float(np.corrcoef(x, y)[0, 1])
+    return float(stat(x, y)[0])
 
 
-def _ranks(a: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean rank), as scipy.stats.rankdata(method='average')."""
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a))
-    ranks[order] = np.arange(1, len(a) + 1)
-    for v in np.unique(a):
-        m = a == v
-        ranks[m] = ranks[m].mean()
-    return ranks
+def pearson(x, y) -> float | None:
+    from scipy.stats import pearsonr
+
+    return _correlation(pearsonr, x, y)
 
 
 def spearman(x, y) -> float | None:
-    return pearson(_ranks(np.asarray(x, float)), _ranks(np.asarray(y, float)))
+    """Spearman's rho: Pearson on average ranks (ties share their mean rank)."""
+    from scipy.stats import spearmanr
+
+    return _correlation(spearmanr, x, y)
 
 
 def shift_summary(id_emb: dict[str, np.ndarray], sets: dict[str, dict[str, np.ndarray]],

@@ -1,16 +1,15 @@
 """grace-plugin core library: data, models, recipes, trainer, checkpoints.
 
-``import grace_plugin`` also makes ``import robustbench`` work with PyPI's pyautoattack (see ``_compat``), and loads
-the plugins other distributions declare under the entry-point group ``grace_plugin.plugins``. This distribution
-declares ``registry.grace_models`` there (pyproject.toml), so an installed grace-plugin makes the registered GRACE
-timm names visible after ``import grace_plugin`` too, while this package imports nothing above it (the name
-``registry`` appears only in packaging metadata; tests/test_layering.py).
+``import grace_plugin`` is cheap (no torch, timm or pyautoattack; tests/test_layering.py) and installs two import
+hooks (``_compat``): ``import robustbench`` then works with PyPI's pyautoattack (an ``autoattack`` module built when
+first imported), and once timm is imported the plugins other distributions declare under the entry-point group
+``grace_plugin.plugins`` are loaded. This distribution declares ``registry.grace_models`` there (pyproject.toml), so
+with grace-plugin installed the registered GRACE timm names are visible to ``timm.create_model`` after
+``import grace_plugin`` too, while this package imports nothing above it (the name ``registry`` appears only in
+packaging metadata).
 """
-from ._compat import install_autoattack_shim
-
-install_autoattack_shim()
-
-from .version import __version__  # noqa: E402
+from ._compat import install_autoattack_shim, when_imported
+from .version import __version__
 
 __all__ = ["__version__", "install_autoattack_shim", "load_plugins"]
 
@@ -35,4 +34,5 @@ def load_plugins() -> list[str]:
     return loaded
 
 
-load_plugins()
+install_autoattack_shim()
+when_imported("timm", load_plugins)

@@ -1,22 +1,29 @@
-"""Make RobustBench importable and runnable with the AutoAttack that PyPI actually ships.
+"""Import hooks that keep ``import grace_plugin`` cheap: nothing heavy is imported until something asks for it.
 
-robustbench 1.1.1 does ``import autoattack`` and calls the fra31 API
-(``AutoAttack(model, norm, eps, version, log_path=...)``, ``run_standard_evaluation(x, y, bs=...)`` returning
-``x_adv``). Its PyPI dependency ``pyautoattack`` 0.2.0 installs the module ``pyautoattack`` with a keyword-only API
-that takes ``batch_size`` and returns ``(x_adv, y_adv)`` (ecosystem.md B1/B2). ``install_autoattack_shim`` registers
-a small ``autoattack`` module translating the old signature to the new one; it is installed by
-``import grace_plugin`` and never replaces a real ``autoattack`` that the user installed themselves.
+* ``autoattack``: robustbench 1.1.1 does ``import autoattack`` and calls the fra31 API
+  (``AutoAttack(model, norm, eps, version, log_path=...)``, ``run_standard_evaluation(x, y, bs=...)`` returning
+  ``x_adv``). Its PyPI dependency ``pyautoattack`` 0.2.0 installs the module ``pyautoattack`` with a keyword-only API
+  that takes ``batch_size`` and returns ``(x_adv, y_adv)`` (ecosystem.md B1/B2). ``install_autoattack_shim`` appends
+  a finder to ``sys.meta_path`` that provides a small ``autoattack`` module translating the old signature to the new
+  one, built (and pyautoattack imported) only when ``autoattack`` is imported. Being last on ``sys.meta_path``, it
+  is asked only after every other finder failed: a real ``autoattack`` that the user installed always wins.
+* ``when_imported(name, callback)``: run ``callback()`` right after module ``name`` is imported (now, if it already
+  is). ``import grace_plugin`` uses it to load its plugins once timm is imported (timm has no entry points of its
+  own, ecosystem.md B10), instead of importing timm itself.
+
+Import hooks: https://docs.python.org/3/reference/import.html#the-meta-path
 """
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import sys
 import types
 
-__all__ = ["install_autoattack_shim"]
+__all__ = ["install_autoattack_shim", "when_imported"]
 
 
-def _make_shim() -> types.ModuleType:
+def _fill_shim(shim: types.ModuleType) -> None:
     import pyautoattack
     import pyautoattack.state as _state
 
@@ -34,27 +41,78 @@ def _make_shim() -> types.ModuleType:
             x_adv, y_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=bs, state_path=state_path)
             return (x_adv, y_adv) if return_labels else x_adv
 
-    shim = types.ModuleType("autoattack")
     shim.__doc__ = "grace_plugin shim: fra31 `autoattack` API over pyautoattack"
     shim.AutoAttack = AutoAttack
     shim.state = _state
     shim.__grace_shim__ = True
-    return shim
+    sys.modules["autoattack.state"] = _state  # `from autoattack.state import EvaluationState` (robustbench.eval)
 
 
-def install_autoattack_shim() -> bool:
-    """Register the ``autoattack`` shim; return True if the shim (not a real package) provides ``autoattack``."""
-    existing = sys.modules.get("autoattack")
-    if existing is not None:
-        return bool(getattr(existing, "__grace_shim__", False))
-    if importlib.util.find_spec("autoattack") is not None:  # a real fra31 install wins
-        return False
-    if importlib.util.find_spec("pyautoattack") is None:
-        return False
-    shim = _make_shim()
-    sys.modules["autoattack"] = shim
-    sys.modules["autoattack.state"] = shim.state
-    return True
+class _AutoattackShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Provides ``autoattack`` from pyautoattack when no other finder has a real one."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "autoattack" or importlib.util.find_spec("pyautoattack") is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, is_package=True)
+
+    def create_module(self, spec):
+        return None  # the default module object
+
+    def exec_module(self, module) -> None:
+        _fill_shim(module)
+
+
+def install_autoattack_shim() -> None:
+    """Append the ``autoattack`` finder to ``sys.meta_path`` (once); imports nothing."""
+    if not any(isinstance(f, _AutoattackShimFinder) for f in sys.meta_path):
+        sys.meta_path.append(_AutoattackShimFinder())
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """First on ``sys.meta_path``: finds watched modules through the other finders and runs callbacks after they
+    executed."""
+
+    def __init__(self):
+        self.callbacks: dict[str, list] = {}
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.callbacks:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        callbacks = self.callbacks.pop(fullname)
+        exec_module = loader.exec_module
+
+        def exec_then_call(module):
+            exec_module(module)
+            for cb in callbacks:
+                cb()
+
+        loader.exec_module = exec_then_call  # this spec's own loader instance (importlib makes one per find)
+        return spec
+
+
+_POST_IMPORT = _PostImportFinder()
+
+
+def when_imported(name: str, callback) -> None:
+    """Call ``callback()`` once module ``name`` is imported: now if it already is, else right after its import."""
+    if name in sys.modules:
+        callback()
+        return
+    if _POST_IMPORT not in sys.meta_path:
+        sys.meta_path.insert(0, _POST_IMPORT)
+    _POST_IMPORT.callbacks.setdefault(name, []).append(callback)
 
 
 def changed_files(dist_name: str) -> list[str]:

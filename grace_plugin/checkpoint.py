@@ -20,7 +20,7 @@ import torch
 from .errors import GraceError
 
 __all__ = ["atomic_path", "atomic_write_text", "save_run", "load_run", "load_run_meta", "sha256_file",
-           "CheckpointError", "FORMAT_VERSION"]
+           "save_tensors", "CheckpointError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -58,7 +58,8 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _save_tensors(sd: dict, path: Path) -> None:
+def save_tensors(sd: dict, path: str | Path) -> None:
+    """Write a tensor dict as safetensors atomically (detached, contiguous, on CPU): every weights file we write."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
@@ -78,9 +79,9 @@ def save_run(out: str | Path, model, *, tower: dict, clip_meta: dict | None, tex
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"refusing to save non-finite weights in {k}")
-    _save_tensors(sd, out / "model.safetensors")
+    save_tensors(sd, out / "model.safetensors")
     if text_state is not None:
-        _save_tensors(text_state, out / "text.safetensors")
+        save_tensors(text_state, out / "text.safetensors")
     meta = {
         "format_version": FORMAT_VERSION,
         "recipe": recipe,

@@ -67,6 +67,25 @@ def digrap_direction(g1: torch.Tensor, g2: torch.Tensor,
 
 
 # -------------------------------------------------------------------------------------------- shared Adam
+def _hyper_adam_init(state: dict, key: str, device) -> None:
+    """Zero moments ``<key>_m``, ``<key>_v`` and step count ``<key>_t`` for a scalar hyper-parameter's own Adam."""
+    state[f"{key}_m"] = torch.zeros((), device=device)
+    state[f"{key}_v"] = torch.zeros((), device=device)
+    state[f"{key}_t"] = 0
+
+
+def _hyper_adam_step(state: dict, key: str, hg: torch.Tensor, betas, lr: float) -> torch.Tensor:
+    """One Adam step on a scalar hyper-parameter (FTP's γ, DiGraP's ω) with hyper-gradient ``hg``: updates the
+    moments under ``key`` and returns the step to subtract (bias-corrected, eps 1e-8; no host sync)."""
+    b1, b2 = betas
+    state[f"{key}_t"] += 1
+    t = state[f"{key}_t"]
+    m, v = state[f"{key}_m"], state[f"{key}_v"]
+    m.mul_(b1).add_(hg, alpha=1 - b1)
+    v.mul_(b2).add_(hg * hg, alpha=1 - b2)
+    return lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
+
+
 class _AnchoredAdam(torch.optim.Optimizer):
     """Adam(W) with a per-tensor anchor; subclasses hook into the step. ``anchor``: "init" (the weights now) or
     "zero" (per param group; FRAMES-VQA's choice for LoRA factors)."""
@@ -144,22 +163,14 @@ class FTP(_AnchoredAdam):
         anchor = state["anchor"]
         if "gamma" not in state:
             state["gamma"] = torch.tensor(float(group["gamma_init"]), device=p.device)
-            state["g_m"] = torch.zeros((), device=p.device)
-            state["g_v"] = torch.zeros((), device=p.device)
-            state["g_t"] = 0
+            _hyper_adam_init(state, "g", p.device)
         elif "c_prev" in state:
             # ∂θ_{t-1}/∂γ = c_{t-1}/n_{t-1} row-wise (where the projection was active): Σ_r g_r·c_r / n_r
             c_prev, n_prev = state["c_prev"], state["n_prev"]
             hg = (g * c_prev).reshape(c_prev.shape[0] if c_prev.dim() else 1, -1).sum(1) / n_prev
             hg = hg.sum()
             hg = torch.where(hg > 0, hg * group["k"], hg)  # no host sync
-            state["g_t"] += 1
-            b1, b2 = group["betas"]
-            state["g_m"].mul_(b1).add_(hg, alpha=1 - b1)
-            state["g_v"].mul_(b2).add_(hg * hg, alpha=1 - b2)
-            t = state["g_t"]
-            step = group["mu"] * (state["g_m"] / (1 - b1 ** t)) / ((state["g_v"] / (1 - b2 ** t)).sqrt() + 1e-8)
-            state["gamma"] = state["gamma"] - step
+            state["gamma"] = state["gamma"] - _hyper_adam_step(state, "g", hg, group["betas"], group["mu"])
         proposal = p.detach() - self._adam_update(p, g, state, group)
         c = proposal - anchor
         n = ftp_row_norms(c)
@@ -221,21 +232,14 @@ class DiGraP(_AnchoredAdam):
     def _param_step(self, p, g1, state, group) -> None:
         if "omega" not in state:
             state["omega"] = torch.tensor(float(group["strength"]), device=p.device)
-            state["w_m"] = torch.zeros((), device=p.device)
-            state["w_v"] = torch.zeros((), device=p.device)
-            state["w_t"] = 0
+            _hyper_adam_init(state, "w", p.device)
         elif group["trainable"] and "g_proj_prev" in state:
             # θ_t = θ_{t-1} - α(g1 - ω g_proj) => ∂L(θ_t)/∂ω = α_{t-1} g1_t·g_proj_{t-1} (Baydin hyper-gradient)
             gp = state["g_proj_prev"]
             hg = state["lr_prev"] * (g1 * gp).sum()
             if group["normalize"] == "cosine":
                 hg = hg / (g1.norm() * gp.norm() + 1e-12)
-            state["w_t"] += 1
-            b1, b2 = group["betas"]
-            state["w_m"].mul_(b1).add_(hg, alpha=1 - b1)
-            state["w_v"].mul_(b2).add_(hg * hg, alpha=1 - b2)
-            t = state["w_t"]
-            step = group["mu"] * (state["w_m"] / (1 - b1 ** t)) / ((state["w_v"] / (1 - b2 ** t)).sqrt() + 1e-8)
+            step = _hyper_adam_step(state, "w", hg, group["betas"], group["mu"])
             state["omega"] = (state["omega"] - step).clamp(0.0, 1.0)
         g, g_proj = digrap_direction(g1, p.detach() - state["anchor"], state["omega"])
         state["g_proj_prev"], state["lr_prev"] = g_proj, float(group["lr"])

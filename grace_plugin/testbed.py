@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .models.clip import TINY_CLIP_NAME, ClipBundle, register_open_clip_config, save_clip, tiny_clip_config
+from .paths import cache_dir
 
 __all__ = ["PretrainConfig", "pretrain_tiny_clip", "tiny_clip", "cache_dir"]
 
@@ -33,13 +34,6 @@ class PretrainConfig:
     seed: int = 0
     width: int = 96
     layers: int = 3
-
-
-def cache_dir() -> Path:
-    if os.environ.get("GRACE_CACHE_DIR"):
-        return Path(os.environ["GRACE_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "grace_plugin"
 
 
 def _load_pairs(pairs_dir: Path, image_size: int):

@@ -9,7 +9,7 @@ Pareto frontier.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -73,13 +73,20 @@ def wise_ft_sweep(zero_shot: Mapping[str, torch.Tensor] | nn.Module, finetuned: 
     return {"points": points, "frontier": pareto_frontier(have, x, y)}
 
 
-def relative_drift(reference: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor],
-                   prefix: str = "visual.") -> float:
-    """``||θ - θ0||_2 / ||θ0||_2`` over the floating tensors whose key starts with ``prefix`` (spec §3.2)."""
-    num = den = 0.0
-    for k, v in current.items():
-        if k.startswith(prefix) and v.is_floating_point():
-            r = reference[k].float()
-            num += float((v.float() - r).pow(2).sum())
-            den += float(r.pow(2).sum())
-    return (num / den) ** 0.5 if den else 0.0
+def relative_drift(state: Mapping[str, torch.Tensor], state0: Mapping[str, torch.Tensor],
+                   keys: Sequence[str] | None = None) -> float:
+    """``||θ - θ0||_2 / ||θ0||_2`` over ``keys``, by default every floating tensor both state dicts share (same shape).
+
+    The one definition (the geometry suite's ``parameter_drift`` uses it). Edge cases follow the ratio's limit:
+    no change at all is 0.0 (also for a zero reference); a change away from an all-zero reference is ``inf`` (an
+    unbounded relative change, not "no drift"). Computed in float64; no shared tensor is an error.
+    """
+    keys = list(keys) if keys is not None else [k for k in state if k in state0 and state[k].shape == state0[k].shape
+                                                  and state[k].is_floating_point()]
+    if not keys:
+        raise ValueError("no shared floating-point parameters between the model and its reference")
+    num = sum(float((state[k].double() - state0[k].double()).pow(2).sum()) for k in keys)
+    den = sum(float(state0[k].double().pow(2).sum()) for k in keys)
+    if num == 0.0:
+        return 0.0
+    return (num / den) ** 0.5 if den > 0 else float("inf")

@@ -1,17 +1,18 @@
 """timm model names for GRACE checkpoints, the RobustBench name bridge, and model resolution.
 
-``import registry`` registers every GRACE model card found in the weights dir (``$GRACE_WEIGHTS_DIR``) as a timm
-architecture named by the RobustBench rule (``registry.naming.timm_name``); ``import grace_plugin`` does the same
-through its plugin hook when the distribution is installed. timm has no entry points of its own (ecosystem.md B10).
+After ``import registry`` every GRACE model card in the weights dir (``$GRACE_WEIGHTS_DIR``) is a timm architecture
+named by the RobustBench rule (``registry.naming.timm_name``), the folder being read when a name is first resolved
+or listed; ``import grace_plugin`` does the same through its plugin hook (once timm is imported) when the
+distribution is installed. timm has no entry points of its own (ecosystem.md B10).
 """
 import grace_plugin  # noqa: F401  (installs the autoattack shim before anything imports robustbench)
 
 from .grace_models import (GraceClassifier, HeadSizeError, RegistryError, get_card, list_grace_models,
-                           register_card, scan_weights_dir, weights_dir)
+                           register_card, scan_once, scan_weights_dir, weights_dir)
 from .naming import timm_name
 from .resolve import LoadedModel, ModelNotFound, load_model
 from .weights import UnsafeWeightsError, WeightsError, load_state_dict_safe
 
 __all__ = ["LoadedModel", "ModelNotFound", "load_model", "timm_name", "GraceClassifier", "RegistryError",
            "HeadSizeError", "WeightsError", "UnsafeWeightsError", "load_state_dict_safe", "register_card",
-           "scan_weights_dir", "list_grace_models", "get_card", "weights_dir"]
+           "scan_weights_dir", "scan_once", "list_grace_models", "get_card", "weights_dir"]

@@ -8,9 +8,11 @@ A registered model is a folder ``<weights dir>/<timm name>/`` written by ``grace
   crop_pct 1.0, bicubic, CLIP mean/std), class names and templates, RobustBench ``ModelInfo`` fields and the
   sha256 of both weight files.
 
-Importing this module scans the weights dir (``$GRACE_WEIGHTS_DIR``, default ``<grace cache>/weights``) and
-registers one timm architecture per card, so in a new process ``import registry`` (or ``import grace_plugin``
-through its plugin hook) makes ``timm.create_model(name, pretrained=True)`` and
+The cards of the weights dir (``$GRACE_WEIGHTS_DIR``, default ``<grace cache>/weights``) are read lazily: the first
+time a name is resolved or listed (``get_card``, ``list_grace_models``, ``registry.load_model``, and timm's own
+``is_model``/``create_model``/``list_models``, whose name table this module wraps), the folder is scanned once and
+one timm architecture is registered per card. So in a new process ``import registry`` (or ``import grace_plugin``
+through its plugin hook, once timm is imported) makes ``timm.create_model(name, pretrained=True)`` and
 ``robustbench.utils.load_model(rb_name, dataset=..., threat_model=...)`` work. timm has no entry points of its own
 (ecosystem.md B10). Weights resolve, in timm's order, from ``pretrained_cfg_overlay=dict(file=...)``, the card's
 local file, then the card's ``hf_hub_id``; they are read by ``GraceClassifier.load_pretrained`` (cfg
@@ -18,6 +20,7 @@ local file, then the card's ``hf_hub_id``; they are read by ``GraceClassifier.lo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +32,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from grace_plugin.errors import GraceError
+from grace_plugin.paths import cache_dir
 from grace_plugin.models.classifier import ClipClassifier, ZeroShotHead
 from grace_plugin.models.clip import build_tower
 
@@ -36,8 +40,8 @@ from .naming import NUM_CLASSES, timm_name
 from .weights import WeightsError, load_state_dict_safe, verify_sha256
 
 __all__ = ["GraceClassifier", "RegistryError", "HeadSizeError", "weights_dir", "register_card", "scan_weights_dir",
-           "list_grace_models", "get_card", "card_pretrained_cfg", "CARD_FILE", "WEIGHTS_FILE", "TEXT_FILE",
-           "CARD_FORMAT", "default_cfgs"]
+           "scan_once", "list_grace_models", "get_card", "card_pretrained_cfg", "CARD_FILE", "WEIGHTS_FILE",
+           "TEXT_FILE", "CARD_FORMAT", "default_cfgs"]
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +67,7 @@ def weights_dir() -> Path:
     """``$GRACE_WEIGHTS_DIR``, else ``weights/`` under the grace cache (``$GRACE_CACHE_DIR`` or ~/.cache/grace_plugin)."""
     if os.environ.get("GRACE_WEIGHTS_DIR"):
         return Path(os.environ["GRACE_WEIGHTS_DIR"]).expanduser()
-    if os.environ.get("GRACE_CACHE_DIR"):
-        return Path(os.environ["GRACE_CACHE_DIR"]).expanduser() / "weights"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "grace_plugin" / "weights"
+    return cache_dir("weights")
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -203,7 +204,7 @@ def register_card(card: dict | str | Path, card_dir: str | Path | None = None) -
     entrypoint.__doc__ = f"GRACE classifier {card.get('rb_name') or name} ({card['architecture']['tower']})."
     default_cfgs[name] = generate_default_cfgs({name: card_pretrained_cfg(card, card_dir)})[name]
     _CARDS[name] = (card, card_dir)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _LazyNames.registering():
         warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")  # re-registering a card
         register_model(entrypoint)
     return name
@@ -223,13 +224,75 @@ def scan_weights_dir(root: str | Path | None = None) -> list[str]:
     return names
 
 
+_SCANNED = False
+
+
+def scan_once() -> None:
+    """Scan the weights dir the first time a name is resolved or listed in this process (later cards: ``grace
+    register`` registers its own, ``scan_weights_dir`` rescans)."""
+    global _SCANNED
+    if not _SCANNED:
+        _SCANNED = True
+        scan_weights_dir()
+
+
+class _LazyNames(dict):
+    """timm's name -> entrypoint table (``timm.models._registry._model_entrypoints``, a plain dict in timm 1.0.9)
+    with a lookup miss or a listing triggering ``scan_once`` first: how ``timm.is_model``/``create_model`` (and
+    RobustBench through them) see the weights dir's cards without a scan at import time."""
+
+    _quiet = 0  # > 0 while register_model checks its own new name (no scan for that)
+
+    @classmethod
+    @contextlib.contextmanager
+    def registering(cls):
+        cls._quiet += 1
+        try:
+            yield
+        finally:
+            cls._quiet -= 1
+
+    def _scan(self, key=None) -> None:
+        if not _SCANNED and not _LazyNames._quiet and (key is None or not dict.__contains__(self, key)):
+            scan_once()
+
+    def __contains__(self, key) -> bool:
+        self._scan(key)
+        return dict.__contains__(self, key)
+
+    def __getitem__(self, key):
+        self._scan(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        self._scan(key)
+        return dict.get(self, key, default)
+
+    def keys(self):
+        self._scan()
+        return dict.keys(self)
+
+    def __iter__(self):
+        self._scan()
+        return dict.__iter__(self)
+
+
+def _install_lazy_names() -> None:
+    import timm.models._registry as timm_registry
+
+    if not isinstance(timm_registry._model_entrypoints, _LazyNames):
+        timm_registry._model_entrypoints = _LazyNames(timm_registry._model_entrypoints)
+
+
 def list_grace_models(pattern: str = "") -> list[str]:
     import timm
 
+    scan_once()
     return timm.list_models(pattern or "*", module="grace_models")
 
 
 def get_card(name: str) -> tuple[dict, Path | None]:
+    scan_once()
     try:
         return _CARDS[name.split(".")[0]]
     except KeyError:
@@ -256,4 +319,4 @@ BUILTIN_CARDS = [{
 
 for _card in BUILTIN_CARDS:
     register_card(_card)
-scan_weights_dir()
+_install_lazy_names()

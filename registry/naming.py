@@ -9,9 +9,10 @@ checks it against RobustBench's own resolution.
 """
 from __future__ import annotations
 
+import functools
 import re
 
-__all__ = ["timm_name", "DATASETS", "THREAT_MODELS", "NUM_CLASSES", "check_rb_name"]
+__all__ = ["timm_name", "DATASETS", "THREAT_MODELS", "NUM_CLASSES", "check_rb_name", "model_info_fields"]
 
 # robustbench.model_zoo.enums.BenchmarkDataset / ThreatModel values, and robustbench.utils.DATASET_CLASSES.
 DATASETS = ("cifar10", "cifar100", "imagenet")
@@ -49,3 +50,18 @@ def timm_name(rb_name: str, dataset: str = "imagenet", threat_model: str = "Linf
         raise ValueError(f"threat model {threat_model!r}: valid choices are {', '.join(THREAT_MODELS)}")
     threat = threat_model.replace("_3d", "")
     return f"{rb_name.lower().replace('-', '_')}_{dataset.lower()}_{threat.lower()}"
+
+
+@functools.cache
+def model_info_fields() -> tuple[str, ...]:
+    """The field names of ``robustbench.utils.ModelInfo``, in its order, read from the dataclass itself.
+
+    The model cards (``registry.publish``) and the ``model_info/*.json`` files (``eval_suites.leaderboard``) both
+    carry exactly these fields. robustbench is imported here, on first use, not when this module is.
+    """
+    import dataclasses
+
+    import grace_plugin  # noqa: F401  (the autoattack import hook robustbench needs)
+    from robustbench.utils import ModelInfo
+
+    return tuple(f.name for f in dataclasses.fields(ModelInfo))

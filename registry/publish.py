@@ -17,18 +17,14 @@ from pathlib import Path
 
 import torch
 
-from grace_plugin.checkpoint import atomic_path, atomic_write_text, load_run, sha256_file
+from grace_plugin.checkpoint import atomic_write_text, load_run, save_tensors, sha256_file
 
 from .grace_models import CARD_FILE, CARD_FORMAT, TEXT_FILE, WEIGHTS_FILE, RegistryError, register_card, weights_dir
-from .naming import NUM_CLASSES, timm_name
+from .naming import NUM_CLASSES, model_info_fields, timm_name
 
-__all__ = ["MODEL_INFO_FIELDS", "dataset_classes", "register_run", "RegisteredModel", "export_open_clip",
+__all__ = ["dataset_classes", "register_run", "RegisteredModel", "export_open_clip",
            "export_timm_hub", "timm_to_open_clip_visual", "build_entry"]
 
-# robustbench.model_zoo ModelInfo fields (ecosystem.md §3.6); accuracies stay null until measured: never made up.
-MODEL_INFO_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                     "architecture", "eps", "clean_acc", "reported", "corruptions_acc", "corruptions_acc_3d",
-                     "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote")
 TEMPLATE_SETS = ("openai", "simple")
 _ARCH_NAMES = {"vit_base_patch32_clip_quickgelu_224": "ViT-B/32", "vit_base_patch16_clip_quickgelu_224": "ViT-B/16",
                "vit_large_patch14_clip_quickgelu_224": "ViT-L/14"}
@@ -73,9 +69,10 @@ def build_entry(run_dir: str | Path, rb_name: str, dataset: str = "imagenet", th
 
     run_dir = Path(run_dir)
     name = timm_name(rb_name, dataset, threat_model)
-    bad = set(model_info or {}) - set(MODEL_INFO_FIELDS)
+    fields = model_info_fields()
+    bad = set(model_info or {}) - set(fields)
     if bad:
-        raise RegistryError(f"model info field(s) {sorted(bad)}: valid fields are {', '.join(MODEL_INFO_FIELDS)}")
+        raise RegistryError(f"model info field(s) {sorted(bad)}: valid fields are {', '.join(fields)}")
     model, meta, bundle = _load_run_with_text(run_dir)
     classnames, tmpl = dataset_classes(dataset, templates)
     w = zero_shot_weights(bundle, classnames, tmpl)
@@ -85,7 +82,7 @@ def build_entry(run_dir: str | Path, rb_name: str, dataset: str = "imagenet", th
     clf = ClipClassifier(model.visual, ZeroShotHead(w, logit_scale), meta["pretrained_cfg"]).eval()
     tower = meta["architecture"]["tower"]
     pc = meta["pretrained_cfg"]
-    info = {k: None for k in MODEL_INFO_FIELDS}
+    info = dict.fromkeys(fields)  # RobustBench's ModelInfo; accuracies stay null until measured
     info.update(dataset=dataset, architecture=_arch_label(tower, meta["clip"]["model_name"]),
                 eps="4/255" if (dataset, threat_model) == ("imagenet", "Linf") else None,
                 additional_data=True,  # CLIP pretraining on web image-text pairs is extra data for RobustBench
@@ -113,13 +110,6 @@ class RegisteredModel:
     folder: Path
 
 
-def _save_tensors(sd: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))
-
-
 def register_run(run_dir: str | Path, rb_name: str, dataset: str = "imagenet", threat_model: str = "Linf",
                  out_dir: str | Path | None = None, templates: str = "openai", model_info: dict | None = None,
                  hf_hub_id: str | None = None) -> RegisteredModel:
@@ -127,8 +117,8 @@ def register_run(run_dir: str | Path, rb_name: str, dataset: str = "imagenet", t
     clf, card, text_sd = build_entry(run_dir, rb_name, dataset, threat_model, templates, model_info)
     folder = Path(out_dir or weights_dir()).expanduser() / card["timm_name"]
     folder.mkdir(parents=True, exist_ok=True)
-    _save_tensors(clf.state_dict(), folder / WEIGHTS_FILE)
-    _save_tensors(text_sd, folder / TEXT_FILE)
+    save_tensors(clf.state_dict(), folder / WEIGHTS_FILE)
+    save_tensors(text_sd, folder / TEXT_FILE)
     card["weights_sha256"] = sha256_file(folder / WEIGHTS_FILE)
     card["text_sha256"] = sha256_file(folder / TEXT_FILE)
     if hf_hub_id:
@@ -198,9 +188,9 @@ def export_open_clip(run_dir: str | Path, out: str | Path, name: str | None = No
                             f"unexpected {unexpected[:3]})")
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "open_clip_model.safetensors"
-    _save_tensors(clip.state_dict(), weights)
+    save_tensors(clip.state_dict(), weights)
     atomic_write_text(out / f"{name}.json", json.dumps(clip_cfg, indent=2) + "\n")
-    _save_tensors({"weight": model.head.weight.detach(), "logit_scale": model.head.logit_scale.detach()},
+    save_tensors({"weight": model.head.weight.detach(), "logit_scale": model.head.logit_scale.detach()},
                   out / "zero_shot_head.safetensors")
     atomic_write_text(out / "classnames.txt", "\n".join(meta["classnames"]) + "\n")
     if meta.get("templates"):
@@ -225,7 +215,7 @@ def export_timm_hub(run_dir: str | Path, out: str | Path, rb_name: str, dataset:
                               num_classes=card["architecture"]["num_classes"])
     clf.num_features = card["architecture"]["embed_dim"]  # save_config_for_hf records timm's num_features
     save_for_hf(clf, str(out), model_config={"label_names": card["classnames"]}, safe_serialization=True)
-    _save_tensors(text_sd, out / TEXT_FILE)
+    save_tensors(text_sd, out / TEXT_FILE)
     card["weights_sha256"] = sha256_file(out / WEIGHTS_FILE)
     card["text_sha256"] = sha256_file(out / TEXT_FILE)
     atomic_write_text(out / "grace_card.json", json.dumps(card, indent=2) + "\n")

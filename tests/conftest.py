@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic world and a tiny CLIP, both built into tmp dirs once per session."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -11,6 +12,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import grace_plugin  # noqa: E402,F401  (autoattack shim)
 from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """AutoAttack on a tiny model is thousands of tiny ops: intra-op threads only contend on a shared 2-core box
+    (measured 20x slower with 2 threads under load). ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -29,20 +40,59 @@ def tiny_clip_dir(tiny_world, tmp_path_factory):
                                                                        warmup_steps=5), progress=False)
 
 
-@pytest.fixture()
-def tiny_classifier(tiny_clip_dir, tiny_world):
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_clip_dir):
+    """The tiny open_clip model, loaded once; tests get copies (``tiny_text``) since FLYP trains it in place."""
+    from grace_plugin.models.clip import load_clip
+
+    return load_clip(tiny_clip_dir)
+
+
+@pytest.fixture(scope="session")
+def _tiny_classifier_once(tiny_bundle, tiny_world):
     from grace_plugin.data.shards import open_shard_set
-    from grace_plugin.models.clip import classifier_from_clip, load_clip
+    from grace_plugin.models.clip import classifier_from_clip
 
     shards = open_shard_set(tiny_world / "id", split="train")
-    return classifier_from_clip(load_clip(tiny_clip_dir), shards.classnames, shards.templates)
+    return classifier_from_clip(tiny_bundle, shards.classnames, shards.templates)
 
 
 @pytest.fixture()
-def tiny_batch(tiny_world, tiny_classifier):
+def tiny_classifier(_tiny_classifier_once):
+    """A fresh copy of the tiny zero-shot classifier (its head is built from the text side once per session)."""
+    return copy.deepcopy(_tiny_classifier_once)
+
+
+@pytest.fixture()
+def tiny_text(tiny_bundle, tiny_world):
+    """The text side a recipe may train (a fresh copy of the session's CLIP) with the ID class prompts."""
+    from grace_plugin.data.shards import open_shard_set
+    from grace_plugin.recipes import TextSide
+
+    shards = open_shard_set(tiny_world / "id", split="train")
+    return TextSide(copy.deepcopy(tiny_bundle), shards.classnames, shards.templates)
+
+
+@pytest.fixture(scope="session")
+def _tiny_batch_once(tiny_world, _tiny_classifier_once):
     from grace_plugin.data.loader import make_eval_loader
     from grace_plugin.data.shards import open_shard_set
     from grace_plugin.data.transforms import eval_transform
 
     shards = open_shard_set(tiny_world / "id")
-    return next(iter(make_eval_loader(shards.urls, eval_transform(tiny_classifier.pretrained_cfg), 8, 10)))
+    return next(iter(make_eval_loader(shards.urls, eval_transform(_tiny_classifier_once.pretrained_cfg), 8, 10)))
+
+
+@pytest.fixture()
+def tiny_batch(_tiny_batch_once):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in _tiny_batch_once.items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip where no CUDA device is visible (tox -e slow runs them; tox -e py deselects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

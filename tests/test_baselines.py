@@ -160,6 +160,19 @@ def test_digrap_direction_closed_form_and_strength_learns():
     assert 0.0 <= opt.stats()["digrap_omega_mean"] <= 1.0
 
 
+def _step_both(opt, ref, params, shadow, t):
+    """Move the reference optimizer's shadow weights to ``params``, give both the same gradients, step both."""
+    with torch.no_grad():
+        for s, p in zip(shadow, params):
+            s.copy_(p)
+    gs = _grads(t, params)
+    for p, s, g in zip(params, shadow, gs):
+        p.grad, s.grad = g.clone(), g.clone()
+    opt.step()
+    ref.step()
+    return gs
+
+
 def test_ftp_rows_stay_in_the_learned_l1_ball():
     params = _params()
     shadow = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -167,14 +180,7 @@ def test_ftp_rows_stay_in_the_learned_l1_ball():
     opt = FTP(params, lr=5e-2, weight_decay=0.01, k=0.5, mu=1e-2)
     ref = torch.optim.AdamW(shadow, lr=5e-2, weight_decay=0.01)
     for t in range(8):
-        with torch.no_grad():
-            for s, p in zip(shadow, params):
-                s.copy_(p)
-        gs = _grads(t, params)
-        for p, s, g in zip(params, shadow, gs):
-            p.grad, s.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()  # the unprojected AdamW proposal from the same point and moments
+        _step_both(opt, ref, params, shadow, t)  # ref: the unprojected AdamW proposal from the same point and moments
         for p, s, a in zip(params, shadow, anchors):
             gamma = opt.state[p]["gamma"]
             assert torch.allclose(p, ftp_project(a, s.detach(), gamma), atol=1e-6)
@@ -191,14 +197,7 @@ def test_spd_selective_decay_closed_form():
     n_selected = 0
     for t in range(8):
         prev = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for s, p in zip(shadow, params):
-                s.copy_(p)
-        gs = _grads(t, params)
-        for p, s, g in zip(params, shadow, gs):
-            p.grad, s.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
+        gs = _step_both(opt, ref, params, shadow, t)
         for p, s, a, q, g in zip(params, shadow, anchors, prev, gs):
             prop = s.detach()
             if float((g * (a - q)).sum()) < 0:
@@ -225,10 +224,12 @@ def test_tecoa_loss_matches_independent_pgd(tiny_classifier, tiny_batch):
     assert float(out.loss.detach()) > float(F.cross_entropy(ref(x), y))
 
 
-def test_pmg_aft_loss_matches_independent_computation(tiny_classifier, tiny_batch):
+@pytest.mark.parametrize("ori_input", ["adv", "clean"])
+def test_pmg_aft_loss_matches_independent_computation(tiny_classifier, tiny_batch, ori_input):
     eps, alpha, steps = 4 / 255, 1 / 255, 2
     ref = copy.deepcopy(tiny_classifier).eval()
-    rec = create_recipe("pmg_aft", tiny_classifier, _cfg("pmg_aft", pgd_steps=steps, pgd_random_start=False))
+    rec = create_recipe("pmg_aft", tiny_classifier, _cfg("pmg_aft", pgd_steps=steps, pgd_random_start=False,
+                                                         ori_input=ori_input))
     with torch.no_grad():  # move the model away from the frozen original so both KL terms are non-zero
         for p in rec.trainable_parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -240,16 +241,22 @@ def test_pmg_aft_loss_matches_independent_computation(tiny_classifier, tiny_batc
     def kl(p, q):  # KL(p || q), batch mean, from the definition
         return (p * (p.log() - q.log())).sum(1).mean()
 
-    p_adv, p_nat, p_ori = (F.softmax(m(z), 1) for m, z in ((moved, x_adv), (moved, x), (ref, x_adv)))
+    x_ori = x_adv if ori_input == "adv" else x  # what the frozen original p_0 sees
+    p_adv, p_nat, p_ori = (F.softmax(m(z), 1) for m, z in ((moved, x_adv), (moved, x), (ref, x_ori)))
     expected = F.cross_entropy(moved(x_adv), y) + kl(p_ori, p_adv) + kl(p_nat, p_adv)
     assert float(out.loss) == pytest.approx(float(expected), rel=1e-4)
+    assert out.logs["kl_ori"] == pytest.approx(float(kl(p_ori, p_adv)), rel=1e-4)
+    other = F.softmax(ref(x if ori_input == "adv" else x_adv), 1)  # the other input gives another KL
+    assert abs(out.logs["kl_ori"] - float(kl(other, p_adv))) > 1e-3 * out.logs["kl_ori"]
     assert out.logs["kl_ori"] > 0 and out.logs["kl_nat"] > 0
 
 
-def test_fare_loss_matches_independent_computation(tiny_classifier, tiny_batch):
+@pytest.mark.parametrize("clean_weight", [0.0, 0.3])
+def test_fare_loss_matches_independent_computation(tiny_classifier, tiny_batch, clean_weight):
     eps, alpha, steps = 4 / 255, 1 / 255, 2
     orig = copy.deepcopy(tiny_classifier).eval()
-    rec = create_recipe("fare", tiny_classifier, _cfg("fare", pgd_steps=steps, pgd_random_start=False))
+    rec = create_recipe("fare", tiny_classifier, _cfg("fare", pgd_steps=steps, pgd_random_start=False,
+                                                      clean_weight=clean_weight))
     with torch.no_grad():
         for p in rec.trainable_parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -261,21 +268,20 @@ def test_fare_loss_matches_independent_computation(tiny_classifier, tiny_batch):
         target = phi(orig, x)
     l2 = lambda z: ((phi(moved, z) - target) ** 2).sum(1).mean()  # noqa: E731
     z = _pgd(l2, x, eps, alpha, steps)
-    assert float(out.loss) == pytest.approx(float(l2(z)), rel=1e-4)
-    assert float(out.loss) > float(l2(x))  # the attack increased the embedding distance
+    # FARE's --clean_weight w: (1 - w) ||φ(z) - φ_orig(x)||² + w ||φ(x) - φ_orig(x)||²
+    expected = (1 - clean_weight) * l2(z) + clean_weight * l2(x)
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-4)
+    assert float(l2(z)) > float(l2(x))  # the attack increased the embedding distance
+    assert ("l2_clean" in out.logs) == bool(clean_weight)
     # an unmoved model at its origin has zero clean loss (the frozen copy is the original)
     fresh = create_recipe("fare", copy.deepcopy(orig), _cfg("fare", pgd_steps=0))
     assert float(fresh.training_step(tiny_batch, CPU).loss) == pytest.approx(0.0, abs=1e-8)
 
 
-def test_flyp_loss_is_symmetric_infonce_on_class_prompts(tiny_classifier, tiny_batch, tiny_clip_dir, tiny_world):
-    from grace_plugin.data.shards import open_shard_set
-    from grace_plugin.models.clip import load_clip, zero_shot_weights
-    from grace_plugin.recipes import TextSide
+def test_flyp_loss_is_symmetric_infonce_on_class_prompts(tiny_classifier, tiny_batch, tiny_text):
+    from grace_plugin.models.clip import zero_shot_weights
 
-    shards = open_shard_set(tiny_world / "id", split="train")
-    bundle = load_clip(tiny_clip_dir)
-    text = TextSide(bundle, shards.classnames, shards.templates)
+    text, bundle = tiny_text, tiny_text.bundle
     rec = create_recipe("flyp", tiny_classifier, _cfg("flyp"), text=text)
     torch.manual_seed(3)
     out = rec.training_step(tiny_batch, CPU)
@@ -293,7 +299,7 @@ def test_flyp_loss_is_symmetric_infonce_on_class_prompts(tiny_classifier, tiny_b
     opt = torch.optim.SGD(rec.text_parameters(), lr=1.0)
     opt.step()
     model = rec.export_model()
-    expected_w = zero_shot_weights(bundle, shards.classnames, shards.templates)
+    expected_w = zero_shot_weights(bundle, text.classnames, text.templates)
     assert torch.allclose(model.head.weight, expected_w, atol=1e-6)
     assert float(model.head.logit_scale) == pytest.approx(float(bundle.clip.logit_scale.exp()), rel=1e-6)
 
@@ -331,18 +337,12 @@ def test_wise_ft_sweep_cli_rejects_bad_alphas(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", __import__("grace_plugin.recipes", fromlist=["list_recipes"]).list_recipes())
-def test_every_recipe_runs_on_lora(name, tiny_classifier, tiny_batch, tiny_clip_dir, tiny_world):
+def test_every_recipe_runs_on_lora(name, tiny_classifier, tiny_batch, tiny_text):
     """recipe.lora=true (LoRA-FT, LoRA-TeCoA, ... rows of Table 7): only adapters (and the head where the recipe
     trains it) receive gradients; the tower's own weights are frozen."""
-    from grace_plugin.data.shards import open_shard_set
-    from grace_plugin.models.clip import load_clip
-    from grace_plugin.recipes import TextSide
-
     fields = get_recipe_class(name).Config.__dataclass_fields__
     kw = {"lora": True, "lora_rank": 2, "lora_alpha": 4.0, **({"pgd_steps": 1} if "pgd_steps" in fields else {})}
-    shards = open_shard_set(tiny_world / "id", split="train")
-    text = TextSide(load_clip(tiny_clip_dir), shards.classnames, shards.templates)
-    rec = create_recipe(name, tiny_classifier, _cfg(name, **kw), text=text)
+    rec = create_recipe(name, tiny_classifier, _cfg(name, **kw), text=tiny_text)
     rec.training_step(tiny_batch, CPU).loss.backward()
     for n, p in tiny_classifier.named_parameters():
         if "lora_" in n:

@@ -34,6 +34,19 @@ def test_convert_roundtrip_counts_and_labels(imagefolder, tmp_path, layout, caps
     labels = [int(y) for b in make_eval_loader(s.urls, eval_transform({"input_size": (3, 12, 12)}), 7, 3)
               for y in b["label"]]
     assert sorted(labels) == [0] * 5 + [1] * 6 + [2] * 7
+    # image bytes are copied as they are: every source file appears byte for byte, once, with its folder's label
+    import tarfile
+
+    members = {}
+    for url in s.urls:
+        with tarfile.open(url) as tf:
+            for m in tf:
+                members[m.name] = tf.extractfile(m).read()
+    images = {k: v for k, v in members.items() if not k.endswith((".cls", ".json"))}
+    sources = sorted(imagefolder.glob("*/*"))
+    assert sorted(images.values()) == sorted(f.read_bytes() for f in sources)
+    by_bytes = {f.read_bytes(): int(f.parent.name[-1]) for f in sources}
+    assert all(int(members[k.rsplit(".", 1)[0] + ".cls"]) == by_bytes[v] for k, v in images.items())
     if layout == "timm":
         info = json.loads((out / "_info.json").read_text())
         assert info["splits"]["validation"]["shard_lengths"] == [4, 4, 4, 4, 2] and s.expected == 18

@@ -140,25 +140,38 @@ def _simulate(monkeypatch, rank, world, worker, nworkers):
 
 
 def test_eval_every_sample_once_across_2_ranks_x_2_workers(tiny_world, monkeypatch):
-    """Each (rank, worker) pair reads its slice of shards; together they read every sample exactly once."""
-    import tarfile as tf_
-
+    """Each (rank, worker) pair reads its slice of shards; together they read every sample exactly once: the
+    loaders' (image, label) outputs, fingerprinted, are pairwise disjoint and their union is the shard set as read
+    independently with tarfile + PIL."""
     s = open_shard_set(tiny_world / "id", split="train")  # 5 shards: fewer than 2x2x2, uneven on purpose
-    keys = []
+
+    def fp(img, label):
+        return hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest(), int(label)
+
+    slices = []
     for rank in range(2):
         for worker in range(2):
             _simulate(monkeypatch, rank, 2, worker, 2)
-            for b in make_eval_loader(s.urls, IDENT, 16, 10):
-                keys.append(b["label"].numel())
-    assert sum(keys) == count_samples(s.urls) == 240
-    # and the slices are disjoint: label multiset per class equals the full set's
-    total = {}
+            slices.append([fp(x, y) for b in make_eval_loader(s.urls, IDENT, 16, 10)
+                           for x, y in zip(b["image"], b["label"])])
+    expected, labels = [], {}
     for url in s.urls:
-        with tf_.open(url) as t:
-            for m in t:
-                if m.name.endswith(".cls"):
-                    total[int(t.extractfile(m).read())] = total.get(int(t.extractfile(m).read()), 0) + 1
-    assert sorted(total.values()) == [24] * 10
+        with tarfile.open(url) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+        for name, data in members.items():
+            key, ext = name.split(".", 1)
+            if ext == "cls":
+                labels[(url, key)] = int(data)
+        for name, data in members.items():
+            key, ext = name.split(".", 1)
+            if ext in ("jpg", "jpeg", "png", "webp"):
+                expected.append(fp(IDENT(Image.open(io.BytesIO(data)).convert("RGB")), labels[(url, key)]))
+    assert len(expected) == count_samples(s.urls) == 240
+    assert sorted(f for sl in slices for f in sl) == sorted(expected)
+    for i in range(len(slices)):
+        for j in range(i + 1, len(slices)):
+            assert not set(slices[i]) & set(slices[j]), (i, j)
+    assert all(slices), "every (rank, worker) reads something"
 
 
 def test_train_equal_batches_per_rank(tiny_world, monkeypatch):

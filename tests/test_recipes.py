@@ -1,4 +1,6 @@
-"""Registry-driven: every registered recipe gets these tests without editing this file."""
+"""Registry-driven: every registered recipe gets these tests without editing this file; then GRACE's options."""
+import copy
+
 import pytest
 import torch
 
@@ -19,19 +21,10 @@ def _recipe_cfg(name):
     return build_config(name, overrides={"recipe": overrides}).recipe
 
 
-def _text_side(tiny_clip_dir, tiny_world):
-    from grace_plugin.data.shards import open_shard_set
-    from grace_plugin.models.clip import load_clip
-    from grace_plugin.recipes import TextSide
-
-    shards = open_shard_set(tiny_world / "id", split="train")
-    return TextSide(load_clip(tiny_clip_dir), shards.classnames, shards.templates)
-
-
 @pytest.mark.parametrize("name", list_recipes())
-def test_one_step(name, tiny_classifier, tiny_batch, tiny_clip_dir, tiny_world):
+def test_one_step(name, tiny_classifier, tiny_batch, tiny_text):
     torch.manual_seed(0)
-    rec = create_recipe(name, tiny_classifier, _recipe_cfg(name), text=_text_side(tiny_clip_dir, tiny_world))
+    rec = create_recipe(name, tiny_classifier, _recipe_cfg(name), text=tiny_text)
     trainable = rec.trainable_parameters()
     assert trainable, "a recipe must train something"
     frozen_before = {n: p.detach().clone() for n, p in tiny_classifier.named_parameters() if not p.requires_grad}
@@ -82,13 +75,166 @@ def test_grace_curvature_allocation_and_awp(tiny_classifier, tiny_batch):
     out = rec.training_step(tiny_batch, ctx)
     assert out.logs["awp_layers"] == sum(r > 0 for r in rec.ranks.values())
     assert out.logs["awp_norm"] > 0
-    # radius: relative mode keeps every ||Δ_W||_F <= rho ||W||_F (checked inside the step via the log bound)
     assert all(not m.awp_enabled for m in rec.layers.values())
+
+
+# ------------------------------------------------------------------------------------------- GRACE options
+CPU = StepContext(device=torch.device("cpu"), step=1, total_steps=100)
+
+
+def _grace(model, batch, **over):
+    """A GRACE recipe whose AWP ranks come from one curvature measurement (so the LAR-AWP branch is active)."""
+    cfg = _recipe_cfg("grace")
+    cfg.curvature_interval = 1
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    rec = create_recipe("grace", model, cfg)
+    rec.after_step(batch, StepContext(device=torch.device("cpu"), step=0))
+    assert any(r > 0 for r in rec.ranks.values())
+    return rec
+
+
+def _record_ascent(rec):
+    """After every AWP ascent step: each active layer's ||Δ_W||_F and its factors (A, B, mask)."""
+    calls, orig = [], rec._ascend
+
+    def wrapped(active, radii, grads, update_a):
+        orig(active, radii, grads, update_a)
+        calls.append({n: (float(m.awp_delta().detach().float().norm()), m.awp_A.detach().clone(), m.awp_B.detach().clone(),
+                          m.awp_mask.clone()) for n, m in active.items()})
+
+    rec._ascend = wrapped
+    return calls
+
+
+def _weight_norm(m) -> float:
+    with torch.no_grad():
+        return float((m.base.weight + m.lora_delta()).float().norm())
+
+
+@pytest.mark.parametrize("awp_lr", [0.5, 3.0])
+@pytest.mark.parametrize("rho_mode", ["relative", "absolute"])
+def test_grace_awp_radius(rho_mode, awp_lr, tiny_classifier, tiny_batch):
+    """One ascent step from B = 0 along the normalised gradient, A with orthonormal rows: ||Δ_W||_F is exactly
+    min(awp_lr, 1) times the radius (awp_lr > 1 hits the projection), the radius being ρ ||W||_F (relative) or ρ."""
+    rho = 0.01
+    rec = _grace(tiny_classifier, tiny_batch, rho=rho, rho_mode=rho_mode, awp_lr=awp_lr)
+    calls = _record_ascent(rec)
+    rec.training_step(tiny_batch, CPU)
+    assert len(calls) == 1
+    for n, (norm, *_) in calls[0].items():
+        radius = rho * _weight_norm(rec.layers[n]) if rho_mode == "relative" else rho
+        assert norm == pytest.approx(min(awp_lr, 1.0) * radius, rel=1e-4), n
+
+
+def test_grace_awp_steps_stay_in_the_ball_and_count_passes(tiny_classifier, tiny_batch):
+    """awp_steps=3: three ascent steps (the later ones also move A), each projected onto ||Δ_W||_F <= ρ||W||_F;
+    the step runs the tower forwards ``pass_counts`` declares."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    rec = _grace(tiny_classifier, tiny_batch, awp_steps=3, awp_lr=2.0)
+    calls = _record_ascent(rec)
+    rows = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: rows.append(a[0].shape[0]) if isinstance(m, VisionTransformer) else None)
+    try:
+        rec.training_step(tiny_batch, CPU)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    for call in calls:
+        for n, (norm, *_) in call.items():
+            assert norm <= rec.cfg.rho * _weight_norm(rec.layers[n]) * (1 + 1e-4), n
+    n0 = next(iter(calls[0]))
+    assert torch.equal(calls[0][n0][1], calls[1][n0][1]) is False  # A moves after the first step
+    assert sum(rows) / tiny_batch["image"].shape[0] == rec.pass_counts()["forward"] == 2 + 2 + 1 + 2
+
+
+@pytest.mark.parametrize("awp_input", ["adv", "clean"])
+def test_grace_awp_input(awp_input, tiny_classifier, tiny_batch):
+    """L_LAR is the CE of the model under the final Δ* on x_adv (default) or on the clean x (awp_input=clean):
+    recomputed here from the recorded Δ* on the clean batch, it matches only for ``clean``."""
+    import torch.nn.functional as F
+
+    from grace_plugin.perturbation import awp_branch
+
+    rec = _grace(tiny_classifier, tiny_batch, awp_input=awp_input)
+    calls = _record_ascent(rec)
+    out = rec.training_step(tiny_batch, CPU)
+    x, y = tiny_batch["image"], tiny_batch["label"]
+    final = calls[-1]
+    with torch.no_grad(), awp_branch(rec.layers[n] for n in final):
+        for n, (_, a, b, mask) in final.items():
+            m = rec.layers[n]
+            m.awp_A, m.awp_B, m.awp_mask = a, b, mask
+        clean_lar = float(F.cross_entropy(tiny_classifier(x), y))
+    if awp_input == "clean":
+        assert out.logs["l_lar"] == pytest.approx(clean_lar, rel=1e-4)
+    else:
+        assert out.logs["l_lar"] > clean_lar * (1 + 1e-3)  # on x_adv the loss is higher than on x
+
+
+@pytest.mark.parametrize("gv_grad", ["all", "adv_awp"])
+def test_grace_gv_grad(gv_grad, tiny_classifier, tiny_batch, monkeypatch):
+    """gv_grad=adv_awp stops L_GV's gradient through f_ID only: the Gram volume gets a detached f_ID, the loss value
+    is unchanged and the LoRA gradients differ from gv_grad=all by exactly L_GV's f_ID path."""
+    import sys
+
+    import grace_plugin.losses as losses
+
+    seen = []
+    orig = losses.gram_volume
+
+    def spy(f_id, *rest, **kw):
+        seen.append([f_id.requires_grad] + [t.requires_grad for t in rest if isinstance(t, torch.Tensor)])
+        return orig(f_id, *rest, **kw)
+
+    for mod in [m for name, m in sys.modules.items() if name.startswith("grace_plugin.recipes")]:
+        if getattr(mod, "gram_volume", None) is orig:
+            monkeypatch.setattr(mod, "gram_volume", spy)
+
+    def grads(mode):
+        rec = _grace(copy.deepcopy(tiny_classifier), tiny_batch, gv_grad=mode, pgd_random_start=False)
+        torch.manual_seed(1)
+        out = rec.training_step(tiny_batch, CPU)
+        return float(out.loss), torch.autograd.grad(out.loss, rec.trainable_parameters())
+
+    loss, g = grads(gv_grad)
+    assert seen[-1] == [gv_grad == "all", True, True]
+    other_loss, other_g = grads("adv_awp" if gv_grad == "all" else "all")
+    assert loss == pytest.approx(other_loss, rel=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(g, other_g))
+
+
+@pytest.mark.parametrize("labels", ["true", "sampled"])
+def test_grace_curvature_labels(labels, tiny_classifier, tiny_batch):
+    """Eq. 28 recomputed here: n * mean(g ⊙ g) of each adapted weight's gradient of the CE on the true labels, or on
+    labels drawn from the model's own predictive distribution (curvature_labels=sampled, same RNG state)."""
+    import torch.nn.functional as F
+
+    rec = _grace(tiny_classifier, tiny_batch, curvature_labels=labels)
+    x, y = tiny_batch["image"], tiny_batch["label"]
+    torch.manual_seed(5)
+    got = rec.measure_curvature(x, y, StepContext(device=torch.device("cpu")))
+    weights = [m.base.weight for m in rec.layers.values()]
+    for w in weights:
+        w.requires_grad_(True)
+    torch.manual_seed(5)
+    logits = tiny_classifier(x)
+    target = y if labels == "true" else torch.distributions.Categorical(logits=logits.detach()).sample()
+    gs = torch.autograd.grad(F.cross_entropy(logits, target), weights)
+    for w in weights:
+        w.requires_grad_(False)
+    for n, g in zip(rec.layers, gs):
+        assert got[n] == pytest.approx(float(x.shape[0] * (g * g).mean()), rel=1e-4), n
+    if labels == "sampled":
+        assert not torch.equal(target, y)  # the sampled labels are not the true ones (the test can tell them apart)
 
 
 @pytest.mark.parametrize("attack", ["default", "eps0"])
 @pytest.mark.parametrize("name", list_recipes())
-def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny_clip_dir, tiny_world):
+def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny_text):
     """A recipe's step runs exactly the tower forwards its ``pass_counts`` declares (bench/step_cost.py's floor):
     counted by a global forward hook on every ViT tower, in units of one batch; also with the attack off (eps 0)."""
     from timm.models.vision_transformer import VisionTransformer
@@ -99,7 +245,7 @@ def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny
         if not hasattr(cfg, "pgd_eps"):
             pytest.skip(f"{name} has no training attack")
         cfg.pgd_eps = 0.0
-    rec = create_recipe(name, tiny_classifier, cfg, text=_text_side(tiny_clip_dir, tiny_world))
+    rec = create_recipe(name, tiny_classifier, cfg, text=tiny_text)
     passes = rec.pass_counts()
     if passes is None:
         pytest.skip(f"{name} declares no pass counts")

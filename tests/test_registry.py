@@ -5,11 +5,11 @@ then loads it by timm name and by RobustBench name, and `grace eval` / `robustbe
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -30,13 +30,6 @@ def _env(weights_dir: Path | None = None, extra_path: Path | None = None) -> dic
     if weights_dir is not None:
         env["GRACE_WEIGHTS_DIR"] = str(weights_dir)
     return env
-
-
-def _run_py(code: str, env: dict) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -151,14 +144,15 @@ def test_registered_entry(name):
 
 # ---------------------------------------------------------------------------------------------------- register
 def test_register_writes_card_and_weights(registered, tiny_run):
+    from robustbench.utils import ModelInfo
+
     from grace_plugin.checkpoint import sha256_file
-    from registry.publish import MODEL_INFO_FIELDS
 
     assert registered["name"] == timm_name(RB_NAME, "imagenet", "Linf") == "gracetest2026tiny_vit_t_8_imagenet_linf"
     card = json.loads((registered["folder"] / "card.json").read_text())
     assert card["weights_sha256"] == sha256_file(registered["folder"] / "model.safetensors")
     assert card["text_sha256"] == sha256_file(registered["folder"] / "text.safetensors")
-    assert set(card["model_info"]) == set(MODEL_INFO_FIELDS)
+    assert dataclasses.asdict(ModelInfo(**card["model_info"])) == card["model_info"]  # exactly RobustBench's fields
     info = card["model_info"]
     assert info["authors"] == "Test Author" and info["eps"] == "4/255" and info["dataset"] == "imagenet"
     assert info["clean_acc"] is None and info["autoattack_acc"] is None  # never made up
@@ -169,60 +163,158 @@ def test_register_writes_card_and_weights(registered, tiny_run):
         build_entry(tiny_run, RB_NAME, model_info={"acc": "1"})
 
 
-def test_new_process_timm_and_robustbench_give_identical_logits(registered, tiny_run, tmp_path):
-    out = tmp_path / "logits.pt"
-    _run_py(f"""
-        import torch, timm, registry
-        from robustbench.utils import load_model
-        torch.manual_seed(0)
-        x = torch.rand(4, 3, 32, 32)
-        a = timm.create_model({registered['name']!r}, pretrained=True).eval()
-        b = load_model({RB_NAME!r}, dataset="imagenet", threat_model="Linf")
-        assert type(a).__name__ == type(b).__name__ == "GraceClassifier", (type(a), type(b))
-        assert not b.training
-        with torch.no_grad():
-            torch.save({{"x": x, "timm": a(x), "rb": b(x)}}, {str(out)!r})
-    """, _env(registered["weights_dir"]))
-    res = torch.load(out, weights_only=True)
+# ------------------------------------------------------------------------------------------ one new process
+# Everything that needs a fresh interpreter (the plugin hook, timm/RobustBench loading by name, the Hub fallback)
+# runs in ONE subprocess: each section below records its result or its traceback, and the tests read them.
+_NEW_PROCESS = r"""
+import json, sys, traceback
+args = json.loads(sys.argv[1])
+results = {}
+
+
+def section(fn):
+    try:
+        results[fn.__name__] = {"ok": True, "value": fn()}
+    except Exception:
+        results[fn.__name__] = {"ok": False, "error": traceback.format_exc()}
+    return fn
+
+
+@section
+def entry_point():  # first: nothing but grace_plugin and timm imported so far
+    import grace_plugin, timm
+    return [timm.is_model(args["name"]), "registry" in sys.modules]
+
+
+@section
+def timm_and_robustbench():
+    import torch, timm, registry
+    from robustbench.utils import load_model
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    a = timm.create_model(args["name"], pretrained=True).eval()
+    b = load_model(args["rb_name"], dataset="imagenet", threat_model="Linf")
+    assert type(a).__name__ == type(b).__name__ == "GraceClassifier", (type(a), type(b))
+    assert not b.training
+    with torch.no_grad():
+        torch.save({"x": x, "timm": a(x), "rb": b(x)}, args["logits"])
+
+
+@section
+def eval_by_name():
+    from grace_plugin.cli import main
+    for model, out in ((args["name"], "by_name"), (args["run"], "by_run")):
+        rc = main(["eval", "--model", model, "--data", args["id"], "--out", args["eval_out"] + "/" + out,
+                   "--no-progress", "--batch-size", "64"])
+        assert rc == 0, rc
+
+
+@section
+def hub_offline():
+    import pathlib, torch, timm, registry
+    registry.scan_weights_dir(args["hub_weights"])
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    m = timm.create_model(args["hub_name"], pretrained=True).eval()
+    assert "file" not in m.pretrained_cfg and m.pretrained_cfg["hf_hub_id"] == "grace-test/tiny-hub"
+    with torch.no_grad():
+        torch.save(m(x), args["hub_logits"])
+    snap = pathlib.Path(args["hub_file"])
+    snap.write_bytes(snap.read_bytes()[:-4] + b"\0\0\0\0")  # a corrupted cache file
+    try:
+        timm.create_model(args["hub_name"], pretrained=True)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "loaded"
+
+
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def new_process(registered, tiny_run, tiny_world, tmp_path_factory):
+    import shutil
+    import tomllib
+
+    tmp = tmp_path_factory.mktemp("new_process")
+    # an installed grace-plugin declares `registry.grace_models` as a plugin (pyproject.toml): a dist-info saying so
+    dist = tmp / "site" / "grace_plugin_fake-0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: grace-plugin-fake\nVersion: 0.0\n")
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["grace_plugin.plugins"]
+    (dist / "entry_points.txt").write_text("[grace_plugin.plugins]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()))
+    # a card with hf_hub_id and no local file, its weights in an offline HF cache
+    hub = tmp / "hub_w" / "gracetest2026hub_imagenet_linf"
+    hub.mkdir(parents=True)
+    shutil.copy(registered["folder"] / "text.safetensors", hub)
+    card = json.loads((registered["folder"] / "card.json").read_text())
+    card.update(rb_name="Gracetest2026Hub", timm_name=hub.name, hf_hub_id="grace-test/tiny-hub")
+    (hub / "card.json").write_text(json.dumps(card))
+    snap = tmp / "hf" / "hub" / "models--grace-test--tiny-hub" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    shutil.copy(registered["folder"] / "model.safetensors", snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    args = {"name": registered["name"], "rb_name": RB_NAME, "logits": str(tmp / "logits.pt"), "run": str(tiny_run),
+            "id": str(tiny_world / "id"), "eval_out": str(tmp / "eval"), "hub_weights": str(hub.parent),
+            "hub_name": hub.name, "hub_logits": str(tmp / "hub_logits.pt"),
+            "hub_file": str(snap / "model.safetensors")}
+    env = dict(_env(registered["weights_dir"], tmp / "site"), HF_HOME=str(tmp / "hf"), HF_HUB_OFFLINE="1")
+    env.pop("GRACE_NO_PLUGINS", None)
+    res = subprocess.run([sys.executable, "-c", _NEW_PROCESS, json.dumps(args)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1]), args
+
+
+def _section(new_process, name):
+    results, args = new_process
+    r = results[name]
+    assert r["ok"], r.get("error")
+    return r["value"], args
+
+
+def test_new_process_timm_and_robustbench_give_identical_logits(new_process, tiny_run):
+    _, args = _section(new_process, "timm_and_robustbench")
+    res = torch.load(args["logits"], weights_only=True)
     assert torch.equal(res["timm"], res["rb"]) and res["timm"].shape == (4, 1000)
     with torch.no_grad():
         ref = _reference_imagenet_classifier(tiny_run)(res["x"])
     torch.testing.assert_close(res["timm"], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_grace_eval_by_timm_name_in_new_process(registered, tiny_run, tiny_world, tmp_path):
+def test_grace_eval_by_timm_name_in_new_process(new_process):
     """`grace eval --model <timm name>` rebuilds the 10-class head from the entry's text tower: same as the run."""
-    _run_py(f"""
-        import sys
-        from grace_plugin.cli import main
-        for model, out in (({registered['name']!r}, "by_name"), ({str(tiny_run)!r}, "by_run")):
-            rc = main(["eval", "--model", model, "--data", {str(tiny_world / 'id')!r}, "--out",
-                       {str(tmp_path)!r} + "/" + out, "--no-progress", "--batch-size", "64"])
-            assert rc == 0, rc
-    """, _env(registered["weights_dir"]))
-    a = json.loads((tmp_path / "by_name" / "report.json").read_text())
-    b = json.loads((tmp_path / "by_run" / "report.json").read_text())
+    _, args = _section(new_process, "eval_by_name")
+    a = json.loads((Path(args["eval_out"]) / "by_name" / "report.json").read_text())
+    b = json.loads((Path(args["eval_out"]) / "by_run" / "report.json").read_text())
     assert a["datasets"]["id"]["n"] == b["datasets"]["id"]["n"] > 0
     assert a["datasets"]["id"]["top1"] == b["datasets"]["id"]["top1"]
 
 
-def test_import_grace_plugin_makes_names_visible_via_entry_point(registered, tmp_path):
-    """An installed grace-plugin declares `registry.grace_models` as a plugin: `import grace_plugin` registers."""
-    dist = tmp_path / "site" / "grace_plugin_fake-0.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: grace-plugin-fake\nVersion: 0.0\n")
-    import tomllib
+def test_import_grace_plugin_makes_names_visible_via_entry_point(new_process, monkeypatch):
+    """An installed grace-plugin declares `registry.grace_models` as a plugin: after `import grace_plugin`, importing
+    timm loads it (the weights dir's cards are then visible to timm); GRACE_NO_PLUGINS=1 switches the hook off."""
+    import grace_plugin
 
-    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["grace_plugin.plugins"]
-    (dist / "entry_points.txt").write_text("[grace_plugin.plugins]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()))
-    code = f"""
-        import sys, grace_plugin, timm
-        print(timm.is_model({registered['name']!r}), "registry" in sys.modules)
-    """
-    assert _run_py(code, _env(registered["weights_dir"], tmp_path / "site")).stdout.split() == ["True", "True"]
-    # the hook's off switch: then nothing above grace_plugin is imported
-    env = dict(_env(registered["weights_dir"], tmp_path / "site"), GRACE_NO_PLUGINS="1")
-    assert _run_py(code, env).stdout.split() == ["False", "False"]
+    value, _ = _section(new_process, "entry_point")
+    assert value == [True, True]
+    monkeypatch.setenv("GRACE_NO_PLUGINS", "1")
+    assert grace_plugin.load_plugins() == []
+    monkeypatch.delenv("GRACE_NO_PLUGINS")
+    assert "timm_models" in grace_plugin.load_plugins()
+
+
+def test_hub_weights_resolve_offline_from_hf_cache(new_process, registered):
+    """A card with ``hf_hub_id`` and no local file loads from the Hub (here an offline HF cache), sha256 checked."""
+    import timm
+
+    value, args = _section(new_process, "hub_offline")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = timm.create_model(registered["name"], pretrained=True).eval()(x)
+    assert torch.equal(torch.load(args["hub_logits"], weights_only=True), ref)
+    assert "sha256" in value  # the corrupted cache file is refused
 
 
 def _imagenet_folder_and_shards(root: Path, n: int):
@@ -448,41 +540,3 @@ def test_timm_to_open_clip_is_the_inverse_of_timms_converter(tiny_clip_dir):
     sd["head.bias"] = sd["head.bias"] + 1
     with pytest.raises(ValueError, match="non-zero bias"):
         timm_to_open_clip_visual(sd)
-
-
-def test_hub_weights_resolve_offline_from_hf_cache(registered, tmp_path):
-    """A card with ``hf_hub_id`` and no local file loads from the Hub (here an offline HF cache), sha256 checked."""
-    import shutil
-
-    wd = tmp_path / "w"
-    folder = wd / "gracetest2026hub_imagenet_linf"
-    folder.mkdir(parents=True)
-    shutil.copy(registered["folder"] / "text.safetensors", folder)
-    card = json.loads((registered["folder"] / "card.json").read_text())
-    card.update(rb_name="Gracetest2026Hub", timm_name=folder.name, hf_hub_id="grace-test/tiny-hub")
-    (folder / "card.json").write_text(json.dumps(card))
-    snap = tmp_path / "hf" / "hub" / "models--grace-test--tiny-hub" / "snapshots" / ("0" * 40)
-    snap.mkdir(parents=True)
-    shutil.copy(registered["folder"] / "model.safetensors", snap)
-    (snap.parents[1] / "refs").mkdir()
-    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
-    env = dict(_env(wd), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    out = tmp_path / "logits.pt"
-    _run_py(f"""
-        import torch, timm, registry
-        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        m = timm.create_model({folder.name!r}, pretrained=True).eval()
-        assert "file" not in m.pretrained_cfg and m.pretrained_cfg["hf_hub_id"] == "grace-test/tiny-hub"
-        with torch.no_grad():
-            torch.save(m(x), {str(out)!r})
-    """, env)
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    import timm
-
-    with torch.no_grad():
-        ref = timm.create_model(registered["name"], pretrained=True).eval()(x)
-    assert torch.equal(torch.load(out, weights_only=True), ref)
-    (snap / "model.safetensors").write_bytes((snap / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
-    res = subprocess.run([sys.executable, "-c", f"import timm, registry; timm.create_model({folder.name!r}, "
-                          "pretrained=True)"], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0 and "sha256" in res.stderr

@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # AutoAttack's many tiny ops (tests/conftest.py)
+
 
 class TemplateModel(nn.Module):
     """A [0,1]-input 1000-way linear classifier that recognises each test image's template with a margin."""

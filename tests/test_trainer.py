@@ -129,3 +129,44 @@ def test_ddp_two_processes_equal_one_process(tiny_classifier, tmp_path):
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for k, v in single.model.state_dict().items():
         assert torch.allclose(ddp[k], v, atol=1e-5), k
+
+
+def test_grad_accum_equals_one_batch_of_the_concatenation(tiny_classifier, tmp_path):
+    """grad_accum=2 over two micro-batches of 8 makes the same optimizer step as one batch of 16 (the mean CE of two
+    equal halves is the mean over the whole), and not the step of the first micro-batch alone."""
+    a, b = _batches(2)
+    both = {"image": torch.cat([a["image"], b["image"]]), "label": torch.cat([a["label"], b["label"]]), "skipped": {}}
+    cfg = dict(CFG, warmup_steps=0, opt="sgd", lr=0.1)  # SGD: the step is linear in the gradient (Adam's first step
+    # is about lr * sign(g), which hides a wrong scale and amplifies rounding in near-zero gradients)
+    accum = _recipe("ft", tiny_classifier)
+    train(accum, [a, b], TrainConfig(grad_accum=2, **cfg), 1, tmp_path / "accum", progress=False)
+    whole = _recipe("ft", tiny_classifier)
+    train(whole, [both], TrainConfig(**cfg), 1, tmp_path / "whole", progress=False)
+    first = _recipe("ft", tiny_classifier)
+    train(first, [a], TrainConfig(**cfg), 1, tmp_path / "first", progress=False)
+    wa, ww, wf = _weights(accum.model), _weights(whole.model), _weights(first.model)
+    assert all(torch.allclose(wa[k], ww[k], atol=1e-6) for k in wa)
+    assert any(not torch.allclose(wa[k], wf[k], atol=1e-6) for k in wa)
+
+
+def test_bf16_autocast_on_cpu(tiny_classifier, tmp_path):
+    """precision=bf16 on CPU: the tower's matmuls run in bfloat16 (seen by a forward hook), the loss stays within
+    bf16 rounding of the fp32 loss, and the weights (kept in fp32) differ from the fp32 run's."""
+    from grace_plugin.trainer import autocast_factory
+
+    with autocast_factory(torch.device("cpu"), "bf16")():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    data = _batches(2)
+    dtypes = []
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        rec = _recipe("ft", tiny_classifier)
+        handle = rec.model.visual.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, o: dtypes.append(o.dtype))
+        res = train(rec, data, TrainConfig(precision=precision, **CFG), 2, tmp_path / precision, progress=False)
+        handle.remove()
+        runs[precision] = (res.final_loss, _weights(rec.model))
+    assert dtypes[0] == torch.bfloat16 and dtypes[-1] == torch.float32
+    (loss16, w16), (loss32, w32) = runs["bf16"], runs["fp32"]
+    assert loss16 == pytest.approx(loss32, rel=5e-2)
+    assert all(v.dtype == w32[k].dtype for k, v in w16.items())
+    assert any(not torch.equal(w16[k], w32[k]) for k in w16)

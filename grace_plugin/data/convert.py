@@ -6,7 +6,6 @@ exist with the right number of samples. At the end the total is verified against
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -58,23 +57,17 @@ def _count(path: Path) -> int:
         return sum(1 for m in tf if m.name.endswith(".cls"))
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode = len(data), 0, 0o444
-    tf.addfile(ti, io.BytesIO(data))
-
-
 def _write_shard(args) -> int:
     path, items, layout, classes = args
+    import webdataset as wds
+
     tmp = Path(str(path) + f".tmp{os.getpid()}")
-    with tarfile.open(tmp, "w") as tf:
+    with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0) as sink:  # mtime 0: the same images give the same bytes
         for key, (src, label) in items:
-            ext = EXTS[Path(src).suffix]
-            _add(tf, f"{key}.{ext}", Path(src).read_bytes())
-            _add(tf, f"{key}.cls", str(label).encode())
+            sample = {"__key__": key, EXTS[Path(src).suffix]: Path(src).read_bytes(), "cls": label}
             if layout == "timm":
-                _add(tf, f"{key}.json", json.dumps({"filename": os.path.basename(src), "label": label,
-                                                    "class": classes[label]}).encode())
+                sample["json"] = {"filename": os.path.basename(src), "label": label, "class": classes[label]}
+            sink.write(sample)
     os.replace(tmp, path)
     return len(items)
 

@@ -113,15 +113,11 @@ def load_clip(init: str | Path, device: str | torch.device = "cpu") -> ClipBundl
 
 
 def save_clip(bundle: ClipBundle, out: str | Path, extra: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    from ..checkpoint import atomic_write_text, atomic_path
+    from ..checkpoint import atomic_write_text, save_tensors
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in bundle.clip.state_dict().items()}
-    with atomic_path(out / "open_clip_model.safetensors") as tmp:
-        save_file(sd, str(tmp))
+    save_tensors(bundle.clip.state_dict(), out / "open_clip_model.safetensors")
     atomic_write_text(out / "open_clip_config.json",
                       json.dumps({"model_name": bundle.model_name, "model_cfg": bundle.model_cfg, **(extra or {})},
                                  indent=2))
