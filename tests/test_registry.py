@@ -540,3 +540,21 @@ def test_timm_to_open_clip_is_the_inverse_of_timms_converter(tiny_clip_dir):
     sd["head.bias"] = sd["head.bias"] + 1
     with pytest.raises(ValueError, match="non-zero bias"):
         timm_to_open_clip_visual(sd)
+
+
+def test_weights_dir_is_under_the_one_grace_cache(monkeypatch, tmp_path):
+    """$GRACE_WEIGHTS_DIR, else <grace cache>/weights with the grace cache the testbed uses too ($GRACE_CACHE_DIR, else
+    $XDG_CACHE_HOME/grace_plugin, else ~/.cache/grace_plugin)."""
+    from grace_plugin.testbed import cache_dir
+
+    monkeypatch.delenv("GRACE_WEIGHTS_DIR", raising=False)
+    monkeypatch.setenv("GRACE_CACHE_DIR", str(tmp_path / "g"))
+    assert registry.weights_dir() == tmp_path / "g" / "weights" and cache_dir() == tmp_path / "g"
+    monkeypatch.delenv("GRACE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert registry.weights_dir() == tmp_path / "x" / "grace_plugin" / "weights"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    assert cache_dir() == tmp_path / "h" / ".cache" / "grace_plugin"
+    monkeypatch.setenv("GRACE_WEIGHTS_DIR", str(tmp_path / "w"))
+    assert registry.weights_dir() == tmp_path / "w"
