@@ -134,8 +134,8 @@ def test_registered_entry(name):
     with torch.no_grad():
         y = model(x)
         # normalisation is inside: the tower sees (x - mean) / std
-        ref = model.head(torch.nn.functional.normalize(model.visual((x - torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1))
-                                                                    / torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)), dim=-1))
+        inside = (x - torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+        ref = model.head(torch.nn.functional.normalize(model.visual(inside), dim=-1))
     assert y.shape == (2, cfg["num_classes"]) and torch.isfinite(y).all()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     img = Image.fromarray((torch.rand(size[0] + 13, size[1] + 5, 3) * 255).byte().numpy())
@@ -407,7 +407,8 @@ def test_open_clip_export_reproduces_classifier(tiny_run, tiny_clip_dir, tmp_pat
     from grace_plugin.models.clip import _as_template_fns, load_clip
 
     out = tmp_path / "oc"
-    assert main(["export", str(tiny_run), "--format", "open_clip", "--out", str(out), "--name", "GRACE-test-export"]) == 0
+    assert main(["export", str(tiny_run), "--format", "open_clip", "--out", str(out),
+                 "--name", "GRACE-test-export"]) == 0
     open_clip.add_model_config(out / "GRACE-test-export.json")
     clip, _, preprocess = open_clip.create_model_and_transforms(
         "GRACE-test-export", pretrained=str(out / "open_clip_model.safetensors"))
