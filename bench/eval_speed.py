@@ -49,7 +49,8 @@ def main() -> None:
         print(f"autoattack Linf 4/255 on {a.n} images ({a.threads} thread(s)): ours {t_ours:.1f} s "
               f"(clean {ours['clean_acc']:.2f}, robust {ours['robust_acc']:.2f}) | robustbench.benchmark "
               f"{t_rb:.1f} s (clean {100 * clean:.2f}, robust {100 * robust:.2f}) | ratio ours/robustbench "
-              f"{t_ours / t_rb:.2f} | identical: {ours['robust_acc'] == 100 * robust and ours['clean_acc'] == 100 * clean}")
+              f"{t_ours / t_rb:.2f} | identical: "
+              f"{ours['robust_acc'] == 100 * robust and ours['clean_acc'] == 100 * clean}")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -10,7 +10,7 @@ FAB-T with 9 targets, Square 5000 queries, 100 iterations), exactly what ``robus
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -65,7 +65,8 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {name} | {d.get('role', '')} | {_fmt(d['top1'])} | {d['n']} | {d['skipped']} |")
     adv = report.get("adversarial")
     if adv:
-        lines += ["", f"Adversarial: {adv.get('attack', adv.get('runner'))} {adv.get('norm', adv.get('threat'))} eps={adv['eps']:.5f} on {adv['n']} images "
+        lines += ["", f"Adversarial: {adv.get('attack', adv.get('runner'))} {adv.get('norm', adv.get('threat'))} "
+                  f"eps={adv['eps']:.5f} on {adv['n']} images "
                   f"({adv.get('precision', 'fp32')}): clean {_fmt(adv['clean_acc'])}, robust {_fmt(adv['robust_acc'])}"]
     lines += _suite_sections(report.get("suites") or {})
     if report.get("suites") is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -475,7 +475,7 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
               "eps": ctx.eps, "norm": ctx.norm, "n_adv": ctx.n_adv, "batch_size": ctx.batch_size,
               "device": ctx.device, "seed": ctx.seed}
     report = build_report(loaded.name, datasets, id_name, ood_names, adv, config)
-    for name, r in datasets.items():
+    for name in datasets:
         report["datasets"][name]["role"] = next(x["kind"] for x in results.values()
                                                 if x.get("dataset") == name and x["kind"] in ("id", "ood", "transfer"))
     report["suites"] = results

@@ -13,7 +13,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 

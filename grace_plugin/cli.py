@@ -6,7 +6,6 @@ so lazily inside each command.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -73,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--scoring", choices=["own", "subset", "mapping"],
                    help="override the catalogue's scoring of OOD sets (own head / ID head restricted / mapped)")
     e.add_argument("--mapping", action="append", default=[], metavar="NAME=FILE",
-                   help="class mapping JSON for a set scored by 'mapping' (e.g. objectnet=objectnet_to_imagenet_1k.json)")
+                   help="class mapping JSON for a set scored by 'mapping' "
+                        "(e.g. objectnet=objectnet_to_imagenet_1k.json)")
     e.add_argument("--out", required=True)
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--suite", action="append", default=[], metavar="NAME",
@@ -161,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--name", required=True, help="RobustBench name, e.g. Grace2026Gram_ViT-B-32")
     r.add_argument("--dataset", default="imagenet", help="RobustBench dataset whose head is built (imagenet)")
     r.add_argument("--threat-model", default="Linf", help="Linf, L2, corruptions")
-    r.add_argument("--weights-dir", help="registry folder (default $GRACE_WEIGHTS_DIR or ~/.cache/grace_plugin/weights)")
+    r.add_argument("--weights-dir",
+                   help="registry folder (default $GRACE_WEIGHTS_DIR or ~/.cache/grace_plugin/weights)")
     r.add_argument("--templates", default="openai", help="prompt set for the head: openai (80) or simple (7)")
     r.add_argument("--hub-id", help="Hugging Face repo id recorded in the card (weights fallback when not local)")
     r.add_argument("--info", action="append", default=[], metavar="FIELD=VALUE",
@@ -407,13 +408,15 @@ def _cmd_list(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit.*")  # raised inside open_clip's import
+    # raised inside open_clip's import
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit.*")
     parser = _parser()
     try:
         a = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     import grace_plugin  # noqa: F401  (autoattack shim)
     from grace_plugin.errors import GraceError
 

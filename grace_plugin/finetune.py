@@ -8,7 +8,8 @@ from typing import Any
 import yaml
 
 from .checkpoint import atomic_write_text, save_run
-from .config import ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides, load_yaml, parse_overrides, to_dict
+from .config import (ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides, load_yaml, parse_overrides,
+                     to_dict)
 
 __all__ = ["build_config", "fine_tune"]
 

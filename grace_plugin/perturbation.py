@@ -7,7 +7,7 @@ saved tensors: SAM-style save/restore, never AWP-style subtraction, so the weigh
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 

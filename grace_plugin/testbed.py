@@ -59,11 +59,12 @@ def _load_pairs(pairs_dir: Path, image_size: int):
     return x, captions
 
 
-def pretrain_tiny_clip(pairs_dir: str | Path, out: str | Path, cfg: PretrainConfig = PretrainConfig(),
+def pretrain_tiny_clip(pairs_dir: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
                        progress: bool = True) -> Path:
     import open_clip
     from timm.scheduler import create_scheduler_v2
 
+    cfg = cfg or PretrainConfig()
     torch.manual_seed(cfg.seed)
     model_cfg = tiny_clip_config(width=cfg.width, layers=cfg.layers)
     register_open_clip_config(TINY_CLIP_NAME, model_cfg)
@@ -118,10 +119,10 @@ def _key(data_dir: Path, cfg: PretrainConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def tiny_clip(data_dir: str | Path, out: str | Path, cfg: PretrainConfig = PretrainConfig(),
+def tiny_clip(data_dir: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
               progress: bool = True, use_cache: bool = True) -> Path:
     """Pretrain (or fetch from the cache) the tiny CLIP for the world in ``data_dir``; copy it to ``out``."""
-    data_dir, out = Path(data_dir), Path(out)
+    data_dir, out, cfg = Path(data_dir), Path(out), cfg or PretrainConfig()
     cached = cache_dir() / "tiny_clip" / _key(data_dir, cfg)
     if not (use_cache and (cached / "open_clip_model.safetensors").is_file()):
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")

@@ -9,7 +9,7 @@ Pareto frontier.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn

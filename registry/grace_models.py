@@ -64,7 +64,7 @@ class HeadSizeError(RegistryError):
 
 
 def weights_dir() -> Path:
-    """``$GRACE_WEIGHTS_DIR``, else ``weights/`` under the grace cache (``$GRACE_CACHE_DIR`` or ~/.cache/grace_plugin)."""
+    """``$GRACE_WEIGHTS_DIR``, else ``weights/`` under the grace cache (``grace_plugin.paths.cache_dir``)."""
     if os.environ.get("GRACE_WEIGHTS_DIR"):
         return Path(os.environ["GRACE_WEIGHTS_DIR"]).expanduser()
     return cache_dir("weights")
@@ -296,7 +296,8 @@ def get_card(name: str) -> tuple[dict, Path | None]:
     try:
         return _CARDS[name.split(".")[0]]
     except KeyError:
-        raise RegistryError(f"{name!r}: not a registered GRACE model; registered: {', '.join(sorted(_CARDS))}") from None
+        raise RegistryError(f"{name!r}: not a registered GRACE model; registered: "
+                            f"{', '.join(sorted(_CARDS))}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- built-ins

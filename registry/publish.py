@@ -77,7 +77,8 @@ def build_entry(run_dir: str | Path, rb_name: str, dataset: str = "imagenet", th
     classnames, tmpl = dataset_classes(dataset, templates)
     w = zero_shot_weights(bundle, classnames, tmpl)
     if w.shape[0] != NUM_CLASSES[dataset]:
-        raise RegistryError(f"{dataset}: built {w.shape[0]} class embeddings, RobustBench expects {NUM_CLASSES[dataset]}")
+        raise RegistryError(f"{dataset}: built {w.shape[0]} class embeddings, RobustBench expects "
+                            f"{NUM_CLASSES[dataset]}")
     logit_scale = float(model.head.logit_scale)
     clf = ClipClassifier(model.visual, ZeroShotHead(w, logit_scale), meta["pretrained_cfg"]).eval()
     tower = meta["architecture"]["tower"]
@@ -150,7 +151,8 @@ def timm_to_open_clip_visual(sd: dict, prefix: str = "visual.") -> dict:
         if k == "pos_embed":
             out[prefix + "positional_embedding"] = v[0]
             continue
-        n = (k.replace("patch_embed.proj", "conv1").replace("norm_pre", "ln_pre").replace("blocks.", "transformer.resblocks.")
+        n = (k.replace("patch_embed.proj", "conv1").replace("norm_pre", "ln_pre")
+             .replace("blocks.", "transformer.resblocks.")
              .replace(".norm1", ".ln_1").replace(".norm2", ".ln_2").replace("attn.qkv.weight", "attn.in_proj_weight")
              .replace("attn.qkv.bias", "attn.in_proj_bias").replace("attn.proj", "attn.out_proj")
              .replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj"))

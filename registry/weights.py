@@ -40,7 +40,8 @@ def load_state_dict_safe(path: str | Path, device: str | torch.device = "cpu") -
         obj = torch.load(str(path), map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
-        detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), first[0] if first else "")
+        detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line),
+                      first[0] if first else "")
         raise UnsafeWeightsError(f"{path}: refused: this pickle would import or call code ({detail.strip()}); only "
                                  "safetensors files or plain tensor state dicts (torch.load weights_only=True) are "
                                  "loaded") from None

@@ -48,3 +48,30 @@ def test_parse_eps_rejects(bad):
 
 def test_format_eps():
     assert format_eps(4 / 255) == "4/255" and format_eps(0.5) == "0.5"
+
+
+def test_pyautoattack_options_reach_the_attack(tiny_classifier, tiny_batch, monkeypatch):
+    """The one pyautoattack factory: an entry's options set the named component's attribute before the run
+    (n_iter/n_restarts on APGD, n_queries on Square); an unknown option is refused with the valid ones."""
+    import pyautoattack
+
+    seen = {}
+
+    def fake_run(self, x, y, batch_size=None, **kw):
+        seen.update(n_iter=self.apgd.n_iter, n_restarts=self.apgd.n_restarts, n_queries=self.square.n_queries,
+                    attacks=list(self.attacks_to_run or []), version=self.version)
+        return x.clone(), y
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", fake_run)
+    model = tiny_classifier.eval()
+    x, y = tiny_batch["image"][:2], tiny_batch["label"][:2]
+    create_attack("apgd-ce", model, eps=4 / 255, n_iter=7, n_restarts=2)(x, y)
+    assert (seen["n_iter"], seen["n_restarts"], seen["attacks"]) == (7, 2, ["apgd-ce"])
+    create_attack("apgd-dlr", model, eps=4 / 255)(x, y)
+    assert (seen["n_iter"], seen["n_restarts"], seen["attacks"]) == (100, 1, ["apgd-dlr"])  # AutoAttack standard
+    create_attack("square", model, eps=4 / 255, n_queries=11)(x, y)
+    assert (seen["n_queries"], seen["attacks"]) == (11, ["square"])
+    create_attack("autoattack", model, eps=4 / 255)(x, y)
+    assert seen["version"] == "standard"
+    with pytest.raises(TypeError, match="valid: n_iter, n_restarts"):
+        create_attack("apgd-ce", model, eps=4 / 255, n_queries=5)

@@ -153,7 +153,7 @@ def test_digrap_direction_closed_form_and_strength_learns():
     assert torch.equal(g, g1) and not proj.any()
     params = _params()
     opt = DiGraP(params, lr=1e-2, mu=0.1)
-    for t in range(8):
+    for _ in range(8):
         for p in params:  # gradients pulling away from the anchor: always conflicting after the first step
             p.grad = -(p.detach() - opt.state[p]["anchor"]) - 0.01
         opt.step()

@@ -112,7 +112,8 @@ def test_zero_shot_clip_folder_is_a_model(tiny_clip_dir, tiny_world, tmp_path):
 
 @pytest.mark.parametrize("argv,msg", [
     (["train", "--recipe", "nope", "--init", "x", "--data", "y", "--out", "z"], "valid recipes: .*ft.*grace"),
-    (["eval", "--model", "{clip}", "--data", "{tmp}/missing", "--out", "{tmp}/o"], "missing: shard folder does not exist"),
+    (["eval", "--model", "{clip}", "--data", "{tmp}/missing", "--out", "{tmp}/o"],
+     "missing: shard folder does not exist"),
     (["eval", "--model", "{clip}", "--data", "{world}/id", "--attack", "nope", "--out", "{tmp}/o"],
      "valid attacks: .*apgd-ce"),
     (["eval", "--model", "{clip}", "--data", "{world}/id", "--eps", "four", "--out", "{tmp}/o"], "bad eps"),

@@ -121,3 +121,20 @@ def test_shift_summary_order_and_correlations():
     # ties share their mean rank: ranks (1, 2.5, 2.5, 4) vs (1, 3, 2, 4)
     assert S.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(_pearson_closed_form([1, 2.5, 2.5, 4], [1, 3, 2, 4]))
     assert S.pearson([1, 2], [3, 3]) is None and S.spearman([1], [2]) is None  # undefined: constant, one point
+
+
+def test_relative_drift_is_one_function_with_the_limits_of_the_ratio():
+    """One definition (weightspace); ||θ - θ0|| / ||θ0|| in float64 over shared floating tensors of equal shape; no
+    change is 0 even for a zero reference, a change away from a zero reference is inf, nothing shared is an error."""
+    from grace_plugin.weightspace import relative_drift
+
+    assert G.relative_drift is relative_drift
+    s0 = {"w": torch.tensor([3.0, 4.0]), "n": torch.tensor(3), "other": torch.zeros(3)}
+    s1 = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9), "other": torch.zeros(4), "extra": torch.ones(2)}
+    assert relative_drift(s1, s0) == pytest.approx(1 / 5)  # only "w": ints, other shapes, unshared keys left out
+    assert relative_drift(s1, s0, keys=["w"]) == pytest.approx(1 / 5)
+    zero = {"w": torch.zeros(2)}
+    assert relative_drift(zero, zero) == 0.0
+    assert relative_drift({"w": torch.tensor([0.0, 1e-3])}, zero) == float("inf")
+    with pytest.raises(ValueError, match="no shared"):
+        relative_drift({"a": torch.ones(1)}, {"b": torch.ones(1)})

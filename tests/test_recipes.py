@@ -101,8 +101,8 @@ def _record_ascent(rec):
 
     def wrapped(active, radii, grads, update_a):
         orig(active, radii, grads, update_a)
-        calls.append({n: (float(m.awp_delta().detach().float().norm()), m.awp_A.detach().clone(), m.awp_B.detach().clone(),
-                          m.awp_mask.clone()) for n, m in active.items()})
+        calls.append({n: (float(m.awp_delta().detach().float().norm()), m.awp_A.detach().clone(),
+                          m.awp_B.detach().clone(), m.awp_mask.clone()) for n, m in active.items()})
 
     rec._ascend = wrapped
     return calls

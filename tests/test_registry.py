@@ -134,8 +134,8 @@ def test_registered_entry(name):
     with torch.no_grad():
         y = model(x)
         # normalisation is inside: the tower sees (x - mean) / std
-        ref = model.head(torch.nn.functional.normalize(model.visual((x - torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1))
-                                                                    / torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)), dim=-1))
+        inside = (x - torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+        ref = model.head(torch.nn.functional.normalize(model.visual(inside), dim=-1))
     assert y.shape == (2, cfg["num_classes"]) and torch.isfinite(y).all()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     img = Image.fromarray((torch.rand(size[0] + 13, size[1] + 5, 3) * 255).byte().numpy())
@@ -407,7 +407,8 @@ def test_open_clip_export_reproduces_classifier(tiny_run, tiny_clip_dir, tmp_pat
     from grace_plugin.models.clip import _as_template_fns, load_clip
 
     out = tmp_path / "oc"
-    assert main(["export", str(tiny_run), "--format", "open_clip", "--out", str(out), "--name", "GRACE-test-export"]) == 0
+    assert main(["export", str(tiny_run), "--format", "open_clip", "--out", str(out),
+                 "--name", "GRACE-test-export"]) == 0
     open_clip.add_model_config(out / "GRACE-test-export.json")
     clip, _, preprocess = open_clip.create_model_and_transforms(
         "GRACE-test-export", pretrained=str(out / "open_clip_model.safetensors"))
@@ -540,3 +541,21 @@ def test_timm_to_open_clip_is_the_inverse_of_timms_converter(tiny_clip_dir):
     sd["head.bias"] = sd["head.bias"] + 1
     with pytest.raises(ValueError, match="non-zero bias"):
         timm_to_open_clip_visual(sd)
+
+
+def test_weights_dir_is_under_the_one_grace_cache(monkeypatch, tmp_path):
+    """$GRACE_WEIGHTS_DIR, else <grace cache>/weights with the grace cache the testbed uses too ($GRACE_CACHE_DIR, else
+    $XDG_CACHE_HOME/grace_plugin, else ~/.cache/grace_plugin)."""
+    from grace_plugin.testbed import cache_dir
+
+    monkeypatch.delenv("GRACE_WEIGHTS_DIR", raising=False)
+    monkeypatch.setenv("GRACE_CACHE_DIR", str(tmp_path / "g"))
+    assert registry.weights_dir() == tmp_path / "g" / "weights" and cache_dir() == tmp_path / "g"
+    monkeypatch.delenv("GRACE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert registry.weights_dir() == tmp_path / "x" / "grace_plugin" / "weights"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    assert cache_dir() == tmp_path / "h" / ".cache" / "grace_plugin"
+    monkeypatch.setenv("GRACE_WEIGHTS_DIR", str(tmp_path / "w"))
+    assert registry.weights_dir() == tmp_path / "w"

@@ -65,3 +65,27 @@ def test_import_and_benchmark_imagenet_linf(tmp_path):
                               eps=4 / 255, batch_size=2, preprocessing=prep)
     assert clean == 1.0 and robust == 1.0
     assert hasattr(robustbench, "load_model")
+
+
+def test_autoattack_hook_is_lazy_and_never_shadows_a_real_autoattack(tmp_path):
+    """``import grace_plugin`` builds no ``autoattack`` (pyautoattack is imported only when ``autoattack`` is); a real
+    ``autoattack`` on the path wins over the hook."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, grace_plugin; before = 'pyautoattack' in sys.modules; import autoattack; "
+            "print(before, getattr(autoattack, '__grace_shim__', False), getattr(autoattack, 'REAL', False), "
+            "'pyautoattack' in sys.modules)")
+
+    def run(extra):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([*extra, str(root)]))
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.split()
+
+    assert run([]) == ["False", "True", "False", "True"]
+    (tmp_path / "autoattack").mkdir()
+    (tmp_path / "autoattack" / "__init__.py").write_text("REAL = True\n")
+    assert run([str(tmp_path)]) == ["False", "False", "True", "False"]

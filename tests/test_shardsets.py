@@ -28,7 +28,7 @@ def _timm_layout(src_set, dst, name="imagenet1k"):
                 key, ext = m.name.split(".", 1)
                 ext = "jpg" if ext in ("png", "webp", "jpeg") else ext
                 n += ext == "cls"
-                for e, d in ((ext, data),) + (((("json", json.dumps({"key": key}).encode()),) if ext == "cls" else ())):
+                for e, d in ((ext, data),) + ((("json", json.dumps({"key": key}).encode()),) if ext == "cls" else ()):
                     ti = tarfile.TarInfo(f"{key}.{e}")
                     ti.size = len(d)
                     tout.addfile(ti, io.BytesIO(d))

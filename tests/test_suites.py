@@ -140,7 +140,8 @@ def test_suite_bad_input_is_one_clear_error(argv, msg, tiny_clip_dir, tiny_world
 
     (tmp_path / "inet" / "val" / "n01440764").mkdir(parents=True)
     orig = registry.load_model
-    monkeypatch.setattr(registry, "load_model", lambda spec, device="cpu": LoadedModel(Normalised(), "normalised", CLASSNAMES)
+    monkeypatch.setattr(registry, "load_model",
+                        lambda spec, device="cpu": LoadedModel(Normalised(), "normalised", CLASSNAMES)
                         if spec == "{normalised}" else orig(spec, device))
     base = ["eval", "--model", str(tiny_clip_dir), "--data", str(tiny_world / "id"), "--out", str(tmp_path / "o"),
             "--no-progress", "--n-adv", "4"]

@@ -11,7 +11,7 @@ import io
 import logging
 import os
 from collections import Counter
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -83,8 +83,7 @@ def _tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
     for item in urls:
         url = item["url"]
         try:
-            for s in tarfile_samples([dict(item)]):
-                yield s
+            yield from tarfile_samples([dict(item)])
         except Exception as e:  # tarfile.ReadError, EOFError, OSError for truncated or unreadable shards
             log.warning("shard %s: unreadable from here on (%s); counted as tar_error", url, type(e).__name__)
             yield _skip("tar_error", "", url)

@@ -50,7 +50,8 @@ class ShardSet:
 
     def require_classnames(self) -> list[str]:
         if not self.classnames:
-            where = Path(self.root) / "classnames.txt" if not isinstance(self.root, str) else f"{self.root}/classnames.txt"
+            where = (Path(self.root) / "classnames.txt" if not isinstance(self.root, str)
+                     else f"{self.root}/classnames.txt")
             raise ShardSetError(f"{where}: missing or empty; a CLIP zero-shot head needs one class name per line "
                                 "in label order")
         return self.classnames

@@ -99,7 +99,7 @@ class SyntheticWorldSpec:
     shard_size: int = 300
 
     @classmethod
-    def small(cls) -> "SyntheticWorldSpec":
+    def small(cls) -> SyntheticWorldSpec:
         """A few hundred images: for tests and smoke runs (seconds)."""
         return cls(train_per_class=24, test_per_class=8, ood_per_class=6, pairs=600, shard_size=50)
 

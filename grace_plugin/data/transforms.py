@@ -6,7 +6,7 @@ as timm (and RobustBench, which builds its ImageNet transform from the same cfg)
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -47,9 +47,9 @@ def as_tensor_transform(transform: Callable) -> Callable | None:
 
     The steps are timm's own, with their parameters: ``Resize``, ``CenterCrop`` and ``Normalize`` become their
     torchvision v2 counterparts (antialiased resize with vectorised uint8 kernels, several times faster than PIL's)
-    and ``ToTensor`` a conversion to float in [0,1]; an identity ``Normalize`` is dropped. Decoding gives PIL's pixels exactly; resizing
-    stays within 2 grey levels of PIL's, 0.01 levels on average (the two libraries round their fixed-point
-    resampling differently; ``tests/test_data.py`` checks the bounds). PIL-only steps (timm's
+    and ``ToTensor`` a conversion to float in [0,1]; an identity ``Normalize`` is dropped. Decoding gives PIL's
+    pixels exactly; resizing stays within 2 grey levels of PIL's, 0.01 levels on average (the two libraries round
+    their fixed-point resampling differently; ``tests/test_data.py`` checks the bounds). PIL-only steps (timm's
     ``RandomResizedCropAndInterpolation`` of ``augment=rrc``, ``ResizeKeepRatio``) return None: callers then decode
     with PIL.
     """

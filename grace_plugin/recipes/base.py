@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ class TextSide:
     templates: list[str] = field(default_factory=list)
 
 
-_RECIPES: dict[str, type["Recipe"]] = {}
+_RECIPES: dict[str, type[Recipe]] = {}
 
 
 def register_recipe(name: str):
@@ -83,7 +84,7 @@ def list_recipes() -> list[str]:
     return sorted(_RECIPES)
 
 
-def get_recipe_class(name: str) -> type["Recipe"]:
+def get_recipe_class(name: str) -> type[Recipe]:
     try:
         return _RECIPES[name]
     except KeyError:
@@ -91,7 +92,7 @@ def get_recipe_class(name: str) -> type["Recipe"]:
 
 
 def create_recipe(name: str, model: nn.Module, cfg: RecipeConfig | None = None,
-                  text: TextSide | None = None) -> "Recipe":
+                  text: TextSide | None = None) -> Recipe:
     """Build recipe ``name`` on ``model``; ``text`` reaches only recipes with ``uses_text`` (e.g. ``flyp``)."""
     cls = get_recipe_class(name)
     cfg = cfg if cfg is not None else cls.Config()
@@ -130,7 +131,7 @@ class Recipe:
         return 0
 
     # ------------------------------------------------------------------ interface used by the trainer
-    def to(self, device: torch.device) -> "Recipe":
+    def to(self, device: torch.device) -> Recipe:
         """Move the model and any module the recipe owns (frozen originals, text towers) to ``device``."""
         self.model.to(device)
         return self
