@@ -160,8 +160,8 @@ def summary_markdown(rows: list[dict], references: list[dict] | None = None) -> 
 
 def tradeoff_plot(rows: list[dict], path: str | Path, title: str = "ID / OOD / Adv trade-off",
                   references: list[dict] | None = None) -> Path:
-    """Two panels: OOD vs ID and Adv vs ID, one labelled point per method (marker size ~ HM) with +-1 std error bars
-    where the row has ``*_std`` (several seeds); reference rows (e.g. the paper's Table 6) as grey crosses."""
+    """Two panels: OOD vs ID and Adv vs ID, one labelled point per method (marker size ~ HM) with error bars: +-1 std
+    where the row has ``*_std`` (several seeds), else +-``*_ci`` (one run's 95% interval) where it has that; reference rows (e.g. the paper's Table 6) as grey crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,9 +176,12 @@ def tradeoff_plot(rows: list[dict], path: str | Path, title: str = "ID / OOD / A
                 continue
             size = 40 + 4 * (r.get("hm") or 0)
             dots = ax.scatter(r["id"], r[key], s=size, alpha=0.8)
-            if r.get("id_std") is not None or r.get(f"{key}_std") is not None:  # +-1 std over seeds
-                ax.errorbar(r["id"], r[key], xerr=r.get("id_std"), yerr=r.get(f"{key}_std"), fmt="none",
-                            ecolor=dots.get_facecolor()[0], capsize=3, alpha=0.8)
+            # +-1 std over seeds, else the run's 95% sampling interval half-width (``*_ci``) where the row has one
+            xerr = r.get("id_std") if r.get("id_std") is not None else r.get("id_ci")
+            yerr = r.get(f"{key}_std") if r.get(f"{key}_std") is not None else r.get(f"{key}_ci")
+            if xerr is not None or yerr is not None:
+                ax.errorbar(r["id"], r[key], xerr=xerr, yerr=yerr, fmt="none", ecolor=dots.get_facecolor()[0],
+                            capsize=3, alpha=0.8)
             ax.annotate(r["method"], (r["id"], r[key]), textcoords="offset points", xytext=(5, 5), fontsize=9)
         for r in references or []:
             if r.get("id") is None or r.get(key) is None:

@@ -123,6 +123,9 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
             write_report(dest if len(seeds) == 1 or method != "zero-shot" else dest / f"seed{seed}", report)
             per_seed.append(report["axes"])
         rows.append(_aggregate(method, per_seed))
+        if len(seeds) == 1:  # one run: the plot's error bars are its 95% binomial sampling intervals
+            rows[-1].update(_binomial_halfwidths(rows[-1], json.loads((data / "world.json").read_text())["counts"],
+                                                 min(cfg.n_adv, counts_id(data))))
     counts = json.loads((data / "world.json").read_text())["counts"]
     legend = column_definitions(counts, cfg.attack, cfg.eps, min(cfg.n_adv, counts["id"]["test"]), len(seeds))
     paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps, "world": cfg.world,
@@ -130,6 +133,23 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     with open(paths["md"], "a") as f:
         f.write("\n" + legend + "\n")
     return {"rows": rows, "paths": paths, "seconds": time.time() - t0, "legend": legend}
+
+
+def counts_id(data: Path) -> int:
+    return json.loads((data / "world.json").read_text())["counts"]["id"]["test"]
+
+
+def _binomial_halfwidths(row: dict, counts: dict, n_adv: int) -> dict:
+    """``{axis}_ci``: 1.96 * sqrt(p (1 - p) / n) in points for ID and Adv; for OOD (a mean of equal-weight sets) the
+    same with the sets' variances averaged, at the row's mean accuracy."""
+    import math
+
+    def half(p, n):
+        return None if p is None else 1.96 * math.sqrt(max(p, 0) / 100 * (1 - min(p, 100) / 100) / n) * 100
+
+    n_sets = [counts[s]["test"] for s in OOD_SETS]
+    ood = half(row.get("ood"), 1) and half(row["ood"], 1) * math.sqrt(sum(1 / n for n in n_sets)) / len(n_sets)
+    return {"id_ci": half(row.get("id"), counts["id"]["test"]), "ood_ci": ood, "adv_ci": half(row.get("adv"), n_adv)}
 
 
 def column_definitions(counts: dict, attack: str, eps: float, n_adv: int, n_seeds: int) -> str:
@@ -148,7 +168,7 @@ def column_definitions(counts: dict, attack: str, eps: float, n_adv: int, n_seed
     return (f"Columns: ID = top-1 (%) on the `id` test set ({n_id} images); OOD = mean top-1 over "
             f"{', '.join(OOD_SETS)} ({n_ood} images in all); Adv = robust top-1 under {attack.upper()} l_inf "
             f"eps {eps * 255:g}/255 on the first {n_adv} ID test images; HM = harmonic mean of ID, OOD and Adv. "
-            f"{spread}one run's 95% binomial interval is at most ±{half(n_id):.1f} (ID), "
+            f"{spread}{'one' if spread else 'One'} run's 95% binomial interval is at most ±{half(n_id):.1f} (ID), "
             f"±{half(n_ood / len(OOD_SETS)) / math.sqrt(len(OOD_SETS)):.1f} (OOD), ±{half(n_adv):.1f} (Adv) points.")
 
 

@@ -138,3 +138,14 @@ def test_worlds_are_deterministic_and_v1_stays_reachable(tmp_path):
     assert digest(tmp_path / "a")["pairs/train/0.tar"] == digest(tmp_path / "v1")["pairs/train/0.tar"]
     with pytest.raises(ValueError, match="v3"):
         write_synthetic_world(tmp_path / "c", world="v3")
+
+
+def test_quickstart_error_bars_are_binomial_intervals():
+    from eval_suites.study import OOD_SETS, _binomial_halfwidths
+
+    counts = {"id": {"test": 600}, **{s: {"test": 500} for s in OOD_SETS}}
+    ci = _binomial_halfwidths({"id": 50.0, "ood": 40.0, "adv": 0.0}, counts, 200)
+    assert ci["id_ci"] == pytest.approx(1.96 * (0.25 / 600) ** 0.5 * 100)
+    # four equal sets: the mean's variance is p(1-p)/500 / 4
+    assert ci["ood_ci"] == pytest.approx(1.96 * (0.4 * 0.6 / 500 / 4) ** 0.5 * 100)
+    assert ci["adv_ci"] == 0.0
