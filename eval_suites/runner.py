@@ -1,13 +1,15 @@
 """Evaluate one model on an ID set, OOD sets and an attack; return the three-axis report (see ``report``)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import logging
+from grace_plugin.config import checked, validate
 
+from .attacks import NORMS, check_eps_for_norm
 from .evaluate import evaluate_adversarial, evaluate_clean
 from .report import build_report
 from .shardsets import apply_mapping, get_shardset, match_class_subset
@@ -22,17 +24,23 @@ class EvalRequest:
     id_set: tuple[str, str | Path]
     ood_sets: list[tuple[str, str | Path]]
     attack: str | None = "apgd-ce"
-    eps: float = 4 / 255
-    norm: str = "Linf"
-    n_adv: int = 500
-    batch_size: int = 128
-    num_workers: int = 0
+    eps: float = checked(4 / 255, flag="--eps", ge=0)
+    norm: str = checked("Linf", flag="--norm", choices=NORMS)
+    n_adv: int = checked(500, flag="--n-adv", ge=0)
+    batch_size: int = checked(128, flag="--batch-size", gt=0)
+    num_workers: int = checked(0, flag="--num-workers", ge=0)
     device: str = "cpu"
     seed: int = 0
     strict: bool = False
     scoring: str | None = None  # override every catalogued set's scoring: own | subset | mapping
     mapping_files: dict | None = None  # set name -> mapping JSON (scoring "mapping")
-    decode: str = "pil"  # "pil": timm's/RobustBench's PIL preprocessing exactly; "tensor": torchvision, ~2x faster
+    # "pil": timm's/RobustBench's PIL preprocessing exactly; "tensor": torchvision, ~2x faster
+    decode: str = checked("pil", flag="--decode", choices=("pil", "tensor"))
+
+    def __post_init__(self):
+        validate(self)
+
+    __validate__ = check_eps_for_norm
 
 
 def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:

@@ -18,7 +18,10 @@ from typing import Callable
 
 import torch
 
+from grace_plugin.config import checked, validate
 from grace_plugin.errors import GraceError
+
+from .attacks import NORMS, check_eps_for_norm
 
 __all__ = ["register_suite", "list_suites", "get_suite", "parse_suite", "UnknownSuiteError", "SuiteContext",
            "EvalSet", "run_suites"]
@@ -120,12 +123,13 @@ class SuiteContext:
     id_set: tuple[str, str | Path] | None = None
     sets: dict[str, str | Path] = field(default_factory=dict)
     data_root: str | Path | None = None
-    eps: float = 4 / 255
-    norm: str = "Linf"
-    n_adv: int = 500
-    batch_size: int = 128
-    num_workers: int = 0
-    decode: str = "pil"  # shard decoding: "pil" (timm's PIL preprocessing exactly) or "tensor" (torchvision, faster)
+    eps: float = checked(4 / 255, flag="--eps", ge=0)
+    norm: str = checked("Linf", flag="--norm", choices=NORMS)
+    n_adv: int = checked(500, flag="--n-adv", ge=0)
+    batch_size: int = checked(128, flag="--batch-size", gt=0)
+    num_workers: int = checked(0, flag="--num-workers", ge=0)
+    # shard decoding: "pil" (timm's PIL preprocessing exactly) or "tensor" (torchvision, faster)
+    decode: str = checked("pil", flag="--decode", choices=("pil", "tensor"))
     device: str = "cpu"
     seed: int = 0
     strict: bool = False
@@ -133,7 +137,7 @@ class SuiteContext:
     out_dir: str | Path | None = None  # resume state for adversarial suites lives under out_dir/state/
     imagenet_dir: str | Path | None = None
     corruptions_dir: str | Path | None = None
-    n_imagenet: int = 5000
+    n_imagenet: int = checked(5000, flag="--n-imagenet", gt=0)
     reference: str | None = None  # pretrained model spec for the parameter drift (geometry)
     n_geometry: int = 64
     geometry_iters: int = 20
@@ -145,6 +149,11 @@ class SuiteContext:
     model_info_name: str | None = None  # write RobustBench model_info JSON for adversarial results under this name
     progress: bool = False
     cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        validate(self)
+
+    __validate__ = check_eps_for_norm
 
     def resolve_set(self, spec: str) -> tuple[str, Path]:
         """``NAME=DIR`` | a folder | a name in ``sets`` | the catalogued folder or ``<data_root>/<name>``."""

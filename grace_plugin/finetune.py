@@ -8,7 +8,8 @@ from typing import Any
 import yaml
 
 from .checkpoint import atomic_write_text, save_run
-from .config import ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides, load_yaml, parse_overrides, to_dict
+from .config import (ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides, load_yaml, parse_overrides,
+                     to_dict, validate)
 
 __all__ = ["build_config", "fine_tune"]
 
@@ -38,11 +39,15 @@ def build_config(recipe: str, config_file: str | Path | None = None, overrides: 
                 setattr(cfg, section, apply_overrides(getattr(cfg, section), layer[section], prefix=f"{section}."))
     if steps is not None and epochs is not None:
         raise ConfigError("give --steps or --epochs, not both")
-    if steps is not None:
-        cfg.train = apply_overrides(cfg.train, {"steps": steps, "epochs": None}, prefix="train.")
-    if epochs is not None:
-        cfg.train = apply_overrides(cfg.train, {"epochs": epochs, "steps": None}, prefix="train.")
-    return cfg
+    for flag, value in (("steps", steps), ("epochs", epochs)):
+        if value is not None:
+            other = "epochs" if flag == "steps" else "steps"
+            try:
+                cfg.train = validate(apply_overrides(cfg.train, {flag: value, other: None}, prefix="train."),
+                                     prefix="train.")
+            except ConfigError as e:  # name the flag the value came from
+                raise ConfigError(str(e).replace(f"train.{flag}=", f"--{flag} ", 1)) from None
+    return validate(cfg)  # every field's declared constraint (config.checked), before any data is read
 
 
 def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, cfg: RunConfig,
@@ -55,6 +60,7 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
     from .recipes import TextSide, create_recipe
     from .trainer import init_distributed, resolve_device, seed_everything, steps_for_epochs, train
 
+    validate(cfg)  # library callers may build RunConfig by hand
     rank, world = init_distributed()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
     shards = open_shard_set(data, split=cfg.data.train_split)
     classnames = shards.require_classnames()
