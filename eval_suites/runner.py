@@ -10,7 +10,7 @@ import torch
 from grace_plugin.config import checked, validate
 
 from .attacks import NORMS, check_eps_for_norm
-from .evaluate import evaluate_adversarial, evaluate_clean
+from .evaluate import account, evaluate_adversarial, evaluate_clean
 from .report import build_report
 from .shardsets import apply_mapping, get_shardset, match_class_subset
 
@@ -83,15 +83,9 @@ def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
         loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=n_classes,
                                   num_workers=req.num_workers, decode=req.decode)
         res = evaluate_clean(model, loader, device=device, progress=progress, desc=f"eval {name}",
-                             class_subset=subset, label_targets=targets)
+                             class_subset=subset, label_targets=targets, model_name=loaded.name)
         res.expected = shards.expected
-        seen = res.n + res.n_skipped
-        if res.expected is not None and seen != res.expected:
-            log.warning("%s: read %d samples (%d scored, %d skipped) but the layout promises %d", name, seen, res.n,
-                        res.n_skipped, res.expected)
-            res.skipped = dict(res.skipped, unaccounted=res.expected - seen)
-        if req.strict and res.n_skipped:
-            raise ValueError(f"{shards.root}: {res.n_skipped} samples skipped ({res.skipped}) and --strict is set")
+        account(res, f"set {name} ({shards.root})", shards.unlisted, req.strict)
         results[name] = dict(res.as_dict(), scoring=scoring)
     adversarial = None
     if req.attack is not None and req.n_adv > 0:
@@ -100,7 +94,7 @@ def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
         loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=shards.num_classes,
                                   decode=req.decode)
         adv = evaluate_adversarial(models[id_name], loader, req.attack, req.eps, n_max=req.n_adv, norm=req.norm,
-                                   device=device, seed=req.seed, progress=progress)
+                                   device=device, seed=req.seed, progress=progress, model_name=loaded.name)
         adversarial = adv.as_dict()
     config = {"id_set": [req.id_set[0], str(req.id_set[1])], "ood_sets": [[n, str(p)] for n, p in req.ood_sets],
               "attack": req.attack, "eps": req.eps, "norm": req.norm, "n_adv": req.n_adv,

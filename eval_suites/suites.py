@@ -90,6 +90,8 @@ class EvalSet:
     classnames: list[str] | None
     templates: list[str] | None
     urls: list[str] | None = None
+    unlisted: list[str] = field(default_factory=list)  # tars the layout does not list (counted as unaccounted)
+    expected: int | None = None  # samples the layout promises
 
     def batches(self, transform, batch_size: int, n: int | None = None, num_workers: int = 0, decode: str = "pil"):
         if self.kind == "imagenet":
@@ -113,7 +115,8 @@ def open_eval_set(name: str, path: str | Path) -> EvalSet:
         names, templates = imagenet_classnames()
         return EvalSet(name, p, "imagenet", names, templates)
     s = open_shard_set(p)
-    return EvalSet(name, p, "shards", s.classnames, s.templates, urls=s.urls)
+    return EvalSet(name, p, "shards", s.classnames, s.templates, urls=s.urls, unlisted=s.unlisted,
+                   expected=s.expected)
 
 
 @dataclass
@@ -210,16 +213,16 @@ def _transform(loaded):
 
 
 def _clean(loaded, ctx: SuiteContext, es: EvalSet, role: str) -> dict:
-    from .evaluate import evaluate_clean
+    from .evaluate import account, evaluate_clean
 
     key = ("clean", es.name, str(es.path))
     if key not in ctx.cache:
         model = _model_for(loaded, ctx, es)
         n = ctx.n_imagenet if es.kind == "imagenet" else None
         res = evaluate_clean(model, _read(es, _transform(loaded), ctx, n),
-                             device=ctx.device, progress=ctx.progress, desc=f"eval {es.name}")
-        if ctx.strict and res.n_skipped:
-            raise ValueError(f"{es.path}: {res.n_skipped} samples skipped ({res.skipped}) and --strict is set")
+                             device=ctx.device, progress=ctx.progress, desc=f"eval {es.name}", model_name=loaded.name)
+        res.expected = es.expected
+        account(res, f"set {es.name} ({es.path})", es.unlisted, ctx.strict)
         ctx.cache[key] = res.as_dict()
     return dict(ctx.cache[key], kind=role, dataset=es.name, path=str(es.path))
 
