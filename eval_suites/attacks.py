@@ -66,6 +66,18 @@ def create_attack(name: str, model: torch.nn.Module, eps: float, norm: str = "Li
     return info.factory(model, eps=eps, norm=norm, seed=seed, **kwargs)
 
 
+NORMS = ("Linf", "L2")
+
+
+def check_eps_for_norm(obj) -> None:
+    """Cross-field rule for a request with ``eps`` and ``norm`` (``--eps``, ``--norm``): images live in [0,1], so an
+    Linf radius above 1 (e.g. ``--eps 300`` for 300/255) covers every image and is refused."""
+    from grace_plugin.config import ConfigError
+
+    if obj.norm == "Linf" and obj.eps > 1:
+        raise ConfigError(f"--eps {obj.eps:g}: an Linf radius on [0,1] images must be <= 1 (write 4/255, not 4)")
+
+
 def parse_eps(text: str | float) -> float:
     """``"4/255"``, ``"0.0157"`` or a number -> float; a clear error otherwise."""
     if isinstance(text, (int, float)):

@@ -1,12 +1,60 @@
 """Clean top-1 accuracy over a shard stream, with skipped samples counted (never a shrunken denominator)."""
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ClassificationResult", "AdversarialResult", "evaluate_clean", "evaluate_adversarial", "project_logits"]
+from grace_plugin.checkpoint import NonFiniteError
+from grace_plugin.errors import GraceError
+
+__all__ = ["ClassificationResult", "AdversarialResult", "evaluate_clean", "evaluate_adversarial", "project_logits",
+           "account", "EmptySetError", "StrictSkipError"]
+
+log = logging.getLogger(__name__)
+
+
+class EmptySetError(GraceError, ValueError):
+    """A set where no sample could be scored (a top-1 of nothing is not a number)."""
+
+
+class StrictSkipError(GraceError, ValueError):
+    """``--strict`` and some sample was skipped or unaccounted."""
+
+
+def account(res: ClassificationResult, where, unlisted: list[str] | None = None, strict: bool = False
+            ) -> ClassificationResult:
+    """Every sample present in the set's tars is scored or counted with a reason; check it, then refuse n = 0.
+
+    * tars the layout does not list (``nshards.txt`` smaller than the number of tars) and a sample count that
+      disagrees with the layout's promise (``_info.json``, ``|N``) become ``unaccounted``, with a warning;
+    * ``strict``: any skipped or unaccounted sample is an error;
+    * no scored sample at all is an error naming the set and the skip reasons.
+    """
+    from grace_plugin.data.shards import count_samples
+
+    unaccounted = 0
+    if unlisted:
+        extra = count_samples(unlisted)
+        log.warning("%s: %d tar(s) beside the listed shards are not read (%d samples; first: %s); counted as "
+                    "unaccounted", where, len(unlisted), extra, unlisted[0])
+        unaccounted += extra
+    seen = res.n + res.n_skipped
+    if res.expected is not None and seen != res.expected:
+        log.warning("%s: read %d samples (%d scored, %d skipped) but the layout promises %d", where, seen, res.n,
+                    res.n_skipped, res.expected)
+        unaccounted += res.expected - seen
+    if unaccounted:
+        res.skipped = dict(res.skipped, unaccounted=res.skipped.get("unaccounted", 0) + unaccounted)
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(res.skipped.items()))
+    if strict and res.n_skipped:
+        raise StrictSkipError(f"{where}: {res.n_skipped} samples skipped or unaccounted ({reasons}) and --strict "
+                              "is set")
+    if res.n == 0:
+        raise EmptySetError(f"{where}: no sample could be scored ({reasons or 'the shards hold no samples'})")
+    return res
 
 
 @dataclass
@@ -34,10 +82,19 @@ def project_logits(logits: torch.Tensor, class_subset: list[int] | None) -> torc
     return logits if class_subset is None else logits[:, class_subset]
 
 
+def _check_logits(logits: torch.Tensor, model_name: str) -> None:
+    """A NaN logit argmaxes to class 0: a silent chance-level number. Refuse it, naming the model."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(-1).sum())
+        raise NonFiniteError(f"{model_name}: non-finite logits for {bad} of {logits.shape[0]} images; refusing to "
+                             "report accuracy (are its weights NaN?)")
+
+
 @torch.no_grad()
 def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subset: list[int] | None = None,
                    autocast=None, progress: bool = False, desc: str = "eval",
-                   label_targets: dict[int, list[int]] | None = None) -> ClassificationResult:
+                   label_targets: dict[int, list[int]] | None = None, model_name: str = "the model"
+                   ) -> ClassificationResult:
     """Top-1 of ``model`` (taking [0,1] images) over every batch of ``loader``.
 
     ``class_subset``: score with ``logits[:, class_subset]`` (labels index the subset). ``label_targets``: a
@@ -63,6 +120,7 @@ def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subs
         x, y = x.to(device), batch["label"].to(device)
         with (autocast or contextlib.nullcontext)():
             logits = model(x)
+        _check_logits(logits, model_name)
         if label_targets is not None:
             union = sorted({i for t in label_targets.values() for i in t})
             pred = torch.tensor(union, device=logits.device)[logits.float()[:, union].argmax(-1)]
@@ -159,10 +217,14 @@ def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int
         else:
             x, y = x.to(device).float(), y.to(device)
             with torch.no_grad():
-                clean_c = int((model(x).argmax(-1) == y).sum())
+                logits = model(x)
+                _check_logits(logits, model_name)
+                clean_c = int((logits.argmax(-1) == y).sum())
             x_adv = attack(x, y)
             with torch.no_grad():
-                robust_c = int((model(x_adv).argmax(-1) == y).sum())
+                logits = model(x_adv)
+                _check_logits(logits, model_name)
+                robust_c = int((logits.argmax(-1) == y).sum())
             if state is not None:
                 from grace_plugin.checkpoint import atomic_write_text
 

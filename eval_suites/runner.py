@@ -1,14 +1,16 @@
 """Evaluate one model on an ID set, OOD sets and an attack; return the three-axis report (see ``report``)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import logging
+from grace_plugin.config import checked, validate
 
-from .evaluate import evaluate_adversarial, evaluate_clean
+from .attacks import NORMS, check_eps_for_norm
+from .evaluate import account, evaluate_adversarial, evaluate_clean
 from .report import build_report
 from .shardsets import apply_mapping, get_shardset, match_class_subset
 
@@ -22,17 +24,23 @@ class EvalRequest:
     id_set: tuple[str, str | Path]
     ood_sets: list[tuple[str, str | Path]]
     attack: str | None = "apgd-ce"
-    eps: float = 4 / 255
-    norm: str = "Linf"
-    n_adv: int = 500
-    batch_size: int = 128
-    num_workers: int = 0
+    eps: float = checked(4 / 255, flag="--eps", ge=0)
+    norm: str = checked("Linf", flag="--norm", choices=NORMS)
+    n_adv: int = checked(500, flag="--n-adv", ge=0)
+    batch_size: int = checked(128, flag="--batch-size", gt=0)
+    num_workers: int = checked(0, flag="--num-workers", ge=0)
     device: str = "cpu"
     seed: int = 0
     strict: bool = False
     scoring: str | None = None  # override every catalogued set's scoring: own | subset | mapping
     mapping_files: dict | None = None  # set name -> mapping JSON (scoring "mapping")
-    decode: str = "pil"  # "pil": timm's/RobustBench's PIL preprocessing exactly; "tensor": torchvision, ~2x faster
+    # "pil": timm's/RobustBench's PIL preprocessing exactly; "tensor": torchvision, ~2x faster
+    decode: str = checked("pil", flag="--decode", choices=("pil", "tensor"))
+
+    def __post_init__(self):
+        validate(self)
+
+    __validate__ = check_eps_for_norm
 
 
 def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
@@ -75,15 +83,9 @@ def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
         loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=n_classes,
                                   num_workers=req.num_workers, decode=req.decode)
         res = evaluate_clean(model, loader, device=device, progress=progress, desc=f"eval {name}",
-                             class_subset=subset, label_targets=targets)
+                             class_subset=subset, label_targets=targets, model_name=loaded.name)
         res.expected = shards.expected
-        seen = res.n + res.n_skipped
-        if res.expected is not None and seen != res.expected:
-            log.warning("%s: read %d samples (%d scored, %d skipped) but the layout promises %d", name, seen, res.n,
-                        res.n_skipped, res.expected)
-            res.skipped = dict(res.skipped, unaccounted=res.expected - seen)
-        if req.strict and res.n_skipped:
-            raise ValueError(f"{shards.root}: {res.n_skipped} samples skipped ({res.skipped}) and --strict is set")
+        account(res, f"set {name} ({shards.root})", shards.unlisted, req.strict)
         results[name] = dict(res.as_dict(), scoring=scoring)
     adversarial = None
     if req.attack is not None and req.n_adv > 0:
@@ -92,7 +94,7 @@ def evaluate_model(loaded, req: EvalRequest, progress: bool = False) -> dict:
         loader = make_eval_loader(shards.urls, transform, req.batch_size, num_classes=shards.num_classes,
                                   decode=req.decode)
         adv = evaluate_adversarial(models[id_name], loader, req.attack, req.eps, n_max=req.n_adv, norm=req.norm,
-                                   device=device, seed=req.seed, progress=progress)
+                                   device=device, seed=req.seed, progress=progress, model_name=loaded.name)
         adversarial = adv.as_dict()
     config = {"id_set": [req.id_set[0], str(req.id_set[1])], "ood_sets": [[n, str(p)] for n, p in req.ood_sets],
               "attack": req.attack, "eps": req.eps, "norm": req.norm, "n_adv": req.n_adv,

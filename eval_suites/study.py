@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from grace_plugin.config import checked, validate
+
 from .testbed_config import merge as _merge
 
 __all__ = ["QuickstartConfig", "run_quickstart", "prepare_testbed", "OOD_SETS", "run_wise_ft_sweep"]
@@ -29,16 +31,20 @@ class QuickstartConfig:
     out: Path
     seed: int = 0
     recipes: list[str] = field(default_factory=lambda: ["ft", "tecoa", "grace"])
-    steps: int = 300
-    n_adv: int = 200
-    eps: float = 4 / 255
+    steps: int = checked(300, flag="--steps", gt=0)
+    n_adv: int = checked(200, flag="--n-adv", ge=0)
+    eps: float = checked(4 / 255, flag="--eps", ge=0, le=1)
     attack: str = "apgd-ce"
     device: str = "cpu"
     overrides: list[str] = field(default_factory=list)
     size: str = "default"  # "small": a few hundred images and a 2-layer CLIP (smoke tests)
-    pretrain_steps: int | None = None
-    seeds: int = 1  # fine-tuning/attack seeds seed..seed+seeds-1; rows report mean and spread (sample std)
+    pretrain_steps: int | None = checked(None, flag="--pretrain-steps", gt=0)
+    # fine-tuning/attack seeds seed..seed+seeds-1; rows report mean and spread (sample std)
+    seeds: int = checked(1, flag="--seeds", ge=1)
     world: str = "v2"  # synthetic world version (grace_plugin.data.synthetic)
+
+    def __post_init__(self):
+        validate(self)
 
 
 def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:

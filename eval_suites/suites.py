@@ -18,7 +18,10 @@ from collections.abc import Callable
 
 import torch
 
+from grace_plugin.config import checked, validate
 from grace_plugin.errors import GraceError
+
+from .attacks import NORMS, check_eps_for_norm
 
 __all__ = ["register_suite", "list_suites", "get_suite", "parse_suite", "UnknownSuiteError", "SuiteContext",
            "EvalSet", "run_suites"]
@@ -87,6 +90,8 @@ class EvalSet:
     classnames: list[str] | None
     templates: list[str] | None
     urls: list[str] | None = None
+    unlisted: list[str] = field(default_factory=list)  # tars the layout does not list (counted as unaccounted)
+    expected: int | None = None  # samples the layout promises
 
     def batches(self, transform, batch_size: int, n: int | None = None, num_workers: int = 0, decode: str = "pil"):
         if self.kind == "imagenet":
@@ -110,7 +115,8 @@ def open_eval_set(name: str, path: str | Path) -> EvalSet:
         names, templates = imagenet_classnames()
         return EvalSet(name, p, "imagenet", names, templates)
     s = open_shard_set(p)
-    return EvalSet(name, p, "shards", s.classnames, s.templates, urls=s.urls)
+    return EvalSet(name, p, "shards", s.classnames, s.templates, urls=s.urls, unlisted=s.unlisted,
+                   expected=s.expected)
 
 
 @dataclass
@@ -120,12 +126,13 @@ class SuiteContext:
     id_set: tuple[str, str | Path] | None = None
     sets: dict[str, str | Path] = field(default_factory=dict)
     data_root: str | Path | None = None
-    eps: float = 4 / 255
-    norm: str = "Linf"
-    n_adv: int = 500
-    batch_size: int = 128
-    num_workers: int = 0
-    decode: str = "pil"  # shard decoding: "pil" (timm's PIL preprocessing exactly) or "tensor" (torchvision, faster)
+    eps: float = checked(4 / 255, flag="--eps", ge=0)
+    norm: str = checked("Linf", flag="--norm", choices=NORMS)
+    n_adv: int = checked(500, flag="--n-adv", ge=0)
+    batch_size: int = checked(128, flag="--batch-size", gt=0)
+    num_workers: int = checked(0, flag="--num-workers", ge=0)
+    # shard decoding: "pil" (timm's PIL preprocessing exactly) or "tensor" (torchvision, faster)
+    decode: str = checked("pil", flag="--decode", choices=("pil", "tensor"))
     device: str = "cpu"
     seed: int = 0
     strict: bool = False
@@ -133,7 +140,7 @@ class SuiteContext:
     out_dir: str | Path | None = None  # resume state for adversarial suites lives under out_dir/state/
     imagenet_dir: str | Path | None = None
     corruptions_dir: str | Path | None = None
-    n_imagenet: int = 5000
+    n_imagenet: int = checked(5000, flag="--n-imagenet", gt=0)
     reference: str | None = None  # pretrained model spec for the parameter drift (geometry)
     n_geometry: int = 64
     geometry_iters: int = 20
@@ -145,6 +152,11 @@ class SuiteContext:
     model_info_name: str | None = None  # write RobustBench model_info JSON for adversarial results under this name
     progress: bool = False
     cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        validate(self)
+
+    __validate__ = check_eps_for_norm
 
     def resolve_set(self, spec: str) -> tuple[str, Path]:
         """``NAME=DIR`` | a folder | a name in ``sets`` | the catalogued folder or ``<data_root>/<name>``."""
@@ -201,16 +213,16 @@ def _transform(loaded):
 
 
 def _clean(loaded, ctx: SuiteContext, es: EvalSet, role: str) -> dict:
-    from .evaluate import evaluate_clean
+    from .evaluate import account, evaluate_clean
 
     key = ("clean", es.name, str(es.path))
     if key not in ctx.cache:
         model = _model_for(loaded, ctx, es)
         n = ctx.n_imagenet if es.kind == "imagenet" else None
         res = evaluate_clean(model, _read(es, _transform(loaded), ctx, n),
-                             device=ctx.device, progress=ctx.progress, desc=f"eval {es.name}")
-        if ctx.strict and res.n_skipped:
-            raise ValueError(f"{es.path}: {res.n_skipped} samples skipped ({res.skipped}) and --strict is set")
+                             device=ctx.device, progress=ctx.progress, desc=f"eval {es.name}", model_name=loaded.name)
+        res.expected = es.expected
+        account(res, f"set {es.name} ({es.path})", es.unlisted, ctx.strict)
         ctx.cache[key] = res.as_dict()
     return dict(ctx.cache[key], kind=role, dataset=es.name, path=str(es.path))
 

@@ -202,6 +202,13 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_eval(a) -> int:
+    from grace_plugin.runfolder import folder_lock
+
+    with folder_lock(a.out, what="eval output folder"):  # one writer per --out (report, resume state)
+        return _cmd_eval_locked(a)
+
+
+def _cmd_eval_locked(a) -> int:
     from eval_suites.attacks import get_attack, parse_eps
     from eval_suites.report import report_markdown, write_report
     from eval_suites.runner import EvalRequest, evaluate_model
@@ -432,8 +439,25 @@ def main(argv: list[str] | None = None) -> int:
     except expected as e:
         if os.environ.get("GRACE_DEBUG"):
             raise
-        print(f"grace {a.command}: error: {e}", file=sys.stderr)
+        print(f"grace {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk is one line wherever the write happened (log, report, state)
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("GRACE_DEBUG"):
+            raise
+        print(f"grace {a.command}: error: {e.filename or ''}: no space left on the device", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message; one raised inside a DataLoader worker arrives wrapped in the worker's traceback, whose
+    last line is the original message."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,10 +2,16 @@
 
 Every section is a dataclass; recipes bring their own ``RecipeConfig`` subclass. Overrides are validated against
 the dataclass fields, so a typo is an error naming the field and the valid choices instead of a silent no-op.
+
+Value constraints live beside the fields, as ``checked(default, gt=0)`` (dataclass field metadata), and
+:func:`validate` checks a resolved config (recursively, every section) before any work: one line naming the field
+(``train.batch_size=0: must be > 0``) or, for a dataclass whose fields are command-line flags, the flag
+(``--n-adv -5: must be >= 0``). Cross-field rules go in a ``__validate__(self)`` method that raises ``ConfigError``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -17,38 +23,138 @@ import yaml
 from .errors import GraceError
 
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "RunConfig", "parse_overrides", "apply_overrides",
-           "load_yaml", "to_dict"]
+           "load_yaml", "to_dict", "checked", "Constraint", "validate", "timm_optimizer_names",
+           "timm_scheduler_names"]
 
 
 class ConfigError(GraceError, ValueError):
     """A bad configuration value or field; the message names the field."""
 
 
+# ---------------------------------------------------------------------------------------------------- constraints
+@dataclass(frozen=True)
+class Constraint:
+    """Bounds and choices of one field. ``choices`` may be a callable returning them (looked up when validating);
+    ``test`` a callable ``value -> error text or None`` for anything else. ``None`` values are not checked (the
+    field's type says whether ``None`` is allowed)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: Any = None
+    test: Any = None
+
+    def error(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) and any(b is not None for b in (self.gt, self.ge, self.lt, self.le)):
+                return "must be a finite number"
+            for bound, ok, word in ((self.gt, lambda v, b: v > b, ">"), (self.ge, lambda v, b: v >= b, ">="),
+                                    (self.lt, lambda v, b: v < b, "<"), (self.le, lambda v, b: v <= b, "<=")):
+                if bound is not None and not ok(value, bound):
+                    return f"must be {word} {bound:g}"
+        if self.choices is not None:
+            choices = self.choices() if callable(self.choices) else self.choices
+            if value not in choices:
+                return f"valid: {', '.join(map(str, choices))}"
+        if self.test is not None:
+            return self.test(value)
+        return None
+
+
+def checked(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, flag: str | None = None,
+            **bounds: Any) -> Any:
+    """A dataclass field with a :class:`Constraint` (``gt``, ``ge``, ``lt``, ``le``, ``choices``, ``test``).
+
+    ``flag``: the command-line flag this field comes from, named in the error instead of the field."""
+    meta = {"constraint": Constraint(**bounds)}
+    if flag:
+        meta["flag"] = flag
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def validate(obj: Any, prefix: str = "") -> Any:
+    """Check every declared constraint (and ``__validate__`` hooks) of dataclass ``obj`` and its sub-sections.
+
+    Returns ``obj``; raises :class:`ConfigError` with one line naming the first bad field (or flag)."""
+    if not is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value) and not isinstance(value, type):
+            validate(value, prefix=f"{prefix}{f.name}.")
+            continue
+        c = f.metadata.get("constraint")
+        msg = c.error(value) if c is not None else None
+        if msg:
+            flag = f.metadata.get("flag")
+            where = f"{flag} {_fmt(value)}" if flag else f"{prefix}{f.name}={_fmt(value)}"
+            raise ConfigError(f"{where}: {msg}")
+    hook = getattr(obj, "__validate__", None)
+    if callable(hook):
+        hook()
+    return obj
+
+
+def timm_optimizer_names(name: str) -> str | None:
+    """Error text unless ``timm.optim.create_optimizer_v2`` builds ``name`` (probed on one dummy parameter;
+    timm 1.0 has no list of names)."""
+    import torch
+    from timm.optim import create_optimizer_v2
+
+    try:
+        create_optimizer_v2([torch.nn.Parameter(torch.zeros(1))], opt=name, lr=1e-3)
+    except (AssertionError, ValueError, KeyError, ImportError):
+        return "not an optimizer timm.optim.create_optimizer_v2 builds (e.g. adamw, sgd, momentum, lamb, lion)"
+    return None
+
+
+# timm.scheduler.create_scheduler_v2 (timm 1.0.9) returns None for any other name; these are the names it builds
+# that step per update (plateau needs a validation metric, which the trainer does not feed it).
+_TIMM_SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly")
+
+
+def timm_scheduler_names() -> tuple[str, ...]:
+    return _TIMM_SCHEDULERS
+
+
 @dataclass
 class TrainConfig:
     """Optimisation loop settings shared by every recipe (the trainer reads only these)."""
 
-    steps: int | None = None  # exactly one of steps/epochs; None for both means 1 epoch
-    epochs: float | None = None
-    batch_size: int = 64
-    grad_accum: int = 1
-    opt: str = "adamw"  # any name timm.optim.create_optimizer_v2 accepts
-    lr: float = 1e-4
-    weight_decay: float = 0.1
-    sched: str = "cosine"  # any name timm.scheduler.create_scheduler_v2 accepts
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    grad_clip: float | None = 1.0
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    steps: int | None = checked(None, gt=0)  # exactly one of steps/epochs; None for both means 1 epoch
+    epochs: float | None = checked(None, gt=0)
+    batch_size: int = checked(64, gt=0)
+    grad_accum: int = checked(1, ge=1)
+    opt: str = checked("adamw", test=timm_optimizer_names)  # any name timm.optim.create_optimizer_v2 accepts
+    lr: float = checked(1e-4, ge=0)
+    weight_decay: float = checked(0.1, ge=0)
+    sched: str = checked("cosine", choices=timm_scheduler_names)  # names timm.scheduler.create_scheduler_v2 builds
+    warmup_steps: int = checked(0, ge=0)
+    min_lr: float = checked(0.0, ge=0)
+    grad_clip: float | None = checked(1.0, ge=0)
+    precision: str = checked("auto", choices=("auto", "bf16", "fp32"))  # auto: bf16 on CUDA, fp32 on CPU
     seed: int = 0
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
-    log_every: int = 10
-    ckpt_every: int = 0  # 0: only at the end
-    max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
+    num_workers: int = checked(0, ge=0)
+    shuffle_buffer: int = checked(1000, ge=1)
+    log_every: int = checked(10, ge=1)
+    ckpt_every: int = checked(0, ge=0)  # 0: only at the end
+    max_bad_steps: int = checked(5, ge=1)  # stop after this many consecutive non-finite losses
     device: str = "auto"
-    ema_decay: float | None = None  # timm ModelEmaV3 over the model; the exported weights are the EMA's
+    ema_decay: float | None = checked(None, gt=0, lt=1)  # timm ModelEmaV3; the exported weights are the EMA's
     tensorboard: bool = False  # also log to RUN_DIR/tb (needs the `tensorboard` package)
+
+    def __validate__(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(f"train.steps={self.steps} and train.epochs={self.epochs}: give one of them, not both")
 
 
 @dataclass
@@ -58,11 +164,11 @@ class DataConfig:
     train_split: str = "train"
     # spec §2: the paper states no augmentation; "none" trains on the eval transform (CLIP/WiSE-FT style),
     # "rrc" uses timm's RandomResizedCrop + flip derived from the model's pretrained cfg.
-    augment: str = "none"
+    augment: str = checked("none", choices=("none", "rrc"))
     # "tensor": decode with torchvision and resize uint8 tensors (about 2x faster than PIL for photos, within 2 grey
     # levels of it); "pil": timm's PIL transform exactly. Not a paper setting (spec §2 states no preprocessing
     # detail); training on the faster path is the default, evaluation stays on PIL (grace eval --decode).
-    decode: str = "tensor"
+    decode: str = checked("tensor", choices=("tensor", "pil"))
 
 
 @dataclass

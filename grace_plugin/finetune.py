@@ -1,6 +1,7 @@
 """``fine_tune``: the library call behind ``grace train`` (CLIP -> zero-shot classifier -> recipe -> run folder)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ import yaml
 
 from .checkpoint import atomic_write_text, save_run
 from .config import (ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides, load_yaml, parse_overrides,
-                     to_dict)
+                     to_dict, validate)
 
 __all__ = ["build_config", "fine_tune"]
 
@@ -46,24 +47,43 @@ def build_config(recipe: str, config_file: str | Path | list[str | Path] | None 
                     raise ConfigError(f"{where}{e}") from None
     if steps is not None and epochs is not None:
         raise ConfigError("give --steps or --epochs, not both")
-    if steps is not None:
-        cfg.train = apply_overrides(cfg.train, {"steps": steps, "epochs": None}, prefix="train.")
-    if epochs is not None:
-        cfg.train = apply_overrides(cfg.train, {"epochs": epochs, "steps": None}, prefix="train.")
-    return cfg
+    for flag, value in (("steps", steps), ("epochs", epochs)):
+        if value is not None:
+            other = "epochs" if flag == "steps" else "steps"
+            try:
+                cfg.train = validate(apply_overrides(cfg.train, {flag: value, other: None}, prefix="train."),
+                                     prefix="train.")
+            except ConfigError as e:  # name the flag the value came from
+                raise ConfigError(str(e).replace(f"train.{flag}=", f"--{flag} ", 1)) from None
+    return validate(cfg)  # every field's declared constraint (config.checked), before any data is read
 
 
 def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, cfg: RunConfig,
               progress: bool = True, resume: bool = False) -> Path:
     """Fine-tune the CLIP ``init`` with ``recipe`` on the train split of shard set ``data``; write ``out``."""
+    from .trainer import init_distributed
+
+    validate(cfg)  # library callers may build RunConfig by hand
+    from .runfolder import check_output_dir, folder_lock
+
+    check_output_dir(out)  # an existing file or a read-only place fails before any work
+    rank, world = init_distributed()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
+    # rank 0 holds the run folder's lock for the whole run; the other ranks write nothing there
+    with folder_lock(out) if rank == 0 else contextlib.nullcontext():
+        return _fine_tune(recipe, init, data, Path(out), cfg, progress, resume, rank, world)
+
+
+def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: bool, resume: bool, rank: int,
+               world: int) -> Path:
+    from .checkpoint import check_outputs_finite
     from .data.loader import DECODERS, make_train_loader
     from .data.shards import count_samples, open_shard_set
     from .data.transforms import train_transform
     from .models.clip import classifier_from_clip, load_clip, text_state_dict, tower_spec
     from .recipes import TextSide, create_recipe
-    from .trainer import init_distributed, resolve_device, seed_everything, steps_for_epochs, train
+    from .runfolder import StagedRun
+    from .trainer import resolve_device, seed_everything, steps_for_epochs, train
 
-    rank, world = init_distributed()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
     shards = open_shard_set(data, split=cfg.data.train_split)
     classnames = shards.require_classnames()
     if cfg.data.decode not in DECODERS:
@@ -81,27 +101,35 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
         total = steps_for_epochs(cfg.train.epochs or 1.0, n, cfg.train.batch_size, cfg.train.grad_accum, world)
     loader = make_train_loader(shards.urls, transform, cfg.train.batch_size, num_classes=len(classnames),
                                seed=cfg.train.seed, shuffle_buffer=cfg.train.shuffle_buffer,
-                               num_workers=cfg.train.num_workers, decode=cfg.data.decode)
-    out = Path(out)
+                               num_workers=cfg.train.num_workers, decode=cfg.data.decode, source=str(data))
+    # Everything is written into a staging folder beside ``out`` and published in one rename when complete
+    # (grace_plugin/runfolder.py): ``out`` is always the previous complete run or the new complete run.
+    staged = StagedRun(out)
+    work = staged.work
     resolved = to_dict(cfg)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump({"recipe_name": recipe, **resolved}, sort_keys=False))
-    result = train(rec, loader, cfg.train, total, out, progress=progress, resume=resume)
+        staged.begin(resume=resume)
+        if resume:
+            staged.resumable_state()
+        atomic_write_text(work / "config.yaml", yaml.safe_dump({"recipe_name": recipe, **resolved}, sort_keys=False))
+        log.info("training in %s; moved to %s when complete", work, out)
+    result = train(rec, loader, cfg.train, total, work, progress=progress, resume=resume)
     if rank != 0:
         return out
     final = rec.export_model().cpu().eval()
+    # finite weights can still give NaN logits (e.g. after a few skipped NaN steps): check on a real batch
+    check_outputs_finite(final, next(iter(loader))["image"][:64].cpu(), f"run {out}")
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "skipped_steps": result.skipped_steps,
                                          "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
                                          "data_skipped": result.data_skipped}}
     if rec.summary():
         metrics["recipe"] = rec.summary()
-    save_run(out, final, tower=tower_spec(bundle.model_name, bundle.model_cfg),
+    save_run(work, final, tower=tower_spec(bundle.model_name, bundle.model_cfg),
              clip_meta={"model_name": bundle.model_name, "model_cfg": bundle.model_cfg},
              text_state=text_state_dict(bundle), classnames=classnames, templates=shards.templates,
              recipe=recipe, config=resolved, metrics=metrics,
              extra={"init": str(init), "data": str(data), "device": str(device), "world_size": world})
-    state = out / "train_state.pt"
+    state = work / "train_state.pt"
     if state.exists():
         state.unlink()  # the run finished; its resumable state is no longer needed
-    return out
+    return staged.commit()

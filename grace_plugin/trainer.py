@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path
+from .checkpoint import atomic_path, torch_load_tensors
 from .config import TrainConfig
 from .errors import GraceError
 from .recipes.base import Recipe, StepContext
@@ -176,7 +176,7 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
     state_file = out / "train_state.pt"
     start, bad_total, data_skipped = 0, 0, {}
     if resume and state_file.is_file():
-        st = torch.load(state_file, map_location=device, weights_only=True)
+        st = torch_load_tensors(state_file, device, what="resumable state")  # a pickle with code: one line
         trainable = dict((n, p) for n, p in recipe.model.named_parameters() if p.requires_grad)
         with torch.no_grad():
             for n, t in st["trainable"].items():

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from grace_plugin.checkpoint import load_state_dict_checked
 from grace_plugin.errors import GraceError
 from grace_plugin.paths import cache_dir
 from grace_plugin.models.classifier import ClipClassifier, ZeroShotHead
@@ -99,7 +100,7 @@ class GraceClassifier(ClipClassifier):
         if head.shape[0] != self.num_classes:
             raise HeadSizeError(f"{path}: its zero-shot head has {head.shape[0]} classes but {name} was built with "
                                 f"num_classes={self.num_classes}")
-        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing, unexpected = load_state_dict_checked(self, sd, path)
         if missing or unexpected:
             raise WeightsError(f"{path}: does not match {name}'s architecture (missing {missing[:3]}, unexpected "
                                f"{unexpected[:3]})")
@@ -166,9 +167,13 @@ def _check_card(card: dict, where: str) -> dict:
     for key in ("timm_name", "architecture", "pretrained_cfg"):
         if key not in card:
             raise RegistryError(f"{where}: field {key!r} is missing")
-    for key in ("tower", "embed_dim", "num_classes"):
-        if key not in card["architecture"]:
-            raise RegistryError(f"{where}: field 'architecture.{key}' is missing")
+    for section, keys in (("architecture", ("tower", "embed_dim", "num_classes")),
+                          ("pretrained_cfg", ("input_size", "mean", "std"))):
+        if not isinstance(card[section], dict):
+            raise RegistryError(f"{where}: field {section!r} must be a mapping")
+        for key in keys:
+            if key not in card[section]:
+                raise RegistryError(f"{where}: field '{section}.{key}' is missing")
     if card.get("rb_name"):
         expect = timm_name(card["rb_name"], card.get("dataset", "imagenet"), card.get("threat_model", "Linf"))
         if expect != card["timm_name"]:

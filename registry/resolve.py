@@ -69,10 +69,10 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         text = None
         text_file = run_dir / "text.safetensors"
         if text_file.is_file() and meta.get("clip"):
-            from safetensors.torch import load_file
+            from .weights import load_state_dict_safe
 
             text = bundle_from_text_state(meta["clip"]["model_name"], meta["clip"]["model_cfg"],
-                                          load_file(str(text_file)))
+                                          load_state_dict_safe(text_file))
         return LoadedModel(model, str(spec), meta["classnames"], text, meta)
     if p.is_dir() and (p / "open_clip_config.json").is_file():
         return LoadedModel(None, str(spec), clip=load_clip(p, device=device))

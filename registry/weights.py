@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from grace_plugin.checkpoint import check_finite
 from grace_plugin.errors import GraceError
 
 __all__ = ["WeightsError", "UnsafeWeightsError", "load_state_dict_safe", "verify_sha256"]
@@ -33,20 +34,21 @@ def load_state_dict_safe(path: str | Path, device: str | torch.device = "cpu") -
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device=str(device))
+            return check_finite(load_file(str(path), device=str(device)), path)
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         obj = torch.load(str(path), map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
-        detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line),
-                      first[0] if first else "")
+        detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), "")
+        detail = detail.strip().split(". ")[0].split(" To allowlist")[0][:160]  # never torch's weights_only advice
         raise UnsafeWeightsError(f"{path}: refused: this pickle would import or call code ({detail.strip()}); only "
                                  "safetensors files or plain tensor state dicts (torch.load weights_only=True) are "
                                  "loaded") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"{path}: not a readable weights file ({e})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"{path}: not a readable weights file ({first})") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):  # the wrappers timm's load_state_dict and open_clip also unwrap
             if key in obj and isinstance(obj[key], dict):
@@ -54,7 +56,7 @@ def load_state_dict_safe(path: str | Path, device: str | torch.device = "cpu") -
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return check_finite({k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}, path)
 
 
 def verify_sha256(path: str | Path, expected: str | None, what: str = "registry entry") -> None:

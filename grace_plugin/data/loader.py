@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from PIL import Image
 
+from ..errors import GraceError
 from .shards import IMAGE_KEYS
 from .transforms import as_tensor_transform
 
@@ -24,11 +25,46 @@ __all__ = ["decode_sample", "make_eval_loader", "make_train_loader", "TrainStrea
 log = logging.getLogger(__name__)
 
 DECODERS = ("pil", "tensor")
-SKIP_REASONS = ("missing_image", "missing_label", "bad_label", "label_out_of_range", "decode_error", "tar_error")
+SKIP_REASONS = ("missing_image", "missing_label", "bad_label", "label_out_of_range", "decode_error", "tar_error",
+                "duplicate_member")
 
 
 def _skip(reason: str, key: str = "", url: str = "") -> dict:
     return {"__skip__": reason, "__key__": key, "__url__": url}
+
+
+# Formats a shard image may hold (PIL names); others (PDF, EPS, ICO, ...) are decode errors. The tensor path hands
+# the first three to torchvision and decodes the rest with PIL.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_TORCHVISION_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def check_image_header(data: bytes) -> str | None:
+    """The image format if ``data`` may be decoded, else None. Reads headers only, never pixels:
+
+    * ``PIL.Image.open`` parses the header (format and size) without decoding;
+    * width x height above ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb limit, about 89 Mpx) is refused
+      before any decoder allocates it (PIL itself only refuses above twice the limit);
+    * a PNG's chunk structure and CRCs are walked (``Image.verify``, no decompression), so a truncated or damaged
+      PNG never reaches a native decoder.
+    """
+    import warnings
+
+    if not data:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, (w, h) = im.format, im.size
+                limit = Image.MAX_IMAGE_PIXELS
+                if fmt not in IMAGE_FORMATS or w <= 0 or h <= 0 or (limit is not None and w * h > limit):
+                    return None
+                if fmt == "PNG":
+                    im.verify()
+    except Exception:  # PIL raises many types (and bomb warnings, made errors above) for bad headers
+        return None
+    return fmt
 
 
 def decode_sample(sample: dict, transform: Callable, num_classes: int | None = None,
@@ -55,10 +91,13 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
         return _skip("bad_label", key, url)
     if label < 0 or (num_classes is not None and label >= num_classes):
         return _skip("label_out_of_range", key, url)
-    if tensor_transform is not None and not draft_size:
+    fmt = check_image_header(sample[img_key])
+    if fmt is None:
+        return _skip("decode_error", key, url)
+    if tensor_transform is not None and not draft_size and fmt in _TORCHVISION_FORMATS:
         from torchvision.io import ImageReadMode, decode_image
 
-        try:  # an empty buffer fails in frombuffer, corrupt/truncated/unknown data in decode_image
+        try:  # the header is sound (check_image_header); damaged pixel data still fails here
             decoded = decode_image(torch.frombuffer(bytearray(sample[img_key]), dtype=torch.uint8),
                                    mode=ImageReadMode.RGB)
         except Exception:
@@ -76,21 +115,111 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
     return {"image": image, "label": label}
 
 
-def _tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
-    """Expand shards into samples; a broken tar yields one ``tar_error`` skip and the stream moves on."""
-    from webdataset.tariterators import tarfile_samples
+_warned: set = set()
 
+
+def _warn_once(url: str, reason: str, msg: str, *args) -> None:
+    """A broken shard drawn again and again (resampled training) is logged once per process, then only counted."""
+    if (url, reason) not in _warned:
+        _warned.add((url, reason))
+        log.warning(msg, *args)
+
+
+_MAX_PENDING = 256  # incomplete samples waiting for a non-contiguous member (bounded memory)
+
+
+def _complete(sample: dict) -> bool:
+    return "cls" in sample and any(k in sample for k in IMAGE_KEYS)
+
+
+def _shard_samples(item: dict) -> Iterator[dict]:
+    """One shard's samples, every member accounted for.
+
+    webdataset's ``group_by_keys`` groups *consecutive* members by key. Here (a) a key whose members are not
+    consecutive is merged (held, bounded, until its image and label are both seen) instead of becoming two
+    half-samples and two skips; (b) a repeated member makes *that* sample a ``duplicate_member`` skip instead of
+    an exception that drops the rest of the shard; (c) a tar cut inside a member still yields every complete
+    sample before the cut, then one ``tar_error`` for the cut; (d) a member of a key already scored that brings
+    another image or label is a ``duplicate_member`` skip (metadata-only members of it are ignored).
+    """
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator, url_opener
+
+    url = item["url"]
+    pending: dict[str, dict] = {}
+    done: set = set()
+    out: list[dict] = []
+
+    def finish(group: dict | None) -> None:
+        if group is None:
+            return
+        key = group["__key__"]
+        if group.pop("__dup__", False):
+            pending.pop(key, None)
+            done.add(key)
+            out.append(_skip("duplicate_member", key, url))
+            return
+        if key in done:
+            if "cls" in group or any(k in group for k in IMAGE_KEYS):
+                out.append(_skip("duplicate_member", key, url))
+            return
+        if key in pending:
+            prev = pending.pop(key)
+            if set(prev) & set(group) - {"__key__", "__url__"}:
+                done.add(key)
+                out.append(_skip("duplicate_member", key, url))
+                return
+            group = {**prev, **group}
+        if _complete(group):
+            done.add(key)
+            out.append(group)
+            return
+        pending[key] = group
+        if len(pending) > _MAX_PENDING:  # the oldest incomplete sample is given up (decode_sample names why)
+            oldest = next(iter(pending))
+            done.add(oldest)
+            out.append(pending.pop(oldest))
+
+    current = None
+    error = None
+    try:
+        for src in url_opener([dict(item)]):
+            for f in tar_file_iterator(src["stream"]):
+                prefix, suffix = base_plus_ext(f["fname"])
+                if prefix is None:
+                    continue
+                suffix = suffix.lower()
+                if current is None or prefix != current["__key__"]:
+                    finish(current)
+                    current = {"__key__": prefix, "__url__": url}
+                    yield from out
+                    out.clear()
+                if suffix in current:
+                    current["__dup__"] = True
+                else:
+                    current[suffix] = f["data"]
+    except Exception as e:  # tarfile.ReadError, EOFError, OSError for truncated or unreadable shards
+        error = e
+    if error is not None and current is not None and not _complete(current):
+        key = current["__key__"]  # the sample the cut went through: it is the tar_error below
+        pending.pop(key, None)
+        current = None
+    finish(current)
+    done.update(pending)
+    out.extend(pending.values())  # never completed: decode_sample counts them as missing_image/missing_label
+    yield from out
+    if error is not None:
+        _warn_once(url, "tar", "shard %s: unreadable from here on (%s); counted as tar_error", url,
+                   type(error).__name__)
+        yield _skip("tar_error", "", url)
+    elif _truncated_local_tar(url):
+        _warn_once(url, "trunc", "shard %s: no end-of-archive marker (truncated); counted as tar_error", url)
+        yield _skip("tar_error", "", url)
+
+
+def _tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
+    """Expand shards into samples (:func:`_shard_samples`); a broken tar yields one ``tar_error`` skip."""
     for item in urls:
-        url = item["url"]
-        try:
-            yield from tarfile_samples([dict(item)])
-        except Exception as e:  # tarfile.ReadError, EOFError, OSError for truncated or unreadable shards
-            log.warning("shard %s: unreadable from here on (%s); counted as tar_error", url, type(e).__name__)
-            yield _skip("tar_error", "", url)
-            continue
-        if _truncated_local_tar(url):
-            log.warning("shard %s: no end-of-archive marker (truncated); counted as tar_error", url)
-            yield _skip("tar_error", "", url)
+        yield from _shard_samples(item)
 
 
 def _truncated_local_tar(url: str) -> bool:
@@ -129,6 +258,10 @@ def _batches(samples: Iterable[dict], batch_size: int, partial: bool = True) -> 
             images, labels = [], []
         yield {"image": torch.stack(images) if images else torch.empty(0),
                "label": torch.tensor(labels, dtype=torch.long), "skipped": dict(skipped)}
+
+
+class NoUsableSamples(GraceError, ValueError):
+    """A training stream with no usable sample in a full pass over its shards; the message names the folder."""
 
 
 def merge_skips(total: Counter, batch: dict) -> None:
@@ -174,8 +307,9 @@ class TrainStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls, transform, batch_size, num_classes=None, seed=0, shuffle_buffer=1000,
-                 batches_per_worker=None, draft_size=None, decode="tensor"):
+                 batches_per_worker=None, draft_size=None, decode="tensor", source=None):
         super().__init__()
+        self.source = source or (os.path.dirname(urls[0]) if urls else "?")
         self.draft_size, self.tensor_transform = draft_size, _tensor_path(transform, decode)
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.num_classes, self.seed, self.shuffle_buffer = num_classes, seed, shuffle_buffer
@@ -194,16 +328,51 @@ class TrainStream(torch.utils.data.IterableDataset):
         rank, world, worker, nworkers = wds.utils.pytorch_worker_info()
         rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
 
+        # A stream where nothing is usable must fail, not spin: count the records a full pass over every shard
+        # produces (``raw`` when the last unseen shard has been expanded) and fail if at least that many records
+        # have been decoded without one usable sample.
+        watch = {"drawn": set(), "raw": 0, "pass": None, "seen": 0, "good": 0, "skips": Counter()}
+
+        def fail():
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(watch["skips"].items())) or "the shards hold no samples"
+            raise NoUsableSamples(f"{self.source}: no usable training sample in a full pass over its "
+                                  f"{len(self.urls)} shard(s) ({reasons})")
+
         def shards(_=None):
             while True:
-                yield {"url": self.urls[rng.randrange(len(self.urls))]}
+                if watch["pass"] is None and len(watch["drawn"]) == len(self.urls):
+                    watch["pass"] = watch["raw"]  # every shard has been expanded once
+                    if watch["raw"] == 0:
+                        fail()
+                url = self.urls[rng.randrange(len(self.urls))]
+                watch["drawn"].add(url)
+                yield {"url": url}
+
+        def counted(src):
+            for sample in src:
+                watch["raw"] += 1
+                yield sample
+
+        def checked(src):
+            for sample in src:
+                watch["seen"] += 1
+                reason = sample.get("__skip__")
+                if reason is None:
+                    watch["good"] += 1
+                else:
+                    watch["skips"][reason] += 1
+                    if not watch["good"] and watch["pass"] is not None and watch["seen"] >= watch["pass"]:
+                        fail()
+                yield sample
 
         transform, n_cls, draft, tt = self.transform, self.num_classes, self.draft_size, self.tensor_transform
         pipeline = wds.DataPipeline(
             shards,
             _tar_samples,
+            counted,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(rng.random())),
             wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, n_cls, draft, tt)),
+            checked,
             lambda src: _batches(src, self.batch_size, partial=False),
         )
         it = iter(pipeline)
@@ -215,7 +384,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 def make_train_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,
                       seed: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
                       batches_per_epoch: int | None = None, draft_size: int | None = None,
-                      decode: str = "tensor") -> torch.utils.data.DataLoader:
+                      decode: str = "tensor", source: str | None = None) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` over a ``TrainStream`` (batched in the workers); ``loader.dataset.set_epoch(e)`` re-seeds it.
 
     ``decode``: ``tensor`` (default for training: torchvision decoding and tensor resize, PIL where the transform
@@ -228,5 +397,6 @@ def make_train_loader(urls: list[str], transform: Callable, batch_size: int, num
         if batches_per_epoch % max(1, num_workers):
             raise ValueError(f"batches_per_epoch {batches_per_epoch} must be divisible by num_workers {num_workers}")
         per_worker = batches_per_epoch // max(1, num_workers)
-    ds = TrainStream(urls, transform, batch_size, num_classes, seed, shuffle_buffer, per_worker, draft_size, decode)
+    ds = TrainStream(urls, transform, batch_size, num_classes, seed, shuffle_buffer, per_worker, draft_size, decode,
+                     source=source)
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)

@@ -43,6 +43,9 @@ class ShardSet:
     expected: int | None = None  # number of samples the layout promises (``_info.json`` or ``|N``)
     layout: str = "clip_benchmark"
     meta: dict = field(default_factory=dict)
+    # tars in the split folder that the layout does not list (nshards.txt smaller than the number of tars): their
+    # samples are not read, so a report counts them as ``unaccounted`` (and --strict refuses the set)
+    unlisted: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int | None:
@@ -204,22 +207,27 @@ def open_shard_set(path: str | Path, split: str | None = None) -> ShardSet:
         if not split_dir.is_dir():
             raise ShardSetError(f"{split_dir}: split folder does not exist")
     urls = _split_urls(split_dir)
+    listed = {str(Path(u).resolve()) for u in urls}
+    unlisted = [str(t) for t in sorted(split_dir.glob("*.tar")) if str(t.resolve()) not in listed]
     classnames = read_lines(root / "classnames.txt") or read_lines(split_dir / "classnames.txt")
     templates = (read_lines(root / "zeroshot_classification_templates.txt")
                  or read_lines(split_dir / "zeroshot_classification_templates.txt"))
     dtype = read_lines(root / "dataset_type.txt")
     return ShardSet(root=root, split=split, urls=urls, classnames=classnames, templates=templates,
-                    meta={"dataset_type": dtype[0] if dtype else "classification"})
+                    meta={"dataset_type": dtype[0] if dtype else "classification"}, unlisted=unlisted)
 
 
 def count_samples(urls: list[str]) -> int:
-    """Number of distinct sample keys in local tar shards (reads tar headers only)."""
+    """Number of distinct sample keys in local tar shards (reads tar headers only; an unreadable tail is ignored)."""
     n = 0
     for u in urls:
         keys = set()
-        with tarfile.open(u, "r:") as tf:
-            for m in tf:
-                if m.isfile() and "." in Path(m.name).name:
-                    keys.add(m.name.split(".", 1)[0])
+        try:
+            with tarfile.open(u, "r:") as tf:
+                for m in tf:
+                    if m.isfile() and "." in Path(m.name).name:
+                        keys.add(m.name.split(".", 1)[0])
+        except (tarfile.TarError, OSError, EOFError):
+            pass
         n += len(keys)
     return n

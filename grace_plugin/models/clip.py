@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import CheckpointError, check_finite, load_state_dict_checked, read_tensors
+
 from .classifier import ClipClassifier, ZeroShotHead
 
 __all__ = ["ClipBundle", "TINY_CLIP_NAME", "tiny_clip_config", "register_open_clip_config", "load_clip",
@@ -95,19 +97,34 @@ def load_clip(init: str | Path, device: str | torch.device = "cpu") -> ClipBundl
                                     "`grace quickstart`/`save_clip`, or NAME:PRETRAINED for open_clip")
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: missing")
-        meta = json.loads(meta_file.read_text())
-        name, cfg = meta["model_name"], meta["model_cfg"]
+        try:
+            meta = json.loads(meta_file.read_text())
+            name, cfg = meta["model_name"], meta["model_cfg"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{meta_file}: not a CLIP config written by save_clip ({e})") from None
         register_open_clip_config(name, cfg)
         clip = open_clip.create_model(name, pretrained=None, device=device)
-        from safetensors.torch import load_file
-
-        clip.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
+        sd = read_tensors(weights, device, what="CLIP weights file")
+        load_state_dict_checked(clip, sd, weights, strict=True)
         return ClipBundle(name, cfg, clip.eval(), source=str(p))
     if ":" in str(init):
         name, pretrained = str(init).split(":", 1)
         if open_clip.get_model_config(name) is None:
             raise ValueError(f"unknown open_clip model {name!r} in --init {init!r}")
-        clip = open_clip.create_model(name, pretrained=pretrained, device=device, load_weights_only=True)
+        file = Path(pretrained).expanduser()
+        if file.is_file():
+            # a local file: vet it first (safetensors or a tensors-only pickle, all finite) so a code-running
+            # pickle or a NaN file is one line, never open_clip's torch.load message; open_clip then loads it
+            read_tensors(file, "cpu", what="CLIP weights file")
+        try:
+            clip = open_clip.create_model(name, pretrained=pretrained, device=device, load_weights_only=True)
+        except RuntimeError as e:
+            if not file.is_file():
+                raise
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or ["?"]
+            first = next((ln for ln in lines if "size mismatch" in ln or "key(s)" in ln), lines[0])[:200]
+            raise CheckpointError(f"{file}: not an open_clip {name} state dict ({first})") from None
+        check_finite(clip.state_dict(), f"--init {init}")
         return ClipBundle(name, open_clip.get_model_config(name), clip.eval(), source=str(init))
     raise FileNotFoundError(f"--init {init!r}: not a folder and not NAME:PRETRAINED")
 
