@@ -16,7 +16,9 @@ __all__ = ["TESTBED_RECIPE_OVERRIDES", "QuickstartConfig", "run_quickstart", "OO
 
 log = logging.getLogger(__name__)
 
-OOD_SETS = ["v2", "sketch", "rendition", "a"]
+# catalogue names (eval_suites/catalogue.yaml) of the testbed's OOD sets under data/: each plays an ImageNet set of
+# the paper's Table 6 (v2, sketch, rendition -> OOD Avg; a -> ImageNet-A in Adv Avg under the `paper` definition)
+OOD_SETS = ["synth-v2", "synth-sketch", "synth-rendition", "synth-a"]
 
 # Testbed-scale settings (32 px, 3-layer tower, a few hundred steps). Paper-scale settings live in configs/paper/.
 # GRACE on the testbed: lr 1e-3 and LoRA rank 8 gave the best HM in a sweep (600 steps: lr 1e-3 -> ID 91.3 / OOD 17.0
@@ -62,7 +64,7 @@ class QuickstartConfig:
     n_adv: int = 200
     eps: float = 4 / 255
     attack: str = "apgd-ce"
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when available
     overrides: list[str] = field(default_factory=list)
     size: str = "default"  # "small": a few hundred images and a 2-layer CLIP (smoke tests)
     pretrain_steps: int | None = None
@@ -91,10 +93,12 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
     from grace_plugin.finetune import build_config, fine_tune
     from grace_plugin.testbed import PretrainConfig, tiny_clip
+    from grace_plugin.trainer import resolve_device
     from registry import load_model
 
-    from .report import write_report, write_summary
-    from .runner import EvalRequest, evaluate_model
+    from .distributed import is_main
+    from .report import summary_markdown, write_report, write_summary
+    from .suites import SuiteContext, run_suites
 
     t0 = time.time()
     out = Path(cfg.out)
@@ -112,8 +116,8 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
         write_synthetic_world(data, seed=cfg.seed, spec=world_spec, progress=progress)
     echo(f"[2/4] tiny CLIP -> {pretrained} (cached after the first run)")
     tiny_clip(data, pretrained, cfg=pre, progress=progress)
-    req = EvalRequest(id_set=("id", data / "id"), ood_sets=[(n, data / n) for n in OOD_SETS], attack=cfg.attack,
-                      eps=cfg.eps, n_adv=cfg.n_adv, device=cfg.device, seed=cfg.seed)
+    names = ["id"] + [f"ood:{n}" for n in OOD_SETS] + [f"adv:{cfg.attack}"]
+    device = str(resolve_device(cfg.device))
     seeds = [cfg.seed + i for i in range(max(1, cfg.seeds))]
     echo("[3/4] fine-tuning: " + ", ".join(cfg.recipes) + (f" x seeds {seeds}" if len(seeds) > 1 else ""))
     run_dirs: dict[str, list[Path]] = {}
@@ -121,7 +125,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     for name in cfg.recipes:
         for seed in seeds:
             overrides = _merge(_COMMON, TESTBED_RECIPE_OVERRIDES.get(name, {}))
-            overrides = _merge(overrides, {"train": {"seed": seed, "device": cfg.device}})
+            overrides = _merge(overrides, {"train": {"seed": seed, "device": device}})
             overrides = _merge(overrides, user[name])
             run_cfg = build_config(name, overrides=overrides, steps=cfg.steps)
             run_dir = runs / name if len(seeds) == 1 else runs / name / f"seed{seed}"
@@ -133,53 +137,63 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     for method, specs in [("zero-shot", [pretrained] * len(seeds))] + list(run_dirs.items()):
         per_seed = []
         for seed, spec in zip(seeds, specs):
-            req.seed = seed
-            report = evaluate_model(load_model(spec), req, progress=progress)
+            ctx = SuiteContext(id_set=("id", data / "id"), data_root=data, eps=cfg.eps, n_adv=cfg.n_adv,
+                               device=device, seed=seed, progress=progress)
+            report = run_suites(load_model(spec, device=device), names, ctx)
             report["model"] = method
             dest = out / "zero_shot" if method == "zero-shot" else Path(spec)
-            write_report(dest if len(seeds) == 1 or method != "zero-shot" else dest / f"seed{seed}", report)
-            per_seed.append(report["axes"])
-        rows.append(_aggregate(method, per_seed))
+            if is_main():
+                write_report(dest if len(seeds) == 1 or method != "zero-shot" else dest / f"seed{seed}", report)
+            per_seed.append(report["definitions"])
+        rows.append(dict(_aggregate(method, [d["strict"] for d in per_seed]),
+                         paper=_aggregate(method, [d["paper"] for d in per_seed])))
     paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps,
-                                            "seconds": round(time.time() - t0, 1)})
+                                            "seconds": round(time.time() - t0, 1)},
+                          sections=[summary_markdown([r["paper"] for r in rows], definition="paper")])
     return {"rows": rows, "paths": paths, "seconds": time.time() - t0}
 
 
-def _aggregate(method: str, axes: list[dict]) -> dict:
-    """Mean over seeds, plus the sample standard deviation (``*_std``) when there are several."""
+def _aggregate(method: str, summaries: list[dict]) -> dict:
+    """One row from per-seed summaries (``{"id", "ood", "adv", "hm", "ci95"?}``): the mean over seeds, plus with
+    several seeds the sample standard deviation (``*_std``); ``*_ci`` is the run's 95% interval, or with several
+    seeds the mean of the runs' bounds (the per-run interval, beside the spread over seeds)."""
     import statistics
 
     row: dict = {"method": method}
     for k in ("id", "ood", "adv", "hm"):
-        vals = [a[k] for a in axes if a[k] is not None]
-        row[k] = statistics.fmean(vals) if len(vals) == len(axes) and vals else None
-        if len(axes) > 1:
-            row[f"{k}_std"] = statistics.stdev(vals) if len(vals) == len(axes) else None
-    if len(axes) > 1:
-        row["n_seeds"] = len(axes)
+        vals = [a[k] for a in summaries if a[k] is not None]
+        row[k] = statistics.fmean(vals) if len(vals) == len(summaries) and vals else None
+        if len(summaries) > 1:
+            row[f"{k}_std"] = statistics.stdev(vals) if len(vals) == len(summaries) else None
+        cis = [(a.get("ci95") or {}).get(k) for a in summaries]
+        if all(cis):
+            row[f"{k}_ci"] = [statistics.fmean(c[0] for c in cis), statistics.fmean(c[1] for c in cis)]
+    if len(summaries) > 1:
+        row["n_seeds"] = len(summaries)
     return row
 
 
-def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, req, alphas: list[float],
-                      out: str | Path | None = None, progress: bool = False) -> dict:
+def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, names: list[str], ctx, alphas: list[float],
+                      out: str | Path | None = None) -> dict:
     """WiSE-FT alpha sweep (spec §6): interpolate a fine-tuned run (alpha = 1, e.g. an ``ft`` run or ``wise_ft``
-    with ``recipe.alpha=1``) with the zero-shot CLIP it started from, evaluate each alpha with ``req`` (an
-    ``EvalRequest``) and return ``{"points": [{alpha, id, ood, adv, hm}], "frontier": [...]}`` (the ID/OOD Pareto
-    front); written to ``out/wise_ft_sweep.json`` when ``out`` is given."""
+    with ``recipe.alpha=1``) with the zero-shot CLIP it started from, run the suites ``names`` with ``ctx`` (a
+    ``SuiteContext``) on each alpha and return ``{"points": [{alpha, id, ood, adv, hm}], "frontier": [...]}`` (the
+    ID/OOD Pareto front, `strict` definition); written to ``out/wise_ft_sweep.json`` when ``out`` is given."""
     from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.errors import UsageError
     from grace_plugin.weightspace import wise_ft_sweep
     from registry import LoadedModel, load_model
 
-    from .runner import evaluate_model
+    from .suites import run_suites
 
     ft = load_model(finetuned)
     if ft.model is None:
-        raise ValueError(f"{finetuned}: not a fine-tuned run folder")
+        raise UsageError(f"--finetuned {finetuned}: not a fine-tuned run folder")
     zs = load_model(zero_shot).for_classes(ft.classnames, ft.meta.get("templates") or [])
 
     def evaluate(model):
         loaded = LoadedModel(model, f"{ft.name}@alpha", ft.classnames, ft.text, ft.meta)
-        return evaluate_model(loaded, req, progress=progress)["axes"]
+        return run_suites(loaded, names, _fresh(ctx))["axes"]
 
     res = wise_ft_sweep(zs, ft.model, alphas, evaluate)
     if out is not None:
@@ -187,3 +201,10 @@ def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, req, alphas:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "wise_ft_sweep.json", json.dumps(res, indent=2) + "\n")
     return res
+
+
+def _fresh(ctx):
+    """A copy of ``ctx`` with an empty cache (each alpha is another model)."""
+    import dataclasses
+
+    return dataclasses.replace(ctx, cache={})
