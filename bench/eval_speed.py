@@ -1,19 +1,66 @@
-"""Throughput: our `adv:autoattack` suite vs robustbench.eval.benchmark on the same model and images.
+"""Evaluation throughput, printed as ratios (no timing is asserted anywhere).
 
-Prints the wall-time ratio ours / RobustBench (goal <= 1.0) with both robust accuracies (they must be identical),
-and clean-eval images/s of the `id` suite. The model is the 16-px linear template model of the equality tests
-(tests/test_suites_robustbench.py) over an ImageNet-layout folder built in a temp dir: half the images are
-provably robust, so every AutoAttack component runs to completion on them.
+1. Our `adv:autoattack` suite vs robustbench.eval.benchmark on the same model and images: wall-time ratio
+   ours / RobustBench (goal <= 1.0) with both robust accuracies (they must be identical). The model is the 16-px
+   linear template model of the equality tests (tests/test_suites_robustbench.py) over an ImageNet-layout folder
+   built in a temp dir: half the images are provably robust, so every AutoAttack component runs to completion.
+2. Clean-eval images/s of the `id` suite on the RobustBench subset layout.
+3. 2 processes vs 1 under torchrun (gloo, 1 thread each): `grace eval --data ID --attack apgd-ce` with a tiny CLIP
+   on the small synthetic testbed; the speed-up of the adversarial suite (its seconds in report.json, rank 0) and of
+   the whole command (wall time, process start included), and whether both reports are identical (goal >= 1.7x).
 
-    PYTHONPATH=. python bench/eval_speed.py [--n 8] [--threads 1]
+    PYTHONPATH=. python bench/eval_speed.py [--n 8] [--threads 1] [--n-adv 64]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _torchrun(nproc: int, args: list[str]) -> float:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "grace_plugin", "eval", *args]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def ranks_vs_one(n_adv: int) -> None:
+    from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+    from grace_plugin.testbed import PretrainConfig, pretrain_tiny_clip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_synthetic_world(root / "world", seed=0, spec=SyntheticWorldSpec.small())
+        clip = pretrain_tiny_clip(root / "world" / "pairs", root / "clip",
+                                  PretrainConfig(steps=20, batch_size=64, width=64, layers=2, warmup_steps=5),
+                                  progress=False)
+        args = ["--model", str(clip), "--data", str(root / "world" / "id"), "--attack", "apgd-ce", "--n-adv",
+                str(n_adv), "--batch-size", "8", "--device", "cpu", "--no-progress"]
+        wall, reps = {}, {}
+        for nproc in (1, 2):
+            wall[nproc] = _torchrun(nproc, [*args, "--out", str(root / f"p{nproc}")])
+            reps[nproc] = json.loads((root / f"p{nproc}" / "report.json").read_text())
+        adv = {k: reps[k]["seconds"]["adv:apgd-ce"] for k in (1, 2)}
+        same = all(reps[1][k] == reps[2][k] for k in ("datasets", "definitions")) and \
+            {k: v for k, v in reps[1]["adversarial"].items()} == {k: v for k, v in reps[2]["adversarial"].items()}
+        a = reps[2]["adversarial"]
+        print(f"apgd-ce Linf 4/255 on {n_adv} testbed images (tiny CLIP, batch 8, 1 thread per process): "
+              f"adv suite 1 process {adv[1]:.1f} s, 2 processes {adv[2]:.1f} s -> speed-up {adv[1] / adv[2]:.2f}x | "
+              f"whole command {wall[1]:.1f} s vs {wall[2]:.1f} s -> {wall[1] / wall[2]:.2f}x | robust "
+              f"{a['robust_acc']:.2f} on n={a['n']} | reports identical: {same}")
 
 
 def main() -> None:
@@ -21,6 +68,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="images (half robust)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clean-n", type=int, default=5000, help="images for the clean-eval throughput")
+    ap.add_argument("--n-adv", type=int, default=64, help="images attacked in the 2-vs-1 process comparison")
     a = ap.parse_args()
     import torch
 
@@ -38,7 +86,8 @@ def main() -> None:
         root = Path(tmp)
         templates, _ = make_imagenet(root, [0.1, 0.02] * (a.n // 2))
         model = TemplateModel(templates).eval()
-        ctx = SuiteContext(id_set=("imagenet", root), eps=eps, n_adv=a.n, n_imagenet=a.n, batch_size=a.n)
+        ctx = SuiteContext(id_set=("imagenet", root), eps=eps, n_adv=a.n, n_imagenet=a.n, batch_size=a.n,
+                           device="cpu")
         t0 = time.perf_counter()
         ours = run_suites(_loaded(model), ["adv:autoattack"], ctx)["suites"]["adv:autoattack"]
         t_ours = time.perf_counter() - t0
@@ -57,12 +106,14 @@ def main() -> None:
         n = min(a.clean_n, 5000)
         templates, _ = make_imagenet(root, [0.1] * n)
         model = TemplateModel(templates).eval()
-        ctx = SuiteContext(id_set=("imagenet", root), n_imagenet=n, batch_size=256)
+        ctx = SuiteContext(id_set=("imagenet", root), n_imagenet=n, batch_size=256, device="cpu")
         t0 = time.perf_counter()
         rep = run_suites(_loaded(model), ["id"], ctx)
         dt = time.perf_counter() - t0
         print(f"clean eval (id suite, RobustBench ImageNet subset, 16 px PNG, linear model): {n} images in {dt:.1f} s "
               f"= {n / dt:.0f} images/s (top-1 {rep['axes']['id']:.2f})")
+
+    ranks_vs_one(a.n_adv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from grace_plugin.errors import GraceError
+from grace_plugin.errors import GraceError, UsageError
 
 __all__ = ["register_attack", "list_attacks", "create_attack", "get_attack", "UnknownAttackError", "AttackInfo",
            "parse_eps", "format_eps", "InputRangeError", "check_unit_input"]
@@ -60,9 +60,9 @@ def create_attack(name: str, model: torch.nn.Module, eps: float, norm: str = "Li
                   **kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     info = get_attack(name)
     if norm not in info.norms:
-        raise ValueError(f"attack {name!r} supports norms {', '.join(info.norms)}, not {norm!r}")
+        raise UsageError(f"attack {name!r} supports norms {', '.join(info.norms)}, not {norm!r}")
     if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise UsageError(f"--eps must be >= 0, got {eps}")
     return info.factory(model, eps=eps, norm=norm, seed=seed, **kwargs)
 
 
@@ -91,9 +91,9 @@ def parse_eps(text: str | float) -> float:
             else:
                 val = float(s)
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"bad eps {text!r}: expected a number or a fraction like 4/255") from None
+            raise UsageError(f"bad eps {text!r}: expected a number or a fraction like 4/255") from None
     if not (val >= 0 and val == val and val != float("inf")):
-        raise ValueError(f"bad eps {text!r}: must be a finite number >= 0")
+        raise UsageError(f"bad eps {text!r}: must be a finite number >= 0")
     return val
 
 

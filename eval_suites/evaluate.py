@@ -1,9 +1,16 @@
-"""Clean top-1 accuracy over a shard stream, with skipped samples counted (never a shrunken denominator)."""
+"""Clean and adversarial top-1 over a batch stream, with skipped samples counted (never a shrunken denominator).
+
+Both functions keep one record per batch (its key, per-sample correctness and skip counts), gather the records of
+every ``torchrun`` rank (``eval_suites.distributed``) and sum them in batch order, so N processes give the
+one-process result exactly.
+"""
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -11,7 +18,7 @@ from grace_plugin.checkpoint import NonFiniteError
 from grace_plugin.errors import GraceError
 
 __all__ = ["ClassificationResult", "AdversarialResult", "evaluate_clean", "evaluate_adversarial", "project_logits",
-           "account", "EmptySetError", "StrictSkipError"]
+           "model_sha256", "account", "EmptySetError", "StrictSkipError"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,14 @@ def account(res: ClassificationResult, where, unlisted: list[str] | None = None,
     return res
 
 
+def _check_logits(logits: torch.Tensor, model_name: str) -> None:
+    """A NaN logit argmaxes to class 0: a silent chance-level number. Refuse it, naming the model."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(-1).sum())
+        raise NonFiniteError(f"{model_name}: non-finite logits for {bad} of {logits.shape[0]} images; refusing to "
+                             "report accuracy (are its weights NaN?)")
+
+
 @dataclass
 class ClassificationResult:
     correct: int = 0
@@ -73,8 +88,8 @@ class ClassificationResult:
         return sum(self.skipped.values())
 
     def as_dict(self) -> dict:
-        return {"top1": self.top1, "n": self.n, "skipped": self.n_skipped, "skipped_by_reason": dict(self.skipped),
-                "expected": self.expected}
+        return {"top1": self.top1, "correct": self.correct, "n": self.n, "skipped": self.n_skipped,
+                "skipped_by_reason": dict(self.skipped), "expected": self.expected}
 
 
 def project_logits(logits: torch.Tensor, class_subset: list[int] | None) -> torch.Tensor:
@@ -82,12 +97,18 @@ def project_logits(logits: torch.Tensor, class_subset: list[int] | None) -> torc
     return logits if class_subset is None else logits[:, class_subset]
 
 
-def _check_logits(logits: torch.Tensor, model_name: str) -> None:
-    """A NaN logit argmaxes to class 0: a silent chance-level number. Refuse it, naming the model."""
-    if not bool(torch.isfinite(logits).all()):
-        bad = int((~torch.isfinite(logits)).any(-1).sum())
-        raise NonFiniteError(f"{model_name}: non-finite logits for {bad} of {logits.shape[0]} images; refusing to "
-                             "report accuracy (are its weights NaN?)")
+def _key(batch: dict, idx: int) -> list:
+    return list(batch.get("key") or (0, idx))
+
+
+def _bar(progress: bool, total, desc: str, unit: str):
+    from .distributed import is_main
+
+    if not progress or not is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -95,7 +116,7 @@ def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subs
                    autocast=None, progress: bool = False, desc: str = "eval",
                    label_targets: dict[int, list[int]] | None = None, model_name: str = "the model"
                    ) -> ClassificationResult:
-    """Top-1 of ``model`` (taking [0,1] images) over every batch of ``loader``.
+    """Top-1 of ``model`` (taking [0,1] images) over every batch of ``loader`` (of every rank).
 
     ``class_subset``: score with ``logits[:, class_subset]`` (labels index the subset). ``label_targets``: a
     prediction over the union of the targets counts as correct when it is one of ``label_targets[label]``
@@ -103,17 +124,15 @@ def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subs
     """
     import contextlib
 
-    res = ClassificationResult()
-    skipped: Counter = Counter()
-    model.eval()
-    it = loader
-    if progress:
-        from tqdm import tqdm
+    from .distributed import merge_records
 
-        it = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-    for batch in it:
-        for k, v in batch.get("skipped", {}).items():
-            skipped[k] += v
+    model.eval()
+    records = []
+    bar = _bar(progress, None, desc, "batch")
+    union = sorted({i for t in label_targets.values() for i in t}) if label_targets is not None else None
+    for idx, batch in enumerate(loader):
+        rec = {"key": _key(batch, idx), "correct": [], "skipped": dict(batch.get("skipped", {}))}
+        records.append(rec)
         x = batch["image"]
         if x.numel() == 0:
             continue
@@ -121,15 +140,20 @@ def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subs
         with (autocast or contextlib.nullcontext)():
             logits = model(x)
         _check_logits(logits, model_name)
-        if label_targets is not None:
-            union = sorted({i for t in label_targets.values() for i in t})
+        if union is not None:
             pred = torch.tensor(union, device=logits.device)[logits.float()[:, union].argmax(-1)]
-            ok = [int(p) in label_targets.get(int(t), ()) for p, t in zip(pred.tolist(), y.tolist())]
-            res.correct += sum(ok)
+            rec["correct"] = [int(int(p) in label_targets.get(int(t), ())) for p, t in zip(pred.tolist(), y.tolist())]
         else:
-            pred = project_logits(logits.float(), class_subset).argmax(-1)
-            res.correct += int((pred == y).sum())
-        res.n += int(y.numel())
+            rec["correct"] = (project_logits(logits.float(), class_subset).argmax(-1) == y).int().tolist()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    res, skipped = ClassificationResult(), Counter()
+    for rec in merge_records(records):
+        res.correct += sum(rec["correct"])
+        res.n += len(rec["correct"])
+        skipped.update(rec["skipped"])
     res.skipped = dict(skipped)
     return res
 
@@ -143,6 +167,7 @@ class AdversarialResult:
     clean_correct: int = 0
     robust_correct: int = 0
     skipped: dict = field(default_factory=dict)
+    resumed_batches: int = 0
 
     @property
     def robust_acc(self) -> float | None:
@@ -154,88 +179,115 @@ class AdversarialResult:
 
     def as_dict(self) -> dict:
         return {"attack": self.attack, "eps": self.eps, "norm": self.norm, "n": self.n,
+                "clean_correct": self.clean_correct, "robust_correct": self.robust_correct,
                 "clean_acc": self.clean_acc, "robust_acc": self.robust_acc, "precision": "fp32",
-                "skipped": sum(self.skipped.values())}
+                "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped),
+                "resumed_batches": self.resumed_batches}
 
 
-def _load_state(path, signature: dict) -> dict:
-    import json
-    from pathlib import Path
+def model_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the names and bytes of every tensor in ``model.state_dict()`` (what the attack ran on)."""
+    import hashlib
 
-    p = Path(path)
-    if not p.is_file():
-        return {"signature": signature, "batches": {}}
-    state = json.loads(p.read_text())
-    if state.get("signature") != signature:
-        raise ValueError(f"{p}: resume state was written for a different run ({state.get('signature')}); "
-                         "delete it or choose another --out")
-    return state
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}:{t.dtype}:{tuple(v.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _state_files(state_path: Path) -> list[Path]:
+    return sorted(state_path.parent.glob(f"{state_path.stem}.rank*.json"))
+
+
+def _load_state(state_path: Path, signature: dict) -> dict:
+    """Finished batches of every rank's state file written for exactly ``signature``; others are discarded with a
+    one-line notice naming the fields that differ (issue: a stale state must never give old numbers)."""
+    batches = {}
+    for f in _state_files(state_path):
+        try:
+            st = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("%s: unreadable resume state, discarded", f)
+            continue
+        old = st.get("signature") or {}
+        if old != signature:
+            diff = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
+            log.warning("%s: resume state was computed from a different %s; discarded, recomputing", f,
+                        ", ".join(diff))
+            continue
+        batches.update(st.get("batches", {}))
+    return batches
 
 
 def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int | None = None,
                          norm: str = "Linf", device: str | torch.device = "cpu", seed: int = 0,
                          progress: bool = False, state_path=None, unit_input: bool | None = None,
-                         model_name: str = "model") -> AdversarialResult:
-    """Robust accuracy of ``model`` under a registered attack on the first ``n_max`` samples, in fp32.
+                         model_name: str = "model", signature: dict | None = None) -> AdversarialResult:
+    """Robust accuracy of ``model`` under a registered attack, in fp32, on the batches of ``loader`` (the caller
+    limits it to the attacked subset; every rank attacks its own batches and the records are gathered).
 
-    ``state_path``: a JSON file recording each finished batch (clean and robust counts); a rerun with the same
-    settings skips those batches, so a long run (AutoAttack on 5000 ImageNet images) resumes where it stopped.
-    The model must take [0,1] input (``attacks.check_unit_input``).
+    ``state_path``: ``DIR/NAME.json`` names the resume state: each rank writes ``DIR/NAME.rank<r>.json`` after every
+    finished batch (per-sample clean and robust results, keyed by batch); a rerun whose ``signature`` (model
+    weights, data files, attack, eps, norm, n, seed, batch size: built by the caller) equals the saved one reuses
+    those batches (``resumed_batches``), on any number of ranks. The attack is re-created per batch with the same
+    seed, so a batch's result depends only on its samples. The model must take [0,1] input
+    (``attacks.check_unit_input``).
     """
-    import json
+    from grace_plugin.checkpoint import atomic_write_text
 
     from .attacks import check_unit_input, create_attack
+    from .distributed import merge_records, rank_world
 
     check_unit_input(model, unit_input, name=model_name)
     model = model.float().eval()  # fp32: low precision weakens gradient attacks
     attack = create_attack(attack_name, model, eps=eps, norm=norm, seed=seed)
-    res = AdversarialResult(attack_name, eps, norm)
-    skipped: Counter = Counter()
-    state = None
+    rank, _ = rank_world()
+    sig = dict(signature or {}, attack=attack_name, eps=eps, norm=norm, seed=seed, n=n_max)
+    done, own, own_file = {}, {}, None
     if state_path is not None:
-        sig = {"attack": attack_name, "eps": eps, "norm": norm, "seed": seed, "n_max": n_max, "model": model_name}
-        state = _load_state(state_path, sig)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_max, desc=f"attack {attack_name}", unit="img", leave=False, dynamic_ncols=True)
+        state_path = Path(state_path)
+        done = _load_state(state_path, sig)
+        own_file = state_path.parent / f"{state_path.stem}.rank{rank}.json"
+    records = []
+    bar = _bar(progress, n_max, f"attack {attack_name}", "img")
     for idx, batch in enumerate(loader):
-        for k, v in batch.get("skipped", {}).items():
-            skipped[k] += v
+        key = _key(batch, idx)
+        name = ":".join(str(k) for k in key)
         x, y = batch["image"], batch["label"]
-        if x.numel() == 0:
-            continue
-        if n_max is not None:
-            take = n_max - res.n
-            if take <= 0:
-                break
-            x, y = x[:take], y[:take]
-        done = state["batches"].get(str(idx)) if state is not None else None
-        if done is not None and done["n"] == int(y.numel()):
-            clean_c, robust_c = done["clean"], done["robust"]
+        rec = done.get(name)
+        if rec is not None and len(rec["clean"]) == int(y.numel()) and rec["skipped"] == batch.get("skipped", {}):
+            rec = dict(rec, key=key, resumed=True)
+        elif x.numel() == 0:
+            rec = {"key": key, "clean": [], "robust": [], "skipped": dict(batch.get("skipped", {}))}
         else:
             x, y = x.to(device).float(), y.to(device)
             with torch.no_grad():
                 logits = model(x)
                 _check_logits(logits, model_name)
-                clean_c = int((logits.argmax(-1) == y).sum())
+                clean = (logits.argmax(-1) == y).int().tolist()
             x_adv = attack(x, y)
             with torch.no_grad():
                 logits = model(x_adv)
                 _check_logits(logits, model_name)
-                robust_c = int((logits.argmax(-1) == y).sum())
-            if state is not None:
-                from grace_plugin.checkpoint import atomic_write_text
-
-                state["batches"][str(idx)] = {"n": int(y.numel()), "clean": clean_c, "robust": robust_c}
-                atomic_write_text(state_path, json.dumps(state) + "\n")
-        res.clean_correct += clean_c
-        res.robust_correct += robust_c
-        res.n += int(y.numel())
+                robust = (logits.argmax(-1) == y).int().tolist()
+            rec = {"key": key, "clean": clean, "robust": robust, "skipped": dict(batch.get("skipped", {}))}
+        records.append(rec)
+        if own_file is not None:
+            own[name] = {k: v for k, v in rec.items() if k != "resumed"}
+            atomic_write_text(own_file, json.dumps({"signature": sig, "batches": own}) + "\n")
         if bar is not None:
-            bar.update(int(y.numel()))
+            bar.update(len(rec["clean"]))
     if bar is not None:
         bar.close()
+    res = AdversarialResult(attack_name, eps, norm)
+    skipped = Counter()
+    for rec in merge_records(records):
+        res.resumed_batches += int(rec.get("resumed", False))
+        res.clean_correct += sum(rec["clean"])
+        res.robust_correct += sum(rec["robust"])
+        res.n += len(rec["clean"])
+        skipped.update(rec["skipped"])
     res.skipped = dict(skipped)
     return res

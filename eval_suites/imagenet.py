@@ -87,22 +87,30 @@ def imagenet_classnames() -> tuple[list[str], list]:
     return list(IMAGENET_CLASSNAMES), [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
-def _folder_batches(folder: Path, transform: Callable, n: int, batch_size: int) -> Iterator[dict]:
+def _folder_batches(folder: Path, transform: Callable, n: int, batch_size: int,
+                    ranks: tuple[int, int] | None = None) -> Iterator[dict]:
+    """Batch ``k`` holds subset images ``k*B .. k*B+B-1``; under torchrun, rank ``r`` of ``W`` reads the batches
+    with ``k % W == r`` (``eval_suites.distributed`` gathers them)."""
     from robustbench.loaders import CustomImageFolder
 
+    from .distributed import rank_world
+
+    rank, world = ranks or rank_world()
     ds = CustomImageFolder(str(folder), transform)
-    sub = torch.utils.data.Subset(ds, range(min(n, len(ds))))
-    loader = torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=0)
-    for x, y, _paths in loader:
-        yield {"image": x, "label": y, "skipped": {}}
+    total = min(n, len(ds))
+    for k in range(rank, (total + batch_size - 1) // batch_size, world):
+        items = [ds[i] for i in range(k * batch_size, min(total, (k + 1) * batch_size))]
+        yield {"image": torch.stack([x for x, _, _ in items]), "label": torch.tensor([y for _, y, _ in items]),
+               "skipped": {}, "key": (0, k)}
 
 
-def imagenet_batches(path: str | Path, transform: Callable, n: int = 5000, batch_size: int = 64) -> Iterator[dict]:
+def imagenet_batches(path: str | Path, transform: Callable, n: int = 5000, batch_size: int = 64,
+                     ranks: tuple[int, int] | None = None) -> Iterator[dict]:
     """Batches of RobustBench's subset in its order: ``{"image": [0,1] float, "label", "skipped": {}}``."""
     if n > 5000:
-        raise ImageNetFolderError(f"n={n}: RobustBench's ImageNet subset has 5000 images")
+        raise ImageNetFolderError(f"--n-imagenet {n}: RobustBench's ImageNet subset has 5000 images")
     d = check_imagenet_folder(path, n)
-    yield from _folder_batches(d, transform, n, batch_size)
+    yield from _folder_batches(d, transform, n, batch_size, ranks)
 
 
 def imagenet_c_batches(root: str | Path, corruption: str, severity: int, transform: Callable, n: int = 5000,

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from grace_plugin.errors import UsageError
+
 __all__ = ["model_info", "write_model_info", "load_references", "reference_rows",
            "alexnet_errors", "corruption_scores", "run_robustbench", "pct"]
 
@@ -34,7 +36,7 @@ def model_info(dataset: str, threat: str, clean_acc: float | None, robust_acc: f
     names = model_info_fields()
     unknown = sorted(set(fields) - set(names))
     if unknown:
-        raise ValueError(f"unknown ModelInfo fields {unknown}; valid: {', '.join(names)}")
+        raise UsageError(f"unknown ModelInfo fields {unknown}; valid: {', '.join(names)}")
     info = dict.fromkeys(names)
     info.update(fields)
     info.update(dataset=dataset, clean_acc=pct(clean_acc))
@@ -43,7 +45,7 @@ def model_info(dataset: str, threat: str, clean_acc: float | None, robust_acc: f
     elif threat == "corruptions":
         info.update(corruptions_acc=pct(corruptions_acc), corruptions_mce=pct(corruptions_mce))
     else:
-        raise ValueError(f"unknown threat model {threat!r}; valid: Linf, L2, corruptions")
+        raise UsageError(f"unknown threat model {threat!r}; valid: Linf, L2, corruptions")
     return info
 
 
@@ -52,7 +54,7 @@ def write_model_info(root: str | Path, name: str, dataset: str, threat: str, **k
     from grace_plugin.checkpoint import atomic_write_text
 
     if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"bad RobustBench model name {name!r}: use <FirstAuthor><Year><FirstWord>[_<Arch>]")
+        raise UsageError(f"bad RobustBench model name {name!r}: use <FirstAuthor><Year><FirstWord>[_<Arch>]")
     path = Path(root) / "model_info" / dataset / threat / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(model_info(dataset, threat, **kwargs), indent=2) + "\n")
@@ -67,7 +69,7 @@ def reference_rows(table: str = "Table 6") -> list[dict]:
     """Paper rows ``{"method", "id", "ood", "adv", "hm", "source"}`` for the report's reference block."""
     ref = load_references()["paper"]
     if table not in ref["tables"]:
-        raise ValueError(f"unknown reference table {table!r}; valid: {', '.join(ref['tables'])}")
+        raise UsageError(f"--table: unknown reference table {table!r}; valid: {', '.join(ref['tables'])}")
     return [dict(r, source=f"paper {table}") for r in ref["tables"][table]]
 
 
@@ -121,7 +123,7 @@ def run_robustbench(model, imagenet_dir: str | Path, preprocessing, eps: float =
 
     val = check_imagenet_folder(imagenet_dir, n)
     if val.name != "val":
-        raise ValueError(f"{imagenet_dir}: robustbench reads <DIR>/val/<wnid>/...; give the folder that holds val/")
+        raise UsageError(f"{imagenet_dir}: robustbench reads <DIR>/val/<wnid>/...; give the folder that holds val/")
     model = model.float().eval()
     clean, robust = benchmark(model, n_examples=n, dataset="imagenet", threat_model=threat,
                               data_dir=str(val.parent), eps=eps, batch_size=batch_size, preprocessing=preprocessing,

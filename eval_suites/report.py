@@ -1,17 +1,30 @@
-"""Three-axis reports: ``report.json`` (schema below), a markdown table and a trade-off plot.
+"""Reports: ``report.json`` (schema below), a markdown table, ``grace report``'s comparison and a trade-off plot.
 
 ``report.json``::
 
     {"model": str,
-     "axes": {"id": %, "ood": %, "adv": %, "hm": %},          # null where not measured
-     "datasets": {NAME: {"top1", "n", "skipped", "skipped_by_reason", "expected", "role"}},
-     "adversarial": {"attack", "eps", "norm", "n", "clean_acc", "robust_acc", "precision"} | null,
+     "axes": {"id", "ood", "adv", "hm"},                    # the `strict` definition's numbers (null: not measured)
+     "definitions": {"strict" | "paper": {
+         "description": str, "id", "ood", "adv", "hm": %,
+         "ci95": {"id", "ood", "adv", "hm": [lo, hi]},
+         "inputs": {"id": [set], "ood": [set], "adv": [attack or set]},   # what entered each column
+         "missing": {"ood": [...], "adv": [...]}}},          # what the definition asks for and the run lacks
+     "datasets": {NAME: {"top1", "correct", "n", "ci95", "skipped", "skipped_by_reason", "expected", "role",
+                         "scoring", "head", "paper_column"}},
+     "adversarial": {"attack", "eps", "norm", "n", "clean_acc", "robust_acc", "clean_ci95", "robust_ci95",
+                     "precision", ...} | null,
      "config": {...},
      "suites": {SUITE: {"kind": "id"|"ood"|"transfer"|"adv"|"robustbench"|"corruptions"|"geometry"|"shift", ...}}}
-                                                            # present when run through suites.run_suites
 
-``hm`` is the harmonic mean of ID, OOD and Adv, the paper's summary (spec §2); it is null unless all three exist.
-Files are written atomically.
+Two column definitions (``DEFINITIONS``): ``strict`` (OOD = mean of the OOD sets given, Adv = the attack's robust
+accuracy) and ``paper`` (the paper's Table 6, arXiv 2603.27139 Sec. 4: OOD = mean of ImageNet-V2/-Sketch/-R, Adv =
+mean of the attack's robust accuracy and the natural-adversarial sets present, ImageNet-A and -A-Plus; a set plays
+a column through its catalogue ``paper`` field). HM is the harmonic mean of ID, OOD and Adv; null unless all three
+exist.
+
+Every accuracy carries its 95% Wilson score interval from its own n (``wilson``: ``scipy.stats.binomtest``'s
+``proportion_ci(method="wilson")``). A mean of several sets gets the mean of their bounds and HM the HM of the
+bounds: both are conservative (wider than the interval of the combined estimate). Files are written atomically.
 """
 from __future__ import annotations
 
@@ -20,7 +33,23 @@ import math
 from pathlib import Path
 
 __all__ = ["harmonic_mean", "build_report", "write_report", "report_markdown", "summary_markdown",
-           "tradeoff_plot", "write_summary", "aggregate_reports", "references_markdown"]
+           "tradeoff_plot", "write_summary", "aggregate_reports", "references_markdown", "wilson", "summarise",
+           "DEFINITIONS", "ReportError", "not_significant"]
+
+from grace_plugin.errors import GraceError
+
+DEFINITIONS = {
+    "strict": "OOD = mean of the OOD sets given; Adv = the attack's robust accuracy",
+    "paper": "the paper's Table 6: OOD = mean of ImageNet-V2/-Sketch/-R; Adv = mean of the attack's robust accuracy "
+             "and ImageNet-A/-A-Plus",
+}
+PAPER_OOD = ("v2", "sketch", "r")
+PAPER_ADV = ("a", "a-plus")
+AXES = ("id", "ood", "adv", "hm")
+
+
+class ReportError(GraceError, ValueError):
+    """A report.json that cannot be read; the message names the file."""
 
 
 def harmonic_mean(values) -> float | None:
@@ -33,45 +62,166 @@ def harmonic_mean(values) -> float | None:
     return len(vals) / sum(1.0 / v for v in vals)
 
 
+def wilson(correct: int | None, n: int | None, confidence: float = 0.95) -> list[float] | None:
+    """The Wilson score interval of ``correct / n`` in percent (``scipy.stats.binomtest(...).proportion_ci``)."""
+    if correct is None or not n:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return [100.0 * float(ci.low), 100.0 * float(ci.high)]
+
+
 def _mean(vals):
     vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
+def _mean_ci(cis):
+    if not cis or any(c is None for c in cis):
+        return None
+    return [sum(c[0] for c in cis) / len(cis), sum(c[1] for c in cis) / len(cis)]
+
+
+def _hm_ci(cis):
+    if any(c is None for c in cis):
+        return None
+    return [harmonic_mean([c[0] for c in cis]), harmonic_mean([c[1] for c in cis])]
+
+
+def _column(members: list[tuple[str, float | None, list | None]]):
+    present = [m for m in members if m[1] is not None]
+    if not present:
+        return None, None, []
+    return _mean(v for _, v, _ in present), _mean_ci([c for _, _, c in present]), [n for n, _, _ in present]
+
+
+def summarise(datasets: dict, id_name: str | None, ood_names: list[str], adversarial: dict | None) -> dict:
+    """Both column definitions from per-set results (``datasets[NAME]``: top1, ci95, paper_column)."""
+    adv_label = f"adv:{adversarial.get('attack') or 'autoattack'}" if adversarial else None
+    adv_member = [(adv_label, adversarial.get("robust_acc"), adversarial.get("robust_ci95"))] if adversarial else []
+    idm = [(id_name, datasets[id_name]["top1"], datasets[id_name].get("ci95"))] if id_name in datasets else []
+
+    def entry(name, ood_members, adv_members, missing):
+        out = {"description": DEFINITIONS[name]}
+        cols = {"id": _column(idm), "ood": _column(ood_members), "adv": _column(adv_members)}
+        for k, (v, _, _) in cols.items():
+            out[k] = v
+        out["hm"] = harmonic_mean([out["id"], out["ood"], out["adv"]])
+        ci = {k: c for k, (_, c, _) in cols.items()}
+        ci["hm"] = _hm_ci([ci["id"], ci["ood"], ci["adv"]]) if out["hm"] is not None else None
+        out["ci95"] = ci
+        out["inputs"] = {k: used for k, (_, _, used) in cols.items()}
+        out["missing"] = missing
+        return out
+
+    strict_ood = [(n, datasets[n]["top1"], datasets[n].get("ci95")) for n in ood_names if n in datasets]
+    strict = entry("strict", strict_ood, adv_member,
+                   {"id": [] if idm else ["ID set"], "ood": [] if strict_ood else ["OOD sets"],
+                    "adv": [] if adversarial else ["attack"]})
+    by_col: dict[str, list] = {}
+    for n, d in datasets.items():
+        if d.get("paper_column") and d.get("role") in ("ood", None):
+            by_col.setdefault(d["paper_column"], []).append((n, d["top1"], d.get("ci95")))
+    paper_ood = [m for c in PAPER_OOD for m in by_col.get(c, [])]
+    paper_adv = adv_member + [m for c in PAPER_ADV for m in by_col.get(c, [])]
+    missing = {"id": [] if idm else ["ID set"], "ood": [c for c in PAPER_OOD if c not in by_col],
+               "adv": ([] if adversarial else ["attack"]) + [c for c in PAPER_ADV if c not in by_col]}
+    return {"strict": strict, "paper": entry("paper", paper_ood, paper_adv, missing)}
+
+
 def build_report(model: str, datasets: dict, id_name: str | None, ood_names: list[str],
                  adversarial: dict | None, config: dict | None = None) -> dict:
-    """Assemble the report from per-dataset results (``ClassificationResult.as_dict()``) and the attack result."""
+    """Assemble the report from per-dataset results (``ClassificationResult.as_dict()`` plus ``role``, ``scoring``,
+    ``head``, ``paper_column``) and the attack result; intervals and both column definitions are added here."""
     ds = {}
     for name, res in datasets.items():
-        role = "id" if name == id_name else ("ood" if name in ood_names else "other")
-        ds[name] = dict(res, role=role)
-    id_acc = ds[id_name]["top1"] if id_name in ds else None
-    ood_acc = _mean(ds[n]["top1"] for n in ood_names if n in ds) if ood_names else None
-    adv_acc = adversarial["robust_acc"] if adversarial else None
-    axes = {"id": id_acc, "ood": ood_acc, "adv": adv_acc, "hm": harmonic_mean([id_acc, ood_acc, adv_acc])}
-    return {"model": model, "axes": axes, "datasets": ds, "adversarial": adversarial, "config": config or {}}
+        role = res.get("role") or ("id" if name == id_name else ("ood" if name in ood_names else "other"))
+        d = dict(res, role=role)
+        correct = d.get("correct")
+        if correct is None and d.get("top1") is not None and d.get("n"):
+            correct = round(d["top1"] * d["n"] / 100)
+        d["ci95"] = wilson(correct, d.get("n"))
+        ds[name] = d
+    adv = None
+    if adversarial:
+        adv = dict(adversarial)
+        for k in ("clean", "robust"):
+            correct = adv.get(f"{k}_correct")
+            if correct is None and adv.get(f"{k}_acc") is not None:
+                correct = round(adv[f"{k}_acc"] * adv["n"] / 100)
+            adv[f"{k}_ci95"] = wilson(correct, adv.get("n"))
+    defs = summarise(ds, id_name, ood_names, adv)
+    axes = {k: defs["strict"][k] for k in AXES}
+    return {"model": model, "axes": axes, "definitions": defs, "datasets": ds, "adversarial": adv,
+            "config": config or {}}
 
 
 def _fmt(v, nd=2):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
+def _ci(ci) -> str:
+    return "" if not ci else f" [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def _definitions(report: dict) -> dict:
+    """The report's definitions; a report written before they existed has its ``axes`` as ``strict``."""
+    return report.get("definitions") or {"strict": dict(report["axes"], description=DEFINITIONS["strict"])}
+
+
 def report_markdown(report: dict) -> str:
-    a = report["axes"]
-    lines = [f"# {report['model']}", "", "| ID | OOD | Adv | HM |", "|---:|---:|---:|---:|",
-             f"| {_fmt(a['id'])} | {_fmt(a['ood'])} | {_fmt(a['adv'])} | {_fmt(a['hm'])} |", "",
-             "| dataset | role | top-1 | n | skipped |", "|---|---|---:|---:|---:|"]
+    lines = [f"# {report['model']}", "", "Accuracies in %, [95% Wilson interval].", "",
+             "| definition | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|"]
+    defs = _definitions(report)
+    for name, d in defs.items():
+        ci = d.get("ci95") or {}
+        lines.append(f"| {name} | " + " | ".join(_fmt(d.get(k)) + _ci(ci.get(k)) for k in AXES) + " |")
+    for name, d in defs.items():
+        inputs = d.get("inputs") or {}
+        missing = {k: v for k, v in (d.get("missing") or {}).items() if v}
+        lines.append(f"\n{name}: {d.get('description', '')}. Inputs: " +
+                     "; ".join(f"{k.upper()} = {', '.join(v) or '-'}" for k, v in inputs.items()) +
+                     (". Missing: " + "; ".join(f"{k.upper()} {', '.join(v)}" for k, v in missing.items())
+                      if missing else ""))
+    lines += ["", "| dataset | role | scoring | head | top-1 | n | skipped |", "|---|---|---|---|---:|---:|---:|"]
     for name, d in report["datasets"].items():
-        lines.append(f"| {name} | {d.get('role', '')} | {_fmt(d['top1'])} | {d['n']} | {d['skipped']} |")
+        head = (d.get("head") or {}).get("head", "")
+        lines.append(f"| {name} | {d.get('role', '')} | {d.get('scoring', '')} | {head} | {_fmt(d['top1'])}"
+                     f"{_ci(d.get('ci95'))} | {d['n']} | {d['skipped']} |")
+    notes = [f"{name}: {d['head']['reason']}" for name, d in report["datasets"].items()
+             if (d.get("head") or {}).get("head") == "rebuilt"]
+    if notes:
+        lines += ["", "Heads: " + "; ".join(notes) + "."]
     adv = report.get("adversarial")
     if adv:
         lines += ["", f"Adversarial: {adv.get('attack', adv.get('runner'))} {adv.get('norm', adv.get('threat'))} "
-                  f"eps={adv['eps']:.5f} on {adv['n']} images "
-                  f"({adv.get('precision', 'fp32')}): clean {_fmt(adv['clean_acc'])}, robust {_fmt(adv['robust_acc'])}"]
+                  f"eps={adv['eps']:.5f} on {adv['n']} images ({adv.get('precision', 'fp32')}): clean "
+                  f"{_fmt(adv['clean_acc'])}{_ci(adv.get('clean_ci95'))}, robust {_fmt(adv['robust_acc'])}"
+                  f"{_ci(adv.get('robust_ci95'))}"]
     lines += _suite_sections(report.get("suites") or {})
     if report.get("suites") is not None:
-        lines += ["", "## Reference rows (shipped data, not measured here)", "", references_markdown(a)]
+        lines += ["", "## Reference rows (shipped data, not measured here)", "",
+                  references_markdown(_row_from_definition(report.get("model"), defs.get("paper") or defs["strict"]),
+                                      robustbench=_robustbench_row(report))]
     return "\n".join(lines) + "\n"
+
+
+def _row_from_definition(method, d: dict) -> dict:
+    ci = d.get("ci95") or {}
+    return {"method": method, **{k: d.get(k) for k in AXES}, **{f"{k}_ci": ci.get(k) for k in AXES}}
+
+
+def _robustbench_row(report: dict) -> dict | None:
+    """RobustBench's columns (clean and AutoAttack accuracy on its ImageNet subset) when the run measured them."""
+    for name, r in (report.get("suites") or {}).items():
+        if r.get("kind") == "robustbench" or (r.get("kind") == "adv" and r.get("attack") == "autoattack"):
+            return {"method": report.get("model"), "clean": r.get("clean_acc"), "autoattack": r.get("robust_acc"),
+                    "n": r.get("n"), "suite": name,
+                    "subset": r.get("subset") or ("robustbench-imagenet-5000" if r["kind"] == "robustbench" else None),
+                    "clean_ci": wilson(r.get("clean_correct"), r.get("n")),
+                    "autoattack_ci": wilson(r.get("robust_correct"), r.get("n"))}
+    return None
 
 
 def _suite_sections(suites: dict) -> list[str]:
@@ -112,18 +262,27 @@ def _suite_sections(suites: dict) -> list[str]:
     return lines
 
 
-def references_markdown(axes: dict | None = None, table: str = "Table 6") -> str:
-    """The paper's table and the RobustBench ImageNet Linf 4/255 board, with sources (eval_suites/data)."""
+def references_markdown(row: dict | None = None, table: str = "Table 6", robustbench: dict | list | None = None
+                        ) -> str:
+    """The paper's table (compared under the ``paper`` definition) and the RobustBench ImageNet Linf 4/255 board
+    (compared under RobustBench's: clean and AutoAttack accuracy on its 5000-image subset), with sources."""
     from .leaderboard import load_references, reference_rows
 
     refs = load_references()
-    rows = ([{"method": "this model", **axes}] if axes else [])
-    out = summary_markdown(rows, reference_rows(table))
+    rows = [row] if row else []
+    out = f"Paper {table}, `paper` definition ({DEFINITIONS['paper']}):\n\n"
+    out += summary_markdown(rows, reference_rows(table))
     out += f"\nSource: {refs['paper']['source']}.\n\n"
     rb = refs["robustbench"]
-    lines = ["| RobustBench # | model | clean | AutoAttack | external |", "|---:|---|---:|---:|---:|"]
-    if axes and axes.get("adv") is not None:
-        lines.append(f"| - | this model | {_fmt(axes.get('id'))} | {_fmt(axes.get('adv'))} | |")
+    ours = [robustbench] if isinstance(robustbench, dict) else list(robustbench or [])
+    lines = ["RobustBench's definition (clean and AutoAttack accuracy, ImageNet Linf 4/255, its 5000-image subset):",
+             "", "| RobustBench # | model | clean | AutoAttack | external |", "|---:|---|---:|---:|---:|"]
+    for r in ours:
+        if r is None:
+            continue
+        note = "" if r.get("subset") == "robustbench-imagenet-5000" else " (not on RobustBench's subset)"
+        lines.append(f"| - | {r['method']}{note} | {_fmt(r.get('clean'))}{_ci(r.get('clean_ci'))} | "
+                     f"{_fmt(r.get('autoattack'))}{_ci(r.get('autoattack_ci'))} | |")
     for r in rb["rows"]:
         lines.append(f"| {r['rank']} | {r['model']} | {_fmt(r['clean_acc'])} | {_fmt(r['autoattack_acc'])} | "
                      f"{_fmt(r['external'])} |")
@@ -140,28 +299,80 @@ def write_report(out_dir: str | Path, report: dict) -> Path:
     return out / "report.json"
 
 
-def summary_markdown(rows: list[dict], references: list[dict] | None = None) -> str:
-    """Rows ``{"method", "id", "ood", "adv", "hm"}`` (plus optional ``*_std``) -> markdown table."""
+def not_significant(rows: list[dict]) -> dict[str, list[list[str]]]:
+    """Per column, the pairs of rows whose 95% intervals (``<col>_ci``) overlap: their difference is not
+    significant at that level (a conservative test: disjoint intervals imply a significant difference)."""
+    out = {}
+    for k in AXES:
+        pairs = []
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                ca, cb = a.get(f"{k}_ci"), b.get(f"{k}_ci")
+                if ca and cb and ca[0] <= cb[1] and cb[0] <= ca[1]:
+                    pairs.append([a["method"], b["method"]])
+        out[k] = pairs
+    return out
+
+
+def summary_markdown(rows: list[dict], references: list[dict] | None = None, definition: str | None = None) -> str:
+    """Rows ``{"method", "id", "ood", "adv", "hm"}`` (plus optional ``*_std`` over seeds and ``*_ci``, the 95%
+    interval of one run or the mean of the runs' bounds) -> markdown table. In each column the best row is bold and
+    a row whose interval overlaps the best's is marked ``≈`` (not significantly different)."""
     has_std = any("id_std" in r for r in rows)
-    lines = ["| method | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|"]
+    best = {}
+    for k in AXES:
+        cands = [r for r in rows if r.get(k) is not None]
+        best[k] = max(cands, key=lambda r: r[k]) if cands else None
+    lines = []
+    if definition:
+        lines += [f"Columns: `{definition}` definition ({DEFINITIONS.get(definition, definition)}); % with "
+                  "[95% Wilson interval]" + ("; mean ± std over seeds, interval = mean of the runs' bounds"
+                                              if has_std else "") + ".", ""]
+    lines += ["| method | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|"]
+    marked = False
     for r in rows:
         cells = []
-        for k in ("id", "ood", "adv", "hm"):
+        for k in AXES:
             cell = _fmt(r.get(k))
             if has_std and r.get(f"{k}_std") is not None:
                 cell += f" ± {_fmt(r[f'{k}_std'])}"
+            cell += _ci(r.get(f"{k}_ci"))
+            b = best[k]
+            if b is r and len(rows) > 1:
+                cell = f"**{cell}**"
+            elif b is not None and r.get(k) is not None:
+                cb, cr = b.get(f"{k}_ci"), r.get(f"{k}_ci")
+                if cb and cr and cr[1] >= cb[0] and cb[1] >= cr[0]:
+                    cell += " ≈"
+                    marked = True
             cells.append(cell)
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     for ref in references or []:
         lines.append(f"| {ref['method']} ({ref['source']}) | " +
-                     " | ".join(_fmt(ref.get(k)) for k in ("id", "ood", "adv", "hm")) + " |")
+                     " | ".join(_fmt(ref.get(k)) for k in AXES) + " |")
+    if marked:
+        lines += ["", "≈: not significantly different from the column's best (bold) run: their 95% intervals overlap."]
     return "\n".join(lines) + "\n"
+
+
+def _err(row: dict, axis: str):
+    """Error bar of ``row[axis]`` for matplotlib: +-1 std over seeds (``*_std``), else the run's 95% interval
+    ``*_ci`` ([lo, hi], asymmetric about the value), else None."""
+    if row.get(f"{axis}_std") is not None:
+        return row[f"{axis}_std"]
+    ci, v = row.get(f"{axis}_ci"), row.get(axis)
+    if ci is None or v is None:
+        return None
+    if isinstance(ci, (int, float)):  # a half-width
+        return ci
+    return [[max(v - ci[0], 0.0)], [max(ci[1] - v, 0.0)]]
 
 
 def tradeoff_plot(rows: list[dict], path: str | Path, title: str = "ID / OOD / Adv trade-off",
                   references: list[dict] | None = None) -> Path:
-    """Two panels: OOD vs ID and Adv vs ID, one labelled point per method (marker size ~ HM) with error bars: +-1 std
-    where the row has ``*_std`` (several seeds), else +-``*_ci`` (one run's 95% interval) where it has that; reference rows (e.g. the paper's Table 6) as grey crosses."""
+    """Two panels: OOD vs ID and Adv vs ID, one labelled point per method (marker size ~ HM) with error bars
+    (:func:`_err`: +-1 std over seeds, else the run's 95% interval); reference rows (e.g. the paper's Table 6) as
+    grey crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,8 +388,7 @@ def tradeoff_plot(rows: list[dict], path: str | Path, title: str = "ID / OOD / A
             size = 40 + 4 * (r.get("hm") or 0)
             dots = ax.scatter(r["id"], r[key], s=size, alpha=0.8)
             # +-1 std over seeds, else the run's 95% sampling interval half-width (``*_ci``) where the row has one
-            xerr = r.get("id_std") if r.get("id_std") is not None else r.get("id_ci")
-            yerr = r.get(f"{key}_std") if r.get(f"{key}_std") is not None else r.get(f"{key}_ci")
+            xerr, yerr = _err(r, "id"), _err(r, key)
             if xerr is not None or yerr is not None:
                 ax.errorbar(r["id"], r[key], xerr=xerr, yerr=yerr, fmt="none", ecolor=dots.get_facecolor()[0],
                             capsize=3, alpha=0.8)
@@ -202,37 +412,79 @@ def tradeoff_plot(rows: list[dict], path: str | Path, title: str = "ID / OOD / A
 
 
 def write_summary(out_dir: str | Path, rows: list[dict], extra: dict | None = None,
-                  references: list[dict] | None = None) -> dict[str, Path]:
+                  references: list[dict] | None = None, definition: str | None = "strict",
+                  sections: list[str] | None = None) -> dict[str, Path]:
+    """summary.json (rows, pairs not significantly different, ``extra``), summary.md (the rows' table under
+    ``definition``, then ``sections``) and tradeoff.png."""
     from grace_plugin.checkpoint import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
-    atomic_write_text(out / "summary.md", summary_markdown(rows, references))
+    atomic_write_text(out / "summary.json", json.dumps({"definition": definition, "rows": rows,
+                                                        "not_significant": not_significant(rows), **(extra or {})},
+                                                       indent=2) + "\n")
+    md = summary_markdown(rows, references, definition=definition)
+    for sec in sections or []:
+        md += "\n" + sec
+    atomic_write_text(out / "summary.md", md)
     png = tradeoff_plot(rows, out / "tradeoff.png", references=references)
     return {"json": out / "summary.json", "md": out / "summary.md", "png": png}
 
 
+def _read_report(r: str | Path) -> tuple[Path, dict]:
+    p = Path(r)
+    f = p / "report.json" if p.is_dir() else p
+    if not f.is_file():
+        raise ReportError(f"{f}: no report.json (run `grace eval ... --out {p}` first)")
+    try:
+        rep = json.loads(f.read_text())
+        rep["axes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ReportError(f"{f}: not a grace report.json ({type(e).__name__}: {e})") from None
+    return p, rep
+
+
 def aggregate_reports(runs: list[str | Path], out_dir: str | Path, table: str | None = "Table 6") -> dict:
-    """``grace report RUN...``: each RUN is a folder holding ``report.json`` (or the file); one row per run,
-    the paper's reference rows beside them; writes summary.json/.md and tradeoff.png under ``out_dir``."""
+    """``grace report RUN...``: each RUN is a folder holding ``report.json`` (or the file); one row per run.
+
+    The rows are compared with the paper's rows under the ``paper`` definition (its Table 6 columns) and with the
+    RobustBench board under RobustBench's (clean and AutoAttack accuracy); the ``strict`` table follows. Writes
+    summary.json/.md and tradeoff.png under ``out_dir``."""
     from .leaderboard import reference_rows
 
-    rows = []
-    for r in runs:
-        p = Path(r)
-        f = p / "report.json" if p.is_dir() else p
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: no report.json (run `grace eval ... --out {p}` first)")
-        try:
-            rep = json.loads(f.read_text())
-            axes = rep["axes"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{f}: not a grace report.json ({type(e).__name__}: {e})") from None
+    reports = [_read_report(r) for r in runs]
+    rows, paper_rows, rb_rows = [], [], []
+    for p, rep in reports:
         method = rep.get("model") or p.name
         if any(row["method"] == method for row in rows):
             method = f"{method} ({p.name})"
-        rows.append({"method": method, "run": str(p), **{k: axes.get(k) for k in ("id", "ood", "adv", "hm")}})
+        defs = _definitions(rep)
+        strict = _row_from_definition(method, defs["strict"])
+        paper = _row_from_definition(method, defs["paper"]) if "paper" in defs else None
+        rows.append({**strict, "run": str(p), "paper": paper,
+                     "missing": {k: d.get("missing") for k, d in defs.items()}})
+        if paper is not None:
+            paper_rows.append(paper)
+        rb = _robustbench_row(rep)
+        if rb is not None:
+            rb_rows.append(dict(rb, method=method))
     refs = reference_rows(table) if table else None
-    paths = write_summary(out_dir, rows, extra={"references": refs}, references=refs)
-    return {"rows": rows, "paths": paths}
+    sections = ["Paper comparison, `paper` definition:\n\n" + summary_markdown(paper_rows, refs, definition="paper")
+                + (f"\nSource: {load_paper_source()}.\n" if refs else "")]
+    sections.append(_robustbench_section(rb_rows))
+    paths = write_summary(out_dir, rows, extra={"paper_rows": paper_rows, "robustbench_rows": rb_rows,
+                                                "references": refs,
+                                                "paper_not_significant": not_significant(paper_rows)},
+                          references=None, definition="strict", sections=sections)
+    return {"rows": rows, "paper_rows": paper_rows, "robustbench_rows": rb_rows, "paths": paths}
+
+
+def load_paper_source() -> str:
+    from .leaderboard import load_references
+
+    return load_references()["paper"]["source"]
+
+
+def _robustbench_section(rb_rows: list[dict]) -> str:
+    text = references_markdown(None, robustbench=rb_rows)
+    return text[text.index("RobustBench's definition"):]

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from grace_plugin.errors import InputNotFound, UsageError
+
 __all__ = ["ShardSetEntry", "list_shardsets", "get_shardset", "match_class_subset", "SCORINGS", "resolve_set_dir",
-           "apply_mapping"]
+           "apply_mapping", "PAPER_COLUMNS"]
 
 SCORINGS = ("own", "subset", "mapping")
+PAPER_COLUMNS = ("v2", "sketch", "r", "a", "a-plus")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class ShardSetEntry:
     axis: str = "ood"
     source: str = ""
     mapping_file: str | None = None
+    paper: str | None = None  # column in the paper's Table 6: v2 | sketch | r (OOD Avg), a | a-plus (Adv Avg)
 
 
 @lru_cache(maxsize=1)
@@ -41,6 +45,8 @@ def _catalogue() -> dict[str, ShardSetEntry]:
         entry = ShardSetEntry(name=name, **d)
         if entry.scoring not in SCORINGS:
             raise ValueError(f"catalogue.yaml: {name}.scoring must be one of {SCORINGS}, got {entry.scoring!r}")
+        if entry.paper is not None and entry.paper not in PAPER_COLUMNS:
+            raise ValueError(f"catalogue.yaml: {name}.paper must be one of {PAPER_COLUMNS}, got {entry.paper!r}")
         out[name] = entry
     return out
 
@@ -57,7 +63,7 @@ def resolve_set_dir(name: str, data_root: str | Path) -> Path:
     """``<data_root>/<catalogue folder>`` for a catalogued set name."""
     entry = get_shardset(name)
     if entry is None:
-        raise KeyError(f"unknown shard set {name!r}; catalogued sets: {', '.join(list_shardsets())}")
+        raise UsageError(f"unknown shard set {name!r}; catalogued sets: {', '.join(list_shardsets())}")
     return Path(data_root) / entry.folder
 
 
@@ -68,7 +74,7 @@ def match_class_subset(subset_names: list[str], full_names: list[str]) -> list[i
         idx = next((i for i in range(last + 1, len(full_names)) if full_names[i] == name), None)
         if idx is None:
             where = "at all" if name not in full_names else f"after index {last} (names must be in ascending order)"
-            raise ValueError(f"class {name!r} of the subset is not among the ID class names {where}")
+            raise UsageError(f"class {name!r} of the subset is not among the ID class names {where}")
         out.append(idx)
         last = idx
     return out
@@ -78,16 +84,19 @@ def apply_mapping(mapping_file: str | Path, set_names: list[str], id_names: list
     """``{set label: [ID indices]}`` from a JSON ``{set class name: [ID class names]}`` (e.g. ObjectNet's)."""
     p = Path(mapping_file)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: mapping file not found")
-    data = json.loads(p.read_text())
+        raise InputNotFound(f"{p}: mapping file not found")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{p}: mapping file is not valid JSON ({e})") from None
     pos = {n: i for i, n in enumerate(id_names)}
     out = {}
     for label, name in enumerate(set_names):
         targets = data.get(name)
         if not targets:
-            raise ValueError(f"{p}: no mapping for class {name!r}")
+            raise UsageError(f"{p}: no mapping for class {name!r}")
         missing = [t for t in targets if t not in pos]
         if missing:
-            raise ValueError(f"{p}: {name!r} maps to unknown ID classes {missing[:3]}")
+            raise UsageError(f"{p}: {name!r} maps to unknown ID classes {missing[:3]}")
         out[label] = [pos[t] for t in targets]
     return out

@@ -7,8 +7,8 @@ the world's ID, OOD and adversarial axes (and, for ``geometry``, the geometry su
 ``study.json`` (every run, every aggregate, the verdicts), ``study.md`` and ``study.png`` (trade-off with error bars;
 the geometry study plots its metrics).
 
-Evaluation goes through ``_evaluate`` / ``_paper_axes`` only (a thin adapter over ``runner.evaluate_model`` and
-``suites.run_suites``), so that the evaluation engine's column definitions and intervals can be wired in one place.
+Evaluation goes through ``_evaluate`` / ``_paper_axes`` only: the one evaluation engine (``suites.run_suites``) and
+its ``strict`` and ``paper`` column definitions.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .verdicts import evaluate_claim, spread, wilson_interval
+from .verdicts import evaluate_claim, spread
 
 __all__ = ["StudyConfig", "run_study", "aggregate_runs", "study_markdown", "AXES", "GEOMETRY_METRICS"]
 
@@ -50,57 +50,37 @@ class StudyConfig:
 
 # ------------------------------------------------------------------------------------------ evaluation adapter
 def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool, reference: Path) -> dict:
-    """One model's report (``report.json`` schema) on the testbed; with ``geometry`` the geometry suite's result
-    under ``report["suites"]["geometry"]``."""
+    """One model's report (``report.json`` schema, from the one evaluation engine ``suites.run_suites``) on the
+    testbed; with ``geometry`` the geometry suite's result under ``report["suites"]["geometry"]``."""
+    from grace_plugin.trainer import resolve_device
     from registry import load_model
 
-    from .runner import EvalRequest, evaluate_model
     from .study import OOD_SETS
+    from .suites import SuiteContext, run_suites
 
-    loaded = load_model(spec)
-    req = EvalRequest(id_set=("id", data / "id"), ood_sets=[(n, data / n) for n in OOD_SETS], attack=cfg.attack,
-                      eps=cfg.eps, n_adv=cfg.n_adv, device=cfg.device, seed=seed)
-    report = evaluate_model(loaded, req)
-    if geometry:
-        from .suites import SuiteContext, run_suites
-
-        ctx = SuiteContext(id_set=("id", data / "id"), sets={n: data / n for n in OOD_SETS}, eps=cfg.eps,
-                           device=cfg.device, seed=seed, reference=str(reference), n_geometry=cfg.n_geometry,
-                           geometry_iters=cfg.geometry_iters)
-        report["suites"] = {"geometry": run_suites(loaded, ["geometry"], ctx)["suites"]["geometry"]}
-    return report
+    device = str(resolve_device(cfg.device))
+    loaded = load_model(spec, device=device)
+    names = ["id"] + [f"ood:{n}" for n in OOD_SETS] + [f"adv:{cfg.attack}"] + (["geometry"] if geometry else [])
+    ctx = SuiteContext(id_set=("id", data / "id"), data_root=data, eps=cfg.eps, n_adv=cfg.n_adv, device=device,
+                       seed=seed, reference=str(reference) if geometry else None, n_geometry=cfg.n_geometry,
+                       geometry_iters=cfg.geometry_iters)
+    return run_suites(loaded, names, ctx)
 
 
 def _paper_axes(report: dict) -> dict:
-    """Our numbers under the paper's Table 6 column definitions as far as the testbed has them: OOD = mean of the
-    V2/Sketch/R analogues; Adv = mean of the APGD-CE robust accuracy and the natural-adversarial set (A); HM of the
-    three (GRACE arXiv 2603.27139 Table 6 caption; zero-shot's Adv 8.82 = (0 + 17.64)/2)."""
-    from .report import harmonic_mean
-
-    ds = report.get("datasets") or {}
-
-    def top1(n):
-        return (ds.get(n) or {}).get("top1")
-
-    ood = [top1(n) for n in ("v2", "sketch", "rendition")]
-    ood_m = statistics.fmean(ood) if all(v is not None for v in ood) else None
-    rob, nat = (report.get("adversarial") or {}).get("robust_acc"), top1("a")
-    adv = (rob + nat) / 2 if rob is not None and nat is not None else None
-    idv = report["axes"].get("id")
-    return {"id": idv, "ood": ood_m, "adv": adv, "hm": harmonic_mean([idv, ood_m, adv])}
+    """Our numbers under the paper's Table 6 column definitions (the report's ``paper`` definition: OOD = mean of
+    the V2/Sketch/R analogues; Adv = mean of the attack's robust accuracy and the natural-adversarial set `a`; HM of
+    the three; GRACE arXiv 2603.27139 Table 6)."""
+    d = report["definitions"]["paper"]
+    return {k: d.get(k) for k in AXES}
 
 
 def _run_record(report: dict) -> dict:
     """Axes, each run's intervals (Wilson 95% on ID and Adv), paper-definition axes, geometry metrics."""
     axes = dict(report["axes"])
     ds = report.get("datasets") or {}
-    idd = next((d for d in ds.values() if d.get("role") == "id"), None)
-    intervals = {}
-    if idd and idd.get("n"):
-        intervals["id"] = wilson_interval(round(idd["top1"] * idd["n"] / 100), idd["n"])
-    adv = report.get("adversarial")
-    if adv and adv.get("n"):
-        intervals["adv"] = wilson_interval(round(adv["robust_acc"] * adv["n"] / 100), adv["n"])
+    ci = report["definitions"]["strict"].get("ci95") or {}
+    intervals = {k: tuple(ci[k]) for k in ("id", "adv") if ci.get(k)}
     rec = {"axes": axes, "intervals": intervals, "paper_axes": _paper_axes(report),
            "datasets": {k: v.get("top1") for k, v in ds.items()}}
     g = (report.get("suites") or {}).get("geometry")
@@ -305,7 +285,7 @@ def study_markdown(doc: dict) -> str:
         for run in r["runs"]:
             a, iv = run["axes"], run["intervals"]
 
-            def wi(k):
+            def wi(k, a=a, iv=iv):
                 return f"{_f(a.get(k))} [{_f(iv[k][0])}, {_f(iv[k][1])}]" if iv.get(k) else _f(a.get(k))
 
             lines.append(f"| {r['label']} | {run['seed']} | {wi('id')} | {_f(a.get('ood'))} | {wi('adv')} | "

@@ -20,7 +20,9 @@ __all__ = ["QuickstartConfig", "run_quickstart", "prepare_testbed", "OOD_SETS", 
 
 log = logging.getLogger(__name__)
 
-OOD_SETS = ["v2", "sketch", "rendition", "a"]
+# catalogue names (eval_suites/catalogue.yaml) of the testbed's OOD sets under data/: each plays an ImageNet set of
+# the paper's Table 6 (v2, sketch, rendition -> OOD Avg; a -> ImageNet-A in Adv Avg under the `paper` definition)
+OOD_SETS = ["synth-v2", "synth-sketch", "synth-rendition", "synth-a"]
 
 # Testbed-scale settings (32 px, tiny CLIP, a few hundred steps) are data: configs/testbed/ (testbed_config.py).
 # Paper-scale settings live in configs/paper/.
@@ -35,7 +37,7 @@ class QuickstartConfig:
     n_adv: int = checked(200, flag="--n-adv", ge=0)
     eps: float = checked(4 / 255, flag="--eps", ge=0, le=1)
     attack: str = "apgd-ce"
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when available
     overrides: list[str] = field(default_factory=list)
     size: str = "default"  # "small": a few hundred images and a 2-layer CLIP (smoke tests)
     pretrain_steps: int | None = checked(None, flag="--pretrain-steps", gt=0)
@@ -93,25 +95,27 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
 
 def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> dict:
     from grace_plugin.finetune import fine_tune
+    from grace_plugin.trainer import resolve_device
     from registry import load_model
 
-    from .report import write_report, write_summary
-    from .runner import EvalRequest, evaluate_model
+    from .distributed import is_main
+    from .report import summary_markdown, write_report, write_summary
+    from .suites import SuiteContext, run_suites
     from .testbed_config import method_config
 
     t0 = time.time()
     out = Path(cfg.out)
     runs = out / "runs"
     data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, world=cfg.world)
-    req = EvalRequest(id_set=("id", data / "id"), ood_sets=[(n, data / n) for n in OOD_SETS], attack=cfg.attack,
-                      eps=cfg.eps, n_adv=cfg.n_adv, device=cfg.device, seed=cfg.seed)
+    names = ["id"] + [f"ood:{n}" for n in OOD_SETS] + [f"adv:{cfg.attack}"]
+    device = str(resolve_device(cfg.device))
     seeds = [cfg.seed + i for i in range(max(1, cfg.seeds))]
     echo("[3/4] fine-tuning: " + ", ".join(cfg.recipes) + (f" x seeds {seeds}" if len(seeds) > 1 else ""))
     run_dirs: dict[str, list[Path]] = {}
     user = _user_overrides(cfg.overrides, cfg.recipes)
     for name in cfg.recipes:
         for seed in seeds:
-            overrides = _merge({"train": {"seed": seed, "device": cfg.device}}, user[name])
+            overrides = _merge({"train": {"seed": seed, "device": device}}, user[name])
             run_cfg = method_config(name, overrides=overrides, steps=cfg.steps)
             run_dir = runs / name if len(seeds) == 1 else runs / name / f"seed{seed}"
             run_dirs.setdefault(name, []).append(fine_tune(name, pretrained, data / "id", run_dir, run_cfg,
@@ -122,97 +126,89 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     for method, specs in [("zero-shot", [pretrained] * len(seeds))] + list(run_dirs.items()):
         per_seed = []
         for seed, spec in zip(seeds, specs):
-            req.seed = seed
-            report = evaluate_model(load_model(spec), req, progress=progress)
+            ctx = SuiteContext(id_set=("id", data / "id"), data_root=data, eps=cfg.eps, n_adv=cfg.n_adv,
+                               device=device, seed=seed, progress=progress)
+            report = run_suites(load_model(spec, device=device), names, ctx)
             report["model"] = method
             dest = out / "zero_shot" if method == "zero-shot" else Path(spec)
-            write_report(dest if len(seeds) == 1 or method != "zero-shot" else dest / f"seed{seed}", report)
-            per_seed.append(report["axes"])
-        rows.append(_aggregate(method, per_seed))
-        if len(seeds) == 1:  # one run: the plot's error bars are its 95% binomial sampling intervals
-            rows[-1].update(_binomial_halfwidths(rows[-1], json.loads((data / "world.json").read_text())["counts"],
-                                                 min(cfg.n_adv, counts_id(data))))
+            if is_main():
+                write_report(dest if len(seeds) == 1 or method != "zero-shot" else dest / f"seed{seed}", report)
+            per_seed.append(report["definitions"])
+        rows.append(dict(_aggregate(method, [d["strict"] for d in per_seed]),
+                         paper=_aggregate(method, [d["paper"] for d in per_seed])))
     counts = json.loads((data / "world.json").read_text())["counts"]
     legend = column_definitions(counts, cfg.attack, cfg.eps, min(cfg.n_adv, counts["id"]["test"]), len(seeds))
     paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps, "world": cfg.world,
-                                            "columns": legend, "seconds": round(time.time() - t0, 1)})
+                                            "columns": legend, "seconds": round(time.time() - t0, 1)},
+                          sections=[summary_markdown([r["paper"] for r in rows], definition="paper")])
     with open(paths["md"], "a") as f:
         f.write("\n" + legend + "\n")
     return {"rows": rows, "paths": paths, "seconds": time.time() - t0, "legend": legend}
 
 
-def counts_id(data: Path) -> int:
-    return json.loads((data / "world.json").read_text())["counts"]["id"]["test"]
-
-
-def _binomial_halfwidths(row: dict, counts: dict, n_adv: int) -> dict:
-    """``{axis}_ci``: 1.96 * sqrt(p (1 - p) / n) in points for ID and Adv; for OOD (a mean of equal-weight sets) the
-    same with the sets' variances averaged, at the row's mean accuracy."""
-    import math
-
-    def half(p, n):
-        return None if p is None else 1.96 * math.sqrt(max(p, 0) / 100 * (1 - min(p, 100) / 100) / n) * 100
-
-    n_sets = [counts[s]["test"] for s in OOD_SETS]
-    ood = half(row.get("ood"), 1) and half(row["ood"], 1) * math.sqrt(sum(1 / n for n in n_sets)) / len(n_sets)
-    return {"id_ci": half(row.get("id"), counts["id"]["test"]), "ood_ci": ood, "adv_ci": half(row.get("adv"), n_adv)}
-
-
 def column_definitions(counts: dict, attack: str, eps: float, n_adv: int, n_seeds: int) -> str:
-    """What each quickstart column is, and the width of one run's 95% sampling interval at 50% accuracy (the
-    widest binomial interval, 1.96 * sqrt(0.25 / n))."""
+    """What each quickstart column is (the `strict` definition; the `paper` one follows in summary.md), and the
+    width of one run's 95% sampling interval at 50% accuracy (the widest binomial interval, 1.96 * sqrt(0.25 / n))."""
     import math
 
+    world_sets = [s.removeprefix("synth-") for s in OOD_SETS]  # catalogue name -> the world's folder name
     n_id = counts["id"]["test"]
-    n_ood = sum(counts[s]["test"] for s in OOD_SETS)
+    n_ood = sum(counts[s]["test"] for s in world_sets)
 
     def half(n):
         return 1.96 * math.sqrt(0.25 / n) * 100
 
     spread = f"mean ± sample std over {n_seeds} fine-tuning/attack seeds (one world, one pretrained CLIP); " \
         if n_seeds > 1 else ""
-    return (f"Columns: ID = top-1 (%) on the `id` test set ({n_id} images); OOD = mean top-1 over "
-            f"{', '.join(OOD_SETS)} ({n_ood} images in all); Adv = robust top-1 under {attack.upper()} l_inf "
+    return (f"Columns (`strict` definition): ID = top-1 (%) on the `id` test set ({n_id} images); OOD = mean top-1 "
+            f"over {', '.join(world_sets)} ({n_ood} images in all); Adv = robust top-1 under {attack.upper()} l_inf "
             f"eps {eps * 255:g}/255 on the first {n_adv} ID test images; HM = harmonic mean of ID, OOD and Adv. "
             f"{spread}{'one' if spread else 'One'} run's 95% binomial interval is at most ±{half(n_id):.1f} (ID), "
-            f"±{half(n_ood / len(OOD_SETS)) / math.sqrt(len(OOD_SETS)):.1f} (OOD), ±{half(n_adv):.1f} (Adv) points.")
+            f"±{half(n_ood / len(world_sets)) / math.sqrt(len(world_sets)):.1f} (OOD), ±{half(n_adv):.1f} (Adv) "
+            "points; the error bars of tradeoff.png are the Wilson intervals (one seed) or ±1 std (several).")
 
 
-def _aggregate(method: str, axes: list[dict]) -> dict:
-    """Mean over seeds, plus the sample standard deviation (``*_std``) when there are several."""
+def _aggregate(method: str, summaries: list[dict]) -> dict:
+    """One row from per-seed summaries (``{"id", "ood", "adv", "hm", "ci95"?}``): the mean over seeds, plus with
+    several seeds the sample standard deviation (``*_std``); ``*_ci`` is the run's 95% interval, or with several
+    seeds the mean of the runs' bounds (the per-run interval, beside the spread over seeds)."""
     import statistics
 
     row: dict = {"method": method}
     for k in ("id", "ood", "adv", "hm"):
-        vals = [a[k] for a in axes if a[k] is not None]
-        row[k] = statistics.fmean(vals) if len(vals) == len(axes) and vals else None
-        if len(axes) > 1:
-            row[f"{k}_std"] = statistics.stdev(vals) if len(vals) == len(axes) else None
-    if len(axes) > 1:
-        row["n_seeds"] = len(axes)
+        vals = [a[k] for a in summaries if a[k] is not None]
+        row[k] = statistics.fmean(vals) if len(vals) == len(summaries) and vals else None
+        if len(summaries) > 1:
+            row[f"{k}_std"] = statistics.stdev(vals) if len(vals) == len(summaries) else None
+        cis = [(a.get("ci95") or {}).get(k) for a in summaries]
+        if all(cis):
+            row[f"{k}_ci"] = [statistics.fmean(c[0] for c in cis), statistics.fmean(c[1] for c in cis)]
+    if len(summaries) > 1:
+        row["n_seeds"] = len(summaries)
     return row
 
 
-def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, req, alphas: list[float],
-                      out: str | Path | None = None, progress: bool = False) -> dict:
+def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, names: list[str], ctx, alphas: list[float],
+                      out: str | Path | None = None) -> dict:
     """WiSE-FT alpha sweep (spec §6): interpolate a fine-tuned run (alpha = 1, e.g. an ``ft`` run or ``wise_ft``
-    with ``recipe.alpha=1``) with the zero-shot CLIP it started from, evaluate each alpha with ``req`` (an
-    ``EvalRequest``) and return ``{"points": [{alpha, id, ood, adv, hm}], "frontier": [...]}`` (the ID/OOD Pareto
-    front); written to ``out/wise_ft_sweep.json`` when ``out`` is given."""
+    with ``recipe.alpha=1``) with the zero-shot CLIP it started from, run the suites ``names`` with ``ctx`` (a
+    ``SuiteContext``) on each alpha and return ``{"points": [{alpha, id, ood, adv, hm}], "frontier": [...]}`` (the
+    ID/OOD Pareto front, `strict` definition); written to ``out/wise_ft_sweep.json`` when ``out`` is given."""
     from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.errors import UsageError
     from grace_plugin.weightspace import wise_ft_sweep
     from registry import LoadedModel, load_model
 
-    from .runner import evaluate_model
+    from .suites import run_suites
 
     ft = load_model(finetuned)
     if ft.model is None:
-        raise ValueError(f"{finetuned}: not a fine-tuned run folder")
+        raise UsageError(f"--finetuned {finetuned}: not a fine-tuned run folder")
     zs = load_model(zero_shot).for_classes(ft.classnames, ft.meta.get("templates") or [])
 
     def evaluate(model):
         loaded = LoadedModel(model, f"{ft.name}@alpha", ft.classnames, ft.text, ft.meta)
-        return evaluate_model(loaded, req, progress=progress)["axes"]
+        return run_suites(loaded, names, _fresh(ctx))["axes"]
 
     res = wise_ft_sweep(zs, ft.model, alphas, evaluate)
     if out is not None:
@@ -220,3 +216,10 @@ def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, req, alphas:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "wise_ft_sweep.json", json.dumps(res, indent=2) + "\n")
     return res
+
+
+def _fresh(ctx):
+    """A copy of ``ctx`` with an empty cache (each alpha is another model)."""
+    import dataclasses
+
+    return dataclasses.replace(ctx, cache={})

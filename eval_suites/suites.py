@@ -1,17 +1,28 @@
-"""Suite registry (aesthetics.md §9.2-9.4): a suite name -> a function ``(ctx, arg) -> result dict``.
+"""The evaluation engine: a suite registry (aesthetics.md §9.2-9.4), a suite name -> ``(loaded, ctx, arg) -> dict``.
 
-Names: ``id``, ``ood:<set>``, ``transfer:<set>``, ``adv:<attack>``, ``corruptions``, ``geometry``, ``shift``,
-``robustbench``. ``<set>`` is ``NAME=DIR``, a folder, or a name resolved by ``SuiteContext.resolve_set`` (``--ood
-NAME=DIR`` sets, then ``<data_root>/<NAME>``; the shard-set catalogue of issue 3 plugs in there). The ID set is a
-shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used, ecosystem.md §3.4).
+Every evaluation is a list of suites. Names: ``id``, ``ood:<set>``, ``transfer:<set>``, ``adv:<attack>``,
+``corruptions``, ``geometry``, ``shift``, ``robustbench``. ``<set>`` is ``NAME=DIR``, a folder, or a name resolved by
+``SuiteContext.resolve_set`` (``--ood NAME=DIR`` sets, then the catalogue's folder or ``<data_root>/<NAME>``). The
+ID set is a shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used, ecosystem.md
+§3.4). ``grace eval``'s ``--data/--ood/--attack`` are shorthands (``expand_shorthands``):
 
-``run_suites(loaded, names, ctx)`` runs them in order and returns the three-axis report (``report.build_report``)
-with every suite's result under ``"suites"``. A new suite is one ``@register_suite`` function; ``grace eval
---suite NAME`` and ``tests/test_suites.py`` pick it up.
+    --data [NAME=]DIR   -> the ID set, and the suite ``id``
+    --ood SET           -> the suite ``ood:SET`` (SET as above; NAME=DIR also names the set for other suites)
+    --attack NAME       -> the suite ``adv:NAME`` (on the ID set)
+
+placed before the ``--suite`` names, duplicates dropped. Whichever way a set is named, it is scored the same way:
+the catalogue's scoring (``own`` head from its class names, the ID head restricted to its ``subset`` of classes, or
+a ``mapping``), ``--scoring``/``--mapping`` overrides, ``expected``/``unaccounted`` counts and ``--strict``.
+
+``run_suites(loaded, names, ctx)`` runs them in order and returns the report (``report.build_report``) with every
+suite's result under ``"suites"``. Under ``torchrun`` every suite splits its batches over the ranks and gathers the
+per-batch records (``eval_suites.distributed``): each rank returns the one-process report. A new suite is one
+``@register_suite`` function; ``grace eval --suite NAME`` and ``tests/test_suites.py`` pick it up.
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -19,18 +30,22 @@ from collections.abc import Callable
 import torch
 
 from grace_plugin.config import checked, validate
-from grace_plugin.errors import GraceError
+from grace_plugin.errors import GraceError, UsageError
 
 from .attacks import NORMS, check_eps_for_norm
 
 __all__ = ["register_suite", "list_suites", "get_suite", "parse_suite", "UnknownSuiteError", "SuiteContext",
-           "EvalSet", "run_suites"]
+           "EvalSet", "run_suites", "expand_shorthands", "SetScoringError"]
 
 log = logging.getLogger(__name__)
 
 
 class UnknownSuiteError(GraceError, KeyError):
     pass
+
+
+class SetScoringError(GraceError, ValueError):
+    """A set that cannot be scored as asked (labels beyond its class list, skips under --strict, a mapping missing)."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +95,38 @@ def get_suite(name: str) -> SuiteInfo:
     return _SUITES[parse_suite(name)[0]]
 
 
+def expand_shorthands(data: str | None = None, ood: list[str] = (), attack: str | None = None,
+                      suites: list[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """``grace eval``'s shorthands -> ``(suite names, {NAME: DIR} sets)``: ``--data`` adds ``id``, each ``--ood SET``
+    adds ``ood:SET`` (a ``NAME=DIR`` also registers NAME), ``--attack A`` adds ``adv:A``; then the ``--suite``
+    names; duplicates are dropped, order kept."""
+    names, sets = [], {}
+    if data:
+        names.append("id")
+    for o in ood:
+        for item in (x.strip() for x in str(o).split(",")):
+            if not item:
+                continue
+            if "=" in item and not Path(item).exists():
+                name, path = item.split("=", 1)
+                if not name or not path:
+                    raise UsageError(f"--ood {item!r}: expected NAME=DIR, a folder or a catalogued set name")
+                sets[name] = path
+                item = name
+            names.append(f"ood:{item}")
+    if attack:
+        names.append(f"adv:{attack}")
+    names += list(suites)
+    out = []
+    for n in names:
+        if n not in out:
+            out.append(n)
+    return out, sets
+
+
 @dataclass
 class EvalSet:
-    """A data set a suite reads: a shard set or an ImageNet folder (``kind``)."""
+    """A data set a suite reads: a shard set or an ImageNet folder (``kind``), with its catalogue entry if any."""
 
     name: str
     path: Path
@@ -90,33 +134,59 @@ class EvalSet:
     classnames: list[str] | None
     templates: list[str] | None
     urls: list[str] | None = None
-    unlisted: list[str] = field(default_factory=list)  # tars the layout does not list (counted as unaccounted)
     expected: int | None = None  # samples the layout promises
+    entry: object | None = None  # shardsets.ShardSetEntry when the name is catalogued
+    unlisted: list[str] = field(default_factory=list)  # tars the layout does not list (counted as unaccounted)
 
-    def batches(self, transform, batch_size: int, n: int | None = None, num_workers: int = 0, decode: str = "pil"):
+    def batches(self, transform, batch_size: int, n: int | None = None, num_workers: int = 0, decode: str = "pil",
+                limit: int | None = None, whole: bool = False):
+        """This rank's batches (``whole``: every batch, on every rank); ``limit``: only the first ``limit`` samples
+        (the attacked subset)."""
+        ranks = (0, 1) if whole else None
         if self.kind == "imagenet":
             from .imagenet import imagenet_batches
 
-            return imagenet_batches(self.path, transform, n=min(n or 5000, 5000), batch_size=batch_size)
+            return imagenet_batches(self.path, transform, n=min(limit or n or 5000, 5000), batch_size=batch_size,
+                                    ranks=ranks)
         from grace_plugin.data.loader import make_eval_loader
 
         return make_eval_loader(self.urls, transform, batch_size, num_classes=len(self.classnames or []) or None,
-                                num_workers=num_workers, decode=decode)
+                                num_workers=0 if limit is not None else num_workers, decode=decode, limit=limit,
+                                ranks=ranks)
+
+    def files_signature(self, n: int | None = None) -> list:
+        """``[[file, size, mtime_ns], ...]`` of what this set reads (local files; URLs as given)."""
+        if self.kind == "imagenet":
+            from .imagenet import imagenet_val_dir, subset_files
+
+            d = imagenet_val_dir(self.path)
+            files = [d / f for f in subset_files(min(n or 5000, 5000))]
+        else:
+            files = [Path(u) if os.path.exists(u) else u for u in self.urls]
+        out = []
+        for f in files:
+            if isinstance(f, Path):
+                st = f.stat()
+                out.append([str(f), st.st_size, st.st_mtime_ns])
+            else:
+                out.append([str(f), None, None])
+        return out
 
 
 def open_eval_set(name: str, path: str | Path) -> EvalSet:
     from grace_plugin.data.shards import open_shard_set
 
     from .imagenet import check_imagenet_folder, imagenet_classnames, is_imagenet_folder
+    from .shardsets import get_shardset
 
     p = Path(path).expanduser()
     if is_imagenet_folder(p):
         check_imagenet_folder(p, n=0)  # classes now; subset files when read
         names, templates = imagenet_classnames()
-        return EvalSet(name, p, "imagenet", names, templates)
+        return EvalSet(name, p, "imagenet", names, templates, entry=get_shardset(name))
     s = open_shard_set(p)
-    return EvalSet(name, p, "shards", s.classnames, s.templates, urls=s.urls, unlisted=s.unlisted,
-                   expected=s.expected)
+    return EvalSet(name, p, "shards", s.classnames, s.templates, urls=s.urls, expected=s.expected,
+                   entry=get_shardset(name), unlisted=s.unlisted)
 
 
 @dataclass
@@ -133,9 +203,11 @@ class SuiteContext:
     num_workers: int = checked(0, flag="--num-workers", ge=0)
     # shard decoding: "pil" (timm's PIL preprocessing exactly) or "tensor" (torchvision, faster)
     decode: str = checked("pil", flag="--decode", choices=("pil", "tensor"))
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA when available (this rank's GPU under torchrun), else CPU
     seed: int = 0
     strict: bool = False
+    scoring: str | None = None  # override every ood set's scoring: own | subset | mapping
+    mapping_files: dict[str, str | Path] = field(default_factory=dict)  # set name -> mapping JSON
     unit_input: bool | None = None
     out_dir: str | Path | None = None  # resume state for adversarial suites lives under out_dir/state/
     imagenet_dir: str | Path | None = None
@@ -159,8 +231,12 @@ class SuiteContext:
     __validate__ = check_eps_for_norm
 
     def resolve_set(self, spec: str) -> tuple[str, Path]:
-        """``NAME=DIR`` | a folder | a name in ``sets`` | the catalogued folder or ``<data_root>/<name>``."""
-        if "=" in spec:
+        """``NAME=DIR`` | a name in ``sets`` | a folder | the catalogued folder or ``<data_root>/<name>``."""
+        from grace_plugin.data.shards import ShardSetError
+
+        from .shardsets import get_shardset
+
+        if "=" in spec and not Path(spec).exists():
             name, path = spec.split("=", 1)
             return name, Path(path)
         if spec in self.sets:
@@ -168,16 +244,15 @@ class SuiteContext:
         p = Path(spec).expanduser()
         if p.exists():
             return p.name, p
+        entry = get_shardset(spec)
         if self.data_root is not None:
-            from .shardsets import get_shardset
-
-            entry = get_shardset(spec)
             if entry is not None and (Path(self.data_root) / entry.folder).exists():
                 return spec, Path(self.data_root) / entry.folder
             if (Path(self.data_root) / spec).exists():
                 return spec, Path(self.data_root) / spec
-        from grace_plugin.data.shards import ShardSetError
-
+        if entry is not None and self.data_root is None:
+            raise ShardSetError(f"set {spec!r}: a catalogued set name needs --data-root (its folder there is "
+                                f"{entry.folder}/), or pass {spec}=DIR")
         known = sorted(self.sets) + ([f"<{self.data_root}>/*"] if self.data_root else [])
         raise ShardSetError(f"set {spec!r}: not a folder, not given with --ood NAME=DIR and not under --data-root "
                             f"(known: {', '.join(known) or 'none'})")
@@ -190,20 +265,31 @@ class SuiteContext:
 
     def id_eval_set(self) -> EvalSet:
         if self.id_set is None:
-            raise ValueError("this suite needs an ID set: pass --data [NAME=]DIR")
+            raise UsageError("this suite needs an ID set: pass --data [NAME=]DIR")
         return self.eval_set(*self.id_set)
 
 
-def _model_for(loaded, ctx: SuiteContext, es: EvalSet):
-    key = ("model", tuple(es.classnames or ()))
+def _say_head(name: str, head: dict) -> None:
+    """A head other than the model's own, or its own head kept without names, is said on stderr (and in the
+    report): a fine-tuned head is never replaced silently."""
+    if head["head"] == "rebuilt" or "records no class names" in head["reason"]:
+        log.warning("%s: %s head (%d classes): %s", name, head["head"], head["classes"], head["reason"])
+
+
+def _model_for(loaded, ctx: SuiteContext, classnames, templates, set_name: str = ""):
+    """``(classifier, head)`` for a class list, cached; the head's notice is printed once per class list."""
+    key = ("model", tuple(classnames or ()))
     if key not in ctx.cache:
-        ctx.cache[key] = loaded.for_classes(es.classnames, es.templates, device=ctx.device).to(ctx.device).eval()
+        model, head = loaded.head_for(classnames, templates, device=ctx.device)
+        ctx.cache[key] = (model.to(ctx.device).eval(), head)
+        if set_name:
+            _say_head(set_name, head)
     return ctx.cache[key]
 
 
-def _read(es: EvalSet, transform, ctx: SuiteContext, n: int | None):
-    """``es``'s batches with the context's batch size, workers and decoder."""
-    return es.batches(transform, ctx.batch_size, n, ctx.num_workers, ctx.decode)
+def _read(es: EvalSet, transform, ctx: SuiteContext, n: int | None, limit: int | None = None, whole: bool = False):
+    """``es``'s batches (this rank's, unless ``whole``) with the context's batch size, workers and decoder."""
+    return es.batches(transform, ctx.batch_size, n, ctx.num_workers, ctx.decode, limit=limit, whole=whole)
 
 
 def _transform(loaded):
@@ -212,18 +298,70 @@ def _transform(loaded):
     return eval_transform(loaded.pretrained_cfg)
 
 
-def _clean(loaded, ctx: SuiteContext, es: EvalSet, role: str) -> dict:
-    from .evaluate import account, evaluate_clean
+def _id_head_names(loaded, ctx: SuiteContext, es: EvalSet) -> tuple[list[str], list[str] | None]:
+    """The ID head's class names (subset and mapping scoring): the ID set's, else the model's own."""
+    if ctx.id_set is not None:
+        ids = ctx.id_eval_set()
+        if ids.classnames:
+            return ids.classnames, ids.templates
+    if loaded.classnames:
+        return loaded.classnames, loaded.meta.get("templates") or None
+    raise SetScoringError(f"{es.name}: scoring through the ID head needs the ID class names: pass --data (the ID "
+                          "set) or use a model that records its class names")
 
-    key = ("clean", es.name, str(es.path))
+
+def _scoring_for(ctx: SuiteContext, es: EvalSet, role: str) -> str:
+    if role != "ood":
+        return "own"  # id: its own head; transfer: by definition a head built from the set's names
+    from .shardsets import SCORINGS
+
+    scoring = ctx.scoring or (es.entry.scoring if es.entry is not None else "own")
+    if scoring not in SCORINGS:
+        raise UsageError(f"--scoring {scoring!r}: valid: {', '.join(SCORINGS)}")
+    return scoring
+
+
+def _clean(loaded, ctx: SuiteContext, es: EvalSet, role: str) -> dict:
+    """Clean top-1 of a set, scored by the catalogue's rule (or ``--scoring``), with every sample accounted for."""
+    from .evaluate import account, evaluate_clean
+    from .shardsets import apply_mapping, match_class_subset
+
+    scoring = _scoring_for(ctx, es, role)
+    key = ("clean", es.name, str(es.path), scoring)
     if key not in ctx.cache:
-        model = _model_for(loaded, ctx, es)
+        subset = targets = None
+        if scoring == "own":
+            if not es.classnames:
+                from grace_plugin.data.shards import ShardSetError
+
+                raise ShardSetError(f"{es.path}/classnames.txt: missing or empty; a CLIP zero-shot head needs one "
+                                    "class name per line in label order")
+            model, head = _model_for(loaded, ctx, es.classnames, es.templates, es.name)
+        else:
+            if not es.classnames:
+                raise SetScoringError(f"{es.path}: scoring {scoring!r} needs the set's classnames.txt")
+            id_names, id_templates = _id_head_names(loaded, ctx, es)
+            model, head = _model_for(loaded, ctx, id_names, id_templates, es.name)
+            if scoring == "subset":
+                subset = match_class_subset(es.classnames, id_names)
+            else:
+                mfile = ctx.mapping_files.get(es.name) or (es.entry.mapping_file if es.entry is not None else None)
+                if not mfile:
+                    raise SetScoringError(f"{es.name}: scoring 'mapping' needs a mapping file: --mapping "
+                                          f"{es.name}=FILE (e.g. ObjectNet's objectnet_to_imagenet_1k.json)")
+                targets = apply_mapping(mfile, es.classnames, id_names)
         n = ctx.n_imagenet if es.kind == "imagenet" else None
-        res = evaluate_clean(model, _read(es, _transform(loaded), ctx, n),
-                             device=ctx.device, progress=ctx.progress, desc=f"eval {es.name}", model_name=loaded.name)
+        res = evaluate_clean(model, _read(es, _transform(loaded), ctx, n), device=ctx.device,
+                             progress=ctx.progress, desc=f"eval {es.name}", class_subset=subset,
+                             label_targets=targets, model_name=loaded.name)
         res.expected = es.expected
+        bad = res.skipped.get("label_out_of_range", 0)
+        if bad:
+            raise SetScoringError(f"{es.path}: {bad} samples have labels beyond the {len(es.classnames)} names of its "
+                                  "classnames.txt; the class list and the labels disagree")
         account(res, f"set {es.name} ({es.path})", es.unlisted, ctx.strict)
-        ctx.cache[key] = res.as_dict()
+        paper = es.entry.paper if es.entry is not None else None
+        ctx.cache[key] = dict(res.as_dict(), scoring=scoring, head=head, paper_column=paper)
     return dict(ctx.cache[key], kind=role, dataset=es.name, path=str(es.path))
 
 
@@ -235,41 +373,57 @@ def _suite_id(loaded, ctx: SuiteContext, arg=None) -> dict:
 
 @register_suite("ood", takes_arg=True)
 def _suite_ood(loaded, ctx: SuiteContext, arg: str) -> dict:
-    """Clean top-1 on an OOD set (counts in the OOD axis)."""
+    """Clean top-1 on an OOD set, scored by the catalogue (own / subset / mapping) or --scoring."""
     return _clean(loaded, ctx, ctx.eval_set(*ctx.resolve_set(arg)), "ood")
 
 
 @register_suite("transfer", takes_arg=True)
 def _suite_transfer(loaded, ctx: SuiteContext, arg: str) -> dict:
-    """Zero-shot top-1 on another set's classes (head rebuilt from its classnames; not in the OOD axis)."""
+    """Zero-shot top-1 on another set's classes (head built from its classnames; not in the OOD axis)."""
     return _clean(loaded, ctx, ctx.eval_set(*ctx.resolve_set(arg)), "transfer")
+
+
+def _adv_signature(loaded, model, es: EvalSet, ctx: SuiteContext, n: int) -> dict:
+    """What an adversarial result was computed from (issue: resume state must match all of it)."""
+    from .evaluate import model_sha256
+
+    return {"weights_sha256": model_sha256(model), "data": es.files_signature(n),
+            "batch_size": ctx.batch_size, "decode": ctx.decode, "order": "shard order; batch (s, k) = records "
+            "k*B..k*B+B-1 of shard s"}
+
+
+def _run_adv(loaded, ctx: SuiteContext, es: EvalSet, model, attack: str, n: int, state_name: str | None):
+    from .evaluate import evaluate_adversarial
+
+    state = None
+    if ctx.out_dir is not None and state_name:
+        state = Path(ctx.out_dir) / "state" / f"{state_name}.json"
+        state.parent.mkdir(parents=True, exist_ok=True)
+    return evaluate_adversarial(model, _read(es, _transform(loaded), ctx, n, limit=n), attack, ctx.eps, n_max=n,
+                                norm=ctx.norm, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
+                                state_path=state, unit_input=ctx.unit_input, model_name=loaded.name,
+                                signature=_adv_signature(loaded, model, es, ctx, n))
 
 
 @register_suite("adv", takes_arg=True)
 def _suite_adv(loaded, ctx: SuiteContext, arg: str) -> dict:
-    """Robust accuracy under a registered attack on the ID set (fp32, [0,1] models, resumable per batch)."""
-    from .evaluate import evaluate_adversarial
-
+    """Robust accuracy under a registered attack on the first --n-adv ID samples (fp32, [0,1] models, resumable)."""
     es = ctx.id_eval_set()
-    model = _model_for(loaded, ctx, es)
+    model, head = _model_for(loaded, ctx, es.classnames, es.templates, es.name)
     n = min(ctx.n_adv, 5000) if es.kind == "imagenet" else ctx.n_adv
-    state = None
-    if ctx.out_dir is not None:
-        state = Path(ctx.out_dir) / "state" / f"adv-{arg}-{ctx.norm}.json"
-        state.parent.mkdir(parents=True, exist_ok=True)
-    res = evaluate_adversarial(model, _read(es, _transform(loaded), ctx, n), arg,
-                               ctx.eps, n_max=n, norm=ctx.norm, device=ctx.device, seed=ctx.seed,
-                               progress=ctx.progress, state_path=state, unit_input=ctx.unit_input,
-                               model_name=loaded.name)
-    out = dict(res.as_dict(), kind="adv", dataset=es.name,
+    res = _run_adv(loaded, ctx, es, model, arg, n, f"adv-{arg}-{ctx.norm}")
+    out = dict(res.as_dict(), kind="adv", dataset=es.name, head=head,
                subset="robustbench-imagenet-5000" if es.kind == "imagenet" else None)
     if ctx.model_info_name and ctx.out_dir is not None:
+        from .distributed import is_main
         from .leaderboard import write_model_info
 
         dataset = "imagenet" if es.kind == "imagenet" else es.name
         name = ctx.model_info_name if arg == "autoattack" else f"{ctx.model_info_name}_{arg}"
-        out["model_info"] = str(write_model_info(ctx.out_dir, name, dataset, ctx.norm, clean_acc=res.clean_acc,
-                                                 robust_acc=res.robust_acc, eps=ctx.eps))
+        if is_main():
+            write_model_info(ctx.out_dir, name, dataset, ctx.norm, clean_acc=res.clean_acc,
+                             robust_acc=res.robust_acc, eps=ctx.eps)
+        out["model_info"] = str(Path(ctx.out_dir) / "model_info" / dataset / ctx.norm / f"{name}.json")
     return out
 
 
@@ -277,24 +431,36 @@ def _suite_adv(loaded, ctx: SuiteContext, arg: str) -> dict:
 def _suite_robustbench(loaded, ctx: SuiteContext, arg=None) -> dict:
     """robustbench.eval.benchmark (standard AutoAttack) on --imagenet-dir; writes RobustBench model_info JSON."""
     from .attacks import check_unit_input
-    from .imagenet import imagenet_classnames
+    from .distributed import is_main, rank_world
+    from .imagenet import check_imagenet_folder, imagenet_classnames
     from .leaderboard import run_robustbench, write_model_info
 
     if ctx.imagenet_dir is None:
-        raise ValueError("suite 'robustbench' needs --imagenet-dir DIR (the folder holding val/<wnid>/...)")
-    from .imagenet import check_imagenet_folder
-
+        raise UsageError("suite 'robustbench' needs --imagenet-dir DIR (the folder holding val/<wnid>/...)")
     check_imagenet_folder(ctx.imagenet_dir, ctx.n_imagenet)  # before the 1000-class head is built
     names, templates = imagenet_classnames()
-    model = loaded.for_classes(names, templates, device=ctx.device).to(ctx.device).eval()
+    model, head = _model_for(loaded, ctx, names, templates, "imagenet")
     check_unit_input(model, ctx.unit_input, name=loaded.name)
-    res = run_robustbench(model, ctx.imagenet_dir, _transform(loaded), eps=ctx.eps, threat=ctx.norm,
-                          n=ctx.n_imagenet, batch_size=ctx.batch_size, device=ctx.device)
-    out = dict(res.as_dict(), kind="robustbench", dataset="imagenet")
+    if rank_world()[1] > 1:
+        # robustbench.eval.benchmark reads the whole subset in one process; over ranks, each attacks its batches of
+        # the same subset with the same standard AutoAttack (pyautoattack version='standard', what benchmark runs)
+        es = ctx.eval_set("imagenet", ctx.imagenet_dir)
+        res = _run_adv(loaded, ctx, es, model, "autoattack", min(ctx.n_imagenet, 5000), f"robustbench-{ctx.norm}")
+        out = dict(clean_acc=res.clean_acc, robust_acc=res.robust_acc, n=res.n, eps=ctx.eps, threat=ctx.norm,
+                   clean_correct=res.clean_correct, robust_correct=res.robust_correct, precision="fp32",
+                   runner=f"pyautoattack standard, {rank_world()[1]} ranks (batches of the RobustBench subset)")
+    else:
+        res = run_robustbench(model, ctx.imagenet_dir, _transform(loaded), eps=ctx.eps, threat=ctx.norm,
+                              n=ctx.n_imagenet, batch_size=ctx.batch_size, device=ctx.device)
+        out = res.as_dict()
+        out.update(clean_correct=round(res.clean_acc * res.n / 100), robust_correct=round(res.robust_acc * res.n / 100))
+    out = dict(out, kind="robustbench", dataset="imagenet", head=head)
     if ctx.out_dir is not None:
         name = ctx.model_info_name or _rb_name(loaded.name)
-        out["model_info"] = str(write_model_info(ctx.out_dir, name, "imagenet", ctx.norm, clean_acc=res.clean_acc,
-                                                 robust_acc=res.robust_acc, eps=ctx.eps))
+        if is_main():
+            write_model_info(ctx.out_dir, name, "imagenet", ctx.norm, clean_acc=out["clean_acc"],
+                             robust_acc=out["robust_acc"], eps=ctx.eps)
+        out["model_info"] = str(Path(ctx.out_dir) / "model_info" / "imagenet" / ctx.norm / f"{name}.json")
     return out
 
 
@@ -314,15 +480,15 @@ def _suite_corruptions(loaded, ctx: SuiteContext, arg=None) -> dict:
     from .leaderboard import corruption_scores, write_model_info
 
     if ctx.corruptions_dir is None:
-        raise ValueError("suite 'corruptions' needs --corruptions-dir DIR (holding ImageNet-C/<corruption>/<1-5>/)")
+        raise UsageError("suite 'corruptions' needs --corruptions-dir DIR (holding ImageNet-C/<corruption>/<1-5>/)")
     root = Path(ctx.corruptions_dir)
     root = root / "ImageNet-C" if (root / "ImageNet-C").is_dir() else root
     missing = [f"{c}/{s}" for c in CORRUPTIONS for s in range(1, 6) if not (root / c / str(s)).is_dir()]
     if missing:
-        raise ValueError(f"{root}: {len(missing)} of the 75 ImageNet-C corruption/severity folders are missing "
+        raise UsageError(f"{root}: {len(missing)} of the 75 ImageNet-C corruption/severity folders are missing "
                          f"(first: {missing[0]})")
     names, templates = imagenet_classnames()
-    model = loaded.for_classes(names, templates, device=ctx.device).to(ctx.device).eval()
+    model = _model_for(loaded, ctx, names, templates, "imagenet")[0]
     # RobustBench forces 'Res224' (a square resize) on ImageNet-C (ecosystem.md §3.5); we resize to the model's
     # input size, which is that exact transform for 224-px models.
     size = tuple(loaded.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
@@ -337,9 +503,13 @@ def _suite_corruptions(loaded, ctx: SuiteContext, arg=None) -> dict:
     out = {"kind": "corruptions", "corruptions_acc": 100 * mean_acc, "corruptions_mce": 100 * mce,
            "per_corruption": {f"{c}/{s}": 100 * a for (c, s), a in acc.items()}, "n": ctx.n_imagenet}
     if ctx.out_dir is not None and ctx.model_info_name:
-        out["model_info"] = str(write_model_info(ctx.out_dir, ctx.model_info_name, "imagenet", "corruptions",
-                                                 clean_acc=None, corruptions_acc=100 * mean_acc,
-                                                 corruptions_mce=100 * mce))
+        from .distributed import is_main
+
+        if is_main():
+            write_model_info(ctx.out_dir, ctx.model_info_name, "imagenet", "corruptions", clean_acc=None,
+                             corruptions_acc=100 * mean_acc, corruptions_mce=100 * mce)
+        out["model_info"] = str(Path(ctx.out_dir) / "model_info" / "imagenet" / "corruptions" /
+                                f"{ctx.model_info_name}.json")
     return out
 
 
@@ -353,7 +523,7 @@ def _first_batches(batches, n: int):
         if sum(len(y) for y in ys) >= n:
             break
     if not xs:
-        raise ValueError("no readable samples")
+        raise SetScoringError("no readable samples")
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
@@ -373,9 +543,9 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
     from .attacks import check_unit_input, create_attack
 
     es = ctx.id_eval_set()
-    model = _model_for(loaded, ctx, es).float()
+    model = _model_for(loaded, ctx, es.classnames, es.templates, es.name)[0].float()
     tf = _transform(loaded)
-    x, y = _first_batches(_read(es, tf, ctx, ctx.n_geometry), ctx.n_geometry)
+    x, y = _first_batches(_read(es, tf, ctx, ctx.n_geometry, whole=True), ctx.n_geometry)
     x, y = x.to(ctx.device), y.to(ctx.device)
     # spec §3.2: which parameters the paper's Hessian is taken over is unstated; we use the whole visual tower.
     named = [(n, p) for n, p in model.named_parameters() if n.startswith("visual.")]
@@ -413,8 +583,8 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
     out["centroid_cosine"], out["delta_lid"] = {}, {}
     for name, path in _shift_sets(ctx, ctx.cache.get("suite_names", [])):
         es2 = ctx.eval_set(name, path)
-        m2 = _model_for(loaded, ctx, es2)
-        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.n_geometry), ctx.n_geometry)
+        m2 = _model_for(loaded, ctx, es2.classnames, es2.templates, es2.name)[0]
+        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.n_geometry, whole=True), ctx.n_geometry)
         with torch.no_grad():
             z2 = m2.encode(x2.to(ctx.device))
         out["centroid_cosine"][name] = G.class_centroid_cosine(z_id, y, z2, y2.to(ctx.device))
@@ -451,44 +621,62 @@ def _suite_shift(loaded, ctx: SuiteContext, arg=None) -> dict:
 
     es = ctx.id_eval_set()
     tf = _transform(loaded)
-    x, y = _first_batches(_read(es, tf, ctx, ctx.n_shift), ctx.n_shift)
-    e_id = _shift_embeddings(_model_for(loaded, ctx, es), x.to(ctx.device))
+    x, y = _first_batches(_read(es, tf, ctx, ctx.n_shift, whole=True), ctx.n_shift)
+    e_id = _shift_embeddings(_model_for(loaded, ctx, es.classnames, es.templates, es.name)[0], x.to(ctx.device))
     id_acc = 100.0 * float((e_id.pop("pred") == y).float().mean())
     sets, drop, accs = {}, {}, {}
     for name, path in _shift_sets(ctx, ctx.cache.get("suite_names", [])):
         es2 = ctx.eval_set(name, path)
-        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.n_shift), ctx.n_shift)
-        e = _shift_embeddings(_model_for(loaded, ctx, es2), x2.to(ctx.device))
+        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.n_shift, whole=True), ctx.n_shift)
+        e = _shift_embeddings(_model_for(loaded, ctx, es2.classnames, es2.templates, es2.name)[0],
+                              x2.to(ctx.device))
         accs[name] = 100.0 * float((e.pop("pred") == y2).float().mean())
         drop[name] = id_acc - accs[name]
         sets[name] = e
     if not sets:
-        raise ValueError("suite 'shift' needs OOD sets: add ood:<set> suites or --ood NAME=DIR")
+        raise UsageError("suite 'shift' needs OOD sets: add ood:<set> suites or --ood NAME=DIR")
     return {"kind": "shift", "id_acc": id_acc, "acc": accs, "accuracy_drop": drop, "n": int(y.numel()),
             "spaces": shift_summary(e_id, sets, drop, ridge=ctx.shift_ridge)}
 
 
 def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
-    """Run suites in order (names validated first); return the report with every result under ``"suites"``."""
+    """Run suites in order (names validated first); return the report with every result under ``"suites"``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined here; every rank returns the same report,
+    and callers write it on rank 0 (``distributed.is_main``). ``ctx.device`` ``auto`` becomes this rank's GPU, else
+    the CPU."""
+    from grace_plugin.trainer import resolve_device
+
+    from .distributed import init, rank_world
     from .report import build_report
 
     parsed = [parse_suite(n) for n in names]  # every name fails before any work
+    if not names:
+        raise UsageError("nothing to evaluate: pass --data/--ood/--attack or --suite NAME (see `grace list suites`)")
+    init()
+    ctx.device = str(resolve_device(ctx.device))
     ctx.cache["suite_names"] = list(names)
-    results = {}
+    import time
+
+    results, seconds = {}, {}
     for name, (base, arg) in zip(names, parsed):
         log.info("suite %s", name)
+        t0 = time.perf_counter()
         results[name] = _SUITES[base].fn(loaded, ctx, arg)
-    datasets = {r["dataset"]: {k: v for k, v in r.items() if k not in ("kind", "dataset", "path")}
-                for r in results.values() if r["kind"] in ("id", "ood", "transfer")}
+        seconds[name] = round(time.perf_counter() - t0, 3)
+    roles = ("id", "ood", "transfer")
+    datasets = {r["dataset"]: {k: v for k, v in r.items() if k not in ("kind", "dataset", "path")} | {"role": r["kind"]}
+                for r in results.values() if r["kind"] in roles}
     id_name = next((r["dataset"] for r in results.values() if r["kind"] == "id"), None)
     ood_names = [r["dataset"] for r in results.values() if r["kind"] == "ood"]
     adv = next((r for r in results.values() if r["kind"] in ("adv", "robustbench")), None)
     config = {"suites": list(names), "id_set": [ctx.id_set[0], str(ctx.id_set[1])] if ctx.id_set else None,
+              "sets": {k: str(v) for k, v in ctx.sets.items()}, "data_root": str(ctx.data_root or "") or None,
               "eps": ctx.eps, "norm": ctx.norm, "n_adv": ctx.n_adv, "batch_size": ctx.batch_size,
-              "device": ctx.device, "seed": ctx.seed}
+              "scoring": ctx.scoring, "mapping": {k: str(v) for k, v in ctx.mapping_files.items()},
+              "strict": ctx.strict, "decode": ctx.decode, "device": ctx.device, "seed": ctx.seed,
+              "world_size": rank_world()[1]}
     report = build_report(loaded.name, datasets, id_name, ood_names, adv, config)
-    for name in datasets:
-        report["datasets"][name]["role"] = next(x["kind"] for x in results.values()
-                                                if x.get("dataset") == name and x["kind"] in ("id", "ood", "transfer"))
     report["suites"] = results
+    report["seconds"] = seconds  # wall time per suite on this rank (not a result: excluded from comparisons)
     return report

@@ -120,7 +120,9 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.finetune import fine_tune
     from registry import load_model
 
-    from .runner import EvalRequest, evaluate_model
+    from grace_plugin.trainer import resolve_device
+
+    from .suites import SuiteContext, run_suites
     from .study import _user_overrides, prepare_testbed
     from .testbed_config import load_methods, load_tuning, merge, method_config, nest
 
@@ -147,20 +149,22 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
         echo(f"      validation split held out of ID train: {counts['val']} samples (training on {counts['train']})")
     recipes = sorted({methods[n].recipe for n in cfg.methods})
     user = _user_overrides(cfg.overrides, recipes)
-    req = EvalRequest(id_set=("val", val), ood_sets=[], attack=proto.get("attack", "apgd-ce"),
-                      eps=float(proto.get("eps", 4 / 255)), n_adv=n_val_adv, device=cfg.device, seed=cfg.seed)
+    attack = proto.get("attack", "apgd-ce")
+    device = str(resolve_device(cfg.device))
+    ctx_args = dict(id_set=("val", val), eps=float(proto.get("eps", 4 / 255)), n_adv=n_val_adv, device=device,
+                    seed=cfg.seed)
     echo(f"[3/3] tuning {', '.join(cfg.methods)}: {trials} trials each, {steps} steps, rule {rule}")
     results, selected, notes = {}, {}, {}
     for name in cfg.methods:
         m = methods[name]
         rows = []
         for i, point in enumerate(plans[name]):
-            over = merge(nest(point), {"train": {"seed": cfg.seed, "device": cfg.device}})
+            over = merge(nest(point), {"train": {"seed": cfg.seed, "device": device}})
             over = merge(over, user.get(m.recipe, {}))
             run_cfg = method_config(m, overrides=over, steps=steps, tuned=False)
             run_dir = out / "trials" / name / f"trial{i}"
             fine_tune(m.recipe, pretrained, val, run_dir, run_cfg, progress=progress)
-            rep = evaluate_model(load_model(run_dir), req)
+            rep = run_suites(load_model(run_dir, device=device), ["id", f"adv:{attack}"], SuiteContext(**ctx_args))
             clean = rep["datasets"]["val"]["top1"]
             robust = (rep.get("adversarial") or {}).get("robust_acc")
             rows.append({"trial": i, "point": point, "val_clean": clean, "val_robust": robust,

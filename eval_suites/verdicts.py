@@ -71,16 +71,12 @@ def all_of(verdicts: list[str]) -> str:
     return HOLDS if all(v == HOLDS for v in verdicts) else INCONCLUSIVE
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """95% Wilson score interval of a binomial proportion, in percent (Wilson 1927). A stand-in until the evaluation
-    engine's intervals are wired in (same definition)."""
-    if not n:
-        return None
-    p = correct / n
-    den = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / den
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return 100.0 * max(0.0, c - h), 100.0 * min(1.0, c + h)
+def wilson_interval(correct: int, n: int) -> tuple[float, float] | None:
+    """95% Wilson score interval in percent: the evaluation engine's (``report.wilson``), as a tuple."""
+    from .report import wilson
+
+    ci = wilson(correct, n)
+    return None if ci is None else (ci[0], ci[1])
 
 
 def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> dict:

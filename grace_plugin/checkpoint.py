@@ -232,7 +232,8 @@ def load_run_meta(run: str | Path) -> dict:
     for key in ("architecture", "pretrained_cfg", "classnames"):
         if key not in meta:
             raise CheckpointError(f"{meta_file}: field {key!r} is missing")
-    for section, keys in (("architecture", ("tower", "num_classes")), ("pretrained_cfg", ("input_size", "mean", "std"))):
+    required = (("architecture", ("tower", "num_classes")), ("pretrained_cfg", ("input_size", "mean", "std")))
+    for section, keys in required:
         if not isinstance(meta[section], dict):
             raise CheckpointError(f"{meta_file}: field {section!r} must be a mapping")
         for key in keys:

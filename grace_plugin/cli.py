@@ -14,15 +14,33 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _named_dir(text: str, default_name: str | None = None) -> tuple[str, str]:
+def _named_dir(text: str, default_name: str | None = None, flag: str = "") -> tuple[str, str]:
+    from grace_plugin.errors import UsageError
+
     if "=" in text and not Path(text).exists():
         name, path = text.split("=", 1)
         if not name or not path:
-            raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+            raise UsageError(f"{flag or 'argument'} {text!r}: expected NAME=PATH")
         return name, path
     if default_name is None:
         return Path(text.rstrip("/")).name, text
     return default_name, text
+
+
+EVAL_DESCRIPTION = """Every evaluation is a list of suites, run in order into one report (--out/report.json).
+The shorthands expand into suites, placed before the --suite names (duplicates dropped):
+
+  --data [NAME=]DIR   the ID set, and suite `id`
+  --ood SET           suite `ood:SET` (repeatable, or SET,SET,...); SET is NAME=DIR, a folder, or a
+                      catalogued name (eval_suites/catalogue.yaml) resolved under --data-root
+  --attack NAME       suite `adv:NAME` on the first --n-adv ID samples
+
+so `--data D --ood imagenet-r --attack apgd-ce` is `--data D --suite id --suite ood:imagenet-r --suite
+adv:apgd-ce`. A set is scored the same whichever way it is named: the catalogue's scoring (own head, the
+ID head restricted to its class subset, or a class mapping), --scoring/--mapping overrides, expected and
+unaccounted samples, --strict, --decode. Under `torchrun --nproc_per_node N -m grace_plugin eval ...` the
+batches are split over the ranks, per-sample results gathered, and rank 0 writes the one-process report.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,14 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-5 --set recipe.rho=0.1")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/train_state.pt")
+    t.add_argument("--device", help="auto (CUDA when available, the default of train.device), cuda, cuda:1, cpu")
     t.add_argument("--no-progress", action="store_true")
 
-    e = sub.add_parser("eval", help="three-axis evaluation of a model on shard sets")
+    e = sub.add_parser("eval", help="evaluate a model: a list of suites (ID, OOD, adversarial, ...)",
+                       description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--model", required=True, help="run folder, weights file, CLIP folder or timm model name")
     e.add_argument("--data", metavar="[NAME=]DIR",
-                   help="ID set: a shard set or an ImageNet val folder (named 'id' unless NAME=)")
-    e.add_argument("--ood", action="append", default=[], metavar="NAME=DIR")
-    e.add_argument("--attack", help="registered attack name (see `grace list attacks`)")
+                   help="ID set: a shard set or an ImageNet val folder (named 'id' unless NAME=); adds suite id")
+    e.add_argument("--ood", action="append", default=[], metavar="SET[,SET...]",
+                   help="adds suite ood:SET per set: NAME=DIR, a folder, or a catalogued name under --data-root")
+    e.add_argument("--attack", help="adds suite adv:ATTACK (see `grace list attacks`)")
     e.add_argument("--eps", default="4/255", help="l_inf radius, e.g. 4/255 or 0.0157")
     e.add_argument("--norm", default="Linf")
     e.add_argument("--n-adv", type=int, default=500)
@@ -67,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--decode", choices=["pil", "tensor"], default="pil",
                    help="shard image decoding: pil (timm's/RobustBench's preprocessing exactly) or tensor "
                         "(torchvision decode + tensor resize, about 2x faster, within 2 grey levels of PIL)")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--strict", action="store_true", help="any skipped sample is an error")
+    e.add_argument("--device", default="auto", help="auto (CUDA when available; each torchrun rank its GPU), cuda, cpu")
+    e.add_argument("--strict", action="store_true", help="any skipped or unaccounted sample is an error")
     e.add_argument("--scoring", choices=["own", "subset", "mapping"],
                    help="override the catalogue's scoring of OOD sets (own head / ID head restricted / mapped)")
     e.add_argument("--mapping", action="append", default=[], metavar="NAME=FILE",
@@ -77,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--suite", action="append", default=[], metavar="NAME",
-                   help="run registered suites (repeatable; see `grace list suites`): id, ood:<set>, adv:<attack>, "
-                        "transfer:<set>, corruptions, geometry, shift, robustbench")
+                   help="run registered suites after the shorthands' (repeatable; see `grace list suites`): id, "
+                        "ood:<set>, adv:<attack>, transfer:<set>, corruptions, geometry, shift, robustbench")
     e.add_argument("--data-root", default=os.environ.get("GRACE_DATA"),
                    help="root of the data sets: `--ood imagenet-r` and ood:<name>/transfer:<name> resolve to its "
                         "catalogued folder (eval_suites/catalogue.yaml) or <root>/<name> (default $GRACE_DATA)")
@@ -108,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seeds", type=int, default=1, help="fine-tune and attack with this many seeds; mean and spread")
     q.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default 1500)")
     q.add_argument("--world", choices=["v1", "v2"], default="v2", help="synthetic world version (see grace synth)")
+    q.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
     q.add_argument("--no-progress", action="store_true")
 
     st = sub.add_parser("study", help="a named study on the testbed (configs/testbed/studies.yaml: table6, table7, "
@@ -122,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps")
     st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field of every run, e.g. --set train.batch_size=32")
-    st.add_argument("--device", default="cpu")
+    st.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
     st.add_argument("--methods", help="tune: comma-separated methods of configs/testbed/methods.yaml")
     st.add_argument("--trials", type=int, help="tune: trials per method (default: tuning.yaml's)")
     st.add_argument("--n-val-adv", type=int, help="tune: validation images attacked per trial")
@@ -150,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--attack", help="optional: also measure Adv (registered attack name)")
     w.add_argument("--eps", default="4/255")
     w.add_argument("--n-adv", type=int, default=500)
-    w.add_argument("--device", default="cpu")
+    w.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
     w.add_argument("--out", required=True)
 
     ls = sub.add_parser("list", help="list registered names")
@@ -195,73 +217,53 @@ def _cmd_train(a) -> int:
     from grace_plugin.recipes import get_recipe_class
 
     get_recipe_class(a.recipe)
-    cfg = build_config(a.recipe, config_file=a.config, overrides=a.overrides, steps=a.steps, epochs=a.epochs)
+    overrides = list(a.overrides) + ([f"train.device={a.device}"] if a.device else [])
+    cfg = build_config(a.recipe, config_file=a.config, overrides=overrides, steps=a.steps, epochs=a.epochs)
     out = fine_tune(a.recipe, a.init, a.data, a.out, cfg, progress=not a.no_progress, resume=a.resume)
     print(f"wrote {out / 'model.safetensors'} and {out / 'checkpoint.json'}")
     return 0
 
 
 def _cmd_eval(a) -> int:
+    import contextlib
+
     from grace_plugin.runfolder import folder_lock
 
-    with folder_lock(a.out, what="eval output folder"):  # one writer per --out (report, resume state)
+    # one writer per --out (report, resume state); under torchrun rank 0 holds the lock for every rank
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(a.out, what="eval output folder") if rank0 else contextlib.nullcontext():
         return _cmd_eval_locked(a)
 
 
 def _cmd_eval_locked(a) -> int:
-    from eval_suites.attacks import get_attack, parse_eps
+    from eval_suites.attacks import parse_eps
+    from eval_suites.distributed import init, is_main
     from eval_suites.report import report_markdown, write_report
-    from eval_suites.runner import EvalRequest, evaluate_model
+    from eval_suites.suites import SuiteContext, expand_shorthands, parse_suite, run_suites
+    from grace_plugin.trainer import resolve_device
     from registry import load_model
 
     eps = parse_eps(a.eps)
-    if a.attack:
-        get_attack(a.attack)
-    if a.suite:
-        return _eval_suites(a, eps)
-    if not a.data:
-        raise ValueError("--data is required (or name suites with --suite)")
-    from eval_suites.shardsets import get_shardset, resolve_set_dir
-
-    def catalogued(text):
-        if "=" not in text and not Path(text).exists() and get_shardset(text) is not None:
-            if not a.data_root:
-                raise ValueError(f"--ood {text}: a catalogued set name needs --data-root (or pass {text}=DIR)")
-            return text, str(resolve_set_dir(text, a.data_root))
-        return _named_dir(text)
-
-    id_set = _named_dir(a.data, default_name="id") if "=" not in a.data else _named_dir(a.data)
-    ood = [catalogued(o) for o in a.ood]
-    mappings = dict(_named_dir(m) for m in a.mapping)
-    req = EvalRequest(id_set=id_set, ood_sets=ood, attack=a.attack, eps=eps, norm=a.norm, n_adv=a.n_adv,
-                      batch_size=a.batch_size, num_workers=a.num_workers, device=a.device, strict=a.strict,
-                      scoring=a.scoring, mapping_files=mappings, decode=a.decode)
-    report = evaluate_model(load_model(a.model, device=a.device), req, progress=not a.no_progress)
-    path = write_report(a.out, report)
-    print(report_markdown(report))
-    print(f"wrote {path}")
-    return 0
-
-
-def _eval_suites(a, eps: float) -> int:
-    from eval_suites.report import report_markdown, write_report
-    from eval_suites.suites import SuiteContext, parse_suite, run_suites
-    from registry import load_model
-
-    for name in a.suite:
-        parse_suite(name)
+    names, sets = expand_shorthands(a.data, a.ood, a.attack, a.suite)
+    for name in names:
+        parse_suite(name)  # every name fails before the model loads
     id_set = None
     if a.data:
-        id_set = _named_dir(a.data, default_name="id") if "=" not in a.data else _named_dir(a.data)
-    ctx = SuiteContext(id_set=id_set, sets=dict(_named_dir(o) for o in a.ood), data_root=a.data_root, eps=eps,
-                       norm=a.norm, n_adv=a.n_adv, batch_size=a.batch_size, num_workers=a.num_workers, decode=a.decode,
-                       device=a.device, seed=a.seed, strict=a.strict, unit_input=a.unit_input, out_dir=a.out,
-                       imagenet_dir=a.imagenet_dir, corruptions_dir=a.corruptions_dir, n_imagenet=a.n_imagenet,
-                       reference=a.reference, model_info_name=a.model_info_name, progress=not a.no_progress)
-    report = run_suites(load_model(a.model, device=a.device), a.suite, ctx)
-    path = write_report(a.out, report)
-    print(report_markdown(report))
-    print(f"wrote {path}")
+        id_set = _named_dir(a.data, default_name=None if "=" in a.data else "id", flag="--data")
+    init()  # torchrun: join the process group before choosing this rank's device
+    device = str(resolve_device(a.device))
+    ctx = SuiteContext(id_set=id_set, sets=sets, data_root=a.data_root, eps=eps, norm=a.norm, n_adv=a.n_adv,
+                       batch_size=a.batch_size, num_workers=a.num_workers, decode=a.decode, device=device,
+                       seed=a.seed, strict=a.strict, scoring=a.scoring,
+                       mapping_files=dict(_named_dir(m, flag="--mapping") for m in a.mapping),
+                       unit_input=a.unit_input, out_dir=a.out, imagenet_dir=a.imagenet_dir,
+                       corruptions_dir=a.corruptions_dir, n_imagenet=a.n_imagenet, reference=a.reference,
+                       model_info_name=a.model_info_name, progress=not a.no_progress)
+    report = run_suites(load_model(a.model, device=device), names, ctx)
+    if is_main():
+        path = write_report(a.out, report)
+        print(report_markdown(report))
+        print(f"wrote {path}")
     return 0
 
 
@@ -284,10 +286,11 @@ def _cmd_quickstart(a) -> int:
         get_recipe_class(r)
     cfg = QuickstartConfig(out=Path(a.out), seed=a.seed, recipes=recipes, steps=a.steps, n_adv=a.n_adv,
                            overrides=a.overrides, size=a.size, pretrain_steps=a.pretrain_steps,
-                           seeds=a.seeds, world=a.world)
+                           seeds=a.seeds, world=a.world, device=a.device)
     res = run_quickstart(cfg, progress=not a.no_progress)
     print()
-    print(summary_markdown(res["rows"]))
+    print(summary_markdown(res["rows"], definition="strict"))
+    print(summary_markdown([r["paper"] for r in res["rows"]], definition="paper"))
     print(res["legend"] + "\n")
     print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']} "
           f"({res['seconds']:.0f} s)")
@@ -332,10 +335,12 @@ def _cmd_shards(a) -> int:
 
 
 def _parse_info(items: list[str]) -> dict:
+    from grace_plugin.errors import UsageError
+
     info = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--info {item!r}: expected FIELD=VALUE")
+            raise UsageError(f"--info {item!r}: expected FIELD=VALUE")
         k, v = item.split("=", 1)
         info[k.strip()] = v
     return info
@@ -354,6 +359,7 @@ def _cmd_register(a) -> int:
 
 
 def _cmd_export(a) -> int:
+    from grace_plugin.errors import UsageError
     from registry.publish import export_open_clip, export_timm_hub
 
     if a.format == "open_clip":
@@ -362,7 +368,7 @@ def _cmd_export(a) -> int:
               f"open_clip.create_model_and_transforms({res['name']!r}, pretrained=...)")
     else:
         if not a.name:
-            raise ValueError("--format timm-hub needs --name RB_NAME (the timm architecture in config.json)")
+            raise UsageError("--format timm-hub needs --name RB_NAME (the timm architecture in config.json)")
         res = export_timm_hub(a.run_dir, a.out, a.name, dataset=a.dataset, threat_model=a.threat_model,
                               templates=a.templates)
         print(f"wrote {res['config']} and {res['weights']} (architecture {res['timm_name']})")
@@ -371,19 +377,20 @@ def _cmd_export(a) -> int:
 
 def _cmd_wise_ft_sweep(a) -> int:
     from eval_suites.attacks import parse_eps
-    from eval_suites.runner import EvalRequest
     from eval_suites.study import run_wise_ft_sweep
+    from eval_suites.suites import SuiteContext, expand_shorthands
+    from grace_plugin.errors import UsageError
 
     try:
         alphas = [float(v) for v in a.alphas.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--alphas {a.alphas!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+        raise UsageError(f"--alphas {a.alphas!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
     if not alphas or any(not 0.0 <= v <= 1.0 for v in alphas):
-        raise ValueError(f"--alphas {a.alphas!r}: every alpha must be in [0, 1]")
-    id_set = _named_dir(a.data, default_name="id") if "=" not in a.data else _named_dir(a.data)
-    req = EvalRequest(id_set=id_set, ood_sets=[_named_dir(o) for o in a.ood], attack=a.attack,
-                      eps=parse_eps(a.eps), n_adv=a.n_adv, device=a.device)
-    res = run_wise_ft_sweep(a.zero_shot, a.finetuned, req, alphas, out=a.out)
+        raise UsageError(f"--alphas {a.alphas!r}: every alpha must be in [0, 1]")
+    id_set = _named_dir(a.data, default_name=None if "=" in a.data else "id", flag="--data")
+    names, sets = expand_shorthands(a.data, a.ood, a.attack)
+    ctx = SuiteContext(id_set=id_set, sets=sets, eps=parse_eps(a.eps), n_adv=a.n_adv, device=a.device)
+    res = run_wise_ft_sweep(a.zero_shot, a.finetuned, names, ctx, alphas, out=a.out)
     for p in res["points"]:
         print(f"alpha={p['alpha']:.2f}  " + "  ".join(f"{k}={p[k]}" for k in ("id", "ood", "adv", "hm")))
     print("frontier: " + ", ".join(f"{p['alpha']:.2f}" for p in res["frontier"]))
@@ -431,12 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                 "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export,
                 "wise-ft-sweep": _cmd_wise_ft_sweep, "report": _cmd_report,
                 "study": _cmd_study}
-    # GraceError is the user-mistake family (grace_plugin.errors). FileNotFoundError/ValueError are still caught here
-    # while the library's remaining plain raises are moved into that family.
-    expected = (GraceError, FileNotFoundError, ValueError)
+    # GraceError is the user-mistake family (grace_plugin.errors): one line, exit 2. Anything else is a bug in this
+    # package: its traceback is printed and the exit status is 1.
     try:
         return handlers[a.command](a)
-    except expected as e:
+    except GraceError as e:
         if os.environ.get("GRACE_DEBUG"):
             raise
         print(f"grace {a.command}: error: {_one_line(e)}", file=sys.stderr)

@@ -11,6 +11,7 @@ import yaml
 from .checkpoint import atomic_write_text, save_run
 from .config import (ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides, load_yaml, parse_overrides,
                      to_dict, validate)
+from .errors import UsageError
 
 __all__ = ["build_config", "fine_tune"]
 
@@ -87,7 +88,7 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
     shards = open_shard_set(data, split=cfg.data.train_split)
     classnames = shards.require_classnames()
     if cfg.data.decode not in DECODERS:
-        raise ValueError(f"data.decode {cfg.data.decode!r} is not a decoder; valid: {', '.join(DECODERS)}")
+        raise UsageError(f"data.decode {cfg.data.decode!r} is not a decoder; valid: {', '.join(DECODERS)}")
     device = resolve_device(cfg.train.device)
     bundle = load_clip(init)
     model = classifier_from_clip(bundle, classnames, shards.templates or [], device="cpu")

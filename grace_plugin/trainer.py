@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import atomic_path, torch_load_tensors
 from .config import TrainConfig
-from .errors import GraceError
+from .errors import GraceError, UsageError
 from .recipes.base import Recipe, StepContext
 
 __all__ = ["train", "TrainingDiverged", "resolve_device", "autocast_factory", "TrainResult", "init_distributed",
@@ -105,7 +105,7 @@ def autocast_factory(device: torch.device, precision: str = "auto"):
         return contextlib.nullcontext
     if precision == "bf16":
         return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"unknown precision {precision!r}; valid: auto, bf16, fp32")
+    raise UsageError(f"train.precision: unknown precision {precision!r}; valid: auto, bf16, fp32")
 
 
 def seed_everything(seed: int) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from grace_plugin.errors import UsageError
+
 __all__ = ["interpolate_state_dicts", "interpolated_model", "pareto_frontier", "wise_ft_sweep", "relative_drift"]
 
 
@@ -26,12 +28,12 @@ def interpolate_state_dicts(zero_shot: Mapping[str, torch.Tensor], finetuned: Ma
     """
     if set(zero_shot) != set(finetuned):
         diff = sorted(set(zero_shot) ^ set(finetuned))
-        raise ValueError(f"state dicts have different keys (e.g. {diff[:3]}); merge LoRA and use the same classes")
+        raise UsageError(f"state dicts have different keys (e.g. {diff[:3]}); merge LoRA and use the same classes")
     out = {}
     for k, ft in finetuned.items():
         zs = zero_shot[k]
         if zs.shape != ft.shape:
-            raise ValueError(f"{k}: shape {tuple(zs.shape)} (zero-shot) vs {tuple(ft.shape)} (fine-tuned)")
+            raise UsageError(f"{k}: shape {tuple(zs.shape)} (zero-shot) vs {tuple(ft.shape)} (fine-tuned)")
         if ft.is_floating_point():
             z = zs.to(device=ft.device, dtype=torch.float32)
             out[k] = (z + alpha * (ft.float() - z)).to(ft.dtype) if alpha not in (0.0, 1.0) else (

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import re
 
+from grace_plugin.errors import UsageError
+
 __all__ = ["timm_name", "DATASETS", "THREAT_MODELS", "NUM_CLASSES", "check_rb_name", "model_info_fields"]
 
 # robustbench.model_zoo.enums.BenchmarkDataset / ThreatModel values, and robustbench.utils.DATASET_CLASSES.
@@ -26,7 +28,7 @@ _RB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 def check_rb_name(rb_name: str) -> str:
     if not isinstance(rb_name, str) or not _RB_NAME.match(rb_name):
-        raise ValueError(f"RobustBench name {rb_name!r}: expected letters, digits, '_' or '-' starting with a letter, "
+        raise UsageError(f"RobustBench name {rb_name!r}: expected letters, digits, '_' or '-' starting with a letter, "
                          "e.g. 'Grace2026Gram_ViT-B-32' (<FirstAuthor><Year><Keyword>_<Arch>)")
     return rb_name
 
@@ -45,9 +47,9 @@ def timm_name(rb_name: str, dataset: str = "imagenet", threat_model: str = "Linf
     """
     check_rb_name(rb_name)
     if dataset not in DATASETS:
-        raise ValueError(f"dataset {dataset!r}: valid choices are {', '.join(DATASETS)}")
+        raise UsageError(f"dataset {dataset!r}: valid choices are {', '.join(DATASETS)}")
     if threat_model not in THREAT_MODELS:
-        raise ValueError(f"threat model {threat_model!r}: valid choices are {', '.join(THREAT_MODELS)}")
+        raise UsageError(f"threat model {threat_model!r}: valid choices are {', '.join(THREAT_MODELS)}")
     threat = threat_model.replace("_3d", "")
     return f"{rb_name.lower().replace('-', '_')}_{dataset.lower()}_{threat.lower()}"
 

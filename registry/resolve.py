@@ -32,21 +32,48 @@ class LoadedModel:
 
     def for_classes(self, classnames: list[str] | None, templates: list[str] | None,
                     device: str | torch.device = "cpu") -> nn.Module:
+        return self.head_for(classnames, templates, device)[0]
+
+    def head_for(self, classnames: list[str] | None, templates: list[str] | None,
+                 device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+        """``(classifier, head)`` for a data set's class names; ``head`` says which head is used and why:
+        ``{"head": "own" | "zero-shot" | "rebuilt", "classes": N, "reason": str}``. The model's own (fine-tuned)
+        head is used when the names match; a run that records no class names keeps its own head when the set has
+        as many classes; otherwise a zero-shot head is built from the text tower and the reason names the
+        mismatch (callers print it: a fine-tuned head is never replaced silently)."""
         from grace_plugin.models.classifier import ClipClassifier, ZeroShotHead
         from grace_plugin.models.clip import classifier_from_clip, zero_shot_weights
 
         if self.clip is not None:
             if not classnames:
                 raise ModelNotFound(f"{self.name}: a CLIP needs the data set's classnames.txt to build its head")
-            return classifier_from_clip(self.clip, classnames, templates or [], device=device).to(device)
+            model = classifier_from_clip(self.clip, classnames, templates or [], device=device).to(device)
+            return model, {"head": "zero-shot", "classes": len(classnames),
+                           "reason": "a CLIP folder: zero-shot head from the set's class names"}
+        n_head = int(self.model.head.weight.shape[0]) if hasattr(getattr(self.model, "head", None), "weight") \
+            else len(self.classnames or [])
         if classnames is None or classnames == self.classnames:
-            return self.model
+            return self.model, {"head": "own", "classes": n_head, "reason": "the set's class names are the head's"}
+        if not self.classnames and len(classnames) == n_head:
+            return self.model, {"head": "own", "classes": n_head,
+                                "reason": f"the model records no class names; its {n_head}-class head is used with "
+                                          "the set's labels as head indices"}
+        if not self.classnames:
+            why = f"the model records no class names and its head has {n_head} classes, the set {len(classnames)}"
+        elif len(classnames) != len(self.classnames):
+            why = f"the set has {len(classnames)} class names, the model's head {len(self.classnames)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(classnames, self.classnames)) if a != b)
+            why = (f"the set's class names differ from the head's (first at label {i}: {classnames[i]!r} vs "
+                   f"{self.classnames[i]!r})")
         if self.text is None:
-            raise ModelNotFound(f"{self.name}: its head has {len(self.classnames or [])} classes and it carries no "
-                                f"text tower to build a head for the {len(classnames)} classes of this data set")
+            raise ModelNotFound(f"{self.name}: {why}, and it carries no text tower to build a head for them")
         w = zero_shot_weights(self.text, classnames, templates or [], device=device)
         head = ZeroShotHead(w, float(self.model.head.logit_scale)).to(device)
-        return ClipClassifier(self.model.visual, head, self.model.pretrained_cfg).eval()
+        model = ClipClassifier(self.model.visual, head, self.model.pretrained_cfg).eval()
+        return model, {"head": "rebuilt", "classes": len(classnames),
+                       "reason": f"{why}: zero-shot head rebuilt from the text tower "
+                                 "(the model's own head is not used)"}
 
     @property
     def pretrained_cfg(self) -> dict:

@@ -75,21 +75,71 @@ def tiny_clip_dir_of(zs):
     return zs.name
 
 
+def _state(tmp_path, name="adv-fgsm-Linf"):
+    return tmp_path / "state" / f"{name}.rank0.json"
+
+
 def test_adv_suite_resumes_from_state(zs, tiny_world, tmp_path):
     ctx = SuiteContext(id_set=("id", tiny_world / "id"), n_adv=16, batch_size=8, out_dir=tmp_path)
     first = run_suites(zs, ["adv:fgsm"], ctx)["suites"]["adv:fgsm"]
-    state = tmp_path / "state" / "adv-fgsm-Linf.json"
-    st = json.loads(state.read_text())
-    assert sorted(st["batches"]) == ["0", "1"]
-    assert sum(b["robust"] for b in st["batches"].values()) * 100 / 16 == first["robust_acc"]
-    st["batches"]["0"]["robust"] = 8  # a finished batch is not recomputed: the edited count shows through
-    state.write_text(json.dumps(st))
+    st = json.loads(_state(tmp_path).read_text())
+    assert sorted(st["batches"]) == ["0:0", "0:1"]  # batches (shard, k): the first 16 samples are in shard 0
+    assert sum(sum(b["robust"]) for b in st["batches"].values()) * 100 / 16 == first["robust_acc"]
+    assert first["resumed_batches"] == 0
+    st["batches"]["0:0"]["robust"] = [1] * 8  # a finished batch is not recomputed: the edited results show through
+    _state(tmp_path).write_text(json.dumps(st))
     ctx2 = SuiteContext(id_set=("id", tiny_world / "id"), n_adv=16, batch_size=8, out_dir=tmp_path)
     again = run_suites(zs, ["adv:fgsm"], ctx2)["suites"]["adv:fgsm"]
-    assert again["robust_acc"] == (8 + st["batches"]["1"]["robust"]) * 100 / 16
-    ctx3 = SuiteContext(id_set=("id", tiny_world / "id"), n_adv=16, batch_size=8, out_dir=tmp_path, eps=1 / 255)
-    with pytest.raises(ValueError, match="different run"):
-        run_suites(zs, ["adv:fgsm"], ctx3)
+    assert again["robust_acc"] == (8 + sum(st["batches"]["0:1"]["robust"])) * 100 / 16
+    assert again["resumed_batches"] == 2
+
+
+@pytest.mark.parametrize("change", ["eps", "n_adv", "seed", "batch_size", "weights", "data", "data_mtime"])
+def test_stale_adv_state_is_discarded(change, zs, tiny_world, tmp_path, caplog):
+    """Issue 12.1: a state computed from other weights, data, attack settings or batch order is never reused: it is
+    discarded with a one-line notice naming what differs, and the run recomputes."""
+    import shutil
+
+    from registry import LoadedModel
+
+    data = tmp_path / "id"
+    shutil.copytree(tiny_world / "id", data)
+    kw = dict(id_set=("id", data), n_adv=16, batch_size=8, out_dir=tmp_path / "o")
+    run_suites(zs, ["adv:fgsm"], SuiteContext(**kw))
+    st = json.loads(_state(tmp_path / "o").read_text())
+    for b in st["batches"].values():
+        b["robust"] = [1] * len(b["robust"])  # poison: reused state would give 100 %
+    _state(tmp_path / "o").write_text(json.dumps(st))
+    model = zs
+    if change == "weights":  # the model at the same path replaced: same name, other weights
+        m = zs.for_classes(*_names(data))
+        with torch.no_grad():
+            m.head.weight.mul_(-1)
+        model = LoadedModel(m, zs.name, _names(data)[0])
+    elif change == "data":  # another set at the same path
+        shutil.rmtree(data)
+        shutil.copytree(tiny_world / "sketch", data)
+    elif change == "data_mtime":
+        import os
+
+        tar = data / "test" / "0.tar"
+        os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
+    else:
+        kw = dict(kw, **{change: {"eps": 2 / 255, "n_adv": 8, "seed": 1, "batch_size": 4}[change]})
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        res = run_suites(model, ["adv:fgsm"], SuiteContext(**kw))["suites"]["adv:fgsm"]
+    assert res["resumed_batches"] == 0 and res["robust_acc"] < 100.0
+    notices = [r.getMessage() for r in caplog.records if "resume state" in r.getMessage()]
+    field = {"weights": "weights_sha256", "data": "data", "data_mtime": "data", "n_adv": "n"}.get(change, change)
+    assert len(notices) == 1 and field in notices[0] and "discarded" in notices[0], notices
+
+
+def _names(path):
+    from grace_plugin.data.shards import open_shard_set
+
+    s = open_shard_set(path)
+    return s.classnames, s.templates
 
 
 class Normalised(nn.Module):

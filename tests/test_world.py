@@ -140,12 +140,12 @@ def test_worlds_are_deterministic_and_v1_stays_reachable(tmp_path):
         write_synthetic_world(tmp_path / "c", world="v3")
 
 
-def test_quickstart_error_bars_are_binomial_intervals():
-    from eval_suites.study import OOD_SETS, _binomial_halfwidths
+def test_quickstart_column_definitions_give_binomial_half_widths():
+    from eval_suites.study import OOD_SETS, column_definitions
 
-    counts = {"id": {"test": 600}, **{s: {"test": 500} for s in OOD_SETS}}
-    ci = _binomial_halfwidths({"id": 50.0, "ood": 40.0, "adv": 0.0}, counts, 200)
-    assert ci["id_ci"] == pytest.approx(1.96 * (0.25 / 600) ** 0.5 * 100)
-    # four equal sets: the mean's variance is p(1-p)/500 / 4
-    assert ci["ood_ci"] == pytest.approx(1.96 * (0.4 * 0.6 / 500 / 4) ** 0.5 * 100)
-    assert ci["adv_ci"] == 0.0
+    counts = {"id": {"test": 600}, **{s.removeprefix("synth-"): {"test": 500} for s in OOD_SETS}}
+    text = column_definitions(counts, "apgd-ce", 4 / 255, 200, 1)
+    assert f"±{1.96 * (0.25 / 600) ** 0.5 * 100:.1f} (ID)" in text
+    # four equal sets of 500: the mean's widest half-width is 1.96 sqrt(0.25 / 500 / 4)
+    assert f"±{1.96 * (0.25 / 500 / 4) ** 0.5 * 100:.1f} (OOD)" in text
+    assert f"±{1.96 * (0.25 / 200) ** 0.5 * 100:.1f} (Adv)" in text

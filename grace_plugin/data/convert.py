@@ -13,6 +13,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from grace_plugin.errors import InputNotFound, UsageError
+
 __all__ = ["ConvertResult", "convert_imagefolder", "scan_imagefolder"]
 
 EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".JPEG": "jpg", ".JPG": "jpg",
@@ -34,17 +36,17 @@ def scan_imagefolder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]
     """Sorted class folders (label order) and ``(path, label)`` pairs, like torchvision's ImageFolder."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: ImageFolder root does not exist")
+        raise InputNotFound(f"{root}: ImageFolder root does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise ValueError(f"{root}: no class sub-folders")
+        raise UsageError(f"{root}: no class sub-folders")
     samples = []
     for label, c in enumerate(classes):
         for f in sorted((root / c).iterdir()):
             if f.is_file() and f.suffix in EXTS:
                 samples.append((str(f), label))
     if not samples:
-        raise ValueError(f"{root}: no images with extensions {sorted(set(EXTS))}")
+        raise UsageError(f"{root}: no images with extensions {sorted(set(EXTS))}")
     return classes, samples
 
 
@@ -77,9 +79,9 @@ def convert_imagefolder(src: str | Path, out: str | Path, layout: str = "clip_be
                         classnames: list[str] | None = None, templates: list[str] | None = None,
                         progress: bool = False) -> ConvertResult:
     if layout not in ("clip_benchmark", "timm"):
-        raise ValueError(f"unknown layout {layout!r}; valid: clip_benchmark, timm")
+        raise UsageError(f"unknown layout {layout!r}; valid: clip_benchmark, timm")
     if maxcount <= 0:
-        raise ValueError(f"--maxcount must be > 0, got {maxcount}")
+        raise UsageError(f"--maxcount must be > 0, got {maxcount}")
     classes, samples = scan_imagefolder(src)
     split = split or ("test" if layout == "clip_benchmark" else "validation")
     out = Path(out)

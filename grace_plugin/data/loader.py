@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from PIL import Image
 
-from ..errors import GraceError
+from ..errors import GraceError, UsageError
 from .shards import IMAGE_KEYS
 from .transforms import as_tensor_transform
 
@@ -271,30 +271,92 @@ def merge_skips(total: Counter, batch: dict) -> None:
 
 def _tensor_path(transform: Callable, decode: str) -> Callable | None:
     if decode not in DECODERS:
-        raise ValueError(f"unknown decode {decode!r}; valid: {', '.join(DECODERS)}")
+        raise UsageError(f"unknown decode {decode!r}; valid: {', '.join(DECODERS)}")
     return as_tensor_transform(transform) if decode == "tensor" else None
 
 
 def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,
-                     num_workers: int = 0, draft_size: int | None = None, decode: str = "pil"
-                     ) -> torch.utils.data.DataLoader:
+                     num_workers: int = 0, draft_size: int | None = None, decode: str = "pil",
+                     limit: int | None = None, ranks: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
     """Every sample exactly once across ranks and workers, in shard order (batched inside the workers).
+
+    Batches are cut by position inside each shard: batch ``(s, k)`` holds the records ``k*B .. k*B+B-1`` of shard
+    ``s`` (a skipped sample keeps its position and counts in that batch's ``skipped``), so which samples share a
+    batch does not depend on the number of ranks or workers. Rank ``r`` of ``W`` (torchrun's ``RANK``/``WORLD_SIZE``
+    or the initialised process group) decodes only the batches with ``(s + k) % W == r``; each batch carries its
+    ``"key": (s, k)``. Workers split the shards. ``limit``: only the first ``limit`` records of the stream (in shard
+    order; needs ``num_workers=0``), e.g. the attacked subset. ``ranks=(0, 1)``: every batch, whatever the world.
 
     ``decode``: ``pil`` (default: exactly timm's and RobustBench's PIL preprocessing) or ``tensor`` (torchvision
     decoding and tensor resize, ``decode_sample``'s ``tensor_transform``; PIL where the transform needs it)."""
     import webdataset as wds
 
     tt = _tensor_path(transform, decode)
+    if limit is not None and num_workers > 0:
+        raise ValueError("make_eval_loader: limit counts records in shard order and needs num_workers=0")
 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.split_by_node,
+        _number_shards,
         wds.split_by_worker,
-        _tar_samples,
-        wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, num_classes, draft_size, tt)),
-        lambda src: _batches(src, batch_size, partial=True),
+        lambda src: _owned_records(src, batch_size, limit, ranks),
+        wds.map(lambda s: s if "__skip__" in s else dict(decode_sample(s, transform, num_classes, draft_size, tt),
+                                                         __batch__=s["__batch__"])),
+        _keyed_batches,
     )
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers)
+
+
+def _number_shards(src: Iterable[dict]) -> Iterator[dict]:
+    for i, item in enumerate(src):
+        yield dict(item, __shard__=i)
+
+
+def _owned_records(items: Iterable[dict], batch_size: int, limit: int | None,
+                   ranks: tuple[int, int] | None = None) -> Iterator[dict]:
+    """Tar records tagged with their batch ``(shard, position // batch_size)``; only this rank's batches."""
+    import webdataset as wds
+
+    rank, world = ranks or wds.utils.pytorch_worker_info()[:2]
+    seen = 0
+    for item in items:
+        s = item["__shard__"]
+        for i, rec in enumerate(_tar_samples([{"url": item["url"]}])):
+            if limit is not None and seen >= limit:
+                return
+            seen += 1
+            k = i // batch_size
+            if (s + k) % world == rank:
+                rec["__batch__"] = (s, k)
+                yield rec
+
+
+def _keyed_batches(records: Iterable[dict]) -> Iterator[dict]:
+    """Group consecutive records of one batch key into ``{"image", "label", "skipped", "key"}``."""
+    key, images, labels, skipped = None, [], [], Counter()
+    logged: set = set()
+
+    def emit():
+        return {"image": torch.stack(images) if images else torch.empty(0),
+                "label": torch.tensor(labels, dtype=torch.long), "skipped": dict(skipped), "key": key}
+
+    for r in records:
+        if r["__batch__"] != key:
+            if key is not None:
+                yield emit()
+            key, images, labels, skipped = r["__batch__"], [], [], Counter()
+        reason = r.get("__skip__")
+        if reason is not None:
+            skipped[reason] += 1
+            if reason not in logged:
+                logged.add(reason)
+                log.warning("skipping sample %r in %s: %s (further '%s' skips are counted, not logged)",
+                            r.get("__key__"), r.get("__url__"), reason, reason)
+            continue
+        images.append(r["image"])
+        labels.append(r["label"])
+    if key is not None:
+        yield emit()
 
 
 class TrainStream(torch.utils.data.IterableDataset):

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from grace_plugin.errors import UsageError
+
 __all__ = ["eval_transform", "train_transform", "data_config", "as_tensor_transform"]
 
 _IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -39,7 +41,7 @@ def train_transform(pretrained_cfg: dict, augment: str = "none") -> Callable:
         cfg = data_config(pretrained_cfg)
         return create_transform(input_size=cfg["input_size"], is_training=True, interpolation=cfg["interpolation"],
                                 hflip=0.5, color_jitter=None, **_IDENTITY)
-    raise ValueError(f"unknown augment {augment!r}; valid: none, rrc")
+    raise UsageError(f"data.augment: unknown augment {augment!r}; valid: none, rrc")
 
 
 def as_tensor_transform(transform: Callable) -> Callable | None:

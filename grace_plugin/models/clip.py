@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, check_finite, load_state_dict_checked, read_tensors
+from ..errors import InputNotFound, UsageError
 
 from .classifier import ClipClassifier, ZeroShotHead
 
@@ -93,10 +94,10 @@ def load_clip(init: str | Path, device: str | torch.device = "cpu") -> ClipBundl
         meta_file = p / "open_clip_config.json"
         weights = p / "open_clip_model.safetensors"
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file}: missing; --init DIR must be a folder written by "
+            raise InputNotFound(f"{meta_file}: missing; --init DIR must be a folder written by "
                                     "`grace quickstart`/`save_clip`, or NAME:PRETRAINED for open_clip")
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: missing")
+            raise InputNotFound(f"{weights}: missing")
         try:
             meta = json.loads(meta_file.read_text())
             name, cfg = meta["model_name"], meta["model_cfg"]
@@ -110,7 +111,7 @@ def load_clip(init: str | Path, device: str | torch.device = "cpu") -> ClipBundl
     if ":" in str(init):
         name, pretrained = str(init).split(":", 1)
         if open_clip.get_model_config(name) is None:
-            raise ValueError(f"unknown open_clip model {name!r} in --init {init!r}")
+            raise UsageError(f"unknown open_clip model {name!r} in --init {init!r}")
         file = Path(pretrained).expanduser()
         if file.is_file():
             # a local file: vet it first (safetensors or a tensors-only pickle, all finite) so a code-running
@@ -126,7 +127,7 @@ def load_clip(init: str | Path, device: str | torch.device = "cpu") -> ClipBundl
             raise CheckpointError(f"{file}: not an open_clip {name} state dict ({first})") from None
         check_finite(clip.state_dict(), f"--init {init}")
         return ClipBundle(name, open_clip.get_model_config(name), clip.eval(), source=str(init))
-    raise FileNotFoundError(f"--init {init!r}: not a folder and not NAME:PRETRAINED")
+    raise InputNotFound(f"--init {init!r}: not a folder and not NAME:PRETRAINED")
 
 
 def save_clip(bundle: ClipBundle, out: str | Path, extra: dict | None = None) -> Path:
@@ -167,7 +168,7 @@ def tower_spec(model_name: str, model_cfg: dict) -> dict:
         return {"arch": OPENAI_TOWERS[model_name], "kwargs": {"num_classes": embed_dim}}
     v = model_cfg["vision_cfg"]
     if v.get("timm_model_name"):
-        raise ValueError(f"{model_name}: timm-tower open_clip models are not supported yet")
+        raise UsageError(f"{model_name}: timm-tower open_clip models are not supported yet")
     size = v["image_size"] if isinstance(v["image_size"], int) else v["image_size"][0]
     width = v["width"]
     return {"arch": None, "kwargs": {
