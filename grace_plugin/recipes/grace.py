@@ -73,16 +73,57 @@ def attack_steps(eps: float, steps: int) -> int:
     return steps if eps > 0 and steps > 0 else 0
 
 
+_PGD_FROM = None
+
+
+def _pgd_from_class():
+    """torchattacks' ``PGD`` whose random start is given (``start_noise``) instead of drawn from the global RNG, so
+    it can come from per-sample generators (grace_plugin/rng.py); otherwise torchattacks' forward line for line."""
+    global _PGD_FROM
+    if _PGD_FROM is None:
+        import torchattacks
+
+        class PGDFrom(torchattacks.PGD):
+            start_noise: torch.Tensor | None = None
+
+            def forward(self, images, labels):  # torchattacks/attacks/pgd.py PGD.forward, untargeted
+                images = images.clone().detach().to(self.device)
+                labels = labels.clone().detach().to(self.device)
+                adv = images.clone().detach()
+                if self.start_noise is not None:
+                    adv = torch.clamp(adv + self.start_noise.to(adv), min=0, max=1).detach()
+                for _ in range(self.steps):
+                    adv.requires_grad = True
+                    cost = F.cross_entropy(self.get_logits(adv), labels)
+                    grad = torch.autograd.grad(cost, adv, retain_graph=False, create_graph=False)[0]
+                    adv = adv.detach() + self.alpha * grad.sign()
+                    delta = torch.clamp(adv - images, min=-self.eps, max=self.eps)
+                    adv = torch.clamp(images + delta, min=0, max=1).detach()
+                return adv
+
+        _PGD_FROM = PGDFrom
+    return _PGD_FROM
+
+
 def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-               random_start: bool = True, autocast=None) -> torch.Tensor:
-    """l_inf PGD on the CE of ``model`` (Eq. 19) in [0,1] pixel space via torchattacks; parameters get no grads."""
+               random_start: bool = True, autocast=None, ctx: StepContext | None = None) -> torch.Tensor:
+    """l_inf PGD on the CE of ``model`` (Eq. 19) in [0,1] pixel space via torchattacks; parameters get no grads.
+
+    With a trainer ``ctx`` the random start of sample ``i`` comes from ``(seed, step, global index of i)``
+    (grace_plugin/rng.py): the same start whatever the number of processes the batch is split over."""
     import contextlib
 
     import torchattacks
 
+    from ..rng import per_sample_uniform
+
     if not attack_steps(eps, steps):
         return x.detach()
-    atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+    if ctx is not None and ctx.sample_index is not None:
+        atk = _pgd_from_class()(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+        atk.start_noise = per_sample_uniform(x, -eps, eps, ctx, "attack_start") if random_start else None
+    else:
+        atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
     atk.set_device(x.device)
     with (autocast or contextlib.nullcontext)():
         return atk(x, y).detach()
@@ -114,11 +155,15 @@ class Grace(Recipe):
         with torch.no_grad():
             return self.cfg.rho * float((m.base.weight + m.lora_delta()).float().norm())
 
-    def _init_branch(self, active: dict) -> dict:
+    def _init_branch(self, active: dict, ctx: StepContext | None = None) -> dict:
+        """A random orthonormal A per layer; one draw per step, from (seed, step) under the trainer (rng.py)."""
+        from ..rng import step_generator
+
         radii = {}
+        gen = step_generator(ctx, "awp_init", self.layers[next(iter(active))].base.weight.device) if active else None
         for n, m in active.items():
             r = self.ranks[n]
-            g = torch.randn(m.in_features, m.awp_rank, device=m.base.weight.device)
+            g = torch.randn(m.in_features, m.awp_rank, device=m.base.weight.device, generator=gen)
             q, _ = torch.linalg.qr(g)  # orthonormal rows: ||B M A||_F = ||B M||_F
             m.awp_A = q.t().contiguous().to(m.base.weight.dtype).requires_grad_(True)
             m.awp_B = torch.zeros_like(m.awp_B).requires_grad_(True)
@@ -149,11 +194,11 @@ class Grace(Recipe):
         cfg, model = self.cfg, self.model
         x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
         x_adv = pgd_attack(model, x, y, cfg.pgd_eps, cfg.pgd_alpha, cfg.pgd_steps, cfg.pgd_random_start,
-                           ctx.autocast)
+                           ctx.autocast, ctx)
         active = {n: m for n, m in self.layers.items() if self.ranks.get(n, 0) > 0}
         logs: dict[str, float] = {}
         with awp_branch(active.values()):
-            radii = self._init_branch(active)
+            radii = self._init_branch(active, ctx)
             # Two forwards rather than one over [x; x_adv]: the first ascent step below back-propagates through the
             # adversarial graph alone, which a concatenated graph would make twice as expensive.
             with ctx.autocast():
@@ -165,13 +210,14 @@ class Grace(Recipe):
                 f_first = f_adv if cfg.awp_input == "adv" else f_id
                 loss_p = F.cross_entropy(model.head(f_first), y)
                 params = [m.awp_B for m in active.values()]
-                g = torch.autograd.grad(loss_p, params, retain_graph=True)
+                # the ascent direction is a whole-batch statistic: averaged over ranks (1 process == N processes)
+                g = ctx.all_reduce_mean(torch.autograd.grad(loss_p, params, retain_graph=True))
                 self._ascend(active, radii, {n: (gb, None) for n, gb in zip(active, g)}, update_a=False)
                 for _ in range(cfg.awp_steps - 1):
                     with ctx.autocast():
                         loss_p = F.cross_entropy(model(x_awp).float(), y)
                     params = [t for m in active.values() for t in (m.awp_B, m.awp_A)]
-                    g = torch.autograd.grad(loss_p, params)
+                    g = ctx.all_reduce_mean(torch.autograd.grad(loss_p, params))
                     self._ascend(active, radii, {n: (g[2 * i], g[2 * i + 1]) for i, n in enumerate(active)},
                                  update_a=True)
                 for m in active.values():  # Δ* is a constant in the outer step (AWP/SAM practice, spec §1.a)
@@ -208,12 +254,22 @@ class Grace(Recipe):
             with ctx.autocast():
                 logits = self.model(x).float()
             if self.cfg.curvature_labels == "sampled":
-                y = torch.distributions.Categorical(logits=logits.detach()).sample()
-            grads = torch.autograd.grad(F.cross_entropy(logits, y), weights)
+                y = self._sampled_labels(logits.detach(), ctx)
+            # the gradient of the whole batch's mean loss: averaged over ranks, over the global batch size
+            grads = ctx.all_reduce_mean(torch.autograd.grad(F.cross_entropy(logits, y), weights))
         finally:
             for w in weights:
                 w.requires_grad_(False)
-        return {n: layer_curvature(g, x.shape[0]) for n, g in zip(self.layers, grads)}
+        return {n: layer_curvature(g, x.shape[0] * ctx.world) for n, g in zip(self.layers, grads)}
+
+    @staticmethod
+    def _sampled_labels(logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """One label per sample from its predictive distribution, drawn from that sample's generator (rng.py)."""
+        from ..rng import per_sample_uniform
+
+        u = per_sample_uniform(logits[:, :1].float(), 0.0, 1.0, ctx, "curvature_labels")  # inverse-CDF sampling
+        cdf = torch.softmax(logits.float(), -1).cumsum(-1)
+        return torch.searchsorted(cdf, u).clamp(max=logits.shape[1] - 1).squeeze(1)
 
     def after_step(self, batch: dict, ctx: StepContext) -> dict[str, float]:
         if ctx.step % self.cfg.curvature_interval:

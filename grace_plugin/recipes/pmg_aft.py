@@ -60,7 +60,7 @@ class PMGAFT(FrozenOriginal, Recipe):  # self.original: p_0, the frozen original
         cfg, model = self.cfg, self.model
         x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
         x_adv = pgd_attack(model, x, y, cfg.pgd_eps, cfg.pgd_alpha, cfg.pgd_steps, cfg.pgd_random_start,
-                           ctx.autocast)
+                           ctx.autocast, ctx)
         with ctx.autocast():
             logits_adv, logits_nat = model(torch.cat([x_adv, x])).chunk(2)  # one shared forward
             with torch.no_grad():

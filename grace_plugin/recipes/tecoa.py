@@ -50,7 +50,7 @@ class TeCoA(Recipe):
         cfg = self.cfg
         x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
         x_adv = pgd_attack(self.model, x, y, cfg.pgd_eps, cfg.pgd_alpha, cfg.pgd_steps, cfg.pgd_random_start,
-                           ctx.autocast)
+                           ctx.autocast, ctx)
         with ctx.autocast():
             logits = self.model(x_adv)
         loss = F.cross_entropy(logits.float(), y)
