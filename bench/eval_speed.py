@@ -9,7 +9,7 @@
    on the small synthetic testbed; the speed-up of the adversarial suite (its seconds in report.json, rank 0) and of
    the whole command (wall time, process start included), and whether both reports are identical (goal >= 1.7x).
 
-    PYTHONPATH=. python bench/eval_speed.py [--n 8] [--threads 1] [--n-adv 64]
+    PYTHONPATH=. python bench/eval_speed.py [--n 8] [--threads 1] [--n-adv 64] [--device cuda]
 """
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clean-n", type=int, default=5000, help="images for the clean-eval throughput")
     ap.add_argument("--n-adv", type=int, default=64, help="images attacked in the 2-vs-1 process comparison")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (both evaluators run there)")
     a = ap.parse_args()
     import torch
 
@@ -87,15 +88,16 @@ def main() -> None:
         templates, _ = make_imagenet(root, [0.1, 0.02] * (a.n // 2))
         model = TemplateModel(templates).eval()
         ctx = SuiteContext(id_set=("imagenet", root), eps=eps, n_adv=a.n, n_imagenet=a.n, batch_size=a.n,
-                           device="cpu")
+                           device=a.device)
         t0 = time.perf_counter()
         ours = run_suites(_loaded(model), ["adv:autoattack"], ctx)["suites"]["adv:autoattack"]
         t_ours = time.perf_counter() - t0
         t0 = time.perf_counter()
         clean, robust = benchmark(model, n_examples=a.n, dataset="imagenet", threat_model="Linf", data_dir=str(root),
-                                  eps=eps, batch_size=a.n, preprocessing=eval_transform(model.pretrained_cfg))
+                                  eps=eps, batch_size=a.n, preprocessing=eval_transform(model.pretrained_cfg),
+                                  device=torch.device(a.device))
         t_rb = time.perf_counter() - t0
-        print(f"autoattack Linf 4/255 on {a.n} images ({a.threads} thread(s)): ours {t_ours:.1f} s "
+        print(f"autoattack Linf 4/255 on {a.n} images ({a.device}, {a.threads} thread(s)): ours {t_ours:.1f} s "
               f"(clean {ours['clean_acc']:.2f}, robust {ours['robust_acc']:.2f}) | robustbench.benchmark "
               f"{t_rb:.1f} s (clean {100 * clean:.2f}, robust {100 * robust:.2f}) | ratio ours/robustbench "
               f"{t_ours / t_rb:.2f} | identical: "
@@ -106,11 +108,12 @@ def main() -> None:
         n = min(a.clean_n, 5000)
         templates, _ = make_imagenet(root, [0.1] * n)
         model = TemplateModel(templates).eval()
-        ctx = SuiteContext(id_set=("imagenet", root), n_imagenet=n, batch_size=256, device="cpu")
+        ctx = SuiteContext(id_set=("imagenet", root), n_imagenet=n, batch_size=256, device=a.device)
         t0 = time.perf_counter()
         rep = run_suites(_loaded(model), ["id"], ctx)
         dt = time.perf_counter() - t0
-        print(f"clean eval (id suite, RobustBench ImageNet subset, 16 px PNG, linear model): {n} images in {dt:.1f} s "
+        print(f"clean eval (id suite, {a.device}, RobustBench ImageNet subset, 16 px PNG, linear model): {n} images "
+              f"in {dt:.1f} s "
               f"= {n / dt:.0f} images/s (top-1 {rep['axes']['id']:.2f})")
 
     ranks_vs_one(a.n_adv)

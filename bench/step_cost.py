@@ -6,6 +6,12 @@ parameters, and backwards to the input only, as an attack step does) times the m
 on the same batch: the time the recipe must spend if it wastes nothing, in units of one ``ft`` step. Each timing
 is the median of ``--reps`` runs. Last line: ``grace/ft ratio R floor F``.
 
+Per recipe it also prints images/s, and on CUDA the peak memory of one step and the model FLOP utilisation (MFU):
+the step's declared passes counted in model FLOPs (a forward = F, measured by ``torch.utils.flop_counter`` on one
+forward of the batch; a backward to the parameters = 2F, activation and weight gradients; a backward to the input
+only = F, activation gradients) per second over the GPU's dense bf16 peak (``--peak-tflops``, or a table of known
+GPUs), as in Chowdhery et al., PaLM, https://arxiv.org/abs/2204.02311, Appendix B.
+
     python bench/step_cost.py                     # tiny testbed tower on CPU (32 px, 3 layers)
     python bench/step_cost.py --arch vit_b32 --batch 128 --device cuda   # ViT-B/32, bf16 autocast (GPU)
 """
@@ -49,6 +55,26 @@ def text_side(arch: str, classes: int = 1000):
         cfg = open_clip.get_model_config(name)
     bundle = ClipBundle(name, cfg, open_clip.create_model(name, pretrained=None).eval())
     return TextSide(bundle, [f"class {i}" for i in range(classes)], ["a photo of a {c}."])
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def forward_flops(model, x, autocast) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), autocast(), FlopCounterMode(display=False) as fc:
+        model(x)
+    return float(fc.get_total_flops())
 
 
 def interleaved(fns: dict, reps: int, sync) -> dict:
@@ -104,6 +130,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU (default: table)")
     ap.add_argument("--recipes", default="all")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="recipe overrides, e.g. recipe.pgd_steps=3")
@@ -147,6 +174,8 @@ def main() -> None:
             fns[name, "step"]()
             sync()
             peak[name] = torch.cuda.max_memory_allocated() / 2**30
+    flops = {name: forward_flops(rec.model, x, ctx.autocast) for name, rec in recipes.items()}
+    peak_tf = peak_tflops(device, a.peak_tflops)
     med = interleaved(fns, a.reps, sync)
     results = {}
     for name, rec in recipes.items():
@@ -156,15 +185,19 @@ def main() -> None:
         t_ib = max(med[name, "fwd_input_bwd"] - t_f, 0.0) if (name, "fwd_input_bwd") in med else 0.0
         floor = (passes["forward"] * t_f + passes["backward"] * t_b + passes.get("input_backward", 0) * t_ib
                  if passes else None)
-        results[name] = (t, floor, peak.get(name, float("nan")), t_f, t_b, t_ib)
+        step_flops = (flops[name] * (passes["forward"] + 2 * passes["backward"] + passes.get("input_backward", 0))
+                      if passes else None)
+        mfu = step_flops / t / (peak_tf * 1e12) if (step_flops and peak_tf) else None
+        results[name] = (t, floor, peak.get(name, float("nan")), t_f, t_b, t_ib, mfu)
 
     t_ft = results["ft"][0]
     print(f"arch {a.arch}, batch {a.batch}, device {a.device}, overrides {a.overrides or 'none'}")
-    for name, (t, floor, mem, t_f, t_b, t_ib) in results.items():
+    for name, (t, floor, mem, t_f, t_b, t_ib, mfu) in results.items():
         fl = f"floor {floor / t_ft:6.2f}  R/floor {t / floor:5.2f}" if floor else "floor   n/a          "
         fl += f"  (fwd {t_f * 1e3:.1f} ms, bwd {t_b * 1e3:.1f} ms"
         fl += f", input bwd {t_ib * 1e3:.1f} ms)" if t_ib else ")"
         extra = f"  {a.batch / t:8.1f} img/s" + (f"  peak {mem:.2f} GiB" if a.device != "cpu" else "")
+        extra += f"  MFU {100 * mfu:.1f}%" if mfu is not None else ""
         print(f"{name:10s} {t * 1e3:9.1f} ms/step  ratio {t / t_ft:6.2f}  {fl}{extra}")
     if "grace" in results:
         t, floor = results["grace"][:2]

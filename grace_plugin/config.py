@@ -24,7 +24,7 @@ from .errors import GraceError
 
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "RunConfig", "parse_overrides", "apply_overrides",
            "load_yaml", "to_dict", "checked", "Constraint", "validate", "timm_optimizer_names",
-           "timm_scheduler_names"]
+           "timm_scheduler_names", "check_scale_fields", "resume_differences", "RESUME_MAY_CHANGE"]
 
 
 class ConfigError(GraceError, ValueError):
@@ -151,6 +151,13 @@ class TrainConfig:
     device: str = "auto"
     ema_decay: float | None = checked(None, gt=0, lt=1)  # timm ModelEmaV3; the exported weights are the EMA's
     tensorboard: bool = False  # also log to RUN_DIR/tb (needs the `tensorboard` package)
+    # robust validation during training (grace_plugin/validation.py); 0: never
+    val_every: int = 0  # steps between checks (and one at the last step)
+    val_n: int = 512  # images of data.val_split (the first ones, in shard order)
+    val_attack: str = "pgd10"  # pgdN (l_inf PGD, N steps of 2.5 eps/N, no random start) | none
+    val_eps: float | None = None  # None: the recipe's training eps (recipe.pgd_eps), else 4/255
+    select: str = "last"  # exported weights: last | best_robust | best_hm (harmonic mean of clean and robust)
+    co_guard: float | None = None  # stop when robust acc falls by more than this many points while clean rises
 
     def __validate__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -169,6 +176,7 @@ class DataConfig:
     # levels of it); "pil": timm's PIL transform exactly. Not a paper setting (spec §2 states no preprocessing
     # detail); training on the faster path is the default, evaluation stays on PIL (grace eval --decode).
     decode: str = checked("tensor", choices=("tensor", "pil"))
+    val_split: str = "test"  # the split train.val_every checks read (its first train.val_n images)
 
 
 @dataclass
@@ -176,6 +184,50 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     recipe: Any = None  # a RecipeConfig dataclass instance
+
+
+# --- constraints of the training-at-scale fields (issue 13: validation, selection, guard); the lead folds this
+# block into the one validation layer -------------------------------------------------------------------------
+def check_scale_fields(cfg: RunConfig) -> None:
+    """One line naming the field for a bad ``train.val_*``, ``train.select`` or ``train.co_guard``."""
+    from .validation import SELECT_RULES, parse_val_attack
+
+    t = cfg.train
+    if t.val_every < 0:
+        raise ConfigError(f"train.val_every must be >= 0 (0: no validation), got {t.val_every}")
+    if t.val_n < 1:
+        raise ConfigError(f"train.val_n must be >= 1, got {t.val_n}")
+    if t.select not in SELECT_RULES:
+        raise ConfigError(f"train.select {t.select!r} is not a rule; valid: {', '.join(SELECT_RULES)}")
+    if t.select != "last" and not t.val_every:
+        raise ConfigError(f"train.select={t.select} needs validation checks: set train.val_every > 0")
+    if t.co_guard is not None and (t.co_guard < 0 or not t.val_every):
+        raise ConfigError("train.co_guard must be >= 0 points and needs train.val_every > 0")
+    if t.val_eps is not None and not 0 <= t.val_eps <= 1:
+        raise ConfigError(f"train.val_eps must be in [0, 1] (pixels in [0, 1]), got {t.val_eps}")
+    try:
+        parse_val_attack(t.val_attack)
+    except ValueError as e:
+        raise ConfigError(f"train.val_attack: {e}") from None
+
+
+# Fields a resumed run may change: the run length and how it reports; everything else changes what is computed.
+RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.tensorboard",
+                     "train.max_bad_steps")
+
+
+def resume_differences(saved: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of fields whose values differ between two resolved configs (``to_dict`` form), except
+    ``RESUME_MAY_CHANGE``; ``"field (old -> new)"`` each."""
+    out = []
+    for k in sorted(set(saved) | set(new)):
+        name = f"{prefix}{k}"
+        a, b = saved.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += resume_differences(a, b, prefix=f"{name}.")
+        elif a != b and name not in RESUME_MAY_CHANGE:
+            out.append(f"{name} ({a!r} -> {b!r})")
+    return out
 
 
 def to_dict(obj: Any) -> Any:

@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 
 from .checkpoint import atomic_write_text, save_run
-from .config import (ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides, load_yaml, parse_overrides,
-                     to_dict, validate)
+from .config import (RESUME_MAY_CHANGE, ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides,
+                     check_scale_fields, load_yaml, parse_overrides, resume_differences, to_dict, validate)
 from .errors import UsageError
 
 __all__ = ["build_config", "fine_tune"]
@@ -56,7 +56,51 @@ def build_config(recipe: str, config_file: str | Path | list[str | Path] | None 
                                      prefix="train.")
             except ConfigError as e:  # name the flag the value came from
                 raise ConfigError(str(e).replace(f"train.{flag}=", f"--{flag} ", 1)) from None
-    return validate(cfg)  # every field's declared constraint (config.checked), before any data is read
+    validate(cfg)  # every field's declared constraint (config.checked), before any data is read
+    check_scale_fields(cfg)  # the validation/selection fields' cross-field rules
+    return cfg
+
+
+def check_resume(out: Path, recipe: str, resolved: dict) -> None:
+    """``--resume`` continues only the run its folder holds: the resolved config must equal the saved one except
+    ``RESUME_MAY_CHANGE``; otherwise one line names every differing field."""
+    saved_file = out / "config.yaml"
+    if not (out / "train_state.pt").is_file():
+        return
+    if not saved_file.is_file():
+        raise ConfigError(f"--resume: {out} has train_state.pt but no config.yaml; cannot check the run's config")
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    diffs = resume_differences(saved, {"recipe_name": recipe, **resolved})
+    if diffs:
+        raise ConfigError(f"--resume: {out} was trained with another config: {'; '.join(diffs)} (only "
+                          f"{', '.join(RESUME_MAY_CHANGE)} may change on resume)")
+
+
+def build_validator(data: str | Path, cfg: RunConfig, pretrained_cfg: dict, num_classes: int):
+    """The first ``train.val_n`` images of split ``data.val_split`` (shard order), held in memory as tensors."""
+    import torch
+
+    from .data.loader import make_eval_loader
+    from .data.shards import open_shard_set
+    from .data.transforms import eval_transform
+    from .validation import Validator, parse_val_attack
+
+    t = cfg.train
+    shards = open_shard_set(data, split=cfg.data.val_split)
+    xs, ys, n = [], [], 0
+    for b in make_eval_loader(shards.urls, eval_transform(pretrained_cfg), min(256, t.val_n), num_classes,
+                              decode=cfg.data.decode):
+        if b["label"].numel():
+            xs.append(b["image"])
+            ys.append(b["label"])
+            n += b["label"].numel()
+        if n >= t.val_n:
+            break
+    if not n:
+        raise ConfigError(f"data.val_split: {data} split {cfg.data.val_split!r} has no usable image")
+    eps = t.val_eps if t.val_eps is not None else float(getattr(cfg.recipe, "pgd_eps", 4 / 255) or 4 / 255)
+    return Validator(torch.cat(xs)[:t.val_n], torch.cat(ys)[:t.val_n], eps, parse_val_attack(t.val_attack),
+                     batch_size=t.batch_size)
 
 
 def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, cfg: RunConfig,
@@ -108,13 +152,16 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
     staged = StagedRun(out)
     work = staged.work
     resolved = to_dict(cfg)
+    if resume:
+        check_resume(out, recipe, resolved)
+    validator = build_validator(data, cfg, model.pretrained_cfg, len(classnames)) if cfg.train.val_every else None
     if rank == 0:
         staged.begin(resume=resume)
         if resume:
             staged.resumable_state()
         atomic_write_text(work / "config.yaml", yaml.safe_dump({"recipe_name": recipe, **resolved}, sort_keys=False))
         log.info("training in %s; moved to %s when complete", work, out)
-    result = train(rec, loader, cfg.train, total, work, progress=progress, resume=resume)
+    result = train(rec, loader, cfg.train, total, work, progress=progress, resume=resume, validator=validator)
     if rank != 0:
         return out
     final = rec.export_model().cpu().eval()
@@ -122,14 +169,19 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
     check_outputs_finite(final, next(iter(loader))["image"][:64].cpu(), f"run {out}")
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "skipped_steps": result.skipped_steps,
                                          "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
-                                         "data_skipped": result.data_skipped}}
+                                         "data_skipped": result.data_skipped,
+                                         "val_seconds": result.val_seconds}}
     if rec.summary():
         metrics["recipe"] = rec.summary()
+    extra = {"init": str(init), "data": str(data), "device": str(device), "world_size": world}
+    if result.selection is not None:  # which weights were exported, and the validation check that chose them
+        extra["selection"] = result.selection
+    if result.stopped:
+        extra["stopped"] = result.stopped
     save_run(work, final, tower=tower_spec(bundle.model_name, bundle.model_cfg),
              clip_meta={"model_name": bundle.model_name, "model_cfg": bundle.model_cfg},
              text_state=text_state_dict(bundle), classnames=classnames, templates=shards.templates,
-             recipe=recipe, config=resolved, metrics=metrics,
-             extra={"init": str(init), "data": str(data), "device": str(device), "world_size": world})
+             recipe=recipe, config=resolved, metrics=metrics, extra=extra)
     state = work / "train_state.pt"
     if state.exists():
         state.unlink()  # the run finished; its resumable state is no longer needed

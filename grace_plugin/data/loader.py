@@ -20,7 +20,8 @@ from ..errors import GraceError, UsageError
 from .shards import IMAGE_KEYS
 from .transforms import as_tensor_transform
 
-__all__ = ["decode_sample", "make_eval_loader", "make_train_loader", "TrainStream", "merge_skips", "SKIP_REASONS"]
+__all__ = ["decode_sample", "make_eval_loader", "make_train_loader", "TrainStream", "index_tar", "merge_skips",
+           "SKIP_REASONS"]
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,9 @@ def _truncated_local_tar(url: str) -> bool:
 def _batches(samples: Iterable[dict], batch_size: int, partial: bool = True) -> Iterator[dict]:
     images, labels, skipped = [], [], Counter()
     logged: set = set()
+    pos = None
     for s in samples:
+        pos = s.get("__pos__", pos)
         reason = s.get("__skip__")
         if reason is not None:
             skipped[reason] += 1
@@ -250,8 +253,11 @@ def _batches(samples: Iterable[dict], batch_size: int, partial: bool = True) -> 
         images.append(s["image"])
         labels.append(s["label"])
         if len(images) == batch_size:
-            yield {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
-                   "skipped": dict(skipped)}
+            batch = {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
+                     "skipped": dict(skipped)}
+            if pos is not None:  # a seekable stream's position after this batch (TrainStream.seek)
+                batch["cursor"] = pos
+            yield batch
             images, labels, skipped = [], [], Counter()
     if (images and partial) or skipped:
         if images and not partial:
@@ -307,6 +313,11 @@ def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers)
 
 
+def _local_path(url: str) -> str | None:
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return path if "://" not in path and not path.startswith("pipe:") and os.path.isfile(path) else None
+
+
 def _number_shards(src: Iterable[dict]) -> Iterator[dict]:
     for i, item in enumerate(src):
         yield dict(item, __shard__=i)
@@ -359,14 +370,67 @@ def _keyed_batches(records: Iterable[dict]) -> Iterator[dict]:
         yield emit()
 
 
-class TrainStream(torch.utils.data.IterableDataset):
-    """Endless resampled training stream; ``set_epoch`` re-seeds it (per rank, per worker, per epoch).
+def index_tar(path: str) -> list[dict]:
+    """The samples of a local tar from its headers alone (no image is read): a list of ``{"key", "members": {ext:
+    (offset, size)}}`` in file order, grouped as webdataset groups them (``base_plus_ext``, lower-case extension),
+    plus ``{"__skip__": "tar_error"}`` entries for a sample with a repeated member, a member cut short, an unreadable
+    header or a missing end-of-archive marker (each counted, as the streaming reader counts them)."""
+    import tarfile
 
-    Shards are drawn with replacement from a generator seeded by ``(seed, epoch, rank, worker)``, shuffled in a
-    buffer, decoded and batched inside the workers. Every rank therefore yields the same number of full batches
-    (``batches_per_epoch``, or as many as the trainer asks for), so DDP never hangs on a short rank, whatever the
-    number of shards (webdataset issues #225/#303: resampling + a fixed epoch length is the maintainers' recipe).
+    from webdataset.tariterators import base_plus_ext
+
+    size = os.path.getsize(path)
+    out: list[dict] = []
+    cur: dict | None = None
+
+    def close():
+        if cur is not None:
+            out.append(cur if "__bad__" not in cur else _skip("tar_error", cur["key"], path))
+
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = base_plus_ext(m.name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                if cur is None or cur["key"] != key:
+                    close()
+                    cur = {"key": key, "members": {}}
+                if ext in cur["members"] or m.offset_data + m.size > size:
+                    cur["__bad__"] = True
+                cur["members"][ext] = (m.offset_data, m.size)
+    except Exception as e:  # tarfile.ReadError, EOFError, OSError for a truncated or unreadable shard
+        log.warning("shard %s: unreadable from here on (%s); counted as tar_error", path, type(e).__name__)
+        close()
+        cur = None
+        out.append(_skip("tar_error", "", path))
+    close()
+    if _truncated_local_tar(path) and not (out and out[-1].get("__skip__") == "tar_error"):
+        out.append(_skip("tar_error", "", path))
+    return out
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Endless resampled training stream whose position can be *sought*, not replayed.
+
+    Each (rank, worker) stream is a sequence of blocks. Block ``b`` draws shards with replacement from a generator
+    seeded by ``(seed, epoch, rank, worker, b)`` until it holds ``shuffle_buffer`` samples (at least one shard, at
+    most 64) and visits their samples in a permutation from the same generator. A block's content is therefore a
+    function of those five numbers and the shards' headers, and a stream position is ``(block, offset)``: each batch
+    carries ``cursor = (worker, block, offset after its last sample)``, and ``seek`` restarts every worker there by
+    reading one block's tar headers, decoding nothing before it. Per-sample augmentation randomness is seeded from the
+    sample's position, so it is the same whether the stream ran through or was sought (and whatever the workers).
+
+    Every rank yields the same number of full batches (``batches_per_epoch``, or as many as the trainer asks for), so
+    DDP never hangs on a short rank, whatever the number of shards (webdataset issues #225/#303: resampling + a fixed
+    epoch length is the maintainers' recipe). Shards that are not local files fall back to webdataset's streaming
+    reader (shard draws per ``(seed, epoch, rank, worker)``, a shuffle buffer), which cannot seek.
     """
+
+    MAX_SHARDS_PER_BLOCK = 64
 
     def __init__(self, urls, transform, batch_size, num_classes=None, seed=0, shuffle_buffer=1000,
                  batches_per_worker=None, draft_size=None, decode="tensor", source=None):
@@ -377,9 +441,80 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.num_classes, self.seed, self.shuffle_buffer = num_classes, seed, shuffle_buffer
         self.batches_per_worker = batches_per_worker
         self.epoch = 0
+        self.cursors: dict[int, tuple[int, int]] = {}
+        self.rotation = 0
+        self.local = all(_local_path(u) for u in self.urls)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def seekable(self) -> bool:
+        return self.local and self.batches_per_worker is None
+
+    def seek(self, cursors: dict[int, tuple[int, int]], rotation: int = 0) -> None:
+        """Start worker stream ``w`` at ``cursors[w] = (block, offset)``; the DataLoader's worker ``i`` plays stream
+        ``(i + rotation) % num_workers`` (a resumed loader's first batch must come from the stream that was next)."""
+        if not self.seekable:
+            raise RuntimeError("this training stream cannot seek (remote shards or a fixed epoch length)")
+        self.cursors = {int(k): (int(v[0]), int(v[1])) for k, v in cursors.items()}
+        self.rotation = int(rotation)
+
+    def _block(self, rank: int, stream: int, b: int, index) -> list[tuple[str, dict]]:
+        import random
+
+        rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{stream}/{b}")
+        entries: list[tuple[str, dict]] = []
+        for _ in range(self.MAX_SHARDS_PER_BLOCK):
+            url = self.urls[rng.randrange(len(self.urls))]
+            entries.extend((url, e) for e in index(url))
+            if len(entries) >= self.shuffle_buffer:
+                break
+        rng.shuffle(entries)
+        return entries
+
+    def _positioned(self, rank: int, stream: int) -> Iterator[dict]:
+        """Samples (decoded or skip records) of one worker stream from its cursor, each with ``__pos__``."""
+        import functools
+        import random
+
+        index = functools.lru_cache(maxsize=256)(lambda url: index_tar(_local_path(url)))
+        files: dict[str, object] = {}
+        transform, n_cls, draft, tt = self.transform, self.num_classes, self.draft_size, self.tensor_transform
+        b, off = self.cursors.get(stream, (0, 0))
+        good, empty_blocks = 0, 0
+        try:
+            while True:
+                entries = self._block(rank, stream, b, index)
+                for i in range(off, len(entries)):
+                    url, e = entries[i]
+                    pos = (stream, b, i + 1)
+                    if "__skip__" in e:
+                        yield {**e, "__pos__": pos}
+                        continue
+                    path = _local_path(url)
+                    f = files.get(path)
+                    if f is None:
+                        if len(files) >= 16:
+                            files.pop(next(iter(files))).close()
+                        f = files[path] = open(path, "rb")
+                    raw = {"__key__": e["key"], "__url__": url}
+                    for ext, (o, n) in e["members"].items():
+                        f.seek(o)
+                        raw[ext] = f.read(n)
+                    seed = random.Random(f"{self.seed}/{self.epoch}/{rank}/{stream}/{b}/{i}").getrandbits(63)
+                    with _seeded(seed):
+                        s = decode_sample(raw, transform, n_cls, draft, tt)
+                    good += "__skip__" not in s
+                    yield {**s, "__pos__": pos}
+                empty_blocks = 0 if good else empty_blocks + 1
+                if empty_blocks > max(16, 4 * len(self.urls)):
+                    raise NoUsableSamples(f"{self.source}: no decodable training sample in {empty_blocks} blocks "
+                                          f"of shards (first: {self.urls[0]})")
+                b, off = b + 1, 0
+        finally:
+            for f in files.values():
+                f.close()
 
     def __iter__(self):
         import itertools
@@ -388,59 +523,87 @@ class TrainStream(torch.utils.data.IterableDataset):
         import webdataset as wds
 
         rank, world, worker, nworkers = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
+        if self.local:
+            stream = (worker + self.rotation) % max(1, nworkers)
+            it = _batches(self._positioned(rank, stream), self.batch_size, partial=False)
+        else:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
 
-        # A stream where nothing is usable must fail, not spin: count the records a full pass over every shard
-        # produces (``raw`` when the last unseen shard has been expanded) and fail if at least that many records
-        # have been decoded without one usable sample.
-        watch = {"drawn": set(), "raw": 0, "pass": None, "seen": 0, "good": 0, "skips": Counter()}
+            # A stream where nothing is usable must fail, not spin: count the records a full pass over every shard
+            # produces (``raw`` when the last unseen shard has been expanded) and fail if at least that many records
+            # have been decoded without one usable sample.
+            watch = {"drawn": set(), "raw": 0, "pass": None, "seen": 0, "good": 0, "skips": Counter()}
 
-        def fail():
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(watch["skips"].items())) or "the shards hold no samples"
-            raise NoUsableSamples(f"{self.source}: no usable training sample in a full pass over its "
-                                  f"{len(self.urls)} shard(s) ({reasons})")
+            def fail():
+                reasons = (", ".join(f"{k}={v}" for k, v in sorted(watch["skips"].items()))
+                           or "the shards hold no samples")
+                raise NoUsableSamples(f"{self.source}: no usable training sample in a full pass over its "
+                                      f"{len(self.urls)} shard(s) ({reasons})")
 
-        def shards(_=None):
-            while True:
-                if watch["pass"] is None and len(watch["drawn"]) == len(self.urls):
-                    watch["pass"] = watch["raw"]  # every shard has been expanded once
-                    if watch["raw"] == 0:
-                        fail()
-                url = self.urls[rng.randrange(len(self.urls))]
-                watch["drawn"].add(url)
-                yield {"url": url}
+            def shards(_=None):
+                while True:
+                    if watch["pass"] is None and len(watch["drawn"]) == len(self.urls):
+                        watch["pass"] = watch["raw"]  # every shard has been expanded once
+                        if watch["raw"] == 0:
+                            fail()
+                    url = self.urls[rng.randrange(len(self.urls))]
+                    watch["drawn"].add(url)
+                    yield {"url": url}
 
-        def counted(src):
-            for sample in src:
-                watch["raw"] += 1
-                yield sample
+            def counted(src):
+                for sample in src:
+                    watch["raw"] += 1
+                    yield sample
 
-        def checked(src):
-            for sample in src:
-                watch["seen"] += 1
-                reason = sample.get("__skip__")
-                if reason is None:
-                    watch["good"] += 1
-                else:
-                    watch["skips"][reason] += 1
-                    if not watch["good"] and watch["pass"] is not None and watch["seen"] >= watch["pass"]:
-                        fail()
-                yield sample
+            def checked(src):
+                for sample in src:
+                    watch["seen"] += 1
+                    reason = sample.get("__skip__")
+                    if reason is None:
+                        watch["good"] += 1
+                    else:
+                        watch["skips"][reason] += 1
+                        if not watch["good"] and watch["pass"] is not None and watch["seen"] >= watch["pass"]:
+                            fail()
+                    yield sample
 
-        transform, n_cls, draft, tt = self.transform, self.num_classes, self.draft_size, self.tensor_transform
-        pipeline = wds.DataPipeline(
-            shards,
-            _tar_samples,
-            counted,
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(rng.random())),
-            wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, n_cls, draft, tt)),
-            checked,
-            lambda src: _batches(src, self.batch_size, partial=False),
-        )
-        it = iter(pipeline)
+            transform, n_cls, draft, tt = self.transform, self.num_classes, self.draft_size, self.tensor_transform
+            pipeline = wds.DataPipeline(
+                shards,
+                _tar_samples,
+                counted,
+                wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
+                            rng=random.Random(rng.random())),
+                wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, n_cls, draft, tt)),
+                checked,
+                lambda src: _batches(src, self.batch_size, partial=False),
+            )
+            it = iter(pipeline)
         if self.batches_per_worker is not None:
             it = itertools.islice(it, self.batches_per_worker)
         yield from it
+
+
+class _seeded:
+    """Seed python's and torch's CPU generators for one sample's augmentation, restoring them afterwards (in the
+    main process they are the trainer's)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        import random
+
+        self.py, self.pt = random.getstate(), torch.get_rng_state()
+        random.seed(self.seed)
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        import random
+
+        random.setstate(self.py)
+        torch.set_rng_state(self.pt)
+        return False
 
 
 def make_train_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,

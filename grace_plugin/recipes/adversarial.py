@@ -34,15 +34,56 @@ def attack_steps(eps: float, steps: int) -> int:
     return steps if eps > 0 and steps > 0 else 0
 
 
+_PGD_FROM = None
+
+
+def _pgd_from_class():
+    """torchattacks' ``PGD`` whose random start is given (``start_noise``) instead of drawn from the global RNG, so
+    it can come from per-sample generators (grace_plugin/rng.py); otherwise torchattacks' forward line for line
+    (torchattacks/attacks/pgd.py, ``PGD.forward``, untargeted): torchattacks has no hook for the start."""
+    global _PGD_FROM
+    if _PGD_FROM is None:
+        import torch.nn.functional as F
+        import torchattacks
+
+        class PGDFrom(torchattacks.PGD):
+            start_noise: torch.Tensor | None = None
+
+            def forward(self, images, labels):
+                images = images.clone().detach().to(self.device)
+                labels = labels.clone().detach().to(self.device)
+                adv = images.clone().detach()
+                if self.start_noise is not None:
+                    adv = torch.clamp(adv + self.start_noise.to(adv), min=0, max=1).detach()
+                for _ in range(self.steps):
+                    adv.requires_grad = True
+                    cost = F.cross_entropy(self.get_logits(adv), labels)
+                    grad = torch.autograd.grad(cost, adv, retain_graph=False, create_graph=False)[0]
+                    adv = adv.detach() + self.alpha * grad.sign()
+                    delta = torch.clamp(adv - images, min=-self.eps, max=self.eps)
+                    adv = torch.clamp(images + delta, min=0, max=1).detach()
+                return adv
+
+        _PGD_FROM = PGDFrom
+    return _PGD_FROM
+
+
 def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-               random_start: bool = True, autocast=None) -> torch.Tensor:
+               random_start: bool = True, autocast=None, ctx: StepContext | None = None) -> torch.Tensor:
     """l_inf PGD on the CE of ``model`` (GRACE Eq. 19) in [0,1] pixel space via torchattacks; parameters get no
-    grads."""
+    grads. With a trainer ``ctx`` the random start of sample ``i`` comes from ``(seed, step, global index of i)``
+    (grace_plugin/rng.py): the same start whatever the number of processes the batch is split over."""
     import torchattacks
+
+    from ..rng import per_sample_uniform
 
     if not attack_steps(eps, steps):
         return x.detach()
-    atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+    if ctx is not None and getattr(ctx, "sample_index", None) is not None:
+        atk = _pgd_from_class()(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+        atk.start_noise = per_sample_uniform(x, -eps, eps, ctx, "attack_start") if random_start else None
+    else:
+        atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
     atk.set_device(x.device)
     with (autocast or contextlib.nullcontext)():
         return atk(x, y).detach()
@@ -59,7 +100,8 @@ class AdversarialRecipe(Recipe):
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         c = self.cfg
-        return pgd_attack(self.model, x, y, c.pgd_eps, c.pgd_alpha, c.pgd_steps, c.pgd_random_start, ctx.autocast)
+        return pgd_attack(self.model, x, y, c.pgd_eps, c.pgd_alpha, c.pgd_steps, c.pgd_random_start, ctx.autocast,
+                          ctx)
 
     def adversarial_loss(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                          ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:

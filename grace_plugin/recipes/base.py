@@ -44,6 +44,26 @@ class StepContext:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     step: int = 0
     total_steps: int = 1
+    seed: int = 0
+    # global indices of this rank's samples within the step (all micro-batches of all ranks): per-sample randomness
+    # comes from (seed, step, index) (grace_plugin/rng.py); None outside the trainer (the global RNG is used)
+    sample_index: torch.Tensor | None = None
+    world: int = 1
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Average ``tensors`` over ranks (a recipe statistic of the whole batch, e.g. an ascent gradient); the
+        identity for one process."""
+        tensors = list(tensors)
+        if self.world == 1 or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        out, off = [], 0
+        for t in tensors:
+            out.append(flat[off:off + t.numel()].view_as(t).to(t.dtype))
+            off += t.numel()
+        return out
 
 
 @dataclass
@@ -107,6 +127,12 @@ class Recipe:
     name: ClassVar[str] = "base"
     Config: ClassVar[type[RecipeConfig]] = RecipeConfig
     uses_text: ClassVar[bool] = False  # True: __init__ takes text=TextSide (the open_clip text tower)
+    # How the trainer averages gradients over ranks: "overlap" launches bucketed all-reduces from gradient hooks while
+    # the trainer's backward runs (DDP-style); "oneshot" all-reduces every gradient after the step's backwards. Hooks
+    # see only gradients *accumulated into .grad*, and every recipe here deposits its parameter gradients through the
+    # trainer's one backward (attacks and ascent steps use torch.autograd.grad, which does not touch .grad), so all
+    # overlap; a recipe that writes .grad itself must declare "oneshot".
+    grad_sync: ClassVar[str] = "overlap"
 
     def __init__(self, model: nn.Module, cfg: RecipeConfig):
         from ..models.lora import inject_lora

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..rng import per_sample_uniform
 from .adversarial import AdvConfig, attack_steps
 from .base import FrozenOriginal, Recipe, StepContext, StepOutput, register_recipe
 
@@ -66,14 +67,15 @@ def embedding_pgd_class():
             def __init__(self, model, eps=4 / 255, alpha=1 / 255, steps=10, random_start=True):
                 super().__init__("EmbeddingPGD", _Embed(model))
                 self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
+                self.ctx = None  # a trainer StepContext: the random start comes from (seed, step, sample index)
                 self.supported_mode = ["default"]
 
             def forward(self, images, target):
                 x0 = images.clone().detach().to(self.device)
                 t = target.clone().detach().to(self.device)
                 x = x0.clone()
-                if self.random_start:
-                    x = (x0 + torch.empty_like(x0).uniform_(-self.eps, self.eps)).clamp(0, 1)
+                if self.random_start:  # per-sample generators under the trainer (grace_plugin/rng.py)
+                    x = (x0 + per_sample_uniform(x0, -self.eps, self.eps, self.ctx, "attack_start")).clamp(0, 1)
                 for _ in range(self.steps):
                     x.requires_grad_(True)
                     loss = embedding_l2(self.get_logits(x), t)  # get_logits: torchattacks' model call
@@ -102,6 +104,7 @@ class FARE(FrozenOriginal, Recipe):  # self.original: φ_orig, frozen, taken bef
         if attack_steps(cfg.pgd_eps, cfg.pgd_steps):
             atk = embedding_pgd_class()(model, cfg.pgd_eps, cfg.pgd_alpha, cfg.pgd_steps, cfg.pgd_random_start)
             atk.set_device(x.device)
+            atk.ctx = ctx
             with (ctx.autocast or contextlib.nullcontext)():
                 z = atk(x, target)
         else:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..models.classifier import ZeroShotHead
 from ..models.clip import template_fns, zero_shot_weights
+from ..rng import per_sample_randint
 from .base import Recipe, RecipeConfig, StepContext, StepOutput, TextSide, register_recipe
 
 __all__ = ["FLYPConfig", "FLYP"]
@@ -83,13 +84,20 @@ class FLYP(Recipe):
     def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
         x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
         tokens = self.tokens.to(ctx.device)
-        t_idx = torch.randint(tokens.shape[1], (y.shape[0],), device=tokens.device)
+        t_idx = per_sample_randint(tokens.shape[1], y.shape[0], tokens.device, ctx, "flyp_template")
         self.clip.train()
         self.clip.visual.eval()
         with ctx.autocast():
             img = self.model.encode(x)
             txt = F.normalize(self.clip.encode_text(tokens[y.to(tokens.device), t_idx]), dim=-1)
         scale = self.clip.logit_scale.exp()
+        if ctx.world != self.loss_fn.world_size:
+            # the InfoNCE couples the whole batch: gather every rank's features, with gradients (open_clip's
+            # gather_with_grad), so N processes compute the loss of the global batch, as 1 process does
+            from open_clip.loss import ClipLoss
+
+            self.loss_fn = ClipLoss(gather_with_grad=ctx.world > 1, rank=torch.distributed.get_rank()
+                                    if ctx.world > 1 else 0, world_size=ctx.world)
         loss = self.loss_fn(img.float(), txt.float(), scale.float())
         return StepOutput(loss, {"loss": float(loss.detach()), "logit_scale": float(scale.detach())})
 

@@ -127,7 +127,7 @@ class Grace(AdversarialRecipe):
         cfg, model = self.cfg, self.model
         awp_on = cfg.awp != "off"
         logs: dict[str, float] = {}
-        with self.awp.branch():  # the branch at B_awp = 0 adds nothing: the forwards below are the unperturbed ones
+        with self.awp.branch(ctx):  # the branch at B_awp = 0 adds nothing: the forwards below are the unperturbed ones
             # Two forwards rather than one over [x; x_adv]: the first ascent step back-propagates through the
             # adversarial graph alone, which a concatenated graph would make twice as expensive.
             with ctx.autocast():

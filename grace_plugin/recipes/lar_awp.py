@@ -76,11 +76,16 @@ class LarAwp:
         with torch.no_grad():
             return self.cfg.rho * float((m.base.weight + m.lora_delta()).float().norm())
 
-    def _init_branch(self, active: dict) -> dict:
+    def _init_branch(self, active: dict, ctx=None) -> dict:
+        """A random orthonormal A per layer; one draw per step, from (seed, step) under the trainer (rng.py), so
+        every rank draws the same branch."""
+        from ..rng import step_generator
+
         radii = {}
+        gen = step_generator(ctx, "awp_init", next(iter(active.values())).base.weight.device) if active else None
         for n, m in active.items():
             r = self.ranks[n]
-            g = torch.randn(m.in_features, m.awp_rank, device=m.base.weight.device)
+            g = torch.randn(m.in_features, m.awp_rank, device=m.base.weight.device, generator=gen)
             q, _ = torch.linalg.qr(g)  # orthonormal rows: ||B M A||_F = ||B M||_F
             m.awp_A = q.t().contiguous().to(m.base.weight.dtype).requires_grad_(True)
             m.awp_B = torch.zeros_like(m.awp_B).requires_grad_(True)
@@ -107,12 +112,13 @@ class LarAwp:
             m.awp_A, m.awp_B = a.requires_grad_(True), b.requires_grad_(True)
 
     @contextlib.contextmanager
-    def branch(self):
+    def branch(self, ctx=None):
         """Context: the active layers' branch enabled from ``B_awp = 0`` (the model is unchanged until
-        ``perturbed_features`` ascends it); on exit disabled and reset."""
+        ``perturbed_features`` ascends it); on exit disabled and reset. ``ctx``: the trainer's step context (the
+        initial direction is drawn from (seed, step))."""
         active = self.active()
         with awp_branch(active.values()):
-            self._active, self._radii = active, self._init_branch(active)
+            self._active, self._radii = active, self._init_branch(active, ctx)
             yield self
 
     def perturbed_features(self, x_awp: torch.Tensor, y: torch.Tensor, f_first: torch.Tensor,
@@ -124,12 +130,14 @@ class LarAwp:
         if not active:
             return f_first, {}
         loss_p = F.cross_entropy(model.head(f_first), y)
-        g = torch.autograd.grad(loss_p, [m.awp_B for m in active.values()], retain_graph=True)
+        # the ascent direction is a whole-batch statistic: averaged over ranks (1 process == N processes)
+        g = ctx.all_reduce_mean(torch.autograd.grad(loss_p, [m.awp_B for m in active.values()], retain_graph=True))
         self._ascend(active, radii, {n: (gb, None) for n, gb in zip(active, g)}, update_a=False)
         for _ in range(self.cfg.awp_steps - 1):
             with ctx.autocast():
                 loss_p = F.cross_entropy(model(x_awp).float(), y)
-            g = torch.autograd.grad(loss_p, [t for m in active.values() for t in (m.awp_B, m.awp_A)])
+            params = [t for m in active.values() for t in (m.awp_B, m.awp_A)]
+            g = ctx.all_reduce_mean(torch.autograd.grad(loss_p, params))
             self._ascend(active, radii, {n: (g[2 * i], g[2 * i + 1]) for i, n in enumerate(active)}, update_a=True)
         for m in active.values():  # Δ* is a constant in the outer step (AWP/SAM practice)
             m.awp_A, m.awp_B = m.awp_A.detach(), m.awp_B.detach()
@@ -147,12 +155,22 @@ class LarAwp:
             with ctx.autocast():
                 logits = self.model(x).float()
             if self.cfg.curvature_labels == "sampled":
-                y = torch.distributions.Categorical(logits=logits.detach()).sample()
-            grads = torch.autograd.grad(F.cross_entropy(logits, y), weights)
+                y = self._sampled_labels(logits.detach(), ctx)
+            # the gradient of the whole batch's mean loss: averaged over ranks, over the global batch size
+            grads = ctx.all_reduce_mean(torch.autograd.grad(F.cross_entropy(logits, y), weights))
         finally:
             for w in weights:
                 w.requires_grad_(False)
-        return {n: layer_curvature(g, x.shape[0]) for n, g in zip(self.layers, grads)}
+        return {n: layer_curvature(g, x.shape[0] * ctx.world) for n, g in zip(self.layers, grads)}
+
+    @staticmethod
+    def _sampled_labels(logits: torch.Tensor, ctx) -> torch.Tensor:
+        """One label per sample from its predictive distribution, drawn from that sample's generator (rng.py)."""
+        from ..rng import per_sample_uniform
+
+        u = per_sample_uniform(logits[:, :1].float(), 0.0, 1.0, ctx, "curvature_labels")  # inverse-CDF sampling
+        cdf = torch.softmax(logits.float(), -1).cumsum(-1)
+        return torch.searchsorted(cdf, u).clamp(max=logits.shape[1] - 1).squeeze(1)
 
     def schedule(self, total_steps: int) -> tuple[int, float]:
         c = self.cfg

@@ -55,7 +55,8 @@ class SAM(Recipe):
         params = self.trainable_parameters()
         loss0 = self._loss(x, y, ctx)
         g0 = torch.autograd.grad(loss0, params, allow_unused=True)
-        g0 = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g0)]
+        # ε* follows the whole batch's gradient: averaged over ranks (1 process == N processes)
+        g0 = ctx.all_reduce_mean([torch.zeros_like(p) if g is None else g for p, g in zip(params, g0)])
         deltas = sam_perturbation(params, g0, cfg.rho, cfg.adaptive, cfg.asam_eta)
         with perturbed(params, deltas):
             loss1 = self._loss(x, y, ctx)

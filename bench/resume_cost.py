@@ -1,0 +1,106 @@
+"""Resume latency at a late step: replaying the stream (the old trainer) vs seeking it (``TrainStream.seek``).
+
+Writes ``--shards`` tar shards of ``--per-shard`` JPEG photos (``--size`` px, ImageNet-like sizes) to a temp folder,
+then for a position of ``--batches`` batches of ``--batch`` images:
+
+* replay: the time to re-read those batches through the training loader (what ``--resume`` did before: decode
+  ``step x grad_accum`` batches and throw them away), timed to the first new batch;
+* seek: a fresh loader sought to the saved cursor, timed to the first new batch (which must equal the replayed one).
+
+Prints both times, the decode cost per image and the replay cost extrapolated to GRACE's protocol (step 200,000 at
+batch 256 on one loader process; more workers divide it, and every worker decodes).
+
+    python bench/resume_cost.py                          # 224 px, 160 batches of 64
+    python bench/resume_cost.py --batches 400 --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def write_shards(root: Path, shards: int, per_shard: int, size: int) -> list[str]:
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    urls = []
+    for s in range(shards):
+        path = root / f"{s}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(per_shard):
+                base = np.kron(rng.uniform(0, 255, (size // 16 + 1, size // 16 + 1, 3)), np.ones((16, 16, 1)))
+                img = np.clip(base[:size, :size] + rng.normal(0, 12, (size, size, 3)), 0, 255).astype("uint8")
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="JPEG", quality=90)
+                sink.write({"__key__": f"s{s:03d}_{i:05d}", "jpg": buf.getvalue(), "cls": str(i % 1000).encode()})
+        urls.append(str(path))
+    return urls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--per-shard", type=int, default=400)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=160, help="the resume position, in batches")
+    ap.add_argument("--workers", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+
+    from grace_plugin.data.loader import make_train_loader
+    from grace_plugin.data.transforms import train_transform
+    from grace_plugin.trainer import batch_source
+
+    pcfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875,
+            "mean": (0.48, 0.46, 0.41), "std": (0.27, 0.26, 0.28)}
+    tf = train_transform(pcfg, "none")
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = write_shards(Path(tmp), a.shards, a.per_shard, a.size)
+
+        def loader():
+            return make_train_loader(urls, tf, a.batch, 1000, seed=0, shuffle_buffer=1000, num_workers=a.workers)
+
+        class Unseekable:  # the same stream, read the old way
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __iter__(self):
+                return iter(self.inner)
+
+        cursors = {}
+        t0 = time.perf_counter()
+        it, how = batch_source(Unseekable(loader()), consumed=0)
+        for _ in range(a.batches):
+            b = next(it)
+            w, blk, off = (int(v) for v in b["cursor"])
+            cursors[w] = (blk, off)
+        want = next(it)
+        t_replay = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        it, how = batch_source(loader(), consumed=a.batches, cursors=cursors)
+        got = next(it)
+        t_seek = time.perf_counter() - t0
+        assert how == "seek" and torch.equal(got["label"], want["label"]) and torch.equal(got["image"], want["image"])
+
+    n = a.batches * a.batch
+    per_image = t_replay / (n + a.batch)
+    print(f"position: {a.batches} batches x {a.batch} = {n} images ({a.size} px JPEG -> 224), workers {a.workers}")
+    print(f"replay (old --resume): {t_replay:8.2f} s to the first new batch ({1e3 * per_image:.2f} ms/image)")
+    print(f"seek   (new --resume): {t_seek:8.2f} s to the first new batch (same batch, checked)")
+    print(f"ratio replay/seek: {t_replay / t_seek:.0f}x")
+    late = 200_000 * 256
+    print(f"extrapolated replay at step 200,000, batch 256: {late * per_image / 3600:.1f} h on one loader process "
+          f"(seek stays one block: about {t_seek:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
