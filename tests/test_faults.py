@@ -457,6 +457,7 @@ def _unshare_ok() -> bool:
     return r.returncode == 0
 
 
+@pytest.mark.slow  # a real `grace train` process per row (about 40 s each on 2 cores)
 @pytest.mark.skipif(not _unshare_ok(), reason="needs unshare -rm (user + mount namespaces) to mount a tiny tmpfs")
 @pytest.mark.parametrize("mount_opts,fragment", [("size=600k", "no space left on the device"),
                                                  ("size=4m,ro", "is not writable")],
