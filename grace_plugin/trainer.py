@@ -504,8 +504,9 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
             for p_model, p_ema in zip(recipe.model.state_dict().values(), ema.module.state_dict().values()):
                 p_model.copy_(p_ema)
     seconds = time.time() - t0
-    return TrainResult(step + 1 if stopped else total_steps, bad_total, last_loss, seconds, data_skipped, selection=selection,
-                       stopped=stopped, val_seconds=round(val_seconds, 3), first_batch_seconds=first_batch_s)
+    return TrainResult(step + 1 if stopped else total_steps, bad_total, last_loss, seconds, data_skipped,
+                       selection=selection, stopped=stopped, val_seconds=round(val_seconds, 3),
+                       first_batch_seconds=first_batch_s)
 
 
 def _save_state(path: Path, recipe: Recipe, optimizer, step: int, bad_total: int, data_skipped: dict,

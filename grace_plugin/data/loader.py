@@ -19,7 +19,8 @@ from PIL import Image
 from .shards import IMAGE_KEYS
 from .transforms import as_tensor_transform
 
-__all__ = ["decode_sample", "make_eval_loader", "make_train_loader", "TrainStream", "index_tar", "merge_skips", "SKIP_REASONS"]
+__all__ = ["decode_sample", "make_eval_loader", "make_train_loader", "TrainStream", "index_tar", "merge_skips",
+           "SKIP_REASONS"]
 
 log = logging.getLogger(__name__)
 
