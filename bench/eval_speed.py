@@ -97,7 +97,8 @@ def main() -> None:
                                   eps=eps, batch_size=a.n, preprocessing=eval_transform(model.pretrained_cfg),
                                   device=torch.device(a.device))
         t_rb = time.perf_counter() - t0
-        print(f"autoattack Linf 4/255 on {a.n} images ({a.device}, {a.threads} thread(s)): ours {t_ours:.1f} s "
+        print(f"autoattack Linf 4/255 on {a.n} images ({a.device}, {a.threads} thread(s)): "
+              f"ours {t_ours:.1f} s "
               f"(clean {ours['clean_acc']:.2f}, robust {ours['robust_acc']:.2f}) | robustbench.benchmark "
               f"{t_rb:.1f} s (clean {100 * clean:.2f}, robust {100 * robust:.2f}) | ratio ours/robustbench "
               f"{t_ours / t_rb:.2f} | identical: "
@@ -112,8 +113,8 @@ def main() -> None:
         t0 = time.perf_counter()
         rep = run_suites(_loaded(model), ["id"], ctx)
         dt = time.perf_counter() - t0
-        print(f"clean eval (id suite, {a.device}, RobustBench ImageNet subset, 16 px PNG, linear model): {n} images "
-              f"in {dt:.1f} s "
+        print(f"clean eval (id suite, {a.device}, RobustBench ImageNet subset, 16 px PNG, linear model): "
+              f"{n} images in {dt:.1f} s "
               f"= {n / dt:.0f} images/s (top-1 {rep['axes']['id']:.2f})")
 
     ranks_vs_one(a.n_adv)
