@@ -10,7 +10,8 @@
      "suites": {SUITE: {"kind": "id"|"ood"|"transfer"|"adv"|"robustbench"|"corruptions"|"geometry"|"shift", ...}}}
                                                             # present when run through suites.run_suites
 
-``hm`` is the harmonic mean of ID, OOD and Adv, the paper's summary (spec §2); it is null unless all three exist.
+``hm`` is the harmonic mean of ID, OOD and Adv, the paper's summary (arXiv 2603.27139,
+Tables 6-8); it is null unless all three exist.
 Files are written atomically.
 """
 from __future__ import annotations

@@ -195,8 +195,8 @@ def _aggregate(method: str, axes: list[dict]) -> dict:
 
 def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, req, alphas: list[float],
                       out: str | Path | None = None, progress: bool = False) -> dict:
-    """WiSE-FT alpha sweep (spec §6): interpolate a fine-tuned run (alpha = 1, e.g. an ``ft`` run or ``wise_ft``
-    with ``recipe.alpha=1``) with the zero-shot CLIP it started from, evaluate each alpha with ``req`` (an
+    """WiSE-FT alpha sweep (arXiv 2109.01903): interpolate a fine-tuned run (alpha = 1, e.g. an ``ft`` run or
+    ``wise_ft`` with ``recipe.alpha=1``) with the zero-shot CLIP it started from, evaluate each alpha with ``req`` (an
     ``EvalRequest``) and return ``{"points": [{alpha, id, ood, adv, hm}], "frontier": [...]}`` (the ID/OOD Pareto
     front); written to ``out/wise_ft_sweep.json`` when ``out`` is given."""
     from grace_plugin.checkpoint import atomic_write_text

@@ -1,9 +1,10 @@
-"""Suite registry (aesthetics.md §9.2-9.4): a suite name -> a function ``(ctx, arg) -> result dict``.
+"""Suite registry (README "Evaluation suites"): a suite name -> a function ``(ctx, arg) -> result dict``.
 
 Names: ``id``, ``ood:<set>``, ``transfer:<set>``, ``adv:<attack>``, ``corruptions``, ``geometry``, ``shift``,
 ``robustbench``. ``<set>`` is ``NAME=DIR``, a folder, or a name resolved by ``SuiteContext.resolve_set`` (``--ood
 NAME=DIR`` sets, then ``<data_root>/<NAME>``; the shard-set catalogue of issue 3 plugs in there). The ID set is a
-shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used, ecosystem.md §3.4).
+shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used:
+``load_imagenet`` in https://github.com/RobustBench/robustbench/blob/master/robustbench/data.py).
 
 ``run_suites(loaded, names, ctx)`` runs them in order and returns the three-axis report (``report.build_report``)
 with every suite's result under ``"suites"``. A new suite is one ``@register_suite`` function; ``grace eval
@@ -323,8 +324,8 @@ def _suite_corruptions(loaded, ctx: SuiteContext, arg=None) -> dict:
                          f"(first: {missing[0]})")
     names, templates = imagenet_classnames()
     model = loaded.for_classes(names, templates, device=ctx.device).to(ctx.device).eval()
-    # RobustBench forces 'Res224' (a square resize) on ImageNet-C (ecosystem.md §3.5); we resize to the model's
-    # input size, which is that exact transform for 224-px models.
+    # RobustBench forces 'Res224' (a square resize) on ImageNet-C (https://github.com/RobustBench/robustbench/blob/master/robustbench/eval.py);
+    # we resize to the model's input size, which is that exact transform for 224-px models.
     size = tuple(loaded.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
     prep = transforms.Compose([transforms.Resize(list(size)), transforms.ToTensor()])
     acc = {}
@@ -364,7 +365,8 @@ def _shift_sets(ctx: SuiteContext, names: list[str]) -> list[tuple[str, Path]]:
 
 @register_suite("geometry")
 def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
-    """Hessian top eigenvalue/trace/Frobenius, layer-wise curvature, centroid cosine, dLID, drift (spec §3.2)."""
+    """Hessian top eigenvalue/trace/Frobenius, layer-wise curvature, centroid cosine, dLID, drift (arXiv 2603.27139
+    Tables 2-3, Fig. 7)."""
     import re
 
     import torch.nn.functional as F
@@ -377,7 +379,7 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
     tf = _transform(loaded)
     x, y = _first_batches(_read(es, tf, ctx, ctx.n_geometry), ctx.n_geometry)
     x, y = x.to(ctx.device), y.to(ctx.device)
-    # spec §3.2: which parameters the paper's Hessian is taken over is unstated; we use the whole visual tower.
+    # the paper (Table 3) does not state which parameters its Hessian is taken over; we use the whole visual tower.
     named = [(n, p) for n, p in model.named_parameters() if n.startswith("visual.")]
     params = [p for _, p in named]
     saved = [p.requires_grad for p in params]

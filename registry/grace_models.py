@@ -51,7 +51,8 @@ WEIGHTS_FILE = "model.safetensors"
 TEXT_FILE = "text.safetensors"
 CARD_FORMAT = 1
 
-# timm's register_model looks entries up here by architecture name (ecosystem.md §1.1); filled per card below.
+# timm's register_model looks entries up here by architecture name (``register_model`` in
+# https://github.com/huggingface/pytorch-image-models/blob/v1.0.9/timm/models/_registry.py); filled per card below.
 default_cfgs: dict = {}
 _CARDS: dict[str, tuple[dict, Path | None]] = {}
 
@@ -306,7 +307,8 @@ def get_card(name: str) -> tuple[dict, Path | None]:
 
 
 # ---------------------------------------------------------------------------------------------------- built-ins
-# A tiny architecture with no weights, for tests and smoke checks (aesthetics §9.7: test entries are grace_test_*).
+# A tiny architecture with no weights, for tests and smoke checks (test entries are named grace_test_*
+# so listings of real models can skip them).
 # Its RobustBench name resolves to it, but pretrained=True raises timm's "No pretrained weights exist".
 _TINY_CLIP_CFG = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 BUILTIN_CARDS = [{
