@@ -16,7 +16,8 @@ through its plugin hook, once timm is imported) makes ``timm.create_model(name, 
 ``robustbench.utils.load_model(rb_name, dataset=..., threat_model=...)`` work. timm has no entry points of its own
 (https://github.com/huggingface/pytorch-image-models/issues/1694). Weights resolve, in timm's order, from
 ``pretrained_cfg_overlay=dict(file=...)``, the card's local file, then the card's ``hf_hub_id``; they are read by
-``GraceClassifier.load_pretrained`` (cfg ``custom_load``) through ``registry.weights.load_state_dict_safe`` and the card's sha256.
+``GraceClassifier.load_pretrained`` (cfg ``custom_load``) through ``registry.weights.load_state_dict_safe`` and the
+card's sha256.
 """
 from __future__ import annotations
 
