@@ -222,7 +222,7 @@ class DiGraP(_AnchoredAdam):
         mu: learning rate of the strengths' internal Adam (prototype: 1e-2).
         trainable: learn ω by hyper-gradient; False keeps ω = ``strength`` (the prototype's fixed mode).
         strength: the initial (trainable) or fixed ω; Alg. 1 starts at 0.
-        normalize: Alg. 1 names a "Normalization" of the hyper-gradient without defining it; our
+        normalize: Alg. 1 applies a "Normalization" to the hyper-gradient, not spelled out in the text. Our
             choice: "cosine" divides ``α g1_t·g_proj_{t-1}`` by ``||g1_t|| ||g_proj_{t-1}||``, "none" leaves it raw.
     """
 

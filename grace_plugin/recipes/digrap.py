@@ -30,12 +30,13 @@ __all__ = ["DiGraPConfig", "DiGraP"]
 
 @dataclass
 class DiGraPConfig(ProximalConfig):
-    # the paper states no μ; ours is 1e-2, the prototype's
+    # no μ value in the paper text we read; ours is 1e-2, the prototype's
     # (github.com/chengyuehuang511/vlm_robustness, optimizer/pcgrad.py)
     digrap_mu: float = 1e-2
     digrap_trainable: bool = True
     digrap_strength: float = 0.0  # Alg. 1: ω_1 = 0
-    digrap_normalize: str = "cosine"  # Alg. 1 names a "Normalization" without defining it; our choice
+    # Alg. 1 applies a "Normalization" to the ω hyper-gradient, not spelled out in the text; "cosine" is our choice
+    digrap_normalize: str = "cosine"
 
 
 @register_recipe("digrap")
