@@ -1,11 +1,13 @@
 """Attack registry: a name -> a factory ``(model, eps, norm, seed) -> attack(x, y) -> x_adv``.
 
 Models take [0,1] input with normalisation inside (RobustBench's convention), so no attack here is ever told a
-mean/std (ecosystem.md B8). ``apgd-ce`` is pyautoattack's APGD-CE with the settings of AutoAttack's standard
-version (100 iterations, 1 restart): the paper's test protocol (spec §2). ``apgd-dlr`` and ``square`` are the same
-pyautoattack components; ``autoattack`` is pyautoattack's ``version='standard'`` (APGD-CE, APGD-T with 9 targets,
-FAB-T with 9 targets, Square 5000 queries, 100 iterations), exactly what ``robustbench.eval.benchmark`` runs
-(ecosystem.md §3.1; torchattacks' AutoAttack is weaker, B7). ``pgd`` and ``fgsm`` are torchattacks.
+mean/std (torchattacks' ``set_normalization_used`` would make it expect and return normalised images). ``apgd-ce``
+is pyautoattack's APGD-CE with the settings of AutoAttack's standard version (100 iterations, 1 restart): the
+paper's test protocol (arXiv 2603.27139 Sec. 6.1). ``apgd-dlr`` and ``square`` are the same pyautoattack
+components; ``autoattack`` is pyautoattack's ``version='standard'`` (APGD-CE, APGD-T with 9 targets, FAB-T with 9
+targets, Square 5000 queries, 100 iterations), exactly what ``robustbench.eval.benchmark`` runs
+(https://github.com/RobustBench/robustbench/blob/master/robustbench/eval.py; torchattacks' AutoAttack is
+weaker: its APGD/FAB default to 10 steps). ``pgd`` and ``fgsm`` are torchattacks.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Geometry of a fine-tuned model (grace_spec.md §3.2, the paper's Table 2/3 and Fig. 7 analyses), as pure functions.
+"""Geometry of a fine-tuned model (GRACE, arXiv 2603.27139: Tables 2-3 and Fig. 7), as pure functions.
 
 Curvature of the loss w.r.t. a list of parameters, from Hessian-vector products (double backward; PyHessian,
 https://arxiv.org/abs/1912.07145): the top eigenvalue by power iteration, the Hutchinson trace, the normalised
@@ -82,7 +82,8 @@ def hutchinson_trace(loss_fn: LossFn, params: Sequence[torch.Tensor], n_samples:
 
 def hessian_frobenius_normalised(loss_fn: LossFn, params: Sequence[torch.Tensor], n_samples: int = 64,
                                  seed: int = 0) -> float:
-    """``||H||_F / sqrt(d)`` with ``||H||_F^2 = E||H v||^2`` for Rademacher ``v`` (spec §3.2)."""
+    """``||H||_F / sqrt(d)`` with ``||H||_F^2 = E||H v||^2`` for Rademacher ``v`` (Table 3's metric;
+    Hutchinson estimator as in PyHessian, arXiv 1912.07145)."""
     gen = torch.Generator().manual_seed(seed)
     params = list(params)
     d = sum(p.numel() for p in params)
@@ -138,5 +139,5 @@ def lid_mle(x: torch.Tensor, k: int = 20) -> float:
 
 
 def delta_lid(id_emb: torch.Tensor, shift_emb: torch.Tensor, k: int = 20) -> float:
-    """``LID(shift) - LID(ID)`` (spec §3.2; the paper reports GRACE <= 2.5, FT > 8)."""
+    """``LID(shift) - LID(ID)`` (arXiv 2603.27139 Table 2 reports GRACE <= 2.5, FT > 8)."""
     return lid_mle(shift_emb, k) - lid_mle(id_emb, k)

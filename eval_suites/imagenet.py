@@ -1,4 +1,5 @@
-"""ImageNet val (and ImageNet-C) in folder form, read exactly as RobustBench reads it (ecosystem.md §3.4, §3.5).
+"""ImageNet val (and ImageNet-C) in folder form, read exactly as RobustBench reads it
+(``load_imagenet`` and ``CORRUPTIONS`` in https://github.com/RobustBench/robustbench/blob/master/robustbench/data.py).
 
 RobustBench evaluates ImageNet on a fixed 5000-image subset listed in its package file
 ``robustbench/helper_files/imagenet_test_image_ids.txt``; labels are the index of the wnid among the **sorted**
@@ -18,7 +19,7 @@ from grace_plugin.errors import GraceError
 __all__ = ["ImageNetFolderError", "imagenet_wnids", "imagenet_val_dir", "is_imagenet_folder", "check_imagenet_folder",
            "imagenet_batches", "imagenet_classnames", "CORRUPTIONS", "imagenet_c_batches"]
 
-# ecosystem.md §3.5: the 15 ImageNet-C corruptions RobustBench evaluates (its own order).
+# The 15 ImageNet-C corruptions RobustBench evaluates, in its own order (robustbench/data.py ``CORRUPTIONS``).
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur", "brightness", "fog",
                "zoom_blur", "frost", "glass_blur", "impulse_noise", "contrast", "jpeg_compression", "elastic_transform")
 
@@ -81,7 +82,8 @@ def check_imagenet_folder(path: str | Path, n: int | None = 5000) -> Path:
 
 
 def imagenet_classnames() -> tuple[list[str], list]:
-    """open_clip's ImageNet class names and OpenAI's 80 templates (spec §2 [INF])."""
+    """open_clip's ImageNet class names and OpenAI's 80 templates (the GRACE paper
+    does not list its templates; these, the WiSE-FT/FLYP convention, are our choice)."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
     return list(IMAGENET_CLASSNAMES), [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
@@ -115,7 +117,8 @@ def imagenet_batches(path: str | Path, transform: Callable, n: int = 5000, batch
 
 def imagenet_c_batches(root: str | Path, corruption: str, severity: int, transform: Callable, n: int = 5000,
                        batch_size: int = 64) -> Iterator[dict]:
-    """``<root>/ImageNet-C/<corruption>/<severity>/<wnid>/<file>``, the same subset (ecosystem.md §3.5)."""
+    """``<root>/ImageNet-C/<corruption>/<severity>/<wnid>/<file>``, the same subset
+    (as ``robustbench/data.py`` reads it)."""
     d = Path(root).expanduser()
     d = d / "ImageNet-C" if (d / "ImageNet-C").is_dir() else d
     folder = d / corruption / str(severity)

@@ -1,5 +1,6 @@
 """RobustBench interop: ModelInfo JSON, ``robustbench.eval.benchmark`` on a user's ImageNet folder, corruption mCE,
-and the reference rows shipped as data (paper Tables 6-8, grace_spec.md §3.1; RobustBench board, ecosystem.md §3.6).
+and the reference rows shipped as data (GRACE, arXiv 2603.27139, Tables 6-8;
+the RobustBench ImageNet Linf board from its repository's ``model_info/imagenet/Linf/``).
 
 ``model_info/<dataset>/<threat>/<Name>.json`` carries RobustBench's ``ModelInfo`` fields (robustbench/utils.py);
 accuracies are two-decimal percent strings ("59.68") and eps is RobustBench's "4/255" spelling.

@@ -1,12 +1,14 @@
-"""Shift quantification by Mahalanobis distance (FRAMES-VQA, grace_spec.md §5), for image classification.
+"""Shift quantification by Mahalanobis distance (FRAMES-VQA, arXiv 2505.21755), for image classification.
+
+FRAMES' procedure is in github.com/chengyuehuang511/vlm_robustness, ``ood_test/contextual_ood/measure.py``.
 
 Fit a single Gaussian on the ID embeddings (mean, unbiased covariance, float64), invert with a pseudo-inverse of
 ``Sigma + ridge I``, and score each sample of another set by ``sqrt((z - mu)^T Sigma^+ (z - mu))``; a set's shift is
-the mean over its samples (FRAMES reports the negative of it). Three embeddings, the analogue of FRAMES' modalities
-(spec §5 [INF]): ``image`` (the model's L2-normalised image embedding), ``text`` (the class-prompt text embedding
-the model's prediction points at, ``softmax(logits) @ W`` with ``W`` the zero-shot head's prompt embeddings) and
-``joint`` (their concatenation, so cross-modal covariance counts). Sets are ordered near -> far and the distances
-are correlated (Pearson, Spearman) with the accuracy drop from ID.
+the mean over its samples (FRAMES reports the negative of it). Three embeddings, our transfer of FRAMES'
+VQA modalities to image classification: ``image`` (the model's L2-normalised image embedding), ``text`` (the
+class-prompt text embedding the model's prediction points at, ``softmax(logits) @ W`` with ``W`` the zero-shot
+head's prompt embeddings) and ``joint`` (their concatenation, so cross-modal covariance counts). Sets are ordered
+near -> far and the distances are correlated (Pearson, Spearman) with the accuracy drop from ID.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ class GaussianFit:
 
 
 def fit_gaussian(z: np.ndarray, ridge: float | None = None) -> GaussianFit:
-    """Mean and pseudo-inverse of ``Sigma + ridge I`` in float64. FRAMES uses ridge 1e-8; the default here is
-    ``1e-6 * tr(Sigma) / d`` (scale-aware, spec §5 [INF]) and is a config field of the suite."""
+    """Mean and pseudo-inverse of ``Sigma + ridge I`` in float64. FRAMES' measure.py uses ridge 1e-8; our default
+    is ``1e-6 * tr(Sigma) / d`` (scale-aware) and is a config field of the suite."""
     z = np.asarray(z, dtype=np.float64)
     if z.ndim != 2 or z.shape[0] < 2:
         raise ValueError(f"need at least 2 ID embeddings of shape [n, d], got {z.shape}")

@@ -1,10 +1,10 @@
-"""The evaluation engine: a suite registry (aesthetics.md §9.2-9.4), a suite name -> ``(loaded, ctx, arg) -> dict``.
+"""The evaluation engine: a suite registry (README "Evaluation suites"), a suite name -> ``(loaded, ctx, arg) -> dict``.
 
 Every evaluation is a list of suites. Names: ``id``, ``ood:<set>``, ``transfer:<set>``, ``adv:<attack>``,
 ``corruptions``, ``geometry``, ``shift``, ``robustbench``. ``<set>`` is ``NAME=DIR``, a folder, or a name resolved by
 ``SuiteContext.resolve_set`` (``--ood NAME=DIR`` sets, then the catalogue's folder or ``<data_root>/<NAME>``). The
-ID set is a shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used, ecosystem.md
-§3.4). ``grace eval``'s ``--data/--ood/--attack`` are shorthands (``expand_shorthands``):
+ID set is a shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used: ``load_imagenet`` in
+https://github.com/RobustBench/robustbench/blob/master/robustbench/data.py). ``grace eval``'s ``--data/--ood/--attack`` are shorthands (``expand_shorthands``):
 
     --data [NAME=]DIR   -> the ID set, and the suite ``id``
     --ood SET           -> the suite ``ood:SET`` (SET as above; NAME=DIR also names the set for other suites)
@@ -489,8 +489,9 @@ def _suite_corruptions(loaded, ctx: SuiteContext, arg=None) -> dict:
                          f"(first: {missing[0]})")
     names, templates = imagenet_classnames()
     model = _model_for(loaded, ctx, names, templates, "imagenet")[0]
-    # RobustBench forces 'Res224' (a square resize) on ImageNet-C (ecosystem.md §3.5); we resize to the model's
-    # input size, which is that exact transform for 224-px models.
+    # RobustBench forces 'Res224' (a square resize) on ImageNet-C (robustbench/eval.py,
+    # https://github.com/RobustBench/robustbench/blob/master/robustbench/eval.py); we resize to the model's input
+    # size, which is that exact transform for 224-px models.
     size = tuple(loaded.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
     prep = transforms.Compose([transforms.Resize(list(size)), transforms.ToTensor()])
     acc = {}
@@ -534,7 +535,8 @@ def _shift_sets(ctx: SuiteContext, names: list[str]) -> list[tuple[str, Path]]:
 
 @register_suite("geometry")
 def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
-    """Hessian top eigenvalue/trace/Frobenius, layer-wise curvature, centroid cosine, dLID, drift (spec §3.2)."""
+    """Hessian top eigenvalue/trace/Frobenius, layer-wise curvature, centroid cosine, dLID, drift (arXiv 2603.27139
+    Tables 2-3, Fig. 7)."""
     import re
 
     import torch.nn.functional as F
@@ -547,7 +549,7 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
     tf = _transform(loaded)
     x, y = _first_batches(_read(es, tf, ctx, ctx.n_geometry, whole=True), ctx.n_geometry)
     x, y = x.to(ctx.device), y.to(ctx.device)
-    # spec §3.2: which parameters the paper's Hessian is taken over is unstated; we use the whole visual tower.
+    # the paper (Table 3) does not state which parameters its Hessian is taken over; we use the whole visual tower.
     named = [(n, p) for n, p in model.named_parameters() if n.startswith("visual.")]
     params = [p for _, p in named]
     saved = [p.requires_grad for p in params]

@@ -3,13 +3,14 @@
 * ``autoattack``: robustbench 1.1.1 does ``import autoattack`` and calls the fra31 API
   (``AutoAttack(model, norm, eps, version, log_path=...)``, ``run_standard_evaluation(x, y, bs=...)`` returning
   ``x_adv``). Its PyPI dependency ``pyautoattack`` 0.2.0 installs the module ``pyautoattack`` with a keyword-only API
-  that takes ``batch_size`` and returns ``(x_adv, y_adv)`` (ecosystem.md B1/B2). ``install_autoattack_shim`` appends
-  a finder to ``sys.meta_path`` that provides a small ``autoattack`` module translating the old signature to the new
-  one, built (and pyautoattack imported) only when ``autoattack`` is imported. Being last on ``sys.meta_path``, it
-  is asked only after every other finder failed: a real ``autoattack`` that the user installed always wins.
+  that takes ``batch_size`` and returns ``(x_adv, y_adv)``, so ``benchmark()`` fails with ``TypeError: ... 'log_path'``.
+  ``install_autoattack_shim`` appends a finder to ``sys.meta_path`` that provides a small ``autoattack`` module
+  translating the old signature to the new one, built (and pyautoattack imported) only when ``autoattack`` is
+  imported. Being last on ``sys.meta_path``, it is asked only after every other finder failed: a real ``autoattack``
+  that the user installed always wins.
 * ``when_imported(name, callback)``: run ``callback()`` right after module ``name`` is imported (now, if it already
   is). ``import grace_plugin`` uses it to load its plugins once timm is imported (timm has no entry points of its
-  own, ecosystem.md B10), instead of importing timm itself.
+  own: https://github.com/huggingface/pytorch-image-models/issues/1694), instead of importing timm itself.
 
 Import hooks: https://docs.python.org/3/reference/import.html#the-meta-path
 """

@@ -1,4 +1,4 @@
-"""Typed configuration: dataclass defaults < YAML file < ``--set a.b=value`` overrides (aesthetics.md §9.5).
+"""Typed configuration: dataclass defaults < YAML file < ``--set a.b=value`` overrides (README "Command line").
 
 Every section is a dataclass; recipes bring their own ``RecipeConfig`` subclass. Overrides are validated against
 the dataclass fields, so a typo is an error naming the field and the valid choices instead of a silent no-op.
@@ -169,11 +169,11 @@ class DataConfig:
     """Where the training shards live and how samples become tensors."""
 
     train_split: str = "train"
-    # spec §2: the paper states no augmentation; "none" trains on the eval transform (CLIP/WiSE-FT style),
-    # "rrc" uses timm's RandomResizedCrop + flip derived from the model's pretrained cfg.
+    # GRACE (arXiv 2603.27139) states no augmentation; our default "none" trains on the eval transform
+    # (CLIP/WiSE-FT style), "rrc" uses timm's RandomResizedCrop + flip derived from the model's pretrained cfg.
     augment: str = checked("none", choices=("none", "rrc"))
     # "tensor": decode with torchvision and resize uint8 tensors (about 2x faster than PIL for photos, within 2 grey
-    # levels of it); "pil": timm's PIL transform exactly. Not a paper setting (spec §2 states no preprocessing
+    # levels of it); "pil": timm's PIL transform exactly. Not a paper setting (the paper states no preprocessing
     # detail); training on the faster path is the default, evaluation stays on PIL (grace eval --decode).
     decode: str = checked("tensor", choices=("tensor", "pil"))
     val_split: str = "test"  # the split train.val_every checks read (its first train.val_n images)

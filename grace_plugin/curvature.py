@@ -1,4 +1,5 @@
-"""GRACE's curvature curriculum (spec §1.a, Appendix E.1 Eqs. 28-29 via [RI]).
+"""GRACE's curvature curriculum (GRACE, arXiv 2603.27139, Appendix E.1 Eqs. 28-29,
+as quoted by github.com/amashkk/grace).
 
 Per adapted weight matrix W: ``ĥ_W = n_v (g_W ⊙ g_W)`` (diagonal Gauss-Newton / empirical-Fisher proxy),
 ``h̄_W = mean(ĥ_W)``, EMA ``h_W ← β h_W + (1-β) h̄_W`` (first update: ``h_W ← h̄_W``), and a rank per layer from

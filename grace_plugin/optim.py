@@ -1,8 +1,12 @@
-"""Proximity-aware Adam variants from FRAMES-VQA and DiGraP (spec §4): FTP, SPD and DiGraP.
+"""Proximity-aware Adam variants from FRAMES-VQA and DiGraP: FTP, SPD and DiGraP.
+
+Sources: DiGraP, arXiv 2502.15895 (Algorithm 1); the FRAMES-VQA code (arXiv 2505.21755), github.com/
+chengyuehuang511/FRAMES-VQA files ``optimizer/ftp.py``, ``optimizer/adamh.py``, ``runners/runner_robust_ft.py``.
 
 Hand-written because none is in timm (timm's ``adamp`` is Heo et al.'s norm-projection AdamP, unrelated to FTP's
 "AdamP") nor in torch. All three are Adam on each parameter tensor plus a per-tensor rule tying the weights to an
-anchor ``θ0`` (the weights at construction, or zero for LoRA factors as in FRAMES-VQA's runner, spec §4):
+anchor ``θ0`` (the weights at construction, or zero for LoRA factors as in
+FRAMES-VQA's ``runners/runner_robust_ft.py``):
 
 * ``FTP`` (Tian et al., NeurIPS 2023, https://arxiv.org/abs/2310.19182): after the Adam(W) proposal ``θ̃``, project
   every row of ``c = θ̃ - θ0`` onto an l1 ball of a learned per-tensor radius γ: ``θ = θ0 + clamp(γ/n_r, 0, 1) c_r``.
@@ -147,12 +151,12 @@ class _AnchoredAdam(torch.optim.Optimizer):
 
 # --------------------------------------------------------------------------------------------------- FTP
 class FTP(_AnchoredAdam):
-    """Fast Trainable Projection on AdamW (FRAMES-VQA ``optimizer/ftp.py`` "AdamP", spec §4).
+    """Fast Trainable Projection on AdamW (FRAMES-VQA ``optimizer/ftp.py`` "AdamP"; arXiv 2310.19182).
 
     Args:
-        k: annealing factor for positive γ hyper-gradients (``adamp_k``; spec §4: e.g. 0.5).
-        mu: learning rate of γ's internal Adam (spec §4: 1e-2).
-        gamma_init: initial radius (spec §4: 1e-8).
+        k: annealing factor for positive γ hyper-gradients (``adamp_k`` in ``optimizer/ftp.py``, e.g. 0.5).
+        mu: learning rate of γ's internal Adam (1e-2 in ``optimizer/ftp.py``).
+        gamma_init: initial radius (1e-8 in ``optimizer/ftp.py``).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, anchor="init",
@@ -185,7 +189,7 @@ class FTP(_AnchoredAdam):
 
 # --------------------------------------------------------------------------------------------------- SPD
 class SPD(_AnchoredAdam):
-    """Selective Projection Decay on Adam (FRAMES-VQA ``optimizer/adamh.py`` "AdamH", spec §4).
+    """Selective Projection Decay on Adam (FRAMES-VQA ``optimizer/adamh.py`` "AdamH"; arXiv 2411.01713).
 
     Args:
         lam: projection-decay strength λ (the FRAMES-VQA code passes its weight_decay here).
@@ -199,7 +203,7 @@ class SPD(_AnchoredAdam):
         anchor = state["anchor"]
         prev = p.detach().clone()
         proposal = prev - self._adam_update(p, g, state, group)
-        cond = (g * (anchor - prev)).sum()  # spec §4: c_t = g·(θ0 - θ); decay only where c_t < 0
+        cond = (g * (anchor - prev)).sum()  # optimizer/adamh.py: c_t = g·(θ0 - θ); decay only where c_t < 0
         state["selected"] = bool(cond < 0)
         if state["selected"]:
             proposal = spd_project(anchor, prev, proposal, group["lam"])
@@ -212,14 +216,14 @@ class SPD(_AnchoredAdam):
 
 # ------------------------------------------------------------------------------------------------ DiGraP
 class DiGraP(_AnchoredAdam):
-    """Adam with trainable layer-wise directional gradient projection (DiGraP Algorithm 1, spec §4).
+    """Adam with trainable layer-wise directional gradient projection (DiGraP, arXiv 2502.15895, Algorithm 1).
 
     Args:
         mu: learning rate of the strengths' internal Adam (prototype: 1e-2).
         trainable: learn ω by hyper-gradient; False keeps ω = ``strength`` (the prototype's fixed mode).
         strength: the initial (trainable) or fixed ω; Alg. 1 starts at 0.
-        normalize: spec §7 q12: the hyper-gradient "Normalization" is not visible; "cosine" divides
-            ``α g1_t·g_proj_{t-1}`` by ``||g1_t|| ||g_proj_{t-1}||``, "none" leaves it raw.
+        normalize: Alg. 1 applies a "Normalization" to the hyper-gradient, not spelled out in the text. Our
+            choice: "cosine" divides ``α g1_t·g_proj_{t-1}`` by ``||g1_t|| ||g_proj_{t-1}||``, "none" leaves it raw.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, anchor="init",

@@ -2,7 +2,8 @@
 
 ``perturbed(params, deltas)`` adds deltas in place and, on exit (also when the body raises), copies back the
 saved tensors: SAM-style save/restore, never AWP-style subtraction, so the weights come back bit for bit
-(aesthetics.md §8.8). ``awp_branch(modules)`` is the same guarantee for GRACE's additive low-rank branch.
+(subtracting the delta again, as AWP's code does, leaves rounding error).
+``awp_branch(modules)`` is the same guarantee for GRACE's additive low-rank branch.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def awp_branch(modules) -> Iterator[None]:
 
 def sam_perturbation(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor], rho: float,
                      adaptive: bool = False, eta: float = 0.0) -> list[torch.Tensor]:
-    """SAM's ascent ``ε* = ρ g/||g||`` or ASAM's ``ε* = ρ T² g/||T g||`` with ``T = diag(|w| + eta)`` (spec §1.a).
+    """SAM's ascent ``ε* = ρ g/||g||`` or ASAM's ``ε* = ρ T² g/||T g||`` with ``T = diag(|w| + eta)``
+    (SAM arXiv 2010.01412; ASAM arXiv 2102.11600).
 
     The norm is global over all tensors (both papers); computed in fp32.
     """

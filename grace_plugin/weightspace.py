@@ -1,6 +1,6 @@
 """Pure state-dict operations: WiSE-FT interpolation and the alpha sweep that traces the ID/OOD frontier.
 
-WiSE-FT (Wortsman et al., CVPR 2022, https://arxiv.org/abs/2109.01903; spec §6): ``θ_α = (1-α) θ_zs + α θ_ft``
+WiSE-FT (Wortsman et al., CVPR 2022, https://arxiv.org/abs/2109.01903): ``θ_α = (1-α) θ_zs + α θ_ft``
 over *every* floating tensor, the zero-shot head included. ``interpolate_state_dicts`` is a pure function (tensors
 in, new tensors out); ``wise_ft_sweep`` evaluates a list of alphas with a caller-given ``evaluate`` callable (the
 library does not import the evaluation package: ``eval_suites`` sits above it) and returns the points and their

@@ -3,7 +3,8 @@
 After ``import registry`` every GRACE model card in the weights dir (``$GRACE_WEIGHTS_DIR``) is a timm architecture
 named by the RobustBench rule (``registry.naming.timm_name``), the folder being read when a name is first resolved
 or listed; ``import grace_plugin`` does the same through its plugin hook (once timm is imported) when the
-distribution is installed. timm has no entry points of its own (ecosystem.md B10).
+distribution is installed. timm has no entry points of its own
+(https://github.com/huggingface/pytorch-image-models/issues/1694).
 """
 import grace_plugin  # noqa: F401  (installs the autoattack shim before anything imports robustbench)
 

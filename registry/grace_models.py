@@ -14,9 +14,10 @@ time a name is resolved or listed (``get_card``, ``list_grace_models``, ``regist
 one timm architecture is registered per card. So in a new process ``import registry`` (or ``import grace_plugin``
 through its plugin hook, once timm is imported) makes ``timm.create_model(name, pretrained=True)`` and
 ``robustbench.utils.load_model(rb_name, dataset=..., threat_model=...)`` work. timm has no entry points of its own
-(ecosystem.md B10). Weights resolve, in timm's order, from ``pretrained_cfg_overlay=dict(file=...)``, the card's
-local file, then the card's ``hf_hub_id``; they are read by ``GraceClassifier.load_pretrained`` (cfg
-``custom_load``) through ``registry.weights.load_state_dict_safe`` and the card's sha256.
+(https://github.com/huggingface/pytorch-image-models/issues/1694). Weights resolve, in timm's order, from
+``pretrained_cfg_overlay=dict(file=...)``, the card's local file, then the card's ``hf_hub_id``; they are read by
+``GraceClassifier.load_pretrained`` (cfg ``custom_load``) through ``registry.weights.load_state_dict_safe`` and the
+card's sha256.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ WEIGHTS_FILE = "model.safetensors"
 TEXT_FILE = "text.safetensors"
 CARD_FORMAT = 1
 
-# timm's register_model looks entries up here by architecture name (ecosystem.md §1.1); filled per card below.
+# timm's register_model looks entries up here by architecture name (``register_model`` in
+# https://github.com/huggingface/pytorch-image-models/blob/v1.0.9/timm/models/_registry.py); filled per card below.
 default_cfgs: dict = {}
 _CARDS: dict[str, tuple[dict, Path | None]] = {}
 
@@ -306,7 +308,8 @@ def get_card(name: str) -> tuple[dict, Path | None]:
 
 
 # ---------------------------------------------------------------------------------------------------- built-ins
-# A tiny architecture with no weights, for tests and smoke checks (aesthetics §9.7: test entries are grace_test_*).
+# A tiny architecture with no weights, for tests and smoke checks (test entries are named grace_test_*
+# so listings of real models can skip them).
 # Its RobustBench name resolves to it, but pretrained=True raises timm's "No pretrained weights exist".
 _TINY_CLIP_CFG = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 BUILTIN_CARDS = [{

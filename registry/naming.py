@@ -1,4 +1,7 @@
-"""The one rule that names a GRACE checkpoint in timm from its RobustBench name (ecosystem.md §3.3, aesthetics §9.7).
+"""The one rule that names a GRACE checkpoint in timm from its RobustBench name.
+
+See README "Publishing: timm and RobustBench names"; the lookup is ``load_model`` in
+https://github.com/RobustBench/robustbench/blob/master/robustbench/utils.py.
 
 ``robustbench.utils.load_model(name, dataset=..., threat_model=...)`` first builds
 ``f"{name.lower().replace('-', '_')}_{dataset}_{threat}"`` (``corruptions_3d`` folded into ``corruptions``) and, if
@@ -22,7 +25,8 @@ THREAT_MODELS = ("Linf", "L2", "corruptions", "corruptions_3d")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
 # A '.' would be read by timm as an "arch.tag" separator; anything else outside [A-Za-z0-9_-] cannot be a Python-ish
-# entrypoint name. RobustBench names follow <FirstAuthor><Year><FirstTitleWord>[_<Arch>] (ecosystem.md §3.6).
+# entrypoint name. RobustBench names follow <FirstAuthor><Year><FirstTitleWord>[_<Arch>]
+# (e.g. Singh2023Revisiting_ViT-B-ConvStem in RobustBench's model_info/).
 _RB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 

@@ -3,7 +3,8 @@
 ``[0,1] image -> normalize (CLIP mean/std, buffers) -> timm CLIP ViT tower -> L2-normalize -> frozen zero-shot head
 (class-prompt text embeddings) x logit scale``. The head is *not* folded into the tower's projection: CLIP
 normalises features before the class matrix, and cross-entropy, attacks and AutoAttack margins depend on that
-(ecosystem.md §1.3). ``pretrained_cfg`` (timm's dict) drives every transform.
+(as in CLIP's zero-shot evaluation, https://github.com/openai/CLIP). ``pretrained_cfg`` (timm's dict) drives every
+transform.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
   ``<open_clip model name>:<pretrained tag or file>`` (e.g. ``ViT-B-32-quickgelu:openai``).
 * ``tower_spec`` / ``build_tower`` / ``convert_visual`` turn the open_clip visual tower into a timm CLIP
   ``VisionTransformer`` through ``timm.models.vision_transformer.checkpoint_filter_fn``: the same conversion timm
-  applies to OpenAI ViT-B/32 weights (QuickGELU archs, ecosystem.md B9).
+  applies to OpenAI ViT-B/32 weights (QuickGELU archs: https://github.com/huggingface/pytorch-image-models/pull/2033).
 * ``zero_shot_weights`` builds the frozen head with ``open_clip.build_zero_shot_classifier``.
 """
 from __future__ import annotations
@@ -203,7 +203,8 @@ def convert_visual(clip_state_dict: dict, tower: nn.Module) -> dict:
 
 
 def template_fns(templates: list[Any]) -> list:
-    # open_clip formats string templates positionally; CLIP_benchmark files use {c} (ecosystem.md B11).
+    # open_clip formats string templates positionally; CLIP_benchmark files use the named field {c}, which
+    # ``t.format(classname)`` rejects with KeyError.
     fns = []
     for t in templates:
         if callable(t):

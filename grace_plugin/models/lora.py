@@ -1,6 +1,6 @@
 """LoRA adapters on ``nn.Linear`` with an optional low-rank adversarial weight branch (GRACE's LAR-AWP).
 
-``W(θ) = W(θ0) + s·B A`` (spec §1.0, Eq. 5; ``s = alpha / rank``) and, while the AWP branch is active,
+``W(θ) = W(θ0) + s·B A`` (GRACE, arXiv 2603.27139, Eq. 5; ``s = alpha / rank``) and, while the AWP branch is active,
 ``W_pert = W(θ) + B_awp diag(m) A_awp`` (Eq. 6 with the rank mask of Fig. 4). timm's ViT fuses q/k/v in one
 ``qkv`` Linear; ``splits=3`` gives q, k and v their own rank-r factors on the three output slices (PEFT's separate
 q/k/v adapters). The AWP factors are non-persistent buffers: never in ``parameters()`` (so never in an optimizer)

@@ -31,10 +31,11 @@ class RecipeConfig:
     """Fields every recipe understands."""
 
     lora: bool = False  # train LoRA adapters instead of full weights ("LoRA-FT" rows of Table 7)
-    lora_rank: int = 64  # spec §1.f: r = 64 (Table 10 via [RI])
-    lora_alpha: float = 128.0  # spec §1.f: not stated; [RI] uses alpha = 2r
+    lora_rank: int = 64  # GRACE (arXiv 2603.27139) Table 10: r = 64 (as quoted by github.com/amashkk/grace)
+    lora_alpha: float = 128.0  # not stated by the paper; our choice 2r, as github.com/amashkk/grace
     lora_targets: list[str] = field(default_factory=lambda: ["blocks.*.attn.qkv", "blocks.*.attn.proj"])
-    lora_split_qkv: bool = True  # separate q/k/v factors as PEFT's q/k/v adapters (spec §1.f, [RI])
+    lora_split_qkv: bool = True  # separate q/k/v factors as PEFT's q/k/v adapters
+    # (target modules are not stated by the paper; ours follow github.com/amashkk/grace)
     train_head: bool = False  # the zero-shot head stays frozen unless a recipe says otherwise
 
 

@@ -1,4 +1,4 @@
-"""DiGraP: directional gradient projection, the seed paper's proximity optimizer (spec §4).
+"""DiGraP: directional gradient projection, the seed paper's proximity optimizer.
 
 Paper: Huang, Tian, Maneechotesuwan, Chopra, Kira, "Directional Gradient Projection for Robust Fine-Tuning of
 Foundation Models", ICLR 2025, https://arxiv.org/abs/2502.15895. Threat model: none.
@@ -30,10 +30,13 @@ __all__ = ["DiGraPConfig", "DiGraP"]
 
 @dataclass
 class DiGraPConfig(ProximalConfig):
-    digrap_mu: float = 1e-2  # spec §4: the prototype's μ = 1e-2; the paper's value is not visible
+    # no μ value in the paper text we read; ours is 1e-2, the prototype's
+    # (github.com/chengyuehuang511/vlm_robustness, optimizer/pcgrad.py)
+    digrap_mu: float = 1e-2
     digrap_trainable: bool = True
     digrap_strength: float = 0.0  # Alg. 1: ω_1 = 0
-    digrap_normalize: str = "cosine"  # spec §7 q12: the hyper-gradient "Normalization" is not visible
+    # Alg. 1 applies a "Normalization" to the ω hyper-gradient, not spelled out in the text; "cosine" is our choice
+    digrap_normalize: str = "cosine"
 
 
 @register_recipe("digrap")

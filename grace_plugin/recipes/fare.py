@@ -1,4 +1,4 @@
-"""FARE: unsupervised adversarial fine-tuning of the image embedding (spec §6).
+"""FARE: unsupervised adversarial fine-tuning of the image embedding.
 
 Paper: Schlarmann et al., "Robust CLIP: Unsupervised Adversarial Fine-Tuning of Vision Embeddings for Robust Large
 Vision-Language Models", ICML 2024, https://arxiv.org/abs/2402.12336. Threat model: l_inf, eps 4/255 (FARE trains at

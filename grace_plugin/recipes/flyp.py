@@ -1,4 +1,4 @@
-"""FLYP: fine-tune like you pretrain (spec §6).
+"""FLYP: fine-tune like you pretrain.
 
 Paper: Goyal et al., "Finetune like you pretrain: Improved finetuning of zero-shot vision models", CVPR 2023,
 https://arxiv.org/abs/2212.00638. Threat model: none (clean training).
@@ -37,7 +37,7 @@ __all__ = ["FLYPConfig", "FLYP"]
 @dataclass
 class FLYPConfig(RecipeConfig):
     train_head: bool = False  # the head is rebuilt from the fine-tuned text tower at export
-    train_text: bool = True  # spec §6: both encoders trained
+    train_text: bool = True  # FLYP (arXiv 2212.00638) trains both encoders
     train_logit_scale: bool = True  # FLYP continues CLIP's pretraining objective, temperature included
 
 

@@ -1,4 +1,4 @@
-"""Vanilla fine-tuning (spec §6): end-to-end cross-entropy from the zero-shot head (WiSE-FT convention).
+"""Vanilla fine-tuning: end-to-end cross-entropy from the zero-shot head (WiSE-FT convention).
 
 Paper: Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022, https://arxiv.org/abs/2109.01903
 (the FT baseline and its head initialisation). Threat model: none (clean training).

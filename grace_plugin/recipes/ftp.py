@@ -1,4 +1,4 @@
-"""FTP: fast trainable projection (spec §4, the FRAMES-VQA optimizer "AdamP").
+"""FTP: fast trainable projection (the FRAMES-VQA optimizer "AdamP", ``optimizer/ftp.py``).
 
 Paper: Tian et al., "Fast Trainable Projection for Robust Fine-Tuning", NeurIPS 2023,
 https://arxiv.org/abs/2310.19182 (as used in FRAMES-VQA, https://arxiv.org/abs/2505.21755). Threat model: none.
@@ -26,9 +26,9 @@ __all__ = ["FTPConfig", "FTP"]
 
 @dataclass
 class FTPConfig(ProximalConfig):
-    ftp_k: float = 0.5  # spec §4: adamp_k, e.g. 0.5
-    ftp_mu: float = 1e-2  # spec §4: internal Adam lr 1e-2
-    gamma_init: float = 1e-8  # spec §4
+    ftp_k: float = 0.5  # FRAMES-VQA optimizer/ftp.py: adamp_k, e.g. 0.5
+    ftp_mu: float = 1e-2  # FRAMES-VQA optimizer/ftp.py: internal Adam lr 1e-2
+    gamma_init: float = 1e-8  # FRAMES-VQA optimizer/ftp.py
     # With γ starting at 1e-8, a zero anchor would project a LoRA A factor (random init) to ~0 on the first step and
     # freeze the adapter; anchor LoRA factors at their init instead (B starts at 0 either way).
     lora_anchor: str = "init"

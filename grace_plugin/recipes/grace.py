@@ -54,7 +54,7 @@ class GraceConfig(AdvConfig):
     awp: str = "curriculum"  # curriculum | uniform | off
     gram_volume: bool = True  # the L_GV term of Eq. 4
     # --- LAR-AWP (Sec. 3, Eqs. 6-7) ---------------------------------------------------------------------------
-    awp_rank_max: int = 4  # Table 10 (via a public re-implementation)
+    awp_rank_max: int = 4  # Table 10 (as quoted by github.com/amashkk/grace)
     rank_percentiles: list[float] = field(default_factory=lambda: [20.0, 80.0])  # φ_AWP = 80; bottom 20% -> 0
     rank_levels: list[int] = field(default_factory=lambda: [0, 2, 4])  # middle band not stated; our choice r_max/2
     rho: float = 0.05  # not stated in the paper; the AWP paper (arXiv 2004.05884) uses 5e-3 relative

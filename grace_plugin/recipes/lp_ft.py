@@ -1,4 +1,4 @@
-"""LP-FT: linear probe, then full fine-tuning (spec §6).
+"""LP-FT: linear probe, then full fine-tuning.
 
 Paper: Kumar et al., "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution", ICLR 2022,
 https://arxiv.org/abs/2202.10054. Threat model: none (clean training).
@@ -8,8 +8,9 @@ features (the tower's forward runs without a graph, so the tower gets no gradien
 tower (or its LoRA factors with ``lora=true``) and the head train end to end from the probed head.
 
 Args (``LPFTConfig``): ``lp_steps`` (stage-1 length; None: ``lp_fraction`` of the run), ``lp_fraction``,
-``lora`` and the LoRA fields of ``RecipeConfig``. The head starts at the zero-shot weights (spec §6 is silent on
-the probe's init; the zero-shot head is the WiSE-FT/FLYP convention and a better start than random).
+``lora`` and the LoRA fields of ``RecipeConfig``. The head starts at the zero-shot weights (the LP-FT paper trains
+the probe from scratch by logistic regression; our choice: the zero-shot head, the WiSE-FT/FLYP convention
+and a better start than random).
 
 Example:
     grace train --recipe lp_ft --init runs/pretrained --data data/id --out runs/lp_ft --steps 200 \\
@@ -31,7 +32,8 @@ __all__ = ["LPFTConfig", "LPFT"]
 class LPFTConfig(RecipeConfig):
     train_head: bool = True
     lp_steps: int | None = None  # stage-1 steps; None: lp_fraction * total steps
-    # spec §6: the split is not stated for CLIP; LP-FT trains the probe to convergence, half the budget is our default
+    # LP-FT (arXiv 2202.10054) trains the probe to convergence; no step split is stated for CLIP.
+    # Our default: half the budget
     lp_fraction: float = 0.5
 
 

@@ -1,14 +1,15 @@
-"""PMG-AFT: pre-trained-model-guided adversarial fine-tuning (spec §6).
+"""PMG-AFT: pre-trained-model-guided adversarial fine-tuning.
 
 Paper: Wang et al., "Pre-trained Model Guided Fine-Tuning for Zero-Shot Adversarial Robustness", CVPR 2024,
 https://arxiv.org/abs/2401.04350. Threat model: l_inf, eps 4/255 (GRACE's radius), PGD on the CE of the current
 model's zero-shot logits, [0,1] pixels.
 
-Loss (spec §6, weights 1 in the reference code):
+Loss (weights 1 in the reference code, github.com/15520824/
+Pre-trained-Model-Guided-Fine-Tuning-for-Zero-Shot-Adversarial-Robustness ``PMG_AFT.py``):
 ``L = CE(p_θ(x_adv), y) + w_ori·KL(p_0(x_adv) || p_θ(x_adv)) + w_nat·KL(p_θ(x) || p_θ(x_adv))`` with ``p`` the
 softmax of the zero-shot logits and ``p_0`` the frozen original model (a copy taken before any LoRA injection).
 KL uses ``batchmean`` like the reference code; gradients flow through both ``p_θ`` terms. ``p_0`` sees ``x_adv``
-(spec §6); ``ori_input=clean`` is the variant some forks use.
+(as in ``PMG_AFT.py``); ``ori_input=clean`` is the variant some forks use.
 
 Args (``PMGAFTConfig``): the PGD fields, ``w_ori``, ``w_nat``, ``ori_input``, ``lora`` (the LoRA analogue of
 VPT-PMG-AFT, Table 7) and the LoRA fields.
@@ -41,9 +42,9 @@ def pmg_aft_loss(logits_adv: torch.Tensor, logits_nat: torch.Tensor, logits_ori:
 
 @dataclass
 class PMGAFTConfig(AdvConfig):
-    w_ori: float = 1.0  # spec §6: weights 1 in PMG_AFT.py
+    w_ori: float = 1.0  # weights 1 in the reference PMG_AFT.py
     w_nat: float = 1.0
-    ori_input: str = "adv"  # spec §6: p_0 on x_adv; "clean" for the fork variant
+    ori_input: str = "adv"  # PMG_AFT.py: p_0 on x_adv; "clean" for the fork variant
 
 
 @register_recipe("pmg_aft")

@@ -1,4 +1,4 @@
-"""Shared base of the optimizer-defined recipes (FTP, SPD, DiGraP, spec §4): the step is ``ft``'s cross-entropy,
+"""Shared base of the optimizer-defined recipes (FTP, SPD, DiGraP): the step is ``ft``'s cross-entropy,
 the recipe *is* its optimizer (``create_optimizer``); ``train.opt`` is not used by them."""
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ class ProximalConfig(RecipeConfig):
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8
-    # spec §4: FRAMES-VQA's runner anchors LoRA factors at zero (regularise the adapter) and full weights at θ0
+    # FRAMES-VQA's runners/runner_robust_ft.py anchors LoRA factors at zero (regularise the adapter) and full
+    # weights at θ0
     lora_anchor: str = "zero"
 
 

@@ -1,4 +1,4 @@
-"""SAM and ASAM: sharpness-aware minimisation (spec §1.a table, §6).
+"""SAM and ASAM: sharpness-aware minimisation.
 
 Papers: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization", ICLR 2021,
 https://arxiv.org/abs/2010.01412; Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
@@ -10,10 +10,10 @@ One step, two passes: ``g = ∇L(w)``; ``ε* = ρ g/||g||`` (SAM) or ``ρ T² g/
 on exit, never by subtraction) and returned through ``linearized_loss``: a loss whose value is ``L(w + ε*)`` and
 whose backward deposits exactly ``∇L(w + ε*)``, so the trainer's single ``backward()`` contract is unchanged. The
 perturbation covers the trainable parameters: the full tower and head, or the LoRA factors (+ head) with
-``lora=true`` (LoRA-SAM, spec §6).
+``lora=true`` (LoRA-SAM: SAM inside GRACE's LoRA parameterisation, our baseline).
 
-Args (``SAMConfig``): ``rho`` (spec §6: sweep {0.01, 0.05, 0.1}; SAM's default 0.05), ``adaptive`` (ASAM),
-``asam_eta`` (ASAM's η, 0.01 in its code), ``lora`` and the LoRA fields.
+Args (``SAMConfig``): ``rho`` (SAM's default 0.05; the GRACE paper gives no SAM setting, we sweep {0.01, 0.05, 0.1}),
+``adaptive`` (ASAM), ``asam_eta`` (ASAM's η, 0.01 in its code), ``lora`` and the LoRA fields.
 
 Example:
     grace train --recipe sam --init runs/pretrained --data data/id --out runs/asam --steps 200 \\
@@ -35,7 +35,7 @@ __all__ = ["SAMConfig", "SAM"]
 @dataclass
 class SAMConfig(RecipeConfig):
     train_head: bool = True
-    rho: float = 0.05  # SAM paper default; spec §6 suggests sweeping {0.01, 0.05, 0.1}
+    rho: float = 0.05  # SAM paper default; our sweep is {0.01, 0.05, 0.1}
     adaptive: bool = False  # ASAM
     asam_eta: float = 0.01  # ASAM code: T_w = |w| + eta
 

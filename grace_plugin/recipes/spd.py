@@ -1,4 +1,4 @@
-"""SPD: selective projection decay (spec §4, the FRAMES-VQA optimizer "AdamH").
+"""SPD: selective projection decay (the FRAMES-VQA optimizer "AdamH", ``optimizer/adamh.py``).
 
 Paper: Tian, Huang, Kira, "Rethinking Weight Decay for Robust Fine-Tuning of Foundation Models", NeurIPS 2024,
 https://arxiv.org/abs/2411.01713 (as used in FRAMES-VQA, https://arxiv.org/abs/2505.21755). Threat model: none.
@@ -27,8 +27,8 @@ __all__ = ["SPDConfig", "SPD"]
 
 @dataclass
 class SPDConfig(ProximalConfig):
-    # spec §4: FRAMES-VQA passes its weight_decay as λ ("a strong penalty"); the CLIP value is not stated. λ = 1 is
-    # the closed-form "do not drift further" point on the selected tensors.
+    # FRAMES-VQA (optimizer/adamh.py) passes its weight_decay as λ ("a strong penalty"); no CLIP value is published.
+    # Our choice: λ = 1, the closed-form "do not drift further" point on the selected tensors.
     spd_lambda: float = 1.0
 
 

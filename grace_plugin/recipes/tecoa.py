@@ -1,8 +1,8 @@
-"""TeCoA: text-guided contrastive adversarial training (spec §6).
+"""TeCoA: text-guided contrastive adversarial training.
 
 Paper: Mao et al., "Understanding Zero-Shot Adversarial Robustness for Large-Scale Models", ICLR 2023,
 https://arxiv.org/abs/2212.07016. Threat model: l_inf, eps 4/255 (GRACE's training/evaluation radius; TeCoA itself
-trained at 1/255, spec §6 note), PGD on [0,1] pixels.
+trained at 1/255; the 4/255 re-run is our choice), PGD on [0,1] pixels.
 
 One step: ``x_adv`` = PGD maximising the CE of the zero-shot logits ``s·f(x)·W_txtᵀ`` (the frozen text head; input
 gradients only), then minimise the same CE on ``x_adv``. Only the image tower trains (or its LoRA factors with

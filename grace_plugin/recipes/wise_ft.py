@@ -1,4 +1,4 @@
-"""WiSE-FT: fine-tune, then interpolate with the zero-shot weights (spec §6).
+"""WiSE-FT: fine-tune, then interpolate with the zero-shot weights.
 
 Paper: Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022, https://arxiv.org/abs/2109.01903.
 Threat model: none (clean training).
@@ -29,7 +29,7 @@ __all__ = ["WiseFTConfig", "WiseFT"]
 @dataclass
 class WiseFTConfig(RecipeConfig):
     train_head: bool = True
-    alpha: float = 0.5  # spec §6: α = 0.5 default
+    alpha: float = 0.5  # WiSE-FT (arXiv 2109.01903) uses α = 0.5 as its default
 
 
 @register_recipe("wise_ft")
