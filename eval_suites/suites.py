@@ -3,8 +3,9 @@
 Every evaluation is a list of suites. Names: ``id``, ``ood:<set>``, ``transfer:<set>``, ``adv:<attack>``,
 ``corruptions``, ``geometry``, ``shift``, ``robustbench``. ``<set>`` is ``NAME=DIR``, a folder, or a name resolved by
 ``SuiteContext.resolve_set`` (``--ood NAME=DIR`` sets, then the catalogue's folder or ``<data_root>/<NAME>``). The
-ID set is a shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used: ``load_imagenet`` in
-https://github.com/RobustBench/robustbench/blob/master/robustbench/data.py). ``grace eval``'s ``--data/--ood/--attack`` are shorthands (``expand_shorthands``):
+ID set is a shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used:
+``load_imagenet`` in https://github.com/RobustBench/robustbench/blob/master/robustbench/data.py). ``grace eval``'s
+``--data/--ood/--attack`` are shorthands (``expand_shorthands``):
 
     --data [NAME=]DIR   -> the ID set, and the suite ``id``
     --ood SET           -> the suite ``ood:SET`` (SET as above; NAME=DIR also names the set for other suites)
