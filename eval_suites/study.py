@@ -191,9 +191,10 @@ def _aggregate(method: str, summaries: list[dict]) -> dict:
 def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, names: list[str], ctx, alphas: list[float],
                       out: str | Path | None = None) -> dict:
     """WiSE-FT alpha sweep (arXiv 2109.01903): interpolate a fine-tuned run (alpha = 1, e.g. an ``ft`` run or
-    ``wise_ft`` with ``recipe.alpha=1``) with the zero-shot CLIP it started from, run the suites ``names`` with ``ctx`` (a
-    ``SuiteContext``) on each alpha and return ``{"points": [{alpha, id, ood, adv, hm}], "frontier": [...]}`` (the
-    ID/OOD Pareto front, `strict` definition); written to ``out/wise_ft_sweep.json`` when ``out`` is given."""
+    ``wise_ft`` with ``recipe.alpha=1``) with the zero-shot CLIP it started from, run the suites ``names`` with
+    ``ctx`` (a ``SuiteContext``) on each alpha and return ``{"points": [{alpha, id, ood, adv, hm}], "frontier":
+    [...]}`` (the ID/OOD Pareto front, `strict` definition); written to ``out/wise_ft_sweep.json`` when ``out`` is
+    given."""
     from grace_plugin.checkpoint import atomic_write_text
     from grace_plugin.errors import UsageError
     from grace_plugin.weightspace import wise_ft_sweep
