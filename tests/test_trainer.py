@@ -174,8 +174,9 @@ def test_grad_accum_equals_one_batch_of_the_concatenation(tiny_classifier, tmp_p
     equal halves is the mean over the whole), and not the step of the first micro-batch alone."""
     a, b = _batches(2)
     both = {"image": torch.cat([a["image"], b["image"]]), "label": torch.cat([a["label"], b["label"]]), "skipped": {}}
-    cfg = dict(CFG, warmup_steps=0, opt="sgd", lr=0.1)  # SGD: the step is linear in the gradient (Adam's first step
-    # is about lr * sign(g), which hides a wrong scale and amplifies rounding in near-zero gradients)
+    # SGD without clipping: the step is linear in the gradient (Adam's first step is about lr * sign(g), and clipping
+    # to a norm, which would both hide a wrong gradient scale)
+    cfg = dict(CFG, warmup_steps=0, opt="sgd", lr=0.1, grad_clip=None)
     accum = _recipe("ft", tiny_classifier)
     train(accum, [a, b], TrainConfig(grad_accum=2, **cfg), 1, tmp_path / "accum", progress=False)
     whole = _recipe("ft", tiny_classifier)
