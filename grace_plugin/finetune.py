@@ -54,15 +54,10 @@ def build_config(recipe: str, config_file: str | Path | None = None, overrides: 
 def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, cfg: RunConfig,
               progress: bool = True, resume: bool = False) -> Path:
     """Fine-tune the CLIP ``init`` with ``recipe`` on the train split of shard set ``data``; write ``out``."""
-    from .data.loader import DECODERS, make_train_loader
-    from .data.shards import count_samples, open_shard_set
-    from .data.transforms import train_transform
-    from .models.clip import classifier_from_clip, load_clip, text_state_dict, tower_spec
-    from .recipes import TextSide, create_recipe
-    from .trainer import init_distributed, resolve_device, seed_everything, steps_for_epochs, train
+    from .runfolder import check_output_dir, folder_lock
+    from .trainer import init_distributed
 
     validate(cfg)  # library callers may build RunConfig by hand
-    from .runfolder import StagedRun, check_output_dir, folder_lock
 
     check_output_dir(out)  # an existing file or a read-only place fails before any work
     rank, world = init_distributed()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
