@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if e.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("GRACE_DEBUG"):
             raise
-        print(f"grace {a.command}: error: {e.filename or ''}: no space left on the device", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"grace {a.command}: error: {where}no space left on the device", file=sys.stderr)
         return 2
 
 

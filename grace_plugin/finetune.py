@@ -106,10 +106,10 @@ def build_validator(data: str | Path, cfg: RunConfig, pretrained_cfg: dict, num_
 def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, cfg: RunConfig,
               progress: bool = True, resume: bool = False) -> Path:
     """Fine-tune the CLIP ``init`` with ``recipe`` on the train split of shard set ``data``; write ``out``."""
+    from .runfolder import check_output_dir, folder_lock
     from .trainer import init_distributed
 
     validate(cfg)  # library callers may build RunConfig by hand
-    from .runfolder import check_output_dir, folder_lock
 
     check_output_dir(out)  # an existing file or a read-only place fails before any work
     rank, world = init_distributed()  # a no-op unless launched by torchrun with WORLD_SIZE > 1

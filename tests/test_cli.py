@@ -124,7 +124,7 @@ def test_zero_shot_clip_folder_is_a_model(tiny_clip_dir, tiny_world, tmp_path):
     (["train", "--recipe", "ft", "--init", "{clip}", "--data", "{world}/id", "--out", "{tmp}/r", "--set", "train.x=1"],
      "unknown config field 'train.x'"),
     (["train", "--recipe", "ft", "--init", "{clip}", "--data", "{world}/id", "--out", "{tmp}/r", "--set",
-      "data.decode=cv2"], "data.decode 'cv2' is not a decoder; valid: pil, tensor"),
+      "data.decode=cv2"], "data.decode='cv2': valid: tensor, pil"),
 ])
 def test_bad_input_is_one_clear_error(argv, msg, tiny_clip_dir, tiny_world, tmp_path, capsys):
     import re

@@ -342,7 +342,7 @@ def test_eval_refuses_nan_logits():
 
 def test_training_refuses_to_save_a_model_with_nan_logits(env, tmp_path, capsys, monkeypatch):
     """Finite weights whose logits are NaN on a batch: the run is not saved; the previous run stays."""
-    import grace_plugin.models.classifier as classifier
+    from grace_plugin.models import classifier
 
     out = tmp_path / "run"
     shutil.copytree(env["run"], out)
@@ -422,7 +422,7 @@ def test_run_folder_is_replaced_as_one_unit(env, tmp_path, capsys, monkeypatch):
 
 def test_killed_run_resumes_from_its_staging_folder(env, tmp_path, capsys, monkeypatch):
     """Killed mid-run: --out keeps nothing half-written, the state waits in the staging folder, --resume ends it."""
-    import grace_plugin.trainer as trainer
+    from grace_plugin import trainer
     from grace_plugin.runfolder import partial_dir
 
     out = tmp_path / "run"
@@ -452,8 +452,8 @@ def test_killed_run_resumes_from_its_staging_folder(env, tmp_path, capsys, monke
 def _unshare_ok() -> bool:
     if not shutil.which("unshare"):
         return False
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt 2>/dev/null || "
-                        "mount -t tmpfs -o size=1m tmpfs /tmp"], capture_output=True)
+    probe = "mount -t tmpfs -o size=1m tmpfs /mnt 2>/dev/null || mount -t tmpfs -o size=1m tmpfs /tmp"
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True, check=False)
     return r.returncode == 0
 
 
@@ -469,7 +469,7 @@ def test_real_disk_full_and_read_only(mount_opts, fragment, env, tmp_path):
     argv = " ".join(f"'{a}'" for a in train_argv(env, mnt / "run", "--steps", "1"))
     script = (f"mount -t tmpfs -o {mount_opts} tmpfs '{mnt}' && exec '{sys.executable}' -m grace_plugin {argv}")
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("grace ")]
     assert r.returncode == 2 and len(err) == 1 and fragment in err[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
@@ -510,7 +510,7 @@ def test_decoder_survives_hostile_images():
              "ico": ico.getvalue(), "bomb 9000x9000 (1-2x PIL limit)": bomb_png(9000, 11000)}
     payload = json.dumps({k: v.hex() for k, v in cases.items()})
     r = subprocess.run([sys.executable, "-c", DECODER_CHILD], input=payload, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                       timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     assert r.returncode == 0, f"decoder process died with {r.returncode}: {r.stderr[-2000:]}"
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res.pop("peak_rss_mb") < 1500
