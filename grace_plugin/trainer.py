@@ -343,7 +343,8 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
         optimizer.load_state_dict(st["optimizer"])
         recipe.load_state_dict(st["recipe"])
         start, bad_total, data_skipped = st["step"], st["skipped_steps"], dict(st.get("data_skipped", {}))
-        cursors = {int(k): tuple(v) for k, v in st.get("cursors", {}).items()}
+        mine = st.get("cursors", {}).get(rank, {})  # every rank's stream has its own position
+        cursors = {int(k): tuple(v) for k, v in mine.items()}
         checks, best = list(st.get("checks", [])), st.get("best")
         val_seconds = float(st.get("val_seconds", 0.0))
         log.info("resumed %s at step %d", out, start)
@@ -476,9 +477,14 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
             if stopped:
                 log.warning(stopped)
                 break
-            if main_proc and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
-                _save_state(state_file, recipe, optimizer, step + 1, bad_total, data_skipped, ema,
-                            cursors=cursors, checks=checks, best=best, val_seconds=val_seconds)
+            if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
+                every = [cursors]
+                if world > 1:  # rank 0 writes the state: it needs every rank's stream position
+                    every = [None] * world
+                    torch.distributed.all_gather_object(every, cursors)
+                if main_proc:
+                    _save_state(state_file, recipe, optimizer, step + 1, bad_total, data_skipped, ema,
+                                cursors=dict(enumerate(every)), checks=checks, best=best, val_seconds=val_seconds)
     finally:
         if sync is not None:
             sync.close()
@@ -516,8 +522,8 @@ def _save_state(path: Path, recipe: Recipe, optimizer, step: int, bad_total: int
         raise TrainingDiverged(f"step {step}: non-finite weights; refusing to write {path}")
     state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "recipe": recipe.state_dict(),
              "rng": _rng_state(), "skipped_steps": bad_total, "data_skipped": data_skipped,
-             # the stream position of every worker stream: resume seeks there (batch_source)
-             "cursors": {int(k): tuple(v) for k, v in (cursors or {}).items()},
+             # {rank: {worker stream: (block, offset)}}: resume seeks there (batch_source)
+             "cursors": {int(r): {int(k): tuple(v) for k, v in c.items()} for r, c in (cursors or {}).items()},
              "checks": list(checks or []), "val_seconds": float(val_seconds)}
     if best is not None:
         state["best"] = best
