@@ -41,7 +41,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from grace_plugin.data.synthetic import CLASSNAMES, TEMPLATES, TEXTURE_AMP, texture_tiles
-    from grace_plugin.recipes.grace import pgd_attack
+    from grace_plugin.recipes.adversarial import pgd_attack
     from registry import load_model
 
     ap = argparse.ArgumentParser()
