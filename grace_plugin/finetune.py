@@ -67,8 +67,9 @@ def check_resume(out: Path, recipe: str, resolved: dict) -> None:
     saved_file = out / "config.yaml"
     if not (out / "train_state.pt").is_file():
         return
-    if not saved_file.is_file():
-        raise ConfigError(f"--resume: {out} has train_state.pt but no config.yaml; cannot check the run's config")
+    if not saved_file.is_file():  # written before training starts: a state without it was not made by fine_tune
+        log.warning("--resume: %s has train_state.pt but no config.yaml; the run's config cannot be checked", out)
+        return
     saved = yaml.safe_load(saved_file.read_text()) or {}
     diffs = resume_differences(saved, {"recipe_name": recipe, **resolved})
     if diffs:
@@ -152,8 +153,9 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
     staged = StagedRun(out)
     work = staged.work
     resolved = to_dict(cfg)
-    if resume:
-        check_resume(out, recipe, resolved)
+    if resume:  # a killed run's state is in the staging folder (or, from before staging, in ``out`` itself)
+        for folder in (work, out):
+            check_resume(folder, recipe, resolved)
     validator = build_validator(data, cfg, model.pretrained_cfg, len(classnames)) if cfg.train.val_every else None
     if rank == 0:
         staged.begin(resume=resume)

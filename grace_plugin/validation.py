@@ -82,7 +82,7 @@ class Validator:
         return int(self.labels.shape[0])
 
     def __call__(self, model, device, autocast, rank: int = 0, world: int = 1) -> dict:
-        from .recipes.grace import pgd_attack
+        from .recipes.adversarial import pgd_attack
 
         t0 = time.time()
         was_training = model.training

@@ -97,14 +97,15 @@ def _grace(model, batch, **over):
 
 def _record_ascent(rec):
     """After every AWP ascent step: each active layer's ||Δ_W||_F and its factors (A, B, mask)."""
-    calls, orig = [], rec._ascend
+    owner = getattr(rec, "awp", rec)  # GRACE keeps LAR-AWP in its component (recipes/lar_awp.py)
+    calls, orig = [], owner._ascend
 
     def wrapped(active, radii, grads, update_a):
         orig(active, radii, grads, update_a)
         calls.append({n: (float(m.awp_delta().detach().float().norm()), m.awp_A.detach().clone(),
                           m.awp_B.detach().clone(), m.awp_mask.clone()) for n, m in active.items()})
 
-    rec._ascend = wrapped
+    owner._ascend = wrapped
     return calls
 
 
@@ -222,7 +223,12 @@ def test_grace_curvature_labels(labels, tiny_classifier, tiny_batch):
         w.requires_grad_(True)
     torch.manual_seed(5)
     logits = tiny_classifier(x)
-    target = y if labels == "true" else torch.distributions.Categorical(logits=logits.detach()).sample()
+    if labels == "true":
+        target = y
+    else:  # one draw from each sample's predictive distribution by inverse-CDF sampling of a uniform
+        u = torch.empty(x.shape[0], 1).uniform_(0, 1)
+        cdf = torch.softmax(logits.detach().float(), -1).cumsum(-1)
+        target = torch.searchsorted(cdf, u).clamp(max=logits.shape[1] - 1).squeeze(1)
     gs = torch.autograd.grad(F.cross_entropy(logits, target), weights)
     for w in weights:
         w.requires_grad_(False)

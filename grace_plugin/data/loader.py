@@ -460,13 +460,15 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.cursors = {int(k): (int(v[0]), int(v[1])) for k, v in cursors.items()}
         self.rotation = int(rotation)
 
-    def _block(self, rank: int, stream: int, b: int, index) -> list[tuple[str, dict]]:
+    def _block(self, rank: int, stream: int, b: int, index, drawn: set | None = None) -> list[tuple[str, dict]]:
         import random
 
         rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{stream}/{b}")
         entries: list[tuple[str, dict]] = []
         for _ in range(self.MAX_SHARDS_PER_BLOCK):
             url = self.urls[rng.randrange(len(self.urls))]
+            if drawn is not None:
+                drawn.add(url)
             entries.extend((url, e) for e in index(url))
             if len(entries) >= self.shuffle_buffer:
                 break
@@ -482,14 +484,15 @@ class TrainStream(torch.utils.data.IterableDataset):
         files: dict[str, object] = {}
         transform, n_cls, draft, tt = self.transform, self.num_classes, self.draft_size, self.tensor_transform
         b, off = self.cursors.get(stream, (0, 0))
-        good, empty_blocks = 0, 0
+        good, empty_blocks, drawn, skips = 0, 0, set(), Counter()
         try:
             while True:
-                entries = self._block(rank, stream, b, index)
+                entries = self._block(rank, stream, b, index, drawn)
                 for i in range(off, len(entries)):
                     url, e = entries[i]
                     pos = (stream, b, i + 1)
                     if "__skip__" in e:
+                        skips[e["__skip__"]] += 1
                         yield {**e, "__pos__": pos}
                         continue
                     path = _local_path(url)
@@ -506,11 +509,16 @@ class TrainStream(torch.utils.data.IterableDataset):
                     with _seeded(seed):
                         s = decode_sample(raw, transform, n_cls, draft, tt)
                     good += "__skip__" not in s
+                    if "__skip__" in s:
+                        skips[s["__skip__"]] += 1
                     yield {**s, "__pos__": pos}
                 empty_blocks = 0 if good else empty_blocks + 1
-                if empty_blocks > max(16, 4 * len(self.urls)):
-                    raise NoUsableSamples(f"{self.source}: no decodable training sample in {empty_blocks} blocks "
-                                          f"of shards (first: {self.urls[0]})")
+                # a stream where nothing is usable must fail, not spin: once every shard has been drawn (or after
+                # many blocks, whichever comes first) with no usable sample, name the folder and the skip reasons
+                if not good and (len(drawn) == len(self.urls) or empty_blocks > max(16, 4 * len(self.urls))):
+                    reasons = ", ".join(f"{k}={v}" for k, v in sorted(skips.items())) or "the shards hold no samples"
+                    raise NoUsableSamples(f"{self.source}: no usable training sample in a full pass over its "
+                                          f"{len(self.urls)} shard(s) ({reasons})")
                 b, off = b + 1, 0
         finally:
             for f in files.values():
