@@ -9,8 +9,8 @@
    on the small synthetic testbed; the speed-up of the adversarial suite (its seconds in report.json, rank 0) and of
    the whole command (wall time, process start included), and whether both reports are identical (goal >= 1.7x).
 
-    PYTHONPATH=. python bench/eval_speed.py [--n 8] [--threads 1] [--n-adv 64] [--device cuda]   (the testbed ID set has 80
-    images)
+    PYTHONPATH=. python bench/eval_speed.py [--n 8] [--threads 1] [--n-adv 64] [--device cuda]
+    (the testbed ID set has 80 images)
 """
 from __future__ import annotations
 
