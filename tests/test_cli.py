@@ -160,7 +160,7 @@ def test_quickstart_smoke(tmp_path, capsys):
     assert [r["method"] for r in summary["rows"]] == ["zero-shot", "ft"]
     assert summary["seeds"] == [0] and summary["world"] == "v2"
     # the table names its columns and the interval widths (1.96 * sqrt(0.25 / n) at n = 80 small-world ID images)
-    assert "Columns: ID = top-1" in (out / "summary.md").read_text()
+    assert "Columns (`strict` definition): ID = top-1" in (out / "summary.md").read_text()
     assert f"±{1.96 * (0.25 / 80) ** 0.5 * 100:.1f} (ID)" in summary["columns"]
     for r in summary["rows"]:
         assert all(r[k] is not None for k in ("id", "ood", "adv", "hm"))
