@@ -236,19 +236,26 @@ def _truncated_local_tar(url: str) -> bool:
         return f.read(1024) != bytes(1024)
 
 
+def _count_skip(rec: dict, skipped: Counter, logged: set) -> bool:
+    """Count a skip record by its reason (logging the first of each reason); False for a usable sample."""
+    reason = rec.get("__skip__")
+    if reason is None:
+        return False
+    skipped[reason] += 1
+    if reason not in logged:
+        logged.add(reason)
+        log.warning("skipping sample %r in %s: %s (further '%s' skips are counted, not logged)",
+                    rec.get("__key__"), rec.get("__url__"), reason, reason)
+    return True
+
+
 def _batches(samples: Iterable[dict], batch_size: int, partial: bool = True) -> Iterator[dict]:
     images, labels, skipped = [], [], Counter()
     logged: set = set()
     pos = None
     for s in samples:
         pos = s.get("__pos__", pos)
-        reason = s.get("__skip__")
-        if reason is not None:
-            skipped[reason] += 1
-            if reason not in logged:
-                logged.add(reason)
-                log.warning("skipping sample %r in %s: %s (further '%s' skips are counted, not logged)",
-                            s.get("__key__"), s.get("__url__"), reason, reason)
+        if _count_skip(s, skipped, logged):
             continue
         images.append(s["image"])
         labels.append(s["label"])
@@ -356,13 +363,7 @@ def _keyed_batches(records: Iterable[dict]) -> Iterator[dict]:
             if key is not None:
                 yield emit()
             key, images, labels, skipped = r["__batch__"], [], [], Counter()
-        reason = r.get("__skip__")
-        if reason is not None:
-            skipped[reason] += 1
-            if reason not in logged:
-                logged.add(reason)
-                log.warning("skipping sample %r in %s: %s (further '%s' skips are counted, not logged)",
-                            r.get("__key__"), r.get("__url__"), reason, reason)
+        if _count_skip(r, skipped, logged):
             continue
         images.append(r["image"])
         labels.append(r["label"])
