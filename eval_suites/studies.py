@@ -314,24 +314,13 @@ def study_plot(doc: dict, path: Path) -> Path:
             ax.bar(labels, vals, yerr=errs, capsize=3, alpha=0.8)
             ax.set_title(k)
             ax.tick_params(axis="x", rotation=45)
-    else:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-        for ax, key, label in ((axes[0], "ood", "OOD top-1 (%)"), (axes[1], "adv", "Adversarial robust acc. (%)")):
-            for r in rows.values():
-                a = r["axes"]
-                if a.get("id") is None or a.get(key) is None:
-                    continue
-                ax.errorbar(a["id"], a[key], xerr=a.get("id_std") or 0, yerr=a.get(f"{key}_std") or 0, fmt="o",
-                            capsize=3, alpha=0.85)
-                ax.annotate(r["label"], (a["id"], a[key]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-            for p in doc.get("paper_rows") or []:
-                if p.get("id") is not None and p.get(key) is not None:
-                    ax.scatter(p["id"], p[key], marker="x", color="grey", alpha=0.7)
-                    ax.annotate(f"{p['method']} (paper)", (p["id"], p[key]), textcoords="offset points",
-                                xytext=(4, -9), fontsize=7, color="grey")
-            ax.set_xlabel("ID top-1 (%)")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
+    else:  # the trade-off panels: the report's plot (one implementation), the paper's rows as references
+        from .report import tradeoff_plot
+
+        ours = [{"method": r["label"], **r["axes"]} for r in rows.values()]
+        paper = [dict(p, source="paper") for p in doc.get("paper_rows") or []]
+        return tradeoff_plot(ours, path, title=f"grace study {doc['study']} ({len(doc['seeds'])} seed(s); bars: "
+                             "std over seeds, else a run's 95% interval)", references=paper)
     fig.suptitle(f"grace study {doc['study']} ({len(doc['seeds'])} seed(s); bars: std over seeds)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
