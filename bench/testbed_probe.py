@@ -12,28 +12,15 @@
 from __future__ import annotations
 
 import argparse
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
 
 def load_set(set_dir: Path, split: str = "test"):
-    from PIL import Image
+    from grace_plugin.data.synthetic import read_split_images
 
-    xs, ys = [], []
-    for tar in sorted((set_dir / split).glob("*.tar"), key=lambda p: int(p.stem)):
-        with tarfile.open(tar) as tf:
-            samples: dict = {}
-            for m in tf:
-                key, ext = m.name.rsplit(".", 1)
-                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-        for d in samples.values():
-            ext = next(e for e in ("webp", "png", "jpg") if e in d)
-            xs.append(np.asarray(Image.open(io.BytesIO(d[ext])).convert("RGB"), np.float32))
-            ys.append(int(d["cls"]))
-    return np.stack(xs), np.array(ys)
+    return read_split_images(set_dir / split, np.float32)
 
 
 def main() -> None:

@@ -5,16 +5,13 @@ with its closed-form l_inf attack, and the background hue read from the image co
 from __future__ import annotations
 
 import colorsys
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from grace_plugin.data import synthetic as syn
-from grace_plugin.data.synthetic import SyntheticWorldSpec, texture_tiles, write_synthetic_world
+from grace_plugin.data.synthetic import SyntheticWorldSpec, read_split_images, texture_tiles, write_synthetic_world
 
 SPEC = SyntheticWorldSpec(train_per_class=30, test_per_class=8, ood_per_class=8, pairs=10, shard_size=100)
 
@@ -27,18 +24,7 @@ def world(tmp_path_factory):
 
 
 def _load(root, set_name, split="test"):
-    xs, ys = [], []
-    for tar in sorted((root / set_name / split).glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            samples: dict = {}
-            for m in tf:
-                key, ext = m.name.rsplit(".", 1)
-                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-        for d in samples.values():
-            ext = next(e for e in ("webp", "png", "jpg") if e in d)
-            xs.append(np.asarray(Image.open(io.BytesIO(d[ext])).convert("RGB"), np.float64))
-            ys.append(int(d["cls"]))
-    return np.stack(xs), np.array(ys)
+    return read_split_images(root / set_name / split, np.float64)
 
 
 def _highpass(x):

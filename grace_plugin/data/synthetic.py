@@ -66,7 +66,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["CLASSNAMES", "TEMPLATES", "WORLDS", "SyntheticWorldSpec", "render", "texture_tiles",
-           "write_synthetic_world"]
+           "write_synthetic_world", "read_split_images"]
 
 CLASSNAMES = ["circle", "square", "triangle", "plus", "ring", "diamond", "hexagon", "crescent", "star", "bar"]
 TEMPLATES = ["a photo of a {c}.", "a sketch of a {c}.", "a rendition of a {c}.", "a drawing of a {c}.",
@@ -459,3 +459,23 @@ def write_synthetic_world(out: str | Path, seed: int = 0, spec: SyntheticWorldSp
                         "texture_tile": TEXTURE_TILE}
     (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def read_split_images(split_dir: str | Path, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of a written split (``<set>/<split>/{0..N-1}.tar``) as an ``(n, H, W, 3)`` array of 0-255 values
+    in shard and member order, with its labels: for probing the written cues (tests/test_world.py,
+    bench/testbed_probe.py), not a loader."""
+    import tarfile
+
+    xs, ys = [], []
+    for tar in sorted(Path(split_dir).glob("*.tar"), key=lambda t: int(t.stem)):
+        with tarfile.open(tar) as tf:
+            samples: dict = {}
+            for m in tf:
+                key, ext = m.name.rsplit(".", 1)
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        for d in samples.values():
+            ext = next(e for e in ("webp", "png", "jpg") if e in d)
+            xs.append(np.asarray(Image.open(io.BytesIO(d[ext])).convert("RGB"), dtype))
+            ys.append(int(d["cls"]))
+    return np.stack(xs), np.array(ys)
