@@ -24,7 +24,7 @@ from .errors import GraceError
 
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "RunConfig", "parse_overrides", "apply_overrides",
            "load_yaml", "to_dict", "checked", "Constraint", "validate", "timm_optimizer_names",
-           "timm_scheduler_names", "check_scale_fields", "resume_differences", "RESUME_MAY_CHANGE"]
+           "timm_scheduler_names", "resume_differences", "RESUME_MAY_CHANGE"]
 
 
 class ConfigError(GraceError, ValueError):
@@ -152,16 +152,23 @@ class TrainConfig:
     ema_decay: float | None = checked(None, gt=0, lt=1)  # timm ModelEmaV3; the exported weights are the EMA's
     tensorboard: bool = False  # also log to RUN_DIR/tb (needs the `tensorboard` package)
     # robust validation during training (grace_plugin/validation.py); 0: never
-    val_every: int = 0  # steps between checks (and one at the last step)
-    val_n: int = 512  # images of data.val_split (the first ones, in shard order)
-    val_attack: str = "pgd10"  # pgdN (l_inf PGD, N steps of 2.5 eps/N, no random start) | none
-    val_eps: float | None = None  # None: the recipe's training eps (recipe.pgd_eps), else 4/255
-    select: str = "last"  # exported weights: last | best_robust | best_hm (harmonic mean of clean and robust)
-    co_guard: float | None = None  # stop when robust acc falls by more than this many points while clean rises
+    val_every: int = checked(0, ge=0)  # steps between checks (and one at the last step)
+    val_n: int = checked(512, ge=1)  # images of data.val_split (the first ones, in shard order)
+    # pgdN (l_inf PGD, N steps of 2.5 eps/N, no random start) | none
+    val_attack: str = checked("pgd10", test=lambda v: _val_attack_error(v))
+    val_eps: float | None = checked(None, ge=0, le=1)  # None: the recipe's training eps (recipe.pgd_eps), else 4/255
+    # exported weights: last | best_robust | best_hm (harmonic mean of clean and robust)
+    select: str = checked("last", choices=lambda: _select_rules())
+    # stop when robust acc falls by more than this many points while clean rises
+    co_guard: float | None = checked(None, ge=0)
 
     def __validate__(self) -> None:
         if self.steps is not None and self.epochs is not None:
             raise ConfigError(f"train.steps={self.steps} and train.epochs={self.epochs}: give one of them, not both")
+        if self.select != "last" and not self.val_every:
+            raise ConfigError(f"train.select={self.select} needs validation checks: set train.val_every > 0")
+        if self.co_guard is not None and not self.val_every:
+            raise ConfigError(f"train.co_guard={self.co_guard:g} needs validation checks: set train.val_every > 0")
 
 
 @dataclass
@@ -186,29 +193,21 @@ class RunConfig:
     recipe: Any = None  # a RecipeConfig dataclass instance
 
 
-# --- constraints of the training-at-scale fields (issue 13: validation, selection, guard); the lead folds this
-# block into the one validation layer -------------------------------------------------------------------------
-def check_scale_fields(cfg: RunConfig) -> None:
-    """One line naming the field for a bad ``train.val_*``, ``train.select`` or ``train.co_guard``."""
-    from .validation import SELECT_RULES, parse_val_attack
+# the validation fields' rules live in grace_plugin/validation.py (which imports torch): looked up when validating
+def _select_rules() -> tuple[str, ...]:
+    from .validation import SELECT_RULES
 
-    t = cfg.train
-    if t.val_every < 0:
-        raise ConfigError(f"train.val_every must be >= 0 (0: no validation), got {t.val_every}")
-    if t.val_n < 1:
-        raise ConfigError(f"train.val_n must be >= 1, got {t.val_n}")
-    if t.select not in SELECT_RULES:
-        raise ConfigError(f"train.select {t.select!r} is not a rule; valid: {', '.join(SELECT_RULES)}")
-    if t.select != "last" and not t.val_every:
-        raise ConfigError(f"train.select={t.select} needs validation checks: set train.val_every > 0")
-    if t.co_guard is not None and (t.co_guard < 0 or not t.val_every):
-        raise ConfigError("train.co_guard must be >= 0 points and needs train.val_every > 0")
-    if t.val_eps is not None and not 0 <= t.val_eps <= 1:
-        raise ConfigError(f"train.val_eps must be in [0, 1] (pixels in [0, 1]), got {t.val_eps}")
+    return SELECT_RULES
+
+
+def _val_attack_error(spec: str) -> str | None:
+    from .validation import parse_val_attack
+
     try:
-        parse_val_attack(t.val_attack)
+        parse_val_attack(spec)
     except ValueError as e:
-        raise ConfigError(f"train.val_attack: {e}") from None
+        return str(e)
+    return None
 
 
 # Fields a resumed run may change: the run length and how it reports; everything else changes what is computed.

@@ -10,7 +10,7 @@ import yaml
 
 from .checkpoint import atomic_write_text, save_run
 from .config import (RESUME_MAY_CHANGE, ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides,
-                     check_scale_fields, load_yaml, parse_overrides, resume_differences, to_dict, validate)
+                     load_yaml, parse_overrides, resume_differences, to_dict, validate)
 from .errors import UsageError
 
 __all__ = ["build_config", "fine_tune"]
@@ -57,7 +57,6 @@ def build_config(recipe: str, config_file: str | Path | list[str | Path] | None 
             except ConfigError as e:  # name the flag the value came from
                 raise ConfigError(str(e).replace(f"train.{flag}=", f"--{flag} ", 1)) from None
     validate(cfg)  # every field's declared constraint (config.checked), before any data is read
-    check_scale_fields(cfg)  # the validation/selection fields' cross-field rules
     return cfg
 
 
