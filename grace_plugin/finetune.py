@@ -11,7 +11,6 @@ import yaml
 from .checkpoint import atomic_write_text, save_run
 from .config import (RESUME_MAY_CHANGE, ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides,
                      load_yaml, parse_overrides, resume_differences, to_dict, validate)
-from .errors import UsageError
 
 __all__ = ["build_config", "fine_tune"]
 
@@ -121,7 +120,7 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
 def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: bool, resume: bool, rank: int,
                world: int) -> Path:
     from .checkpoint import check_outputs_finite
-    from .data.loader import DECODERS, make_train_loader
+    from .data.loader import make_train_loader
     from .data.shards import count_samples, open_shard_set
     from .data.transforms import train_transform
     from .models.clip import classifier_from_clip, load_clip, text_state_dict, tower_spec
@@ -131,8 +130,6 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
 
     shards = open_shard_set(data, split=cfg.data.train_split)
     classnames = shards.require_classnames()
-    if cfg.data.decode not in DECODERS:
-        raise UsageError(f"data.decode {cfg.data.decode!r} is not a decoder; valid: {', '.join(DECODERS)}")
     device = resolve_device(cfg.train.device)
     bundle = load_clip(init)
     model = classifier_from_clip(bundle, classnames, shards.templates or [], device="cpu")
