@@ -16,6 +16,7 @@ Import hooks: https://docs.python.org/3/reference/import.html#the-meta-path
 """
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import sys
@@ -148,6 +149,7 @@ def changed_files(dist_name: str) -> list[str]:
     return bad
 
 
+@functools.cache  # files do not change under a running process: hash them once (a failure is not cached)
 def check_robustbench_install() -> None:
     """Refuse to run RobustBench code that is not robustbench's own (see :func:`changed_files`)."""
     from .errors import BrokenInstall
