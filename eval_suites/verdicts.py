@@ -13,8 +13,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
-__all__ = ["Spread", "spread", "greater", "less", "all_of", "HOLDS", "FAILS", "INCONCLUSIVE", "evaluate_claim",
-           "wilson_interval"]
+__all__ = ["Spread", "spread", "greater", "less", "at_least", "overlaps", "all_of", "HOLDS", "FAILS", "INCONCLUSIVE",
+           "evaluate_claim", "wilson_interval"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 
@@ -63,6 +63,25 @@ def less(a: Spread | None, b: Spread | None, margin: float = 0.0) -> str:
     return greater(b, a, margin)
 
 
+def at_least(a: Spread | None, b: Spread | None, fraction: float) -> str:
+    """Claim ``a >= fraction * b`` (e.g. a cheaper recipe keeps 95% of another's robust accuracy): holds when the
+    whole of ``a``'s interval is at or above ``fraction`` times the whole of ``b``'s, fails when it is wholly below."""
+    if a is None or b is None:
+        return INCONCLUSIVE
+    if a.lo >= fraction * b.hi:
+        return HOLDS
+    if a.hi < fraction * b.lo:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def overlaps(a: Spread | None, b: Spread | None) -> str:
+    """Claim "``a`` is within ``b``'s spread": holds when the two intervals overlap, fails when they are disjoint."""
+    if a is None or b is None:
+        return INCONCLUSIVE
+    return HOLDS if a.lo <= b.hi and b.lo <= a.hi else FAILS
+
+
 def all_of(verdicts: list[str]) -> str:
     if not verdicts:
         return INCONCLUSIVE
@@ -83,7 +102,8 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
     """One claim of studies.yaml on ``rows`` (method -> metric -> Spread): ``{claim, verdict, evidence}``.
 
     Kinds: ``greater`` / ``less`` (``a`` vs ``b`` on ``metric``, optional ``margin``), ``greater_all`` (``a`` above
-    every method in ``b``; ``b: all`` = every other row), ``steps`` (each ``[x, y]`` of ``pairs``: ``x > y``).
+    every method in ``b``; ``b: all`` = every other row), ``steps`` (each ``[x, y]`` of ``pairs``: ``x > y``),
+    ``at_least`` (``a >= fraction * b``) and ``within`` (``a``'s interval overlaps ``b``'s).
     """
     kind, metric = claim["kind"], claim["metric"]
     margin = float(claim.get("margin", 0.0))
@@ -109,6 +129,15 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
         parts = [{"a": x, "b": y, "verdict": greater(get(x), get(y), margin)} for x, y in claim["pairs"]]
         v = all_of([p["verdict"] for p in parts])
         evidence = "; ".join(f"{fmt(p['a'])} > {fmt(p['b'])}: {p['verdict']}" for p in parts)
+    elif kind == "at_least":
+        fraction = float(claim["fraction"])
+        v = at_least(get(claim["a"]), get(claim["b"]), fraction)
+        parts = [{"a": claim["a"], "b": claim["b"], "verdict": v}]
+        evidence = f"{fmt(claim['a'])} vs {fraction:g} x {fmt(claim['b'])}"
+    elif kind == "within":
+        v = overlaps(get(claim["a"]), get(claim["b"]))
+        parts = [{"a": claim["a"], "b": claim["b"], "verdict": v}]
+        evidence = f"{fmt(claim['a'])} vs {fmt(claim['b'])}"
     else:
-        raise ValueError(f"unknown claim kind {kind!r}; valid: greater, less, greater_all, steps")
+        raise ValueError(f"unknown claim kind {kind!r}; valid: greater, less, greater_all, steps, at_least, within")
     return {"claim": claim["claim"], "metric": metric, "verdict": v, "evidence": evidence, "parts": parts}

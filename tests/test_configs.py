@@ -36,19 +36,24 @@ def test_every_recipe_has_a_testbed_config_and_every_method_builds():
 
 
 def test_one_training_attack_for_every_adversarial_method():
-    """attack.yaml is the single attack of tecoa, fare, pmg_aft, grace and the ablation rows (grace_fast keeps its
-    own one-step attack on purpose)."""
+    """attack.yaml is the single attack of tecoa, fare, pmg_aft, grace and the ablation rows (grace_fast and
+    grace_lite keep their own one-step attacks on purpose: the cheaper attack is their point)."""
     from eval_suites.testbed_config import load_methods, load_yaml_attack, method_config
 
     attack = load_yaml_attack()
     methods = load_methods()
-    adversarial = [n for n, m in methods.items() if m.adversarial and m.recipe != "grace_fast"]
+    adversarial = [n for n, m in methods.items() if m.adversarial and m.recipe not in ("grace_fast", "grace_lite")]
     assert {"tecoa", "fare", "pmg_aft", "grace", "lora-tecoa", "ablation-gv-only"} <= set(adversarial)
     for n in adversarial:
         rec = method_config(n).recipe
         assert {k: getattr(rec, k) for k in attack} == pytest.approx(attack), n
     assert method_config("grace_fast").recipe.pgd_steps == 1
     assert method_config("grace_fast").train.lr == method_config("grace").train.lr  # layered on grace.yaml
+    for name in ("grace_lite", "grace_lite-clean"):
+        rec = method_config(name).recipe
+        assert (rec.pgd_steps, rec.pgd_alpha, rec.noise, rec.project) == (1, pytest.approx(4 / 255), 2.0, False)
+        assert method_config(name).train.lr == method_config("grace").train.lr
+    assert method_config("grace_lite-clean").recipe.attack_grad == "clean"
 
 
 def test_table8_rows_switch_grace_components():

@@ -16,8 +16,9 @@ def _recipe_cfg(name):
 
     fields = get_recipe_class(name).Config.__dataclass_fields__
     overrides = {k: v for k, v in TINY.items() if k in fields}
-    if "pgd_steps" in fields:
-        overrides["pgd_steps"] = 2
+    constraint = fields["pgd_steps"].metadata.get("constraint") if "pgd_steps" in fields else None
+    if "pgd_steps" in fields and (constraint is None or constraint.error(2) is None):
+        overrides["pgd_steps"] = 2  # a short multi-step attack, where the recipe allows one (grace_lite: 1 step)
     return build_config(name, overrides={"recipe": overrides}).recipe
 
 
@@ -271,3 +272,70 @@ def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny
     finally:
         handle.remove()
     assert sum(rows) / tiny_batch["image"].shape[0] == passes["forward"], rows
+
+
+# ------------------------------------------------------------------------------------------------ grace_lite
+@pytest.mark.parametrize("attack_grad", ["noisy", "clean"])
+def test_grace_lite_attack_and_shared_ascent(attack_grad, tiny_classifier, tiny_batch):
+    """grace_lite's x_adv is N-FGSM's (arXiv 2206.03098 Alg. 1: x + η + α sign(∇), η ~ U[-2ε, 2ε], no projection),
+    the gradient taken at x + η (noisy) or at x (clean), and the first AWP ascent gradient it hands on is the CE
+    gradient w.r.t. B_awp at that same point: both recomputed here independently, with the same per-sample noise."""
+    import torch.nn.functional as F
+
+    from grace_plugin.rng import per_sample_uniform
+
+    cfg = _recipe_cfg("grace_lite")
+    cfg.curvature_interval, cfg.attack_grad = 1, attack_grad
+    torch.manual_seed(0)
+    rec = create_recipe("grace_lite", tiny_classifier, cfg)
+    rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0))
+    assert any(r > 0 for r in rec.ranks.values())
+    x, y = tiny_batch["image"], tiny_batch["label"]
+    ctx = StepContext(device=torch.device("cpu"), step=3, total_steps=100, seed=7,
+                      sample_index=torch.arange(x.shape[0]))
+    seen = {}
+    orig = rec.objective
+
+    def spy(x_, x_adv, y_, ctx_, f_id=None, first_grads=None):
+        seen.update(x_adv=x_adv, first_grads=first_grads, f_id=f_id)
+        return orig(x_, x_adv, y_, ctx_, f_id=f_id, first_grads=first_grads)
+
+    rec.objective = spy
+    rec.training_step(tiny_batch, ctx)
+    eps = cfg.pgd_eps
+    noise = per_sample_uniform(x, -2 * eps, 2 * eps, ctx, "attack_start")
+    point = (x + noise).clamp(0, 1) if attack_grad == "noisy" else x.clone()
+    point.requires_grad_(True)
+    with rec.awp.branch(ctx):  # the same branch draw (from seed and step), at B_awp = 0
+        params = rec.awp.ascent_parameters()
+        g_x, *g_b = torch.autograd.grad(F.cross_entropy(tiny_classifier(point), y), [point, *params])
+    start = point.detach() if attack_grad == "noisy" else x + noise
+    expected = (start + cfg.pgd_alpha * g_x.sign()).clamp(0, 1)
+    assert torch.allclose(seen["x_adv"], expected, atol=1e-6)
+    assert (seen["x_adv"] - x).abs().max() > eps + 1e-4  # not projected onto the eps-ball (N-FGSM)
+    assert len(seen["first_grads"]) == len(g_b) > 0
+    for got, want in zip(seen["first_grads"], g_b):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert (seen["f_id"] is not None) == (attack_grad == "clean")  # the clean variant reuses its clean forward
+
+
+@pytest.mark.parametrize("attack_grad", ["noisy", "clean"])
+def test_grace_lite_declared_passes(attack_grad, tiny_classifier, tiny_batch):
+    """Forwards counted by a hook on the tower; backwards from the step's structure: the attack's input backward
+    also gives the ascent gradient, so one backward fewer than grace_fast (4 forwards, 1 input backward, 4)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    cfg = _recipe_cfg("grace_lite")
+    cfg.curvature_interval, cfg.attack_grad = 1, attack_grad
+    rec = create_recipe("grace_lite", tiny_classifier, cfg)
+    rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0))
+    rows = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: rows.append(a[0].shape[0]) if isinstance(m, VisionTransformer) else None)
+    try:
+        rec.training_step(tiny_batch, CPU)
+    finally:
+        handle.remove()
+    passes = rec.pass_counts()
+    assert sum(rows) / tiny_batch["image"].shape[0] == passes["forward"] == (4 if attack_grad == "noisy" else 3)
+    assert passes["input_backward"] == 1 and passes["backward"] == 3

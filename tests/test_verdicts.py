@@ -4,8 +4,8 @@ import math
 import pytest
 
 from eval_suites.tuning import draw_trials, grid_points, select_trial, trial_score
-from eval_suites.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, evaluate_claim, greater, less, spread,
-                                  wilson_interval)
+from eval_suites.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, at_least, evaluate_claim, greater, less,
+                                  overlaps, spread, wilson_interval)
 
 
 def test_spread_is_mean_and_sample_std():
@@ -37,6 +37,23 @@ def test_less_and_missing_and_all_of():
     assert all_of([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
     assert all_of([HOLDS, INCONCLUSIVE, FAILS]) == FAILS
     assert all_of([]) == INCONCLUSIVE
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    (Spread(30, 29, 31), Spread(31, 30, 32), HOLDS),  # 29 >= 0.9 * 32 = 28.8
+    (Spread(20, 19, 21), Spread(31, 30, 32), FAILS),  # 21 < 0.9 * 30 = 27
+    (Spread(28, 27, 29), Spread(31, 30, 32), INCONCLUSIVE),  # 27 < 28.8, 29 >= 27
+])
+def test_at_least_fraction(a, b, expected):
+    assert at_least(a, b, 0.9) == expected
+    claim = {"claim": "keeps 90%", "kind": "at_least", "a": "x", "b": "y", "metric": "adv", "fraction": 0.9}
+    assert evaluate_claim(claim, {"x": {"adv": a}, "y": {"adv": b}})["verdict"] == expected
+
+
+def test_within_is_overlap():
+    assert overlaps(Spread(50, 49, 51), Spread(52, 50.5, 53.5)) == HOLDS
+    assert overlaps(Spread(50, 49, 51), Spread(52, 51.5, 52.5)) == FAILS
+    assert overlaps(None, Spread(1, 1, 1)) == INCONCLUSIVE
 
 
 def test_evaluate_claim_kinds():

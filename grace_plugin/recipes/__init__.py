@@ -1,7 +1,7 @@
 """Recipe registry. Each recipe module is imported here explicitly (timm-style), which registers it."""
 from .base import (Recipe, RecipeConfig, StepContext, StepOutput, TextSide, UnknownRecipeError, create_recipe,
                    get_recipe_class, list_recipes, register_recipe)
-# (registration; the grace module registers grace and grace_fast)
+# (registration; the grace module registers grace, grace_fast and grace_lite)
 from . import digrap, fare, flyp, ft, ftp, grace, lp_ft, pmg_aft, sam, spd, tecoa, wise_ft  # noqa: F401
 
 __all__ = ["Recipe", "RecipeConfig", "StepContext", "StepOutput", "TextSide", "UnknownRecipeError", "create_recipe",

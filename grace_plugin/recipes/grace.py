@@ -35,14 +35,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 
+from ..config import checked
 from ..losses import gram_volume, pairwise_cosines
 from .adversarial import AdvConfig, AdversarialRecipe, attack_steps
-from .base import register_recipe
+from .base import StepOutput, register_recipe
 from .lar_awp import AWP_MODES, LarAwp
 
-__all__ = ["GraceConfig", "Grace", "GraceFastConfig", "GraceFast"]
+__all__ = ["GraceConfig", "Grace", "GraceFastConfig", "GraceFast", "GraceLiteConfig", "GraceLite"]
 
 
 @dataclass
@@ -124,21 +126,28 @@ class Grace(AdversarialRecipe):
         return super().attack(x, y, ctx) if self.needs_adv else x.detach()
 
     def adversarial_loss(self, x, x_adv, y, ctx):
+        with self.awp.branch(ctx):  # the branch at B_awp = 0 adds nothing: the forwards below are the unperturbed ones
+            return self.objective(x, x_adv, y, ctx)
+
+    def objective(self, x, x_adv, y, ctx, f_id=None, first_grads=None):
+        """Eq. 4 inside ``awp.branch()``. ``f_id``: the clean feature when the caller already has it (its graph saw
+        the branch at ``B_awp = 0``); ``first_grads``: the first AWP ascent gradient when the caller already has it
+        (``LarAwp.perturbed_features``)."""
         cfg, model = self.cfg, self.model
         awp_on = cfg.awp != "off"
         logs: dict[str, float] = {}
-        with self.awp.branch(ctx):  # the branch at B_awp = 0 adds nothing: the forwards below are the unperturbed ones
-            # Two forwards rather than one over [x; x_adv]: the first ascent step back-propagates through the
-            # adversarial graph alone, which a concatenated graph would make twice as expensive.
-            with ctx.autocast():
+        # Two forwards rather than one over [x; x_adv]: the first ascent step back-propagates through the
+        # adversarial graph alone, which a concatenated graph would make twice as expensive.
+        with ctx.autocast():
+            if f_id is None:
                 f_id = model.encode(x).float()
-                f_adv = model.encode(x_adv).float() if self.needs_adv else None
-            l_task = F.cross_entropy(model.head(f_id), y)
-            f_awp = None
-            if awp_on:
-                x_awp, f_first = (x_adv, f_adv) if cfg.awp_input == "adv" else (x, f_id)
-                f_awp, awp_logs = self.awp.perturbed_features(x_awp, y, f_first, ctx)
-                logs.update(awp_logs)
+            f_adv = model.encode(x_adv).float() if self.needs_adv else None
+        l_task = F.cross_entropy(model.head(f_id), y)
+        f_awp = None
+        if awp_on:
+            x_awp, f_first = (x_adv, f_adv) if cfg.awp_input == "adv" else (x, f_id)
+            f_awp, awp_logs = self.awp.perturbed_features(x_awp, y, f_first, ctx, first_grads=first_grads)
+            logs.update(awp_logs)
         loss = l_task
         if awp_on:
             l_lar = F.cross_entropy(model.head(f_awp), y)
@@ -220,3 +229,94 @@ class GraceFast(Grace):
     """
 
     Config = GraceFastConfig
+
+
+# ---------------------------------------------------------------------------------------------- grace_lite
+@dataclass
+class GraceLiteConfig(GraceConfig):
+    pgd_steps: int = checked(1, choices=(0, 1))  # one attack step (0: no attack, as eps 0)
+    pgd_alpha: float = 4 / 255  # N-FGSM (arXiv 2206.03098) Sec. 4: step alpha = eps
+    noise: float = checked(2.0, ge=0.0)  # N-FGSM: start noise U[-k eps, k eps], k = 2
+    project: bool = False  # N-FGSM does not clip the perturbation back to the eps-ball (only to [0, 1])
+    # where the attack's one gradient is taken: "noisy" (x + noise: N-FGSM's point, one extra forward) or "clean"
+    # (the clean forward of L_task, which the step runs anyway: no extra forward; the noise is added after the step)
+    attack_grad: str = checked("noisy", choices=("noisy", "clean"))
+
+
+@register_recipe("grace_lite")
+class GraceLite(Grace):
+    """GRACE with one noisy attack step whose backward also gives the first LAR-AWP ascent gradient.
+
+    Full GRACE spends 10 of its ~13 passes on PGD-10 and one more backward on the first AWP ascent step
+    (``Grace.pass_counts``). This schedule keeps Eq. 4's objective, LoRA, LAR-AWP with the curvature curriculum
+    and the Gram volume, and changes only how ``x_adv`` and the first ascent direction are found:
+
+    * the attack is N-FGSM (de Jorge et al., "Make Some Noise: Reliable and Efficient Single-Step Adversarial
+      Training", NeurIPS 2022, https://arxiv.org/abs/2206.03098, Alg. 1): ``x_adv = clip_[0,1](x + η + α sign(g))``
+      with ``η ~ U[-kε, kε]``, ``k = 2``, ``α = ε`` and no projection onto the ε-ball, the single-step schedule that
+      paper found free of catastrophic overfitting without GradAlign's double backward (arXiv 2007.02617);
+    * pass sharing (issue "GRACE at a third of its cost"): the attack's one backward, taken with the LAR-AWP branch
+      enabled at ``B_awp = 0``, returns the gradient w.r.t. the input *and* w.r.t. ``B_awp``; the latter is the
+      first ascent direction (GRACE Alg. 1 l. 9 takes it at ``x_adv``; here it is taken at the attack's point, one
+      signed step away). With ``attack_grad: clean`` the gradient is taken at the clean forward that ``L_task``
+      needs anyway (FGSM at x, then the noise), saving one more forward.
+
+    Passes per step (``pass_counts``): ``noisy`` 4 forwards, 1 input backward, 3 backwards; ``clean`` 3, 1, 3 (GRACE
+    with PGD-10: 13, 10, 4; ``grace_fast``: 4, 1, 4). Threat model: l_inf, eps 4/255 (training N-FGSM; evaluation
+    APGD-CE). Args: those of ``GraceConfig`` plus ``noise``, ``project`` and ``attack_grad``; ``awp_steps`` > 1
+    adds ascent steps as in GRACE. Step cost and testbed effect: README "Step cost". It lives in this module (not
+    its own) so that no recipe module imports another.
+
+    Example:
+        grace train --recipe grace_lite --init runs/pretrained --data data/id --out runs/grace_lite --steps 300
+    """
+
+    Config = GraceLiteConfig
+
+    def training_step(self, batch, ctx):
+        x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
+        with self.awp.branch(ctx):
+            x_adv, f_id, first_grads = self._attack(x, y, ctx)
+            loss, logs = self.objective(x, x_adv, y, ctx, f_id=f_id, first_grads=first_grads)
+        return StepOutput(loss, {"loss": float(loss.detach()), **logs})
+
+    def _attack(self, x, y, ctx):
+        """(x_adv, the clean feature if the attack computed it, the first ascent gradient or None)."""
+        from ..rng import per_sample_uniform
+
+        c, model = self.cfg, self.model
+        if not (self.needs_adv and self.attack_passes()):
+            return x.detach(), None, None
+        eps = c.pgd_eps
+        # the ascent gradient is shared only when the AWP view is taken on the attacked input (Eq. 7)
+        share = c.awp != "off" and c.awp_input == "adv"
+        params = self.awp.ascent_parameters() if share else []
+        noise = per_sample_uniform(x, -c.noise * eps, c.noise * eps, ctx, "attack_start") if c.noise else 0.0
+        f_id = None
+        if c.attack_grad == "clean":
+            point = x.detach().requires_grad_(True)
+            with ctx.autocast():
+                f_id = model.encode(point).float()
+            grads = torch.autograd.grad(F.cross_entropy(model.head(f_id), y), [point, *params], retain_graph=True)
+            start = x + noise
+        else:
+            start = point = (x + noise).clamp(0, 1).detach().requires_grad_(True)
+            with ctx.autocast():
+                loss = F.cross_entropy(model(point).float(), y)
+            grads = torch.autograd.grad(loss, [point, *params])
+        delta = start.detach() - x + c.pgd_alpha * grads[0].sign()
+        if c.project:
+            delta = delta.clamp(-eps, eps)
+        x_adv = (x + delta).clamp(0, 1).detach()
+        return x_adv, f_id, (list(grads[1:]) if share and params else None)
+
+    def pass_counts(self) -> dict[str, float]:
+        c = self.cfg
+        base = dict(super().pass_counts())
+        if not (self.needs_adv and self.attack_passes()):
+            return base
+        if c.awp != "off" and c.awp_input == "adv":
+            base["backward"] -= 1  # the first ascent gradient came with the attack's backward
+        if c.attack_grad == "clean":
+            base["forward"] -= 1  # the attack's gradient came from the clean forward
+        return base

@@ -121,17 +121,26 @@ class LarAwp:
             self._active, self._radii = active, self._init_branch(active, ctx)
             yield self
 
-    def perturbed_features(self, x_awp: torch.Tensor, y: torch.Tensor, f_first: torch.Tensor,
-                           ctx) -> tuple[torch.Tensor, dict[str, float]]:
+    def ascent_parameters(self) -> list[torch.Tensor]:
+        """The ``B_awp`` factors of the active layers (inside ``branch()``): what the first ascent step moves. A
+        recipe that already back-propagates through the model at ``B_awp = 0`` can ask for their gradient in the
+        same backward and hand it to ``perturbed_features`` (``first_grads``)."""
+        return [m.awp_B for m in self._active.values()]
+
+    def perturbed_features(self, x_awp: torch.Tensor, y: torch.Tensor, f_first: torch.Tensor, ctx,
+                           first_grads: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """``f_AWP`` (inside ``branch()``): ascend ``Δ`` for ``awp_steps`` steps on ``CE(head(f), y)``, the first
-        from ``f_first`` (the unperturbed feature of ``x_awp``, whose graph saw the branch at ``B_awp = 0``), then the
+        from ``f_first`` (the unperturbed feature of ``x_awp``, whose graph saw the branch at ``B_awp = 0``), or from
+        ``first_grads`` (the gradient of a CE w.r.t. ``ascent_parameters()`` the caller already computed), then the
         forward of ``x_awp`` under the frozen ``Δ*``. With no active layer ``W_pert = W``: ``f_first`` is returned."""
         model, active, radii = self.model, self._active, self._radii
         if not active:
             return f_first, {}
-        loss_p = F.cross_entropy(model.head(f_first), y)
+        if first_grads is None:
+            loss_p = F.cross_entropy(model.head(f_first), y)
+            first_grads = torch.autograd.grad(loss_p, self.ascent_parameters(), retain_graph=True)
         # the ascent direction is a whole-batch statistic: averaged over ranks (1 process == N processes)
-        g = ctx.all_reduce_mean(torch.autograd.grad(loss_p, [m.awp_B for m in active.values()], retain_graph=True))
+        g = ctx.all_reduce_mean(first_grads)
         self._ascend(active, radii, {n: (gb, None) for n, gb in zip(active, g)}, update_a=False)
         for _ in range(self.cfg.awp_steps - 1):
             with ctx.autocast():
