@@ -133,7 +133,73 @@ def _complete(sample: dict) -> bool:
     return "cls" in sample and any(k in sample for k in IMAGE_KEYS)
 
 
-def _shard_samples(item: dict) -> Iterator[dict]:
+class _Member:
+    """A tar member's data not read yet: ``(path, offset, size)``; ``read()`` reads it (``_lazy_members``)."""
+
+    __slots__ = ("path", "offset", "size")
+
+    def __init__(self, path: str, offset: int, size: int):
+        self.path, self.offset, self.size = path, offset, size
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
+def _plain_local_tar(url: str) -> str | None:
+    """The path of ``url`` when it is a local, uncompressed file (what ``_lazy_members`` can index), else None."""
+    path = _local_path(url)
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return None if head.startswith(_COMPRESSED_MAGIC) else path
+
+
+def _lazy_members(path: str) -> Iterator[dict]:
+    """webdataset's ``tar_file_iterator`` (the same tarfile header walk, the same member filters) without reading
+    any data: each ``data`` is a :class:`_Member`. A member whose data runs past the end of the file raises
+    ``tarfile.ReadError`` where reading it would have, so the samples, skips and errors are the streaming reader's
+    (tests/test_loader_lazy.py compares the two on the fault table's shards). Why: under ``torchrun`` each rank
+    scores only its own batches; reading only their bytes keeps a rank's I/O at 1/W of the set instead of all of it."""
+    import re
+    import tarfile
+
+    size = os.path.getsize(path)
+    with tarfile.open(path, "r:") as tf:
+        for info in tf:
+            name = info.name
+            if not info.isreg() or name is None:
+                continue
+            if ("/" not in name and name.startswith("__") and name.endswith("__")) or re.match(r"__[^/]*__($|/)",
+                                                                                                name):
+                continue  # webdataset's meta-member filters (tariterators.tar_file_iterator)
+            if info.offset_data + info.size > size:
+                raise tarfile.ReadError("unexpected end of data")
+            yield {"fname": name, "data": _Member(path, info.offset_data, info.size)}
+
+
+def _members(item: dict, lazy: bool) -> Iterator[dict]:
+    from webdataset.tariterators import tar_file_iterator, url_opener
+
+    path = _plain_local_tar(item["url"]) if lazy else None
+    if path is not None:
+        yield from _lazy_members(path)
+        return
+    for src in url_opener([dict(item)]):
+        yield from tar_file_iterator(src["stream"])
+
+
+def read_members(rec: dict) -> dict:
+    """A record of ``_shard_samples(..., lazy=True)`` with its members' data read."""
+    return {k: (v.read() if isinstance(v, _Member) else v) for k, v in rec.items()}
+
+
+def _shard_samples(item: dict, lazy: bool = False) -> Iterator[dict]:
     """One shard's samples, every member accounted for.
 
     webdataset's ``group_by_keys`` groups *consecutive* members by key. Here (a) a key whose members are not
@@ -142,8 +208,9 @@ def _shard_samples(item: dict) -> Iterator[dict]:
     an exception that drops the rest of the shard; (c) a tar cut inside a member still yields every complete
     sample before the cut, then one ``tar_error`` for the cut; (d) a member of a key already scored that brings
     another image or label is a ``duplicate_member`` skip (metadata-only members of it are ignored).
+    ``lazy``: a local uncompressed tar's data is not read (each member is a ``_Member``; ``read_members``).
     """
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator, url_opener
+    from webdataset.tariterators import base_plus_ext
 
     url = item["url"]
     pending: dict[str, dict] = {}
@@ -183,21 +250,20 @@ def _shard_samples(item: dict) -> Iterator[dict]:
     current = None
     error = None
     try:
-        for src in url_opener([dict(item)]):
-            for f in tar_file_iterator(src["stream"]):
-                prefix, suffix = base_plus_ext(f["fname"])
-                if prefix is None:
-                    continue
-                suffix = suffix.lower()
-                if current is None or prefix != current["__key__"]:
-                    finish(current)
-                    current = {"__key__": prefix, "__url__": url}
-                    yield from out
-                    out.clear()
-                if suffix in current:
-                    current["__dup__"] = True
-                else:
-                    current[suffix] = f["data"]
+        for f in _members(item, lazy):
+            prefix, suffix = base_plus_ext(f["fname"])
+            if prefix is None:
+                continue
+            suffix = suffix.lower()
+            if current is None or prefix != current["__key__"]:
+                finish(current)
+                current = {"__key__": prefix, "__url__": url}
+                yield from out
+                out.clear()
+            if suffix in current:
+                current["__dup__"] = True
+            else:
+                current[suffix] = f["data"]
     except Exception as e:  # tarfile.ReadError, EOFError, OSError for truncated or unreadable shards
         error = e
     if error is not None and current is not None and not _complete(current):
@@ -217,10 +283,10 @@ def _shard_samples(item: dict) -> Iterator[dict]:
         yield _skip("tar_error", "", url)
 
 
-def _tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
+def _tar_samples(urls: Iterable[dict], lazy: bool = False) -> Iterator[dict]:
     """Expand shards into samples (:func:`_shard_samples`); a broken tar yields one ``tar_error`` skip."""
     for item in urls:
-        yield from _shard_samples(item)
+        yield from _shard_samples(item, lazy)
 
 
 def _truncated_local_tar(url: str) -> bool:
@@ -229,9 +295,11 @@ def _truncated_local_tar(url: str) -> bool:
     if "://" in path or path.startswith("pipe:") or not os.path.isfile(path):
         return False
     size = os.path.getsize(path)
-    if size < 1024 or size % 512:
-        return True
     with open(path, "rb") as f:
+        if f.read(6).startswith(_COMPRESSED_MAGIC):
+            return False  # a compressed tar's end is checked by its decompressor (a cut stream raises EOFError)
+        if size < 1024 or size % 512:
+            return True
         f.seek(size - 1024)
         return f.read(1024) != bytes(1024)
 
@@ -332,19 +400,21 @@ def _number_shards(src: Iterable[dict]) -> Iterator[dict]:
 
 def _owned_records(items: Iterable[dict], batch_size: int, limit: int | None,
                    ranks: tuple[int, int] | None = None) -> Iterator[dict]:
-    """Tar records tagged with their batch ``(shard, position // batch_size)``; only this rank's batches."""
+    """Tar records tagged with their batch ``(shard, position // batch_size)``; only this rank's batches, and only
+    their members' data is read from a local tar (the others' bytes are skipped: ``_lazy_members``)."""
     import webdataset as wds
 
     rank, world = ranks or wds.utils.pytorch_worker_info()[:2]
     seen = 0
     for item in items:
         s = item["__shard__"]
-        for i, rec in enumerate(_tar_samples([{"url": item["url"]}])):
+        for i, rec in enumerate(_tar_samples([{"url": item["url"]}], lazy=True)):
             if limit is not None and seen >= limit:
                 return
             seen += 1
             k = i // batch_size
             if (s + k) % world == rank:
+                rec = read_members(rec)
                 rec["__batch__"] = (s, k)
                 yield rec
 
