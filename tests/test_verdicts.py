@@ -116,3 +116,26 @@ def test_select_trial_rule_and_ties():
     clean_only = [trial_score(80.0, 0.0), trial_score(85.0, 0.0)]
     assert select_trial(clean_only, "hm") == 1  # every HM 0: the higher mean (clean) wins
     assert select_trial([{"hm": None, "mean": None}, trial_score(1.0, 1.0)], "hm") == 1
+
+
+def test_feature_spread_closed_forms():
+    """bench/feature_spread.py's statistics: identical features give cosines of 1; orthogonal class features 0;
+    equal logits the entropy ln C; a one-hot-like head entropy ~0 and its top-1."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("feature_spread", Path(__file__).parents[1] / "bench" /
+                                                  "feature_spread.py")
+    fs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fs)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    same = fs.spread_stats(torch.ones(6, 4), y, torch.zeros(6, 5))
+    assert same["cos_images"] == pytest.approx(1.0) and same["cos_centroids"] == pytest.approx(1.0)
+    assert same["entropy"] == pytest.approx(math.log(5)) and same["ln_c"] == pytest.approx(math.log(5))
+    eye = torch.eye(3)[y]  # each class its own axis
+    sep = fs.spread_stats(eye, y, 50 * eye)
+    # pairs of different images: 6 of the 30 ordered pairs share a class (cos 1), the rest 0
+    assert sep["cos_images"] == pytest.approx(6 / 30) and sep["cos_centroids"] == pytest.approx(0.0)
+    assert sep["entropy"] < 1e-6 and sep["top1"] == pytest.approx(100.0)
