@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TuneConfig", "grid_points", "draw_trials", "trial_score", "select_trial", "run_tuning",
+__all__ = ["TuneConfig", "grid_points", "draw_trials", "trial_score", "select_trial", "edge_axes", "run_tuning",
            "write_tuned"]
 
 
@@ -87,6 +87,18 @@ def select_trial(scores: list[dict], rule: str = "hm") -> int:
     if not ok:
         raise ValueError("no trial produced a validation score")
     return max(ok, key=lambda i: (round(scores[i][rule], 6), round(scores[i]["mean"], 6), -i))
+
+
+def edge_axes(grid: dict, point: dict) -> list[str]:
+    """The numeric single axes of ``grid`` (three values or more) whose value in ``point`` is the smallest or the
+    largest of the axis: a selection at the edge of its grid, where the best value may lie outside it."""
+    out = []
+    for key, values in grid.items():
+        if "," in str(key) or len(values) < 3 or not all(isinstance(v, (int, float)) for v in values):
+            continue
+        if key in point and point[key] in (min(values), max(values)):
+            out.append(key)
+    return out
 
 
 def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) -> Path:
@@ -172,10 +184,15 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
             echo(f"      {name} trial {i} {point}: val clean {clean:.2f} robust {robust:.2f}")
         best = select_trial(rows, rule)
         selected[name] = dict(rows[best]["point"])
+        edges = edge_axes(grids[name], selected[name])
         notes[name] = (f"{trials} trials, {steps} steps, rule {rule}, world {cfg.size}, seed {cfg.seed}: trial {best} "
                        f"val clean {rows[best]['val_clean']:.2f} robust {rows[best]['val_robust']:.2f} "
                        f"({time.strftime('%Y-%m-%d')})")
-        results[name] = {"trials": rows, "selected": best, "values": selected[name]}
+        if edges:
+            notes[name] += f"; at the grid's edge: {', '.join(edges)}"
+            echo(f"      note: {name}'s selected {', '.join(edges)} is at the edge of its grid (the best value may lie "
+                 "outside it)")
+        results[name] = {"trials": rows, "selected": best, "values": selected[name], "at_grid_edge": edges}
     doc = {"protocol": {k: v for k, v in proto.items() if k != "grids"}, "trials": trials, "steps": steps,
            "size": cfg.size, "seed": cfg.seed, "methods": results, "seconds": round(time.time() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +205,10 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
             vals = ", ".join(f"{k}={v}" for k, v in r["point"].items())
             lines.append(f"| {name} | {r['trial']} | {vals} | {r['val_clean']:.2f} | {r['val_robust']:.2f} | "
                          f"{(r['hm'] or 0):.2f} | {'yes' if r['trial'] == res['selected'] else ''} |")
+    edge_notes = [f"- {name}: selected {', '.join(res['at_grid_edge'])} at the edge of its grid (the best value may "
+                  "lie outside it)" for name, res in results.items() if res["at_grid_edge"]]
+    if edge_notes:
+        lines += ["", *edge_notes]
     atomic_write_text(out / "tuning.md", "\n".join(lines) + "\n")
     paths = {"json": out / "tuning.json", "md": out / "tuning.md"}
     if cfg.write is not None:

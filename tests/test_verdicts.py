@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from eval_suites.tuning import draw_trials, grid_points, select_trial, trial_score
+from eval_suites.tuning import draw_trials, edge_axes, grid_points, select_trial, trial_score
 from eval_suites.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, at_least, evaluate_claim, greater, less,
                                   overlaps, spread, wilson_interval)
 
@@ -139,3 +139,13 @@ def test_feature_spread_closed_forms():
     # pairs of different images: 6 of the 30 ordered pairs share a class (cos 1), the rest 0
     assert sep["cos_images"] == pytest.approx(6 / 30) and sep["cos_centroids"] == pytest.approx(0.0)
     assert sep["entropy"] < 1e-6 and sep["top1"] == pytest.approx(100.0)
+
+
+def test_edge_axes_flags_selections_at_the_grid_edge():
+    grid = {"train.lr": [1e-4, 3e-4, 1e-3], "recipe.lambda_gv": [1.0, 10.0, 100.0],
+            "recipe.rho_mode,recipe.rho": [["relative", 0.005], ["absolute", 0.5]], "recipe.k": [1, 2]}
+    point = {"train.lr": 1e-3, "recipe.lambda_gv": 10.0, "recipe.rho_mode": "absolute", "recipe.rho": 0.5,
+             "recipe.k": 2}
+    assert edge_axes(grid, point) == ["train.lr"]  # joint and two-value axes have no inside to compare with
+    assert edge_axes(grid, dict(point, **{"train.lr": 3e-4})) == []
+    assert edge_axes(grid, dict(point, **{"recipe.lambda_gv": 1.0})) == ["train.lr", "recipe.lambda_gv"]
