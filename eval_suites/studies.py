@@ -116,6 +116,59 @@ def _training_record(run_dir: Path) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ reuse
+def finished_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
+    """True when ``run_dir`` holds a finished run (its checkpoint.json is written last, by the atomic publish of
+    grace_plugin/runfolder.py) trained with exactly ``resolved`` (its config.yaml): a study re-run, or one with a
+    row added, retrains nothing that is already done."""
+    import yaml
+
+    from grace_plugin.config import ConfigError, to_dict
+    from grace_plugin.finetune import build_config
+
+    saved_file = run_dir / "config.yaml"
+    if not ((run_dir / "checkpoint.json").is_file() and saved_file.is_file()):
+        return False
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    if saved.pop("recipe_name", None) != recipe:
+        return False
+    try:  # read by today's code: a field added since, at its default, is the same config
+        saved = to_dict(build_config(recipe, overrides={k: v for k, v in saved.items() if isinstance(v, dict)}))
+    except ConfigError:  # a field that no longer exists
+        return False
+
+    def norm(d):
+        return yaml.safe_load(yaml.safe_dump(d, sort_keys=True))
+
+    return norm(saved) == norm(resolved)
+
+
+def _eval_signature(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool) -> dict:
+    """What one study evaluation depends on: the model files (sizes and mtimes), the world, the suite settings."""
+    spec = Path(spec)
+    files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(spec.glob("*.safetensors"))}
+    world = data / "world.json"
+    return {"model": str(spec), "files": files, "world": world.read_text() if world.is_file() else None,
+            "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "seed": seed, "geometry": geometry,
+            "n_geometry": cfg.n_geometry, "geometry_iters": cfg.geometry_iters, "device": cfg.device}
+
+
+def _cached_evaluate(cache: Path, spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool,
+                     reference: Path) -> tuple[dict, bool]:
+    """``_evaluate``, or its saved report when the signature is unchanged; (report, reused)."""
+    from grace_plugin.checkpoint import atomic_write_text
+
+    sig = json.loads(json.dumps(_eval_signature(spec, data, cfg, seed, geometry), default=str))
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("signature") == sig:
+            return saved["report"], True
+    report = _evaluate(spec, data, cfg, seed, geometry, reference)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cache, json.dumps({"signature": sig, "report": report}, default=str) + "\n")
+    return report, False
+
+
 # ------------------------------------------------------------------------------------------ aggregation
 def aggregate_runs(runs: list[dict]) -> dict:
     """Per-metric mean, sample std (several seeds) and verdict spread over a row's runs."""
@@ -153,7 +206,7 @@ def _spreads(runs: list[dict]) -> dict:
 
 # ------------------------------------------------------------------------------------------ the study
 def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
-    from grace_plugin.config import ConfigError
+    from grace_plugin.config import ConfigError, to_dict
     from grace_plugin.finetune import fine_tune
 
     from .leaderboard import reference_rows
@@ -188,10 +241,15 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
                 run_dir = out / "runs" / m.name / f"seed{seed}"
                 over = merge({"train": {"seed": seed, "device": cfg.device}}, user.get(m.recipe, {}))
                 run_cfg = method_config(m, overrides=over, steps=cfg.steps)
-                fine_tune(m.recipe, pretrained, data / "id", run_dir, run_cfg, progress=progress)
+                if finished_run_matches(run_dir, m.recipe, to_dict(run_cfg)):
+                    echo(f"      {m.name} seed {seed}: reusing the finished run in {run_dir} (same config)")
+                else:
+                    fine_tune(m.recipe, pretrained, data / "id", run_dir, run_cfg, progress=progress)
                 spec = run_dir
-            echo(f"      {m.name} seed {seed}: evaluating")
-            report = _evaluate(spec, data, cfg, seed, geometry, pretrained)
+            cache = out / "evals" / m.name / f"seed{seed}.json"
+            report, reused = _cached_evaluate(cache, spec, data, cfg, seed, geometry, pretrained)
+            how = "evaluation reused (same model and settings)" if reused else "evaluated"
+            echo(f"      {m.name} seed {seed}: {how}")
             rec = {"seed": seed, "run": str(spec), **_run_record(report)}
             if run_dir is not None:
                 rec["training"] = _training_record(run_dir)

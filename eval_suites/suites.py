@@ -403,7 +403,8 @@ def _run_adv(loaded, ctx: SuiteContext, es: EvalSet, model, attack: str, n: int,
     return evaluate_adversarial(model, _read(es, _transform(loaded), ctx, n, limit=n), attack, ctx.eps, n_max=n,
                                 norm=ctx.norm, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
                                 state_path=state, unit_input=ctx.unit_input, model_name=loaded.name,
-                                signature=_adv_signature(loaded, model, es, ctx, n))
+                                # the signature (a sha256 over the weights) is only needed to match a resume state
+                                signature=_adv_signature(loaded, model, es, ctx, n) if state is not None else None)
 
 
 @register_suite("adv", takes_arg=True)

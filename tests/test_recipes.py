@@ -319,23 +319,49 @@ def test_grace_lite_attack_and_shared_ascent(attack_grad, tiny_classifier, tiny_
     assert (seen["f_id"] is not None) == (attack_grad == "clean")  # the clean variant reuses its clean forward
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("attack_grad", ["noisy", "clean"])
-def test_grace_lite_declared_passes(attack_grad, tiny_classifier, tiny_batch):
+def test_grace_lite_declared_passes(attack_grad, fraction, tiny_classifier, tiny_batch):
     """Forwards counted by a hook on the tower; backwards from the step's structure: the attack's input backward
-    also gives the ascent gradient, so one backward fewer than grace_fast (4 forwards, 1 input backward, 4)."""
+    also gives the ascent gradient, so one backward fewer than grace_fast (4 forwards, 1 input backward, 4); with
+    awp_fraction 0.5 the AWP view runs on half the batch (half a forward and half a backward)."""
     from timm.models.vision_transformer import VisionTransformer
 
     cfg = _recipe_cfg("grace_lite")
-    cfg.curvature_interval, cfg.attack_grad = 1, attack_grad
+    cfg.curvature_interval, cfg.attack_grad, cfg.awp_fraction = 1, attack_grad, fraction
     rec = create_recipe("grace_lite", tiny_classifier, cfg)
     rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0))
     rows = []
     handle = torch.nn.modules.module.register_module_forward_hook(
         lambda m, a, o: rows.append(a[0].shape[0]) if isinstance(m, VisionTransformer) else None)
     try:
-        rec.training_step(tiny_batch, CPU)
+        out = rec.training_step(tiny_batch, CPU)
     finally:
         handle.remove()
     passes = rec.pass_counts()
-    assert sum(rows) / tiny_batch["image"].shape[0] == passes["forward"] == (4 if attack_grad == "noisy" else 3)
-    assert passes["input_backward"] == 1 and passes["backward"] == 3
+    n = tiny_batch["image"].shape[0]
+    assert sum(rows) / n == passes["forward"] == (3 if attack_grad == "noisy" else 2) + fraction
+    assert rows[-1] == n * fraction  # the last forward is the AWP view
+    assert passes["input_backward"] == 1 and passes["backward"] == 2 + fraction
+    assert torch.isfinite(out.loss)
+
+
+def test_awp_fraction_is_the_loss_on_the_first_rows(tiny_classifier, tiny_batch):
+    """awp_fraction 0.5: the AWP view and L_LAR (the CE of f_AWP) are on the first half of the batch."""
+    import torch.nn.functional as F
+
+    rec = _grace(tiny_classifier, tiny_batch, awp_fraction=0.5)
+    seen = {}
+    orig = rec.awp.perturbed_features
+
+    def spy(x_awp, y, f_first, ctx, first_grads=None):
+        f, logs = orig(x_awp, y, f_first, ctx, first_grads=first_grads)
+        seen.update(n=x_awp.shape[0], f_awp=f.detach(), y=y)
+        return f, logs
+
+    rec.awp.perturbed_features = spy
+    out = rec.training_step(tiny_batch, CPU)
+    n = tiny_batch["image"].shape[0]
+    assert seen["n"] == n // 2 and torch.equal(seen["y"], tiny_batch["label"][: n // 2])
+    assert out.logs["l_lar"] == pytest.approx(float(F.cross_entropy(tiny_classifier.head(seen["f_awp"]), seen["y"])),
+                                              rel=1e-5)

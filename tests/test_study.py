@@ -39,6 +39,35 @@ def test_study_table8_smoke(study_dir, capsys):
     assert "| LoRA-FT |" in capsys.readouterr().out
 
 
+def test_study_rerun_reuses_finished_runs_and_evaluations(study_dir, capsys, monkeypatch):
+    """Re-running a study (after table8 above) trains and evaluates nothing again and gives the same rows; a run
+    folder matches only its own config."""
+    import yaml
+
+    import eval_suites.studies as studies
+    import grace_plugin.finetune as finetune
+    from grace_plugin.config import to_dict
+
+    out = study_dir / "t8"
+    before = json.loads((out / "study.json").read_text())["rows"]
+    trained = []
+    monkeypatch.setattr(finetune, "fine_tune", lambda recipe, *a, **k: trained.append(recipe))
+    monkeypatch.setattr(studies, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    assert main(["study", "table8", "--out", str(out), "--n-adv", "8"] + TINY) == 0
+    assert trained == []
+    after = json.loads((out / "study.json").read_text())["rows"]
+    assert {k: [r["axes"] for r in v["runs"]] for k, v in after.items()} == \
+        {k: [r["axes"] for r in before[k]["runs"]] for k in before}
+    assert "reusing the finished run" in capsys.readouterr().out
+    run = out / "runs" / "grace" / "seed0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = finetune.build_config("grace", overrides={k: v for k, v in saved.items() if k != "recipe_name"})
+    assert studies.finished_run_matches(run, "grace", to_dict(cfg))
+    cfg.recipe.lora_rank += 1
+    assert not studies.finished_run_matches(run, "grace", to_dict(cfg))
+    assert not studies.finished_run_matches(run, "grace_lite", to_dict(cfg))
+
+
 def test_study_unknown_name_is_a_one_line_error(study_dir, capsys):
     assert main(["study", "table9", "--out", str(study_dir / "x")] + TINY) == 2
     err = capsys.readouterr().err
