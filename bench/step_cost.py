@@ -14,6 +14,7 @@ GPUs), as in Chowdhery et al., PaLM, https://arxiv.org/abs/2204.02311, Appendix 
 
     python bench/step_cost.py                     # tiny testbed tower on CPU (32 px, 3 layers)
     python bench/step_cost.py --arch vit_b32 --batch 128 --device cuda   # ViT-B/32, bf16 autocast (GPU)
+    python bench/step_cost.py --recipes "ft,grace_lite,grace_lite[attack_grad=clean;awp_fraction=0.5]"  # variants
 """
 from __future__ import annotations
 
@@ -124,6 +125,29 @@ def _pass_fns(rec, batch: dict, ctx) -> dict:
     return fns
 
 
+def split_variants(spec: str) -> list[str]:
+    """``"ft,grace_lite[attack_grad=clean;awp_fraction=0.5]"`` -> the two names (commas inside brackets kept)."""
+    out, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [n.strip() for n in [*out, cur] if n.strip()]
+
+
+def parse_variant(name: str) -> tuple[str, list[str]]:
+    """``grace_lite[attack_grad=clean;awp_fraction=0.5]`` -> ("grace_lite", ["recipe.attack_grad=clean", ...]): one
+    recipe measured under several settings side by side in one run."""
+    if "[" not in name:
+        return name, []
+    recipe, _, rest = name.partition("[")
+    items = [i.strip() for i in rest.rstrip("]").replace(",", ";").split(";") if i.strip()]
+    return recipe, [i if i.startswith(("recipe.", "train.")) else f"recipe.{i}" for i in items]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="tiny", choices=["tiny", "vit_b32", "vit_b16"])
@@ -131,7 +155,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU (default: table)")
-    ap.add_argument("--recipes", default="all")
+    ap.add_argument("--recipes", default="all",
+                    help="comma-separated; a variant is NAME[key=value;key=value], e.g. grace_lite[attack_grad=clean]")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="recipe overrides, e.g. recipe.pgd_steps=3")
     a = ap.parse_args()
@@ -147,17 +172,18 @@ def main() -> None:
     y = torch.randint(0, 1000, (a.batch,), device=device)
     batch = {"image": x, "label": y}
     ctx = StepContext(device=device, autocast=autocast_factory(device, "auto"))
-    names = list_recipes() if a.recipes == "all" else a.recipes.split(",")
+    names = list_recipes() if a.recipes == "all" else split_variants(a.recipes)
     names = ["ft"] + [n for n in names if n != "ft"]
 
     fns, recipes = {}, {}
     for name in names:
         torch.manual_seed(0)
-        cfg = build_config(name, overrides=[o for o in a.overrides if o.startswith(("recipe.", "train."))]
-                           if name != "ft" else None).recipe
+        recipe, own = parse_variant(name)
+        given = [o for o in a.overrides if o.startswith(("recipe.", "train."))] if name != "ft" else []
+        cfg = build_config(recipe, overrides=given + own or None).recipe
         try:
-            text = text_side(a.arch) if getattr(get_recipe_class(name), "uses_text", False) else None
-            rec = create_recipe(name, copy.deepcopy(base).to(device), cfg, text=text)
+            text = text_side(a.arch) if getattr(get_recipe_class(recipe), "uses_text", False) else None
+            rec = create_recipe(recipe, copy.deepcopy(base).to(device), cfg, text=text)
         except Exception as e:  # a recipe that needs extra inputs (e.g. a text tower) is reported, not hidden
             print(f"{name:10s} skipped: {e}")
             continue
@@ -191,6 +217,7 @@ def main() -> None:
         results[name] = (t, floor, peak.get(name, float("nan")), t_f, t_b, t_ib, mfu)
 
     t_ft = results["ft"][0]
+    width = max(10, *(len(n) for n in results))
     print(f"arch {a.arch}, batch {a.batch}, device {a.device}, overrides {a.overrides or 'none'}")
     for name, (t, floor, mem, t_f, t_b, t_ib, mfu) in results.items():
         fl = f"floor {floor / t_ft:6.2f}  R/floor {t / floor:5.2f}" if floor else "floor   n/a          "
@@ -198,7 +225,7 @@ def main() -> None:
         fl += f", input bwd {t_ib * 1e3:.1f} ms)" if t_ib else ")"
         extra = f"  {a.batch / t:8.1f} img/s" + (f"  peak {mem:.2f} GiB" if a.device != "cpu" else "")
         extra += f"  MFU {100 * mfu:.1f}%" if mfu is not None else ""
-        print(f"{name:10s} {t * 1e3:9.1f} ms/step  ratio {t / t_ft:6.2f}  {fl}{extra}")
+        print(f"{name:{width}s} {t * 1e3:9.1f} ms/step  ratio {t / t_ft:6.2f}  {fl}{extra}")
     if "grace" in results:
         t, floor = results["grace"][:2]
         print(f"grace/ft ratio {t / t_ft:.2f} floor {floor / t_ft:.2f}")
