@@ -54,6 +54,8 @@ def test_one_training_attack_for_every_adversarial_method():
         assert (rec.pgd_steps, rec.pgd_alpha, rec.noise, rec.project) == (1, pytest.approx(4 / 255), 2.0, False)
         assert method_config(name).train.lr == method_config("grace").train.lr
     assert method_config("grace_lite-clean").recipe.attack_grad == "clean"
+    assert method_config("grace_lite").recipe.awp_fraction == 0.5  # the cheap schedule's half AWP view
+    assert method_config("grace_lite-full").recipe.awp_fraction == method_config("grace").recipe.awp_fraction == 1.0
 
 
 def test_table8_rows_switch_grace_components():
