@@ -274,9 +274,10 @@ class GraceLite(Grace):
       estimate of both means; 1.0 is GRACE's full view).
 
     Passes per step (``pass_counts``), with the default half AWP view: ``noisy`` 3.5 forwards, 1 input backward, 2.5
-    backwards; ``clean`` 2.5, 1, 2.5 (GRACE with PGD-10: 13, 10, 4; ``grace_fast``: 4, 1, 4). Threat model: l_inf, eps 4/255 (training N-FGSM; evaluation
-    APGD-CE). Args: those of ``GraceConfig`` plus ``noise``, ``project`` and ``attack_grad``; ``awp_steps`` > 1
-    adds ascent steps as in GRACE. Step cost and testbed effect: README "Step cost". It lives in this module (not
+    backwards; ``clean`` 2.5, 1, 2.5 (GRACE with PGD-10: 13, 10, 4; ``grace_fast``: 4, 1, 4). Threat model:
+    l_inf, eps 4/255 (training N-FGSM; evaluation APGD-CE). Args: those of ``GraceConfig`` plus ``noise``,
+    ``project``, ``attack_grad`` and the ``awp_fraction`` default 0.5; ``awp_steps`` > 1 adds ascent steps as in
+    GRACE. Step cost and testbed effect: README "Step cost". It lives in this module (not
     its own) so that no recipe module imports another.
 
     Example:
