@@ -346,22 +346,38 @@ def test_grace_lite_declared_passes(attack_grad, fraction, tiny_classifier, tiny
     assert torch.isfinite(out.loss)
 
 
-def test_awp_fraction_is_the_loss_on_the_first_rows(tiny_classifier, tiny_batch):
-    """awp_fraction 0.5: the AWP view and L_LAR (the CE of f_AWP) are on the first half of the batch."""
+def test_awp_fraction_is_the_loss_on_its_rows(tiny_classifier, tiny_batch):
+    """awp_fraction 0.5: the AWP view holds the samples awp_rows picks (odd global indices), and L_LAR is the sum of
+    their CE over 0.5 * B (an unbiased estimate of the batch mean)."""
     import torch.nn.functional as F
 
     rec = _grace(tiny_classifier, tiny_batch, awp_fraction=0.5)
     seen = {}
     orig = rec.awp.perturbed_features
 
-    def spy(x_awp, y, f_first, ctx, first_grads=None):
-        f, logs = orig(x_awp, y, f_first, ctx, first_grads=first_grads)
-        seen.update(n=x_awp.shape[0], f_awp=f.detach(), y=y)
+    def spy(x_awp, y, f_first, ctx, first_grads=None, loss_norm=None):
+        f, logs = orig(x_awp, y, f_first, ctx, first_grads=first_grads, loss_norm=loss_norm)
+        seen.update(n=x_awp.shape[0], f_awp=f.detach(), y=y, norm=loss_norm)
         return f, logs
 
     rec.awp.perturbed_features = spy
     out = rec.training_step(tiny_batch, CPU)
     n = tiny_batch["image"].shape[0]
-    assert seen["n"] == n // 2 and torch.equal(seen["y"], tiny_batch["label"][: n // 2])
-    assert out.logs["l_lar"] == pytest.approx(float(F.cross_entropy(tiny_classifier.head(seen["f_awp"]), seen["y"])),
-                                              rel=1e-5)
+    assert seen["n"] == n // 2 and torch.equal(seen["y"], tiny_batch["label"][1::2]) and seen["norm"] == n / 2
+    ce_sum = float(F.cross_entropy(tiny_classifier.head(seen["f_awp"]), seen["y"], reduction="sum"))
+    assert out.logs["l_lar"] == pytest.approx(ce_sum / (n / 2), rel=1e-5)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25, 1 / 3])
+def test_awp_rows_are_the_same_samples_on_any_number_of_ranks(fraction):
+    """The rows come from global indices: two ranks holding halves of a batch pick exactly the samples one process
+    picks, about fraction * B of them, and the per-rank normalisers average to the one-process one."""
+    from grace_plugin.recipes.grace import awp_rows
+
+    b = 24
+    one, norm = awp_rows(b, fraction)
+    parts = [awp_rows(b // 2, fraction, torch.arange(r * b // 2, (r + 1) * b // 2)) for r in range(2)]
+    union = torch.cat([idx + r * b // 2 for r, (idx, _) in enumerate(parts)])
+    assert torch.equal(union, one)
+    assert abs(len(one) - fraction * b) < 1 and norm == pytest.approx(fraction * b)
+    assert sum(n for _, n in parts) == pytest.approx(norm)  # the ranks' sums over their norms average to one

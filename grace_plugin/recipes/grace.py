@@ -33,7 +33,6 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +44,7 @@ from .adversarial import AdvConfig, AdversarialRecipe, attack_steps
 from .base import StepOutput, register_recipe
 from .lar_awp import AWP_MODES, LarAwp
 
-__all__ = ["GraceConfig", "Grace", "GraceFastConfig", "GraceFast", "GraceLiteConfig", "GraceLite"]
+__all__ = ["GraceConfig", "Grace", "GraceFastConfig", "GraceFast", "GraceLiteConfig", "GraceLite", "awp_rows"]
 
 
 @dataclass
@@ -83,6 +82,21 @@ class GraceConfig(AdvConfig):
     # batch only (a random subset: batches are shuffled), an unbiased estimate of both means at a fraction of the
     # AWP view's forward and backward. 1.0 (default) is the paper's objective.
     awp_fraction: float = checked(1.0, gt=0.0, le=1.0)
+
+
+def awp_rows(n: int, fraction: float, sample_index=None, device=None):
+    """(rows of the AWP view, normaliser of its per-sample sums) for a local batch of ``n``.
+
+    A sample is in the view when its *global* index ``i`` in the step (``ctx.sample_index``; 0..n-1 outside the
+    trainer) satisfies ``floor((i + 1) f) > floor(i f)``: a fraction ``f`` of every run of indices, the same samples
+    whatever the number of processes. Sums are divided by ``f * n`` (the expected count) rather than by the local
+    count, so that averaging over ranks gives the global estimate: ``sum over the view / (f * B)``, an unbiased
+    estimate of the batch mean (a plain mean at ``f = 1``)."""
+    if fraction >= 1.0:
+        return torch.arange(n, device=device), float(n)
+    i = sample_index.to(device) if sample_index is not None else torch.arange(n, device=device)
+    keep = torch.floor((i + 1).double() * fraction) > torch.floor(i.double() * fraction)
+    return torch.nonzero(keep).flatten(), fraction * n
 
 
 @register_recipe("grace")
@@ -149,27 +163,30 @@ class Grace(AdversarialRecipe):
             f_adv = model.encode(x_adv).float() if self.needs_adv else None
         l_task = F.cross_entropy(model.head(f_id), y)
         f_awp = None
-        m = math.ceil(cfg.awp_fraction * x.shape[0])  # the rows of the AWP view (all of them by default)
+        # the AWP view's rows (all by default) and the normaliser of its sums: world-invariant (awp_rows)
+        idx, norm = awp_rows(x.shape[0], cfg.awp_fraction, getattr(ctx, "sample_index", None), x.device)
         if awp_on:
             x_awp, f_first = (x_adv, f_adv) if cfg.awp_input == "adv" else (x, f_id)
-            f_awp, awp_logs = self.awp.perturbed_features(x_awp[:m], y[:m], f_first[:m], ctx,
-                                                          first_grads=first_grads)
+            f_awp, awp_logs = self.awp.perturbed_features(x_awp[idx], y[idx], f_first[idx], ctx,
+                                                          first_grads=first_grads, loss_norm=norm)
             logs.update(awp_logs)
         loss = l_task
         if awp_on:
-            l_lar = F.cross_entropy(model.head(f_awp), y[:m])
+            l_lar = F.cross_entropy(model.head(f_awp), y[idx], reduction="sum") / norm
             loss = loss + cfg.lambda_lar * l_lar
             logs["l_lar"] = float(l_lar.detach())
         if cfg.gram_volume:
             f_id_gv = f_id if cfg.gv_grad == "all" else f_id.detach()
-            rows = m if awp_on else x.shape[0]
-            l_gv = gram_volume(f_id_gv[:rows], f_adv[:rows], f_awp, cfg.gram_eps).mean()
+            if awp_on:
+                l_gv = gram_volume(f_id_gv[idx], f_adv[idx], f_awp, cfg.gram_eps).sum() / norm
+            else:
+                l_gv = gram_volume(f_id_gv, f_adv, None, cfg.gram_eps).mean()
             loss = loss + cfg.lambda_gv * l_gv
             share = float((cfg.lambda_gv * l_gv).detach() / loss.detach().abs().clamp_min(1e-12))
             logs.update(l_gv=float(l_gv.detach()), gv_share=share)
             self._gv_share_sum, self._gv_share_n = self._gv_share_sum + share, self._gv_share_n + 1
         if f_adv is not None:
-            c_ia, c_iw, c_aw = pairwise_cosines(f_id[:m], f_adv[:m], f_awp if f_awp is not None else f_adv[:m])
+            c_ia, c_iw, c_aw = pairwise_cosines(f_id[idx], f_adv[idx], f_awp if f_awp is not None else f_adv[idx])
             logs.update(cos_id_adv=c_ia)
             if f_awp is not None:
                 logs.update(cos_id_awp=c_iw, cos_adv_awp=c_aw)

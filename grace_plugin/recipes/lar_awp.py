@@ -128,23 +128,29 @@ class LarAwp:
         return [m.awp_B for m in self._active.values()]
 
     def perturbed_features(self, x_awp: torch.Tensor, y: torch.Tensor, f_first: torch.Tensor, ctx,
-                           first_grads: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                           first_grads: list[torch.Tensor] | None = None,
+                           loss_norm: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """``f_AWP`` (inside ``branch()``): ascend ``Δ`` for ``awp_steps`` steps on ``CE(head(f), y)``, the first
         from ``f_first`` (the unperturbed feature of ``x_awp``, whose graph saw the branch at ``B_awp = 0``), or from
         ``first_grads`` (the gradient of a CE w.r.t. ``ascent_parameters()`` the caller already computed), then the
-        forward of ``x_awp`` under the frozen ``Δ*``. With no active layer ``W_pert = W``: ``f_first`` is returned."""
+        forward of ``x_awp`` under the frozen ``Δ*``. With no active layer ``W_pert = W``: ``f_first`` is returned.
+        ``loss_norm``: the ascent CE is the sum over the rows divided by it (a subset of the batch, ``awp_rows``),
+        else their mean."""
         model, active, radii = self.model, self._active, self._radii
         if not active:
             return f_first, {}
         if first_grads is None:
-            loss_p = F.cross_entropy(model.head(f_first), y)
+            loss_p = (F.cross_entropy(model.head(f_first), y) if loss_norm is None else
+                      F.cross_entropy(model.head(f_first), y, reduction="sum") / loss_norm)
             first_grads = torch.autograd.grad(loss_p, self.ascent_parameters(), retain_graph=True)
         # the ascent direction is a whole-batch statistic: averaged over ranks (1 process == N processes)
         g = ctx.all_reduce_mean(first_grads)
         self._ascend(active, radii, {n: (gb, None) for n, gb in zip(active, g)}, update_a=False)
         for _ in range(self.cfg.awp_steps - 1):
             with ctx.autocast():
-                loss_p = F.cross_entropy(model(x_awp).float(), y)
+                logits = model(x_awp).float()
+            loss_p = (F.cross_entropy(logits, y) if loss_norm is None else
+                      F.cross_entropy(logits, y, reduction="sum") / loss_norm)
             params = [t for m in active.values() for t in (m.awp_B, m.awp_A)]
             g = ctx.all_reduce_mean(torch.autograd.grad(loss_p, params))
             self._ascend(active, radii, {n: (g[2 * i], g[2 * i + 1]) for i, n in enumerate(active)}, update_a=True)
