@@ -88,6 +88,41 @@ def tiny_batch(_tiny_batch_once):
     return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in _tiny_batch_once.items()}
 
 
+@pytest.fixture()
+def tower_rows():
+    """``tower_rows(fn)`` -> ``(fn(), rows)``: the batch size of every ViT tower forward ``fn`` runs, counted by a
+    global forward hook (how the recipes' declared forward passes are checked)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    def run(fn):
+        rows = []
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: rows.append(a[0].shape[0]) if isinstance(m, VisionTransformer) else None)
+        try:
+            return fn(), rows
+        finally:
+            handle.remove()
+
+    return run
+
+
+@pytest.fixture()
+def die_at_step():
+    """``die_at_step(rec, step)``: recipe ``rec``'s training step raises KeyboardInterrupt at trainer step ``step``
+    (a simulated kill)."""
+    def wrap(rec, step: int) -> None:
+        orig = rec.training_step
+
+        def dying(batch, ctx):
+            if ctx.step == step:
+                raise KeyboardInterrupt("simulated kill")
+            return orig(batch, ctx)
+
+        rec.training_step = dying
+
+    return wrap
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` skip where no CUDA device is visible (tox -e slow runs them; tox -e py deselects them)."""
     if torch.cuda.is_available():

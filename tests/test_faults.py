@@ -420,7 +420,7 @@ def test_run_folder_is_replaced_as_one_unit(env, tmp_path, capsys, monkeypatch):
     assert {oct((out / n).stat().st_mode & 0o777) for n in new} == {oct(0o666 & ~umask)}
 
 
-def test_killed_run_resumes_from_its_staging_folder(env, tmp_path, capsys, monkeypatch):
+def test_killed_run_resumes_from_its_staging_folder(env, tmp_path, capsys, monkeypatch, die_at_step):
     """Killed mid-run: --out keeps nothing half-written, the state waits in the staging folder, --resume ends it."""
     from grace_plugin import trainer
     from grace_plugin.runfolder import partial_dir
@@ -429,14 +429,7 @@ def test_killed_run_resumes_from_its_staging_folder(env, tmp_path, capsys, monke
     real = trainer.train
 
     def dying(rec, *a, **k):
-        orig = rec.training_step
-
-        def step(batch, ctx):
-            if ctx.step == 2:
-                raise KeyboardInterrupt("simulated kill")
-            return orig(batch, ctx)
-
-        rec.training_step = step
+        die_at_step(rec, 2)
         return real(rec, *a, **k)
 
     monkeypatch.setattr(trainer, "train", dying)

@@ -56,21 +56,13 @@ def test_gv_only_row_adds_the_two_view_volume(tiny_classifier, tiny_batch):
 
 @pytest.mark.parametrize("awp,gv", [("off", False), ("off", True), ("uniform", False), ("curriculum", False),
                                     ("uniform", True)])
-def test_component_rows_run_their_declared_forwards(awp, gv, tiny_classifier, tiny_batch):
-    from timm.models.vision_transformer import VisionTransformer
-
+def test_component_rows_run_their_declared_forwards(awp, gv, tiny_classifier, tiny_batch, tower_rows):
     rec = _grace(tiny_classifier, awp=awp, gram_volume=gv, curvature_interval=1)
     if awp == "uniform":
         assert set(rec.ranks.values()) == {2}  # rank_levels[1] everywhere from step 0, no curvature needed
     else:
         rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0, total_steps=100))
-    rows = []
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, a, o: rows.append(a[0].shape[0]) if isinstance(m, VisionTransformer) else None)
-    try:
-        out = rec.training_step(tiny_batch, CPU)
-    finally:
-        handle.remove()
+    out, rows = tower_rows(lambda: rec.training_step(tiny_batch, CPU))
     assert sum(rows) / tiny_batch["image"].shape[0] == rec.pass_counts()["forward"]
     assert ("l_lar" in out.logs) == (awp != "off") and ("l_gv" in out.logs) == gv
     out.loss.backward()

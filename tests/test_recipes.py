@@ -130,20 +130,12 @@ def test_grace_awp_radius(rho_mode, awp_lr, tiny_classifier, tiny_batch):
         assert norm == pytest.approx(min(awp_lr, 1.0) * radius, rel=1e-4), n
 
 
-def test_grace_awp_steps_stay_in_the_ball_and_count_passes(tiny_classifier, tiny_batch):
+def test_grace_awp_steps_stay_in_the_ball_and_count_passes(tiny_classifier, tiny_batch, tower_rows):
     """awp_steps=3: three ascent steps (the later ones also move A), each projected onto ||Δ_W||_F <= ρ||W||_F;
     the step runs the tower forwards ``pass_counts`` declares."""
-    from timm.models.vision_transformer import VisionTransformer
-
     rec = _grace(tiny_classifier, tiny_batch, awp_steps=3, awp_lr=2.0)
     calls = _record_ascent(rec)
-    rows = []
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, a, o: rows.append(a[0].shape[0]) if isinstance(m, VisionTransformer) else None)
-    try:
-        rec.training_step(tiny_batch, CPU)
-    finally:
-        handle.remove()
+    _, rows = tower_rows(lambda: rec.training_step(tiny_batch, CPU))
     assert len(calls) == 3
     for call in calls:
         for n, (norm, *_) in call.items():
@@ -241,11 +233,9 @@ def test_grace_curvature_labels(labels, tiny_classifier, tiny_batch):
 
 @pytest.mark.parametrize("attack", ["default", "eps0"])
 @pytest.mark.parametrize("name", list_recipes())
-def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny_text):
+def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny_text, tower_rows):
     """A recipe's step runs exactly the tower forwards its ``pass_counts`` declares (bench/step_cost.py's floor):
     counted by a global forward hook on every ViT tower, in units of one batch; also with the attack off (eps 0)."""
-    from timm.models.vision_transformer import VisionTransformer
-
     torch.manual_seed(0)
     cfg = _recipe_cfg(name)
     if attack == "eps0":
@@ -260,17 +250,8 @@ def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny
         cfg_step = StepContext(device=torch.device("cpu"), step=0)
         rec.after_step(tiny_batch, cfg_step)
         assert any(r > 0 for r in rec.ranks.values())
-    rows = []
-
-    def hook(module, args, output):
-        if isinstance(module, VisionTransformer):
-            rows.append(args[0].shape[0])
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        rec.training_step(tiny_batch, StepContext(device=torch.device("cpu"), step=1, total_steps=100))
-    finally:
-        handle.remove()
+    _, rows = tower_rows(
+        lambda: rec.training_step(tiny_batch, StepContext(device=torch.device("cpu"), step=1, total_steps=100)))
     assert sum(rows) / tiny_batch["image"].shape[0] == passes["forward"], rows
 
 
@@ -321,23 +302,15 @@ def test_grace_lite_attack_and_shared_ascent(attack_grad, tiny_classifier, tiny_
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("attack_grad", ["noisy", "clean"])
-def test_grace_lite_declared_passes(attack_grad, fraction, tiny_classifier, tiny_batch):
+def test_grace_lite_declared_passes(attack_grad, fraction, tiny_classifier, tiny_batch, tower_rows):
     """Forwards counted by a hook on the tower; backwards from the step's structure: the attack's input backward
     also gives the ascent gradient, so one backward fewer than grace_fast (4 forwards, 1 input backward, 4); with
     awp_fraction 0.5 the AWP view runs on half the batch (half a forward and half a backward)."""
-    from timm.models.vision_transformer import VisionTransformer
-
     cfg = _recipe_cfg("grace_lite")
     cfg.curvature_interval, cfg.attack_grad, cfg.awp_fraction = 1, attack_grad, fraction
     rec = create_recipe("grace_lite", tiny_classifier, cfg)
     rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0))
-    rows = []
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, a, o: rows.append(a[0].shape[0]) if isinstance(m, VisionTransformer) else None)
-    try:
-        out = rec.training_step(tiny_batch, CPU)
-    finally:
-        handle.remove()
+    out, rows = tower_rows(lambda: rec.training_step(tiny_batch, CPU))
     passes = rec.pass_counts()
     n = tiny_batch["image"].shape[0]
     assert sum(rows) / n == passes["forward"] == (3 if attack_grad == "noisy" else 2) + fraction

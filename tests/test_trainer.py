@@ -29,7 +29,7 @@ CFG = dict(lr=1e-3, warmup_steps=2, log_every=1, seed=0, device="cpu")
 
 
 @pytest.mark.parametrize("recipe", ["ft", "grace"])
-def test_resume_after_kill_is_bit_identical(recipe, tiny_classifier, tmp_path):
+def test_resume_after_kill_is_bit_identical(recipe, tiny_classifier, tmp_path, die_at_step):
     over = {"lora_rank": 4, "pgd_steps": 2, "curvature_interval": 2} if recipe == "grace" else {}
     from grace_plugin.finetune import build_config
 
@@ -39,14 +39,7 @@ def test_resume_after_kill_is_bit_identical(recipe, tiny_classifier, tmp_path):
     train(ref, data, TrainConfig(**CFG), 6, tmp_path / "ref", progress=False)
 
     killed = _recipe(recipe, tiny_classifier, rcfg)
-    orig = killed.training_step
-
-    def dying(batch, ctx):
-        if ctx.step == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return orig(batch, ctx)
-
-    killed.training_step = dying
+    die_at_step(killed, 4)
     with pytest.raises(KeyboardInterrupt):
         train(killed, data, TrainConfig(ckpt_every=3, **CFG), 6, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "train_state.pt").is_file()
