@@ -104,9 +104,9 @@ def test_a_rank_reads_only_its_own_members(rank, tmp_path, monkeypatch):
     reads = []
     orig = loader._Member.read
 
-    def counted(self):
+    def counted(self, f=None):
         reads.append((self.path, self.offset))
-        return orig(self)
+        return orig(self, f)
 
     monkeypatch.setattr(loader._Member, "read", counted)
     items = [{"url": str(p), "__shard__": s} for s, p in enumerate(paths)]

@@ -7,6 +7,7 @@ reach the report. Nothing is dropped silently.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -141,10 +142,13 @@ class _Member:
     def __init__(self, path: str, offset: int, size: int):
         self.path, self.offset, self.size = path, offset, size
 
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            return f.read(self.size)
+    def read(self, f=None) -> bytes:
+        """The bytes, from ``f`` (the tar, already open) or by opening ``path``."""
+        if f is None:
+            with open(self.path, "rb") as f:
+                return self.read(f)
+        f.seek(self.offset)
+        return f.read(self.size)
 
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
@@ -194,9 +198,10 @@ def _members(item: dict, lazy: bool) -> Iterator[dict]:
         yield from tar_file_iterator(src["stream"])
 
 
-def read_members(rec: dict) -> dict:
-    """A record of ``_shard_samples(..., lazy=True)`` with its members' data read."""
-    return {k: (v.read() if isinstance(v, _Member) else v) for k, v in rec.items()}
+def read_members(rec: dict, f=None) -> dict:
+    """A record of ``_shard_samples(..., lazy=True)`` with its members' data read (from ``f``, its open tar, if
+    given)."""
+    return {k: (v.read(f) if isinstance(v, _Member) else v) for k, v in rec.items()}
 
 
 def _shard_samples(item: dict, lazy: bool = False) -> Iterator[dict]:
@@ -291,15 +296,13 @@ def _tar_samples(urls: Iterable[dict], lazy: bool = False) -> Iterator[dict]:
 
 def _truncated_local_tar(url: str) -> bool:
     """Python's tarfile stops silently when a file is cut at a header; a complete tar ends with 2 zero blocks."""
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if "://" in path or path.startswith("pipe:") or not os.path.isfile(path):
+    path = _plain_local_tar(url)  # a compressed tar's end is checked by its decompressor (a cut stream raises)
+    if path is None:
         return False
     size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return True
     with open(path, "rb") as f:
-        if f.read(6).startswith(_COMPRESSED_MAGIC):
-            return False  # a compressed tar's end is checked by its decompressor (a cut stream raises EOFError)
-        if size < 1024 or size % 512:
-            return True
         f.seek(size - 1024)
         return f.read(1024) != bytes(1024)
 
@@ -408,15 +411,18 @@ def _owned_records(items: Iterable[dict], batch_size: int, limit: int | None,
     seen = 0
     for item in items:
         s = item["__shard__"]
-        for i, rec in enumerate(_tar_samples([{"url": item["url"]}], lazy=True)):
-            if limit is not None and seen >= limit:
-                return
-            seen += 1
-            k = i // batch_size
-            if (s + k) % world == rank:
-                rec = read_members(rec)
-                rec["__batch__"] = (s, k)
-                yield rec
+        path = _plain_local_tar(item["url"])
+        with contextlib.ExitStack() as stack:  # the owned members are read through one handle per shard
+            f = stack.enter_context(open(path, "rb")) if path is not None else None
+            for i, rec in enumerate(_tar_samples([{"url": item["url"]}], lazy=True)):
+                if limit is not None and seen >= limit:
+                    return
+                seen += 1
+                k = i // batch_size
+                if (s + k) % world == rank:
+                    rec = read_members(rec, f)
+                    rec["__batch__"] = (s, k)
+                    yield rec
 
 
 def _keyed_batches(records: Iterable[dict]) -> Iterator[dict]:
