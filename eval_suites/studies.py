@@ -119,15 +119,20 @@ def _training_record(run_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------ reuse
 def finished_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
     """True when ``run_dir`` holds a finished run (its checkpoint.json is written last, by the atomic publish of
-    grace_plugin/runfolder.py) trained with exactly ``resolved`` (its config.yaml): a study re-run, or one with a
-    row added, retrains nothing that is already done."""
+    grace_plugin/runfolder.py) trained with exactly ``resolved`` (its config.yaml) on the device that
+    ``resolved``'s ``train.device`` means here ("auto" is CPU on one machine, CUDA on another): a study re-run, or
+    one with a row added, retrains nothing that is already done."""
     import yaml
 
     from grace_plugin.config import ConfigError, to_dict
     from grace_plugin.finetune import build_config
+    from grace_plugin.trainer import resolve_device
 
-    saved_file = run_dir / "config.yaml"
-    if not ((run_dir / "checkpoint.json").is_file() and saved_file.is_file()):
+    saved_file, meta = run_dir / "config.yaml", run_dir / "checkpoint.json"
+    if not (meta.is_file() and saved_file.is_file()):
+        return False
+    device = str(resolve_device((resolved.get("train") or {}).get("device", "auto")))
+    if json.loads(meta.read_text()).get("device") != device:
         return False
     saved = yaml.safe_load(saved_file.read_text()) or {}
     if saved.pop("recipe_name", None) != recipe:
@@ -145,12 +150,15 @@ def finished_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
 
 def _eval_signature(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool) -> dict:
     """What one study evaluation depends on: the model files (sizes and mtimes), the world, the suite settings."""
+    from grace_plugin.trainer import resolve_device
+
     spec = Path(spec)
     files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(spec.glob("*.safetensors"))}
     world = data / "world.json"
     return {"model": str(spec), "files": files, "world": world.read_text() if world.is_file() else None,
             "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "seed": seed, "geometry": geometry,
-            "n_geometry": cfg.n_geometry, "geometry_iters": cfg.geometry_iters, "device": cfg.device}
+            "n_geometry": cfg.n_geometry, "geometry_iters": cfg.geometry_iters,
+            "device": str(resolve_device(cfg.device))}  # the device used ("auto" is CPU here, CUDA there)
 
 
 def _cached_evaluate(cache: Path, spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool,

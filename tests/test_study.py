@@ -65,6 +65,10 @@ def test_study_rerun_reuses_finished_runs_and_evaluations(study_dir, capsys, mon
     assert studies.finished_run_matches(run, "grace", to_dict(cfg))
     cfg.recipe.lora_rank += 1
     assert not studies.finished_run_matches(run, "grace", to_dict(cfg))
+    cfg.recipe.lora_rank -= 1
+    meta = json.loads((run / "checkpoint.json").read_text())
+    (run / "checkpoint.json").write_text(json.dumps(dict(meta, device="cuda:0")))  # trained on another device
+    assert not studies.finished_run_matches(run, "grace", to_dict(cfg))
     assert not studies.finished_run_matches(run, "grace_lite", to_dict(cfg))
 
 

@@ -78,9 +78,9 @@ class GraceConfig(AdvConfig):
     lambda_gv: float = 1.0  # not stated; our default 1.0
     gram_eps: float = 1e-6  # "small" (Eq. 9); our default 1e-6
     gv_grad: str = "all"  # gradients through all three embeddings ("all") or not through f_ID ("adv_awp")
-    # Our addition (not in the paper): the f_AWP view, L_LAR and L_GV on the first ceil(fraction * B) samples of the
-    # batch only (a random subset: batches are shuffled), an unbiased estimate of both means at a fraction of the
-    # AWP view's forward and backward. 1.0 (default) is the paper's objective.
+    # Our addition (not in the paper): the f_AWP view, L_LAR and L_GV on this fraction of the batch only (chosen by
+    # global sample index, ``awp_rows``; batches are shuffled), an unbiased estimate of both means at a fraction of
+    # the AWP view's forward and backward. 1.0 (default) is the paper's objective.
     awp_fraction: float = checked(1.0, gt=0.0, le=1.0)
 
 
