@@ -48,6 +48,11 @@ def curriculum_schedule(total_steps: int, interval: int, beta: float, updates: i
     return interval, beta
 
 
+def _ce(logits: torch.Tensor, y: torch.Tensor, norm: float | None) -> torch.Tensor:
+    """The CE's mean, or its sum over ``norm`` (a subset of the batch: ``grace.awp_rows``)."""
+    return F.cross_entropy(logits, y) if norm is None else F.cross_entropy(logits, y, reduction="sum") / norm
+
+
 class LarAwp:
     """The LAR-AWP branch of the LoRA layers of ``model.visual`` and its rank map (curriculum or uniform).
 
@@ -140,8 +145,7 @@ class LarAwp:
         if not active:
             return f_first, {}
         if first_grads is None:
-            loss_p = (F.cross_entropy(model.head(f_first), y) if loss_norm is None else
-                      F.cross_entropy(model.head(f_first), y, reduction="sum") / loss_norm)
+            loss_p = _ce(model.head(f_first), y, loss_norm)
             first_grads = torch.autograd.grad(loss_p, self.ascent_parameters(), retain_graph=True)
         # the ascent direction is a whole-batch statistic: averaged over ranks (1 process == N processes)
         g = ctx.all_reduce_mean(first_grads)
@@ -149,8 +153,7 @@ class LarAwp:
         for _ in range(self.cfg.awp_steps - 1):
             with ctx.autocast():
                 logits = model(x_awp).float()
-            loss_p = (F.cross_entropy(logits, y) if loss_norm is None else
-                      F.cross_entropy(logits, y, reduction="sum") / loss_norm)
+            loss_p = _ce(logits, y, loss_norm)
             params = [t for m in active.values() for t in (m.awp_B, m.awp_A)]
             g = ctx.all_reduce_mean(torch.autograd.grad(loss_p, params))
             self._ascend(active, radii, {n: (g[2 * i], g[2 * i + 1]) for i, n in enumerate(active)}, update_a=True)
