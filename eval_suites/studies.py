@@ -44,6 +44,7 @@ class StudyConfig:
     size: str = "default"
     pretrain_steps: int | None = None
     overrides: list[str] = field(default_factory=list)
+    methods: list[str] | None = None  # only these rows of the study (e.g. to add seeds to some rows)
     n_geometry: int = 64
     geometry_iters: int = 20
 
@@ -201,14 +202,16 @@ def aggregate_runs(runs: list[dict]) -> dict:
 
 
 def _spreads(runs: list[dict]) -> dict:
-    """metric -> Spread for the verdicts: std over seeds, or the single run's own interval."""
+    """metric -> Spread for the verdicts: std over seeds, or the single run's own interval; each run's value by
+    seed (paired claims)."""
     out = {}
+    seeds = [r["seed"] for r in runs]
     for k in AXES:
         interval = runs[0]["intervals"].get(k) if len(runs) == 1 else None
-        out[k] = spread([r["axes"].get(k) for r in runs], tuple(interval) if interval else None)
+        out[k] = spread([r["axes"].get(k) for r in runs], tuple(interval) if interval else None, seeds)
     if runs and all("geometry" in r for r in runs):
         for k in GEOMETRY_METRICS:
-            out[k] = spread([r["geometry"].get(k) for r in runs])
+            out[k] = spread([r["geometry"].get(k) for r in runs], seeds=seeds)
     return out
 
 
@@ -216,6 +219,7 @@ def _spreads(runs: list[dict]) -> dict:
 def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.config import ConfigError, to_dict
     from grace_plugin.finetune import fine_tune
+    from grace_plugin.trainer import TrainingDiverged
 
     from .leaderboard import reference_rows
     from .study import _user_overrides, prepare_testbed
@@ -229,6 +233,13 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     for r in rows:
         if r["method"] not in methods:
             raise ConfigError(f"studies.yaml: {cfg.name}: unknown method {r['method']!r}")
+    if cfg.methods:
+        names = [r["method"] for r in rows]
+        unknown = [m for m in cfg.methods if m not in names]
+        if unknown:
+            raise ConfigError(f"--methods: {', '.join(unknown)} not a row of study {cfg.name}; its rows: "
+                              f"{', '.join(names)}")
+        rows = [r for r in rows if r["method"] in cfg.methods]
     t0 = time.time()
     out = Path(cfg.out)
     data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo,
@@ -241,7 +252,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     echo(f"[3/4] {cfg.name}: {len(rows)} rows x seeds {seeds} ({cfg.steps} steps each)")
     for r in rows:
         m = methods[r["method"]]
-        runs = []
+        runs, diverged = [], []
         for seed in seeds:
             if m.recipe is None:
                 spec, run_dir = pretrained, None
@@ -252,7 +263,12 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
                 if finished_run_matches(run_dir, m.recipe, to_dict(run_cfg)):
                     echo(f"      {m.name} seed {seed}: reusing the finished run in {run_dir} (same config)")
                 else:
-                    fine_tune(m.recipe, pretrained, data / "id", run_dir, run_cfg, progress=progress)
+                    try:
+                        fine_tune(m.recipe, pretrained, data / "id", run_dir, run_cfg, progress=progress)
+                    except TrainingDiverged as e:  # a result about the method: recorded, and the study goes on
+                        echo(f"      {m.name} seed {seed}: DIVERGED, no numbers for this seed ({e})")
+                        diverged.append({"seed": seed, "error": str(e)})
+                        continue
                 spec = run_dir
             cache = out / "evals" / m.name / f"seed{seed}.json"
             report, reused = _cached_evaluate(cache, spec, data, cfg, seed, geometry, pretrained)
@@ -263,12 +279,12 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
                 rec["training"] = _training_record(run_dir)
             runs.append(rec)
         results[m.name] = {"label": r.get("label", m.name), "paper": r.get("paper"), "runs": runs,
-                           **aggregate_runs(runs)}
+                           "diverged": diverged, **aggregate_runs(runs)}
     echo("[4/4] verdicts and report")
     spreads = {name: _spreads(res["runs"]) for name, res in results.items()}
     verdicts = [evaluate_claim(c, spreads) for c in study.get("claims", [])]
     refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
-    doc = {"study": cfg.name, "seeds": seeds, "steps": cfg.steps, "size": cfg.size, "attack": cfg.attack,
+    doc = {"study": cfg.name, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods, "size": cfg.size, "attack": cfg.attack,
            "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results, "verdicts": verdicts,
            "paper_table": study.get("paper_table"), "paper_rows": refs, "seconds": round(time.time() - t0, 1),
            "column_definitions": {
@@ -298,6 +314,12 @@ def _cell(agg: dict, k: str, nd=2) -> str:
     return c
 
 
+def _label(row: dict, seeds: list[int]) -> str:
+    """A row's label, with 'k of n seeds' when some of its runs diverged."""
+    n = len(row["runs"])
+    return row["label"] if not row.get("diverged") else f"{row['label']} ({n} of {len(seeds)} seeds)"
+
+
 def study_markdown(doc: dict) -> str:
     rows, seeds = doc["rows"], doc["seeds"]
     lines = [f"# Study {doc['study']}", "",
@@ -307,7 +329,12 @@ def study_markdown(doc: dict) -> str:
              f"Columns: {doc['column_definitions']['ours']}.", "",
              "| row | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|"]
     for r in rows.values():
-        lines.append(f"| {r['label']} | " + " | ".join(_cell(r["axes"], k) for k in AXES) + " |")
+        lines.append(f"| {_label(r, seeds)} | " + " | ".join(_cell(r["axes"], k) for k in AXES) + " |")
+    gone = [(r["label"], d) for r in rows.values() for d in r.get("diverged") or []]
+    if gone:
+        lines += ["", "**Diverged runs** (no numbers; a row's values are over its other seeds, and a row marked "
+                  "'k of n seeds' is compared on those):", ""]
+        lines += [f"- {label} seed {d['seed']}: {d['error']}" for label, d in gone]
     if doc.get("paper_rows") is not None and doc.get("paper_table"):
         refs = {p["method"]: p for p in doc["paper_rows"]}
         lines += ["", f"## Beside the paper ({doc['paper_table']}, the paper's column definitions)", "",
@@ -316,7 +343,7 @@ def study_markdown(doc: dict) -> str:
                   "paper HM |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r in rows.values():
             p = refs.get(r.get("paper") or "", {})
-            lines.append(f"| {r['label']} | " + " | ".join(_cell(r["paper_axes"], k) for k in AXES) +
+            lines.append(f"| {_label(r, seeds)} | " + " | ".join(_cell(r["paper_axes"], k) for k in AXES) +
                          f" | {r.get('paper') or '-'} | " + " | ".join(_f(p.get(k)) for k in AXES) + " |")
     if any("geometry" in r for r in rows.values()):
         lines += ["", "## Geometry", "",
@@ -327,7 +354,9 @@ def study_markdown(doc: dict) -> str:
             lines.append(f"| {r['label']} | " + " | ".join(_cell(g, k, 4) for k in GEOMETRY_METRICS) + " |")
     lines += ["", "## Verdicts", "",
               "holds: the whole interval (mean ± std over seeds; one run: its Wilson 95% interval) is on the "
-              "claimed side; fails: wholly on the other side; inconclusive: the spreads overlap.", "",
+              "claimed side; fails: wholly on the other side; inconclusive: the spreads overlap. A claim 'keeps F of' "
+              "(at_least) on rows measured on the same seeds is a paired test: the 95% Student-t interval of the mean "
+              "of a - F x b over the seeds, holds at or above 0, fails below 0.", "",
               "| claim | verdict | numbers |", "|---|---|---|"]
     for v in doc["verdicts"]:
         lines.append(f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |")

@@ -6,6 +6,13 @@ sample standard deviation over seeds, or one run's own interval when there is a 
 margin), **fails** when the whole of ``a``'s interval lies at or below ``b``'s, and is **inconclusive** when the
 intervals overlap. Compound claims: ``all_of`` holds when every part holds, fails when any part fails, else is
 inconclusive.
+
+A non-inferiority claim ``a >= fraction * b`` (``at_least``) is a question about a mean difference, which a spread
+rule cannot settle however many seeds are run (the sample std does not shrink with n). When both rows were measured
+on the same seeds (the same data order and initialisation), it is decided on the paired differences
+``d_s = a_s - fraction * b_s``: **holds** when the two-sided 95% Student-t interval of their mean lies at or above 0,
+**fails** when it lies below 0, else **inconclusive** (a paired t-test, e.g. Wasserman, *All of Statistics*, 10.1;
+the seed is the pairing unit). Without two common seeds it falls back to the spread rule.
 """
 from __future__ import annotations
 
@@ -13,8 +20,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
-__all__ = ["Spread", "spread", "greater", "less", "at_least", "overlaps", "all_of", "HOLDS", "FAILS", "INCONCLUSIVE",
-           "evaluate_claim", "wilson_interval"]
+__all__ = ["Spread", "spread", "greater", "less", "at_least", "paired_difference", "overlaps", "all_of", "HOLDS",
+           "FAILS", "INCONCLUSIVE", "evaluate_claim", "wilson_interval"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 
@@ -25,6 +32,7 @@ class Spread:
     lo: float
     hi: float
     n: int = 1
+    by_seed: tuple[tuple[int, float], ...] = ()  # (seed, value) of each run, for paired claims
 
     def text(self, nd: int = 2) -> str:
         if self.lo == self.hi:
@@ -32,19 +40,27 @@ class Spread:
         return f"{self.mean:.{nd}f} [{self.lo:.{nd}f}, {self.hi:.{nd}f}]"
 
 
-def spread(values: list[float], interval: tuple[float, float] | None = None) -> Spread | None:
-    """Mean ± sample std over ``values`` (several seeds); one value takes ``interval`` (its own, e.g. Wilson) or
-    none. None when nothing was measured."""
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+def _measured(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def spread(values: list[float], interval: tuple[float, float] | None = None,
+           seeds: list[int] | None = None) -> Spread | None:
+    """Mean ± sample std over ``values`` (several seeds, named by ``seeds`` for paired claims); one value takes
+    ``interval`` (its own, e.g. Wilson) or none. None when nothing was measured."""
+    pairs = [(s, float(v)) for s, v in zip(seeds if seeds is not None else range(len(values)), values)
+             if _measured(v)]
+    by_seed = tuple(pairs) if seeds is not None else ()
+    vals = [v for _, v in pairs]
     if not vals:
         return None
     m = statistics.fmean(vals)
     if len(vals) > 1:
         s = statistics.stdev(vals)
-        return Spread(m, m - s, m + s, len(vals))
+        return Spread(m, m - s, m + s, len(vals), by_seed)
     if interval is not None:
-        return Spread(m, min(interval[0], m), max(interval[1], m), 1)
-    return Spread(m, m, m, 1)
+        return Spread(m, min(interval[0], m), max(interval[1], m), 1, by_seed)
+    return Spread(m, m, m, 1, by_seed)
 
 
 def greater(a: Spread | None, b: Spread | None, margin: float = 0.0) -> str:
@@ -63,11 +79,30 @@ def less(a: Spread | None, b: Spread | None, margin: float = 0.0) -> str:
     return greater(b, a, margin)
 
 
+def paired_difference(a: dict[int, float], b: dict[int, float], fraction: float = 1.0) -> Spread | None:
+    """Mean of ``a_s - fraction * b_s`` over the seeds both measured, with its two-sided 95% Student-t interval
+    (``n`` = the common seeds); None with fewer than two."""
+    from scipy import stats
+
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    d = [a[s] - fraction * b[s] for s in common]
+    m, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
+    h = float(stats.t.ppf(0.975, len(d) - 1)) * se
+    return Spread(m, m - h, m + h, len(d), tuple(zip(common, d)))
+
+
 def at_least(a: Spread | None, b: Spread | None, fraction: float) -> str:
-    """Claim ``a >= fraction * b`` (e.g. a cheaper recipe keeps 95% of another's robust accuracy): holds when the
-    whole of ``a``'s interval is at or above ``fraction`` times the whole of ``b``'s, fails when it is wholly below."""
+    """Claim ``a >= fraction * b`` (e.g. a cheaper recipe keeps 95% of another's robust accuracy). Paired by seed
+    when both carry two or more common seeds: holds when the 95% interval of the mean of ``a_s - fraction * b_s`` is
+    at or above 0, fails when it is below 0. Otherwise by spreads: holds when the whole of ``a``'s interval is at or
+    above ``fraction`` times the whole of ``b``'s, fails when it is wholly below."""
     if a is None or b is None:
         return INCONCLUSIVE
+    d = paired_difference(dict(a.by_seed), dict(b.by_seed), fraction)
+    if d is not None:
+        return HOLDS if d.lo >= 0 else FAILS if d.hi < 0 else INCONCLUSIVE
     if a.lo >= fraction * b.hi:
         return HOLDS
     if a.hi < fraction * b.lo:
@@ -131,9 +166,15 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
         evidence = "; ".join(f"{fmt(p['a'])} > {fmt(p['b'])}: {p['verdict']}" for p in parts)
     elif kind == "at_least":
         fraction = float(claim["fraction"])
-        v = at_least(get(claim["a"]), get(claim["b"]), fraction)
+        a, b = get(claim["a"]), get(claim["b"])
+        v = at_least(a, b, fraction)
         parts = [{"a": claim["a"], "b": claim["b"], "verdict": v}]
         evidence = f"{fmt(claim['a'])} vs {fraction:g} x {fmt(claim['b'])}"
+        d = paired_difference(dict(a.by_seed), dict(b.by_seed), fraction) if a is not None and b is not None else None
+        if d is not None:
+            parts[0]["paired"] = {"mean": d.mean, "ci95": [d.lo, d.hi], "n": d.n}
+            evidence += (f"; paired over {d.n} seeds: mean of {claim['a']} - {fraction:g} x {claim['b']} = "
+                         f"{d.text()} (95% t interval)")
     elif kind == "within":
         v = overlaps(get(claim["a"]), get(claim["b"]))
         parts = [{"a": claim["a"], "b": claim["b"], "verdict": v}]

@@ -146,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field of every run, e.g. --set train.batch_size=32")
     st.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
-    st.add_argument("--methods", help="tune: comma-separated methods of configs/testbed/methods.yaml")
+    st.add_argument("--methods", help="tune: comma-separated methods of configs/testbed/methods.yaml; a study: only "
+                    "these of its rows (e.g. to add seeds to two rows; finished runs are reused)")
     st.add_argument("--trials", type=int, help="tune: trials per method (default: tuning.yaml's)")
     st.add_argument("--n-val-adv", type=int, help="tune: validation images attacked per trial")
     st.add_argument("--write", help="tune: tuned.yaml to update (default configs/testbed/tuned.yaml)")
@@ -318,7 +319,8 @@ def _cmd_study(a) -> int:
     from eval_suites.studies import StudyConfig, run_study
 
     cfg = StudyConfig(name=a.name, out=out, seed=a.seed, seeds=a.seeds, steps=a.steps or 300, n_adv=a.n_adv,
-                      device=a.device, size=a.size, pretrain_steps=a.pretrain_steps, overrides=a.overrides)
+                      device=a.device, size=a.size, pretrain_steps=a.pretrain_steps, overrides=a.overrides,
+                      methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None)
     res = run_study(cfg, progress=not a.no_progress)
     print(Path(res["paths"]["md"]).read_text())
     print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']} ({res['doc']['seconds']:.0f} s)")

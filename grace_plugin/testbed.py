@@ -134,10 +134,25 @@ def tiny_clip(data_dir: str | Path, out: str | Path, cfg: PretrainConfig | None 
             os.replace(tmp, cached)
         else:
             cached = tmp
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(cached, out)
+    if not (out.is_dir() and _same_files(cached, out)):  # the same model already there stays untouched: another
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")  # study on this folder may be reading it
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(cached, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # a kill leaves the old folder or the new one, never a half-copied one
     if not use_cache:
         shutil.rmtree(cached)
     return out
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """True when folders ``a`` and ``b`` hold the same file names with byte-identical contents."""
+    import filecmp
+
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    if names != sorted(p.name for p in b.iterdir() if p.is_file()):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
 

@@ -111,3 +111,57 @@ def test_study_geometry_smoke(study_dir):
     assert all(g["lambda_max"] is not None and -1 <= g["centroid_adv"] <= 1 for g in (zs, ft))
     assert [v["claim"] for v in doc["verdicts"]][0] == "lower lambda_max than FT"
     assert "## Geometry" in (out / "study.md").read_text()
+
+
+def test_tiny_clip_copy_leaves_an_identical_folder_alone_and_replaces_a_stale_one(tmp_path, monkeypatch):
+    """Two studies on one folder both 'prepare' the tiny CLIP: the second must not delete what the first reads."""
+    from grace_plugin.testbed import PretrainConfig, _key, tiny_clip
+
+    monkeypatch.setenv("GRACE_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "world.json").write_text('{"seed": 0}')
+    cfg = PretrainConfig(steps=1)
+    cached = tmp_path / "cache" / "tiny_clip" / _key(data, cfg)
+    cached.mkdir(parents=True)
+    (cached / "open_clip_model.safetensors").write_bytes(b"weights-1")
+    (cached / "open_clip_config.json").write_text("{}")
+    out = tiny_clip(data, tmp_path / "pretrained", cfg=cfg, progress=False)
+    model = out / "open_clip_model.safetensors"
+    assert model.read_bytes() == b"weights-1"
+    inode = model.stat().st_ino
+    tiny_clip(data, out, cfg=cfg, progress=False)
+    assert model.stat().st_ino == inode  # identical: not deleted and copied again
+    model.write_bytes(b"stale")
+    (out / "extra.txt").write_text("x")
+    tiny_clip(data, out, cfg=cfg, progress=False)
+    assert model.read_bytes() == b"weights-1" and not (out / "extra.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "pretrained"]  # no temporary folder left
+
+
+def test_study_records_a_diverged_run_and_goes_on(study_dir, capsys, monkeypatch):
+    """Seed 1 of the LoRA-FT row diverges: the study finishes, says so in study.md and study.json, and the row's
+    numbers are its finished seed's (after table8 above: seed 0 is a finished run, reused); --methods keeps one row."""
+    import grace_plugin.finetune as finetune
+    from grace_plugin.trainer import TrainingDiverged
+
+    out = study_dir / "t8"
+    seed0 = json.loads((out / "study.json").read_text())["rows"]["ablation-lora-ft"]["runs"][0]["axes"]
+
+    def diverge(recipe, pretrained, data, run_dir, cfg, **kw):
+        raise TrainingDiverged(f"5 consecutive non-finite losses at step 2 (seed {cfg.train.seed})")
+
+    monkeypatch.setattr(finetune, "fine_tune", diverge)
+    assert main(["study", "table8", "--out", str(out), "--n-adv", "8", "--seeds", "2", "--methods", "ablation-lora-ft"]
+                + TINY) == 0
+    printed = capsys.readouterr().out
+    assert "ablation-lora-ft seed 1: DIVERGED" in printed
+    doc = json.loads((out / "study.json").read_text())
+    assert list(doc["rows"]) == ["ablation-lora-ft"] and doc["methods"] == ["ablation-lora-ft"]
+    row = doc["rows"]["ablation-lora-ft"]
+    assert [r["seed"] for r in row["runs"]] == [0] and [d["seed"] for d in row["diverged"]] == [1]
+    assert row["n_seeds"] == 1 and row["axes"]["hm"] == pytest.approx(seed0["hm"])
+    md = (out / "study.md").read_text()
+    assert "(1 of 2 seeds)" in md and "LoRA-FT seed 1: 5 consecutive non-finite losses" in md
+    assert main(["study", "table8", "--out", str(out), "--methods", "grace,tecoa"] + TINY) == 2
+    assert "--methods: tecoa not a row of study table8" in capsys.readouterr().err

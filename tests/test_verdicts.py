@@ -5,7 +5,7 @@ import pytest
 
 from eval_suites.tuning import draw_trials, edge_axes, grid_points, select_trial, trial_score
 from eval_suites.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, at_least, evaluate_claim, greater, less,
-                                  overlaps, spread, wilson_interval)
+                                  overlaps, paired_difference, spread, wilson_interval)
 
 
 def test_spread_is_mean_and_sample_std():
@@ -48,6 +48,35 @@ def test_at_least_fraction(a, b, expected):
     assert at_least(a, b, 0.9) == expected
     claim = {"claim": "keeps 90%", "kind": "at_least", "a": "x", "b": "y", "metric": "adv", "fraction": 0.9}
     assert evaluate_claim(claim, {"x": {"adv": a}, "y": {"adv": b}})["verdict"] == expected
+
+
+def test_paired_difference_closed_form():
+    # d = a - 0.5 b = [1, 2, 3] on the common seeds 0..2 (seed 9 is only in a): mean 2, sd 1, se 1/sqrt(3);
+    # t_{0.975, 2} = 4.302652729911275 (tables)
+    d = paired_difference({0: 3.0, 1: 4.0, 2: 5.0, 9: 100.0}, {0: 4.0, 1: 4.0, 2: 4.0}, 0.5)
+    h = 4.302652729911275 / math.sqrt(3)
+    assert d.n == 3 and d.mean == pytest.approx(2.0)
+    assert (d.lo, d.hi) == (pytest.approx(2.0 - h), pytest.approx(2.0 + h))
+    assert paired_difference({0: 1.0}, {0: 1.0}) is None  # one common seed: no interval
+
+
+def test_at_least_pairs_by_seed():
+    """The same spreads, paired: a consistent per-seed lead decides what the overlapping spreads cannot."""
+    seeds = [0, 1, 2, 3, 4, 5]
+    b_vals = [4.0, 6.0, 8.0, 5.0, 7.0, 3.0]
+    a_vals = [v + 1.0 + 0.1 * (i % 2) for i, v in enumerate(b_vals)]  # a = b + 1.0 or 1.1: wide spreads, clear lead
+    a, b = spread(a_vals, seeds=seeds), spread(b_vals, seeds=seeds)
+    assert a.lo < 0.95 * b.hi  # the spread rule alone would say inconclusive
+    assert at_least(a, b, 0.95) == HOLDS
+    assert at_least(b, a, 1.0) == FAILS  # b - a = -1.0 or -1.1 on every seed
+    claim = {"claim": "keeps 95%", "kind": "at_least", "a": "x", "b": "y", "metric": "adv", "fraction": 0.95}
+    res = evaluate_claim(claim, {"x": {"adv": a}, "y": {"adv": b}})
+    assert res["verdict"] == HOLDS and res["parts"][0]["paired"]["n"] == 6 and "paired over 6 seeds" in res["evidence"]
+    # unpaired (different seeds): back to the spread rule
+    other = spread(a_vals, seeds=[10, 11, 12, 13, 14, 15])
+    assert at_least(other, b, 0.95) == INCONCLUSIVE
+    noisy = spread([b_vals[i] + (3.0 if i % 2 else -2.5) for i in range(6)], seeds=seeds)
+    assert at_least(noisy, b, 0.95) == INCONCLUSIVE  # d = 2.7..3.3 or -2.2..-2.4: interval straddles 0
 
 
 def test_within_is_overlap():
