@@ -284,7 +284,8 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     spreads = {name: _spreads(res["runs"]) for name, res in results.items()}
     verdicts = [evaluate_claim(c, spreads) for c in study.get("claims", [])]
     refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
-    doc = {"study": cfg.name, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods, "size": cfg.size, "attack": cfg.attack,
+    doc = {"study": cfg.name, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods, "size": cfg.size,
+           "attack": cfg.attack,
            "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results, "verdicts": verdicts,
            "paper_table": study.get("paper_table"), "paper_rows": refs, "seconds": round(time.time() - t0, 1),
            "column_definitions": {
