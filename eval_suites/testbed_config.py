@@ -15,11 +15,14 @@ from typing import Any
 __all__ = ["TESTBED_DIR", "Method", "load_methods", "load_studies", "load_tuning", "load_tuned", "load_yaml_attack",
            "merge", "method_config", "nest", "testbed_dir"]
 
-TESTBED_DIR = Path(__file__).resolve().parents[1] / "configs" / "testbed"
+_CHECKOUT = Path(__file__).resolve().parents[1] / "configs" / "testbed"
+# the wheel's copy (package data; in a checkout a symlink to configs/testbed)
+_PACKAGED = Path(__file__).resolve().parent / "testbed_configs"
+TESTBED_DIR = _CHECKOUT if (_CHECKOUT / "methods.yaml").is_file() else _PACKAGED
 
 
 def testbed_dir() -> Path:
-    """configs/testbed/ of this checkout (or ``$GRACE_TESTBED_CONFIGS``)."""
+    """configs/testbed/ of this checkout, else the installed package's copy (or ``$GRACE_TESTBED_CONFIGS``)."""
     from grace_plugin.config import ConfigError
 
     d = Path(os.environ.get("GRACE_TESTBED_CONFIGS") or TESTBED_DIR)

@@ -95,3 +95,31 @@ def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
     monkeypatch.setenv("GRACE_TESTBED_CONFIGS", str(d))
     with pytest.raises(ConfigError, match=r"ft\.yaml: unknown config field 'train.lrr'"):
         method_config("ft")
+
+
+def test_the_wheel_ships_the_testbed_configs(tmp_path):
+    """A plain `pip install` has configs/testbed (quickstart and studies need it): build the wheel with setuptools
+    from a copy of the sources and read its file list."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "grace_plugin", "registry", "eval_suites", "configs"):
+        p = root / name
+        if p.is_dir():
+            shutil.copytree(p, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(p, src / name)
+    code = f"from setuptools import build_meta; print(build_meta.build_wheel({str(tmp_path / 'dist')!r}))"
+    (tmp_path / "dist").mkdir()
+    r = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = tmp_path / "dist" / r.stdout.strip().splitlines()[-1]
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"eval_suites/testbed_configs/{p.name}" for p in (root / "configs" / "testbed").glob("*.yaml")}
+    assert "eval_suites/testbed_configs/methods.yaml" in want and want <= names
