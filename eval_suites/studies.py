@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .verdicts import evaluate_claim, spread
+from .verdicts import evaluate_claim, seed_mean, spread
 
 __all__ = ["StudyConfig", "run_study", "aggregate_runs", "study_markdown", "AXES", "GEOMETRY_METRICS"]
 
@@ -182,22 +182,18 @@ def _cached_evaluate(cache: Path, spec, data: Path, cfg: StudyConfig, seed: int,
 def aggregate_runs(runs: list[dict]) -> dict:
     """Per-metric mean, sample std (several seeds) and verdict spread over a row's runs."""
     agg: dict = {"n_seeds": len(runs)}
-    for key in ("axes", "paper_axes"):
+
+    def fill(key: str, metrics) -> None:
         agg[key] = {}
-        for k in AXES:
-            vals = [r[key].get(k) for r in runs]
-            ok = [v for v in vals if v is not None]
-            agg[key][k] = statistics.fmean(ok) if len(ok) == len(vals) and ok else None
+        for k in metrics:
+            agg[key][k], std = seed_mean([r[key].get(k) for r in runs])
             if len(runs) > 1:
-                agg[key][f"{k}_std"] = statistics.stdev(ok) if len(ok) == len(vals) else None
-    if all("geometry" in r for r in runs) and runs:
-        agg["geometry"] = {}
-        for k in GEOMETRY_METRICS:
-            vals = [r["geometry"].get(k) for r in runs]
-            ok = [v for v in vals if v is not None]
-            agg["geometry"][k] = statistics.fmean(ok) if ok and len(ok) == len(vals) else None
-            if len(runs) > 1:
-                agg["geometry"][f"{k}_std"] = statistics.stdev(ok) if ok and len(ok) == len(vals) else None
+                agg[key][f"{k}_std"] = std
+
+    fill("axes", AXES)
+    fill("paper_axes", AXES)
+    if runs and all("geometry" in r for r in runs):
+        fill("geometry", GEOMETRY_METRICS)
     return agg
 
 

@@ -174,12 +174,13 @@ def _aggregate(method: str, summaries: list[dict]) -> dict:
     seeds the mean of the runs' bounds (the per-run interval, beside the spread over seeds)."""
     import statistics
 
+    from .verdicts import seed_mean
+
     row: dict = {"method": method}
     for k in ("id", "ood", "adv", "hm"):
-        vals = [a[k] for a in summaries if a[k] is not None]
-        row[k] = statistics.fmean(vals) if len(vals) == len(summaries) and vals else None
+        row[k], std = seed_mean([a[k] for a in summaries])
         if len(summaries) > 1:
-            row[f"{k}_std"] = statistics.stdev(vals) if len(vals) == len(summaries) else None
+            row[f"{k}_std"] = std
         cis = [(a.get("ci95") or {}).get(k) for a in summaries]
         if all(cis):
             row[f"{k}_ci"] = [statistics.fmean(c[0] for c in cis), statistics.fmean(c[1] for c in cis)]

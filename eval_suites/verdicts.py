@@ -20,8 +20,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
-__all__ = ["Spread", "spread", "greater", "less", "at_least", "paired_difference", "overlaps", "all_of", "HOLDS",
-           "FAILS", "INCONCLUSIVE", "evaluate_claim", "wilson_interval"]
+__all__ = ["Spread", "spread", "seed_mean", "greater", "less", "at_least", "paired_difference", "overlaps", "all_of",
+           "HOLDS", "FAILS", "INCONCLUSIVE", "evaluate_claim", "wilson_interval"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 
@@ -42,6 +42,16 @@ class Spread:
 
 def _measured(v) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def seed_mean(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample std of a metric over a row's seeds (std None with one seed); both None when any seed did not
+    measure it, so a missing run never shrinks the denominator silently. The one aggregation of the quickstart's
+    and the studies' rows."""
+    if not values or not all(_measured(v) for v in values):
+        return None, None
+    vals = [float(v) for v in values]
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
 def spread(values: list[float], interval: tuple[float, float] | None = None,

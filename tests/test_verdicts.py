@@ -5,7 +5,7 @@ import pytest
 
 from eval_suites.tuning import draw_trials, edge_axes, grid_points, select_trial, trial_score
 from eval_suites.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, at_least, evaluate_claim, greater, less,
-                                  overlaps, paired_difference, spread, wilson_interval)
+                                  overlaps, paired_difference, seed_mean, spread, wilson_interval)
 
 
 def test_spread_is_mean_and_sample_std():
@@ -48,6 +48,14 @@ def test_at_least_fraction(a, b, expected):
     assert at_least(a, b, 0.9) == expected
     claim = {"claim": "keeps 90%", "kind": "at_least", "a": "x", "b": "y", "metric": "adv", "fraction": 0.9}
     assert evaluate_claim(claim, {"x": {"adv": a}, "y": {"adv": b}})["verdict"] == expected
+
+
+def test_seed_mean_refuses_a_missing_seed():
+    m, s = seed_mean([10.0, 12.0, 14.0])
+    assert m == pytest.approx(12.0) and s == pytest.approx(2.0)
+    assert seed_mean([5.0]) == (5.0, None)
+    assert seed_mean([10.0, None]) == (None, None) and seed_mean([10.0, float("nan")]) == (None, None)
+    assert seed_mean([]) == (None, None)
 
 
 def test_paired_difference_closed_form():
