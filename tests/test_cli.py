@@ -213,6 +213,15 @@ def test_rrc_transform_is_a_random_resized_crop():
     assert all(d.shape == (3, 16, 16) and 0 <= float(d.min()) and float(d.max()) <= 1 for d in draws)
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
     assert torch.equal(train_transform(cfg, "none")(img), train_transform(cfg, "none")(img))
+    # the crop is Inception-style (Szegedy et al. 2015; timm's defaults): area 8-100% of the image, aspect 3/4-4/3
+    crop = next(s for s in t.transforms if type(s).__name__ == "RandomResizedCropAndInterpolation")
+    assert tuple(crop.scale) == (0.08, 1.0) and tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
+    areas = []
+    for _ in range(200):
+        i, j, h, w = crop.get_params(img, crop.scale, crop.ratio)
+        assert 0 <= i and 0 <= j and i + h <= 40 and j + w <= 30  # img: 40 rows, 30 columns
+        areas.append(h * w / (40 * 30))
+    assert min(areas) < 0.3 and max(areas) > 0.8 and all(a <= 1.0 for a in areas)
 
 
 def test_study_aggregates_seeds():
