@@ -86,6 +86,15 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
     if meta.get("spec") == asdict(world_spec) and meta.get("seed") == seed and meta.get("world", "v1") == world:
         echo(f"{steps_label[0]} synthetic world: reusing {data}")
     else:
+        runs = out / "runs"
+        if meta and runs.is_dir() and any(runs.rglob("checkpoint.json")):
+            # regenerating would leave finished runs beside a world (and a tiny CLIP) they were not trained on,
+            # and a later invocation would reuse them as if they had been
+            from grace_plugin.errors import UsageError
+
+            raise UsageError(f"{data} holds world {meta.get('world', 'v1')} seed {meta.get('seed')} and {runs} "
+                             f"holds runs trained on it; --seed {seed} / --size / --world ask for another world: use "
+                             "another --out (a study's --seeds N already runs seeds seed..seed+N-1 on one world)")
         echo(f"{steps_label[0]} synthetic world -> {data}")
         write_synthetic_world(data, seed=seed, spec=world_spec, progress=progress, world=world)
     echo(f"{steps_label[1]} tiny CLIP -> {pretrained} (cached after the first run)")

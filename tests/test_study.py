@@ -165,3 +165,19 @@ def test_study_records_a_diverged_run_and_goes_on(study_dir, capsys, monkeypatch
     assert "(1 of 2 seeds)" in md and "LoRA-FT seed 1: 5 consecutive non-finite losses" in md
     assert main(["study", "table8", "--out", str(out), "--methods", "grace,tecoa"] + TINY) == 2
     assert "--methods: tecoa not a row of study table8" in capsys.readouterr().err
+
+
+def test_another_world_in_a_folder_with_runs_is_refused(tmp_path, capsys):
+    """--seed 3 on a study folder made with seed 0 would regenerate the world under finished runs; refused (exit 2,
+    one line), nothing deleted."""
+    out = tmp_path / "s"
+    (out / "data").mkdir(parents=True)
+    world = out / "data" / "world.json"
+    world.write_text(json.dumps({"world": "v2", "seed": 0, "spec": {"image_size": 16}}))
+    run = out / "runs" / "grace" / "seed0"
+    run.mkdir(parents=True)
+    (run / "checkpoint.json").write_text("{}")
+    assert main(["study", "cost", "--out", str(out), "--seed", "3"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "holds world v2 seed 0" in err and "use another --out" in err and "Traceback" not in err
+    assert json.loads(world.read_text())["seed"] == 0 and (run / "checkpoint.json").is_file()
