@@ -36,6 +36,7 @@ class StudyConfig:
     out: Path
     seed: int = 0
     seeds: int = 1
+    run_seeds: list[int] | None = None  # explicit run seeds on the world of ``seed`` (else seed..seed+seeds-1)
     steps: int = 300
     n_adv: int = 200
     eps: float = 4 / 255
@@ -240,7 +241,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     out = Path(cfg.out)
     data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo,
                                        ("[1/4]", "[2/4]"))
-    seeds = [cfg.seed + i for i in range(max(1, cfg.seeds))]
+    seeds = list(cfg.run_seeds) if cfg.run_seeds else [cfg.seed + i for i in range(max(1, cfg.seeds))]
     trained = sorted({methods[r["method"]].recipe for r in rows if methods[r["method"]].recipe})
     user = _user_overrides(cfg.overrides, trained) if trained else {}
     geometry = bool(study.get("geometry"))

@@ -138,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("name", help="study name (table6, table7, table8, geometry, cost) or 'tune'")
     st.add_argument("--out", help="output folder (default studies/NAME)")
     st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--seeds", type=int, default=1, help="seeds per row: mean ± std and verdict spreads")
+    st.add_argument("--seeds", default="1", help="seeds per row: N (seeds seed..seed+N-1), or a list/range of run "
+                    "seeds on --seed's world, e.g. 4-7 or 0,2,5 (to split a study over processes on one --out)")
     st.add_argument("--steps", type=int, help="fine-tuning steps per run (study default 300; tune: tuning.yaml)")
     st.add_argument("--n-adv", type=int, default=200, help="ID images attacked per model")
     st.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
@@ -299,6 +300,28 @@ def _cmd_quickstart(a) -> int:
     return 0
 
 
+def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
+    """``--seeds``: ``N`` -> (N, None); ``4-7`` / ``0,2,5`` / ``0-2,5`` -> (count, the listed seeds)."""
+    import re
+
+    from grace_plugin.errors import UsageError
+
+    text = str(text).strip()
+    if text.isdigit() and "," not in text:
+        if int(text) < 1:
+            raise UsageError(f"--seeds {text}: expected at least 1")
+        return int(text), None
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
+        raise UsageError(f"--seeds {text!r}: expected a count (3) or run seeds (4-7, 0,2,5)")
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if hi and int(hi) < int(lo):
+            raise UsageError(f"--seeds {text!r}: range {part} runs backwards")
+        seeds += [s for s in range(int(lo), int(hi or lo) + 1) if s not in seeds]
+    return len(seeds), seeds
+
+
 def _cmd_study(a) -> int:
     out = Path(a.out or Path("studies") / a.name)
     if a.name == "tune":
@@ -318,7 +341,9 @@ def _cmd_study(a) -> int:
         return 0
     from eval_suites.studies import StudyConfig, run_study
 
-    cfg = StudyConfig(name=a.name, out=out, seed=a.seed, seeds=a.seeds, steps=a.steps or 300, n_adv=a.n_adv,
+    count, run_seeds = _parse_seeds(a.seeds)
+    cfg = StudyConfig(name=a.name, out=out, seed=a.seed, seeds=count, run_seeds=run_seeds, steps=a.steps or 300,
+                      n_adv=a.n_adv,
                       device=a.device, size=a.size, pretrain_steps=a.pretrain_steps, overrides=a.overrides,
                       methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None)
     res = run_study(cfg, progress=not a.no_progress)

@@ -181,3 +181,25 @@ def test_another_world_in_a_folder_with_runs_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds world v2 seed 0" in err and "use another --out" in err and "Traceback" not in err
     assert json.loads(world.read_text())["seed"] == 0 and (run / "checkpoint.json").is_file()
+
+
+def test_seeds_flag_takes_a_count_or_run_seeds(study_dir, capsys, monkeypatch):
+    from grace_plugin.cli import _parse_seeds
+    from grace_plugin.errors import UsageError
+
+    assert _parse_seeds("3") == (3, None)
+    assert _parse_seeds("4-7") == (4, [4, 5, 6, 7]) and _parse_seeds("0-2,5,1") == (4, [0, 1, 2, 5])
+    for bad in ("0", "7-4", "a", "1,,2"):
+        with pytest.raises(UsageError, match="--seeds"):
+            _parse_seeds(bad)
+    # run seeds on --seed's world: seed 0 of table8's LoRA-FT row (above) is reused, nothing else is run
+    import grace_plugin.finetune as finetune
+
+    monkeypatch.setattr(finetune, "fine_tune", lambda *a, **k: pytest.fail("trained"))
+    out = study_dir / "t8"
+    assert main(["study", "table8", "--out", str(out), "--n-adv", "8", "--seeds", "0-0", "--methods",
+                 "ablation-lora-ft"] + TINY) == 0
+    doc = json.loads((out / "study.json").read_text())
+    assert doc["seeds"] == [0] and [r["seed"] for r in doc["rows"]["ablation-lora-ft"]["runs"]] == [0]
+    assert main(["study", "table8", "--out", str(out), "--seeds", "2-1"] + TINY) == 2
+    assert "runs backwards" in capsys.readouterr().err
