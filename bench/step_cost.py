@@ -4,7 +4,8 @@ The floor is the recipe's declared number of passes (``Recipe.pass_counts``: for
 parameters, and backwards to the input only, as an attack step does) times the measured cost of one such pass of
 *that recipe's own parameterisation* (e.g. GRACE's LoRA model, whose backward computes no frozen-weight gradients)
 on the same batch: the time the recipe must spend if it wastes nothing, in units of one ``ft`` step. Each timing
-is the median of ``--reps`` runs. Last line: ``grace/ft ratio R floor F``.
+is the median of ``--reps`` runs. Then the recipes whose step exceeds ``--max-over-floor`` (1.15) times their floor,
+and last ``grace/ft ratio R floor F``.
 
 Per recipe it also prints images/s, and on CUDA the peak memory of one step and the model FLOP utilisation (MFU):
 the step's declared passes counted in model FLOPs (a forward = F, measured by ``torch.utils.flop_counter`` on one
@@ -159,6 +160,8 @@ def main() -> None:
                     help="comma-separated; a variant is NAME[key=value;key=value], e.g. grace_lite[attack_grad=clean]")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="recipe overrides, e.g. recipe.pgd_steps=3")
+    ap.add_argument("--max-over-floor", type=float, default=1.15,
+                    help="a recipe whose step takes more than this times its floor is listed as wasting passes")
     a = ap.parse_args()
 
     from grace_plugin.finetune import build_config
@@ -226,6 +229,8 @@ def main() -> None:
         extra = f"  {a.batch / t:8.1f} img/s" + (f"  peak {mem:.2f} GiB" if a.device != "cpu" else "")
         extra += f"  MFU {100 * mfu:.1f}%" if mfu is not None else ""
         print(f"{name:{width}s} {t * 1e3:9.1f} ms/step  ratio {t / t_ft:6.2f}  {fl}{extra}")
+    over = [f"{n} ({r[0] / r[1]:.2f})" for n, r in results.items() if r[1] and r[0] / r[1] > a.max_over_floor]
+    print(f"R/floor above {a.max_over_floor:g}: {', '.join(over) if over else 'none'}")
     if "grace" in results:
         t, floor = results["grace"][:2]
         print(f"grace/ft ratio {t / t_ft:.2f} floor {floor / t_ft:.2f}")
