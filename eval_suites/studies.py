@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .verdicts import evaluate_claim, seed_mean, spread
+from .verdicts import evaluate_claim, paired_difference, seed_mean, spread
 
 __all__ = ["StudyConfig", "run_study", "aggregate_runs", "study_markdown", "AXES", "GEOMETRY_METRICS"]
 
@@ -212,6 +212,23 @@ def _spreads(runs: list[dict]) -> dict:
     return out
 
 
+def _paired_table(spreads: dict, reference: str | None) -> dict:
+    """Each row's paired difference from ``reference`` on every axis (mean of row_s - reference_s over the seeds both
+    measured, 95% Student-t interval); {} without a reference."""
+    if not reference or reference not in spreads:
+        return {}
+    out = {}
+    for name, metrics in spreads.items():
+        if name == reference:
+            continue
+        out[name] = {}
+        for k in AXES:
+            a, b = metrics.get(k), spreads[reference].get(k)
+            d = paired_difference(dict(a.by_seed), dict(b.by_seed)) if a is not None and b is not None else None
+            out[name][k] = None if d is None else {"mean": d.mean, "ci95": [d.lo, d.hi], "n": d.n}
+    return out
+
+
 # ------------------------------------------------------------------------------------------ the study
 def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.config import ConfigError, to_dict
@@ -280,10 +297,12 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     echo("[4/4] verdicts and report")
     spreads = {name: _spreads(res["runs"]) for name, res in results.items()}
     verdicts = [evaluate_claim(c, spreads) for c in study.get("claims", [])]
+    paired = _paired_table(spreads, study.get("paired_reference"))
     refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
     doc = {"study": cfg.name, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods, "size": cfg.size,
            "attack": cfg.attack,
            "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results, "verdicts": verdicts,
+           "paired_reference": study.get("paired_reference"), "paired": paired,
            "paper_table": study.get("paper_table"), "paper_rows": refs, "seconds": round(time.time() - t0, 1),
            "column_definitions": {
                "ours": "ID = top-1 on the ID test split; OOD = mean top-1 over v2, sketch, rendition, a; Adv = "
@@ -358,6 +377,17 @@ def study_markdown(doc: dict) -> str:
               "| claim | verdict | numbers |", "|---|---|---|"]
     for v in doc["verdicts"]:
         lines.append(f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |")
+    if doc.get("paired"):
+        ref = doc["paired_reference"]
+        lines += ["", f"## Paired differences from {ref}", "",
+                  f"Mean over the seeds both rows measured of (row - {ref}), with its 95% Student-t interval "
+                  "(a seed is the same data order, initialisation and noise draws in every row).", "",
+                  "| row | seeds | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|---:|"]
+        for name, per in doc["paired"].items():
+            n = next((v["n"] for v in per.values() if v), 0)
+            cells = [("-" if v is None else f"{v['mean']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]")
+                     for v in (per.get(k) for k in AXES)]
+            lines.append(f"| {rows[name]['label']} | {n} | " + " | ".join(cells) + " |")
     parts = []
     for r in rows.values():
         for run in r["runs"]:

@@ -92,8 +92,42 @@ def load_methods(d: Path | None = None) -> dict[str, Method]:
     return out
 
 
+_STUDY_KEYS = {"paper_table", "rows", "claims", "geometry", "paired_reference"}
+_ROW_KEYS = {"method", "label", "paper"}
+_CLAIM_KEYS = {"greater": {"a", "b", "margin"}, "less": {"a", "b", "margin"}, "greater_all": {"a", "b", "margin"},
+               "steps": {"pairs", "margin"}, "at_least": {"a", "b", "fraction"}, "within": {"a", "b"}}
+
+
 def load_studies(d: Path | None = None) -> dict[str, dict]:
-    return _load("studies.yaml", d)
+    """studies.yaml, validated: a misspelt key is an error naming the file, the study and the key (not ignored)."""
+    from grace_plugin.config import ConfigError
+
+    d = d or testbed_dir()
+    studies = _load("studies.yaml", d) or {}
+    where = d / "studies.yaml"
+    for name, st in studies.items():
+        bad = set(st) - _STUDY_KEYS
+        if bad:
+            raise ConfigError(f"{where}: study {name}: unknown key(s) {', '.join(sorted(bad))}; valid: "
+                              f"{', '.join(sorted(_STUDY_KEYS))}")
+        rows = st.get("rows") or []
+        for r in rows:
+            if set(r) - _ROW_KEYS or "method" not in r:
+                raise ConfigError(f"{where}: study {name}: row {r}: keys are method (required), label, paper")
+        ref = st.get("paired_reference")
+        if ref is not None and ref not in [r["method"] for r in rows]:
+            raise ConfigError(f"{where}: study {name}: paired_reference {ref!r} is not one of its rows")
+        for c in st.get("claims") or []:
+            kind = c.get("kind")
+            if kind not in _CLAIM_KEYS:
+                raise ConfigError(f"{where}: study {name}: claim {c.get('claim')!r}: unknown kind {kind!r}; valid: "
+                                  f"{', '.join(_CLAIM_KEYS)}")
+            bad = set(c) - _CLAIM_KEYS[kind] - {"claim", "kind", "metric"}
+            if bad or "metric" not in c or "claim" not in c:
+                raise ConfigError(f"{where}: study {name}: claim {c.get('claim')!r}: unknown key(s) "
+                                  f"{', '.join(sorted(bad)) or '-'} (needs claim, kind, metric; {kind} takes "
+                                  f"{', '.join(sorted(_CLAIM_KEYS[kind]))})")
+    return studies
 
 
 def load_tuning(d: Path | None = None) -> dict:

@@ -97,6 +97,27 @@ def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
         method_config("ft")
 
 
+@pytest.mark.parametrize("edit,match", [
+    (("paired_reference: grace", "paired_refrence: grace"), r"study cost: unknown key\(s\) paired_refrence"),
+    (("paired_reference: grace", "paired_reference: tecoa"), r"paired_reference 'tecoa' is not one of its rows"),
+    (("metric: adv, fraction: 0.95}", "metric: adv, fracton: 0.95}"), r"unknown key\(s\) fracton"),
+])
+def test_studies_yaml_typo_names_file_study_and_key(tmp_path, monkeypatch, edit, match):
+    import shutil
+
+    from eval_suites.testbed_config import TESTBED_DIR, load_studies
+    from grace_plugin.config import ConfigError
+
+    d = tmp_path / "testbed"
+    shutil.copytree(TESTBED_DIR, d)
+    text = (d / "studies.yaml").read_text()
+    assert edit[0] in text
+    (d / "studies.yaml").write_text(text.replace(edit[0], edit[1], 1))
+    monkeypatch.setenv("GRACE_TESTBED_CONFIGS", str(d))
+    with pytest.raises(ConfigError, match=r"studies\.yaml: .*" + match):
+        load_studies()
+
+
 def test_the_wheel_ships_the_testbed_configs(tmp_path):
     """A plain `pip install` has configs/testbed (quickstart and studies need it): build the wheel with setuptools
     from a copy of the sources and read its file list."""

@@ -186,3 +186,25 @@ def test_edge_axes_flags_selections_at_the_grid_edge():
     assert edge_axes(grid, point) == ["train.lr"]  # joint and two-value axes have no inside to compare with
     assert edge_axes(grid, dict(point, **{"train.lr": 3e-4})) == []
     assert edge_axes(grid, dict(point, **{"recipe.lambda_gv": 1.0})) == ["train.lr", "recipe.lambda_gv"]
+
+
+def test_study_paired_table_and_markdown():
+    """study.md's paired-difference section: each row minus the reference on common seeds, 95% t interval."""
+    import eval_suites.studies as studies
+
+    seeds = [0, 1, 2]
+    ref = {k: spread([10.0, 20.0, 30.0], seeds=seeds) for k in ("id", "ood", "adv", "hm")}
+    row = {k: spread([13.0, 24.0, 35.0], seeds=seeds) for k in ("id", "ood", "adv", "hm")}  # d = 3, 4, 5
+    table = studies._paired_table({"grace": ref, "lite": row}, "grace")
+    h = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2} x sd 1 / sqrt(3)
+    assert list(table) == ["lite"] and table["lite"]["adv"]["n"] == 3
+    assert table["lite"]["adv"]["mean"] == pytest.approx(4.0)
+    assert table["lite"]["adv"]["ci95"] == [pytest.approx(4.0 - h), pytest.approx(4.0 + h)]
+    assert studies._paired_table({"grace": ref}, None) == {}
+    doc = {"study": "cost", "seeds": seeds, "steps": 1, "size": "default", "seconds": 0.0, "verdicts": [],
+           "paired_reference": "grace",
+           "paired": table, "column_definitions": {"ours": "x"},
+           "rows": {n: {"label": n, "runs": [], "axes": {}} for n in ("grace", "lite")}}
+    md = studies.study_markdown(doc)
+    assert "## Paired differences from grace" in md
+    assert f"| lite | 3 | +4.00 [{4.0 - h:+.2f}, {4.0 + h:+.2f}]" in md
