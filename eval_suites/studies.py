@@ -381,7 +381,7 @@ def study_markdown(doc: dict) -> str:
         ref = doc["paired_reference"]
         lines += ["", f"## Paired differences from {ref}", "",
                   f"Mean over the seeds both rows measured of (row - {ref}), with its 95% Student-t interval "
-                  "(a seed is the same data order, initialisation and noise draws in every row).", "",
+                  "(a seed is the same data order and initialisation in every row).", "",
                   "| row | seeds | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|---:|"]
         for name, per in doc["paired"].items():
             n = next((v["n"] for v in per.values() if v), 0)
