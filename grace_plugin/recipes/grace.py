@@ -294,8 +294,10 @@ class GraceLite(Grace):
     backwards; ``clean`` 2.5, 1, 2.5 (GRACE with PGD-10: 13, 10, 4; ``grace_fast``: 4, 1, 4). Threat model:
     l_inf, eps 4/255 (training N-FGSM; evaluation APGD-CE). Args: those of ``GraceConfig`` plus ``noise``,
     ``project``, ``attack_grad`` and the ``awp_fraction`` default 0.5; ``awp_steps`` > 1 adds ascent steps as in
-    GRACE. Step cost and testbed effect: README "Step cost". It lives in this module (not
-    its own) so that no recipe module imports another.
+    GRACE; ``noise=1.0, pgd_alpha=1.25 eps, project=True`` makes the step RS-FGSM (Wong et al. 2020,
+    https://arxiv.org/abs/2001.03994) with the same passes. Step cost and testbed effect (including where one step
+    keeps much less of GRACE's robustness than PGD): README "Step cost". It lives in this module (not its own) so
+    that no recipe module imports another.
 
     Example:
         grace train --recipe grace_lite --init runs/pretrained --data data/id --out runs/grace_lite --steps 300
