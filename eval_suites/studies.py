@@ -212,6 +212,19 @@ def _spreads(runs: list[dict]) -> dict:
     return out
 
 
+def _claim_rows(claim: dict) -> set[str]:
+    """The rows a claim of studies.yaml compares (``b: all`` needs none beyond ``a``)."""
+    rows = {claim[k] for k in ("a",) if k in claim}
+    b = claim.get("b")
+    if isinstance(b, list):
+        rows |= set(b)
+    elif b and b != "all":
+        rows.add(b)
+    for x, y in claim.get("pairs") or []:
+        rows |= {x, y}
+    return rows
+
+
 def _paired_table(spreads: dict, reference: str | None) -> dict:
     """Each row's paired difference from ``reference`` on every axis (mean of row_s - reference_s over the seeds both
     measured, 95% Student-t interval); {} without a reference."""
@@ -296,12 +309,17 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
                            "diverged": diverged, **aggregate_runs(runs)}
     echo("[4/4] verdicts and report")
     spreads = {name: _spreads(res["runs"]) for name, res in results.items()}
-    verdicts = [evaluate_claim(c, spreads) for c in study.get("claims", [])]
+    claims = study.get("claims") or []
+    if cfg.methods:  # a claim on a row this invocation did not run is left out (and counted), not "not measured"
+        claims = [c for c in claims if _claim_rows(c) <= set(results)]
+    omitted = len(study.get("claims") or []) - len(claims)
+    verdicts = [evaluate_claim(c, spreads) for c in claims]
     paired = _paired_table(spreads, study.get("paired_reference"))
     refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
     doc = {"study": cfg.name, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods, "size": cfg.size,
            "attack": cfg.attack,
-           "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results, "verdicts": verdicts,
+           "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results,
+           "verdicts": verdicts, "claims_omitted": omitted,
            "paired_reference": study.get("paired_reference"), "paired": paired,
            "paper_table": study.get("paper_table"), "paper_rows": refs, "seconds": round(time.time() - t0, 1),
            "column_definitions": {
@@ -377,6 +395,9 @@ def study_markdown(doc: dict) -> str:
               "| claim | verdict | numbers |", "|---|---|---|"]
     for v in doc["verdicts"]:
         lines.append(f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |")
+    if doc.get("claims_omitted"):
+        lines += ["", f"{doc['claims_omitted']} claim(s) of this study compare rows that --methods left out; not "
+                  "evaluated here."]
     if doc.get("paired"):
         ref = doc["paired_reference"]
         lines += ["", f"## Paired differences from {ref}", "",

@@ -163,6 +163,8 @@ def test_study_records_a_diverged_run_and_goes_on(study_dir, capsys, monkeypatch
     assert row["n_seeds"] == 1 and row["axes"]["hm"] == pytest.approx(seed0["hm"])
     md = (out / "study.md").read_text()
     assert "(1 of 2 seeds)" in md and "LoRA-FT seed 1: 5 consecutive non-finite losses" in md
+    # table8's two claims compare rows --methods left out: omitted and counted, not reported as "not measured"
+    assert doc["verdicts"] == [] and doc["claims_omitted"] == 2 and "2 claim(s) of this study" in md
     assert main(["study", "table8", "--out", str(out), "--methods", "grace,tecoa"] + TINY) == 2
     assert "--methods: tecoa not a row of study table8" in capsys.readouterr().err
 
