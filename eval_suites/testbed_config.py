@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TESTBED_DIR", "Method", "load_methods", "load_studies", "load_tuning", "load_tuned", "load_yaml_attack",
-           "merge", "method_config", "nest", "testbed_dir"]
+__all__ = ["TESTBED_DIR", "Method", "installed_copy", "load_methods", "load_studies", "load_tuning", "load_tuned",
+           "load_yaml_attack", "merge", "method_config", "nest", "testbed_dir"]
 
 _CHECKOUT = Path(__file__).resolve().parents[1] / "configs" / "testbed"
 # the wheel's copy (package data; in a checkout a symlink to configs/testbed)
@@ -29,6 +29,12 @@ def testbed_dir() -> Path:
     if not (d / "methods.yaml").is_file():
         raise ConfigError(f"{d}: no testbed configs (methods.yaml); run from a checkout or set GRACE_TESTBED_CONFIGS")
     return d
+
+
+def installed_copy() -> bool:
+    """True when the testbed configs in use are the installed package's copy (no checkout, no
+    ``$GRACE_TESTBED_CONFIGS``): nothing should be written there."""
+    return not os.environ.get("GRACE_TESTBED_CONFIGS") and TESTBED_DIR == _PACKAGED
 
 
 def nest(dotted: dict[str, Any]) -> dict[str, Any]:

@@ -325,12 +325,16 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
 def _cmd_study(a) -> int:
     out = Path(a.out or Path("studies") / a.name)
     if a.name == "tune":
-        from eval_suites.testbed_config import testbed_dir
+        from eval_suites.testbed_config import installed_copy, testbed_dir
         from eval_suites.tuning import TuneConfig, run_tuning
         from grace_plugin.errors import UsageError
 
         if not a.methods:
             raise UsageError("grace study tune needs --methods, e.g. --methods ft,tecoa,grace")
+        if not (a.write or a.no_write) and installed_copy():
+            raise UsageError("grace study tune: the testbed configs are the installed package's copy "
+                             f"({testbed_dir()}); pass --write PATH/tuned.yaml (a copy of configs/testbed, then "
+                             "GRACE_TESTBED_CONFIGS=PATH) or --no-write")
         write = None if a.no_write else Path(a.write) if a.write else testbed_dir() / "tuned.yaml"
         cfg = TuneConfig(methods=[m.strip() for m in a.methods.split(",") if m.strip()], out=out, trials=a.trials,
                          steps=a.steps, seed=a.seed, device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,

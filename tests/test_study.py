@@ -205,3 +205,18 @@ def test_seeds_flag_takes_a_count_or_run_seeds(study_dir, capsys, monkeypatch):
     assert doc["seeds"] == [0] and [r["seed"] for r in doc["rows"]["ablation-lora-ft"]["runs"]] == [0]
     assert main(["study", "table8", "--out", str(out), "--seeds", "2-1"] + TINY) == 2
     assert "runs backwards" in capsys.readouterr().err
+
+
+def test_tune_refuses_to_write_into_the_installed_copy(tmp_path, capsys, monkeypatch):
+    """From a wheel (no checkout) the testbed configs are package data: `study tune` must not write tuned.yaml there."""
+    import eval_suites.testbed_config as tc
+
+    monkeypatch.delenv("GRACE_TESTBED_CONFIGS", raising=False)
+    monkeypatch.setattr(tc, "TESTBED_DIR", tc._PACKAGED)
+    assert tc.installed_copy()
+    assert main(["study", "tune", "--methods", "ft", "--out", str(tmp_path / "t")] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "installed package's copy" in err and "--write" in err and "Traceback" not in err
+    assert not (tmp_path / "t").exists()
+    monkeypatch.setattr(tc, "TESTBED_DIR", tc._CHECKOUT)
+    assert not tc.installed_copy()
