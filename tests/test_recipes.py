@@ -266,7 +266,7 @@ def test_grace_lite_attack_and_shared_ascent(attack_grad, tiny_classifier, tiny_
     from grace_plugin.rng import per_sample_uniform
 
     cfg = _recipe_cfg("grace_lite")
-    cfg.curvature_interval, cfg.attack_grad = 1, attack_grad
+    cfg.curvature_interval, cfg.attack_grad, cfg.pgd_steps = 1, attack_grad, 1
     torch.manual_seed(0)
     rec = create_recipe("grace_lite", tiny_classifier, cfg)
     rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0))
@@ -300,6 +300,53 @@ def test_grace_lite_attack_and_shared_ascent(attack_grad, tiny_classifier, tiny_
     assert (seen["f_id"] is not None) == (attack_grad == "clean")  # the clean variant reuses its clean forward
 
 
+def test_grace_lite_two_steps_share_the_last_backward(tiny_classifier, tiny_batch, tower_rows):
+    """pgd_steps 2 (RS-FGSM-style start, projected): x_adv is two signed steps from the noisy start, projected after
+    each, and the ascent gradient is the CE gradient w.r.t. B_awp at the second step's point: both recomputed here;
+    passes: 2 attack forwards and input backwards, one backward fewer than without sharing."""
+    import torch.nn.functional as F
+
+    from grace_plugin.rng import per_sample_uniform
+
+    cfg = _recipe_cfg("grace_lite")
+    cfg.curvature_interval, cfg.pgd_steps, cfg.noise, cfg.project = 1, 2, 1.0, True
+    cfg.pgd_alpha = 0.75 * cfg.pgd_eps
+    rec = create_recipe("grace_lite", tiny_classifier, cfg)
+    rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0))
+    x, y = tiny_batch["image"], tiny_batch["label"]
+    ctx = StepContext(device=torch.device("cpu"), step=5, total_steps=100, seed=3,
+                      sample_index=torch.arange(x.shape[0]))
+    seen = {}
+    orig = rec.objective
+
+    def spy(x_, x_adv, y_, ctx_, f_id=None, first_grads=None):
+        seen.update(x_adv=x_adv, first_grads=first_grads)
+        return orig(x_, x_adv, y_, ctx_, f_id=f_id, first_grads=first_grads)
+
+    rec.objective = spy
+    rec.training_step(tiny_batch, ctx)
+    eps, alpha = cfg.pgd_eps, cfg.pgd_alpha
+    p0 = (x + per_sample_uniform(x, -eps, eps, ctx, "attack_start")).clamp(0, 1).requires_grad_(True)
+    with rec.awp.branch(ctx):
+        g0 = torch.autograd.grad(F.cross_entropy(tiny_classifier(p0), y), p0)[0]
+        p1 = (x + (p0.detach() - x + alpha * g0.sign()).clamp(-eps, eps)).clamp(0, 1).requires_grad_(True)
+        params = rec.awp.ascent_parameters()
+        g1, *g_b = torch.autograd.grad(F.cross_entropy(tiny_classifier(p1), y), [p1, *params])
+    expected = (x + (p1.detach() - x + alpha * g1.sign()).clamp(-eps, eps)).clamp(0, 1)
+    assert torch.allclose(seen["x_adv"], expected, atol=1e-6)
+    assert (seen["x_adv"] - x).abs().max() <= eps + 1e-6
+    for got, want in zip(seen["first_grads"], g_b, strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    out, rows = tower_rows(lambda: rec.training_step(tiny_batch, CPU))
+    passes = rec.pass_counts()
+    n = x.shape[0]
+    assert sum(rows) / n == passes["forward"] == 4 + cfg.awp_fraction
+    assert passes["input_backward"] == 2 and passes["backward"] == 2 + cfg.awp_fraction
+    cfg.attack_grad = "clean"
+    with pytest.raises(ValueError, match="attack_grad clean .* needs recipe.pgd_steps 1"):
+        create_recipe("grace_lite", tiny_classifier, cfg)
+
+
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("attack_grad", ["noisy", "clean"])
 def test_grace_lite_declared_passes(attack_grad, fraction, tiny_classifier, tiny_batch, tower_rows):
@@ -307,7 +354,7 @@ def test_grace_lite_declared_passes(attack_grad, fraction, tiny_classifier, tiny
     also gives the ascent gradient, so one backward fewer than grace_fast (4 forwards, 1 input backward, 4); with
     awp_fraction 0.5 the AWP view runs on half the batch (half a forward and half a backward)."""
     cfg = _recipe_cfg("grace_lite")
-    cfg.curvature_interval, cfg.attack_grad, cfg.awp_fraction = 1, attack_grad, fraction
+    cfg.curvature_interval, cfg.attack_grad, cfg.awp_fraction, cfg.pgd_steps = 1, attack_grad, fraction, 1
     rec = create_recipe("grace_lite", tiny_classifier, cfg)
     rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0))
     out, rows = tower_rows(lambda: rec.training_step(tiny_batch, CPU))

@@ -259,7 +259,9 @@ class GraceFast(Grace):
 # ---------------------------------------------------------------------------------------------- grace_lite
 @dataclass
 class GraceLiteConfig(GraceConfig):
-    pgd_steps: int = checked(1, choices=(0, 1))  # one attack step (0: no attack, as eps 0)
+    # one attack step (0: no attack, as eps 0); k > 1 runs k steps from the noisy start, the last one sharing its
+    # backward with the first ascent (a point on the cost/robustness frontier above one step; README "Step cost")
+    pgd_steps: int = checked(1, ge=0)
     pgd_alpha: float = 4 / 255  # N-FGSM (arXiv 2206.03098) Sec. 4: step alpha = eps
     noise: float = checked(2.0, ge=0.0)  # N-FGSM: start noise U[-k eps, k eps], k = 2
     project: bool = False  # N-FGSM does not clip the perturbation back to the eps-ball (only to [0, 1])
@@ -305,6 +307,14 @@ class GraceLite(Grace):
 
     Config = GraceLiteConfig
 
+    def __init__(self, model, cfg: GraceLiteConfig):
+        if cfg.attack_grad == "clean" and cfg.pgd_steps > 1:
+            from ..errors import UsageError
+
+            raise UsageError("grace_lite: recipe.attack_grad clean takes the one attack step's gradient at the clean "
+                             f"forward; it needs recipe.pgd_steps 1, got {cfg.pgd_steps}")
+        super().__init__(model, cfg)
+
     def training_step(self, batch, ctx):
         x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
         with self.awp.branch(ctx):
@@ -331,11 +341,17 @@ class GraceLite(Grace):
                 f_id = model.encode(point).float()
             grads = torch.autograd.grad(F.cross_entropy(model.head(f_id), y), [point, *params], retain_graph=True)
             start = x + noise
-        else:
-            start = point = (x + noise).clamp(0, 1).detach().requires_grad_(True)
-            with ctx.autocast():
-                loss = F.cross_entropy(model(point).float(), y)
-            grads = torch.autograd.grad(loss, [point, *params])
+        else:  # k steps from the noisy start; the last one's backward also gives the ascent gradient
+            start = (x + noise).clamp(0, 1)
+            for i in range(self.attack_passes()):
+                last = i == self.attack_passes() - 1
+                start = point = start.detach().requires_grad_(True)
+                with ctx.autocast():
+                    loss = F.cross_entropy(model(point).float(), y)
+                grads = torch.autograd.grad(loss, [point, *(params if last else [])])
+                if not last:
+                    delta = point.detach() - x + c.pgd_alpha * grads[0].sign()
+                    start = (x + (delta.clamp(-eps, eps) if c.project else delta)).clamp(0, 1)
         delta = start.detach() - x + c.pgd_alpha * grads[0].sign()
         if c.project:
             delta = delta.clamp(-eps, eps)
