@@ -256,6 +256,20 @@ def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny
 
 
 # ------------------------------------------------------------------------------------------------ grace_lite
+def _spy_objective(rec) -> dict:
+    """Wrap grace_lite's ``objective``: the returned dict receives the x_adv, first ascent gradients and clean
+    feature that the attack handed on, at each step."""
+    seen = {}
+    orig = rec.objective
+
+    def spy(x_, x_adv, y_, ctx_, f_id=None, first_grads=None):
+        seen.update(x_adv=x_adv, first_grads=first_grads, f_id=f_id)
+        return orig(x_, x_adv, y_, ctx_, f_id=f_id, first_grads=first_grads)
+
+    rec.objective = spy
+    return seen
+
+
 @pytest.mark.parametrize("attack_grad", ["noisy", "clean"])
 def test_grace_lite_attack_and_shared_ascent(attack_grad, tiny_classifier, tiny_batch):
     """grace_lite's x_adv is N-FGSM's (arXiv 2206.03098 Alg. 1: x + η + α sign(∇), η ~ U[-2ε, 2ε], no projection),
@@ -274,14 +288,7 @@ def test_grace_lite_attack_and_shared_ascent(attack_grad, tiny_classifier, tiny_
     x, y = tiny_batch["image"], tiny_batch["label"]
     ctx = StepContext(device=torch.device("cpu"), step=3, total_steps=100, seed=7,
                       sample_index=torch.arange(x.shape[0]))
-    seen = {}
-    orig = rec.objective
-
-    def spy(x_, x_adv, y_, ctx_, f_id=None, first_grads=None):
-        seen.update(x_adv=x_adv, first_grads=first_grads, f_id=f_id)
-        return orig(x_, x_adv, y_, ctx_, f_id=f_id, first_grads=first_grads)
-
-    rec.objective = spy
+    seen = _spy_objective(rec)
     rec.training_step(tiny_batch, ctx)
     eps = cfg.pgd_eps
     noise = per_sample_uniform(x, -2 * eps, 2 * eps, ctx, "attack_start")
@@ -316,14 +323,7 @@ def test_grace_lite_two_steps_share_the_last_backward(tiny_classifier, tiny_batc
     x, y = tiny_batch["image"], tiny_batch["label"]
     ctx = StepContext(device=torch.device("cpu"), step=5, total_steps=100, seed=3,
                       sample_index=torch.arange(x.shape[0]))
-    seen = {}
-    orig = rec.objective
-
-    def spy(x_, x_adv, y_, ctx_, f_id=None, first_grads=None):
-        seen.update(x_adv=x_adv, first_grads=first_grads)
-        return orig(x_, x_adv, y_, ctx_, f_id=f_id, first_grads=first_grads)
-
-    rec.objective = spy
+    seen = _spy_objective(rec)
     rec.training_step(tiny_batch, ctx)
     eps, alpha = cfg.pgd_eps, cfg.pgd_alpha
     p0 = (x + per_sample_uniform(x, -eps, eps, ctx, "attack_start")).clamp(0, 1).requires_grad_(True)

@@ -46,20 +46,8 @@ def _counting_loader(monkeypatch, log_path, urls, workers, bs=8):
                                decode="tensor")
 
 
-def _kill_at(rec, step):
-    orig = rec.training_step
-
-    def dying(batch, ctx):
-        if ctx.step == step:
-            raise KeyboardInterrupt("simulated kill")
-        return orig(batch, ctx)
-
-    rec.training_step = dying
-    return rec
-
-
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_seeks_stream_bit_identical(workers, tiny_classifier, tiny_world, tmp_path, monkeypatch):
+def test_resume_seeks_stream_bit_identical(workers, tiny_classifier, tiny_world, tmp_path, monkeypatch, die_at_step):
     """Killed at step 5 (checkpoint at 4), resumed: weights bit-identical to the uninterrupted run, with workers,
     gradient accumulation and random augmentation; the resumed run decodes only the samples after the checkpoint."""
     from grace_plugin.data.shards import open_shard_set
@@ -72,7 +60,7 @@ def test_resume_seeks_stream_bit_identical(workers, tiny_classifier, tiny_world,
         torch.manual_seed(0)
         rec = create_recipe("ft", copy.deepcopy(tiny_classifier))
         if kill is not None:
-            _kill_at(rec, kill)
+            die_at_step(rec, kill)
         loader = _counting_loader(monkeypatch, log, urls, workers, bs)
         train(rec, loader, cfg, steps, out, progress=False, resume=resume)
         return rec
@@ -177,13 +165,14 @@ def test_guard_stops_a_real_run_and_exports_the_best_robust_weights(tiny_classif
     assert [r["step"] for r in vals] == [1, 3, 5, 7] and all(0 <= r["val_share"] <= 1 for r in vals)
 
 
-def test_selection_survives_resume(tiny_classifier, tmp_path):
+def test_selection_survives_resume(tiny_classifier, tmp_path, die_at_step):
     curve = [dict(c, step=i * 2 + 1) for i, c in enumerate(CURVE)]
     cfg = TrainConfig(val_every=2, select="best_hm", ckpt_every=4, **CFG)
     ref = create_recipe("ft", copy.deepcopy(tiny_classifier))
     ref_val = _Scripted(curve)
     r0 = train(ref, _batches(), cfg, 10, tmp_path / "ref", progress=False, validator=ref_val)
-    killed = _kill_at(create_recipe("ft", copy.deepcopy(tiny_classifier)), 6)
+    killed = create_recipe("ft", copy.deepcopy(tiny_classifier))
+    die_at_step(killed, 6)
     with pytest.raises(KeyboardInterrupt):
         train(killed, _batches(), cfg, 10, tmp_path / "run", progress=False, validator=_Scripted(curve))
     val = _Scripted(curve[2:])  # checks 1 and 3 happened before the checkpoint at step 4
