@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .verdicts import evaluate_claim, paired_difference, seed_mean, spread
+from .verdicts import evaluate_claim, paired, seed_mean, spread
 
 __all__ = ["StudyConfig", "run_study", "aggregate_runs", "study_markdown", "AXES", "GEOMETRY_METRICS"]
 
@@ -236,9 +236,8 @@ def _paired_table(spreads: dict, reference: str | None) -> dict:
             continue
         out[name] = {}
         for k in AXES:
-            a, b = metrics.get(k), spreads[reference].get(k)
-            d = paired_difference(dict(a.by_seed), dict(b.by_seed)) if a is not None and b is not None else None
-            out[name][k] = None if d is None else {"mean": d.mean, "ci95": [d.lo, d.hi], "n": d.n}
+            d = paired(metrics.get(k), spreads[reference].get(k))
+            out[name][k] = None if d is None else d.record()
     return out
 
 
@@ -317,8 +316,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     paired = _paired_table(spreads, study.get("paired_reference"))
     refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
     doc = {"study": cfg.name, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods, "size": cfg.size,
-           "attack": cfg.attack,
-           "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results,
+           "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results,
            "verdicts": verdicts, "claims_omitted": omitted,
            "paired_reference": study.get("paired_reference"), "paired": paired,
            "paper_table": study.get("paper_table"), "paper_rows": refs, "seconds": round(time.time() - t0, 1),

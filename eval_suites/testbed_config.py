@@ -100,13 +100,13 @@ def load_methods(d: Path | None = None) -> dict[str, Method]:
 
 _STUDY_KEYS = {"paper_table", "rows", "claims", "geometry", "paired_reference"}
 _ROW_KEYS = {"method", "label", "paper"}
-_CLAIM_KEYS = {"greater": {"a", "b", "margin"}, "less": {"a", "b", "margin"}, "greater_all": {"a", "b", "margin"},
-               "steps": {"pairs", "margin"}, "at_least": {"a", "b", "fraction"}, "within": {"a", "b"}}
 
 
 def load_studies(d: Path | None = None) -> dict[str, dict]:
     """studies.yaml, validated: a misspelt key is an error naming the file, the study and the key (not ignored)."""
     from grace_plugin.config import ConfigError
+
+    from .verdicts import CLAIM_KEYS as _CLAIM_KEYS
 
     d = d or testbed_dir()
     studies = _load("studies.yaml", d) or {}

@@ -20,10 +20,14 @@ import math
 import statistics
 from dataclasses import dataclass
 
-__all__ = ["Spread", "spread", "seed_mean", "greater", "less", "at_least", "paired_difference", "overlaps", "all_of",
-           "HOLDS", "FAILS", "INCONCLUSIVE", "evaluate_claim", "wilson_interval"]
+__all__ = ["CLAIM_KEYS", "Spread", "spread", "seed_mean", "greater", "less", "at_least", "paired", "paired_difference",
+           "overlaps", "all_of", "HOLDS", "FAILS", "INCONCLUSIVE", "evaluate_claim", "wilson_interval"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
+# the claim kinds ``evaluate_claim`` knows and the keys each takes besides claim, kind and metric (studies.yaml is
+# validated against this: eval_suites/testbed_config.load_studies)
+CLAIM_KEYS = {"greater": {"a", "b", "margin"}, "less": {"a", "b", "margin"}, "greater_all": {"a", "b", "margin"},
+              "steps": {"pairs", "margin"}, "at_least": {"a", "b", "fraction"}, "within": {"a", "b"}}
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,10 @@ class Spread:
     hi: float
     n: int = 1
     by_seed: tuple[tuple[int, float], ...] = ()  # (seed, value) of each run, for paired claims
+
+    def record(self) -> dict:
+        """``{"mean", "ci95": [lo, hi], "n"}`` for study.json."""
+        return {"mean": self.mean, "ci95": [self.lo, self.hi], "n": self.n}
 
     def text(self, nd: int = 2) -> str:
         if self.lo == self.hi:
@@ -103,21 +111,34 @@ def paired_difference(a: dict[int, float], b: dict[int, float], fraction: float 
     return Spread(m, m - h, m + h, len(d), tuple(zip(common, d)))
 
 
+def paired(a: Spread | None, b: Spread | None, fraction: float = 1.0) -> Spread | None:
+    """``paired_difference`` of two measured rows' per-seed values; None when either is missing or they share fewer
+    than two seeds."""
+    if a is None or b is None:
+        return None
+    return paired_difference(dict(a.by_seed), dict(b.by_seed), fraction)
+
+
+def _at_least(a: Spread | None, b: Spread | None, fraction: float) -> tuple[str, Spread | None]:
+    """``at_least``'s verdict and the paired difference it was decided on (None: decided by spreads)."""
+    if a is None or b is None:
+        return INCONCLUSIVE, None
+    d = paired(a, b, fraction)
+    if d is not None:
+        return (HOLDS if d.lo >= 0 else FAILS if d.hi < 0 else INCONCLUSIVE), d
+    if a.lo >= fraction * b.hi:
+        return HOLDS, None
+    if a.hi < fraction * b.lo:
+        return FAILS, None
+    return INCONCLUSIVE, None
+
+
 def at_least(a: Spread | None, b: Spread | None, fraction: float) -> str:
     """Claim ``a >= fraction * b`` (e.g. a cheaper recipe keeps 95% of another's robust accuracy). Paired by seed
     when both carry two or more common seeds: holds when the 95% interval of the mean of ``a_s - fraction * b_s`` is
     at or above 0, fails when it is below 0. Otherwise by spreads: holds when the whole of ``a``'s interval is at or
     above ``fraction`` times the whole of ``b``'s, fails when it is wholly below."""
-    if a is None or b is None:
-        return INCONCLUSIVE
-    d = paired_difference(dict(a.by_seed), dict(b.by_seed), fraction)
-    if d is not None:
-        return HOLDS if d.lo >= 0 else FAILS if d.hi < 0 else INCONCLUSIVE
-    if a.lo >= fraction * b.hi:
-        return HOLDS
-    if a.hi < fraction * b.lo:
-        return FAILS
-    return INCONCLUSIVE
+    return _at_least(a, b, fraction)[0]
 
 
 def overlaps(a: Spread | None, b: Spread | None) -> str:
@@ -176,13 +197,11 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
         evidence = "; ".join(f"{fmt(p['a'])} > {fmt(p['b'])}: {p['verdict']}" for p in parts)
     elif kind == "at_least":
         fraction = float(claim["fraction"])
-        a, b = get(claim["a"]), get(claim["b"])
-        v = at_least(a, b, fraction)
+        v, d = _at_least(get(claim["a"]), get(claim["b"]), fraction)
         parts = [{"a": claim["a"], "b": claim["b"], "verdict": v}]
         evidence = f"{fmt(claim['a'])} vs {fraction:g} x {fmt(claim['b'])}"
-        d = paired_difference(dict(a.by_seed), dict(b.by_seed), fraction) if a is not None and b is not None else None
         if d is not None:
-            parts[0]["paired"] = {"mean": d.mean, "ci95": [d.lo, d.hi], "n": d.n}
+            parts[0]["paired"] = d.record()
             evidence += (f"; paired over {d.n} seeds: mean of {claim['a']} - {fraction:g} x {claim['b']} = "
                          f"{d.text()} (95% t interval)")
     elif kind == "within":
@@ -190,5 +209,5 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
         parts = [{"a": claim["a"], "b": claim["b"], "verdict": v}]
         evidence = f"{fmt(claim['a'])} vs {fmt(claim['b'])}"
     else:
-        raise ValueError(f"unknown claim kind {kind!r}; valid: greater, less, greater_all, steps, at_least, within")
+        raise ValueError(f"unknown claim kind {kind!r}; valid: {', '.join(CLAIM_KEYS)}")
     return {"claim": claim["claim"], "metric": metric, "verdict": v, "evidence": evidence, "parts": parts}

@@ -307,7 +307,7 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
     from grace_plugin.errors import UsageError
 
     text = str(text).strip()
-    if text.isdigit() and "," not in text:
+    if text.isdigit():
         if int(text) < 1:
             raise UsageError(f"--seeds {text}: expected at least 1")
         return int(text), None
@@ -347,8 +347,8 @@ def _cmd_study(a) -> int:
 
     count, run_seeds = _parse_seeds(a.seeds)
     cfg = StudyConfig(name=a.name, out=out, seed=a.seed, seeds=count, run_seeds=run_seeds, steps=a.steps or 300,
-                      n_adv=a.n_adv,
-                      device=a.device, size=a.size, pretrain_steps=a.pretrain_steps, overrides=a.overrides,
+                      n_adv=a.n_adv, device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
+                      overrides=a.overrides,
                       methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None)
     res = run_study(cfg, progress=not a.no_progress)
     print(Path(res["paths"]["md"]).read_text())

@@ -334,28 +334,26 @@ class GraceLite(Grace):
         share = c.awp != "off" and c.awp_input == "adv"
         params = self.awp.ascent_parameters() if share else []
         noise = per_sample_uniform(x, -c.noise * eps, c.noise * eps, ctx, "attack_start") if c.noise else 0.0
+
+        def signed_step(start, g):  # one step from ``start`` (projected onto the eps-ball with ``project``)
+            delta = start.detach() - x + c.pgd_alpha * g.sign()
+            return (x + (delta.clamp(-eps, eps) if c.project else delta)).clamp(0, 1).detach()
+
         f_id = None
         if c.attack_grad == "clean":
             point = x.detach().requires_grad_(True)
             with ctx.autocast():
                 f_id = model.encode(point).float()
             grads = torch.autograd.grad(F.cross_entropy(model.head(f_id), y), [point, *params], retain_graph=True)
-            start = x + noise
+            x_adv = signed_step(x + noise, grads[0])
         else:  # k steps from the noisy start; the last one's backward also gives the ascent gradient
-            start = (x + noise).clamp(0, 1)
-            for i in range(self.attack_passes()):
-                last = i == self.attack_passes() - 1
-                start = point = start.detach().requires_grad_(True)
+            k, x_adv = self.attack_passes(), (x + noise).clamp(0, 1)
+            for i in range(k):
+                point = x_adv.detach().requires_grad_(True)
                 with ctx.autocast():
                     loss = F.cross_entropy(model(point).float(), y)
-                grads = torch.autograd.grad(loss, [point, *(params if last else [])])
-                if not last:
-                    delta = point.detach() - x + c.pgd_alpha * grads[0].sign()
-                    start = (x + (delta.clamp(-eps, eps) if c.project else delta)).clamp(0, 1)
-        delta = start.detach() - x + c.pgd_alpha * grads[0].sign()
-        if c.project:
-            delta = delta.clamp(-eps, eps)
-        x_adv = (x + delta).clamp(0, 1).detach()
+                grads = torch.autograd.grad(loss, [point, *(params if i == k - 1 else [])])
+                x_adv = signed_step(point, grads[0])
         return x_adv, f_id, (list(grads[1:]) if share and params else None)
 
     def pass_counts(self) -> dict[str, float]:
