@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--adv-batch", type=int, default=32, help="batch size of the 2-vs-1 process comparison")
     ap.add_argument("--world", default=None, help="an existing synthetic world folder (default: write one)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (both evaluators run there)")
+    ap.add_argument("--skip-ranks", action="store_true", help="leave out part 3 (CPU processes; gpu_check.sh)")
     a = ap.parse_args()
     import torch
 
@@ -137,7 +138,8 @@ def main() -> None:
               f"{n} images in {dt:.1f} s "
               f"= {n / dt:.0f} images/s (top-1 {rep['axes']['id']:.2f})")
 
-    ranks_vs_one(a.n_adv, a.world, a.adv_batch)
+    if not a.skip_ranks:
+        ranks_vs_one(a.n_adv, a.world, a.adv_batch)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ cd "$(dirname "$0")/.."
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # tests/conftest.py hides GPUs unless this is set
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
-LOG="$(mktemp -d)"
+LOG="${GPU_CHECK_LOG:-$(mktemp -d)}"; mkdir -p "$LOG"
 "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
   || { echo "gpu_check: no CUDA device visible (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)"; exit 2; }
 GPU="$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")"
 
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py >"$LOG/pytest.txt" 2>&1; RC_T=$?
-timeout 240 "$PY" bench/step_cost.py --arch vit_b32 --batch 128 --device cuda --reps 5 >"$LOG/step.txt" 2>&1; RC_S=$?
-timeout 60 "$PY" bench/eval_speed.py --device cuda --n 8 --clean-n 5000 >"$LOG/eval.txt" 2>&1; RC_E=$?
+timeout 240 "$PY" bench/step_cost.py --arch vit_b32 --batch 128 --device cuda --reps 5 --json "$LOG/step.json" >"$LOG/step.txt" 2>&1; RC_S=$?
+timeout 150 "$PY" bench/eval_speed.py --device cuda --n 8 --clean-n 5000 --skip-ranks >"$LOG/eval.txt" 2>&1; RC_E=$?
 
 echo "== GPU check: $GPU, $(date -u +%Y-%m-%d) (logs in $LOG) =="
 printf '%-28s %s\n' "pytest -m gpu (rc $RC_T)" "$(tail -n 1 "$LOG/pytest.txt")"

@@ -160,6 +160,7 @@ def main() -> None:
                     help="comma-separated; a variant is NAME[key=value;key=value], e.g. grace_lite[attack_grad=clean]")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="recipe overrides, e.g. recipe.pgd_steps=3")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here (docs/results pages read it)")
     ap.add_argument("--max-over-floor", type=float, default=1.15,
                     help="a recipe whose step takes more than this times its floor is listed as wasting passes")
     a = ap.parse_args()
@@ -186,7 +187,7 @@ def main() -> None:
         cfg = build_config(recipe, overrides=given + own or None).recipe
         try:
             text = text_side(a.arch) if getattr(get_recipe_class(recipe), "uses_text", False) else None
-            rec = create_recipe(recipe, copy.deepcopy(base).to(device), cfg, text=text)
+            rec = create_recipe(recipe, copy.deepcopy(base).to(device), cfg, text=text).to(device)  # text towers too
         except Exception as e:  # a recipe that needs extra inputs (e.g. a text tower) is reported, not hidden
             print(f"{name:10s} skipped: {e}")
             continue
@@ -234,6 +235,16 @@ def main() -> None:
     if "grace" in results:
         t, floor = results["grace"][:2]
         print(f"grace/ft ratio {t / t_ft:.2f} floor {floor / t_ft:.2f}")
+    if a.json:
+        import json
+
+        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        rows = {n: {"ms_per_step": 1e3 * t, "ratio_to_ft": t / t_ft, "floor": floor / t_ft if floor else None,
+                    "images_per_s": a.batch / t, "peak_gib": None if mem != mem else mem, "mfu": mfu}
+                for n, (t, floor, mem, _tf, _tb, _tib, mfu) in results.items()}
+        with open(a.json, "w") as f:
+            json.dump({"bench": "step_cost", "arch": a.arch, "batch": a.batch, "device": dev, "reps": a.reps,
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
