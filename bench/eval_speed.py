@@ -88,7 +88,8 @@ def main() -> None:
     from robustbench.eval import benchmark
     from test_suites_robustbench import TemplateModel, _loaded, make_imagenet
 
-    from eval_suites.suites import SuiteContext, run_suites
+    from eval_suites.context import SuiteContext
+    from eval_suites.suites import run_suites
     from grace_plugin.data.transforms import eval_transform
 
     eps = 4 / 255

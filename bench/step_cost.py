@@ -167,7 +167,7 @@ def main() -> None:
 
     from grace_plugin.finetune import build_config
     from grace_plugin.recipes import StepContext, create_recipe, get_recipe_class, list_recipes
-    from grace_plugin.trainer import autocast_factory
+    from grace_plugin.runtime import autocast_factory
 
     device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -191,7 +191,7 @@ def main() -> None:
         except Exception as e:  # a recipe that needs extra inputs (e.g. a text tower) is reported, not hidden
             print(f"{name:10s} skipped: {e}")
             continue
-        if hasattr(rec, "measure_curvature"):  # GRACE: measure with the LAR-AWP branch active (top-curvature layers)
+        if hasattr(rec, "awp"):  # GRACE: measure with the LAR-AWP branch active (top-curvature layers)
             rec.after_step(batch, StepContext(device=device, autocast=ctx.autocast, step=0))
         recipes[name] = rec
         fns.update({(name, k): fn for k, fn in _pass_fns(rec, batch, ctx).items()})

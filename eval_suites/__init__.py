@@ -4,7 +4,8 @@ import registry  # noqa: F401  (data flow: eval_suites -> registry -> grace_plug
 
 from .attacks import create_attack, list_attacks, parse_eps, register_attack
 from .report import aggregate_reports, build_report, harmonic_mean, write_report
-from .suites import SuiteContext, list_suites, parse_suite, register_suite, run_suites
+from .context import SuiteContext
+from .suites import list_suites, parse_suite, register_suite, run_suites
 
 __all__ = ["create_attack", "list_attacks", "parse_eps", "register_attack", "build_report", "harmonic_mean",
            "write_report", "aggregate_reports", "SuiteContext", "list_suites", "parse_suite", "register_suite",

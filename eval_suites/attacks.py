@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from grace_plugin.registries import Registry, first_doc_line
 from grace_plugin.errors import GraceError, UsageError
 
 __all__ = ["register_attack", "list_attacks", "create_attack", "get_attack", "UnknownAttackError", "AttackInfo",
@@ -34,28 +35,19 @@ class AttackInfo:
     description: str
 
 
-_ATTACKS: dict[str, AttackInfo] = {}
+_ATTACKS: Registry[AttackInfo] = Registry("attack", UnknownAttackError)
 
 
 def register_attack(name: str, norms: tuple[str, ...] = ("Linf",), description: str = ""):
-    def deco(fn):
-        if name in _ATTACKS:
-            raise ValueError(f"attack {name!r} is already registered")
-        _ATTACKS[name] = AttackInfo(name, fn, norms, description or (fn.__doc__ or "").strip().splitlines()[0])
-        return fn
-
-    return deco
+    return _ATTACKS.register(name, lambda fn: AttackInfo(name, fn, norms, description or first_doc_line(fn)))
 
 
 def list_attacks() -> list[str]:
-    return sorted(_ATTACKS)
+    return _ATTACKS.names()
 
 
 def get_attack(name: str) -> AttackInfo:
-    try:
-        return _ATTACKS[name]
-    except KeyError:
-        raise UnknownAttackError(f"unknown attack {name!r}; valid attacks: {', '.join(list_attacks())}") from None
+    return _ATTACKS.get(name)
 
 
 def create_attack(name: str, model: torch.nn.Module, eps: float, norm: str = "Linf", seed: int = 0,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from grace_plugin.checkpoint import NonFiniteError
+from grace_plugin.tensor_io import NonFiniteError
 from grace_plugin.errors import GraceError
 
 __all__ = ["ClassificationResult", "AdversarialResult", "evaluate_clean", "evaluate_adversarial", "project_logits",
@@ -102,13 +102,13 @@ def _key(batch: dict, idx: int) -> list:
 
 
 def _bar(progress: bool, total, desc: str, unit: str):
-    from .distributed import is_main
+    from grace_plugin.runtime import is_main
 
     if not progress or not is_main():
         return None
-    from tqdm import tqdm
+    from grace_plugin.progress import progress as progress_bar
 
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, unit=unit, leave=False)
 
 
 @torch.no_grad()
@@ -203,7 +203,7 @@ def _state_files(state_path: Path) -> list[Path]:
 
 def _load_state(state_path: Path, signature: dict) -> dict:
     """Finished batches of every rank's state file written for exactly ``signature``; others are discarded with a
-    one-line notice naming the fields that differ (issue: a stale state must never give old numbers)."""
+    one-line notice naming the fields that differ: a stale state must never give old numbers."""
     batches = {}
     for f in _state_files(state_path):
         try:
@@ -235,15 +235,16 @@ def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int
     seed, so a batch's result depends only on its samples. The model must take [0,1] input
     (``attacks.check_unit_input``).
     """
-    from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.tensor_io import atomic_write_text
 
     from .attacks import check_unit_input, create_attack
-    from .distributed import merge_records, rank_world
+    from .distributed import merge_records
+    from grace_plugin.runtime import world_info
 
     check_unit_input(model, unit_input, name=model_name)
     model = model.float().eval()  # fp32: low precision weakens gradient attacks
     attack = create_attack(attack_name, model, eps=eps, norm=norm, seed=seed)
-    rank, _ = rank_world()
+    rank, _ = world_info()
     sig = dict(signature or {}, attack=attack_name, eps=eps, norm=norm, seed=seed, n=n_max)
     done, own, own_file = {}, {}, None
     if state_path is not None:

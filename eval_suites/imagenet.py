@@ -95,9 +95,9 @@ def _folder_batches(folder: Path, transform: Callable, n: int, batch_size: int,
     with ``k % W == r`` (``eval_suites.distributed`` gathers them)."""
     from robustbench.loaders import CustomImageFolder
 
-    from .distributed import rank_world
+    from grace_plugin.runtime import world_info
 
-    rank, world = ranks or rank_world()
+    rank, world = ranks or world_info()
     ds = CustomImageFolder(str(folder), transform)
     total = min(n, len(ds))
     for k in range(rank, (total + batch_size - 1) // batch_size, world):

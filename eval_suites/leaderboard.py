@@ -52,7 +52,7 @@ def model_info(dataset: str, threat: str, clean_acc: float | None, robust_acc: f
 
 def write_model_info(root: str | Path, name: str, dataset: str, threat: str, **kwargs) -> Path:
     """Write ``root/model_info/<dataset>/<threat>/<name>.json`` atomically; return its path."""
-    from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.tensor_io import atomic_write_text
 
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"bad RobustBench model name {name!r}: use <FirstAuthor><Year><FirstWord>[_<Arch>]")

@@ -36,7 +36,7 @@ __all__ = ["harmonic_mean", "build_report", "write_report", "report_markdown", "
            "tradeoff_plot", "write_summary", "aggregate_reports", "references_markdown", "wilson", "summarise",
            "DEFINITIONS", "ReportError", "not_significant"]
 
-from grace_plugin.errors import GraceError
+from grace_plugin.errors import GraceError, read_json
 
 DEFINITIONS = {
     "strict": "OOD = mean of the OOD sets given; Adv = the attack's robust accuracy",
@@ -290,7 +290,7 @@ def references_markdown(row: dict | None = None, table: str = "Table 6", robustb
 
 
 def write_report(out_dir: str | Path, report: dict) -> Path:
-    from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.tensor_io import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -378,7 +378,7 @@ def tradeoff_plot(rows: list[dict], path: str | Path, title: str = "ID / OOD / A
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from grace_plugin.checkpoint import atomic_path
+    from grace_plugin.tensor_io import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key, label in ((axes[0], "ood", "OOD top-1 (%)"), (axes[1], "adv", "Adversarial robust acc. (%)")):
@@ -416,7 +416,7 @@ def write_summary(out_dir: str | Path, rows: list[dict], extra: dict | None = No
                   sections: list[str] | None = None) -> dict[str, Path]:
     """summary.json (rows, pairs not significantly different, ``extra``), summary.md (the rows' table under
     ``definition``, then ``sections``) and tradeoff.png."""
-    from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.tensor_io import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,11 +436,9 @@ def _read_report(r: str | Path) -> tuple[Path, dict]:
     f = p / "report.json" if p.is_dir() else p
     if not f.is_file():
         raise ReportError(f"{f}: no report.json (run `grace eval ... --out {p}` first)")
-    try:
-        rep = json.loads(f.read_text())
-        rep["axes"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ReportError(f"{f}: not a grace report.json ({type(e).__name__}: {e})") from None
+    rep = read_json(f, ReportError, "not a grace report.json")
+    if not isinstance(rep, dict) or "axes" not in rep:
+        raise ReportError(f"{f}: not a grace report.json (KeyError: 'axes')")
     return p, rep
 
 

@@ -8,7 +8,6 @@ per-run override, and the report records which was used.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from grace_plugin.errors import InputNotFound, UsageError
+from grace_plugin.errors import InputNotFound, UsageError, read_json
 
 __all__ = ["ShardSetEntry", "list_shardsets", "get_shardset", "match_class_subset", "SCORINGS", "resolve_set_dir",
            "apply_mapping", "PAPER_COLUMNS"]
@@ -85,10 +84,7 @@ def apply_mapping(mapping_file: str | Path, set_names: list[str], id_names: list
     p = Path(mapping_file)
     if not p.is_file():
         raise InputNotFound(f"{p}: mapping file not found")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{p}: mapping file is not valid JSON ({e})") from None
+    data = read_json(p, UsageError, "mapping file is not valid JSON")
     pos = {n: i for i, n in enumerate(id_names)}
     out = {}
     for label, name in enumerate(set_names):

@@ -23,20 +23,19 @@ per-batch records (``eval_suites.distributed``): each rank returns the one-proce
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 
 import torch
 
-from grace_plugin.config import checked, validate
+from grace_plugin.registries import Registry, first_doc_line
 from grace_plugin.errors import GraceError, UsageError
 
-from .attacks import NORMS, check_eps_for_norm
+from .context import EvalSet, SetScoringError, SuiteContext
 
-__all__ = ["register_suite", "list_suites", "get_suite", "parse_suite", "UnknownSuiteError", "SuiteContext",
-           "EvalSet", "run_suites", "expand_shorthands", "SetScoringError"]
+__all__ = ["register_suite", "list_suites", "get_suite", "parse_suite", "UnknownSuiteError", "run_suites",
+           "expand_shorthands"]
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,6 @@ log = logging.getLogger(__name__)
 class UnknownSuiteError(GraceError, KeyError):
     pass
 
-
-class SetScoringError(GraceError, ValueError):
-    """A set that cannot be scored as asked (labels beyond its class list, skips under --strict, a mapping missing)."""
 
 
 @dataclass(frozen=True)
@@ -57,17 +53,11 @@ class SuiteInfo:
     description: str
 
 
-_SUITES: dict[str, SuiteInfo] = {}
+_SUITES: Registry[SuiteInfo] = Registry("suite", UnknownSuiteError)
 
 
 def register_suite(name: str, takes_arg: bool = False, description: str = ""):
-    def deco(fn):
-        if name in _SUITES:
-            raise ValueError(f"suite {name!r} is already registered")
-        _SUITES[name] = SuiteInfo(name, fn, takes_arg, description or (fn.__doc__ or "").strip().splitlines()[0])
-        return fn
-
-    return deco
+    return _SUITES.register(name, lambda fn: SuiteInfo(name, fn, takes_arg, description or first_doc_line(fn)))
 
 
 def list_suites() -> list[str]:
@@ -78,9 +68,9 @@ def list_suites() -> list[str]:
 def parse_suite(text: str) -> tuple[str, str | None]:
     """``"adv:apgd-ce"`` -> ``("adv", "apgd-ce")``; an unknown name or a missing/extra argument is an error."""
     base, _, arg = str(text).partition(":")
-    info = _SUITES.get(base)
-    if info is None:
+    if base not in _SUITES:
         raise UnknownSuiteError(f"unknown suite {text!r}; valid suites: {', '.join(list_suites())}")
+    info = _SUITES.get(base)
     if info.takes_arg and not arg:
         raise UnknownSuiteError(f"suite {base!r} needs an argument, e.g. {base}:<name>")
     if not info.takes_arg and arg:
@@ -93,7 +83,7 @@ def parse_suite(text: str) -> tuple[str, str | None]:
 
 
 def get_suite(name: str) -> SuiteInfo:
-    return _SUITES[parse_suite(name)[0]]
+    return _SUITES.get(parse_suite(name)[0])
 
 
 def expand_shorthands(data: str | None = None, ood: list[str] = (), attack: str | None = None,
@@ -123,151 +113,6 @@ def expand_shorthands(data: str | None = None, ood: list[str] = (), attack: str 
         if n not in out:
             out.append(n)
     return out, sets
-
-
-@dataclass
-class EvalSet:
-    """A data set a suite reads: a shard set or an ImageNet folder (``kind``), with its catalogue entry if any."""
-
-    name: str
-    path: Path
-    kind: str  # "shards" | "imagenet"
-    classnames: list[str] | None
-    templates: list[str] | None
-    urls: list[str] | None = None
-    expected: int | None = None  # samples the layout promises
-    entry: object | None = None  # shardsets.ShardSetEntry when the name is catalogued
-    unlisted: list[str] = field(default_factory=list)  # tars the layout does not list (counted as unaccounted)
-
-    def batches(self, transform, batch_size: int, n: int | None = None, num_workers: int = 0, decode: str = "pil",
-                limit: int | None = None, whole: bool = False):
-        """This rank's batches (``whole``: every batch, on every rank); ``limit``: only the first ``limit`` samples
-        (the attacked subset)."""
-        ranks = (0, 1) if whole else None
-        if self.kind == "imagenet":
-            from .imagenet import imagenet_batches
-
-            return imagenet_batches(self.path, transform, n=min(limit or n or 5000, 5000), batch_size=batch_size,
-                                    ranks=ranks)
-        from grace_plugin.data.loader import make_eval_loader
-
-        return make_eval_loader(self.urls, transform, batch_size, num_classes=len(self.classnames or []) or None,
-                                num_workers=0 if limit is not None else num_workers, decode=decode, limit=limit,
-                                ranks=ranks)
-
-    def files_signature(self, n: int | None = None) -> list:
-        """``[[file, size, mtime_ns], ...]`` of what this set reads (local files; URLs as given)."""
-        if self.kind == "imagenet":
-            from .imagenet import imagenet_val_dir, subset_files
-
-            d = imagenet_val_dir(self.path)
-            files = [d / f for f in subset_files(min(n or 5000, 5000))]
-        else:
-            files = [Path(u) if os.path.exists(u) else u for u in self.urls]
-        out = []
-        for f in files:
-            if isinstance(f, Path):
-                st = f.stat()
-                out.append([str(f), st.st_size, st.st_mtime_ns])
-            else:
-                out.append([str(f), None, None])
-        return out
-
-
-def open_eval_set(name: str, path: str | Path) -> EvalSet:
-    from grace_plugin.data.shards import open_shard_set
-
-    from .imagenet import check_imagenet_folder, imagenet_classnames, is_imagenet_folder
-    from .shardsets import get_shardset
-
-    p = Path(path).expanduser()
-    if is_imagenet_folder(p):
-        check_imagenet_folder(p, n=0)  # classes now; subset files when read
-        names, templates = imagenet_classnames()
-        return EvalSet(name, p, "imagenet", names, templates, entry=get_shardset(name))
-    s = open_shard_set(p)
-    return EvalSet(name, p, "shards", s.classnames, s.templates, urls=s.urls, expected=s.expected,
-                   entry=get_shardset(name), unlisted=s.unlisted)
-
-
-@dataclass
-class SuiteContext:
-    """Everything a suite may need; each field is a `grace eval` flag (or a tox environment variable)."""
-
-    id_set: tuple[str, str | Path] | None = None
-    sets: dict[str, str | Path] = field(default_factory=dict)
-    data_root: str | Path | None = None
-    eps: float = checked(4 / 255, flag="--eps", ge=0)
-    norm: str = checked("Linf", flag="--norm", choices=NORMS)
-    n_adv: int = checked(500, flag="--n-adv", ge=0)
-    batch_size: int = checked(128, flag="--batch-size", gt=0)
-    num_workers: int = checked(0, flag="--num-workers", ge=0)
-    # shard decoding: "pil" (timm's PIL preprocessing exactly) or "tensor" (torchvision, faster)
-    decode: str = checked("pil", flag="--decode", choices=("pil", "tensor"))
-    device: str = "auto"  # "auto": CUDA when available (this rank's GPU under torchrun), else CPU
-    seed: int = 0
-    strict: bool = False
-    scoring: str | None = None  # override every ood set's scoring: own | subset | mapping
-    mapping_files: dict[str, str | Path] = field(default_factory=dict)  # set name -> mapping JSON
-    unit_input: bool | None = None
-    out_dir: str | Path | None = None  # resume state for adversarial suites lives under out_dir/state/
-    imagenet_dir: str | Path | None = None
-    corruptions_dir: str | Path | None = None
-    n_imagenet: int = checked(5000, flag="--n-imagenet", gt=0)
-    reference: str | None = None  # pretrained model spec for the parameter drift (geometry)
-    n_geometry: int = 64
-    geometry_iters: int = 20
-    geometry_samples: int = 8
-    geometry_attack: str = "apgd-ce"
-    lid_k: int = 20
-    n_shift: int = 1000
-    shift_ridge: float | None = None
-    model_info_name: str | None = None  # write RobustBench model_info JSON for adversarial results under this name
-    progress: bool = False
-    cache: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        validate(self)
-
-    __validate__ = check_eps_for_norm
-
-    def resolve_set(self, spec: str) -> tuple[str, Path]:
-        """``NAME=DIR`` | a name in ``sets`` | a folder | the catalogued folder or ``<data_root>/<name>``."""
-        from grace_plugin.data.shards import ShardSetError
-
-        from .shardsets import get_shardset
-
-        if "=" in spec and not Path(spec).exists():
-            name, path = spec.split("=", 1)
-            return name, Path(path)
-        if spec in self.sets:
-            return spec, Path(self.sets[spec])
-        p = Path(spec).expanduser()
-        if p.exists():
-            return p.name, p
-        entry = get_shardset(spec)
-        if self.data_root is not None:
-            if entry is not None and (Path(self.data_root) / entry.folder).exists():
-                return spec, Path(self.data_root) / entry.folder
-            if (Path(self.data_root) / spec).exists():
-                return spec, Path(self.data_root) / spec
-        if entry is not None and self.data_root is None:
-            raise ShardSetError(f"set {spec!r}: a catalogued set name needs --data-root (its folder there is "
-                                f"{entry.folder}/), or pass {spec}=DIR")
-        known = sorted(self.sets) + ([f"<{self.data_root}>/*"] if self.data_root else [])
-        raise ShardSetError(f"set {spec!r}: not a folder, not given with --ood NAME=DIR and not under --data-root "
-                            f"(known: {', '.join(known) or 'none'})")
-
-    def eval_set(self, name: str, path: str | Path) -> EvalSet:
-        key = ("set", name, str(path))
-        if key not in self.cache:
-            self.cache[key] = open_eval_set(name, path)
-        return self.cache[key]
-
-    def id_eval_set(self) -> EvalSet:
-        if self.id_set is None:
-            raise UsageError("this suite needs an ID set: pass --data [NAME=]DIR")
-        return self.eval_set(*self.id_set)
 
 
 def _say_head(name: str, head: dict) -> None:
@@ -385,7 +230,7 @@ def _suite_transfer(loaded, ctx: SuiteContext, arg: str) -> dict:
 
 
 def _adv_signature(loaded, model, es: EvalSet, ctx: SuiteContext, n: int) -> dict:
-    """What an adversarial result was computed from (issue: resume state must match all of it)."""
+    """What an adversarial result was computed from: a resume state must match all of it."""
     from .evaluate import model_sha256
 
     return {"weights_sha256": model_sha256(model), "data": es.files_signature(n),
@@ -417,7 +262,7 @@ def _suite_adv(loaded, ctx: SuiteContext, arg: str) -> dict:
     out = dict(res.as_dict(), kind="adv", dataset=es.name, head=head,
                subset="robustbench-imagenet-5000" if es.kind == "imagenet" else None)
     if ctx.model_info_name and ctx.out_dir is not None:
-        from .distributed import is_main
+        from grace_plugin.runtime import is_main
         from .leaderboard import write_model_info
 
         dataset = "imagenet" if es.kind == "imagenet" else es.name
@@ -433,7 +278,7 @@ def _suite_adv(loaded, ctx: SuiteContext, arg: str) -> dict:
 def _suite_robustbench(loaded, ctx: SuiteContext, arg=None) -> dict:
     """robustbench.eval.benchmark (standard AutoAttack) on --imagenet-dir; writes RobustBench model_info JSON."""
     from .attacks import check_unit_input
-    from .distributed import is_main, rank_world
+    from grace_plugin.runtime import is_main, world_info
     from .imagenet import check_imagenet_folder, imagenet_classnames
     from .leaderboard import run_robustbench, write_model_info
 
@@ -443,14 +288,14 @@ def _suite_robustbench(loaded, ctx: SuiteContext, arg=None) -> dict:
     names, templates = imagenet_classnames()
     model, head = _model_for(loaded, ctx, names, templates, "imagenet")
     check_unit_input(model, ctx.unit_input, name=loaded.name)
-    if rank_world()[1] > 1:
+    if world_info()[1] > 1:
         # robustbench.eval.benchmark reads the whole subset in one process; over ranks, each attacks its batches of
         # the same subset with the same standard AutoAttack (pyautoattack version='standard', what benchmark runs)
         es = ctx.eval_set("imagenet", ctx.imagenet_dir)
         res = _run_adv(loaded, ctx, es, model, "autoattack", min(ctx.n_imagenet, 5000), f"robustbench-{ctx.norm}")
         out = dict(clean_acc=res.clean_acc, robust_acc=res.robust_acc, n=res.n, eps=ctx.eps, threat=ctx.norm,
                    clean_correct=res.clean_correct, robust_correct=res.robust_correct, precision="fp32",
-                   runner=f"pyautoattack standard, {rank_world()[1]} ranks (batches of the RobustBench subset)")
+                   runner=f"pyautoattack standard, {world_info()[1]} ranks (batches of the RobustBench subset)")
     else:
         res = run_robustbench(model, ctx.imagenet_dir, _transform(loaded), eps=ctx.eps, threat=ctx.norm,
                               n=ctx.n_imagenet, batch_size=ctx.batch_size, device=ctx.device)
@@ -506,7 +351,7 @@ def _suite_corruptions(loaded, ctx: SuiteContext, arg=None) -> dict:
     out = {"kind": "corruptions", "corruptions_acc": 100 * mean_acc, "corruptions_mce": 100 * mce,
            "per_corruption": {f"{c}/{s}": 100 * a for (c, s), a in acc.items()}, "n": ctx.n_imagenet}
     if ctx.out_dir is not None and ctx.model_info_name:
-        from .distributed import is_main
+        from grace_plugin.runtime import is_main
 
         if is_main():
             write_model_info(ctx.out_dir, ctx.model_info_name, "imagenet", "corruptions", clean_acc=None,
@@ -647,17 +492,16 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
     """Run suites in order (names validated first); return the report with every result under ``"suites"``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined here; every rank returns the same report,
-    and callers write it on rank 0 (``distributed.is_main``). ``ctx.device`` ``auto`` becomes this rank's GPU, else
+    and callers write it on rank 0 (``runtime.is_main``). ``ctx.device`` ``auto`` becomes this rank's GPU, else
     the CPU."""
-    from grace_plugin.trainer import resolve_device
+    from grace_plugin.runtime import init_distributed, resolve_device, world_info
 
-    from .distributed import init, rank_world
     from .report import build_report
 
     parsed = [parse_suite(n) for n in names]  # every name fails before any work
     if not names:
         raise UsageError("nothing to evaluate: pass --data/--ood/--attack or --suite NAME (see `grace list suites`)")
-    init()
+    init_distributed()
     ctx.device = str(resolve_device(ctx.device))
     ctx.cache["suite_names"] = list(names)
     import time
@@ -666,7 +510,7 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
     for name, (base, arg) in zip(names, parsed):
         log.info("suite %s", name)
         t0 = time.perf_counter()
-        results[name] = _SUITES[base].fn(loaded, ctx, arg)
+        results[name] = _SUITES.get(base).fn(loaded, ctx, arg)
         seconds[name] = round(time.perf_counter() - t0, 3)
     roles = ("id", "ood", "transfer")
     datasets = {r["dataset"]: {k: v for k, v in r.items() if k not in ("kind", "dataset", "path")} | {"role": r["kind"]}
@@ -679,7 +523,7 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
               "eps": ctx.eps, "norm": ctx.norm, "n_adv": ctx.n_adv, "batch_size": ctx.batch_size,
               "scoring": ctx.scoring, "mapping": {k: str(v) for k, v in ctx.mapping_files.items()},
               "strict": ctx.strict, "decode": ctx.decode, "device": ctx.device, "seed": ctx.seed,
-              "world_size": rank_world()[1]}
+              "world_size": world_info()[1]}
     report = build_report(loaded.name, datasets, id_name, ood_names, adv, config)
     report["suites"] = results
     report["seconds"] = seconds  # wall time per suite on this rank (not a result: excluded from comparisons)

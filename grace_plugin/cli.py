@@ -201,6 +201,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--dataset", default="imagenet")
     x.add_argument("--threat-model", default="Linf")
     x.add_argument("--templates", default="openai")
+
+    rs = sub.add_parser("results", help="regenerate docs/results/ from study and bench outputs (docs/results/data/)")
+    rs.add_argument("--add", action="append", default=[], metavar="PATH",
+                    help="first copy this output into --data: a quickstart or study folder, or a bench JSON")
+    rs.add_argument("--data", default="docs/results/data", help="the sources (default docs/results/data)")
+    rs.add_argument("--out", default="docs/results", help="where the pages go (default docs/results)")
+    rs.add_argument("--mkdocs", default="mkdocs.yml", help="its Results nav block is rewritten ('' to leave it)")
     return p
 
 
@@ -240,10 +247,10 @@ def _cmd_eval(a) -> int:
 
 def _cmd_eval_locked(a) -> int:
     from eval_suites.attacks import parse_eps
-    from eval_suites.distributed import init, is_main
+    from eval_suites.context import SuiteContext
     from eval_suites.report import report_markdown, write_report
-    from eval_suites.suites import SuiteContext, expand_shorthands, parse_suite, run_suites
-    from grace_plugin.trainer import resolve_device
+    from eval_suites.suites import expand_shorthands, parse_suite, run_suites
+    from grace_plugin.runtime import init_distributed, is_main, resolve_device
     from registry import load_model
 
     eps = parse_eps(a.eps)
@@ -253,7 +260,7 @@ def _cmd_eval_locked(a) -> int:
     id_set = None
     if a.data:
         id_set = _named_dir(a.data, default_name=None if "=" in a.data else "id", flag="--data")
-    init()  # torchrun: join the process group before choosing this rank's device
+    init_distributed()  # torchrun: join the process group before choosing this rank's device
     device = str(resolve_device(a.device))
     ctx = SuiteContext(id_set=id_set, sets=sets, data_root=a.data_root, eps=eps, norm=a.norm, n_adv=a.n_adv,
                        batch_size=a.batch_size, num_workers=a.num_workers, decode=a.decode, device=device,
@@ -281,7 +288,7 @@ def _cmd_report(a) -> int:
 
 def _cmd_quickstart(a) -> int:
     from eval_suites.report import summary_markdown
-    from eval_suites.study import QuickstartConfig, run_quickstart
+    from eval_suites.studies.quickstart import QuickstartConfig, run_quickstart
     from grace_plugin.recipes import get_recipe_class, list_recipes
 
     recipes = list_recipes() if a.recipes == "all" else [r.strip() for r in a.recipes.split(",") if r.strip()]
@@ -325,8 +332,8 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
 def _cmd_study(a) -> int:
     out = Path(a.out or Path("studies") / a.name)
     if a.name == "tune":
-        from eval_suites.testbed_config import installed_copy, testbed_dir
-        from eval_suites.tuning import TuneConfig, run_tuning
+        from eval_suites.studies.testbed_config import installed_copy, testbed_dir
+        from eval_suites.studies.tuning import TuneConfig, run_tuning
         from grace_plugin.errors import UsageError
 
         if not a.methods:
@@ -343,7 +350,7 @@ def _cmd_study(a) -> int:
         print(Path(res["paths"]["md"]).read_text())
         print("wrote " + ", ".join(str(p) for p in res["paths"].values()))
         return 0
-    from eval_suites.studies import StudyConfig, run_study
+    from eval_suites.studies.runner import StudyConfig, run_study
 
     count, run_seeds = _parse_seeds(a.seeds)
     cfg = StudyConfig(name=a.name, out=out, seed=a.seed, seeds=count, run_seeds=run_seeds, steps=a.steps or 300,
@@ -409,8 +416,9 @@ def _cmd_export(a) -> int:
 
 def _cmd_wise_ft_sweep(a) -> int:
     from eval_suites.attacks import parse_eps
-    from eval_suites.study import run_wise_ft_sweep
-    from eval_suites.suites import SuiteContext, expand_shorthands
+    from eval_suites.studies.quickstart import run_wise_ft_sweep
+    from eval_suites.context import SuiteContext
+    from eval_suites.suites import expand_shorthands
     from grace_plugin.errors import UsageError
 
     try:
@@ -427,6 +435,16 @@ def _cmd_wise_ft_sweep(a) -> int:
         print(f"alpha={p['alpha']:.2f}  " + "  ".join(f"{k}={p[k]}" for k in ("id", "ood", "adv", "hm")))
     print("frontier: " + ", ".join(f"{p['alpha']:.2f}" for p in res["frontier"]))
     print(f"wrote {Path(a.out) / 'wise_ft_sweep.json'}")
+    return 0
+
+
+def _cmd_results(a) -> int:
+    from eval_suites.studies.publish import add_source, regenerate
+
+    for path in a.add:
+        print(f"added {add_source(path, a.data)}")
+    for page in regenerate(a.data, a.out, a.mkdocs or None):
+        print(f"wrote {page}")
     return 0
 
 
@@ -469,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
                 "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export,
                 "wise-ft-sweep": _cmd_wise_ft_sweep, "report": _cmd_report,
-                "study": _cmd_study}
+                "study": _cmd_study, "results": _cmd_results}
     # GraceError is the user-mistake family (grace_plugin.errors): one line, exit 2. Anything else is a bug in this
     # package: its traceback is printed and the exit status is 1.
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -151,14 +152,14 @@ class TrainConfig:
     device: str = "auto"
     ema_decay: float | None = checked(None, gt=0, lt=1)  # timm ModelEmaV3; the exported weights are the EMA's
     tensorboard: bool = False  # also log to RUN_DIR/tb (needs the `tensorboard` package)
-    # robust validation during training (grace_plugin/validation.py); 0: never
+    # robust validation during training (grace_plugin/robust_validation.py); 0: never
     val_every: int = checked(0, ge=0)  # steps between checks (and one at the last step)
     val_n: int = checked(512, ge=1)  # images of data.val_split (the first ones, in shard order)
     # pgdN (l_inf PGD, N steps of 2.5 eps/N, no random start) | none
     val_attack: str = checked("pgd10", test=lambda v: _val_attack_error(v))
     val_eps: float | None = checked(None, ge=0, le=1)  # None: the recipe's training eps (recipe.pgd_eps), else 4/255
     # exported weights: last | best_robust | best_hm (harmonic mean of clean and robust)
-    select: str = checked("last", choices=lambda: _select_rules())
+    select: str = checked("last", choices=lambda: SELECT_RULES)
     # stop when robust acc falls by more than this many points while clean rises
     co_guard: float | None = checked(None, ge=0)
 
@@ -193,16 +194,21 @@ class RunConfig:
     recipe: Any = None  # a RecipeConfig dataclass instance
 
 
-# the validation fields' rules live in grace_plugin/validation.py (which imports torch): looked up when validating
-def _select_rules() -> tuple[str, ...]:
-    from .validation import SELECT_RULES
+# the rules of the robust-validation fields (grace_plugin/robust_validation.py runs the checks)
+SELECT_RULES = ("last", "best_robust", "best_hm")
 
-    return SELECT_RULES
+
+def parse_val_attack(spec: str) -> int:
+    """``pgdN`` -> N attack steps (``pgd10`` is PGD-10); ``none`` -> 0 (clean accuracy only)."""
+    if spec == "none":
+        return 0
+    m = re.fullmatch(r"pgd(\d+)", spec)
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"unknown validation attack {spec!r}; valid: pgdN (N >= 1, e.g. pgd10) or none")
+    return int(m.group(1))
 
 
 def _val_attack_error(spec: str) -> str | None:
-    from .validation import parse_val_attack
-
     try:
         parse_val_attack(spec)
     except ValueError as e:

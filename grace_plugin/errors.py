@@ -9,7 +9,7 @@ that catch the builtin keep working; the CLI catches only ``GraceError``.
 """
 from __future__ import annotations
 
-__all__ = ["BrokenInstall", "GraceError", "InputNotFound", "UsageError"]
+__all__ = ["BrokenInstall", "GraceError", "InputNotFound", "UsageError", "read_json"]
 
 
 class GraceError(Exception):
@@ -29,3 +29,14 @@ class InputNotFound(GraceError, FileNotFoundError):
 
 class BrokenInstall(GraceError, ImportError):
     """A dependency whose installed files are not the ones its own wheel recorded; the message says how to repair."""
+
+
+def read_json(path, error: type[GraceError] = UsageError, what: str = "not valid JSON"):
+    """The parsed contents of a JSON file; one that cannot be read or parsed raises ``error`` naming the file."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{path}: {what} ({e})") from None

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import atomic_write_text, save_run
+from .checkpoint import save_run
+from .tensor_io import atomic_write_text
 from .config import (RESUME_MAY_CHANGE, ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides,
                      load_yaml, parse_overrides, resume_differences, to_dict, validate)
 
@@ -82,7 +83,8 @@ def build_validator(data: str | Path, cfg: RunConfig, pretrained_cfg: dict, num_
     from .data.loader import make_eval_loader
     from .data.shards import open_shard_set
     from .data.transforms import eval_transform
-    from .validation import Validator, parse_val_attack
+    from .config import parse_val_attack
+    from .robust_validation import Validator
 
     t = cfg.train
     shards = open_shard_set(data, split=cfg.data.val_split)
@@ -106,7 +108,7 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
               progress: bool = True, resume: bool = False) -> Path:
     """Fine-tune the CLIP ``init`` with ``recipe`` on the train split of shard set ``data``; write ``out``."""
     from .runfolder import check_output_dir, folder_lock
-    from .trainer import init_distributed
+    from .runtime import init_distributed
 
     validate(cfg)  # library callers may build RunConfig by hand
 
@@ -119,14 +121,15 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
 
 def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: bool, resume: bool, rank: int,
                world: int) -> Path:
-    from .checkpoint import check_outputs_finite
+    from .tensor_io import check_outputs_finite
     from .data.loader import make_train_loader
     from .data.shards import count_samples, open_shard_set
     from .data.transforms import train_transform
     from .models.clip import classifier_from_clip, load_clip, text_state_dict, tower_spec
     from .recipes import TextSide, create_recipe
     from .runfolder import StagedRun
-    from .trainer import resolve_device, seed_everything, steps_for_epochs, train
+    from .runtime import resolve_device, seed_everything
+    from .trainer import steps_for_epochs, train
 
     shards = open_shard_set(data, split=cfg.data.train_split)
     classnames = shards.require_classnames()

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from collections.abc import Iterator
 
-from .checkpoint import CheckpointError, raise_disk_full
+from .tensor_io import CheckpointError, raise_disk_full
 from .errors import GraceError
 
 __all__ = ["RunFolderError", "RunLockedError", "folder_lock", "check_output_dir", "StagedRun", "partial_dir",

@@ -86,9 +86,9 @@ def pretrain_tiny_clip(pairs_dir: str | Path, out: str | Path, cfg: PretrainConf
     n = images.shape[0]
     bar = None
     if progress:
-        from tqdm import tqdm
+        from .progress import progress as progress_bar
 
-        bar = tqdm(total=cfg.steps, desc="pretrain tiny CLIP", unit="step", dynamic_ncols=True)
+        bar = progress_bar(total=cfg.steps, desc="pretrain tiny CLIP", unit="step")
     t0 = time.time()
     clip.train()
     for step in range(cfg.steps):

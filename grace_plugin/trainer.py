@@ -10,27 +10,25 @@ robust validation checks, checkpoint selection and the catastrophic-overfitting 
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path, torch_load_tensors
+from .tensor_io import atomic_path, torch_load_tensors
 from .config import TrainConfig
-from .errors import GraceError, UsageError
+from .errors import GraceError
 from .recipes.base import Recipe, StepContext
+from .runtime import autocast_factory, resolve_device, seed_everything, world_info
 
-__all__ = ["train", "TrainingDiverged", "resolve_device", "autocast_factory", "TrainResult", "init_distributed",
-           "world_info", "batch_source", "OverlappedGradSync"]
+__all__ = ["train", "TrainingDiverged", "TrainResult", "batch_source", "OverlappedGradSync"]
 
 log = logging.getLogger(__name__)
 
@@ -50,35 +48,6 @@ class TrainResult:
     stopped: str | None = None  # the co_guard line when the guard stopped the run
     val_seconds: float = 0.0
     first_batch_seconds: float | None = None  # from the stream's (re)start to its first batch (resume cost)
-
-
-def world_info() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group ``torchrun`` describes (env WORLD_SIZE > 1): NCCL on GPU, gloo on CPU."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = torch.distributed
-    if world > 1 and not d.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        d.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return world_info()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def _all_reduce_grads(params, world: int) -> None:
@@ -102,22 +71,6 @@ def _all_finite(flag: bool, world: int, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item() > 0)
-
-
-def autocast_factory(device: torch.device, precision: str = "auto"):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext
-    if precision == "bf16":
-        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-    raise UsageError(f"train.precision: unknown precision {precision!r}; valid: auto, bf16, fp32")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _rng_state() -> dict:
@@ -301,24 +254,236 @@ def _restore(recipe: Recipe, ema, snap: dict) -> None:
     recipe.load_state_dict(snap["recipe"])
 
 
-def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps: int, out_dir: str | Path,
-          progress: bool = True, resume: bool = False, validator=None) -> TrainResult:
-    """Run ``total_steps`` optimizer steps of ``recipe`` on batches from ``loader``; logs to ``out_dir/log.jsonl``.
+@dataclass
+class _LoopState:
+    """What a resumable state carries besides weights, optimizer and RNG: where the loop is and what it has seen."""
+    step: int = 0
+    bad_total: int = 0
+    data_skipped: dict = field(default_factory=dict)
+    cursors: dict = field(default_factory=dict)  # this rank's {worker stream: (block, offset)}
+    checks: list = field(default_factory=list)
+    best: dict | None = None
+    val_seconds: float = 0.0
 
-    ``validator`` (a ``validation.Validator``) is called every ``cfg.val_every`` steps and at the last step; its
-    checks drive ``cfg.select`` (the weights left in the model at the end) and ``cfg.co_guard``.
-    """
+
+def _load_state(state_file: Path, recipe: Recipe, optimizer, device, rank: int) -> tuple[_LoopState, dict]:
+    """Put a resumable state's weights, optimizer and recipe state in place; the loop state and the raw dict back."""
+    st = torch_load_tensors(state_file, device, what="resumable state")  # a pickle with code: one line
+    trainable = dict((n, p) for n, p in recipe.model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for n, t in st["trainable"].items():
+            trainable[n].copy_(t)
+    optimizer.load_state_dict(st["optimizer"])
+    recipe.load_state_dict(st["recipe"])
+    mine = st.get("cursors", {}).get(rank, {})  # every rank's stream has its own position
+    loop = _LoopState(step=st["step"], bad_total=st["skipped_steps"], data_skipped=dict(st.get("data_skipped", {})),
+                      cursors={int(k): tuple(v) for k, v in mine.items()}, checks=list(st.get("checks", [])),
+                      best=st.get("best"), val_seconds=float(st.get("val_seconds", 0.0)))
+    return loop, st
+
+
+def _save_state(path: Path, recipe: Recipe, optimizer, loop: _LoopState, ema, cursors: dict) -> None:
+    """Write the resumable state atomically (``cursors``: every rank's stream position, gathered on rank 0)."""
+    trainable = {n: p.detach().cpu().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    if not all(torch.isfinite(t).all() for t in trainable.values()):
+        raise TrainingDiverged(f"step {loop.step}: non-finite weights; refusing to write {path}")
+    state = {"step": loop.step, "trainable": trainable, "optimizer": optimizer.state_dict(),
+             "recipe": recipe.state_dict(), "rng": _rng_state(), "skipped_steps": loop.bad_total,
+             "data_skipped": loop.data_skipped,
+             # {rank: {worker stream: (block, offset)}}: resume seeks there (batch_source)
+             "cursors": {int(r): {int(k): tuple(v) for k, v in c.items()} for r, c in cursors.items()},
+             "checks": list(loop.checks), "val_seconds": float(loop.val_seconds)}
+    if loop.best is not None:
+        state["best"] = loop.best
+    if ema is not None:
+        state["ema"] = ema.module.state_dict()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+class _RunLog:
+    """``log.jsonl`` (and TensorBoard) on rank 0, and the progress bar."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, main_proc: bool, append: bool, progress: bool, total: int,
+                 start: int, desc: str):
+        self.tb = self.file = self.bar = None
+        self.postfix: dict = {}
+        if not main_proc:
+            return
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        self.file = open(out / "log.jsonl", "a" if append else "w")
+        if progress:
+            from .progress import progress as progress_bar
+
+            self.bar = progress_bar(total=total, initial=start, desc=desc, unit="step")
+
+    def write(self, rec: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.postfix:
+                self.bar.set_postfix(self.postfix)
+
+    def close(self) -> None:
+        for h in (self.file, self.tb, self.bar):
+            if h is not None:
+                h.close()
+
+
+@dataclass
+class _Loop:
+    """One run's fixed parts, built once by ``train``."""
+    recipe: Recipe
+    cfg: TrainConfig
+    total_steps: int
+    device: torch.device
+    autocast: object
+    rank: int
+    world: int
+    params: list
+    optimizer: object
+    ema: object
+    sync: OverlappedGradSync | None
+    t_seek: float = 0.0  # when the stream was (re)started
+    first_batch_s: float | None = None  # from then to its first batch (the resume cost)
+
+
+def _forward_batches(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: int):
+    """Draw ``grad_accum`` batches and run the recipe on each (all but the last backwarded here); ``(ok, last
+    output, last batch, ctx, logs)``. A non-finite loss loses the step but its batches are still consumed."""
+    cfg, world, rank = lp.cfg, lp.world, lp.rank
+    ok, batch, ctx, last, logs = True, None, None, None, {}
+    for a in range(cfg.grad_accum):
+        batch = next(stream)
+        if lp.first_batch_s is None:
+            lp.first_batch_s = time.time() - lp.t_seek
+        for k, v in batch.get("skipped", {}).items():
+            loop.data_skipped[k] = loop.data_skipped.get(k, 0) + v
+        if "cursor" in batch:
+            w, blk, off = (int(v) for v in batch["cursor"])
+            loop.cursors[w] = (blk, off)
+        if not ok:
+            continue  # the step is lost; still consume its batches so the stream stays in step
+        b = int(batch["label"].shape[0])
+        index = (a * world + rank) * b + torch.arange(b)  # this rank's samples in the global step
+        ctx = StepContext(device=lp.device, autocast=lp.autocast, step=step, total_steps=lp.total_steps,
+                          seed=cfg.seed, sample_index=index, world=world)
+        out_step = lp.recipe.training_step(batch, ctx)
+        if not torch.isfinite(out_step.loss):
+            ok = False
+            continue
+        logs = out_step.logs
+        if a < cfg.grad_accum - 1:
+            (out_step.loss / cfg.grad_accum).backward()
+        else:
+            last = out_step
+    return ok, last, batch, ctx, logs
+
+
+def _step(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: int, bad_run: int) -> tuple[dict | None, int]:
+    """One optimizer step; ``(logs, bad_run)``, logs None when the step was skipped for a non-finite loss."""
+    cfg, world = lp.cfg, lp.world
+    lp.optimizer.zero_grad(set_to_none=True)
+    ok, last, batch, ctx, logs = _forward_batches(lp, stream, loop, step)
+    # every rank agrees before the last backward, whose hooks all-reduce (a rank that skipped it would hang)
+    if not _all_finite(ok, world, lp.device):
+        loop.bad_total += 1
+        bad_run += 1
+        lp.optimizer.zero_grad(set_to_none=True)
+        log.warning("step %d: non-finite loss; step skipped (%d in a row)", step, bad_run)
+        if bad_run >= cfg.max_bad_steps:
+            raise TrainingDiverged(f"{bad_run} consecutive non-finite losses at step {step}; stopping "
+                                   "(no checkpoint written for the diverged state). Lower train.lr or check "
+                                   "the data.")
+        return None, bad_run
+    if lp.sync is not None:
+        lp.sync.arm()
+    (last.loss / cfg.grad_accum).backward()
+    if lp.sync is not None:
+        lp.sync.finish()
+    elif world > 1:
+        _all_reduce_grads(lp.params, world)
+    if cfg.grad_clip:
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(lp.params, cfg.grad_clip))
+    lp.optimizer.step()
+    if lp.ema is not None:
+        lp.ema.update(lp.recipe.model, step=step)
+    logs.update(lp.recipe.after_step(batch, ctx))
+    return logs, 0
+
+
+def _validate(lp: _Loop, validator, loop: _LoopState, step: int, track: str | None, runlog: _RunLog,
+              t0: float) -> str | None:
+    """One robust validation check: recorded, the tracked best snapshot kept; the catastrophic-overfitting guard's
+    message when it trips, else None."""
+    from .robust_validation import co_guard_tripped, select_check
+
+    res = validator(lp.ema.module if lp.ema is not None else lp.recipe.model, lp.device, lp.autocast, lp.rank,
+                    lp.world)
+    loop.val_seconds += res.pop("val_seconds")
+    check = {"step": step, **res}
+    loop.checks.append(check)
+    if track is not None and select_check(loop.checks, track) is check:
+        loop.best = {"check": check, **_snapshot(lp.recipe, lp.ema)}
+    share = loop.val_seconds / max(1e-9, loop.val_seconds + (time.time() - t0))
+    runlog.write({**check, "val_seconds": round(loop.val_seconds, 3), "val_share": round(share, 4)})
+    runlog.postfix.update(clean=f"{res['val_clean']:.1f}", robust=f"{res['val_robust']:.1f}")
+    if not co_guard_tripped(loop.checks, lp.cfg.co_guard):
+        return None
+    prev = loop.checks[-2]
+    return (f"catastrophic overfitting at step {step}: robust accuracy {prev['val_robust']:.1f} -> "
+            f"{check['val_robust']:.1f} while clean {prev['val_clean']:.1f} -> {check['val_clean']:.1f} "
+            f"(train.co_guard={lp.cfg.co_guard}); run stopped, exporting the {track} weights of step "
+            f"{loop.best['check']['step']}")
+
+
+def _checkpoint(lp: _Loop, loop: _LoopState, state_file: Path) -> None:
+    every = [loop.cursors]
+    if lp.world > 1:  # rank 0 writes the state: it needs every rank's stream position
+        every = [None] * lp.world
+        torch.distributed.all_gather_object(every, loop.cursors)
+    if lp.rank == 0:
+        _save_state(state_file, lp.recipe, lp.optimizer, loop, lp.ema, dict(enumerate(every)))
+
+
+def _finish(lp: _Loop, loop: _LoopState, track: str | None, stopped: str | None) -> dict | None:
+    """Leave the selected weights in the model (a stopped run never exports the collapsed ones) and the EMA's when
+    there is one; the selection record."""
+    selection = None
+    if loop.checks:
+        rule = track if stopped else lp.cfg.select
+        if rule == "last":
+            chosen = loop.checks[-1]
+        else:
+            chosen = loop.best["check"]
+            _restore(lp.recipe, lp.ema, loop.best)
+        selection = {"rule": rule, "step": int(chosen["step"]), "val_clean": chosen["val_clean"],
+                     "val_robust": chosen["val_robust"], "checks": len(loop.checks)}
+    if lp.ema is not None:  # the exported model carries the EMA weights
+        with torch.no_grad():
+            for p_model, p_ema in zip(lp.recipe.model.state_dict().values(), lp.ema.module.state_dict().values()):
+                p_model.copy_(p_ema)
+    return selection
+
+
+def _build_loop(recipe: Recipe, cfg: TrainConfig, total_steps: int):
+    """Device, precision, optimizer, schedule, grad sync: the parts of a run fixed before its first step."""
     from timm.scheduler import create_scheduler_v2
 
-    from .validation import co_guard_tripped, select_check
-
-    out = Path(out_dir)
     rank, world = world_info()
-    main_proc = rank == 0
-    if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    autocast = autocast_factory(device, cfg.precision)
     # the global generators differ per rank (nothing should draw from them identically on every rank); the draws
     # that must not depend on the world size come from rng.py's per-sample and per-step generators
     seed_everything(cfg.seed + rank)
@@ -331,206 +496,75 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=max(total_steps, 1),
                                        warmup_epochs=cfg.warmup_steps, warmup_lr=cfg.lr * 1e-3 if cfg.warmup_steps
                                        else cfg.lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=1)
+    sync = OverlappedGradSync(params, world) if world > 1 and recipe.grad_sync == "overlap" else None
+    lp = _Loop(recipe, cfg, total_steps, device, autocast_factory(device, cfg.precision), rank, world, params,
+               optimizer, None, sync)
+    return lp, scheduler
+
+
+def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps: int, out_dir: str | Path,
+          progress: bool = True, resume: bool = False, validator=None) -> TrainResult:
+    """Run ``total_steps`` optimizer steps of ``recipe`` on batches from ``loader``; logs to ``out_dir/log.jsonl``.
+
+    ``validator`` (a ``robust_validation.Validator``) is called every ``cfg.val_every`` steps and at the last step;
+    its checks drive ``cfg.select`` (the weights left in the model at the end) and ``cfg.co_guard``.
+    """
+    out = Path(out_dir)
+    lp, scheduler = _build_loop(recipe, cfg, total_steps)
+    if lp.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     state_file = out / "train_state.pt"
-    start, bad_total, data_skipped, cursors, checks, best, val_seconds = 0, 0, {}, {}, [], None, 0.0
-    st: dict = {}
+    loop, st = _LoopState(), {}
     if resume and state_file.is_file():
-        st = torch_load_tensors(state_file, device, what="resumable state")  # a pickle with code: one line
-        trainable = dict((n, p) for n, p in recipe.model.named_parameters() if p.requires_grad)
-        with torch.no_grad():
-            for n, t in st["trainable"].items():
-                trainable[n].copy_(t)
-        optimizer.load_state_dict(st["optimizer"])
-        recipe.load_state_dict(st["recipe"])
-        start, bad_total, data_skipped = st["step"], st["skipped_steps"], dict(st.get("data_skipped", {}))
-        mine = st.get("cursors", {}).get(rank, {})  # every rank's stream has its own position
-        cursors = {int(k): tuple(v) for k, v in mine.items()}
-        checks, best = list(st.get("checks", [])), st.get("best")
-        val_seconds = float(st.get("val_seconds", 0.0))
-        log.info("resumed %s at step %d", out, start)
-    if main_proc and resume:
+        loop, st = _load_state(state_file, recipe, lp.optimizer, lp.device, lp.rank)
+        log.info("resumed %s at step %d", out, loop.step)
+    start = loop.step
+    if lp.rank == 0 and resume:
         _clean_run_folder(out, start)
-    t_seek = time.time()
-    stream, how = batch_source(loader, start * cfg.grad_accum, cursors)
+    lp.t_seek = time.time()
+    stream, how = batch_source(loader, start * cfg.grad_accum, loop.cursors)
     if start:
         if how == "replay":
             log.warning("resume: this loader cannot seek; re-read %d batches", start * cfg.grad_accum)
         _set_rng_state(st["rng"])
-    ema = None
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(recipe.model, decay=cfg.ema_decay)
+        lp.ema = ModelEmaV3(recipe.model, decay=cfg.ema_decay)
         if "ema" in st:
-            ema.module.load_state_dict(st["ema"])
-    sync = None
-    if world > 1 and recipe.grad_sync == "overlap":
-        sync = OverlappedGradSync(params, world)
+            lp.ema.module.load_state_dict(st["ema"])
     track = cfg.select if cfg.select != "last" else ("best_robust" if cfg.co_guard is not None else None)
-    tb = None
-    if cfg.tensorboard and main_proc:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(out / "tb"))
-    log_file = open(out / "log.jsonl", "a" if start else "w") if main_proc else None
-
-    def write(rec: dict) -> None:
-        if log_file is None:
-            return
-        log_file.write(json.dumps(rec) + "\n")
-        log_file.flush()
-        if tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    tb.add_scalar(k, v, rec["step"])
-
-    bar = None
-    if progress and main_proc:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=start, desc=f"train {recipe.name}", unit="step", dynamic_ncols=True)
-    t0, bad_run, last_loss, stopped, first_batch_s = time.time(), 0, None, None, None
-    postfix: dict = {}
+    runlog = _RunLog(out, cfg, lp.rank == 0, bool(start), progress, total_steps, start, f"train {recipe.name}")
+    t0, bad_run, last_loss, stopped, step = time.time(), 0, None, None, start
     try:
         for step in range(start, total_steps):
             scheduler.step_update(step)
-            optimizer.zero_grad(set_to_none=True)
-            logs: dict = {}
-            ok, batch, ctx, last = True, None, None, None
-            for a in range(cfg.grad_accum):
-                batch = next(stream)
-                if first_batch_s is None:
-                    first_batch_s = time.time() - t_seek
-                for k, v in batch.get("skipped", {}).items():
-                    data_skipped[k] = data_skipped.get(k, 0) + v
-                if "cursor" in batch:
-                    w, blk, off = (int(v) for v in batch["cursor"])
-                    cursors[w] = (blk, off)
-                if not ok:
-                    continue  # the step is lost; still consume its batches so the stream stays in step
-                b = int(batch["label"].shape[0])
-                index = (a * world + rank) * b + torch.arange(b)  # this rank's samples in the global step
-                ctx = StepContext(device=device, autocast=autocast, step=step, total_steps=total_steps,
-                                  seed=cfg.seed, sample_index=index, world=world)
-                out_step = recipe.training_step(batch, ctx)
-                if not torch.isfinite(out_step.loss):
-                    ok = False
-                    continue
-                logs = out_step.logs
-                if a < cfg.grad_accum - 1:
-                    (out_step.loss / cfg.grad_accum).backward()
-                else:
-                    last = out_step
-            # every rank agrees before the last backward, whose hooks all-reduce (a rank that skipped it would hang)
-            ok = _all_finite(ok, world, device)
-            if not ok:
-                bad_total += 1
-                bad_run += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("step %d: non-finite loss; step skipped (%d in a row)", step, bad_run)
-                if bad_run >= cfg.max_bad_steps:
-                    raise TrainingDiverged(f"{bad_run} consecutive non-finite losses at step {step}; stopping "
-                                           "(no checkpoint written for the diverged state). Lower train.lr or check "
-                                           "the data.")
+            logs, bad_run = _step(lp, stream, loop, step, bad_run)
+            if logs is None:
                 continue
-            bad_run = 0
-            if sync is not None:
-                sync.arm()
-            (last.loss / cfg.grad_accum).backward()
-            if sync is not None:
-                sync.finish()
-            elif world > 1:
-                _all_reduce_grads(params, world)
-            if cfg.grad_clip:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                logs["grad_norm"] = float(gnorm)
-            optimizer.step()
-            if ema is not None:
-                ema.update(recipe.model, step=step)
-            logs.update(recipe.after_step(batch, ctx))
             last_loss = logs.get("loss")
             if step % cfg.log_every == 0 or step == total_steps - 1:
-                write({"step": step, "lr": optimizer.param_groups[0]["lr"], **logs})
+                runlog.write({"step": step, "lr": lp.optimizer.param_groups[0]["lr"], **logs})
             if last_loss is not None:
-                postfix["loss"] = f"{last_loss:.3f}"
+                runlog.postfix["loss"] = f"{last_loss:.3f}"
             if validator is not None and cfg.val_every and ((step + 1) % cfg.val_every == 0
                                                             or step == total_steps - 1):
-                res = validator(ema.module if ema is not None else recipe.model, device, autocast, rank, world)
-                val_seconds += res.pop("val_seconds")
-                check = {"step": step, **res}
-                checks.append(check)
-                if track is not None and select_check(checks, track) is check:
-                    best = {"check": check, **_snapshot(recipe, ema)}
-                share = val_seconds / max(1e-9, val_seconds + (time.time() - t0))
-                write({**check, "val_seconds": round(val_seconds, 3), "val_share": round(share, 4)})
-                postfix.update(clean=f"{res['val_clean']:.1f}", robust=f"{res['val_robust']:.1f}")
-                if co_guard_tripped(checks, cfg.co_guard):
-                    prev = checks[-2]
-                    stopped = (f"catastrophic overfitting at step {step}: robust accuracy {prev['val_robust']:.1f} -> "
-                               f"{check['val_robust']:.1f} while clean {prev['val_clean']:.1f} -> "
-                               f"{check['val_clean']:.1f} (train.co_guard={cfg.co_guard}); run stopped, exporting "
-                               f"the {track} weights of step {best['check']['step']}")
-            if bar is not None:
-                bar.update(1)
-                if postfix:
-                    bar.set_postfix(postfix)
+                stopped = _validate(lp, validator, loop, step, track, runlog, t0)
+            runlog.advance()
             if stopped:
                 log.warning(stopped)
                 break
             if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
-                every = [cursors]
-                if world > 1:  # rank 0 writes the state: it needs every rank's stream position
-                    every = [None] * world
-                    torch.distributed.all_gather_object(every, cursors)
-                if main_proc:
-                    _save_state(state_file, recipe, optimizer, step + 1, bad_total, data_skipped, ema,
-                                cursors=dict(enumerate(every)), checks=checks, best=best, val_seconds=val_seconds)
+                loop.step = step + 1
+                _checkpoint(lp, loop, state_file)
     finally:
-        if sync is not None:
-            sync.close()
-        if log_file is not None:
-            log_file.close()
-        if tb is not None:
-            tb.close()
-        if bar is not None:
-            bar.close()
-    selection = None
-    if checks:
-        rule = track if stopped else cfg.select  # a stopped run never exports the collapsed weights
-        if rule == "last":
-            chosen = checks[-1]
-        else:
-            chosen = best["check"]
-            _restore(recipe, ema, best)
-        selection = {"rule": rule, "step": int(chosen["step"]), "val_clean": chosen["val_clean"],
-                     "val_robust": chosen["val_robust"], "checks": len(checks)}
-    if ema is not None:  # the exported model carries the EMA weights
-        with torch.no_grad():
-            for p_model, p_ema in zip(recipe.model.state_dict().values(), ema.module.state_dict().values()):
-                p_model.copy_(p_ema)
-    seconds = time.time() - t0
-    return TrainResult(step + 1 if stopped else total_steps, bad_total, last_loss, seconds, data_skipped,
-                       selection=selection, stopped=stopped, val_seconds=round(val_seconds, 3),
-                       first_batch_seconds=first_batch_s)
-
-
-def _save_state(path: Path, recipe: Recipe, optimizer, step: int, bad_total: int, data_skipped: dict,
-                ema=None, cursors: dict | None = None, checks: list | None = None, best: dict | None = None,
-                val_seconds: float = 0.0) -> None:
-    trainable = {n: p.detach().cpu().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
-    if not all(torch.isfinite(t).all() for t in trainable.values()):
-        raise TrainingDiverged(f"step {step}: non-finite weights; refusing to write {path}")
-    state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "recipe": recipe.state_dict(),
-             "rng": _rng_state(), "skipped_steps": bad_total, "data_skipped": data_skipped,
-             # {rank: {worker stream: (block, offset)}}: resume seeks there (batch_source)
-             "cursors": {int(r): {int(k): tuple(v) for k, v in c.items()} for r, c in (cursors or {}).items()},
-             "checks": list(checks or []), "val_seconds": float(val_seconds)}
-    if best is not None:
-        state["best"] = best
-    if ema is not None:
-        state["ema"] = ema.module.state_dict()
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        if lp.sync is not None:
+            lp.sync.close()
+        runlog.close()
+    selection = _finish(lp, loop, track, stopped)
+    return TrainResult(step + 1 if stopped else total_steps, loop.bad_total, last_loss, time.time() - t0,
+                       loop.data_skipped, selection=selection, stopped=stopped,
+                       val_seconds=round(loop.val_seconds, 3), first_batch_seconds=lp.first_batch_s)
 
 
 def steps_for_epochs(epochs: float, num_samples: int, batch_size: int, grad_accum: int = 1, world: int = 1) -> int:

@@ -22,7 +22,6 @@ card's sha256.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import warnings
@@ -32,8 +31,8 @@ from pathlib import Path
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from grace_plugin.checkpoint import load_state_dict_checked
-from grace_plugin.errors import GraceError
+from grace_plugin.tensor_io import load_state_dict_checked
+from grace_plugin.errors import GraceError, read_json
 from grace_plugin.paths import cache_dir
 from grace_plugin.models.classifier import ClipClassifier, ZeroShotHead
 from grace_plugin.models.clip import build_tower
@@ -192,10 +191,7 @@ def register_card(card: dict | str | Path, card_dir: str | Path | None = None) -
         path = Path(card)
         if path.is_dir():
             path = path / CARD_FILE
-        try:
-            card = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise RegistryError(f"{path}: not a readable model card ({e})") from None
+        card = read_json(path, RegistryError, "not a readable model card")
         where, card_dir = str(path), path.parent
     else:
         where = f"card {card.get('timm_name', '?')}"

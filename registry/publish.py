@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from grace_plugin.checkpoint import atomic_write_text, load_run, save_tensors, sha256_file
+from grace_plugin.checkpoint import load_run
+from grace_plugin.tensor_io import atomic_write_text, save_tensors, sha256_file
 
 from .grace_models import CARD_FILE, CARD_FORMAT, TEXT_FILE, WEIGHTS_FILE, RegistryError, register_card, weights_dir
 from .naming import NUM_CLASSES, model_info_fields, timm_name

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from grace_plugin.checkpoint import check_finite
+from grace_plugin.tensor_io import check_finite
 from grace_plugin.errors import GraceError
 
 __all__ = ["WeightsError", "UnsafeWeightsError", "load_state_dict_safe", "verify_sha256"]
@@ -63,7 +63,7 @@ def verify_sha256(path: str | Path, expected: str | None, what: str = "registry 
     """Raise if ``path``'s sha256 differs from ``expected`` (no-op when ``expected`` is empty)."""
     if not expected:
         return
-    from grace_plugin.checkpoint import sha256_file
+    from grace_plugin.tensor_io import sha256_file
 
     got = sha256_file(path)
     if got != expected:

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from grace_plugin.checkpoint import CheckpointError, load_run, save_run
+from grace_plugin.checkpoint import load_run, save_run
+from grace_plugin.tensor_io import CheckpointError
 from grace_plugin.models.clip import load_clip, text_state_dict, tower_spec
 
 

@@ -225,7 +225,7 @@ def test_rrc_transform_is_a_random_resized_crop():
 
 
 def test_study_aggregates_seeds():
-    from eval_suites.study import _aggregate
+    from eval_suites.studies.quickstart import _aggregate
 
     row = _aggregate("m", [{"id": 10.0, "ood": 4.0, "adv": 1.0, "hm": 2.0}, {"id": 20.0, "ood": 6.0, "adv": 3.0,
                                                                            "hm": 4.0}])

@@ -22,7 +22,7 @@ def test_every_recipe_has_a_paper_config():
 
 # ------------------------------------------------------------------------------------------ configs/testbed/
 def test_every_recipe_has_a_testbed_config_and_every_method_builds():
-    from eval_suites.testbed_config import TESTBED_DIR, load_methods, method_config
+    from eval_suites.studies.testbed_config import TESTBED_DIR, load_methods, method_config
 
     files = {p.stem for p in TESTBED_DIR.glob("*.yaml")}
     assert set(list_recipes()) <= files
@@ -38,7 +38,7 @@ def test_every_recipe_has_a_testbed_config_and_every_method_builds():
 def test_one_training_attack_for_every_adversarial_method():
     """attack.yaml is the single attack of tecoa, fare, pmg_aft, grace and the ablation rows (grace_fast and
     grace_lite keep their own one-step attacks on purpose: the cheaper attack is their point)."""
-    from eval_suites.testbed_config import load_methods, load_yaml_attack, method_config
+    from eval_suites.studies.testbed_config import load_methods, load_yaml_attack, method_config
 
     attack = load_yaml_attack()
     methods = load_methods()
@@ -59,7 +59,7 @@ def test_one_training_attack_for_every_adversarial_method():
 
 
 def test_table8_rows_switch_grace_components():
-    from eval_suites.testbed_config import method_config
+    from eval_suites.studies.testbed_config import method_config
 
     got = {n: (method_config(n).recipe.awp, method_config(n).recipe.gram_volume) for n in
            ("ablation-lora-ft", "ablation-gv-only", "ablation-awp-uniform", "ablation-awp-curriculum", "grace")}
@@ -69,8 +69,8 @@ def test_table8_rows_switch_grace_components():
 
 
 def test_every_tuning_grid_point_is_a_valid_config():
-    from eval_suites.testbed_config import load_methods, load_tuned, load_tuning, method_config, nest
-    from eval_suites.tuning import draw_trials, grid_points
+    from eval_suites.studies.testbed_config import load_methods, load_tuned, load_tuning, method_config, nest
+    from eval_suites.studies.tuning import draw_trials, grid_points
 
     proto, methods = load_tuning(), load_methods()
     for name, grid in proto["grids"].items():
@@ -86,7 +86,7 @@ def test_every_tuning_grid_point_is_a_valid_config():
 def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
     import shutil
 
-    from eval_suites.testbed_config import TESTBED_DIR, method_config
+    from eval_suites.studies.testbed_config import TESTBED_DIR, method_config
     from grace_plugin.config import ConfigError
 
     d = tmp_path / "testbed"
@@ -105,7 +105,7 @@ def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
 def test_studies_yaml_typo_names_file_study_and_key(tmp_path, monkeypatch, edit, match):
     import shutil
 
-    from eval_suites.testbed_config import TESTBED_DIR, load_studies
+    from eval_suites.studies.testbed_config import TESTBED_DIR, load_studies
     from grace_plugin.config import ConfigError
 
     d = tmp_path / "testbed"

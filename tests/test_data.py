@@ -206,7 +206,7 @@ def test_tensor_decode_matches_the_pil_transform(size, crop_pct):
     for JPEG, PNG and WebP of several shapes (up- and down-scaling): no value more than 2 grey levels apart, 0.01
     levels on average (the two libraries round their fixed-point resampling differently). An unresized image has
     the same pixels."""
-    from grace_plugin.data.loader import decode_sample
+    from grace_plugin.data.decode import decode_sample
     from grace_plugin.data.transforms import as_tensor_transform, eval_transform
 
     cfg = {"input_size": (3, size, size), "crop_pct": crop_pct, "interpolation": "bicubic",

@@ -264,7 +264,7 @@ def _tamper(run: Path, dest: Path, edit: Callable[[dict], None], meta_edit=None)
     """A copy of ``run`` whose weights went through ``edit`` (sha256 in checkpoint.json updated to match)."""
     from safetensors.torch import load_file, save_file
 
-    from grace_plugin.checkpoint import sha256_file
+    from grace_plugin.tensor_io import sha256_file
 
     shutil.copytree(run, dest)
     sd = load_file(str(dest / "model.safetensors"))
@@ -329,7 +329,7 @@ def test_card_missing_fields_is_one_line():
 def test_eval_refuses_nan_logits():
     """Finite weights, NaN logits (a model that returns NaN): refused, naming the model."""
     from eval_suites.evaluate import evaluate_clean
-    from grace_plugin.checkpoint import NonFiniteError
+    from grace_plugin.tensor_io import NonFiniteError
 
     class NanModel(torch.nn.Module):
         def forward(self, x):
@@ -391,7 +391,8 @@ def test_run_folder_is_replaced_as_one_unit(env, tmp_path, capsys, monkeypatch):
     finishes replaces every file at once. Files respect the umask."""
     import safetensors.torch
 
-    from grace_plugin.checkpoint import load_run, sha256_file
+    from grace_plugin.checkpoint import load_run
+    from grace_plugin.tensor_io import sha256_file
     from grace_plugin.runfolder import partial_dir
 
     out = tmp_path / "run"
@@ -471,7 +472,7 @@ def test_real_disk_full_and_read_only(mount_opts, fragment, env, tmp_path):
 # ---------------------------------------------------------------------------------------------------- item 5
 DECODER_CHILD = textwrap.dedent("""
     import json, resource, sys
-    from grace_plugin.data.loader import decode_sample
+    from grace_plugin.data.decode import decode_sample
     from grace_plugin.data.transforms import as_tensor_transform, eval_transform
     cases = json.loads(sys.stdin.read())
     t = eval_transform({"input_size": (3, 16, 16), "interpolation": "bicubic", "crop_pct": 1.0,

@@ -59,7 +59,7 @@ def test_gv_only_row_adds_the_two_view_volume(tiny_classifier, tiny_batch):
 def test_component_rows_run_their_declared_forwards(awp, gv, tiny_classifier, tiny_batch, tower_rows):
     rec = _grace(tiny_classifier, awp=awp, gram_volume=gv, curvature_interval=1)
     if awp == "uniform":
-        assert set(rec.ranks.values()) == {2}  # rank_levels[1] everywhere from step 0, no curvature needed
+        assert set(rec.awp.ranks.values()) == {2}  # rank_levels[1] everywhere from step 0, no curvature needed
     else:
         rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0, total_steps=100))
     out, rows = tower_rows(lambda: rec.training_step(tiny_batch, CPU))
@@ -85,14 +85,14 @@ def test_rank_changes_are_counted_and_logged(tiny_classifier, tiny_batch):
     assert rec.after_step(tiny_batch, ctx(1)) == {}  # not a curriculum step
     logs = rec.after_step(tiny_batch, ctx(0))
     assert logs["curriculum_interval"] == 2 and logs["curriculum_beta"] == 0.0
-    first = dict(rec.ranks)
+    first = dict(rec.awp.ranks)
     assert rec.awp.rank_updates == 1 and rec.awp.rank_changes == 0  # the first allocation is not a change
     # reverse the curvature order: the next allocation (beta 0: the fresh measurement alone) changes ranks
     names = list(first)
-    fake = {n: -v for n, v in rec.curvature.items()}
+    fake = {n: -v for n, v in rec.awp.curvature.items()}
     rec.awp.measure_curvature = lambda x, y, c: fake
     rec.after_step(tiny_batch, ctx(2))
-    changed = sum(rec.ranks[n] != first[n] for n in names)
+    changed = sum(rec.awp.ranks[n] != first[n] for n in names)
     assert changed > 0 and rec.awp.rank_updates == 2 and rec.awp.rank_changes == changed
     assert rec.awp.rank_change_events == 1
     out = rec.training_step(tiny_batch, ctx(3))
@@ -100,7 +100,7 @@ def test_rank_changes_are_counted_and_logged(tiny_classifier, tiny_batch):
     state = rec.state_dict()
     fresh = _grace(untouched)
     fresh.load_state_dict(state)
-    assert fresh.awp.rank_changes == changed and fresh.ranks == rec.ranks
+    assert fresh.awp.rank_changes == changed and fresh.awp.ranks == rec.awp.ranks
 
 
 def test_holdout_split_is_disjoint_complete_and_seeded(tiny_world, tmp_path):

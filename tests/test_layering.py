@@ -1,4 +1,5 @@
-"""Imports follow the data flow: eval_suites -> registry -> grace_plugin, never back (the CLI is exempt)."""
+"""Imports follow the data flow: eval_suites -> registry -> grace_plugin, never back (the CLI is exempt); inside each
+package they follow its layers (``LAYERS``), with no cycle anywhere; no file or function outgrows a reader."""
 import ast
 from pathlib import Path
 
@@ -81,3 +82,141 @@ def test_runtime_imports_follow_the_layers(tmp_path):
     # the evaluation attacks and RobustBench load when an attack runs, not when the packages are imported
     assert not {"pyautoattack", "autoattack", "robustbench"} & set(loaded["eval_suites"]), loaded["eval_suites"]
     assert loaded["scanned"] is False
+
+
+# ---------------------------------------------------------------------------------------- layers inside the packages
+# A module may import modules of its own layer and of the layers below, never above. A module is named by its
+# package and its first component below it (``grace_plugin.data.loader`` -> ``data``).
+LAYERS = {
+    "grace_plugin": [
+        # foundation: errors, the validation layer (config), runtime (device, process group), tensor files, maths
+        {"", "errors", "version", "paths", "registries", "_compat", "config", "runtime", "tensor_io", "rng",
+         "losses", "curvature", "perturbation", "weightspace", "optim", "progress"},
+        {"models", "data"},
+        {"recipes"},
+        {"robust_validation", "runfolder", "checkpoint", "testbed"},
+        {"trainer"},
+        {"finetune"},
+        {"cli", "__main__"},
+    ],
+    "registry": [{"naming", "weights"}, {"grace_models"}, {"resolve", "publish", ""}],  # "": the package's face
+    # the evaluation engine, then the experiments run on it (quickstart, studies, tuning, verdicts, testbed config)
+    "eval_suites": [{"", "attacks", "catalogue", "context", "distributed", "evaluate", "geometry", "imagenet",
+                     "leaderboard", "report", "shardsets", "shift", "suites"}, {"studies"}],
+}
+
+
+def _module_graph(root: Path = ROOT, packages=tuple(FORBIDDEN)) -> dict[str, set[str]]:
+    """Every module of the three packages -> the modules of the three packages it imports, at any depth of the
+    code (an import inside a function is an arrow too)."""
+    mods = {}
+    for pkg in packages:
+        for p in (root / pkg).rglob("*.py"):
+            name = ".".join(p.relative_to(root).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = p
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = m.split(".") if p.name == "__init__.py" else m.split(".")[:-1]
+                    parts = parts[:len(parts) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in mods:
+                    t = t.rpartition(".")[0]
+                if t and t != m and not m.startswith(t + "."):  # a module's own package is imported with it
+                    graph[m].add(t)
+    return graph
+
+
+def _layer(module: str) -> tuple[str, int]:
+    pkg, _, rest = module.partition(".")
+    key = rest.split(".")[0]
+    for i, layer in enumerate(LAYERS[pkg]):
+        if key in layer:
+            return pkg, i
+    raise AssertionError(f"{module}: in no layer of tests/test_layering.py LAYERS; add it where it belongs")
+
+
+def test_no_import_cycles():
+    graph = _module_graph()
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert cycles == [], cycles
+
+
+def test_cycle_check_sees_a_cycle(tmp_path):
+    """The graph builder reads imports inside functions: a two-module loop written that way is found."""
+    (tmp_path / "grace_plugin").mkdir()
+    (tmp_path / "grace_plugin" / "a.py").write_text("def f():\n    from .b import g\n")
+    (tmp_path / "grace_plugin" / "b.py").write_text("from grace_plugin.a import f\n")
+    graph = _module_graph(tmp_path, ("grace_plugin",))
+    assert graph["grace_plugin.a"] == {"grace_plugin.b"} and graph["grace_plugin.b"] == {"grace_plugin.a"}
+
+
+def test_imports_follow_the_layers_inside_each_package():
+    bad = []
+    for m, targets in sorted(_module_graph().items()):
+        if Path(m.replace(".", "/") + ".py") in {p.relative_to(ROOT) for p in EXEMPT}:
+            continue
+        pkg, level = _layer(m)
+        for t in sorted(targets):
+            tpkg, tlevel = _layer(t)
+            if tpkg == pkg and tlevel > level:
+                bad.append(f"{m} (layer {level}) imports {t} (layer {tlevel})")
+    assert not bad, bad
+
+
+def test_evaluation_does_not_import_the_trainer():
+    """Evaluation takes its device and process group from grace_plugin.runtime; only experiments train."""
+    graph = _module_graph()
+    bad = [m for m, t in graph.items() if m.startswith("eval_suites") and not m.startswith("eval_suites.studies")
+           and "grace_plugin.trainer" in t]
+    assert not bad, bad
+
+
+def test_files_and_functions_stay_readable():
+    """No library file over 600 lines; no function over 100 lines except the CLI's argument parser."""
+    long_files, long_funcs = [], []
+    for pkg in FORBIDDEN:
+        for p in (ROOT / pkg).rglob("*.py"):
+            text = p.read_text()
+            if len(text.splitlines()) > 600:
+                long_files.append(str(p.relative_to(ROOT)))
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                        node.end_lineno - node.lineno + 1 > 100 and (p.name, node.name) != ("cli.py", "_parser"):
+                    long_funcs.append(f"{p.relative_to(ROOT)}:{node.name}")
+    assert long_files == [] and long_funcs == [], (long_files, long_funcs)

@@ -7,8 +7,9 @@ import tarfile
 
 import pytest
 
-from grace_plugin.data import loader
-from grace_plugin.data.loader import _owned_records, _shard_samples, read_members
+from grace_plugin.data import tars
+from grace_plugin.data.loader import _owned_records
+from grace_plugin.data.tars import _shard_samples, read_members
 
 
 def _tar(members, fmt=tarfile.USTAR_FORMAT) -> bytes:
@@ -102,13 +103,13 @@ def test_a_rank_reads_only_its_own_members(rank, tmp_path, monkeypatch):
         p.write_bytes(_tar(_good(f"s{s}", 5)))
         paths.append(p)
     reads = []
-    orig = loader._Member.read
+    orig = tars._Member.read
 
     def counted(self, f=None):
         reads.append((self.path, self.offset))
         return orig(self, f)
 
-    monkeypatch.setattr(loader._Member, "read", counted)
+    monkeypatch.setattr(tars._Member, "read", counted)
     items = [{"url": str(p), "__shard__": s} for s, p in enumerate(paths)]
     got = list(_owned_records(items, batch_size=2, limit=None, ranks=(rank, 2)))
     expected_keys = [f"s{s}{i:03d}" for s in range(2) for i in range(5) if (s + i // 2) % 2 == rank]

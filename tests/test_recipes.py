@@ -66,17 +66,17 @@ def test_grace_curvature_allocation_and_awp(tiny_classifier, tiny_batch):
     cfg.curvature_interval = 1
     rec = create_recipe("grace", tiny_classifier, cfg)
     ctx = StepContext(device=torch.device("cpu"), step=0)
-    assert set(rec.ranks.values()) == {0}  # Alg. 1 l.2
+    assert set(rec.awp.ranks.values()) == {0}  # Alg. 1 l.2
     logs = rec.after_step(tiny_batch, ctx)
-    curv = rec.curvature
+    curv = rec.awp.curvature
     lo, hi = np.percentile(list(curv.values()), 20), np.percentile(list(curv.values()), 80)
     for n, v in curv.items():
-        assert rec.ranks[n] == (4 if v >= hi else 0 if v < lo else 2)
-        assert logs[f"rank/{n}"] == rec.ranks[n]
+        assert rec.awp.ranks[n] == (4 if v >= hi else 0 if v < lo else 2)
+        assert logs[f"rank/{n}"] == rec.awp.ranks[n]
     out = rec.training_step(tiny_batch, ctx)
-    assert out.logs["awp_layers"] == sum(r > 0 for r in rec.ranks.values())
+    assert out.logs["awp_layers"] == sum(r > 0 for r in rec.awp.ranks.values())
     assert out.logs["awp_norm"] > 0
-    assert all(not m.awp_enabled for m in rec.layers.values())
+    assert all(not m.awp_enabled for m in rec.awp.layers.values())
 
 
 # ------------------------------------------------------------------------------------------- GRACE options
@@ -92,7 +92,7 @@ def _grace(model, batch, **over):
     torch.manual_seed(0)
     rec = create_recipe("grace", model, cfg)
     rec.after_step(batch, StepContext(device=torch.device("cpu"), step=0))
-    assert any(r > 0 for r in rec.ranks.values())
+    assert any(r > 0 for r in rec.awp.ranks.values())
     return rec
 
 
@@ -126,7 +126,7 @@ def test_grace_awp_radius(rho_mode, awp_lr, tiny_classifier, tiny_batch):
     rec.training_step(tiny_batch, CPU)
     assert len(calls) == 1
     for n, (norm, *_) in calls[0].items():
-        radius = rho * _weight_norm(rec.layers[n]) if rho_mode == "relative" else rho
+        radius = rho * _weight_norm(rec.awp.layers[n]) if rho_mode == "relative" else rho
         assert norm == pytest.approx(min(awp_lr, 1.0) * radius, rel=1e-4), n
 
 
@@ -139,7 +139,7 @@ def test_grace_awp_steps_stay_in_the_ball_and_count_passes(tiny_classifier, tiny
     assert len(calls) == 3
     for call in calls:
         for n, (norm, *_) in call.items():
-            assert norm <= rec.cfg.rho * _weight_norm(rec.layers[n]) * (1 + 1e-4), n
+            assert norm <= rec.cfg.rho * _weight_norm(rec.awp.layers[n]) * (1 + 1e-4), n
     n0 = next(iter(calls[0]))
     assert torch.equal(calls[0][n0][1], calls[1][n0][1]) is False  # A moves after the first step
     assert sum(rows) / tiny_batch["image"].shape[0] == rec.pass_counts()["forward"] == 2 + 2 + 1 + 2
@@ -158,9 +158,9 @@ def test_grace_awp_input(awp_input, tiny_classifier, tiny_batch):
     out = rec.training_step(tiny_batch, CPU)
     x, y = tiny_batch["image"], tiny_batch["label"]
     final = calls[-1]
-    with torch.no_grad(), awp_branch(rec.layers[n] for n in final):
+    with torch.no_grad(), awp_branch(rec.awp.layers[n] for n in final):
         for n, (_, a, b, mask) in final.items():
-            m = rec.layers[n]
+            m = rec.awp.layers[n]
             m.awp_A, m.awp_B, m.awp_mask = a, b, mask
         clean_lar = float(F.cross_entropy(tiny_classifier(x), y))
     if awp_input == "clean":
@@ -210,8 +210,8 @@ def test_grace_curvature_labels(labels, tiny_classifier, tiny_batch):
     rec = _grace(tiny_classifier, tiny_batch, curvature_labels=labels)
     x, y = tiny_batch["image"], tiny_batch["label"]
     torch.manual_seed(5)
-    got = rec.measure_curvature(x, y, StepContext(device=torch.device("cpu")))
-    weights = [m.base.weight for m in rec.layers.values()]
+    got = rec.awp.measure_curvature(x, y, StepContext(device=torch.device("cpu")))
+    weights = [m.base.weight for m in rec.awp.layers.values()]
     for w in weights:
         w.requires_grad_(True)
     torch.manual_seed(5)
@@ -225,7 +225,7 @@ def test_grace_curvature_labels(labels, tiny_classifier, tiny_batch):
     gs = torch.autograd.grad(F.cross_entropy(logits, target), weights)
     for w in weights:
         w.requires_grad_(False)
-    for n, g in zip(rec.layers, gs):
+    for n, g in zip(rec.awp.layers, gs):
         assert got[n] == pytest.approx(float(x.shape[0] * (g * g).mean()), rel=1e-4), n
     if labels == "sampled":
         assert not torch.equal(target, y)  # the sampled labels are not the true ones (the test can tell them apart)
@@ -246,10 +246,10 @@ def test_declared_forward_passes(name, attack, tiny_classifier, tiny_batch, tiny
     passes = rec.pass_counts()
     if passes is None:
         pytest.skip(f"{name} declares no pass counts")
-    if hasattr(rec, "measure_curvature"):  # GRACE: activate the LAR-AWP branch (ranks from a curvature update)
+    if hasattr(rec, "awp"):  # GRACE: activate the LAR-AWP branch (ranks from a curvature update)
         cfg_step = StepContext(device=torch.device("cpu"), step=0)
         rec.after_step(tiny_batch, cfg_step)
-        assert any(r > 0 for r in rec.ranks.values())
+        assert any(r > 0 for r in rec.awp.ranks.values())
     _, rows = tower_rows(
         lambda: rec.training_step(tiny_batch, StepContext(device=torch.device("cpu"), step=1, total_steps=100)))
     assert sum(rows) / tiny_batch["image"].shape[0] == passes["forward"], rows
@@ -284,7 +284,7 @@ def test_grace_lite_attack_and_shared_ascent(attack_grad, tiny_classifier, tiny_
     torch.manual_seed(0)
     rec = create_recipe("grace_lite", tiny_classifier, cfg)
     rec.after_step(tiny_batch, StepContext(device=torch.device("cpu"), step=0))
-    assert any(r > 0 for r in rec.ranks.values())
+    assert any(r > 0 for r in rec.awp.ranks.values())
     x, y = tiny_batch["image"], tiny_batch["label"]
     ctx = StepContext(device=torch.device("cpu"), step=3, total_steps=100, seed=7,
                       sample_index=torch.arange(x.shape[0]))

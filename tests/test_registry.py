@@ -146,7 +146,7 @@ def test_registered_entry(name):
 def test_register_writes_card_and_weights(registered, tiny_run):
     from robustbench.utils import ModelInfo
 
-    from grace_plugin.checkpoint import sha256_file
+    from grace_plugin.tensor_io import sha256_file
 
     assert registered["name"] == timm_name(RB_NAME, "imagenet", "Linf") == "gracetest2026tiny_vit_t_8_imagenet_linf"
     card = json.loads((registered["folder"] / "card.json").read_text())
@@ -359,7 +359,7 @@ def test_robustbench_benchmark_clean_equals_grace_eval(registered, tmp_path, mon
     from robustbench import eval as rb_eval
     from safetensors.torch import load_file, save_file
 
-    from grace_plugin.checkpoint import sha256_file
+    from grace_plugin.tensor_io import sha256_file
 
     n = 12
     shard_dir, x, labels = _imagenet_folder_and_shards(tmp_path, n)
@@ -404,7 +404,7 @@ def test_open_clip_export_reproduces_classifier(tiny_run, tiny_clip_dir, tmp_pat
     from safetensors.torch import load_file
 
     from grace_plugin.checkpoint import load_run
-    from grace_plugin.models.clip import _as_template_fns, load_clip
+    from grace_plugin.models.clip import load_clip, template_fns
 
     out = tmp_path / "oc"
     assert main(["export", str(tiny_run), "--format", "open_clip", "--out", str(out),
@@ -418,7 +418,7 @@ def test_open_clip_export_reproduces_classifier(tiny_run, tiny_clip_dir, tmp_pat
     norm = model.normalize
     with torch.no_grad():
         w = open_clip.build_zero_shot_classifier(clip, open_clip.get_tokenizer("GRACE-test-export"),
-                                                 meta["classnames"], _as_template_fns(meta["templates"]))
+                                                 meta["classnames"], template_fns(meta["templates"]))
         f = torch.nn.functional.normalize(clip.encode_image(norm(x)), dim=-1)
         logits_oc = clip.logit_scale.exp() * f @ w
         logits = model(x)

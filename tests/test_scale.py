@@ -10,7 +10,7 @@ import torch
 from grace_plugin.config import ConfigError, TrainConfig, resume_differences
 from grace_plugin.recipes import create_recipe
 from grace_plugin.trainer import train
-from grace_plugin.validation import co_guard_tripped, harmonic_mean, select_check
+from grace_plugin.robust_validation import co_guard_tripped, harmonic_mean, select_check
 
 CFG = dict(lr=1e-3, warmup_steps=2, log_every=1, seed=0, device="cpu")
 

@@ -44,7 +44,7 @@ def test_study_rerun_reuses_finished_runs_and_evaluations(study_dir, capsys, mon
     folder matches only its own config."""
     import yaml
 
-    import eval_suites.studies as studies
+    import eval_suites.studies.runner as studies
     import grace_plugin.finetune as finetune
     from grace_plugin.config import to_dict
 
@@ -79,8 +79,8 @@ def test_study_unknown_name_is_a_one_line_error(study_dir, capsys):
 
 
 def test_study_tune_writes_selected_values_as_data(study_dir, tmp_path, monkeypatch):
-    from eval_suites.testbed_config import TESTBED_DIR, method_config
-    from eval_suites.tuning import grid_points
+    from eval_suites.studies.testbed_config import TESTBED_DIR, method_config
+    from eval_suites.studies.tuning import grid_points
 
     d = tmp_path / "testbed"
     shutil.copytree(TESTBED_DIR, d)
@@ -99,7 +99,7 @@ def test_study_tune_writes_selected_values_as_data(study_dir, tmp_path, monkeypa
 @pytest.mark.slow  # about 3 minutes on 2 cores (Hessian power iteration and an attack per row)
 def test_study_geometry_smoke(study_dir):
     """The geometry study (tiny Hessian budget): lambda_max, centroid cosines, dLID and drift per row, verdicts."""
-    from eval_suites.studies import StudyConfig, run_study
+    from eval_suites.studies.runner import StudyConfig, run_study
 
     out = study_dir / "geo"
     cfg = StudyConfig(name="geometry", out=out, steps=2, n_adv=4, size="small", pretrain_steps=10,
@@ -209,7 +209,7 @@ def test_seeds_flag_takes_a_count_or_run_seeds(study_dir, capsys, monkeypatch):
 
 def test_tune_refuses_to_write_into_the_installed_copy(tmp_path, capsys, monkeypatch):
     """From a wheel (no checkout) the testbed configs are package data: `study tune` must not write tuned.yaml there."""
-    import eval_suites.testbed_config as tc
+    import eval_suites.studies.testbed_config as tc
 
     monkeypatch.delenv("GRACE_TESTBED_CONFIGS", raising=False)
     monkeypatch.setattr(tc, "TESTBED_DIR", tc._PACKAGED)

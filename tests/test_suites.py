@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from eval_suites.suites import SuiteContext, list_suites, parse_suite, run_suites
+from eval_suites.context import SuiteContext
+from eval_suites.suites import list_suites, parse_suite, run_suites
 from grace_plugin.cli import main
 
 

@@ -157,9 +157,20 @@ def test_ddp_two_processes_equal_one_process_every_recipe(tiny_clip_dir, tiny_wo
              join=True)
     single = _ddp_runs(str(tiny_clip_dir), str(tiny_world / "id"), 0, 1, str(tmp_path / "single"))
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    from grace_plugin.recipes import get_recipe_class
+    from grace_plugin.recipes.adversarial import AdvConfig
+
+    # Float tolerance. The two runs sum gradients in different orders (all-reduce vs one batch) and run the tower's
+    # matmuls at batch 4 vs 8, whose CPU kernels round differently (~1e-7). A sign-gradient attack (PGD, FARE's
+    # embedding PGD) amplifies that: where a pixel's input gradient is ~0 the sign may differ, moving the pixel by
+    # alpha, which after 3 SGD steps at lr 0.05 moves a weight by up to ~1e-4. A real fault (a gradient scaled by
+    # the world size, a rank-dependent random start) moves weights by 1e-3 or more.
+    def tol(name):
+        return 2e-4 if issubclass(get_recipe_class(name).Config, AdvConfig) else 2e-5
+
     bad = {(mode, name): max(float((ddp[mode][name][k] - v).abs().max()) for k, v in ref.items())
            for mode in ("overlap", "oneshot") for name, ref in single.items()}
-    assert {k: d for k, d in bad.items() if d > 2e-5} == {}
+    assert {k: d for k, d in bad.items() if d > tol(k[1])} == {}
 
 
 def test_grad_accum_equals_one_batch_of_the_concatenation(tiny_classifier, tmp_path):
@@ -184,7 +195,7 @@ def test_grad_accum_equals_one_batch_of_the_concatenation(tiny_classifier, tmp_p
 def test_bf16_autocast_on_cpu(tiny_classifier, tmp_path):
     """precision=bf16 on CPU: the tower's matmuls run in bfloat16 (seen by a forward hook), the loss stays within
     bf16 rounding of the fp32 loss, and the weights (kept in fp32) differ from the fp32 run's."""
-    from grace_plugin.trainer import autocast_factory
+    from grace_plugin.runtime import autocast_factory
 
     with autocast_factory(torch.device("cpu"), "bf16")():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
@@ -202,3 +213,37 @@ def test_bf16_autocast_on_cpu(tiny_classifier, tmp_path):
     assert loss16 == pytest.approx(loss32, rel=5e-2)
     assert all(v.dtype == w32[k].dtype for k, v in w16.items())
     assert any(not torch.equal(w16[k], w32[k]) for k in w16)
+
+
+def test_progress_in_a_log_file_is_a_few_lines(tiny_classifier, tiny_batch, tmp_path, capsys, monkeypatch):
+    """Not on a terminal (a batch job's log), 300 training steps write a line per tenth and a last one, each with
+    the rate, the ETA and the loss, instead of a redrawn bar."""
+    monkeypatch.delenv("GRACE_PROGRESS", raising=False)
+    rec = create_recipe("ft", tiny_classifier)
+    data = [{"image": tiny_batch["image"][:2], "label": tiny_batch["label"][:2]}]
+    train(rec, data * 300, TrainConfig(**{**CFG, "log_every": 100}), 300, tmp_path, progress=True)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("train ft:")]
+    assert "\r" not in err and 10 <= len(lines) <= 12, err
+    assert lines[-1].startswith("train ft: 300/300 steps (100%)") and "step/s" in lines[-1] and "loss=" in lines[-1]
+    assert "ETA" in lines[0]
+
+
+def test_log_progress_lines_by_tenth_and_by_time():
+    import io
+
+    from grace_plugin.progress import LogProgress
+
+    out = io.StringIO()
+    bar = LogProgress(total=1000, desc="x", unit="img", stream=out)
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    assert len(out.getvalue().splitlines()) == 10  # 10%, 20%, ..., 100%; close adds nothing new
+    out = io.StringIO()
+    bar = LogProgress(total=None, desc="y", unit="batch", interval=0.0, stream=out)  # unknown total: by time
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    assert out.getvalue().splitlines() == [ln for ln in out.getvalue().splitlines() if ln.startswith("y: ")]
+    assert len(out.getvalue().splitlines()) == 3

@@ -3,9 +3,10 @@ import math
 
 import pytest
 
-from eval_suites.tuning import draw_trials, edge_axes, grid_points, select_trial, trial_score
-from eval_suites.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, at_least, evaluate_claim, greater, less,
-                                  overlaps, paired_difference, seed_mean, spread, wilson_interval)
+from eval_suites.studies.tuning import draw_trials, edge_axes, grid_points, select_trial, trial_score
+from eval_suites.studies.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, at_least, evaluate_claim,
+                                          greater, less, overlaps, paired_difference, seed_mean, spread,
+                                          wilson_interval)
 
 
 def test_spread_is_mean_and_sample_std():
@@ -190,7 +191,7 @@ def test_edge_axes_flags_selections_at_the_grid_edge():
 
 def test_study_paired_table_and_markdown():
     """study.md's paired-difference section: each row minus the reference on common seeds, 95% t interval."""
-    import eval_suites.studies as studies
+    import eval_suites.studies.runner as studies
 
     seeds = [0, 1, 2]
     ref = {k: spread([10.0, 20.0, 30.0], seeds=seeds) for k in ("id", "ood", "adv", "hm")}

@@ -127,7 +127,7 @@ def test_worlds_are_deterministic_and_v1_stays_reachable(tmp_path):
 
 
 def test_quickstart_column_definitions_give_binomial_half_widths():
-    from eval_suites.study import OOD_SETS, column_definitions
+    from eval_suites.studies.quickstart import OOD_SETS, column_definitions
 
     counts = {"id": {"test": 600}, **{s.removeprefix("synth-"): {"test": 500} for s in OOD_SETS}}
     text = column_definitions(counts, "apgd-ce", 4 / 255, 200, 1)

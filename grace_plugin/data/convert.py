@@ -105,9 +105,9 @@ def convert_imagefolder(src: str | Path, out: str | Path, layout: str = "clip_be
         with ProcessPoolExecutor(max_workers=max(1, workers)) as ex:
             it = ex.map(_write_shard, jobs)
             if progress:
-                from tqdm import tqdm
+                from ..progress import progress as bar
 
-                it = tqdm(it, total=len(jobs), desc="convert", unit="shard")
+                it = bar(it, total=len(jobs), desc="convert", unit="shard")
             list(it)
     names = [_shard_name(layout, split, i, prefix) for i in range(len(chunks))]
     lengths = [_count(shard_dir / n) for n in names]
@@ -120,7 +120,7 @@ def convert_imagefolder(src: str | Path, out: str | Path, layout: str = "clip_be
         templates = templates or default_templates
     names_file = "\n".join(classnames or classes) + "\n"
     tmpl = "\n".join(templates or ["a photo of a {c}."]) + "\n"
-    from ..checkpoint import atomic_write_text
+    from ..tensor_io import atomic_write_text
 
     atomic_write_text(out / "classnames.txt", names_file)
     atomic_write_text(out / "zeroshot_classification_templates.txt", tmpl)

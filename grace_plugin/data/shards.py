@@ -15,13 +15,12 @@ open_clip (``IMAGENET_CLASSNAMES``, ``OPENAI_IMAGENET_TEMPLATES``).
 """
 from __future__ import annotations
 
-import json
 import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import GraceError
+from ..errors import GraceError, read_json
 
 __all__ = ["ShardSet", "ShardSetError", "open_shard_set", "read_lines", "count_samples", "imagenet_metadata"]
 
@@ -104,10 +103,7 @@ def _timm_info(p: Path) -> Path | None:
 
 
 def _open_timm(p: Path, info_file: Path, split: str | None) -> ShardSet:
-    try:
-        info = json.loads(info_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardSetError(f"{info_file}: not valid JSON ({e})") from None
+    info = read_json(info_file, ShardSetError)
     splits = info.get("splits")
     if not isinstance(splits, dict) or not splits:
         raise ShardSetError(f"{info_file}: field 'splits' is missing or empty")

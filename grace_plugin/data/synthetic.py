@@ -439,9 +439,9 @@ def write_synthetic_world(out: str | Path, seed: int = 0, spec: SyntheticWorldSp
         futures = {pool.submit(_write_step, jobs[i]): i for i in order}
         results = (f.result() for f in as_completed(futures))
     if progress:
-        from tqdm import tqdm
+        from ..progress import progress as bar
 
-        results = tqdm(results, total=len(jobs), desc="synth", unit="split")
+        results = bar(results, total=len(jobs), desc="synth", unit="split")
     done: dict = {}
     try:
         for set_name, split, n in results:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_finite, load_state_dict_checked, read_tensors
-from ..errors import InputNotFound, UsageError
+from ..tensor_io import CheckpointError, check_finite, load_state_dict_checked, read_tensors
+from ..errors import InputNotFound, UsageError, read_json
 
 from .classifier import ClipClassifier, ZeroShotHead
 
@@ -98,11 +98,10 @@ def load_clip(init: str | Path, device: str | torch.device = "cpu") -> ClipBundl
                                     "`grace quickstart`/`save_clip`, or NAME:PRETRAINED for open_clip")
         if not weights.is_file():
             raise InputNotFound(f"{weights}: missing")
-        try:
-            meta = json.loads(meta_file.read_text())
-            name, cfg = meta["model_name"], meta["model_cfg"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{meta_file}: not a CLIP config written by save_clip ({e})") from None
+        meta = read_json(meta_file, CheckpointError, "not a CLIP config written by save_clip")
+        if not isinstance(meta, dict) or not {"model_name", "model_cfg"} <= set(meta):
+            raise CheckpointError(f"{meta_file}: not a CLIP config written by save_clip (no model_name/model_cfg)")
+        name, cfg = meta["model_name"], meta["model_cfg"]
         register_open_clip_config(name, cfg)
         clip = open_clip.create_model(name, pretrained=None, device=device)
         sd = read_tensors(weights, device, what="CLIP weights file")
@@ -131,7 +130,7 @@ def load_clip(init: str | Path, device: str | torch.device = "cpu") -> ClipBundl
 
 
 def save_clip(bundle: ClipBundle, out: str | Path, extra: dict | None = None) -> Path:
-    from ..checkpoint import atomic_write_text, save_tensors
+    from ..tensor_io import atomic_write_text, save_tensors
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,9 +211,6 @@ def template_fns(templates: list[Any]) -> list:
         else:
             fns.append(lambda c, _t=str(t): _t.replace("{c}", c) if "{c}" in _t else _t.format(c))
     return fns
-
-
-_as_template_fns = template_fns  # the former private name (kept for existing callers)
 
 
 @torch.no_grad()

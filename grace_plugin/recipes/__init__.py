@@ -2,7 +2,7 @@
 from .base import (Recipe, RecipeConfig, StepContext, StepOutput, TextSide, UnknownRecipeError, create_recipe,
                    get_recipe_class, list_recipes, register_recipe)
 # (registration; the grace module registers grace, grace_fast and grace_lite)
-from . import digrap, fare, flyp, ft, ftp, grace, lp_ft, pmg_aft, sam, spd, tecoa, wise_ft  # noqa: F401
+from . import adversarial, fare, flyp, ft, grace, lp_ft, pmg_aft, proximal, sam, wise_ft  # noqa: F401
 
 __all__ = ["Recipe", "RecipeConfig", "StepContext", "StepOutput", "TextSide", "UnknownRecipeError", "create_recipe",
            "get_recipe_class", "list_recipes", "register_recipe"]

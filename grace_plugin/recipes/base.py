@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import validate
 from ..errors import GraceError
+from ..registries import Registry
 
 __all__ = ["RecipeConfig", "Recipe", "FrozenOriginal", "StepContext", "StepOutput", "TextSide", "register_recipe",
            "create_recipe", "list_recipes", "get_recipe_class", "UnknownRecipeError"]
@@ -87,29 +89,23 @@ class TextSide:
     templates: list[str] = field(default_factory=list)
 
 
-_RECIPES: dict[str, type[Recipe]] = {}
+_RECIPES: Registry[type[Recipe]] = Registry("recipe", UnknownRecipeError)
 
 
 def register_recipe(name: str):
-    def deco(cls):
-        if name in _RECIPES:
-            raise ValueError(f"recipe {name!r} is already registered ({_RECIPES[name].__qualname__})")
+    def named(cls):
         cls.name = name
-        _RECIPES[name] = cls
         return cls
 
-    return deco
+    return _RECIPES.register(name, named)
 
 
 def list_recipes() -> list[str]:
-    return sorted(_RECIPES)
+    return _RECIPES.names()
 
 
 def get_recipe_class(name: str) -> type[Recipe]:
-    try:
-        return _RECIPES[name]
-    except KeyError:
-        raise UnknownRecipeError(f"unknown recipe {name!r}; valid recipes: {', '.join(list_recipes())}") from None
+    return _RECIPES.get(name)
 
 
 def create_recipe(name: str, model: nn.Module, cfg: RecipeConfig | None = None,
@@ -138,6 +134,7 @@ class Recipe:
     def __init__(self, model: nn.Module, cfg: RecipeConfig):
         from ..models.lora import inject_lora
 
+        validate(cfg, prefix="recipe.")  # the config's declared constraints (grace_plugin/config.py)
         self.model = model
         self.cfg = cfg
         for p in model.parameters():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import checked
 from ..models.classifier import ZeroShotHead
 from ..models.clip import template_fns, zero_shot_weights
 from ..rng import per_sample_randint
@@ -36,7 +37,7 @@ __all__ = ["FLYPConfig", "FLYP"]
 
 @dataclass
 class FLYPConfig(RecipeConfig):
-    train_head: bool = False  # the head is rebuilt from the fine-tuned text tower at export
+    train_head: bool = checked(False, choices=(False,))  # the head is rebuilt from the fine-tuned text tower at export
     train_text: bool = True  # FLYP (arXiv 2212.00638) trains both encoders
     train_logit_scale: bool = True  # FLYP continues CLIP's pretraining objective, temperature included
 
@@ -50,8 +51,6 @@ class FLYP(Recipe):
         if text is None:
             raise ValueError("flyp needs the CLIP text tower: create_recipe('flyp', model, cfg, text=TextSide(bundle, "
                              "classnames, templates)) (fine_tune passes it)")
-        if cfg.train_head:
-            raise ValueError("flyp: recipe.train_head must be false (the head is rebuilt from the text tower)")
         if len(text.classnames) != model.head.num_classes:
             raise ValueError(f"flyp: {len(text.classnames)} class names for a {model.head.num_classes}-class head")
         super().__init__(model, cfg)

@@ -51,9 +51,9 @@ __all__ = ["GraceConfig", "Grace", "GraceFastConfig", "GraceFast", "GraceLiteCon
 class GraceConfig(AdvConfig):
     """The training attack comes from ``AdvConfig`` (PGD-10, l_inf 4/255, step 1/255, GRACE Sec. 6.1)."""
 
-    lora: bool = True  # GRACE trains LoRA adapters on the frozen vision tower (Sec. 3, Eq. 5)
+    lora: bool = checked(True, choices=(True,))  # GRACE trains LoRA adapters on the frozen vision tower (Sec. 3, Eq. 5)
     # --- components (Table 8 ablation) ------------------------------------------------------------------------
-    awp: str = "curriculum"  # curriculum | uniform | off
+    awp: str = checked("curriculum", choices=lambda: AWP_MODES)  # curriculum | uniform | off
     gram_volume: bool = True  # the L_GV term of Eq. 4
     # --- LAR-AWP (Sec. 3, Eqs. 6-7) ---------------------------------------------------------------------------
     awp_rank_max: int = 4  # Table 10 (as quoted by github.com/amashkk/grace)
@@ -62,22 +62,25 @@ class GraceConfig(AdvConfig):
     rho: float = 0.05  # not stated in the paper; the AWP paper (arXiv 2004.05884) uses 5e-3 relative
     # Projection norm not stated. "relative": ||Δ_W||_F <= ρ ||W(θ)||_F per layer (AWP-style relative radius);
     # "absolute": ||Δ_W||_F <= ρ per layer.
-    rho_mode: str = "relative"
+    rho_mode: str = checked("relative", choices=("relative", "absolute"))
     awp_steps: int = 1  # T_AWP not stated ("several steps"); our default 1
     awp_lr: float = 1.0  # η as a fraction of the layer radius per normalised-gradient step (AWP-style)
-    awp_input: str = "adv"  # f_AWP on x_adv (Eq. 7: joint input and weight worst case) or "clean"; not stated
+    # f_AWP on x_adv (Eq. 7: joint input and weight worst case) or "clean"; not stated
+    awp_input: str = checked("adv", choices=("adv", "clean"))
     # --- curvature curriculum (App. E.1) ----------------------------------------------------------------------
     curvature_interval: int = 1000  # K = 1000 iterations
     curvature_beta: float = 0.9  # β in [0.85, 0.95]
     # Our choice (the paper fixes K and β for a ~250k-step run): > 0 scales them with the run length, see lar_awp.py.
     curvature_updates: int = 0  # > 0: K = total_steps / curvature_updates
     curvature_memory: float = 0.0  # > 0: β such that the EMA time constant is this fraction of the run
-    curvature_labels: str = "true"  # "true" (empirical Fisher) or "sampled" (Gauss-Newton-Bartlett); not stated
+    # "true" (empirical Fisher) or "sampled" (Gauss-Newton-Bartlett); not stated
+    curvature_labels: str = checked("true", choices=("true", "sampled"))
     # --- objective (Eq. 4) ------------------------------------------------------------------------------------
     lambda_lar: float = 1.0  # not stated; our default 1.0
     lambda_gv: float = 1.0  # not stated; our default 1.0
     gram_eps: float = 1e-6  # "small" (Eq. 9); our default 1e-6
-    gv_grad: str = "all"  # gradients through all three embeddings ("all") or not through f_ID ("adv_awp")
+    # gradients through all three embeddings ("all") or not through f_ID ("adv_awp")
+    gv_grad: str = checked("all", choices=("all", "adv_awp"))
     # Our addition (not in the paper): the f_AWP view, L_LAR and L_GV on this fraction of the batch only (chosen by
     # global sample index, ``awp_rows``; batches are shuffled), an unbiased estimate of both means at a fraction of
     # the AWP view's forward and backward. 1.0 (default) is the paper's objective.
@@ -104,14 +107,6 @@ class Grace(AdversarialRecipe):
     Config = GraceConfig
 
     def __init__(self, model, cfg: GraceConfig):
-        if not cfg.lora:
-            raise ValueError("grace: recipe.lora must be true (LAR-AWP lives in the LoRA subspace)")
-        if cfg.awp not in AWP_MODES:
-            raise ValueError(f"grace: recipe.awp must be {'|'.join(AWP_MODES)}, got {cfg.awp!r}")
-        if cfg.awp_input not in ("adv", "clean") or cfg.rho_mode not in ("relative", "absolute"):
-            raise ValueError("grace: recipe.awp_input must be adv|clean and recipe.rho_mode relative|absolute")
-        if cfg.curvature_labels not in ("true", "sampled") or cfg.gv_grad not in ("all", "adv_awp"):
-            raise ValueError("grace: recipe.curvature_labels must be true|sampled and recipe.gv_grad all|adv_awp")
         super().__init__(model, cfg)
         self.awp = LarAwp(model, cfg)
         self._gv_share_sum, self._gv_share_n = 0.0, 0
@@ -123,22 +118,6 @@ class Grace(AdversarialRecipe):
     def needs_adv(self) -> bool:
         """The adversarial view is used by L_LAR (through f_AWP) or by L_GV; LoRA-FT alone runs no attack."""
         return self.cfg.awp != "off" or self.cfg.gram_volume
-
-    # the curriculum's state, under the names earlier versions exposed
-    @property
-    def layers(self):
-        return self.awp.layers
-
-    @property
-    def ranks(self):
-        return self.awp.ranks
-
-    @property
-    def curvature(self):
-        return self.awp.curvature
-
-    def measure_curvature(self, x, y, ctx):
-        return self.awp.measure_curvature(x, y, ctx)
 
     # ------------------------------------------------------------------------------------------- the step
     def attack(self, x, y, ctx):
@@ -284,7 +263,7 @@ class GraceLite(Grace):
       Training", NeurIPS 2022, https://arxiv.org/abs/2206.03098, Alg. 1): ``x_adv = clip_[0,1](x + η + α sign(g))``
       with ``η ~ U[-kε, kε]``, ``k = 2``, ``α = ε`` and no projection onto the ε-ball, the single-step schedule that
       paper found free of catastrophic overfitting without GradAlign's double backward (arXiv 2007.02617);
-    * pass sharing (issue "GRACE at a third of its cost"): the attack's one backward, taken with the LAR-AWP branch
+    * pass sharing: the attack's one backward, taken with the LAR-AWP branch
       enabled at ``B_awp = 0``, returns the gradient w.r.t. the input *and* w.r.t. ``B_awp``; the latter is the
       first ascent direction (GRACE Alg. 1 l. 9 takes it at ``x_adv``; here it is taken at the attack's point, one
       signed step away). With ``attack_grad: clean`` the gradient is taken at the clean forward that ``L_task``

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import checked
 from .base import Recipe, RecipeConfig, StepContext, StepOutput, register_recipe
 
 __all__ = ["LPFTConfig", "LPFT"]
@@ -30,23 +31,16 @@ __all__ = ["LPFTConfig", "LPFT"]
 
 @dataclass
 class LPFTConfig(RecipeConfig):
-    train_head: bool = True
+    train_head: bool = checked(True, choices=(True,))  # stage 1 trains the head
     lp_steps: int | None = None  # stage-1 steps; None: lp_fraction * total steps
     # LP-FT (arXiv 2202.10054) trains the probe to convergence; no step split is stated for CLIP.
     # Our default: half the budget
-    lp_fraction: float = 0.5
+    lp_fraction: float = checked(0.5, ge=0, le=1)
 
 
 @register_recipe("lp_ft")
 class LPFT(Recipe):
     Config = LPFTConfig
-
-    def __init__(self, model, cfg: LPFTConfig):
-        if not cfg.train_head:
-            raise ValueError("lp_ft: recipe.train_head must be true (stage 1 trains the head)")
-        if not 0.0 <= cfg.lp_fraction <= 1.0:
-            raise ValueError(f"lp_ft: recipe.lp_fraction must be in [0, 1], got {cfg.lp_fraction}")
-        super().__init__(model, cfg)
 
     def probe_steps(self, total_steps: int) -> int:
         if self.cfg.lp_steps is not None:

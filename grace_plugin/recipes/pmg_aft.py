@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import checked
 from .adversarial import AdvConfig, AdversarialRecipe
 from .base import FrozenOriginal, register_recipe
 
@@ -44,17 +45,12 @@ def pmg_aft_loss(logits_adv: torch.Tensor, logits_nat: torch.Tensor, logits_ori:
 class PMGAFTConfig(AdvConfig):
     w_ori: float = 1.0  # weights 1 in the reference PMG_AFT.py
     w_nat: float = 1.0
-    ori_input: str = "adv"  # PMG_AFT.py: p_0 on x_adv; "clean" for the fork variant
+    ori_input: str = checked("adv", choices=("adv", "clean"))  # PMG_AFT.py: p_0 on x_adv; "clean" for the fork variant
 
 
 @register_recipe("pmg_aft")
 class PMGAFT(FrozenOriginal, AdversarialRecipe):  # self.original: p_0, the frozen original model
     Config = PMGAFTConfig
-
-    def __init__(self, model, cfg: PMGAFTConfig):
-        if cfg.ori_input not in ("adv", "clean"):
-            raise ValueError(f"pmg_aft: recipe.ori_input must be adv|clean, got {cfg.ori_input!r}")
-        super().__init__(model, cfg)
 
     def adversarial_loss(self, x, x_adv, y, ctx):
         cfg, model = self.cfg, self.model

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..weightspace import interpolate_state_dicts
+from ..config import checked
 from .base import Recipe, RecipeConfig, register_recipe
 
 __all__ = ["WiseFTConfig", "WiseFT"]
@@ -29,7 +30,7 @@ __all__ = ["WiseFTConfig", "WiseFT"]
 @dataclass
 class WiseFTConfig(RecipeConfig):
     train_head: bool = True
-    alpha: float = 0.5  # WiSE-FT (arXiv 2109.01903) uses α = 0.5 as its default
+    alpha: float = checked(0.5, ge=0, le=1)  # WiSE-FT (arXiv 2109.01903) uses α = 0.5 as its default
 
 
 @register_recipe("wise_ft")
@@ -37,8 +38,6 @@ class WiseFT(Recipe):
     Config = WiseFTConfig
 
     def __init__(self, model, cfg: WiseFTConfig):
-        if not 0.0 <= cfg.alpha <= 1.0:
-            raise ValueError(f"wise_ft: recipe.alpha must be in [0, 1], got {cfg.alpha}")
         # Snapshot before LoRA injection: same keys as the merged export. Re-derivable from --init, so not in the
         # resume state.
         self.zero_shot_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

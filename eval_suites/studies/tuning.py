@@ -69,7 +69,7 @@ def draw_trials(grid: dict, trials: int, seed: int = 0) -> list[dict]:
 
 def trial_score(clean: float | None, robust: float | None) -> dict:
     """``{"hm", "mean"}`` of validation clean and robust top-1 (percent)."""
-    from .report import harmonic_mean
+    from ..report import harmonic_mean
 
     if clean is None or robust is None:
         return {"hm": None, "mean": None}
@@ -105,7 +105,7 @@ def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) ->
     """Update ``path`` (tuned.yaml): the given methods' entries replaced, the others kept; one comment per entry."""
     import yaml
 
-    from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.tensor_io import atomic_write_text
 
     current = {}
     if path.is_file():
@@ -126,16 +126,17 @@ def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) ->
 
 
 def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
-    from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.tensor_io import atomic_write_text
     from grace_plugin.config import ConfigError
     from grace_plugin.data.split import holdout_split
     from grace_plugin.finetune import fine_tune
     from registry import load_model
 
-    from grace_plugin.trainer import resolve_device
+    from grace_plugin.runtime import resolve_device
 
-    from .suites import SuiteContext, run_suites
-    from .study import _user_overrides, prepare_testbed
+    from ..context import SuiteContext
+    from ..suites import run_suites
+    from .quickstart import _user_overrides, prepare_testbed
     from .testbed_config import load_methods, load_tuning, merge, method_config, nest
 
     proto, methods = load_tuning(), load_methods()

@@ -104,12 +104,12 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
 
 def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> dict:
     from grace_plugin.finetune import fine_tune
-    from grace_plugin.trainer import resolve_device
+    from grace_plugin.runtime import is_main, resolve_device
     from registry import load_model
 
-    from .distributed import is_main
-    from .report import summary_markdown, write_report, write_summary
-    from .suites import SuiteContext, run_suites
+    from ..context import SuiteContext
+    from ..report import summary_markdown, write_report, write_summary
+    from ..suites import run_suites
     from .testbed_config import method_config
 
     t0 = time.time()
@@ -205,12 +205,12 @@ def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, names: list[
     ``ctx`` (a ``SuiteContext``) on each alpha and return ``{"points": [{alpha, id, ood, adv, hm}], "frontier":
     [...]}`` (the ID/OOD Pareto front, `strict` definition); written to ``out/wise_ft_sweep.json`` when ``out`` is
     given."""
-    from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.tensor_io import atomic_write_text
     from grace_plugin.errors import UsageError
     from grace_plugin.weightspace import wise_ft_sweep
     from registry import LoadedModel, load_model
 
-    from .suites import run_suites
+    from ..suites import run_suites
 
     ft = load_model(finetuned)
     if ft.model is None:

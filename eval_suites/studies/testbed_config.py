@@ -15,9 +15,9 @@ from typing import Any
 __all__ = ["TESTBED_DIR", "Method", "installed_copy", "load_methods", "load_studies", "load_tuning", "load_tuned",
            "load_yaml_attack", "merge", "method_config", "nest", "testbed_dir"]
 
-_CHECKOUT = Path(__file__).resolve().parents[1] / "configs" / "testbed"
+_CHECKOUT = Path(__file__).resolve().parents[2] / "configs" / "testbed"
 # the wheel's copy (package data; in a checkout a symlink to configs/testbed)
-_PACKAGED = Path(__file__).resolve().parent / "testbed_configs"
+_PACKAGED = Path(__file__).resolve().parents[1] / "testbed_configs"
 TESTBED_DIR = _CHECKOUT if (_CHECKOUT / "methods.yaml").is_file() else _PACKAGED
 
 

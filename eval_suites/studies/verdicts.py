@@ -158,7 +158,7 @@ def all_of(verdicts: list[str]) -> str:
 
 def wilson_interval(correct: int, n: int) -> tuple[float, float] | None:
     """95% Wilson score interval in percent: the evaluation engine's (``report.wilson``), as a tuple."""
-    from .report import wilson
+    from ..report import wilson
 
     ci = wilson(correct, n)
     return None if ci is None else (ci[0], ci[1])

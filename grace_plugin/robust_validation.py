@@ -12,15 +12,13 @@ A check is ``{"step", "val_clean", "val_robust"}`` with accuracies in percent.
 """
 from __future__ import annotations
 
-import re
 import time
 
 import torch
 
-__all__ = ["SELECT_RULES", "select_check", "co_guard_tripped", "harmonic_mean", "Validator", "parse_val_attack"]
+from .config import SELECT_RULES
 
-SELECT_RULES = ("last", "best_robust", "best_hm")
-
+__all__ = ["select_check", "co_guard_tripped", "harmonic_mean", "Validator"]
 
 def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
@@ -52,16 +50,6 @@ def co_guard_tripped(checks: list[dict], drop_points: float | None) -> bool:
         return False
     prev, cur = checks[-2], checks[-1]
     return prev["val_robust"] - cur["val_robust"] > drop_points and cur["val_clean"] > prev["val_clean"]
-
-
-def parse_val_attack(spec: str) -> int:
-    """``pgdN`` -> N attack steps (``pgd10`` is PGD-10); ``none`` -> 0 (clean accuracy only)."""
-    if spec == "none":
-        return 0
-    m = re.fullmatch(r"pgd(\d+)", spec)
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"unknown validation attack {spec!r}; valid: pgdN (N >= 1, e.g. pgd10) or none")
-    return int(m.group(1))
 
 
 class Validator:

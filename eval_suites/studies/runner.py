@@ -54,11 +54,12 @@ class StudyConfig:
 def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool, reference: Path) -> dict:
     """One model's report (``report.json`` schema, from the one evaluation engine ``suites.run_suites``) on the
     testbed; with ``geometry`` the geometry suite's result under ``report["suites"]["geometry"]``."""
-    from grace_plugin.trainer import resolve_device
+    from grace_plugin.runtime import resolve_device
     from registry import load_model
 
-    from .study import OOD_SETS
-    from .suites import SuiteContext, run_suites
+    from .quickstart import OOD_SETS
+    from ..context import SuiteContext
+    from ..suites import run_suites
 
     device = str(resolve_device(cfg.device))
     loaded = load_model(spec, device=device)
@@ -128,7 +129,7 @@ def finished_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
 
     from grace_plugin.config import ConfigError, to_dict
     from grace_plugin.finetune import build_config
-    from grace_plugin.trainer import resolve_device
+    from grace_plugin.runtime import resolve_device
 
     saved_file, meta = run_dir / "config.yaml", run_dir / "checkpoint.json"
     if not (meta.is_file() and saved_file.is_file()):
@@ -152,7 +153,7 @@ def finished_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
 
 def _eval_signature(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool) -> dict:
     """What one study evaluation depends on: the model files (sizes and mtimes), the world, the suite settings."""
-    from grace_plugin.trainer import resolve_device
+    from grace_plugin.runtime import resolve_device
 
     spec = Path(spec)
     files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(spec.glob("*.safetensors"))}
@@ -166,7 +167,7 @@ def _eval_signature(spec, data: Path, cfg: StudyConfig, seed: int, geometry: boo
 def _cached_evaluate(cache: Path, spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool,
                      reference: Path) -> tuple[dict, bool]:
     """``_evaluate``, or its saved report when the signature is unchanged; (report, reused)."""
-    from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.tensor_io import atomic_write_text
 
     sig = json.loads(json.dumps(_eval_signature(spec, data, cfg, seed, geometry), default=str))
     if cache.is_file():
@@ -247,8 +248,8 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.finetune import fine_tune
     from grace_plugin.trainer import TrainingDiverged
 
-    from .leaderboard import reference_rows
-    from .study import _user_overrides, prepare_testbed
+    from ..leaderboard import reference_rows
+    from .quickstart import _user_overrides, prepare_testbed
     from .testbed_config import load_methods, load_studies, merge, method_config
 
     studies, methods = load_studies(), load_methods()
@@ -326,7 +327,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
                "paper": "OOD = mean(v2, sketch, rendition); Adv = mean(APGD-CE robust, a); HM of ID, OOD, Adv "
                         "(the paper's Table 6 caption)"},
            "intervals": "std: sample standard deviation over seeds; a run's interval: Wilson 95% (ID, Adv)"}
-    from grace_plugin.checkpoint import atomic_write_text
+    from grace_plugin.tensor_io import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study.json", json.dumps(doc, indent=2, default=str) + "\n")
@@ -443,7 +444,7 @@ def study_plot(doc: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from grace_plugin.checkpoint import atomic_path
+    from grace_plugin.tensor_io import atomic_path
 
     rows = doc["rows"]
     if any("geometry" in r for r in rows.values()):
@@ -457,7 +458,7 @@ def study_plot(doc: dict, path: Path) -> Path:
             ax.set_title(k)
             ax.tick_params(axis="x", rotation=45)
     else:  # the trade-off panels: the report's plot (one implementation), the paper's rows as references
-        from .report import tradeoff_plot
+        from ..report import tradeoff_plot
 
         ours = [{"method": r["label"], **r["axes"]} for r in rows.values()]
         paper = [dict(p, source="paper") for p in doc.get("paper_rows") or []]

@@ -1,0 +1,169 @@
+"""What an evaluation runs on: ``EvalSet`` (a shard set or an ImageNet val folder, with its class names, templates
+and batches) and ``SuiteContext`` (every ``grace eval`` flag a suite may read, validated in one place, and the
+resolution of set names: ``NAME=DIR``, a named set, a folder, the catalogue or ``<data_root>/<NAME>``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grace_plugin.config import checked, validate
+from grace_plugin.errors import GraceError, UsageError
+
+from .attacks import NORMS, check_eps_for_norm
+
+__all__ = ["EvalSet", "open_eval_set", "SuiteContext", "SetScoringError"]
+
+log = logging.getLogger(__name__)
+
+
+class SetScoringError(GraceError, ValueError):
+    """A set that cannot be scored as asked (labels beyond its class list, skips under --strict, a mapping missing)."""
+
+
+
+@dataclass
+class EvalSet:
+    """A data set a suite reads: a shard set or an ImageNet folder (``kind``), with its catalogue entry if any."""
+
+    name: str
+    path: Path
+    kind: str  # "shards" | "imagenet"
+    classnames: list[str] | None
+    templates: list[str] | None
+    urls: list[str] | None = None
+    expected: int | None = None  # samples the layout promises
+    entry: object | None = None  # shardsets.ShardSetEntry when the name is catalogued
+    unlisted: list[str] = field(default_factory=list)  # tars the layout does not list (counted as unaccounted)
+
+    def batches(self, transform, batch_size: int, n: int | None = None, num_workers: int = 0, decode: str = "pil",
+                limit: int | None = None, whole: bool = False):
+        """This rank's batches (``whole``: every batch, on every rank); ``limit``: only the first ``limit`` samples
+        (the attacked subset)."""
+        ranks = (0, 1) if whole else None
+        if self.kind == "imagenet":
+            from .imagenet import imagenet_batches
+
+            return imagenet_batches(self.path, transform, n=min(limit or n or 5000, 5000), batch_size=batch_size,
+                                    ranks=ranks)
+        from grace_plugin.data.loader import make_eval_loader
+
+        return make_eval_loader(self.urls, transform, batch_size, num_classes=len(self.classnames or []) or None,
+                                num_workers=0 if limit is not None else num_workers, decode=decode, limit=limit,
+                                ranks=ranks)
+
+    def files_signature(self, n: int | None = None) -> list:
+        """``[[file, size, mtime_ns], ...]`` of what this set reads (local files; URLs as given)."""
+        if self.kind == "imagenet":
+            from .imagenet import imagenet_val_dir, subset_files
+
+            d = imagenet_val_dir(self.path)
+            files = [d / f for f in subset_files(min(n or 5000, 5000))]
+        else:
+            files = [Path(u) if os.path.exists(u) else u for u in self.urls]
+        out = []
+        for f in files:
+            if isinstance(f, Path):
+                st = f.stat()
+                out.append([str(f), st.st_size, st.st_mtime_ns])
+            else:
+                out.append([str(f), None, None])
+        return out
+
+
+def open_eval_set(name: str, path: str | Path) -> EvalSet:
+    from grace_plugin.data.shards import open_shard_set
+
+    from .imagenet import check_imagenet_folder, imagenet_classnames, is_imagenet_folder
+    from .shardsets import get_shardset
+
+    p = Path(path).expanduser()
+    if is_imagenet_folder(p):
+        check_imagenet_folder(p, n=0)  # classes now; subset files when read
+        names, templates = imagenet_classnames()
+        return EvalSet(name, p, "imagenet", names, templates, entry=get_shardset(name))
+    s = open_shard_set(p)
+    return EvalSet(name, p, "shards", s.classnames, s.templates, urls=s.urls, expected=s.expected,
+                   entry=get_shardset(name), unlisted=s.unlisted)
+
+
+@dataclass
+class SuiteContext:
+    """Everything a suite may need; each field is a `grace eval` flag (or a tox environment variable)."""
+
+    id_set: tuple[str, str | Path] | None = None
+    sets: dict[str, str | Path] = field(default_factory=dict)
+    data_root: str | Path | None = None
+    eps: float = checked(4 / 255, flag="--eps", ge=0)
+    norm: str = checked("Linf", flag="--norm", choices=NORMS)
+    n_adv: int = checked(500, flag="--n-adv", ge=0)
+    batch_size: int = checked(128, flag="--batch-size", gt=0)
+    num_workers: int = checked(0, flag="--num-workers", ge=0)
+    # shard decoding: "pil" (timm's PIL preprocessing exactly) or "tensor" (torchvision, faster)
+    decode: str = checked("pil", flag="--decode", choices=("pil", "tensor"))
+    device: str = "auto"  # "auto": CUDA when available (this rank's GPU under torchrun), else CPU
+    seed: int = 0
+    strict: bool = False
+    scoring: str | None = None  # override every ood set's scoring: own | subset | mapping
+    mapping_files: dict[str, str | Path] = field(default_factory=dict)  # set name -> mapping JSON
+    unit_input: bool | None = None
+    out_dir: str | Path | None = None  # resume state for adversarial suites lives under out_dir/state/
+    imagenet_dir: str | Path | None = None
+    corruptions_dir: str | Path | None = None
+    n_imagenet: int = checked(5000, flag="--n-imagenet", gt=0)
+    reference: str | None = None  # pretrained model spec for the parameter drift (geometry)
+    n_geometry: int = 64
+    geometry_iters: int = 20
+    geometry_samples: int = 8
+    geometry_attack: str = "apgd-ce"
+    lid_k: int = 20
+    n_shift: int = 1000
+    shift_ridge: float | None = None
+    model_info_name: str | None = None  # write RobustBench model_info JSON for adversarial results under this name
+    progress: bool = False
+    cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        validate(self)
+
+    __validate__ = check_eps_for_norm
+
+    def resolve_set(self, spec: str) -> tuple[str, Path]:
+        """``NAME=DIR`` | a name in ``sets`` | a folder | the catalogued folder or ``<data_root>/<name>``."""
+        from grace_plugin.data.shards import ShardSetError
+
+        from .shardsets import get_shardset
+
+        if "=" in spec and not Path(spec).exists():
+            name, path = spec.split("=", 1)
+            return name, Path(path)
+        if spec in self.sets:
+            return spec, Path(self.sets[spec])
+        p = Path(spec).expanduser()
+        if p.exists():
+            return p.name, p
+        entry = get_shardset(spec)
+        if self.data_root is not None:
+            if entry is not None and (Path(self.data_root) / entry.folder).exists():
+                return spec, Path(self.data_root) / entry.folder
+            if (Path(self.data_root) / spec).exists():
+                return spec, Path(self.data_root) / spec
+        if entry is not None and self.data_root is None:
+            raise ShardSetError(f"set {spec!r}: a catalogued set name needs --data-root (its folder there is "
+                                f"{entry.folder}/), or pass {spec}=DIR")
+        known = sorted(self.sets) + ([f"<{self.data_root}>/*"] if self.data_root else [])
+        raise ShardSetError(f"set {spec!r}: not a folder, not given with --ood NAME=DIR and not under --data-root "
+                            f"(known: {', '.join(known) or 'none'})")
+
+    def eval_set(self, name: str, path: str | Path) -> EvalSet:
+        key = ("set", name, str(path))
+        if key not in self.cache:
+            self.cache[key] = open_eval_set(name, path)
+        return self.cache[key]
+
+    def id_eval_set(self) -> EvalSet:
+        if self.id_set is None:
+            raise UsageError("this suite needs an ID set: pass --data [NAME=]DIR")
+        return self.eval_set(*self.id_set)

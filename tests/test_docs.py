@@ -1,0 +1,134 @@
+"""The docs say only what exists: every `grace` subcommand and flag, and every project path, named in code in
+README.md and docs/ is checked against the CLI's parser and the tree; the results pages are what `grace results`
+generates from docs/results/data/."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+INLINE = re.compile(r"`([^`\n]+)`")
+COMMAND = re.compile(r"(?<![\w./-])grace ([a-z][\w-]*)(.*)")
+FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+PATH = re.compile(r"(?<![\w./-])((?:grace_plugin|registry|eval_suites|configs|bench|tests|docs|\.ci)/[\w./-]*)")
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def cli_surface() -> dict[str, dict]:
+    """``{command: {"flags": {...}, "sub": {subcommand: {flags}}}}`` from the CLI's own parser."""
+    from grace_plugin.cli import _parser
+
+    surface = {}
+    for name, sp in _subparsers(_parser()).choices.items():
+        nested = _subparsers(sp)
+        surface[name] = {"flags": {o for a in sp._actions for o in a.option_strings},
+                         "sub": {n: {o for a in s._actions for o in a.option_strings}
+                                 for n, s in (nested.choices.items() if nested else [])}}
+    return surface
+
+
+def code_segments(text: str) -> list[str]:
+    """Lines of fenced code blocks, and inline code spans outside them."""
+    segments = []
+    for block in FENCE.findall(text):
+        segments += block.splitlines()[1:-1]
+    segments += INLINE.findall(FENCE.sub("", text))
+    return segments
+
+
+def problems(text: str, surface: dict, root: Path = ROOT) -> list[str]:
+    out = []
+    for seg in code_segments(text):
+        for m in COMMAND.finditer(seg):
+            cmd, rest = m.group(1), m.group(2).split(" #")[0]
+            if cmd not in surface:
+                out.append(f"unknown command `grace {cmd}`")
+                continue
+            flags = set(surface[cmd]["flags"])
+            if surface[cmd]["sub"]:
+                words = rest.split()
+                if not words or words[0] not in surface[cmd]["sub"]:
+                    out.append(f"`grace {cmd}` needs one of {sorted(surface[cmd]['sub'])}: {seg.strip()!r}")
+                    continue
+                flags |= surface[cmd]["sub"][words[0]]
+            out += [f"`grace {cmd}` has no flag {f}" for f in FLAG.findall(rest) if f not in flags]
+        for p in PATH.findall(seg):
+            p = p.rstrip(".,:;)")
+            if not any(ch in p for ch in "*<{") and not (root / p).exists():
+                out.append(f"no such path {p}")
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_documented_commands_flags_and_paths_exist(page):
+    assert problems(page.read_text(), cli_surface()) == []
+
+
+def test_the_check_fails_on_a_removed_flag_command_or_path():
+    text = ("Run `grace train --recipe ft --no-such-flag 3`, then\n\n```bash\ngrace evaluate --model m\n"
+            "grace shards --out x\npython bench/no_such_bench.py   # see grace_plugin/trainer.py\n```\n")
+    got = problems(text, cli_surface())
+    assert got == ["unknown command `grace evaluate`",
+                   "`grace shards` needs one of ['convert']: 'grace shards --out x'",
+                   "no such path bench/no_such_bench.py",
+                   "`grace train` has no flag --no-such-flag"]
+
+
+def test_results_pages_are_what_grace_results_generates(tmp_path):
+    """docs/results/*.md equal a fresh regeneration from docs/results/data/ (nothing edited by hand)."""
+    from eval_suites.studies.publish import regenerate
+
+    regenerate(ROOT / "docs" / "results" / "data", tmp_path)
+    committed = sorted(p.name for p in (ROOT / "docs" / "results").glob("*.md"))
+    assert committed == sorted(p.name for p in tmp_path.glob("*.md"))
+    for name in committed:
+        assert (tmp_path / name).read_text() == (ROOT / "docs" / "results" / name).read_text(), name
+
+
+def test_results_add_and_regenerate_a_study_and_a_bench(tmp_path):
+    """`grace results --add`: a study folder and a bench JSON become pages, the index lists them and the nav block
+    of mkdocs.yml names exactly them."""
+    import json
+
+    from grace_plugin.cli import main
+
+    study = tmp_path / "studies" / "table6"
+    study.mkdir(parents=True)
+    axes = {"id": 50.0, "ood": 40.0, "adv": 10.0, "hm": 20.0}
+    agg = {**axes, **{f"{k}_std": 0.0 for k in axes}}
+    (study / "study.json").write_text(json.dumps({
+        "study": "table6", "seeds": [0], "steps": 3, "size": "small", "seconds": 1.0, "methods": None,
+        "column_definitions": {"ours": "ours", "paper": "paper"},
+        "rows": {"ft": {"label": "ft", "axes": agg, "paper_axes": agg, "runs": []}},
+        "paper_rows": [], "verdicts": [], "claims_omitted": 0}))
+    bench = tmp_path / "sc.json"
+    bench.write_text(json.dumps({"bench": "step_cost", "arch": "tiny", "batch": 4, "device": "cpu", "reps": 1,
+                                 "torch": "x", "rows": {"ft": {"ms_per_step": 10.0, "ratio_to_ft": 1.0,
+                                                               "floor": None, "images_per_s": 400.0,
+                                                               "peak_gib": None, "mfu": None}}}))
+    yml = tmp_path / "mkdocs.yml"
+    yml.write_text("nav:\n  - Results:\n    # results-nav: written by `grace results`\n    - results/old.md\n"
+                   "    # end results-nav\n  - Last: last.md\n")
+    data, out = tmp_path / "data", tmp_path / "results"
+    try:
+        rc = main(["results", "--add", str(study), "--add", str(bench), "--data", str(data), "--out", str(out),
+                   "--mkdocs", str(yml)])
+    except SystemExit as e:  # pragma: no cover
+        rc = e.code
+    assert rc == 0
+    assert sorted(p.name for p in data.iterdir()) == ["bench-sc.json", "study-table6.json"]
+    assert sorted(p.name for p in out.glob("*.md")) == ["bench-sc.md", "index.md", "study-table6.md"]
+    assert "| ft | 10.0 | 1.00 | - | 400 | - | - |" in (out / "bench-sc.md").read_text()
+    assert "# Study table6" in (out / "study-table6.md").read_text()
+    assert "[Study table6](study-table6.md)" in (out / "index.md").read_text()
+    assert yml.read_text() == ("nav:\n  - Results:\n    # results-nav: written by `grace results`\n"
+                               "    - results/index.md\n    - results/bench-sc.md\n    - results/study-table6.md\n"
+                               "    # end results-nav\n  - Last: last.md\n")
