@@ -7,6 +7,7 @@ the usual way (PIL decode, PIL resize); our streams run it with ``decode="pil"``
 and the ratios to ImageFolder. ``--draft`` adds the PIL streams with JPEG draft decoding.
 
     python bench/loader.py --images 2000 --workers 2
+    python bench/loader.py --seeding     # the train stream's per-sample seeding: torch.manual_seed vs CPU generator
 """
 from __future__ import annotations
 
@@ -44,6 +45,40 @@ def rate(loader, limit_batches=None) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
+def seeding(n: int = 5000) -> None:
+    """Per-sample cost of seeding torch for one augmentation, as the train stream does (``loader._seeded``), with
+    ``torch.manual_seed`` (which also seeds CUDA: lazily, with a stack trace per call on a CUDA build) and with the
+    CPU generator alone; interleaved rounds, medians. Both give the same CPU draws (checked)."""
+    def global_seed(s):
+        st = torch.get_rng_state()
+        torch.manual_seed(s)
+        torch.rand(1)
+        torch.set_rng_state(st)
+
+    def cpu_seed(s):
+        st = torch.get_rng_state()
+        torch.default_generator.manual_seed(s)
+        torch.rand(1)
+        torch.set_rng_state(st)
+
+    times: dict = {"torch.manual_seed": [], "default_generator.manual_seed": []}
+    for _ in range(3):
+        for name, fn in zip(times, (global_seed, cpu_seed)):
+            t0 = time.perf_counter()
+            for i in range(n):
+                fn(i)
+            times[name].append((time.perf_counter() - t0) / n)
+    torch.manual_seed(7)
+    a = torch.rand(8)
+    torch.default_generator.manual_seed(7)
+    same = torch.equal(a, torch.rand(8))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda is not None}), {n} samples, median of 3")
+    for k, v in med.items():
+        print(f"{k:32s} {v * 1e6:8.1f} us/sample")
+    print(f"ratio {med['torch.manual_seed'] / med['default_generator.manual_seed']:.1f}x; same CPU draws: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=2000)
@@ -52,8 +87,11 @@ def main() -> None:
     ap.add_argument("--draft", action="store_true", help="also measure JPEG draft decoding")
     ap.add_argument("--dir", help="reuse/keep data here")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each loader's median is printed")
+    ap.add_argument("--seeding", action="store_true", help="only the per-sample seeding cost (no images)")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.seeding:
+        return seeding()
 
     from torchvision.datasets import ImageFolder
 

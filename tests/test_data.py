@@ -239,3 +239,62 @@ def test_tensor_decode_falls_back_to_pil_where_the_transform_needs_it(tiny_world
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     with pytest.raises(ValueError, match="valid: pil, tensor"):
         make_eval_loader(s.urls, IDENT, 8, 10, decode="cv2")
+
+
+def test_train_stream_seeds_only_the_cpu_generator(tiny_world, monkeypatch):
+    """Per-sample augmentation randomness comes from the CPU generator, seeded per sample: no torch.manual_seed
+    (which also seeds CUDA) on the data path, and the same seed gives the same augmented batches."""
+    from grace_plugin.data.transforms import train_transform
+
+    s = open_shard_set(tiny_world / "id", split="train")
+    tf = train_transform({"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
+                          "mean": (0, 0, 0), "std": (1, 1, 1)}, "rrc")
+    calls = []
+    real = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: calls.append(seed) or real(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("cuda", seed)))
+
+    def first(k=2):
+        it = iter(make_train_loader(s.urls, tf, 8, 10, seed=3, shuffle_buffer=20, decode="tensor"))
+        return [next(it)["image"] for _ in range(k)]
+
+    a, b = first(), first()
+    assert calls == []
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "LA", "I;16", "1"])
+def test_png_raw_size_matches_what_the_stream_inflates_to(mode):
+    """The size a PNG's IHDR promises (png_raw_size) equals what PIL's writer's zlib stream inflates to, for every
+    colour type and several bit depths; png_data_complete accepts those files."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from grace_plugin.data.decode import check_image_header, png_data_complete, png_raw_size
+
+    buf = io.BytesIO()
+    Image.new(mode, (37, 21)).save(buf, format="PNG")
+    data = buf.getvalue()
+    pos, idat, ihdr = 8, b"", None
+    while pos < len(data):
+        (n,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        if kind == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", data[pos + 8:pos + 21])
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    assert png_raw_size(*ihdr[:4], ihdr[6]) == len(zlib.decompress(idat))
+    assert png_data_complete(data) and check_image_header(data) == "PNG"
+
+
+def test_png_raw_size_interlaced_closed_form():
+    """Adam7: an 8x8 RGB image's seven passes are 1x1, 1x1, 2x1, 2x2, 4x2, 4x4 and 8x4 pixels, each row with a
+    filter byte: 4 + 4 + 7 + 14 + 26 + 52 + 100 = 207 bytes."""
+    from grace_plugin.data.decode import png_raw_size
+
+    assert png_raw_size(8, 8, 8, 2, 1) == 207
+    assert png_raw_size(8, 8, 8, 2, 0) == 8 * (1 + 24)
+    assert png_raw_size(1, 1, 8, 2, 1) == 4  # only the first pass has pixels

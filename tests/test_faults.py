@@ -40,8 +40,9 @@ def png(seed: int, size: int = 16) -> bytes:
     return b.getvalue()
 
 
-def bomb_png(w: int = 30000, h: int = 30000) -> bytes:
-    """A valid PNG header declaring w x h pixels (2.7 GB as RGB) with a tiny zlib stream."""
+def bomb_png(w: int = 30000, h: int = 30000, raw: bytes = b"\0" * 1000) -> bytes:
+    """A PNG with valid chunks and CRCs declaring w x h RGB pixels (2.7 GB by default) whose IDAT inflates to
+    ``raw`` (far fewer bytes than the header promises)."""
     import struct
     import zlib
 
@@ -49,7 +50,7 @@ def bomb_png(w: int = 30000, h: int = 30000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
             + chunk(b"IEND", b""))
 
 
@@ -183,9 +184,10 @@ CASES = [
          counts={"n": 34, "decode_error": 6, "tar_error": 1}),
     Case("interleaved members, both images bad", _eval_set([INTERLEAVED_BAD]), 2, msg="decode_error=2)"),
     Case("interleaved members, good", _eval_set([INTERLEAVED_GOOD]), 0, counts={"n": 2}),
-    Case("bomb and truncated PNGs in a set", _eval_set([good_shard("a", 2) + sample("b", 0, bomb_png())
-                                                        + sample("c", 1, TRUNC_PNG)], None, "--decode", "tensor"), 0,
-         counts={"n": 2, "decode_error": 2}),
+    Case("bomb, truncated and short-IDAT PNGs in a set", _eval_set(
+        [good_shard("a", 2) + sample("b", 0, bomb_png()) + sample("c", 1, TRUNC_PNG)
+         + sample("d", 0, bomb_png(48, 48, b"\0" * 7))], None, "--decode", "tensor"), 0,
+         counts={"n": 2, "decode_error": 3}),
     # ---- items 6, 7 and issue 13: bad config fields and flags, one line, before any data is read
     _cfg_row(["--steps", "0"], "--steps 0: must be > 0"),
     _cfg_row(["--steps", "-5"], "--steps -5: must be > 0"),
@@ -496,13 +498,16 @@ def _png_cuts() -> dict:
 
 
 def test_decoder_survives_hostile_images():
-    """Truncated PNGs at every structural point, a 30000x30000 bomb header, garbage, a PDF, an ICO: each is a
-    decode_error on both decode paths; the subprocess must exit 0 (no native crash) and stay far below the
-    2.7 GB a decoded bomb would take."""
+    """Truncated PNGs at every structural point, PNGs whose image data is shorter than their header promises
+    (valid chunks and CRCs: torchvision 0.29's decoder dies with SIGSEGV on them), a 30000x30000 bomb header,
+    garbage, a PDF, an ICO: each is a decode_error on both decode paths; the subprocess must exit 0 (no native
+    crash) and stay far below the 2.7 GB a decoded bomb would take."""
     ico = io.BytesIO()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(ico, format="ICO")
     cases = {**_png_cuts(), "bomb 30000x30000": bomb_png(), "garbage": BAD, "pdf": b"%PDF-1.4\n%%EOF\n",
-             "ico": ico.getvalue(), "bomb 9000x9000 (1-2x PIL limit)": bomb_png(9000, 11000)}
+             "ico": ico.getvalue(), "bomb 9000x9000 (1-2x PIL limit)": bomb_png(9000, 11000),
+             "short IDAT 48x48 (7 of 6960 bytes)": bomb_png(48, 48, b"\0" * 7),
+             "short IDAT 48x48 (6959 of 6960 bytes)": bomb_png(48, 48, b"\0" * 6959)}
     payload = json.dumps({k: v.hex() for k, v in cases.items()})
     r = subprocess.run([sys.executable, "-c", DECODER_CHILD], input=payload, capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
@@ -510,3 +515,15 @@ def test_decoder_survives_hostile_images():
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res.pop("peak_rss_mb") < 1000  # the peak grew by less than a decoded bomb's 2.7 GB
     assert res == {f"{d}/{k}": "decode_error" for d in ("pil", "tensor") for k in cases}
+
+
+def test_training_set_with_hostile_pngs_counts_them(env, tmp_path, capsys):
+    """A tensor-decoded training stream (the training default) holding a short-IDAT, a bomb and a truncated PNG:
+    the run finishes and its checkpoint.json counts them as decode errors."""
+    bad = sample("s", 0, bomb_png(48, 48, b"\0" * 7)) + sample("t", 1, bomb_png()) + sample("u", 0, TRUNC_PNG)
+    data = shard_set(tmp_path / "set", [good_shard("g", 6) + bad, good_shard("h", 6)], split="train")
+    rc, err = cli(capsys, train_argv(env, tmp_path / "run", "--steps", "8", "--set", "data.decode=tensor",
+                                     data=data))
+    assert rc == 0, err
+    skipped = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["metrics"]["train"]["data_skipped"]
+    assert set(skipped) == {"decode_error"} and skipped["decode_error"] >= 3, skipped

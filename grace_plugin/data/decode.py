@@ -34,14 +34,67 @@ IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _TORCHVISION_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel (PNG spec, Table 11.1)
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_raw_size(width: int, height: int, bit_depth: int, colour_type: int, interlace: int) -> int:
+    """Bytes the zlib stream of a PNG must inflate to: per (pass and) row one filter byte plus the packed samples
+    (https://www.w3.org/TR/png/#7Scanline and #8Interlace)."""
+    bits = _PNG_CHANNELS[colour_type] * bit_depth
+
+    def rows(w: int, h: int) -> int:
+        return h * (1 + (w * bits + 7) // 8) if w > 0 and h > 0 else 0
+
+    if not interlace:
+        return rows(width, height)
+    return sum(rows((width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy) for x0, y0, dx, dy in _ADAM7)
+
+
+def png_data_complete(data: bytes, chunk_out: int = 1 << 20) -> bool:
+    """True when the PNG's IDAT stream inflates to at least the size its IHDR promises. A short stream makes
+    torchvision's libpng decoder (0.29) crash the process instead of raising, so it is refused before any decoder
+    runs. The work is bounded: inflated in pieces of ``chunk_out`` bytes, discarded, and stopped at the promise."""
+    import struct
+    import zlib
+
+    pos, ihdr, idat = 8, None, []
+    while pos + 8 <= len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR" and len(body) == 13:
+            ihdr = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if ihdr is None or ihdr[3] not in _PNG_CHANNELS:
+        return False
+    w, h, depth, colour, _, _, interlace = ihdr
+    need = png_raw_size(w, h, depth, colour, interlace)
+    inflate, got, pending = zlib.decompressobj(), 0, b"".join(idat)
+    try:
+        while got < need:
+            out = inflate.decompress(pending, min(chunk_out, need - got))
+            got += len(out)
+            pending = inflate.unconsumed_tail
+            if not out:
+                break
+    except zlib.error:
+        return False
+    return got >= need
+
+
 def check_image_header(data: bytes) -> str | None:
     """The image format if ``data`` may be decoded, else None. Reads headers only, never pixels:
 
     * ``PIL.Image.open`` parses the header (format and size) without decoding;
     * width x height above ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb limit, about 89 Mpx) is refused
       before any decoder allocates it (PIL itself only refuses above twice the limit);
-    * a PNG's chunk structure and CRCs are walked (``Image.verify``, no decompression), so a truncated or damaged
-      PNG never reaches a native decoder.
+    * a PNG's chunk structure and CRCs are walked (``Image.verify``), and its image data is inflated (bounded,
+      discarded) to check that it holds as many bytes as the header promises (``png_data_complete``), so a
+      truncated, damaged or short PNG never reaches a native decoder.
     """
     import warnings
 
@@ -57,6 +110,8 @@ def check_image_header(data: bytes) -> str | None:
                     return None
                 if fmt == "PNG":
                     im.verify()
+                    if not png_data_complete(data):
+                        return None
     except Exception:  # PIL raises many types (and bomb warnings, made errors above) for bad headers
         return None
     return fmt

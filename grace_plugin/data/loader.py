@@ -338,7 +338,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 class _seeded:
     """Seed python's and torch's CPU generators for one sample's augmentation, restoring them afterwards (in the
-    main process they are the trainer's)."""
+    main process they are the trainer's). Only the CPU generator: ``torch.manual_seed`` would also seed CUDA, which
+    on a CUDA build of PyTorch queues a lazy call with a stack trace per sample (about 30x the cost of seeding the
+    CPU generator alone, measured by ``bench/loader.py --seeding``) and touches CUDA state from the data path."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -348,7 +350,7 @@ class _seeded:
 
         self.py, self.pt = random.getstate(), torch.get_rng_state()
         random.seed(self.seed)
-        torch.manual_seed(self.seed)
+        torch.default_generator.manual_seed(self.seed)
 
     def __exit__(self, *exc):
         import random
