@@ -12,6 +12,14 @@ batch 256 on one loader process; more workers divide it, and every worker decode
 
     python bench/resume_cost.py                          # 224 px, 160 batches of 64
     python bench/resume_cost.py --batches 400 --workers 2
+
+``--cli`` measures the whole command instead, on the small synthetic world and a tiny CLIP: for ``ft`` and ``grace``
+with 0 and 2 loader workers, ``grace train --steps 401 --resume`` on a run whose state is at step 400 (a finished
+400-step run, whose final state is kept; and, ``--paths both``, a run of 800 steps killed after its step-400
+checkpoint) against a fresh ``grace train --steps 1``, both timed as whole processes (start-up included). The goal
+is a resume that costs at most 1.2x the fresh step.
+
+    python bench/resume_cost.py --cli [--paths extension|both] [--recipes ft,grace]
 """
 from __future__ import annotations
 
@@ -44,6 +52,60 @@ def write_shards(root: Path, shards: int, per_shard: int, size: int) -> list[str
     return urls
 
 
+def cli_paths(recipes: list[str], paths: str, steps: int = 400) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+    from grace_plugin.runfolder import partial_dir
+    from grace_plugin.testbed import PretrainConfig, pretrain_tiny_clip
+
+    root = Path(tempfile.mkdtemp(prefix="grace_resume_cost_"))
+    write_synthetic_world(root / "world", seed=0, spec=SyntheticWorldSpec.small())
+    clip = pretrain_tiny_clip(root / "world" / "pairs", root / "clip", PretrainConfig(steps=30, batch_size=64, width=64,
+                                                                                     layers=2, warmup_steps=5),
+                              progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", GRACE_PROGRESS="off",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+    def argv(recipe, out, n, workers, *extra):
+        cheap = ["--set", "recipe.pgd_steps=2", "--set", "recipe.lora_rank=4"] if recipe == "grace" else []
+        return [sys.executable, "-m", "grace_plugin", "train", "--recipe", recipe, "--init", str(clip), "--data",
+                str(root / "world" / "id"), "--out", str(out), "--steps", str(n), "--no-progress", "--set",
+                "train.batch_size=16", "--set", f"train.num_workers={workers}", "--set", "train.device=cpu",
+                *cheap, *extra]
+
+    def timed(cmd) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+    print(f"grace train, small world, tiny CLIP, batch 16, 1 thread; state at step {steps}, then 1 more step")
+    print(f"{'recipe':8s} {'workers':>7s} {'path':10s} {'fresh 1 step':>13s} {'resume':>9s} {'ratio':>6s}")
+    for recipe in recipes:
+        for workers in (0, 2):
+            tag = root / f"{recipe}_w{workers}"
+            subprocess.run(argv(recipe, tag / "done", steps, workers), env=env, check=True, capture_output=True)
+            todo = [("extension", tag / "done")]
+            if paths == "both":  # killed after its step-400 checkpoint (ckpt_every), mid-way to 800 steps
+                out = tag / "killed"
+                p = subprocess.Popen(argv(recipe, out, 2 * steps, workers, "--set", f"train.ckpt_every={steps}",
+                                          "--set", "train.log_every=1"), env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+                log = partial_dir(out) / "log.jsonl"
+                while not (log.is_file() and log.read_text().count("\n") > steps + 1):
+                    time.sleep(0.2)
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                todo.append(("ckpt_every", out))
+            for name, out in todo:
+                fresh = timed(argv(recipe, tag / f"fresh_{name}", 1, workers))
+                resumed = timed(argv(recipe, out, steps + 1, workers, "--resume"))
+                print(f"{recipe:8s} {workers:7d} {name:10s} {fresh:11.2f} s {resumed:7.2f} s {resumed / fresh:6.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=8)
@@ -52,8 +114,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=160, help="the resume position, in batches")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--cli", action="store_true", help="time whole `grace train --resume` commands (see above)")
+    ap.add_argument("--paths", default="both", choices=["extension", "both"])
+    ap.add_argument("--recipes", default="ft,grace")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.cli:
+        return cli_paths(a.recipes.split(","), a.paths)
 
     from grace_plugin.data.loader import make_train_loader
     from grace_plugin.data.transforms import train_transform

@@ -68,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML with train/data/recipe sections (deltas only)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-5 --set recipe.rho=0.1")
-    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/train_state.pt")
+    t.add_argument("--resume", nargs="?", const="auto", choices=["auto"],
+                   help="auto (also the bare flag): continue a killed or preempted run from its state, extend a "
+                        "finished one to more --steps, start afresh on an empty RUN_DIR; a changed config is refused")
+    t.add_argument("--requeue", action="store_true",
+                   help="when preempted (train.preempt_signals), rank 0 also runs `scontrol requeue $SLURM_JOB_ID`")
     t.add_argument("--device", help="auto (CUDA when available, the default of train.device), cuda, cuda:1, cpu")
     t.add_argument("--no-progress", action="store_true")
 
@@ -229,7 +233,17 @@ def _cmd_train(a) -> int:
     get_recipe_class(a.recipe)
     overrides = list(a.overrides) + ([f"train.device={a.device}"] if a.device else [])
     cfg = build_config(a.recipe, config_file=a.config, overrides=overrides, steps=a.steps, epochs=a.epochs)
-    out = fine_tune(a.recipe, a.init, a.data, a.out, cfg, progress=not a.no_progress, resume=a.resume)
+    from grace_plugin.preemption import PREEMPTED_EXIT, Preempted, requeue_slurm_job
+    from grace_plugin.runtime import is_main
+
+    try:
+        out = fine_tune(a.recipe, a.init, a.data, a.out, cfg, progress=not a.no_progress, resume=bool(a.resume))
+    except Preempted as e:
+        if is_main():
+            print(f"grace train: {e}; continue with --resume (exit {PREEMPTED_EXIT})", file=sys.stderr)
+            if a.requeue:
+                print(f"grace train: {requeue_slurm_job()}", file=sys.stderr)
+        return PREEMPTED_EXIT
     print(f"wrote {out / 'model.safetensors'} and {out / 'checkpoint.json'}")
     return 0
 

@@ -152,6 +152,11 @@ class TrainConfig:
     device: str = "auto"
     ema_decay: float | None = checked(None, gt=0, lt=1)  # timm ModelEmaV3; the exported weights are the EMA's
     tensorboard: bool = False  # also log to RUN_DIR/tb (needs the `tensorboard` package)
+    # keep the final resumable state in the run folder: `--resume --steps N` then extends the run without re-reading
+    # its stream (false saves the disk it takes: trainable weights and optimizer state)
+    keep_state: bool = True
+    # signals that make `grace train` save its state at the next step boundary and exit 75 ("": none)
+    preempt_signals: str = checked("SIGTERM,SIGUSR1", test=lambda v: _signals_error(v))
     # robust validation during training (grace_plugin/robust_validation.py); 0: never
     val_every: int = checked(0, ge=0)  # steps between checks (and one at the last step)
     val_n: int = checked(512, ge=1)  # images of data.val_split (the first ones, in shard order)
@@ -208,6 +213,16 @@ def parse_val_attack(spec: str) -> int:
     return int(m.group(1))
 
 
+def _signals_error(spec: str) -> str | None:
+    from .preemption import parse_signals
+
+    try:
+        parse_signals(spec)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _val_attack_error(spec: str) -> str | None:
     try:
         parse_val_attack(spec)
@@ -218,7 +233,7 @@ def _val_attack_error(spec: str) -> str | None:
 
 # Fields a resumed run may change: the run length and how it reports; everything else changes what is computed.
 RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.tensorboard",
-                     "train.max_bad_steps")
+                     "train.max_bad_steps", "train.keep_state", "train.preempt_signals")
 
 
 def resume_differences(saved: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

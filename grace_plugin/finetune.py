@@ -9,9 +9,10 @@ from typing import Any
 import yaml
 
 from .checkpoint import save_run
-from .tensor_io import atomic_write_text
 from .config import (RESUME_MAY_CHANGE, ConfigError, DataConfig, RunConfig, TrainConfig, apply_overrides,
                      load_yaml, parse_overrides, resume_differences, to_dict, validate)
+from .errors import read_json
+from .tensor_io import atomic_write_text
 
 __all__ = ["build_config", "fine_tune"]
 
@@ -74,6 +75,20 @@ def check_resume(out: Path, recipe: str, resolved: dict) -> None:
     if diffs:
         raise ConfigError(f"--resume: {out} was trained with another config: {'; '.join(diffs)} (only "
                           f"{', '.join(RESUME_MAY_CHANGE)} may change on resume)")
+
+
+def check_extension(out: Path, work: Path, total: int) -> None:
+    """``--resume`` on a finished run (``out`` holds it, no killed run is staged) extends it: refused in one line when
+    it asks for no more steps than were run, or when the run kept no resumable state."""
+    if (work / "train_state.pt").is_file() or not (out / "checkpoint.json").is_file():
+        return
+    meta = read_json(out / "checkpoint.json", ConfigError)
+    done = int(((meta.get("metrics") or {}).get("train") or {}).get("steps") or 0)
+    if total <= done:
+        raise ConfigError(f"--resume: {out} already finished {done} steps; ask for more with --steps N (N > {done})")
+    if not (out / "train_state.pt").is_file():
+        raise ConfigError(f"--resume: {out} finished {done} steps without a resumable state (train.keep_state was "
+                          "false); it cannot be extended: train it again with another --out")
 
 
 def build_validator(data: str | Path, cfg: RunConfig, pretrained_cfg: dict, num_classes: int):
@@ -152,9 +167,10 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
     staged = StagedRun(out)
     work = staged.work
     resolved = to_dict(cfg)
-    if resume:  # a killed run's state is in the staging folder (or, from before staging, in ``out`` itself)
+    if resume:  # a killed run's state is in the staging folder; a finished run's in ``out`` itself
         for folder in (work, out):
             check_resume(folder, recipe, resolved)
+        check_extension(out, work, total)
     validator = build_validator(data, cfg, model.pretrained_cfg, len(classnames)) if cfg.train.val_every else None
     if rank == 0:
         staged.begin(resume=resume)
@@ -162,7 +178,11 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
             staged.resumable_state()
         atomic_write_text(work / "config.yaml", yaml.safe_dump({"recipe_name": recipe, **resolved}, sort_keys=False))
         log.info("training in %s; moved to %s when complete", work, out)
-    result = train(rec, loader, cfg.train, total, work, progress=progress, resume=resume, validator=validator)
+    from .preemption import PreemptionGuard
+
+    with PreemptionGuard(cfg.train.preempt_signals) as guard:
+        result = train(rec, loader, cfg.train, total, work, progress=progress, resume=bool(resume),
+                       validator=validator, preempt=guard)
     if rank != 0:
         return out
     final = rec.export_model().cpu().eval()
@@ -184,6 +204,6 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
              text_state=text_state_dict(bundle), classnames=classnames, templates=shards.templates,
              recipe=recipe, config=resolved, metrics=metrics, extra=extra)
     state = work / "train_state.pt"
-    if state.exists():
-        state.unlink()  # the run finished; its resumable state is no longer needed
+    if state.exists() and not cfg.train.keep_state:
+        state.unlink()  # train.keep_state=false: the finished run cannot be extended, and takes less disk
     return staged.commit()

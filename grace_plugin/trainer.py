@@ -458,6 +458,19 @@ def _checkpoint(lp: _Loop, loop: _LoopState, state_file: Path) -> None:
         _save_state(state_file, lp.recipe, lp.optimizer, loop, lp.ema, dict(enumerate(every)))
 
 
+def _preemption_agreed(lp: _Loop, preempt) -> bool:
+    """Whether any rank got a preemption signal: every rank takes part (one all-reduce of the flag), so all of
+    them stop after the same step."""
+    if preempt is None:  # the same on every rank (fine_tune gives each rank a guard, or none)
+        return False
+    flag = preempt.requested()
+    if lp.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=lp.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def _finish(lp: _Loop, loop: _LoopState, track: str | None, stopped: str | None) -> dict | None:
     """Leave the selected weights in the model (a stopped run never exports the collapsed ones) and the EMA's when
     there is one; the selection record."""
@@ -503,11 +516,14 @@ def _build_loop(recipe: Recipe, cfg: TrainConfig, total_steps: int):
 
 
 def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps: int, out_dir: str | Path,
-          progress: bool = True, resume: bool = False, validator=None) -> TrainResult:
+          progress: bool = True, resume: bool = False, validator=None, preempt=None) -> TrainResult:
     """Run ``total_steps`` optimizer steps of ``recipe`` on batches from ``loader``; logs to ``out_dir/log.jsonl``.
 
     ``validator`` (a ``robust_validation.Validator``) is called every ``cfg.val_every`` steps and at the last step;
     its checks drive ``cfg.select`` (the weights left in the model at the end) and ``cfg.co_guard``.
+    ``preempt`` (a ``preemption.PreemptionGuard``): once a signal came to any rank, every rank saves the state after
+    the same step and :class:`~grace_plugin.preemption.Preempted` is raised. With ``cfg.keep_state`` the state after
+    the last step is written too, so the run can be extended (``resume`` with more steps) without re-reading data.
     """
     out = Path(out_dir)
     lp, scheduler = _build_loop(recipe, cfg, total_steps)
@@ -540,23 +556,31 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
         for step in range(start, total_steps):
             scheduler.step_update(step)
             logs, bad_run = _step(lp, stream, loop, step, bad_run)
-            if logs is None:
-                continue
-            last_loss = logs.get("loss")
-            if step % cfg.log_every == 0 or step == total_steps - 1:
-                runlog.write({"step": step, "lr": lp.optimizer.param_groups[0]["lr"], **logs})
-            if last_loss is not None:
-                runlog.postfix["loss"] = f"{last_loss:.3f}"
-            if validator is not None and cfg.val_every and ((step + 1) % cfg.val_every == 0
-                                                            or step == total_steps - 1):
-                stopped = _validate(lp, validator, loop, step, track, runlog, t0)
-            runlog.advance()
-            if stopped:
-                log.warning(stopped)
-                break
+            if logs is not None:  # None: a skipped (non-finite) step, counted by _step
+                last_loss = logs.get("loss")
+                if step % cfg.log_every == 0 or step == total_steps - 1:
+                    runlog.write({"step": step, "lr": lp.optimizer.param_groups[0]["lr"], **logs})
+                if last_loss is not None:
+                    runlog.postfix["loss"] = f"{last_loss:.3f}"
+                if validator is not None and cfg.val_every and ((step + 1) % cfg.val_every == 0
+                                                                or step == total_steps - 1):
+                    stopped = _validate(lp, validator, loop, step, track, runlog, t0)
+                runlog.advance()
+                if stopped:
+                    log.warning(stopped)
+                    break
+            if step + 1 < total_steps and _preemption_agreed(lp, preempt):
+                from .preemption import Preempted
+
+                loop.step = step + 1
+                _checkpoint(lp, loop, state_file)
+                raise Preempted(step + 1, state_file, preempt.signal_name if preempt is not None else None)
             if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
                 loop.step = step + 1
                 _checkpoint(lp, loop, state_file)
+        if cfg.keep_state and not stopped and start < total_steps:
+            loop.step = total_steps
+            _checkpoint(lp, loop, state_file)
     finally:
         if lp.sync is not None:
             lp.sync.close()

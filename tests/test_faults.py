@@ -413,7 +413,7 @@ def test_run_folder_is_replaced_as_one_unit(env, tmp_path, capsys, monkeypatch):
     rc, err = cli(capsys, train_argv(env, out, "--steps", "2", "--set", "train.seed=1"))
     assert rc == 0, err
     new = _run_files(out)
-    assert new["model.safetensors"] != old["model.safetensors"] and "train_state.pt" not in new
+    assert new["model.safetensors"] != old["model.safetensors"] and "train_state.pt" in new  # train.keep_state
     meta = json.loads(new["checkpoint.json"])
     assert meta["weights_sha256"] == sha256_file(out / "model.safetensors") and meta["config"]["train"]["seed"] == 1
     load_run(out)

@@ -91,7 +91,7 @@ LAYERS = {
     "grace_plugin": [
         # foundation: errors, the validation layer (config), runtime (device, process group), tensor files, maths
         {"", "errors", "version", "paths", "registries", "_compat", "config", "runtime", "tensor_io", "rng",
-         "losses", "curvature", "perturbation", "weightspace", "optim", "progress"},
+         "losses", "curvature", "perturbation", "weightspace", "optim", "progress", "preemption"},
         {"models", "data"},
         {"recipes"},
         {"robust_validation", "runfolder", "checkpoint", "testbed"},

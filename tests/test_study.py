@@ -139,6 +139,30 @@ def test_tiny_clip_copy_leaves_an_identical_folder_alone_and_replaces_a_stale_on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "pretrained"]  # no temporary folder left
 
 
+def test_study_resumes_a_killed_run_and_counts_what_it_reused(study_dir, capsys, monkeypatch):
+    """After table8 above: its GRACE run, put back as a killed run (staged, with its state), is resumed (not
+    trained again), the others are reused, and the study says how many of each."""
+    import grace_plugin.finetune as finetune
+    from grace_plugin.runfolder import partial_dir
+
+    out = study_dir / "t8"
+    run = out / "runs" / "grace" / "seed0"
+    assert (run / "train_state.pt").is_file()  # train.keep_state: a finished run keeps its final state
+    shutil.move(run, partial_dir(run))
+    calls = []
+
+    def fake_fine_tune(recipe, pretrained, data, run_dir, cfg, progress=False, resume=False):
+        calls.append((recipe, resume))
+        shutil.move(partial_dir(run_dir), run_dir)  # what the resumed run publishes
+        return run_dir
+
+    monkeypatch.setattr(finetune, "fine_tune", fake_fine_tune)
+    assert main(["study", "table8", "--out", str(out), "--n-adv", "8"] + TINY) == 0
+    assert calls == [("grace", True)]
+    assert "runs: 4 reused (finished), 1 resumed (killed), 0 trained" in capsys.readouterr().out
+    assert json.loads((out / "study.json").read_text())["run_counts"] == {"reused": 4, "resumed": 1, "trained": 0}
+
+
 def test_study_records_a_diverged_run_and_goes_on(study_dir, capsys, monkeypatch):
     """Seed 1 of the LoRA-FT row diverges: the study finishes, says so in study.md and study.json, and the row's
     numbers are its finished seed's (after table8 above: seed 0 is a finished run, reused); --methods keeps one row."""

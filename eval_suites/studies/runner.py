@@ -151,6 +151,21 @@ def finished_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
     return norm(saved) == norm(resolved)
 
 
+def killed_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
+    """A killed (or preempted) run of this config is staged beside ``run_dir`` with its resumable state: resume it
+    instead of training again. A staged state of another config is not resumed (the run starts afresh)."""
+    from grace_plugin.config import resume_differences
+    from grace_plugin.runfolder import partial_dir
+
+    work = partial_dir(run_dir)
+    if not (work / "train_state.pt").is_file() or not (work / "config.yaml").is_file():
+        return False
+    import yaml
+
+    saved = yaml.safe_load((work / "config.yaml").read_text()) or {}
+    return not resume_differences(saved, {"recipe_name": recipe, **resolved})
+
+
 def _eval_signature(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool) -> dict:
     """What one study evaluation depends on: the model files (sizes and mtimes), the world, the suite settings."""
     from grace_plugin.runtime import resolve_device
@@ -243,16 +258,10 @@ def _paired_table(spreads: dict, reference: str | None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the study
-def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
-    from grace_plugin.config import ConfigError, to_dict
-    from grace_plugin.finetune import fine_tune
-    from grace_plugin.trainer import TrainingDiverged
+def _study_rows(cfg: StudyConfig, studies: dict, methods: dict) -> tuple[dict, list[dict]]:
+    """The study and the rows this invocation runs (``--methods``), each row's method checked."""
+    from grace_plugin.config import ConfigError
 
-    from ..leaderboard import reference_rows
-    from .quickstart import _user_overrides, prepare_testbed
-    from .testbed_config import load_methods, load_studies, merge, method_config
-
-    studies, methods = load_studies(), load_methods()
     if cfg.name not in studies:
         raise ConfigError(f"unknown study {cfg.name!r}; valid: {', '.join(list(studies) + ['tune'])}")
     study = studies[cfg.name]
@@ -267,6 +276,20 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
             raise ConfigError(f"--methods: {', '.join(unknown)} not a row of study {cfg.name}; its rows: "
                               f"{', '.join(names)}")
         rows = [r for r in rows if r["method"] in cfg.methods]
+    return study, rows
+
+
+def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
+    from grace_plugin.config import to_dict
+    from grace_plugin.finetune import fine_tune
+    from grace_plugin.trainer import TrainingDiverged
+
+    from ..leaderboard import reference_rows
+    from .quickstart import _user_overrides, prepare_testbed
+    from .testbed_config import load_methods, load_studies, merge, method_config
+
+    studies, methods = load_studies(), load_methods()
+    study, rows = _study_rows(cfg, studies, methods)
     t0 = time.time()
     out = Path(cfg.out)
     data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo,
@@ -276,6 +299,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     user = _user_overrides(cfg.overrides, trained) if trained else {}
     geometry = bool(study.get("geometry"))
     results: dict[str, dict] = {}
+    counts = {"reused": 0, "resumed": 0, "trained": 0}
     echo(f"[3/4] {cfg.name}: {len(rows)} rows x seeds {seeds} ({cfg.steps} steps each)")
     for r in rows:
         m = methods[r["method"]]
@@ -289,9 +313,15 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
                 run_cfg = method_config(m, overrides=over, steps=cfg.steps)
                 if finished_run_matches(run_dir, m.recipe, to_dict(run_cfg)):
                     echo(f"      {m.name} seed {seed}: reusing the finished run in {run_dir} (same config)")
+                    counts["reused"] += 1
                 else:
+                    resume = killed_run_matches(run_dir, m.recipe, to_dict(run_cfg))
+                    if resume:
+                        echo(f"      {m.name} seed {seed}: resuming the killed run in {run_dir} (same config)")
+                    counts["resumed" if resume else "trained"] += 1
                     try:
-                        fine_tune(m.recipe, pretrained, data / "id", run_dir, run_cfg, progress=progress)
+                        fine_tune(m.recipe, pretrained, data / "id", run_dir, run_cfg, progress=progress,
+                                  resume=resume)
                     except TrainingDiverged as e:  # a result about the method: recorded, and the study goes on
                         echo(f"      {m.name} seed {seed}: DIVERGED, no numbers for this seed ({e})")
                         diverged.append({"seed": seed, "error": str(e)})
@@ -307,6 +337,8 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
             runs.append(rec)
         results[m.name] = {"label": r.get("label", m.name), "paper": r.get("paper"), "runs": runs,
                            "diverged": diverged, **aggregate_runs(runs)}
+    echo(f"      runs: {counts['reused']} reused (finished), {counts['resumed']} resumed (killed), "
+         f"{counts['trained']} trained")
     echo("[4/4] verdicts and report")
     spreads = {name: _spreads(res["runs"]) for name, res in results.items()}
     claims = study.get("claims") or []
@@ -321,6 +353,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
            "verdicts": verdicts, "claims_omitted": omitted,
            "paired_reference": study.get("paired_reference"), "paired": paired,
            "paper_table": study.get("paper_table"), "paper_rows": refs, "seconds": round(time.time() - t0, 1),
+           "run_counts": counts,
            "column_definitions": {
                "ours": "ID = top-1 on the ID test split; OOD = mean top-1 over v2, sketch, rendition, a; Adv = "
                        f"{cfg.attack} l_inf robust top-1 on the first {cfg.n_adv} ID test images; HM of the three",
