@@ -24,6 +24,7 @@ is a resume that costs at most 1.2x the fresh step.
 from __future__ import annotations
 
 import argparse
+import statistics
 import io
 import tempfile
 import time
@@ -52,8 +53,9 @@ def write_shards(root: Path, shards: int, per_shard: int, size: int) -> list[str
     return urls
 
 
-def cli_paths(recipes: list[str], paths: str, steps: int = 400) -> None:
+def cli_paths(recipes: list[str], paths: str, steps: int = 400, reps: int = 3) -> None:
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -82,7 +84,14 @@ def cli_paths(recipes: list[str], paths: str, steps: int = 400) -> None:
         subprocess.run(cmd, env=env, check=True, capture_output=True)
         return time.perf_counter() - t0
 
-    print(f"grace train, small world, tiny CLIP, batch 16, 1 thread; state at step {steps}, then 1 more step")
+    def copy_run(src: Path, dst: Path) -> Path:  # a resumed run is consumed: each round resumes a fresh copy
+        for a, b in ((src, dst), (partial_dir(src), partial_dir(dst))):
+            if a.exists():
+                shutil.copytree(a, b)
+        return dst
+
+    print(f"grace train, small world, tiny CLIP, batch 16, 1 thread; state at step {steps}, then 1 more step; "
+          f"median of {reps} interleaved rounds")
     print(f"{'recipe':8s} {'workers':>7s} {'path':10s} {'fresh 1 step':>13s} {'resume':>9s} {'ratio':>6s}")
     for recipe in recipes:
         for workers in (0, 2):
@@ -101,9 +110,14 @@ def cli_paths(recipes: list[str], paths: str, steps: int = 400) -> None:
                 p.wait()
                 todo.append(("ckpt_every", out))
             for name, out in todo:
-                fresh = timed(argv(recipe, tag / f"fresh_{name}", 1, workers))
-                resumed = timed(argv(recipe, out, steps + 1, workers, "--resume"))
-                print(f"{recipe:8s} {workers:7d} {name:10s} {fresh:11.2f} s {resumed:7.2f} s {resumed / fresh:6.2f}")
+                fresh, resumed = [], []
+                for r in range(reps):  # interleaved rounds, medians
+                    fresh.append(timed(argv(recipe, tag / f"fresh_{name}_{r}", 1, workers)))
+                    resumed.append(timed(argv(recipe, copy_run(out, tag / f"{name}_{r}"), steps + 1, workers,
+                                              "--resume")))
+                f, s = statistics.median(fresh), statistics.median(resumed)
+                print(f"{recipe:8s} {workers:7d} {name:10s} {f:11.2f} s {s:7.2f} s {s / f:6.2f}  "
+                      f"(fresh {min(fresh):.2f}-{max(fresh):.2f}, resume {min(resumed):.2f}-{max(resumed):.2f})")
 
 
 def main() -> None:
@@ -117,10 +131,11 @@ def main() -> None:
     ap.add_argument("--cli", action="store_true", help="time whole `grace train --resume` commands (see above)")
     ap.add_argument("--paths", default="both", choices=["extension", "both"])
     ap.add_argument("--recipes", default="ft,grace")
+    ap.add_argument("--reps", type=int, default=3, help="--cli: timed rounds of each command (medians)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.cli:
-        return cli_paths(a.recipes.split(","), a.paths)
+        return cli_paths(a.recipes.split(","), a.paths, reps=a.reps)
 
     from grace_plugin.data.loader import make_train_loader
     from grace_plugin.data.transforms import train_transform

@@ -138,6 +138,10 @@ def test_sigterm_exits_75_within_a_step_and_resume_auto_is_bit_identical(tiny_cl
     assert seen <= state["step"] <= seen + 1, (seen, state["step"])  # the step under way when the signal came
     assert "continue with --resume" in err and not (tmp_path / "run").exists()
 
+    # a resume with a changed lr: one line naming the field, exit 2, and the state left as it was
+    rc, err = _in_process(capsys, _argv(tiny_clip_dir, data, tmp_path / "run", steps, "--resume", "--set",
+                                        "train.lr=0.5"))
+    assert rc == 2 and "train.lr (" in err and len(err.strip().splitlines()) == 1, err
     rc, err = _in_process(capsys, _argv(tiny_clip_dir, data, tmp_path / "run", steps, "--resume", "auto"))
     assert rc == 0, err
     rc, err = _in_process(capsys, _argv(tiny_clip_dir, data, tmp_path / "plain", steps))
