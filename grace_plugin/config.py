@@ -156,12 +156,12 @@ class TrainConfig:
     # its stream (false saves the disk it takes: trainable weights and optimizer state)
     keep_state: bool = True
     # signals that make `grace train` save its state at the next step boundary and exit 75 ("": none)
-    preempt_signals: str = checked("SIGTERM,SIGUSR1", test=lambda v: _signals_error(v))
+    preempt_signals: str = checked("SIGTERM,SIGUSR1", test=lambda v: _error_of(_parse_signals, v))
     # robust validation during training (grace_plugin/robust_validation.py); 0: never
     val_every: int = checked(0, ge=0)  # steps between checks (and one at the last step)
     val_n: int = checked(512, ge=1)  # images of data.val_split (the first ones, in shard order)
     # pgdN (l_inf PGD, N steps of 2.5 eps/N, no random start) | none
-    val_attack: str = checked("pgd10", test=lambda v: _val_attack_error(v))
+    val_attack: str = checked("pgd10", test=lambda v: _error_of(parse_val_attack, v))
     val_eps: float | None = checked(None, ge=0, le=1)  # None: the recipe's training eps (recipe.pgd_eps), else 4/255
     # exported weights: last | best_robust | best_hm (harmonic mean of clean and robust)
     select: str = checked("last", choices=lambda: SELECT_RULES)
@@ -213,19 +213,16 @@ def parse_val_attack(spec: str) -> int:
     return int(m.group(1))
 
 
-def _signals_error(spec: str) -> str | None:
-    from .preemption import parse_signals
+def _parse_signals(spec: str) -> list:
+    from .preemption import parse_signals  # imports signal and subprocess: only when a config is validated
 
+    return parse_signals(spec)
+
+
+def _error_of(parse, value) -> str | None:
+    """The message of the ValueError ``parse(value)`` raises, else None (a ``checked(test=...)`` from a parser)."""
     try:
-        parse_signals(spec)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def _val_attack_error(spec: str) -> str | None:
-    try:
-        parse_val_attack(spec)
+        parse(value)
     except ValueError as e:
         return str(e)
     return None
