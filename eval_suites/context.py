@@ -39,7 +39,7 @@ class EvalSet:
     unlisted: list[str] = field(default_factory=list)  # tars the layout does not list (counted as unaccounted)
 
     def batches(self, transform, batch_size: int, n: int | None = None, num_workers: int = 0, decode: str = "pil",
-                limit: int | None = None, whole: bool = False):
+                limit: int | None = None, whole: bool = False, num_classes: int | None = None):
         """This rank's batches (``whole``: every batch, on every rank); ``limit``: only the first ``limit`` samples
         (the attacked subset)."""
         ranks = (0, 1) if whole else None
@@ -50,7 +50,8 @@ class EvalSet:
                                     ranks=ranks)
         from grace_plugin.data.loader import make_eval_loader
 
-        return make_eval_loader(self.urls, transform, batch_size, num_classes=len(self.classnames or []) or None,
+        return make_eval_loader(self.urls, transform, batch_size,
+                                num_classes=num_classes or len(self.classnames or []) or None,
                                 num_workers=0 if limit is not None else num_workers, decode=decode, limit=limit,
                                 ranks=ranks)
 

@@ -118,7 +118,7 @@ def expand_shorthands(data: str | None = None, ood: list[str] = (), attack: str 
 def _say_head(name: str, head: dict) -> None:
     """A head other than the model's own, or its own head kept without names, is said on stderr (and in the
     report): a fine-tuned head is never replaced silently."""
-    if head["head"] == "rebuilt" or "records no class names" in head["reason"]:
+    if head["head"] == "rebuilt" or "no class names" in head["reason"]:
         log.warning("%s: %s head (%d classes): %s", name, head["head"], head["classes"], head["reason"])
 
 
@@ -133,9 +133,39 @@ def _model_for(loaded, ctx: SuiteContext, classnames, templates, set_name: str =
     return ctx.cache[key]
 
 
-def _read(es: EvalSet, transform, ctx: SuiteContext, n: int | None, limit: int | None = None, whole: bool = False):
-    """``es``'s batches (this rank's, unless ``whole``) with the context's batch size, workers and decoder."""
-    return es.batches(transform, ctx.batch_size, n, ctx.num_workers, ctx.decode, limit=limit, whole=whole)
+def _read(es: EvalSet, transform, ctx: SuiteContext, n: int | None, limit: int | None = None, whole: bool = False,
+          num_classes: int | None = None):
+    """``es``'s batches (this rank's, unless ``whole``) with the context's batch size, workers and decoder; labels
+    at or above ``num_classes`` (default: the set's class names) are counted as ``label_out_of_range``."""
+    return es.batches(transform, ctx.batch_size, n, ctx.num_workers, ctx.decode, limit=limit, whole=whole,
+                      num_classes=num_classes)
+
+
+def _own_head(loaded, ctx: SuiteContext, es: EvalSet):
+    """``(classifier, head, classes)`` scoring ``es`` by its own class names; a set without names (e.g. timm's
+    wds layout: ``_info.json`` and ``.cls``) is scored with the model's own head, its labels taken as head indices,
+    which the report's ``head`` and stderr say; labels beyond that head are then refused."""
+    if es.classnames:
+        model, head = _model_for(loaded, ctx, es.classnames, es.templates, es.name)
+        return model, head, len(es.classnames)
+    if getattr(loaded, "clip", None) is not None:  # a bare CLIP has no head of its own
+        from grace_plugin.data.shards import ShardSetError
+
+        raise ShardSetError(f"{es.path}/classnames.txt: missing or empty; a CLIP zero-shot head needs one class name "
+                            "per line in label order")
+    model, head = _model_for(loaded, ctx, None, None, es.name)
+    return model, head, head["classes"]
+
+
+def _labels_fit(res, es: EvalSet, classes: int) -> None:
+    bad = res.skipped.get("label_out_of_range", 0)
+    if not bad:
+        return
+    if es.classnames:
+        raise SetScoringError(f"{es.path}: {bad} samples have labels beyond the {classes} names of its "
+                              "classnames.txt; the class list and the labels disagree")
+    raise SetScoringError(f"{es.path}: {bad} samples have labels beyond the model's {classes}-class head, and the set "
+                          "has no classnames.txt to build a head for them")
 
 
 def _transform(loaded):
@@ -176,13 +206,9 @@ def _clean(loaded, ctx: SuiteContext, es: EvalSet, role: str) -> dict:
     key = ("clean", es.name, str(es.path), scoring)
     if key not in ctx.cache:
         subset = targets = None
+        classes = None
         if scoring == "own":
-            if not es.classnames:
-                from grace_plugin.data.shards import ShardSetError
-
-                raise ShardSetError(f"{es.path}/classnames.txt: missing or empty; a CLIP zero-shot head needs one "
-                                    "class name per line in label order")
-            model, head = _model_for(loaded, ctx, es.classnames, es.templates, es.name)
+            model, head, classes = _own_head(loaded, ctx, es)
         else:
             if not es.classnames:
                 raise SetScoringError(f"{es.path}: scoring {scoring!r} needs the set's classnames.txt")
@@ -197,14 +223,11 @@ def _clean(loaded, ctx: SuiteContext, es: EvalSet, role: str) -> dict:
                                           f"{es.name}=FILE (e.g. ObjectNet's objectnet_to_imagenet_1k.json)")
                 targets = apply_mapping(mfile, es.classnames, id_names)
         n = ctx.n_imagenet if es.kind == "imagenet" else None
-        res = evaluate_clean(model, _read(es, _transform(loaded), ctx, n), device=ctx.device,
+        res = evaluate_clean(model, _read(es, _transform(loaded), ctx, n, num_classes=classes), device=ctx.device,
                              progress=ctx.progress, desc=f"eval {es.name}", class_subset=subset,
                              label_targets=targets, model_name=loaded.name)
         res.expected = es.expected
-        bad = res.skipped.get("label_out_of_range", 0)
-        if bad:
-            raise SetScoringError(f"{es.path}: {bad} samples have labels beyond the {len(es.classnames)} names of its "
-                                  "classnames.txt; the class list and the labels disagree")
+        _labels_fit(res, es, classes or len(es.classnames or []))
         account(res, f"set {es.name} ({es.path})", es.unlisted, ctx.strict)
         paper = es.entry.paper if es.entry is not None else None
         ctx.cache[key] = dict(res.as_dict(), scoring=scoring, head=head, paper_column=paper)
@@ -238,14 +261,16 @@ def _adv_signature(loaded, model, es: EvalSet, ctx: SuiteContext, n: int) -> dic
             "k*B..k*B+B-1 of shard s"}
 
 
-def _run_adv(loaded, ctx: SuiteContext, es: EvalSet, model, attack: str, n: int, state_name: str | None):
+def _run_adv(loaded, ctx: SuiteContext, es: EvalSet, model, attack: str, n: int, state_name: str | None,
+             classes: int | None = None):
     from .evaluate import evaluate_adversarial
 
     state = None
     if ctx.out_dir is not None and state_name:
         state = Path(ctx.out_dir) / "state" / f"{state_name}.json"
         state.parent.mkdir(parents=True, exist_ok=True)
-    return evaluate_adversarial(model, _read(es, _transform(loaded), ctx, n, limit=n), attack, ctx.eps, n_max=n,
+    return evaluate_adversarial(model, _read(es, _transform(loaded), ctx, n, limit=n, num_classes=classes), attack,
+                                ctx.eps, n_max=n,
                                 norm=ctx.norm, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
                                 state_path=state, unit_input=ctx.unit_input, model_name=loaded.name,
                                 # the signature (a sha256 over the weights) is only needed to match a resume state
@@ -256,9 +281,9 @@ def _run_adv(loaded, ctx: SuiteContext, es: EvalSet, model, attack: str, n: int,
 def _suite_adv(loaded, ctx: SuiteContext, arg: str) -> dict:
     """Robust accuracy under a registered attack on the first --n-adv ID samples (fp32, [0,1] models, resumable)."""
     es = ctx.id_eval_set()
-    model, head = _model_for(loaded, ctx, es.classnames, es.templates, es.name)
+    model, head, classes = _own_head(loaded, ctx, es)
     n = min(ctx.n_adv, 5000) if es.kind == "imagenet" else ctx.n_adv
-    res = _run_adv(loaded, ctx, es, model, arg, n, f"adv-{arg}-{ctx.norm}")
+    res = _run_adv(loaded, ctx, es, model, arg, n, f"adv-{arg}-{ctx.norm}", classes)
     out = dict(res.as_dict(), kind="adv", dataset=es.name, head=head,
                subset="robustbench-imagenet-5000" if es.kind == "imagenet" else None)
     if ctx.model_info_name and ctx.out_dir is not None:

@@ -52,7 +52,11 @@ class LoadedModel:
                            "reason": "a CLIP folder: zero-shot head from the set's class names"}
         n_head = int(self.model.head.weight.shape[0]) if hasattr(getattr(self.model, "head", None), "weight") \
             else len(self.classnames or [])
-        if classnames is None or classnames == self.classnames:
+        if classnames is None:
+            return self.model, {"head": "own", "classes": n_head,
+                                "reason": f"the set has no class names: the model's own {n_head}-class head, the "
+                                          "set's labels taken as head indices"}
+        if classnames == self.classnames:
             return self.model, {"head": "own", "classes": n_head, "reason": "the set's class names are the head's"}
         if not self.classnames and len(classnames) == n_head:
             return self.model, {"head": "own", "classes": n_head,

@@ -233,3 +233,45 @@ def test_study_aggregates_seeds():
     assert row["id_std"] == pytest.approx(7.0710678) and row["adv_std"] == pytest.approx(1.4142136)
     single = _aggregate("m", [{"id": 1.0, "ood": 2.0, "adv": None, "hm": None}])
     assert single == {"method": "m", "id": 1.0, "ood": 2.0, "adv": None, "hm": None}
+
+
+def test_a_set_without_names_is_scored_with_the_models_own_head(trained_runs, tiny_world, tmp_path, capsys, caplog):
+    """A labelled set without classnames.txt (timm's wds layout has none either) is scored with the run's own head,
+    its labels taken as head indices: said in the report and on stderr, and the same top-1 as the named set. A set
+    whose labels exceed the head is refused in one line."""
+    import io
+    import shutil
+    import tarfile
+
+    nameless = tmp_path / "nameless"
+    shutil.copytree(tiny_world / "id", nameless)
+    for f in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        (nameless / f).unlink(missing_ok=True)
+    run = str(trained_runs / "ft")
+    assert main(["eval", "--model", run, "--data", str(tiny_world / "id"), "--out", str(tmp_path / "a"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):  # the CLI's logging handler writes it to stderr
+        assert main(["eval", "--model", run, "--data", str(nameless), "--out", str(tmp_path / "b"),
+                     "--no-progress"]) == 0
+    a, b = (json.loads((tmp_path / d / "report.json").read_text())["datasets"]["id"] for d in ("a", "b"))
+    assert b["head"]["head"] == "own" and "no class names" in b["head"]["reason"]
+    assert any("no class names" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert (b["correct"], b["n"]) == (a["correct"], a["n"]) and b["n"] > 0
+
+    # one label beyond the 10-class head
+    shard = sorted((nameless / "test").glob("*.tar"))[0]
+    members, relabelled = [], False
+    with tarfile.open(shard) as tf:
+        for m in tf.getmembers():
+            data = tf.extractfile(m).read()
+            if m.name.endswith(".cls") and not relabelled:
+                data, relabelled = b"12", True
+            members.append((m, data))
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    rc = main(["eval", "--model", run, "--data", str(nameless), "--out", str(tmp_path / "c"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "labels beyond the model's 10-class head" in err and len(err.strip().splitlines()) == 1, err
