@@ -223,6 +223,11 @@ def _clean(loaded, ctx: SuiteContext, es: EvalSet, role: str) -> dict:
                                           f"{es.name}=FILE (e.g. ObjectNet's objectnet_to_imagenet_1k.json)")
                 targets = apply_mapping(mfile, es.classnames, id_names)
         n = ctx.n_imagenet if es.kind == "imagenet" else None
+        if es.kind == "shards":  # how the ranks share this set (the report's config.rank_split)
+            from grace_plugin.data.loader import rank_split
+            from grace_plugin.runtime import world_info
+
+            ctx.cache.setdefault("rank_split", {})[es.name] = rank_split(len(es.urls), world_info()[1])
         res = evaluate_clean(model, _read(es, _transform(loaded), ctx, n, num_classes=classes), device=ctx.device,
                              progress=ctx.progress, desc=f"eval {es.name}", class_subset=subset,
                              label_targets=targets, model_name=loaded.name)
@@ -548,7 +553,7 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
               "eps": ctx.eps, "norm": ctx.norm, "n_adv": ctx.n_adv, "batch_size": ctx.batch_size,
               "scoring": ctx.scoring, "mapping": {k: str(v) for k, v in ctx.mapping_files.items()},
               "strict": ctx.strict, "decode": ctx.decode, "device": ctx.device, "seed": ctx.seed,
-              "world_size": world_info()[1]}
+              "world_size": world_info()[1], "rank_split": dict(ctx.cache.get("rank_split", {}))}
     report = build_report(loaded.name, datasets, id_name, ood_names, adv, config)
     report["suites"] = results
     report["seconds"] = seconds  # wall time per suite on this rank (not a result: excluded from comparisons)

@@ -116,3 +116,50 @@ def test_a_rank_reads_only_its_own_members(rank, tmp_path, monkeypatch):
     assert [r["__key__"] for r in got] == expected_keys
     assert len(reads) == 2 * len(expected_keys)  # an image and a label per owned sample, nothing else
     assert all(isinstance(r["png"], bytes) for r in got)
+
+
+def _png(i: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), i % 251, np.uint8)).save(b, format="PNG")
+    return b.getvalue()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("sizes", [[5], [3, 7], [3, 7, 1], [3, 7, 1, 4, 6]], ids=lambda s: f"{len(s)}shards")
+def test_eval_stream_scores_every_sample_once_over_ranks(world, sizes, tmp_path, monkeypatch):
+    """With at least as many shards as ranks each rank reads only its own shards (s % W == r; the others are never
+    opened); with fewer, batches are strided over the ranks. Either way every sample is scored exactly once, in
+    batches keyed (shard, k) that do not depend on W, with uneven shard sizes and no padding."""
+    from grace_plugin.data import loader
+    from grace_plugin.data.loader import make_eval_loader, rank_split
+    from grace_plugin.data.transforms import eval_transform
+
+    urls = []
+    for s, n in enumerate(sizes):
+        p = tmp_path / f"{s}.tar"
+        p.write_bytes(_tar([m for i in range(n) for m in ((f"s{s}_{i:03d}.png", _png(10 * s + i)),
+                                                          (f"s{s}_{i:03d}.cls", str(i % 3).encode()))]))
+        urls.append(str(p))
+    tf = eval_transform({"input_size": (3, 8, 8), "crop_pct": 1.0, "interpolation": "bicubic",
+                         "mean": (0, 0, 0), "std": (1, 1, 1)})
+    opened = []
+    real = loader._tar_samples
+    monkeypatch.setattr(loader, "_tar_samples", lambda items, lazy=False: (opened.append(items[0]["url"]),
+                                                                           real(items, lazy=lazy))[1])
+    keys, pixels = [], []
+    for rank in range(world):
+        opened.clear()
+        for b in make_eval_loader(urls, tf, 2, num_classes=3, ranks=(rank, world)):
+            keys.append(tuple(int(v) for v in b["key"]))
+            pixels += [round(float(x[0, 0, 0]) * 255) for x in b["image"]]
+        assert rank_split(len(urls), world) == ("shards" if len(sizes) >= world else "batches")
+        if len(sizes) >= world:
+            assert sorted(opened) == [u for s, u in enumerate(urls) if s % world == rank]
+        else:
+            assert sorted(opened) == sorted(urls)
+    want = sorted((s, k) for s, n in enumerate(sizes) for k in range((n + 1) // 2))
+    assert sorted(keys) == want  # each batch once, none padded
+    assert sorted(pixels) == sorted(10 * s + i for s, n in enumerate(sizes) for i in range(n))

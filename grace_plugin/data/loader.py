@@ -19,7 +19,7 @@ from ..errors import GraceError
 from .decode import DECODERS, SKIP_REASONS, _tensor_path, decode_sample
 from .tars import _local_path, _number_shards, _plain_local_tar, _tar_samples, index_tar, read_members
 
-__all__ = ["make_eval_loader", "make_train_loader", "TrainStream", "merge_skips", "NoUsableSamples",
+__all__ = ["make_eval_loader", "make_train_loader", "TrainStream", "merge_skips", "NoUsableSamples", "rank_split",
            "DECODERS", "SKIP_REASONS"]
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,13 @@ def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_
 
     Batches are cut by position inside each shard: batch ``(s, k)`` holds the records ``k*B .. k*B+B-1`` of shard
     ``s`` (a skipped sample keeps its position and counts in that batch's ``skipped``), so which samples share a
-    batch does not depend on the number of ranks or workers. Rank ``r`` of ``W`` (torchrun's ``RANK``/``WORLD_SIZE``
-    or the initialised process group) decodes only the batches with ``(s + k) % W == r``; each batch carries its
-    ``"key": (s, k)``. Workers split the shards. ``limit``: only the first ``limit`` records of the stream (in shard
-    order; needs ``num_workers=0``), e.g. the attacked subset. ``ranks=(0, 1)``: every batch, whatever the world.
+    batch does not depend on the number of ranks or workers; each batch carries its ``"key": (s, k)``. Rank ``r`` of
+    ``W`` (torchrun's ``RANK``/``WORLD_SIZE`` or the initialised process group) reads, with at least ``W`` shards,
+    only the shards ``s % W == r`` (webdataset's ``split_by_node``: the others are never opened); with fewer shards,
+    or with ``limit`` (the attacked subset, often inside one shard, whose cost must be shared evenly), it reads the
+    batches with ``(s + k) % W == r`` (``rank_split`` says which). Workers split a rank's shards. ``limit``: only the
+    first ``limit`` records of the stream (in shard order; needs ``num_workers=0``). ``ranks=(0, 1)``: every batch,
+    whatever the world.
 
     ``decode``: ``pil`` (default: exactly timm's and RobustBench's PIL preprocessing) or ``tensor`` (torchvision
     decoding and tensor resize, ``decode_sample``'s ``tensor_transform``; PIL where the transform needs it)."""
@@ -98,8 +101,10 @@ def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         _number_shards,
-        wds.split_by_worker,
-        lambda src: _owned_records(src, batch_size, limit, ranks),
+        lambda src: _rank_shards(src, ranks, rank_split(len(urls), _rank_world(ranks)[1], limit)),
+        wds.split_by_worker,  # after the ranks' split: each rank's workers share its own shards
+        lambda src: _owned_records(src, batch_size, limit, ranks, by_shard=rank_split(
+            len(urls), _rank_world(ranks)[1], limit) == "shards"),
         wds.map(lambda s: s if "__skip__" in s else dict(decode_sample(s, transform, num_classes, draft_size, tt),
                                                          __batch__=s["__batch__"])),
         _keyed_batches,
@@ -109,13 +114,32 @@ def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_
 
 
 
-def _owned_records(items: Iterable[dict], batch_size: int, limit: int | None,
-                   ranks: tuple[int, int] | None = None) -> Iterator[dict]:
-    """Tar records tagged with their batch ``(shard, position // batch_size)``; only this rank's batches, and only
-    their members' data is read from a local tar (the others' bytes are skipped: ``_lazy_members``)."""
+def rank_split(n_shards: int, world: int, limit: int | None = None) -> str:
+    """How an evaluation stream is shared by ``world`` ranks: ``"shards"`` (each rank owns whole shards) or
+    ``"batches"`` (fewer shards than ranks, or a ``limit``ed stream: batches strided over the ranks)."""
+    return "shards" if limit is None and n_shards >= world else "batches"
+
+
+def _rank_world(ranks: tuple[int, int] | None) -> tuple[int, int]:
     import webdataset as wds
 
-    rank, world = ranks or wds.utils.pytorch_worker_info()[:2]
+    return ranks or tuple(wds.utils.pytorch_worker_info()[:2])
+
+
+def _rank_shards(items: Iterable[dict], ranks: tuple[int, int] | None, split: str) -> Iterator[dict]:
+    """With ``split == "shards"``, only this rank's shards (``s % W == r``); the others are never opened."""
+    rank, world = _rank_world(ranks)
+    for item in items:
+        if split != "shards" or item["__shard__"] % world == rank:
+            yield item
+
+
+def _owned_records(items: Iterable[dict], batch_size: int, limit: int | None,
+                   ranks: tuple[int, int] | None = None, by_shard: bool = False) -> Iterator[dict]:
+    """Tar records tagged with their batch ``(shard, position // batch_size)``: every record of the shards given
+    (``by_shard``: the rank's own, chosen upstream), else this rank's batches only ``(s + k) % W == r``; only the
+    records kept have their members' data read from a local tar (``_lazy_members``)."""
+    rank, world = _rank_world(ranks)
     seen = 0
     for item in items:
         s = item["__shard__"]
@@ -127,7 +151,7 @@ def _owned_records(items: Iterable[dict], batch_size: int, limit: int | None,
                     return
                 seen += 1
                 k = i // batch_size
-                if (s + k) % world == rank:
+                if by_shard or (s + k) % world == rank:
                     rec = read_members(rec, f)
                     rec["__batch__"] = (s, k)
                     yield rec
