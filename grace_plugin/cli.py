@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     import grace_plugin  # noqa: F401  (autoattack shim)
     from grace_plugin.errors import GraceError
+    from grace_plugin.preemption import PREEMPTED_EXIT, Preempted
 
     handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
                 "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export,
@@ -506,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     # package: its traceback is printed and the exit status is 1.
     try:
         return handlers[a.command](a)
+    except Preempted as e:  # a training run inside quickstart or a study: its state is saved, the re-run resumes it
+        print(f"grace {a.command}: {e}; run the same command again to continue (exit {PREEMPTED_EXIT})",
+              file=sys.stderr)
+        return PREEMPTED_EXIT
     except GraceError as e:
         if os.environ.get("GRACE_DEBUG"):
             raise

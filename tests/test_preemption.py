@@ -176,3 +176,18 @@ def test_two_ranks_agree_on_the_step_when_one_is_signalled(tiny_clip_dir, tiny_w
     assert [p.returncode for p in procs] == [PREEMPTED_EXIT] * 2, errs
     state = torch.load(partial_dir(out) / "train_state.pt", weights_only=False)
     assert seen <= state["step"] <= seen + 1 and set(state["cursors"]) == {0, 1}
+
+
+def test_a_preempted_study_exits_75_in_one_line(monkeypatch, capsys, tmp_path):
+    """A preemption inside a study's (or the quickstart's) training run is a saved state, not a crash: one line,
+    exit 75; the same command then resumes it (tests/test_study.py)."""
+    import eval_suites.studies.runner as runner
+    from grace_plugin.cli import main
+
+    def preempted(*a, **k):
+        raise Preempted(7, tmp_path / "train_state.pt", "SIGTERM")
+
+    monkeypatch.setattr(runner, "run_study", preempted)
+    assert main(["study", "table6", "--out", str(tmp_path / "s")]) == PREEMPTED_EXIT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "preempted by SIGTERM" in err and "run the same command again" in err
