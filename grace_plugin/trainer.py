@@ -65,11 +65,12 @@ def _all_reduce_grads(params, world: int) -> None:
         off += g.numel()
 
 
-def _all_finite(flag: bool, world: int, device) -> bool:
+def _ranks_agree(flag: bool, world: int, device, every: bool) -> bool:
+    """One all-reduce of a flag: true on every rank (``every``) or on any rank; every rank takes part."""
     if world == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN if every else torch.distributed.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
@@ -398,7 +399,7 @@ def _step(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: int, bad_ru
     lp.optimizer.zero_grad(set_to_none=True)
     ok, last, batch, ctx, logs = _forward_batches(lp, stream, loop, step)
     # every rank agrees before the last backward, whose hooks all-reduce (a rank that skipped it would hang)
-    if not _all_finite(ok, world, lp.device):
+    if not _ranks_agree(ok, world, lp.device, every=True):
         loop.bad_total += 1
         bad_run += 1
         lp.optimizer.zero_grad(set_to_none=True)
@@ -463,12 +464,7 @@ def _preemption_agreed(lp: _Loop, preempt) -> bool:
     them stop after the same step."""
     if preempt is None:  # the same on every rank (fine_tune gives each rank a guard, or none)
         return False
-    flag = preempt.requested()
-    if lp.world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=lp.device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return _ranks_agree(preempt.requested(), lp.world, lp.device, every=False)
 
 
 def _finish(lp: _Loop, loop: _LoopState, track: str | None, stopped: str | None) -> dict | None:
