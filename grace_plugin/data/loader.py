@@ -101,10 +101,9 @@ def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         _number_shards,
-        lambda src: _rank_shards(src, ranks, rank_split(len(urls), _rank_world(ranks)[1], limit)),
+        lambda src: _rank_shards(src, ranks, len(urls), limit),
         wds.split_by_worker,  # after the ranks' split: each rank's workers share its own shards
-        lambda src: _owned_records(src, batch_size, limit, ranks, by_shard=rank_split(
-            len(urls), _rank_world(ranks)[1], limit) == "shards"),
+        lambda src: _owned_records(src, batch_size, limit, ranks, n_shards=len(urls)),
         wds.map(lambda s: s if "__skip__" in s else dict(decode_sample(s, transform, num_classes, draft_size, tt),
                                                          __batch__=s["__batch__"])),
         _keyed_batches,
@@ -126,20 +125,23 @@ def _rank_world(ranks: tuple[int, int] | None) -> tuple[int, int]:
     return ranks or tuple(wds.utils.pytorch_worker_info()[:2])
 
 
-def _rank_shards(items: Iterable[dict], ranks: tuple[int, int] | None, split: str) -> Iterator[dict]:
-    """With ``split == "shards"``, only this rank's shards (``s % W == r``); the others are never opened."""
+def _rank_shards(items: Iterable[dict], ranks: tuple[int, int] | None, n_shards: int,
+                 limit: int | None) -> Iterator[dict]:
+    """When ranks own shards (``rank_split``), only this rank's (``s % W == r``); the others are never opened."""
     rank, world = _rank_world(ranks)
+    by_shard = rank_split(n_shards, world, limit) == "shards"
     for item in items:
-        if split != "shards" or item["__shard__"] % world == rank:
+        if not by_shard or item["__shard__"] % world == rank:
             yield item
 
 
 def _owned_records(items: Iterable[dict], batch_size: int, limit: int | None,
-                   ranks: tuple[int, int] | None = None, by_shard: bool = False) -> Iterator[dict]:
+                   ranks: tuple[int, int] | None = None, n_shards: int = 0) -> Iterator[dict]:
     """Tar records tagged with their batch ``(shard, position // batch_size)``: every record of the shards given
-    (``by_shard``: the rank's own, chosen upstream), else this rank's batches only ``(s + k) % W == r``; only the
-    records kept have their members' data read from a local tar (``_lazy_members``)."""
+    when ranks own shards (``_rank_shards`` chose them upstream), else this rank's batches ``(s + k) % W == r``;
+    only the records kept have their members' data read from a local tar (``_lazy_members``)."""
     rank, world = _rank_world(ranks)
+    by_shard = rank_split(n_shards, world, limit) == "shards"
     seen = 0
     for item in items:
         s = item["__shard__"]
