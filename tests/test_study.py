@@ -162,6 +162,22 @@ def test_study_resumes_a_killed_run_and_counts_what_it_reused(study_dir, capsys,
     assert "runs: 4 reused (finished), 1 resumed (killed), 0 trained" in capsys.readouterr().out
     assert json.loads((out / "study.json").read_text())["run_counts"] == {"reused": 4, "resumed": 1, "trained": 0}
 
+    # only a staged state of exactly the study's config is resumed: one with other steps (another schedule) is not
+    import yaml
+
+    import eval_suites.studies.runner as studies
+    from grace_plugin.config import to_dict
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = finetune.build_config("grace", overrides={k: v for k, v in saved.items() if k != "recipe_name"})
+    shutil.move(run, partial_dir(run))
+    try:
+        assert studies.killed_run_matches(run, "grace", to_dict(cfg))
+        cfg.train.steps += 1
+        assert not studies.killed_run_matches(run, "grace", to_dict(cfg))
+    finally:
+        shutil.move(partial_dir(run), run)
+
 
 def test_study_records_a_diverged_run_and_goes_on(study_dir, capsys, monkeypatch):
     """Seed 1 of the LoRA-FT row diverges: the study finishes, says so in study.md and study.json, and the row's

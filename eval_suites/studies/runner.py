@@ -125,10 +125,6 @@ def finished_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
     grace_plugin/runfolder.py) trained with exactly ``resolved`` (its config.yaml) on the device that
     ``resolved``'s ``train.device`` means here ("auto" is CPU on one machine, CUDA on another): a study re-run, or
     one with a row added, retrains nothing that is already done."""
-    import yaml
-
-    from grace_plugin.config import ConfigError, to_dict
-    from grace_plugin.finetune import build_config
     from grace_plugin.runtime import resolve_device
 
     saved_file, meta = run_dir / "config.yaml", run_dir / "checkpoint.json"
@@ -136,6 +132,29 @@ def finished_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
         return False
     device = str(resolve_device((resolved.get("train") or {}).get("device", "auto")))
     if json.loads(meta.read_text()).get("device") != device:
+        return False
+    return _same_config(saved_file, recipe, resolved)
+
+
+def killed_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
+    """A killed (or preempted) run staged beside ``run_dir`` with its resumable state, trained with exactly
+    ``resolved``: resumed instead of trained again. Exactly: a study's number must be the stated config's, and a run
+    resumed with, say, more steps would have followed another learning-rate schedule up to the kill (``grace train
+    --resume`` allows that; a study does not). Another config's staged state is not resumed (the run starts afresh)."""
+    from grace_plugin.runfolder import partial_dir
+
+    work = partial_dir(run_dir)
+    return (work / "train_state.pt").is_file() and _same_config(work / "config.yaml", recipe, resolved)
+
+
+def _same_config(saved_file: Path, recipe: str, resolved: dict) -> bool:
+    """``saved_file`` (a run's config.yaml), read by today's code, is ``resolved`` for ``recipe``."""
+    import yaml
+
+    from grace_plugin.config import ConfigError, to_dict
+    from grace_plugin.finetune import build_config
+
+    if not saved_file.is_file():
         return False
     saved = yaml.safe_load(saved_file.read_text()) or {}
     if saved.pop("recipe_name", None) != recipe:
@@ -149,21 +168,6 @@ def finished_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
         return yaml.safe_load(yaml.safe_dump(d, sort_keys=True))
 
     return norm(saved) == norm(resolved)
-
-
-def killed_run_matches(run_dir: Path, recipe: str, resolved: dict) -> bool:
-    """A killed (or preempted) run of this config is staged beside ``run_dir`` with its resumable state: resume it
-    instead of training again. A staged state of another config is not resumed (the run starts afresh)."""
-    from grace_plugin.config import resume_differences
-    from grace_plugin.runfolder import partial_dir
-
-    work = partial_dir(run_dir)
-    if not (work / "train_state.pt").is_file() or not (work / "config.yaml").is_file():
-        return False
-    import yaml
-
-    saved = yaml.safe_load((work / "config.yaml").read_text()) or {}
-    return not resume_differences(saved, {"recipe_name": recipe, **resolved})
 
 
 def _eval_signature(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool) -> dict:
