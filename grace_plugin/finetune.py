@@ -191,7 +191,7 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "skipped_steps": result.skipped_steps,
                                          "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
                                          "data_skipped": result.data_skipped,
-                                         "val_seconds": result.val_seconds}}
+                                         "val_seconds": result.val_seconds, "resumed_at": result.resumed_at}}
     if rec.summary():
         metrics["recipe"] = rec.summary()
     extra = {"init": str(init), "data": str(data), "device": str(device), "world_size": world}

@@ -48,6 +48,9 @@ class TrainResult:
     stopped: str | None = None  # the co_guard line when the guard stopped the run
     val_seconds: float = 0.0
     first_batch_seconds: float | None = None  # from the stream's (re)start to its first batch (resume cost)
+    # the step a resumed run started from (None: from 0); ``seconds`` counts this invocation's steps only, and a run
+    # extended to more steps followed the schedule of its earlier length up to here
+    resumed_at: int | None = None
 
 
 def _all_reduce_grads(params, world: int) -> None:
@@ -584,7 +587,8 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
     selection = _finish(lp, loop, track, stopped)
     return TrainResult(step + 1 if stopped else total_steps, loop.bad_total, last_loss, time.time() - t0,
                        loop.data_skipped, selection=selection, stopped=stopped,
-                       val_seconds=round(loop.val_seconds, 3), first_batch_seconds=lp.first_batch_s)
+                       val_seconds=round(loop.val_seconds, 3), first_batch_seconds=lp.first_batch_s,
+                       resumed_at=start or None)
 
 
 def steps_for_epochs(epochs: float, num_samples: int, batch_size: int, grad_accum: int = 1, world: int = 1) -> int:

@@ -158,7 +158,8 @@ def test_sigterm_exits_75_within_a_step_and_resume_auto_is_bit_identical(tiny_cl
               if '"val_' not in x]
     assert logged == list(range(steps + 1))  # steps 0..7 from the first run, then only step 8
     meta = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
-    assert meta["metrics"]["train"]["steps"] == steps + 1
+    assert meta["metrics"]["train"]["steps"] == steps + 1 and meta["metrics"]["train"]["resumed_at"] == steps
+    assert json.loads((tmp_path / "plain" / "checkpoint.json").read_text())["metrics"]["train"]["resumed_at"] is None
 
 
 def test_two_ranks_agree_on_the_step_when_one_is_signalled(tiny_clip_dir, tiny_world, tmp_path):
