@@ -124,11 +124,17 @@ def test_results_add_and_regenerate_a_study_and_a_bench(tmp_path):
     except SystemExit as e:  # pragma: no cover
         rc = e.code
     assert rc == 0
-    assert sorted(p.name for p in data.iterdir()) == ["bench-sc.json", "study-table6.json"]
-    assert sorted(p.name for p in out.glob("*.md")) == ["bench-sc.md", "index.md", "study-table6.md"]
-    assert "| ft | 10.0 | 1.00 | - | 400 | - | - |" in (out / "bench-sc.md").read_text()
+    assert sorted(p.name for p in data.iterdir()) == ["bench-step_cost-cpu-tiny-b4.json", "study-table6.json"]
+    bench = "bench-step_cost-cpu-tiny-b4"
+    assert sorted(p.name for p in out.glob("*.md")) == [f"{bench}.md", "index.md", "study-table6.md"]
+    assert "| ft | 10.0 | 1.00 | - | 400 | - | - |" in (out / "bench-step_cost-cpu-tiny-b4.md").read_text()
     assert "# Study table6" in (out / "study-table6.md").read_text()
     assert "[Study table6](study-table6.md)" in (out / "index.md").read_text()
+    summary = tmp_path / "report" / "summary.json"  # grace report's: rows, but not a quickstart's
+    summary.parent.mkdir()
+    summary.write_text(json.dumps({"definition": "strict", "rows": []}))
+    assert main(["results", "--add", str(summary.parent), "--data", str(data), "--out", str(out), "--mkdocs",
+                 ""]) == 2
     assert yml.read_text() == ("nav:\n  - Results:\n    # results-nav: written by `grace results`\n"
-                               "    - results/index.md\n    - results/bench-sc.md\n    - results/study-table6.md\n"
+                               f"    - results/index.md\n    - results/{bench}.md\n    - results/study-table6.md\n"
                                "    # end results-nav\n  - Last: last.md\n")

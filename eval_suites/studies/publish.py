@@ -14,6 +14,7 @@ study updates its page and nothing else has to be edited.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -32,8 +33,8 @@ def _kind(doc: dict) -> str | None:
         return "bench"
     if isinstance(doc, dict) and "study" in doc and "rows" in doc:
         return "study"
-    if isinstance(doc, dict) and "rows" in doc and "definition" in doc:
-        return "quickstart"
+    if isinstance(doc, dict) and "rows" in doc and "definition" in doc and "world" in doc:
+        return "quickstart"  # (``grace report``'s summary.json has rows too, but no world: not a quickstart)
     return None
 
 
@@ -48,8 +49,11 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
     kind = _kind(doc)
     if kind is None:
         raise UsageError(f"{f}: not a study.json, quickstart summary.json or bench/step_cost.py --json output")
-    name = {"quickstart": "quickstart.json", "study": f"study-{doc.get('study')}.json",
-            "bench": f"bench-{f.stem}.json"}[kind]
+    if kind == "bench":  # named by what was measured, so another machine's run gets a page of its own
+        device = re.sub(r"[^a-z0-9]+", "-", str(doc.get("device")).lower()).strip("-")
+        name = f"bench-step_cost-{device}-{doc.get('arch')}-b{doc.get('batch')}.json"
+    else:
+        name = "quickstart.json" if kind == "quickstart" else f"study-{doc.get('study')}.json"
     dest = Path(data_dir) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(f, dest)
