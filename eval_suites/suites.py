@@ -148,7 +148,7 @@ def _own_head(loaded, ctx: SuiteContext, es: EvalSet):
     if es.classnames:
         model, head = _model_for(loaded, ctx, es.classnames, es.templates, es.name)
         return model, head, len(es.classnames)
-    if getattr(loaded, "clip", None) is not None:  # a bare CLIP has no head of its own
+    if loaded.clip is not None:  # a bare CLIP has no head of its own
         from grace_plugin.data.shards import ShardSetError
 
         raise ShardSetError(f"{es.path}/classnames.txt: missing or empty; a CLIP zero-shot head needs one class name "

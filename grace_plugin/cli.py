@@ -233,17 +233,7 @@ def _cmd_train(a) -> int:
     get_recipe_class(a.recipe)
     overrides = list(a.overrides) + ([f"train.device={a.device}"] if a.device else [])
     cfg = build_config(a.recipe, config_file=a.config, overrides=overrides, steps=a.steps, epochs=a.epochs)
-    from grace_plugin.preemption import PREEMPTED_EXIT, Preempted, requeue_slurm_job
-    from grace_plugin.runtime import is_main
-
-    try:
-        out = fine_tune(a.recipe, a.init, a.data, a.out, cfg, progress=not a.no_progress, resume=bool(a.resume))
-    except Preempted as e:
-        if is_main():
-            print(f"grace train: {e}; continue with --resume (exit {PREEMPTED_EXIT})", file=sys.stderr)
-            if a.requeue:
-                print(f"grace train: {requeue_slurm_job()}", file=sys.stderr)
-        return PREEMPTED_EXIT
+    out = fine_tune(a.recipe, a.init, a.data, a.out, cfg, progress=not a.no_progress, resume=bool(a.resume))
     print(f"wrote {out / 'model.safetensors'} and {out / 'checkpoint.json'}")
     return 0
 
@@ -507,9 +497,15 @@ def main(argv: list[str] | None = None) -> int:
     # package: its traceback is printed and the exit status is 1.
     try:
         return handlers[a.command](a)
-    except Preempted as e:  # a training run inside quickstart or a study: its state is saved, the re-run resumes it
-        print(f"grace {a.command}: {e}; run the same command again to continue (exit {PREEMPTED_EXIT})",
-              file=sys.stderr)
+    except Preempted as e:  # a training run's state is saved (train, or one inside quickstart or a study)
+        from grace_plugin.preemption import requeue_slurm_job
+        from grace_plugin.runtime import is_main
+
+        if is_main():  # under torchrun every rank stops after the same step; rank 0 speaks
+            how = "continue with --resume" if a.command == "train" else "run the same command again to continue"
+            print(f"grace {a.command}: {e}; {how} (exit {PREEMPTED_EXIT})", file=sys.stderr)
+            if getattr(a, "requeue", False):
+                print(f"grace {a.command}: {requeue_slurm_job()}", file=sys.stderr)
         return PREEMPTED_EXIT
     except GraceError as e:
         if os.environ.get("GRACE_DEBUG"):
