@@ -78,6 +78,9 @@ class ClassificationResult:
     n: int = 0
     skipped: dict = field(default_factory=dict)
     expected: int | None = None
+    # mean cosine between the features of different images (grace_plugin.losses.feature_spread); None when the
+    # model exposes no ``encode``
+    feature_spread: float | None = None
 
     @property
     def top1(self) -> float | None:
@@ -89,7 +92,8 @@ class ClassificationResult:
 
     def as_dict(self) -> dict:
         return {"top1": self.top1, "correct": self.correct, "n": self.n, "skipped": self.n_skipped,
-                "skipped_by_reason": dict(self.skipped), "expected": self.expected}
+                "skipped_by_reason": dict(self.skipped), "expected": self.expected,
+                "feature_spread": self.feature_spread}
 
 
 def project_logits(logits: torch.Tensor, class_subset: list[int] | None) -> torch.Tensor:
@@ -126,8 +130,11 @@ def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subs
 
     from .distributed import merge_records
 
+    from grace_plugin.losses import feature_sums, spread_from_sums
+
     model.eval()
     records = []
+    spread = hasattr(model, "encode") and hasattr(model, "head")
     bar = _bar(progress, None, desc, "batch")
     union = sorted({i for t in label_targets.values() for i in t}) if label_targets is not None else None
     for idx, batch in enumerate(loader):
@@ -138,7 +145,13 @@ def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subs
             continue
         x, y = x.to(device), batch["label"].to(device)
         with (autocast or contextlib.nullcontext)():
-            logits = model(x)
+            if spread:  # the same computation as model(x), keeping the features
+                feats = model.encode(x)
+                logits = model.head(feats)
+                total, _ = feature_sums(feats)
+                rec["feature_sum"] = total.cpu().tolist()
+            else:
+                logits = model(x)
         _check_logits(logits, model_name)
         if union is not None:
             pred = torch.tensor(union, device=logits.device)[logits.float()[:, union].argmax(-1)]
@@ -150,11 +163,17 @@ def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subs
     if bar is not None:
         bar.close()
     res, skipped = ClassificationResult(), Counter()
+    feat_total, feat_n = None, 0
     for rec in merge_records(records):
         res.correct += sum(rec["correct"])
         res.n += len(rec["correct"])
         skipped.update(rec["skipped"])
+        if "feature_sum" in rec:  # summed over batches in key order: the same number on any number of ranks
+            t = torch.tensor(rec["feature_sum"], dtype=torch.float64)
+            feat_total, feat_n = (t if feat_total is None else feat_total + t), feat_n + len(rec["correct"])
     res.skipped = dict(skipped)
+    if feat_total is not None:
+        res.feature_spread = spread_from_sums(feat_total, feat_n)
     return res
 
 

@@ -10,7 +10,7 @@
          "inputs": {"id": [set], "ood": [set], "adv": [attack or set]},   # what entered each column
          "missing": {"ood": [...], "adv": [...]}}},          # what the definition asks for and the run lacks
      "datasets": {NAME: {"top1", "correct", "n", "ci95", "skipped", "skipped_by_reason", "expected", "role",
-                         "scoring", "head", "paper_column"}},
+                         "scoring", "head", "paper_column", "feature_spread"}},
      "adversarial": {"attack", "eps", "norm", "n", "clean_acc", "robust_acc", "clean_ci95", "robust_ci95",
                      "precision", ...} | null,
      "config": {...},
@@ -184,11 +184,15 @@ def report_markdown(report: dict) -> str:
                      "; ".join(f"{k.upper()} = {', '.join(v) or '-'}" for k, v in inputs.items()) +
                      (". Missing: " + "; ".join(f"{k.upper()} {', '.join(v)}" for k, v in missing.items())
                       if missing else ""))
-    lines += ["", "| dataset | role | scoring | head | top-1 | n | skipped |", "|---|---|---|---|---:|---:|---:|"]
+    lines += ["", "| dataset | role | scoring | head | top-1 | n | skipped | feature spread |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
     for name, d in report["datasets"].items():
         head = (d.get("head") or {}).get("head", "")
+        fs = d.get("feature_spread")
         lines.append(f"| {name} | {d.get('role', '')} | {d.get('scoring', '')} | {head} | {_fmt(d['top1'])}"
-                     f"{_ci(d.get('ci95'))} | {d['n']} | {d['skipped']} |")
+                     f"{_ci(d.get('ci95'))} | {d['n']} | {d['skipped']} | {'-' if fs is None else f'{fs:.3f}'} |")
+    lines.append("\nFeature spread: the mean cosine between the features of different images of the set (near 1: "
+                 "collapsed features).")
     notes = [f"{name}: {d['head']['reason']}" for name, d in report["datasets"].items()
              if (d.get("head") or {}).get("head") == "rebuilt"]
     if notes:

@@ -25,7 +25,7 @@ import torch
 from .tensor_io import atomic_path, torch_load_tensors
 from .config import TrainConfig
 from .errors import GraceError
-from .recipes.base import Recipe, StepContext
+from .recipes.base import Recipe, StepContext, batch_feature_spread
 from .runtime import autocast_factory, resolve_device, seed_everything, world_info
 
 __all__ = ["train", "TrainingDiverged", "TrainResult", "batch_source", "OverlappedGradSync"]
@@ -425,6 +425,9 @@ def _step(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: int, bad_ru
     if lp.ema is not None:
         lp.ema.update(lp.recipe.model, step=step)
     logs.update(lp.recipe.after_step(batch, ctx))
+    if step % cfg.log_every == 0 or step == lp.total_steps - 1:
+        logs["feature_spread"] = batch_feature_spread(lp.recipe.model, batch["image"].to(lp.device), lp.autocast,
+                                                      lp.world)
     return logs, 0
 
 

@@ -61,6 +61,14 @@ def test_train_writes_loadable_runs(trained_runs):
         load_run(run)
     glog = json.loads((trained_runs / "grace" / "log.jsonl").read_text().splitlines()[-1])
     assert {"l_task", "l_lar", "l_gv", "cos_id_adv", "cos_id_awp", "cos_adv_awp"} <= set(glog)
+    # the perturbation, measured (issue: LAR-AWP sized and adversarial): ΔL = L_LAR - the unperturbed adversarial
+    # loss, per-layer ||Δ||/||W|| at the configured ρ, the cosine with the layer's gradient; and the feature spread
+    assert glog["delta_l"] == pytest.approx(glog["l_lar"] - glog["l_adv"], abs=1e-5)
+    rels = [v for k, v in glog.items() if k.startswith("awp_rel/")]
+    assert rels and all(v == pytest.approx(5e-3, rel=1e-3) for v in rels)
+    assert 0 < glog["awp_cos"] <= 1
+    assert all(-1 <= json.loads(x)["feature_spread"] <= 1 for x in (trained_runs / "grace" / "log.jsonl").read_text()
+               .splitlines())
 
 
 def test_eval_report_matches_independent_computation(trained_runs, tiny_world, tmp_path, capsys):

@@ -138,3 +138,21 @@ def test_results_add_and_regenerate_a_study_and_a_bench(tmp_path):
     assert yml.read_text() == ("nav:\n  - Results:\n    # results-nav: written by `grace results`\n"
                                f"    - results/index.md\n    - results/{bench}.md\n    - results/study-table6.md\n"
                                "    # end results-nav\n  - Last: last.md\n")
+
+
+def test_results_add_a_bench_table(tmp_path):
+    """A bench's table JSON (bench/lora_capacity.py, bench/grace_corners.py) becomes bench-<name>.md with its rows."""
+    import json
+
+    from grace_plugin.cli import main
+
+    src = tmp_path / "t.json"
+    src.write_text(json.dumps({"bench": "table", "name": "grace_corners", "title": "Corners", "command": "x",
+                               "notes": ["a note"], "columns": ["rho", "status", "delta_l"],
+                               "rows": [{"rho": 0.005, "status": "finished", "delta_l": 0.123456},
+                                        {"rho": 0.05, "status": "diverged: a|b", "delta_l": None}]}))
+    data, out = tmp_path / "data", tmp_path / "results"
+    assert main(["results", "--add", str(src), "--data", str(data), "--out", str(out), "--mkdocs", ""]) == 0
+    page = (out / "bench-grace_corners.md").read_text()
+    assert "# Corners" in page and "a note" in page
+    assert "| 0.005 | finished | 0.1235 |" in page and "| 0.05 | diverged: a\\|b | - |" in page

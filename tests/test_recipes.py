@@ -97,16 +97,19 @@ def _grace(model, batch, **over):
 
 
 def _record_ascent(rec):
-    """After every AWP ascent step: each active layer's ||Δ_W||_F and its factors (A, B, mask)."""
+    """After every AWP ascent step (either ascent): each active layer's ||Δ_W||_F and its factors (A, B, mask)."""
     owner = getattr(rec, "awp", rec)  # GRACE keeps LAR-AWP in its component (recipes/lar_awp.py)
-    calls, orig = [], owner._ascend
+    calls = []
 
-    def wrapped(active, radii, grads, update_a):
-        orig(active, radii, grads, update_a)
-        calls.append({n: (float(m.awp_delta().detach().float().norm()), m.awp_A.detach().clone(),
-                          m.awp_B.detach().clone(), m.awp_mask.clone()) for n, m in active.items()})
+    def recording(orig):
+        def wrapped(active, *args, **kwargs):
+            orig(active, *args, **kwargs)
+            calls.append({n: (float(m.awp_delta().detach().float().norm()), m.awp_A.detach().clone(),
+                              m.awp_B.detach().clone(), m.awp_mask.clone()) for n, m in active.items()})
+        return wrapped
 
-    owner._ascend = wrapped
+    for name in ("_ascend_factors", "_ascend_svd"):
+        setattr(owner, name, recording(getattr(owner, name)))
     return calls
 
 
@@ -115,25 +118,33 @@ def _weight_norm(m) -> float:
         return float((m.base.weight + m.lora_delta()).float().norm())
 
 
+@pytest.mark.parametrize("ascent", ["factor", "svd"])
 @pytest.mark.parametrize("awp_lr", [0.5, 3.0])
 @pytest.mark.parametrize("rho_mode", ["relative", "absolute"])
-def test_grace_awp_radius(rho_mode, awp_lr, tiny_classifier, tiny_batch):
-    """One ascent step from B = 0 along the normalised gradient, A with orthonormal rows: ||Δ_W||_F is exactly
-    min(awp_lr, 1) times the radius (awp_lr > 1 hits the projection), the radius being ρ ||W||_F (relative) or ρ."""
+def test_grace_awp_radius(rho_mode, awp_lr, ascent, tiny_classifier, tiny_batch):
+    """One ascent step from B = 0, the radius being ρ ||W||_F (relative) or ρ. Factor ascent: along the normalised
+    gradient, A with orthonormal rows, so ||Δ_W||_F is exactly min(awp_lr, 1) times the radius (awp_lr > 1 hits the
+    projection). SVD ascent: the first-order worst case, on the bound whatever awp_lr, of rank <= the layer's."""
     rho = 0.01
-    rec = _grace(tiny_classifier, tiny_batch, rho=rho, rho_mode=rho_mode, awp_lr=awp_lr)
+    rec = _grace(tiny_classifier, tiny_batch, rho=rho, rho_mode=rho_mode, awp_lr=awp_lr, awp_ascent=ascent)
     calls = _record_ascent(rec)
-    rec.training_step(tiny_batch, CPU)
+    out = rec.training_step(tiny_batch, CPU)
     assert len(calls) == 1
     for n, (norm, *_) in calls[0].items():
-        radius = rho * _weight_norm(rec.awp.layers[n]) if rho_mode == "relative" else rho
-        assert norm == pytest.approx(min(awp_lr, 1.0) * radius, rel=1e-4), n
+        m = rec.awp.layers[n]
+        radius = rho * _weight_norm(m) if rho_mode == "relative" else rho
+        assert norm == pytest.approx((min(awp_lr, 1.0) if ascent == "factor" else 1.0) * radius, rel=1e-4), n
+        assert torch.linalg.matrix_rank(calls[0][n][2] * calls[0][n][3]) <= rec.awp.ranks[n]
+        if rho_mode == "relative":
+            assert out.logs[f"awp_rel/{n}"] == pytest.approx(norm / _weight_norm(m), rel=1e-4)
+    assert out.logs["delta_l"] == pytest.approx(out.logs["l_lar"] - out.logs["l_adv"], abs=1e-6)
 
 
-def test_grace_awp_steps_stay_in_the_ball_and_count_passes(tiny_classifier, tiny_batch, tower_rows):
+@pytest.mark.parametrize("ascent", ["factor", "svd"])
+def test_grace_awp_steps_stay_in_the_ball_and_count_passes(ascent, tiny_classifier, tiny_batch, tower_rows):
     """awp_steps=3: three ascent steps (the later ones also move A), each projected onto ||Δ_W||_F <= ρ||W||_F;
     the step runs the tower forwards ``pass_counts`` declares."""
-    rec = _grace(tiny_classifier, tiny_batch, awp_steps=3, awp_lr=2.0)
+    rec = _grace(tiny_classifier, tiny_batch, awp_steps=3, awp_lr=2.0, awp_ascent=ascent)
     calls = _record_ascent(rec)
     _, rows = tower_rows(lambda: rec.training_step(tiny_batch, CPU))
     assert len(calls) == 3
@@ -295,8 +306,10 @@ def test_grace_lite_attack_and_shared_ascent(attack_grad, tiny_classifier, tiny_
     point = (x + noise).clamp(0, 1) if attack_grad == "noisy" else x.clone()
     point.requires_grad_(True)
     with rec.awp.branch(ctx):  # the same branch draw (from seed and step), at B_awp = 0
-        params = rec.awp.ascent_parameters()
-        g_x, *g_b = torch.autograd.grad(F.cross_entropy(tiny_classifier(point), y), [point, *params])
+        with rec.awp.record():
+            logits = tiny_classifier(point)
+        params = rec.awp.ascent_parameters()  # the recorded layer outputs
+        g_x, *g_b = torch.autograd.grad(F.cross_entropy(logits, y), [point, *params])
     start = point.detach() if attack_grad == "noisy" else x + noise
     expected = (start + cfg.pgd_alpha * g_x.sign()).clamp(0, 1)
     assert torch.allclose(seen["x_adv"], expected, atol=1e-6)
@@ -330,8 +343,10 @@ def test_grace_lite_two_steps_share_the_last_backward(tiny_classifier, tiny_batc
     with rec.awp.branch(ctx):
         g0 = torch.autograd.grad(F.cross_entropy(tiny_classifier(p0), y), p0)[0]
         p1 = (x + (p0.detach() - x + alpha * g0.sign()).clamp(-eps, eps)).clamp(0, 1).requires_grad_(True)
-        params = rec.awp.ascent_parameters()
-        g1, *g_b = torch.autograd.grad(F.cross_entropy(tiny_classifier(p1), y), [p1, *params])
+        with rec.awp.record():
+            logits = tiny_classifier(p1)
+        params = rec.awp.ascent_parameters()  # the recorded layer outputs
+        g1, *g_b = torch.autograd.grad(F.cross_entropy(logits, y), [p1, *params])
     expected = (x + (p1.detach() - x + alpha * g1.sign()).clamp(-eps, eps)).clamp(0, 1)
     assert torch.allclose(seen["x_adv"], expected, atol=1e-6)
     assert (seen["x_adv"] - x).abs().max() <= eps + 1e-6

@@ -138,3 +138,19 @@ def test_catalogue_entries_are_well_formed(name):
     e = get_shardset(name)
     assert e.folder and e.scoring in ("own", "subset", "mapping") and e.axis in ("id", "ood", "natural_adv")
     assert e.source
+
+
+def test_clean_evaluation_reports_the_feature_spread(tiny_classifier, tiny_world):
+    """evaluate_clean's feature spread, summed over batches, equals the spread of every image's feature at once."""
+    import torch
+
+    from grace_plugin.losses import feature_spread
+
+    s = open_shard_set(tiny_world / "v2")
+    tf = eval_transform(tiny_classifier.pretrained_cfg)
+    res = evaluate_clean(tiny_classifier, make_eval_loader(s.urls, tf, 7, 10))
+    with torch.no_grad():
+        feats = torch.cat([tiny_classifier.encode(b["image"]) for b in make_eval_loader(s.urls, tf, 64, 10)])
+    assert feats.shape[0] == res.n
+    assert res.feature_spread == pytest.approx(feature_spread(feats), abs=1e-6)
+    assert res.as_dict()["feature_spread"] == res.feature_spread

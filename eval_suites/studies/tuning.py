@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TuneConfig", "grid_points", "draw_trials", "trial_score", "select_trial", "edge_axes", "run_tuning",
-           "write_tuned"]
+__all__ = ["TuneConfig", "grid_points", "draw_trials", "trial_score", "select_trial", "edge_axes", "validation_trial",
+           "run_tuning", "write_tuned"]
 
 
 @dataclass
@@ -125,19 +125,35 @@ def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) ->
     return path
 
 
+def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, val: Path, steps: int, overrides: dict,
+                     ctx_args: dict, attack: str, progress: bool = False) -> dict:
+    """Train ``method`` (a methods.yaml ``Method``, untuned) at ``point`` (dotted keys) over ``overrides`` on the
+    validation split's train part (``overrides`` win over ``point``), then score it on the held-out part:
+    ``{val_clean, val_robust, hm, mean}``."""
+    from grace_plugin.finetune import fine_tune
+    from registry import load_model
+
+    from ..context import SuiteContext
+    from ..suites import run_suites
+    from .testbed_config import merge, method_config, nest
+
+    run_cfg = method_config(method, overrides=merge(nest(point), overrides), steps=steps, tuned=False)
+    fine_tune(method.recipe, pretrained, val, run_dir, run_cfg, progress=progress)
+    rep = run_suites(load_model(run_dir, device=ctx_args.get("device", "cpu")), ["id", f"adv:{attack}"],
+                     SuiteContext(**ctx_args))
+    clean = rep["datasets"]["val"]["top1"]
+    robust = (rep.get("adversarial") or {}).get("robust_acc")
+    return {"val_clean": clean, "val_robust": robust, **trial_score(clean, robust)}
+
+
 def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.tensor_io import atomic_write_text
     from grace_plugin.config import ConfigError
     from grace_plugin.data.split import holdout_split
-    from grace_plugin.finetune import fine_tune
-    from registry import load_model
-
     from grace_plugin.runtime import resolve_device
 
-    from ..context import SuiteContext
-    from ..suites import run_suites
     from .quickstart import _user_overrides, prepare_testbed
-    from .testbed_config import load_methods, load_tuning, merge, method_config, nest
+    from .testbed_config import load_methods, load_tuning, merge
 
     proto, methods = load_tuning(), load_methods()
     grids = proto.get("grids") or {}
@@ -172,16 +188,11 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
         m = methods[name]
         rows = []
         for i, point in enumerate(plans[name]):
-            over = merge(nest(point), {"train": {"seed": cfg.seed, "device": device}})
-            over = merge(over, user.get(m.recipe, {}))
-            run_cfg = method_config(m, overrides=over, steps=steps, tuned=False)
-            run_dir = out / "trials" / name / f"trial{i}"
-            fine_tune(m.recipe, pretrained, val, run_dir, run_cfg, progress=progress)
-            rep = run_suites(load_model(run_dir, device=device), ["id", f"adv:{attack}"], SuiteContext(**ctx_args))
-            clean = rep["datasets"]["val"]["top1"]
-            robust = (rep.get("adversarial") or {}).get("robust_acc")
-            rows.append({"trial": i, "point": point, "val_clean": clean, "val_robust": robust,
-                         **trial_score(clean, robust)})
+            over = merge({"train": {"seed": cfg.seed, "device": device}}, user.get(m.recipe, {}))
+            scores = validation_trial(m, point, out / "trials" / name / f"trial{i}", pretrained, val, steps,
+                                      over, ctx_args, attack, progress)
+            clean, robust = scores["val_clean"], scores["val_robust"]
+            rows.append({"trial": i, "point": point, **scores})
             echo(f"      {name} trial {i} {point}: val clean {clean:.2f} robust {robust:.2f}")
         best = select_trial(rows, rule)
         selected[name] = dict(rows[best]["point"])

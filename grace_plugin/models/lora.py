@@ -37,6 +37,11 @@ class LoRALinear(nn.Module):
         self.register_buffer("awp_B", torch.zeros(self.out_features, awp_rank, device=dev, dtype=dt), persistent=False)
         self.register_buffer("awp_mask", torch.zeros(awp_rank, device=dev, dtype=dt), persistent=False)
         self.awp_enabled = False
+        # LAR-AWP's full-rank gradient: while ``awp_record`` is set, a forward keeps ``(input, output)`` in
+        # ``awp_io``; dL/dW is then ``grad(L, output)^T input`` over the tokens (lar_awp.py), with no gradient
+        # ever accumulated into the frozen base weight
+        self.awp_record = False
+        self.awp_io: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lora_delta(self) -> torch.Tensor:
         """``s·B A`` as a dense ``(out, in)`` matrix (block-diagonal in B when split)."""
@@ -54,6 +59,8 @@ class LoRALinear(nn.Module):
         y = y + torch.einsum("...sr,sor->...so", h, self.lora_B).reshape(y.shape) * self.scaling
         if self.awp_enabled and self.awp_rank:
             y = y + F.linear(F.linear(x, self.awp_A) * self.awp_mask, self.awp_B)
+        if self.awp_record:
+            self.awp_io = (x, y)
         return y
 
     def merged_linear(self) -> nn.Linear:

@@ -20,8 +20,8 @@ from ..config import validate
 from ..errors import GraceError
 from ..registries import Registry
 
-__all__ = ["RecipeConfig", "Recipe", "FrozenOriginal", "StepContext", "StepOutput", "TextSide", "register_recipe",
-           "create_recipe", "list_recipes", "get_recipe_class", "UnknownRecipeError"]
+__all__ = ["RecipeConfig", "Recipe", "FrozenOriginal", "StepContext", "StepOutput", "batch_feature_spread", "TextSide",
+           "register_recipe", "create_recipe", "list_recipes", "get_recipe_class", "UnknownRecipeError"]
 
 
 class UnknownRecipeError(GraceError, KeyError):
@@ -116,6 +116,27 @@ def create_recipe(name: str, model: nn.Module, cfg: RecipeConfig | None = None,
     if cls.uses_text:
         return cls(model, cfg, text=text)
     return cls(model, cfg)
+
+
+@torch.no_grad()
+def batch_feature_spread(model: nn.Module, x: torch.Tensor, autocast=contextlib.nullcontext,
+                         world: int = 1) -> float | None:
+    """Mean cosine between the features of different images of ``x`` (on every rank: the sums are all-reduced),
+    ``losses.feature_spread``; near 1 the model is collapsing. None for a model without ``encode``. The trainer
+    logs it on log steps (one forward of the step's last micro-batch, after the update)."""
+    from ..losses import feature_sums, spread_from_sums
+
+    if not hasattr(model, "encode"):
+        return None
+    with autocast():
+        total, n = feature_sums(model.encode(x))
+    if world > 1:
+        import torch.distributed as dist
+
+        buf = torch.cat([total, total.new_tensor([float(n)])])
+        dist.all_reduce(buf)
+        total, n = buf[:-1], int(round(float(buf[-1])))
+    return spread_from_sums(total, n)
 
 
 class Recipe:

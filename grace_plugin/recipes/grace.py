@@ -42,7 +42,7 @@ from ..config import checked
 from ..losses import gram_volume, pairwise_cosines
 from .adversarial import AdvConfig, AdversarialRecipe, attack_steps
 from .base import StepOutput, register_recipe
-from .lar_awp import AWP_MODES, LarAwp
+from .lar_awp import ASCENTS, AWP_MODES, LarAwp
 
 __all__ = ["GraceConfig", "Grace", "GraceFastConfig", "GraceFast", "GraceLiteConfig", "GraceLite", "awp_rows"]
 
@@ -59,11 +59,16 @@ class GraceConfig(AdvConfig):
     awp_rank_max: int = 4  # Table 10 (as quoted by github.com/amashkk/grace)
     rank_percentiles: list[float] = field(default_factory=lambda: [20.0, 80.0])  # φ_AWP = 80; bottom 20% -> 0
     rank_levels: list[int] = field(default_factory=lambda: [0, 2, 4])  # middle band not stated; our choice r_max/2
-    rho: float = 0.05  # not stated in the paper; the AWP paper (arXiv 2004.05884) uses 5e-3 relative
+    # ρ is not stated in the paper; 5e-3 relative is AWP's γ (Wu et al., arXiv 2004.05884, Sec. 4: ||v_l|| <= γ ||w_l||)
+    rho: float = checked(5e-3, gt=0.0)
     # Projection norm not stated. "relative": ||Δ_W||_F <= ρ ||W(θ)||_F per layer (AWP-style relative radius);
     # "absolute": ||Δ_W||_F <= ρ per layer.
     rho_mode: str = checked("relative", choices=("relative", "absolute"))
-    awp_steps: int = 1  # T_AWP not stated ("several steps"); our default 1
+    # Ascent not specified beyond "gradient ascent on (A_AWP, B_AWP)" (Alg. 1 l. 9-12): "svd" takes the top-r
+    # singular directions of the layer's gradient (the first-order worst case); "factor" is the paper-literal factor
+    # ascent from a random A (lar_awp.py; measured against each other in docs/recipes.md)
+    awp_ascent: str = checked("svd", choices=lambda: ASCENTS)
+    awp_steps: int = checked(1, ge=1)  # T_AWP not stated ("several steps"); our default 1
     awp_lr: float = 1.0  # η as a fraction of the layer radius per normalised-gradient step (AWP-style)
     # f_AWP on x_adv (Eq. 7: joint input and weight worst case) or "clean"; not stated
     awp_input: str = checked("adv", choices=("adv", "clean"))
@@ -78,7 +83,8 @@ class GraceConfig(AdvConfig):
     # --- objective (Eq. 4) ------------------------------------------------------------------------------------
     lambda_lar: float = 1.0  # not stated; our default 1.0
     lambda_gv: float = 1.0  # not stated; our default 1.0
-    gram_eps: float = 1e-6  # "small" (Eq. 9); our default 1e-6
+    # "small" (Eq. 9); our default 1e-6. > 0: it bounds the volume's gradient at alignment (losses.gram_volume)
+    gram_eps: float = checked(1e-6, gt=0.0)
     # gradients through all three embeddings ("all") or not through f_ID ("adv_awp")
     gv_grad: str = checked("all", choices=("all", "adv_awp"))
     # Our addition (not in the paper): the f_AWP view, L_LAR and L_GV on this fraction of the batch only (chosen by
@@ -136,10 +142,13 @@ class Grace(AdversarialRecipe):
         logs: dict[str, float] = {}
         # Two forwards rather than one over [x; x_adv]: the first ascent step back-propagates through the
         # adversarial graph alone, which a concatenated graph would make twice as expensive.
+        # the forward of the AWP view's input is recorded: the first ascent step differentiates through it
         with ctx.autocast():
             if f_id is None:
-                f_id = model.encode(x).float()
-            f_adv = model.encode(x_adv).float() if self.needs_adv else None
+                with self.awp.record(awp_on and cfg.awp_input == "clean"):
+                    f_id = model.encode(x).float()
+            with self.awp.record(awp_on and cfg.awp_input == "adv"):
+                f_adv = model.encode(x_adv).float() if self.needs_adv else None
         l_task = F.cross_entropy(model.head(f_id), y)
         f_awp = None
         # the AWP view's rows (all by default) and the normaliser of its sums: world-invariant (awp_rows)
@@ -153,14 +162,17 @@ class Grace(AdversarialRecipe):
         if awp_on:
             l_lar = F.cross_entropy(model.head(f_awp), y[idx], reduction="sum") / norm
             loss = loss + cfg.lambda_lar * l_lar
-            logs["l_lar"] = float(l_lar.detach())
+            logs.update(l_lar=float(l_lar.detach()), delta_l=float(l_lar.detach()) - logs["l_adv"])
         if cfg.gram_volume:
             f_id_gv = f_id if cfg.gv_grad == "all" else f_id.detach()
-            if awp_on:
-                l_gv = gram_volume(f_id_gv[idx], f_adv[idx], f_awp, cfg.gram_eps).sum() / norm
-            else:
-                l_gv = gram_volume(f_id_gv, f_adv, None, cfg.gram_eps).mean()
-            loss = loss + cfg.lambda_gv * l_gv
+            # at weight 0 the volume is logged only: no graph, so nothing of it can reach the step's gradient
+            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.lambda_gv != 0):
+                if awp_on:
+                    l_gv = gram_volume(f_id_gv[idx], f_adv[idx], f_awp, cfg.gram_eps).sum() / norm
+                else:
+                    l_gv = gram_volume(f_id_gv, f_adv, None, cfg.gram_eps).mean()
+            if cfg.lambda_gv != 0:
+                loss = loss + cfg.lambda_gv * l_gv
             share = float((cfg.lambda_gv * l_gv).detach() / loss.detach().abs().clamp_min(1e-12))
             logs.update(l_gv=float(l_gv.detach()), gv_share=share)
             self._gv_share_sum, self._gv_share_n = self._gv_share_sum + share, self._gv_share_n + 1
@@ -311,7 +323,6 @@ class GraceLite(Grace):
         eps = c.pgd_eps
         # the ascent gradient is shared only when the AWP view is taken on the attacked input (Eq. 7)
         share = c.awp != "off" and c.awp_input == "adv"
-        params = self.awp.ascent_parameters() if share else []
         noise = per_sample_uniform(x, -c.noise * eps, c.noise * eps, ctx, "attack_start") if c.noise else 0.0
 
         def signed_step(start, g):  # one step from ``start`` (projected onto the eps-ball with ``project``)
@@ -321,19 +332,22 @@ class GraceLite(Grace):
         f_id = None
         if c.attack_grad == "clean":
             point = x.detach().requires_grad_(True)
-            with ctx.autocast():
+            with ctx.autocast(), self.awp.record(share or (c.awp != "off" and c.awp_input == "clean")):
                 f_id = model.encode(point).float()
+            params = self.awp.ascent_parameters() if share else []
             grads = torch.autograd.grad(F.cross_entropy(model.head(f_id), y), [point, *params], retain_graph=True)
             x_adv = signed_step(x + noise, grads[0])
         else:  # k steps from the noisy start; the last one's backward also gives the ascent gradient
             k, x_adv = self.attack_passes(), (x + noise).clamp(0, 1)
             for i in range(k):
                 point = x_adv.detach().requires_grad_(True)
-                with ctx.autocast():
+                last = i == k - 1
+                with ctx.autocast(), self.awp.record(share and last):
                     loss = F.cross_entropy(model(point).float(), y)
-                grads = torch.autograd.grad(loss, [point, *(params if i == k - 1 else [])])
+                params = self.awp.ascent_parameters() if share and last else []
+                grads = torch.autograd.grad(loss, [point, *params])
                 x_adv = signed_step(point, grads[0])
-        return x_adv, f_id, (list(grads[1:]) if share and params else None)
+        return x_adv, f_id, (list(grads[1:]) if share and self.awp.active() else None)
 
     def pass_counts(self) -> dict[str, float]:
         c = self.cfg
