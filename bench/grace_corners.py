@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--ascents", default="svd", help="recipe.awp_ascent values (svd, factor)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="grace_corners", help="the results page's name (bench-NAME.md)")
+    ap.add_argument("--title", default="GRACE at the corners of its range (testbed)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -82,10 +84,9 @@ def main() -> None:
     ok = sum(r["status"] == "finished" and not r["skipped_steps"] for r in rows)
     print(f"\n{ok} of {len(rows)} runs finished with every step finite")
     if args.json:
-        doc = {"bench": "table", "name": "grace_corners",
-               "title": "GRACE at the corners of its range (testbed)",
+        doc = {"bench": "table", "name": args.name, "title": args.title,
                "command": "PYTHONPATH=. python bench/grace_corners.py " + " ".join(
-                   f"--{k} {v}" for k, v in vars(args).items() if v is not None and k not in ("json", "out")),
+                   f"--{k} {v}" for k, v in vars(args).items() if v is not None and k not in ("json", "out", "title")),
                "notes": [f"{args.steps} steps, seed {args.seed}, the quickstart world, configs/testbed/ GRACE "
                          "(untuned). "
                          "delta_l, awp_rel, awp_cos, gv_share: means over logged steps; feature_spread: the last "

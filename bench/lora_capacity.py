@@ -25,6 +25,9 @@ PLACEMENTS = {
     # ... and the tower's output projection (CLIP's visual proj, timm's ``head``), which full fine-tuning trains too
     "attn+mlp+proj": ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2", "head"],
 }
+# placements that also train some tower parameters in full (recipe.lora_modules_to_save, PEFT's modules_to_save):
+# the patch embedding, where an input perturbation enters the tower
+SAVED = {"attn+mlp+pe": ("attn+mlp", ["patch_embed.*"]), "attn+mlp+pe+norms": ("attn+mlp", ["patch_embed.*", "*norm*"])}
 
 
 def _floats(text: str) -> list[float]:
@@ -91,9 +94,10 @@ def main() -> None:
             for lr in _floats(args.lrs):
                 if (f"LoRA-TeCoA {place} r{rank}", lr) in done:
                     continue
+                targets, saved = SAVED.get(place, (place, []))
                 trial(f"LoRA-TeCoA {place} r{rank}", "lora-tecoa",
-                      {"train.lr": lr, "recipe.lora_targets": PLACEMENTS[place], "recipe.lora_rank": rank,
-                       "recipe.lora_alpha": 2.0 * rank})
+                      {"train.lr": lr, "recipe.lora_targets": PLACEMENTS[targets], "recipe.lora_rank": rank,
+                       "recipe.lora_alpha": 2.0 * rank, "recipe.lora_modules_to_save": saved})
     print(f"\nreference: full TeCoA's best validation Adv {ref:.2f}; target {args.target:.0%} of it = "
           f"{args.target * ref:.2f}")
     best: dict[str, dict] = {}

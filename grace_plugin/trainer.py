@@ -1,7 +1,7 @@
 """The training loop. It knows no GRACE maths: recipes compute the loss, the trainer does everything else.
 
 Device and precision are decided once here (bf16 autocast on CUDA, fp32 on CPU) and passed to the recipe as an
-autocast factory. Optimizer and schedule come from timm's factories. Non-finite losses are skipped and counted;
+autocast factory. Optimizer and schedule come from timm's factories. Non-finite losses and gradients are skipped;
 too many in a row stop the run with a clear message and no NaN checkpoint is ever written. The loop state
 (optimizer, scheduler, recipe state, RNG states, data position) is checkpointed atomically and ``resume`` continues
 a killed run to identical weights on CPU, seeking the data stream to its saved position instead of re-reading it.
@@ -100,10 +100,9 @@ def _set_rng_state(st: dict) -> None:
 
 def _cycle(loader: Iterable) -> Iterator[dict]:
     """Endless batches; passes are numbered and the loader's dataset re-seeded per pass when it supports it."""
-    epoch = 0
+    epoch, ds = 0, getattr(loader, "dataset", None)
     while True:
         got = False
-        ds = getattr(loader, "dataset", None)
         if hasattr(ds, "set_epoch"):
             ds.set_epoch(epoch)
         epoch += 1
@@ -397,30 +396,33 @@ def _forward_batches(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: 
 
 
 def _step(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: int, bad_run: int) -> tuple[dict | None, int]:
-    """One optimizer step; ``(logs, bad_run)``, logs None when the step was skipped for a non-finite loss."""
+    """One optimizer step; ``(logs, bad_run)``, logs None for a step skipped (non-finite loss or gradient)."""
     cfg, world = lp.cfg, lp.world
     lp.optimizer.zero_grad(set_to_none=True)
     ok, last, batch, ctx, logs = _forward_batches(lp, stream, loop, step)
     # every rank agrees before the last backward, whose hooks all-reduce (a rank that skipped it would hang)
-    if not _ranks_agree(ok, world, lp.device, every=True):
-        loop.bad_total += 1
-        bad_run += 1
+    bad = None if _ranks_agree(ok, world, lp.device, every=True) else "loss"
+    if bad is None:
+        if lp.sync is not None:
+            lp.sync.arm()
+        (last.loss / cfg.grad_accum).backward()
+        if lp.sync is not None:
+            lp.sync.finish()
+        elif world > 1:
+            _all_reduce_grads(lp.params, world)
+        # (the same on every rank) a non-finite gradient under a finite loss would make the weights, then losses, NaN
+        norm = torch.nn.utils.clip_grad_norm_(lp.params, cfg.grad_clip or math.inf)
+        bad = None if bool(torch.isfinite(norm)) else "gradient"
+    if bad is not None:
+        loop.bad_total, bad_run = loop.bad_total + 1, bad_run + 1
         lp.optimizer.zero_grad(set_to_none=True)
-        log.warning("step %d: non-finite loss; step skipped (%d in a row)", step, bad_run)
+        log.warning("step %d: non-finite %s; step skipped (%d in a row)", step, bad, bad_run)
         if bad_run >= cfg.max_bad_steps:
-            raise TrainingDiverged(f"{bad_run} consecutive non-finite losses at step {step}; stopping "
-                                   "(no checkpoint written for the diverged state). Lower train.lr or check "
-                                   "the data.")
+            raise TrainingDiverged(f"{bad_run} consecutive non-finite losses or gradients at step {step}; stopping "
+                                   "(no checkpoint written for the diverged state). Lower train.lr or check the data.")
         return None, bad_run
-    if lp.sync is not None:
-        lp.sync.arm()
-    (last.loss / cfg.grad_accum).backward()
-    if lp.sync is not None:
-        lp.sync.finish()
-    elif world > 1:
-        _all_reduce_grads(lp.params, world)
     if cfg.grad_clip:
-        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(lp.params, cfg.grad_clip))
+        logs["grad_norm"] = float(norm)
     lp.optimizer.step()
     if lp.ema is not None:
         lp.ema.update(lp.recipe.model, step=step)

@@ -144,3 +144,26 @@ def test_the_wheel_ships_the_testbed_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {f"eval_suites/testbed_configs/{p.name}" for p in (root / "configs" / "testbed").glob("*.yaml")}
     assert "eval_suites/testbed_configs/methods.yaml" in want and want <= names
+
+
+def test_every_lora_method_uses_the_one_testbed_lora():
+    """The testbed's LoRA (placement, rank, alpha, modules trained in full) is defined once, in common.yaml's recipe
+    block (chosen on LoRA-TeCoA by bench/lora_capacity.py), and every LoRA method of methods.yaml resolves to it;
+    no other testbed file sets a LoRA field."""
+    import yaml
+
+    from eval_suites.studies.testbed_config import load_methods, method_config, testbed_dir
+
+    d = testbed_dir()
+    lora = {k: v for k, v in (yaml.safe_load((d / "common.yaml").read_text())["recipe"]).items()
+            if k.startswith("lora_")}
+    assert {"lora_rank", "lora_alpha", "lora_targets"} <= set(lora)
+    for f in d.glob("*.yaml"):
+        if f.name == "common.yaml":
+            continue
+        assert "lora_" not in f.read_text().replace("lora-", ""), f"{f.name} sets a LoRA field"
+    lora_methods = [n for n, m in load_methods().items() if m.recipe and method_config(n).recipe.lora]
+    assert {"grace", "grace_lite", "lora-ft", "lora-tecoa", "lora-spd", "ablation-lora-ft"} <= set(lora_methods)
+    for name in lora_methods:
+        rec = method_config(name).recipe
+        assert {k: getattr(rec, k) for k in lora} == lora, name

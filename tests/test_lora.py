@@ -45,3 +45,24 @@ def test_zero_init_is_identity_and_only_adapters_train():
 def test_no_match_is_an_error():
     with pytest.raises(ValueError, match="no nn.Linear"):
         inject_lora(nn.Sequential(nn.Linear(2, 2)), ["blocks.*.qkv"], 2, 2.0)
+
+
+def test_modules_to_save_train_in_full_beside_the_adapters(tiny_classifier):
+    """recipe.lora_modules_to_save (PEFT's modules_to_save): the matched tower parameters train, the other frozen
+    weights stay frozen; a glob that matches nothing is a one-line ConfigError."""
+    import copy
+
+    from grace_plugin.config import ConfigError
+    from grace_plugin.recipes import create_recipe, get_recipe_class
+
+    cfg = get_recipe_class("ft").Config(lora=True, lora_rank=2, lora_alpha=4.0,
+                                        lora_modules_to_save=["patch_embed.*"])
+    model = copy.deepcopy(tiny_classifier)
+    rec = create_recipe("ft", model, cfg)
+    names = {n for n, p in model.visual.named_parameters() if p.requires_grad}
+    assert {n for n in names if not ("lora_A" in n or "lora_B" in n)} == {
+        n for n, _ in model.visual.named_parameters() if n.startswith("patch_embed.")}
+    assert len(rec.trainable_parameters()) == len(names) + int(model.head.weight.requires_grad)  # ft trains its head
+    cfg.lora_modules_to_save = ["no_such_module.*"]
+    with pytest.raises(ConfigError, match="lora_modules_to_save"):
+        create_recipe("ft", copy.deepcopy(tiny_classifier), cfg)

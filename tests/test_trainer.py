@@ -247,3 +247,24 @@ def test_log_progress_lines_by_tenth_and_by_time():
     bar.close()
     assert out.getvalue().splitlines() == [ln for ln in out.getvalue().splitlines() if ln.startswith("y: ")]
     assert len(out.getvalue().splitlines()) == 3
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_is_skipped(tiny_classifier, tmp_path):
+    """0 * sqrt(0): a finite loss whose gradient is NaN (what a zero-weighted term with an unbounded derivative
+    gives). The step is skipped and counted, the weights stay finite, and the run finishes."""
+    rec = create_recipe("ft", tiny_classifier)
+    orig = rec.training_step
+    calls = {"n": 0}
+
+    def nan_gradient(batch, ctx):
+        out = orig(batch, ctx)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            w = rec.model.visual.head.weight
+            out.loss = out.loss + 0.0 * (w.sum() - w.sum()).abs().sqrt()  # value finite, d/dw = 0 * inf = NaN
+        return out
+
+    rec.training_step = nan_gradient
+    res = train(rec, _batches(4), TrainConfig(max_bad_steps=3, **CFG), 4, tmp_path, progress=False)
+    assert res.skipped_steps == 1 and calls["n"] == 4
+    assert all(torch.isfinite(v).all() for v in rec.model.state_dict().values() if v.is_floating_point())

@@ -37,6 +37,9 @@ class RecipeConfig:
     lora_alpha: float = 128.0  # not stated by the paper; our choice 2r, as github.com/amashkk/grace
     lora_targets: list[str] = field(default_factory=lambda: ["blocks.*.attn.qkv", "blocks.*.attn.proj"])
     lora_split_qkv: bool = True  # separate q/k/v factors as PEFT's q/k/v adapters
+    # with LoRA, vision-tower parameters trained in full beside the adapters (globs over their names, e.g.
+    # "patch_embed.*"): PEFT's ``modules_to_save``. Not in the paper (its LoRA trains the adapters only).
+    lora_modules_to_save: list[str] = field(default_factory=list)
     # (target modules are not stated by the paper; ours follow github.com/amashkk/grace)
     train_head: bool = False  # the zero-shot head stays frozen unless a recipe says otherwise
 
@@ -163,6 +166,18 @@ class Recipe:
         if cfg.lora:
             inject_lora(model.visual, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_split_qkv,
                         awp_rank=self.awp_rank())
+            if cfg.lora_modules_to_save:
+                import fnmatch
+
+                saved = [p for n, p in model.visual.named_parameters()
+                         if any(fnmatch.fnmatchcase(n, g) for g in cfg.lora_modules_to_save)]
+                if not saved:
+                    from ..config import ConfigError
+
+                    raise ConfigError(f"recipe.lora_modules_to_save: {cfg.lora_modules_to_save} matches no parameter "
+                                      "of the vision tower")
+                for p in saved:
+                    p.requires_grad_(True)
         else:
             for p in model.visual.parameters():
                 p.requires_grad_(True)
