@@ -7,9 +7,10 @@ Threat model: l_inf, eps 4/255 (training PGD-10, step 1/255; evaluation APGD-CE)
 One step (Sec. 3 and Algorithm 1):
   1. ``x_adv`` = PGD on the current model (input gradients only; no parameter gradients are accumulated).
   2. ``f_ID, f_Adv`` from the clean and adversarial forwards; ``L_task = CE(head(f_ID), y)``.
-  3. LAR-AWP: on layers whose curvature rank is > 0, a low-rank branch ``Δ_W = B_awp diag(m) A_awp`` is ascended
-     on ``CE(head(f(x_adv)), y)`` and projected on ``||Δ_W||_F <= ρ_W``; the first ascent gradient reuses the
-     step-2 forward (with ``B_awp = 0`` the branch adds nothing, so that forward *is* the unperturbed one).
+  3. LAR-AWP: on layers whose curvature rank r is > 0, a rank-r branch ``Δ_W = B_awp diag(m) A_awp`` maximises
+     ``CE(head(f(x_adv)), y)`` under ``||Δ_W||_F <= ρ_W`` (default: the top-r singular directions of dL/dW, the
+     first-order worst case; or the paper-literal factor ascent, ``awp_ascent``); the first ascent gradient reuses
+     the step-2 forward (with ``B_awp = 0`` the branch adds nothing, so that forward *is* the unperturbed one).
   4. ``f_AWP`` under the frozen ``Δ*``; ``L_LAR = CE(head(f_AWP), y)``.
   5. ``L_GV = mean_i sqrt(det(G_i + εI))`` over ``(f_ID, f_Adv, f_AWP)``.
   6. ``L = L_task + λ_LAR L_LAR + λ_GV L_GV``; only the LoRA factors train; the text head is frozen.
@@ -22,8 +23,10 @@ Components, switched by config (how Table 8's ablation rows are built without an
     (no ``L_LAR`` term, no ``f_AWP``); the component is ``lar_awp.LarAwp``.
   * ``gram_volume``: the ``L_GV`` term; without AWP it is the two-view volume of ``(f_ID, f_Adv)``.
   With ``awp: off`` and ``gram_volume: false`` the step is LoRA-FT with a frozen head (no attack is run).
-  Logged every step: ``gv_share`` (``λ_GV L_GV / L``) and the curriculum's cumulative ``awp_rank_updates`` /
-  ``awp_rank_changes``; ``summary()`` (saved in checkpoint.json) has the run's totals and mean GV share.
+  Logged every step: ``gv_share`` (``λ_GV L_GV / L``), ``l_adv`` / ``l_lar`` / ``delta_l`` (what Δ added to the
+  adversarial loss), per-layer ``awp_rel`` (||Δ||/||W||) and ``awp_cos`` (cosine with dL/dW), and the curriculum's
+  cumulative ``awp_rank_updates`` / ``awp_rank_changes``; ``summary()`` (saved in checkpoint.json) has the run's
+  totals and mean GV share.
 
 Args: see ``GraceConfig``; each value the paper leaves open is a field with a comment saying so.
 
