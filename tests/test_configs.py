@@ -158,10 +158,20 @@ def test_every_lora_method_uses_the_one_testbed_lora():
     lora = {k: v for k, v in (yaml.safe_load((d / "common.yaml").read_text())["recipe"]).items()
             if k.startswith("lora_")}
     assert {"lora_rank", "lora_alpha", "lora_targets"} <= set(lora)
+    def keys(node):  # every mapping key of a parsed YAML file, dotted `set:` keys included
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield str(k)
+                yield from keys(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+
     for f in d.glob("*.yaml"):
         if f.name == "common.yaml":
             continue
-        assert "lora_" not in f.read_text().replace("lora-", ""), f"{f.name} sets a LoRA field"
+        bad = [k for k in keys(yaml.safe_load(f.read_text())) if "lora_" in k.rsplit(".", 1)[-1]]
+        assert not bad, f"{f.name} sets a LoRA field: {bad}"
     lora_methods = [n for n, m in load_methods().items() if m.recipe and method_config(n).recipe.lora]
     assert {"grace", "grace_lite", "lora-ft", "lora-tecoa", "lora-spd", "ablation-lora-ft"} <= set(lora_methods)
     for name in lora_methods:
