@@ -6,13 +6,16 @@
    built in a temp dir: half the images are provably robust, so every AutoAttack component runs to completion.
    Both run once untimed first (imports, first-call kernels), then ``--reps`` interleaved rounds; medians.
 2. Clean-eval images/s of the `id` suite on the RobustBench subset layout.
-3. 2 processes vs 1 under torchrun (gloo, 1 thread each): `grace eval --data ID --attack apgd-ce` with the testbed's
-   tiny CLIP (``grace_plugin.testbed.tiny_clip``, cached after its first pretraining) on the default synthetic world
-   (600 ID test images); the speed-up of the adversarial suite (its seconds in report.json, rank 0) and of the whole
-   command (wall time, process start included), and whether both reports are identical (goal >= 1.7x).
+3. 2 processes vs 1 under torchrun (gloo, 1 thread each): `grace eval --data SET --attack apgd-ce` with the
+   testbed's tiny CLIP (``grace_plugin.testbed.tiny_clip``, cached after its first pretraining) on a synthetic
+   ``--images``-image set in ``--shards`` tars: each suite's throughput (its seconds in report.json) and the whole
+   command's, the fixed costs (report.json ``startup``: interpreter and imports, process group, model load, heads;
+   the rest of the command) apart from the per-image cost, and whether both reports are identical, per-sample
+   strings included (goal >= 1.7x for both suites).
+4. Peak RSS (``ru_maxrss``) of a clean evaluation of ``--images`` vs a tenth of them (goal: within 10%).
 
-    PYTHONPATH=. python bench/eval_speed.py [--n 8] [--reps 3] [--threads 1] [--n-adv 256] [--device cuda]
-    [--world DIR]   (an existing synthetic world, e.g. studies/table6/data, instead of writing one)
+    PYTHONPATH=. python bench/eval_speed.py [--n 8] [--reps 3] [--threads 1] [--images 4000] [--shards 16]
+    [--n-adv 512] [--device cuda] [--world DIR]   (an existing synthetic world for the tiny CLIP's pretraining)
 """
 from __future__ import annotations
 
@@ -29,20 +32,48 @@ import time
 from pathlib import Path
 
 
-def _torchrun(nproc: int, args: list[str]) -> float:
+def _torchrun(nproc: int, args: list[str], rss_file: Path | None = None) -> float:
+    """Wall seconds of ``grace eval ARGS`` under torchrun (1 thread a process); ``rss_file``: one process run through
+    a wrapper that writes its peak RSS (KiB, ``ru_maxrss``) there."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "grace_plugin", "eval", *args]
+    if rss_file is not None:
+        wrapper = ("import resource, runpy, sys\nsys.argv = ['grace', *sys.argv[2:]]\ntry:\n"
+                   "    runpy.run_module('grace_plugin', run_name='__main__')\nfinally:\n"
+                   "    open(sys.argv_rss, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")
+        cmd = [sys.executable, "-c", wrapper.replace("sys.argv_rss", repr(str(rss_file))), "--", "eval", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "grace_plugin", "eval", *args]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
-def ranks_vs_one(n_adv: int, world: str | None = None, batch: int = 32) -> None:
+def _comparable(rep: dict) -> dict:
+    """What must not depend on the number of processes: per-set counts, per-sample strings, heads, intervals, the
+    attack's counts and per-sample strings, both definitions (timings and resume counts aside)."""
+    adv = {k: v for k, v in (rep["adversarial"] or {}).items() if k != "resumed_batches"}
+    return {"datasets": rep["datasets"], "adversarial": adv, "definitions": rep["definitions"]}
+
+
+def _big_set(root: Path, n: int, shards: int, seed: int) -> Path:
+    """A ``n``-image ID test set of the synthetic world's kind in ``shards`` equal tars (other splits tiny)."""
+    from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+
+    spec = SyntheticWorldSpec(train_per_class=1, test_per_class=n // 10, ood_per_class=1, pairs=10,
+                              shard_size=-(-n // shards))
+    write_synthetic_world(root, seed=seed, spec=spec, progress=False)
+    return root / "id"
+
+
+def ranks_vs_one(n: int, shards: int, n_adv: int, world: str | None = None, batch: int = 64) -> None:
+    """Clean (`id` suite, all ``n`` images) and APGD-CE (first ``n_adv``) in one `grace eval`, at 1 and 2 processes;
+    fixed costs (start-up: interpreter and imports, process group, model load, heads; report writing) apart from
+    the suites' per-image seconds; then peak RSS of a clean evaluation of ``n`` vs ``n // 10`` images."""
     from grace_plugin.data.synthetic import write_synthetic_world
     from grace_plugin.testbed import tiny_clip
 
@@ -52,20 +83,49 @@ def ranks_vs_one(n_adv: int, world: str | None = None, batch: int = 32) -> None:
         if not world:
             write_synthetic_world(data, seed=0, progress=False)
         clip = tiny_clip(data, root / "clip", progress=False)
-        args = ["--model", str(clip), "--data", str(data / "id"), "--attack", "apgd-ce", "--n-adv",
-                str(n_adv), "--batch-size", str(batch), "--device", "cpu", "--no-progress"]
+        big = _big_set(root / "big", n, shards, seed=1)
+        args = ["--model", str(clip), "--data", str(big), "--attack", "apgd-ce", "--n-adv", str(n_adv),
+                "--batch-size", str(batch), "--device", "cpu", "--no-progress"]
         wall, reps = {}, {}
         for nproc in (1, 2):
             wall[nproc] = _torchrun(nproc, [*args, "--out", str(root / f"p{nproc}")])
             reps[nproc] = json.loads((root / f"p{nproc}" / "report.json").read_text())
-        adv = {k: reps[k]["seconds"]["adv:apgd-ce"] for k in (1, 2)}
-        same = all(reps[1][k] == reps[2][k] for k in ("datasets", "definitions")) and \
-            {k: v for k, v in reps[1]["adversarial"].items()} == {k: v for k, v in reps[2]["adversarial"].items()}
+        print(f"\n{n} images in {shards} shards, APGD-CE Linf 4/255 on the first {n_adv}, tiny CLIP, batch {batch}, "
+              "1 thread per process, CPU:")
+        print("| processes | start-up s (interpreter+imports / process group / model / wait for ranks / heads) "
+              "| clean s | clean img/s"
+              " | APGD-CE s | APGD-CE img/s | rest of the command s | whole command s |")
+        print("|---|---|---|---|---|---|---|---|")
+        for k in (1, 2):
+            r, sec = reps[k], reps[k]["seconds"]
+            st = r["startup"]
+            rest = wall[k] - sum(sec.values()) - (st["imports"] or 0) - st["process_group"] - st["model_load"] \
+                - st["wait_for_ranks"]
+            print(f"| {k} | {st['imports']:.1f} / {st['process_group']:.2f} / {st['model_load']:.2f} / "
+                  f"{st['wait_for_ranks']:.2f} / {st['heads']:.2f} | {sec['id']:.1f} | {n / sec['id']:.0f} | "
+                  f"{sec['adv:apgd-ce']:.1f} | "
+                  f"{n_adv / sec['adv:apgd-ce']:.1f} | {rest:.1f} | {wall[k]:.1f} |")
+        ratio = {s: reps[1]["seconds"][s] / reps[2]["seconds"][s] for s in ("id", "adv:apgd-ce")}
+        per_image = {s: 1000 * reps[1]["seconds"][s] / m for s, m in (("id", n), ("adv:apgd-ce", n_adv))}
+        fixed = wall[1] - sum(reps[1]["seconds"].values())
+        same = _comparable(reps[1]) == _comparable(reps[2])
         a = reps[2]["adversarial"]
-        print(f"apgd-ce Linf 4/255 on {n_adv} testbed images (tiny CLIP, batch {batch}, 1 thread per process): "
-              f"adv suite 1 process {adv[1]:.1f} s, 2 processes {adv[2]:.1f} s -> speed-up {adv[1] / adv[2]:.2f}x | "
-              f"whole command {wall[1]:.1f} s vs {wall[2]:.1f} s -> {wall[1] / wall[2]:.2f}x | robust "
-              f"{a['robust_acc']:.2f} on n={a['n']} | reports identical: {same}")
+        print(f"2 / 1 processes throughput: clean {ratio['id']:.2f}x, APGD-CE {ratio['adv:apgd-ce']:.2f}x | whole "
+              f"command {wall[1] / wall[2]:.2f}x | 1 process: fixed {fixed:.1f} s, per image {per_image['id']:.2f} ms"
+              f" clean, {per_image['adv:apgd-ce']:.1f} ms APGD-CE | rank split "
+              f"{reps[2]['config']['rank_split']} | top-1 {reps[2]['datasets']['id']['top1']:.2f} (n="
+              f"{reps[2]['datasets']['id']['n']}), robust {a['robust_acc']:.2f} (n={a['n']}) | reports identical "
+              f"(counts, per-sample strings, heads, definitions): {same}")
+
+        small = _big_set(root / "small", n // 10, max(1, shards // 10), seed=2)
+        rss = {}
+        for m, d in ((n // 10, small), (n, big)):
+            f = root / f"rss{m}"
+            _torchrun(1, ["--model", str(clip), "--data", str(d), "--batch-size", str(batch), "--device", "cpu",
+                          "--no-progress", "--out", str(root / f"rss{m}.out")], rss_file=f)
+            rss[m] = int(f.read_text()) / 1024
+        print(f"peak RSS of a clean evaluation: {n // 10} images {rss[n // 10]:.0f} MiB, {n} images {rss[n]:.0f} MiB "
+              f"-> {rss[n] / rss[n // 10]:.3f}x (goal <= 1.10)")
 
 
 def main() -> None:
@@ -74,8 +134,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clean-n", type=int, default=5000, help="images for the clean-eval throughput")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds of the AutoAttack comparison (medians)")
-    ap.add_argument("--n-adv", type=int, default=256, help="images attacked in the 2-vs-1 process comparison")
-    ap.add_argument("--adv-batch", type=int, default=32, help="batch size of the 2-vs-1 process comparison")
+    ap.add_argument("--images", type=int, default=4000, help="images of the set of the 2-vs-1 process comparison")
+    ap.add_argument("--shards", type=int, default=16, help="its shards")
+    ap.add_argument("--n-adv", type=int, default=512, help="images attacked in the 2-vs-1 process comparison")
+    ap.add_argument("--adv-batch", type=int, default=64, help="batch size of the 2-vs-1 process comparison")
     ap.add_argument("--world", default=None, help="an existing synthetic world folder (default: write one)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (both evaluators run there)")
     ap.add_argument("--skip-ranks", action="store_true", help="leave out part 3 (CPU processes; gpu_check.sh)")
@@ -140,7 +202,7 @@ def main() -> None:
               f"= {n / dt:.0f} images/s (top-1 {rep['axes']['id']:.2f})")
 
     if not a.skip_ranks:
-        ranks_vs_one(a.n_adv, a.world, a.adv_batch)
+        ranks_vs_one(a.images, a.shards, a.n_adv, a.world, a.adv_batch)
 
 
 if __name__ == "__main__":

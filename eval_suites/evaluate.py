@@ -81,6 +81,9 @@ class ClassificationResult:
     # mean cosine between the features of different images (grace_plugin.losses.feature_spread); None when the
     # model exposes no ``encode``
     feature_spread: float | None = None
+    # one character per scored sample, "1" correct / "0" wrong, in shard order (batch key, then position): the same
+    # string on any number of ranks, and what paired comparisons of two models on the same images need
+    per_sample: str = ""
 
     @property
     def top1(self) -> float | None:
@@ -93,7 +96,7 @@ class ClassificationResult:
     def as_dict(self) -> dict:
         return {"top1": self.top1, "correct": self.correct, "n": self.n, "skipped": self.n_skipped,
                 "skipped_by_reason": dict(self.skipped), "expected": self.expected,
-                "feature_spread": self.feature_spread}
+                "feature_spread": self.feature_spread, "per_sample": self.per_sample}
 
 
 def project_logits(logits: torch.Tensor, class_subset: list[int] | None) -> torch.Tensor:
@@ -162,16 +165,17 @@ def evaluate_clean(model, loader, device: str | torch.device = "cpu", class_subs
             bar.update(1)
     if bar is not None:
         bar.close()
-    res, skipped = ClassificationResult(), Counter()
+    res, skipped, bits = ClassificationResult(), Counter(), []
     feat_total, feat_n = None, 0
     for rec in merge_records(records):
+        bits += map(str, rec["correct"])
         res.correct += sum(rec["correct"])
         res.n += len(rec["correct"])
         skipped.update(rec["skipped"])
         if "feature_sum" in rec:  # summed over batches in key order: the same number on any number of ranks
             t = torch.tensor(rec["feature_sum"], dtype=torch.float64)
             feat_total, feat_n = (t if feat_total is None else feat_total + t), feat_n + len(rec["correct"])
-    res.skipped = dict(skipped)
+    res.skipped, res.per_sample = dict(skipped), "".join(bits)
     if feat_total is not None:
         res.feature_spread = spread_from_sums(feat_total, feat_n)
     return res
@@ -187,6 +191,8 @@ class AdversarialResult:
     robust_correct: int = 0
     skipped: dict = field(default_factory=dict)
     resumed_batches: int = 0
+    clean_per_sample: str = ""  # "1"/"0" per attacked sample in shard order (as ClassificationResult.per_sample)
+    robust_per_sample: str = ""
 
     @property
     def robust_acc(self) -> float | None:
@@ -201,7 +207,8 @@ class AdversarialResult:
                 "clean_correct": self.clean_correct, "robust_correct": self.robust_correct,
                 "clean_acc": self.clean_acc, "robust_acc": self.robust_acc, "precision": "fp32",
                 "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped),
-                "resumed_batches": self.resumed_batches}
+                "resumed_batches": self.resumed_batches, "clean_per_sample": self.clean_per_sample,
+                "robust_per_sample": self.robust_per_sample}
 
 
 def model_sha256(model: torch.nn.Module) -> str:
@@ -303,11 +310,15 @@ def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int
         bar.close()
     res = AdversarialResult(attack_name, eps, norm)
     skipped = Counter()
+    clean_bits, robust_bits = [], []
     for rec in merge_records(records):
         res.resumed_batches += int(rec.get("resumed", False))
         res.clean_correct += sum(rec["clean"])
         res.robust_correct += sum(rec["robust"])
         res.n += len(rec["clean"])
+        clean_bits += map(str, rec["clean"])
+        robust_bits += map(str, rec["robust"])
         skipped.update(rec["skipped"])
     res.skipped = dict(skipped)
+    res.clean_per_sample, res.robust_per_sample = "".join(clean_bits), "".join(robust_bits)
     return res

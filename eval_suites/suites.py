@@ -23,6 +23,7 @@ per-batch records (``eval_suites.distributed``): each rank returns the one-proce
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -126,8 +127,10 @@ def _model_for(loaded, ctx: SuiteContext, classnames, templates, set_name: str =
     """``(classifier, head)`` for a class list, cached; the head's notice is printed once per class list."""
     key = ("model", tuple(classnames or ()))
     if key not in ctx.cache:
-        model, head = loaded.head_for(classnames, templates, device=ctx.device)
+        t0 = time.perf_counter()
+        model, head = loaded.head_for(classnames, templates, device=ctx.device, share_ranks=True)  # every rank
         ctx.cache[key] = (model.to(ctx.device).eval(), head)
+        ctx.cache["head_seconds"] = ctx.cache.get("head_seconds", 0.0) + time.perf_counter() - t0
         if set_name:
             _say_head(set_name, head)
     return ctx.cache[key]
@@ -524,7 +527,7 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined here; every rank returns the same report,
     and callers write it on rank 0 (``runtime.is_main``). ``ctx.device`` ``auto`` becomes this rank's GPU, else
     the CPU."""
-    from grace_plugin.runtime import init_distributed, resolve_device, world_info
+    from grace_plugin.runtime import barrier, init_distributed, resolve_device, world_info
 
     from .report import build_report
 
@@ -534,7 +537,9 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
     init_distributed()
     ctx.device = str(resolve_device(ctx.device))
     ctx.cache["suite_names"] = list(names)
-    import time
+    t0 = time.perf_counter()
+    barrier()  # ranks start apart (imports, model load): that wait is start-up, not the suites' per-image work
+    waited = time.perf_counter() - t0
 
     results, seconds = {}, {}
     for name, (base, arg) in zip(names, parsed):
@@ -557,4 +562,7 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
     report = build_report(loaded.name, datasets, id_name, ood_names, adv, config)
     report["suites"] = results
     report["seconds"] = seconds  # wall time per suite on this rank (not a result: excluded from comparisons)
+    # fixed costs on this rank (the CLI adds imports, process group and model load): building heads (text tower
+    # forwards, shared by the ranks) happens inside the suites' seconds above
+    report["startup"] = {"wait_for_ranks": round(waited, 3), "heads": round(ctx.cache.get("head_seconds", 0.0), 3)}
     return report

@@ -250,12 +250,16 @@ def _cmd_eval(a) -> int:
 
 
 def _cmd_eval_locked(a) -> int:
+    import time
+
     from eval_suites.attacks import parse_eps
     from eval_suites.context import SuiteContext
     from eval_suites.report import report_markdown, write_report
     from eval_suites.suites import expand_shorthands, parse_suite, run_suites
-    from grace_plugin.runtime import init_distributed, is_main, resolve_device
+    from grace_plugin.runtime import init_distributed, is_main, process_age, resolve_device
     from registry import load_model
+
+    startup = {"imports": process_age()}  # the fixed costs, apart from the suites' per-image work (report.json)
 
     eps = parse_eps(a.eps)
     names, sets = expand_shorthands(a.data, a.ood, a.attack, a.suite)
@@ -264,7 +268,9 @@ def _cmd_eval_locked(a) -> int:
     id_set = None
     if a.data:
         id_set = _named_dir(a.data, default_name=None if "=" in a.data else "id", flag="--data")
+    t0 = time.perf_counter()
     init_distributed()  # torchrun: join the process group before choosing this rank's device
+    startup["process_group"] = time.perf_counter() - t0
     device = str(resolve_device(a.device))
     ctx = SuiteContext(id_set=id_set, sets=sets, data_root=a.data_root, eps=eps, norm=a.norm, n_adv=a.n_adv,
                        batch_size=a.batch_size, num_workers=a.num_workers, decode=a.decode, device=device,
@@ -273,7 +279,11 @@ def _cmd_eval_locked(a) -> int:
                        unit_input=a.unit_input, out_dir=a.out, imagenet_dir=a.imagenet_dir,
                        corruptions_dir=a.corruptions_dir, n_imagenet=a.n_imagenet, reference=a.reference,
                        model_info_name=a.model_info_name, progress=not a.no_progress)
-    report = run_suites(load_model(a.model, device=device), names, ctx)
+    t0 = time.perf_counter()
+    loaded = load_model(a.model, device=device)
+    startup["model_load"] = time.perf_counter() - t0
+    report = run_suites(loaded, names, ctx)
+    report["startup"] = {k: None if v is None else round(v, 3) for k, v in startup.items()} | report["startup"]
     if is_main():
         path = write_report(a.out, report)
         print(report_markdown(report))

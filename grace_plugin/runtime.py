@@ -10,14 +10,15 @@ import contextlib
 import functools
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UsageError
 
-__all__ = ["world_info", "is_main", "init_distributed", "all_gather", "resolve_device", "autocast_factory",
-           "seed_everything"]
+__all__ = ["world_info", "is_main", "process_age", "init_distributed", "all_gather", "barrier", "resolve_device",
+           "autocast_factory", "seed_everything"]
 
 
 def world_info() -> tuple[int, int]:
@@ -26,6 +27,16 @@ def world_info() -> tuple[int, int]:
     if d.is_available() and d.is_initialized():
         return d.get_rank(), d.get_world_size()
     return 0, 1
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``: interpreter start-up and imports included), else None."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def is_main() -> bool:
@@ -51,6 +62,12 @@ def all_gather(obj) -> list:
     out = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op for one process)."""
+    if world_info()[1] > 1:
+        torch.distributed.barrier()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -30,11 +30,12 @@ def _direct_top1(model, set_dir):
                     labels[key] = int(data)
                 else:
                     imgs[key] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255
-    keys = sorted(imgs)
+    keys = list(imgs)  # shard order, then member order: the order of the report's per-sample string
     x = torch.from_numpy(np.stack([imgs[k] for k in keys])).permute(0, 3, 1, 2)
     y = torch.tensor([labels[k] for k in keys])
     with torch.no_grad():
-        return 100.0 * float((model(x).argmax(-1) == y).float().mean()), len(keys)
+        hit = (model(x).argmax(-1) == y).int()
+    return 100.0 * float(hit.float().mean()), len(keys), "".join(map(str, hit.tolist()))
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +85,16 @@ def test_eval_report_matches_independent_computation(trained_runs, tiny_world, t
     assert set(rep["axes"]) == {"id", "ood", "adv", "hm"}
     model, _ = load_run(trained_runs / "grace")
     for name in ("id", "sketch", "a"):
-        top1, n = _direct_top1(model, tiny_world / name)
+        top1, n, per_sample = _direct_top1(model, tiny_world / name)
         assert rep["datasets"][name]["n"] == n and rep["datasets"][name]["skipped"] == 0
         assert rep["datasets"][name]["top1"] == pytest.approx(top1)
+        assert rep["datasets"][name]["per_sample"] == per_sample  # which images, not only how many
     assert rep["axes"]["id"] == rep["datasets"]["id"]["top1"]
     assert rep["axes"]["ood"] == pytest.approx((rep["datasets"]["sketch"]["top1"] + rep["datasets"]["a"]["top1"]) / 2)
     adv = rep["adversarial"]
     assert adv["attack"] == "pgd" and adv["n"] == 16 and adv["robust_acc"] <= adv["clean_acc"]
+    assert adv["clean_per_sample"] == rep["datasets"]["id"]["per_sample"][:16]  # the first --n-adv samples
+    assert adv["robust_per_sample"].count("1") == adv["robust_correct"] and len(adv["robust_per_sample"]) == 16
     vals = [rep["axes"][k] for k in ("id", "ood", "adv")]
     hm = 0.0 if min(vals) == 0 else 3 / sum(1 / v for v in vals)
     assert rep["axes"]["hm"] == pytest.approx(hm)
@@ -109,6 +113,26 @@ def test_eval_rebuilds_head_for_other_classnames(trained_runs):
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(permuted(x), loaded.model(x).flip(-1), atol=1e-4)
+
+
+def test_run_folder_builds_its_text_tower_only_for_a_rebuilt_head(trained_runs):
+    """Loading a run folder leaves its text tower on disk (seconds of every rank's start-up at CLIP scale) until a
+    head must be rebuilt for other class names; the head rebuilt then is open_clip's own for those names."""
+    import open_clip
+
+    from registry import load_model
+
+    loaded = load_model(trained_runs / "ft")
+    names, templates = loaded.classnames, loaded.meta["templates"]
+    assert loaded.text is None and loaded.text_loader is not None
+    assert loaded.head_for(names, templates)[1]["head"] == "own" and loaded.text is None
+    model, head = loaded.head_for(names + ["zebra"], templates)
+    assert head["head"] == "rebuilt" and loaded.text is not None and loaded.text_loader is None
+    from grace_plugin.models.clip import template_fns
+
+    ref = open_clip.build_zero_shot_classifier(loaded.text.clip, loaded.text.tokenizer(), names + ["zebra"],
+                                               template_fns(templates), use_tqdm=False).t()
+    assert torch.equal(model.head.weight, ref)
 
 
 def test_zero_shot_clip_folder_is_a_model(tiny_clip_dir, tiny_world, tmp_path):

@@ -271,6 +271,12 @@ def test_wilson_interval_closed_form(k, n):
     centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
     lo, hi = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
     assert wilson(k, n) == pytest.approx([100 * lo, 100 * hi], abs=1e-9)
+    from scipy.stats import binomtest  # the closed form here is scipy's interval (it was computed by scipy before)
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson(k, n) == pytest.approx([100 * ci.low, 100 * ci.high], abs=1e-9)
+    assert wilson(k, n, confidence=0.9) == pytest.approx(
+        [100 * v for v in binomtest(k, n).proportion_ci(confidence_level=0.9, method="wilson")], abs=1e-9)
 
 
 def test_summary_marks_overlapping_intervals_not_significant():
@@ -320,7 +326,7 @@ def test_run_without_class_names_keeps_its_head_and_says_so(finetuned, as_model,
     numbers are those of the fine-tuned head, not of a rebuilt one."""
     from registry import LoadedModel
 
-    nameless = LoadedModel(finetuned.model, "nameless", [], finetuned.text, finetuned.meta)
+    nameless = LoadedModel(finetuned.model, "nameless", [], finetuned.text_tower(), finetuned.meta)
     as_model(nameless)
     rep = _eval(tmp_path, "n", "--data", str(tiny_world / "id"))
     head = rep["datasets"]["id"]["head"]

@@ -50,8 +50,9 @@ def test_suites_on_testbed_match_independent_computation(zs, tiny_world, tmp_pat
     for name in ("id", "sketch", "a", "v2"):
         s = open_shard_set(tiny_world / name)
         model = zs.for_classes(s.classnames, s.templates)
-        top1, n = _direct_top1(model, tiny_world / name)
+        top1, n, per_sample = _direct_top1(model, tiny_world / name)
         assert rep["datasets"][name]["top1"] == pytest.approx(top1) and rep["datasets"][name]["n"] == n
+        assert rep["datasets"][name]["per_sample"] == per_sample
     assert rep["datasets"]["v2"]["role"] == "transfer"
     assert rep["axes"]["ood"] == pytest.approx((rep["datasets"]["sketch"]["top1"] + rep["datasets"]["a"]["top1"]) / 2)
     adv = rep["suites"]["adv:fgsm"]

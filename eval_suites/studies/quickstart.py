@@ -218,7 +218,7 @@ def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, names: list[
     zs = load_model(zero_shot).for_classes(ft.classnames, ft.meta.get("templates") or [])
 
     def evaluate(model):
-        loaded = LoadedModel(model, f"{ft.name}@alpha", ft.classnames, ft.text, ft.meta)
+        loaded = LoadedModel(model, f"{ft.name}@alpha", ft.classnames, ft.text, ft.meta, text_loader=ft.text_tower)
         return run_suites(loaded, names, _fresh(ctx))["axes"]
 
     res = wise_ft_sweep(zs, ft.model, alphas, evaluate)

@@ -213,25 +213,49 @@ def template_fns(templates: list[Any]) -> list:
     return fns
 
 
+CLASSES_PER_BATCH = 10  # open_clip.build_zero_shot_classifier's default batch of class names
+
+
 @torch.no_grad()
 def zero_shot_weights(bundle: ClipBundle, classnames: list[str], templates: list[Any],
-                      device: str | torch.device = "cpu") -> torch.Tensor:
-    """``(num_classes, embed_dim)`` unit-norm class embeddings averaged over templates."""
+                      device: str | torch.device = "cpu", share_ranks: bool = False) -> torch.Tensor:
+    """``(num_classes, embed_dim)`` unit-norm class embeddings averaged over templates.
+
+    ``share_ranks``: every rank of the process group calls this together (evaluation); each encodes only its own
+    batches of ``CLASSES_PER_BATCH`` class names (batch ``b`` on rank ``b % W``) and the rows are gathered, so a
+    1000-class x 80-template head is encoded once across the ranks, not once per rank, from the very batches one
+    process encodes (same numbers, tested)."""
     import open_clip
+
+    from ..runtime import all_gather, world_info
 
     if not templates:
         templates = ["a photo of a {c}."]
-    w = open_clip.build_zero_shot_classifier(bundle.clip, bundle.tokenizer(), classnames,
-                                             template_fns(templates), device=device, use_tqdm=False)
-    return w.t().contiguous().float().cpu()
+    rank, world = world_info() if share_ranks else (0, 1)
+    groups = [list(classnames[i:i + CLASSES_PER_BATCH]) for i in range(0, len(classnames), CLASSES_PER_BATCH)]
+    mine = [c for g in groups[rank::world] for c in g]
+    w = None
+    if mine:
+        w = open_clip.build_zero_shot_classifier(bundle.clip, bundle.tokenizer(), mine, template_fns(templates),
+                                                 num_classes_per_batch=CLASSES_PER_BATCH, device=device,
+                                                 use_tqdm=False).t().contiguous().float().cpu()
+    if world == 1:
+        return w
+    parts = all_gather(w)  # rank r's rows are its batches r, r + W, ... in order
+    offsets, rows = [0] * world, []
+    for b, g in enumerate(groups):
+        r = b % world
+        rows.append(parts[r][offsets[r]:offsets[r] + len(g)])
+        offsets[r] += len(g)
+    return torch.cat(rows)
 
 
 def classifier_from_clip(bundle: ClipBundle, classnames: list[str], templates: list[Any],
-                         device: str | torch.device = "cpu") -> ClipClassifier:
+                         device: str | torch.device = "cpu", share_ranks: bool = False) -> ClipClassifier:
     spec = tower_spec(bundle.model_name, bundle.model_cfg)
     tower = build_tower(spec)
     tower.load_state_dict(convert_visual(bundle.clip.state_dict(), tower), strict=True)
-    head = ZeroShotHead(zero_shot_weights(bundle, classnames, templates, device=device),
+    head = ZeroShotHead(zero_shot_weights(bundle, classnames, templates, device=device, share_ranks=share_ranks),
                         float(bundle.clip.logit_scale.detach().exp()))
     return ClipClassifier(tower, head, pretrained_cfg_from_clip(bundle)).eval()
 
