@@ -99,7 +99,7 @@ def _table_markdown(doc: dict) -> str:
     cols = doc["columns"]
     lines = [f"# {doc.get('title', doc['name'])}", "", f"`{doc.get('command', '')}`" +
              (f" ({doc['date']})" if doc.get("date") else "") + ".", ""]
-    lines += [*(str(n) for n in doc.get("notes", [])), "", "| " + " | ".join(cols) + " |",
+    lines += [*(f"- {n}" for n in doc.get("notes", [])), "", "| " + " | ".join(cols) + " |",
               "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in doc["rows"]]
     return "\n".join(lines) + "\n"
