@@ -155,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
                     "these of its rows (e.g. to add seeds to two rows; finished runs are reused)")
     st.add_argument("--trials", type=int, help="tune: trials per method (default: tuning.yaml's)")
     st.add_argument("--n-val-adv", type=int, help="tune: validation images attacked per trial")
+    st.add_argument("--rescore-seeds", type=int, help="tune: seeds the top trials are scored on (default: "
+                    "tuning.yaml's; 1: no re-scoring)")
     st.add_argument("--write", help="tune: tuned.yaml to update (default configs/testbed/tuned.yaml)")
     st.add_argument("--no-write", action="store_true", help="tune: do not write the selected values")
     st.add_argument("--no-progress", action="store_true")
@@ -359,7 +361,7 @@ def _cmd_study(a) -> int:
         write = None if a.no_write else Path(a.write) if a.write else testbed_dir() / "tuned.yaml"
         cfg = TuneConfig(methods=[m.strip() for m in a.methods.split(",") if m.strip()], out=out, trials=a.trials,
                          steps=a.steps, seed=a.seed, device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
-                         n_val_adv=a.n_val_adv, overrides=a.overrides, write=write)
+                         n_val_adv=a.n_val_adv, overrides=a.overrides, write=write, rescore_seeds=a.rescore_seeds)
         res = run_tuning(cfg, progress=not a.no_progress)
         print(Path(res["paths"]["md"]).read_text())
         print("wrote " + ", ".join(str(p) for p in res["paths"].values()))

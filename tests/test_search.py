@@ -86,3 +86,110 @@ def test_verdict_rule_on_constructed_paired_data():
     assert tie.lo < 0 < tie.hi and paired_verdict(tie, "greater") == INCONCLUSIVE
     assert paired_verdict(None) == INCONCLUSIVE
     assert paired_verdict(Spread(1.0, 0.0, 2.0), "greater") == INCONCLUSIVE  # an interval touching 0 excludes nothing
+
+
+# ------------------------------------------------------------------------------------------ the Optuna loop
+class _Stub:
+    """``validation_trial`` with a known landscape: score peaks at lr = ``peak``; lr above ``collapse_above`` gives a
+    higher score but a collapsed model; ``interrupt_at``: the n-th call is interrupted (Ctrl-C)."""
+
+    def __init__(self, peak=1e-3, collapse_above=None, interrupt_at=None):
+        self.peak, self.collapse_above, self.interrupt_at, self.calls = peak, collapse_above, interrupt_at, []
+
+    def __call__(self, method, point, run_dir, *args, **kwargs):
+        self.calls.append(dict(point))
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        lr = point["train.lr"]
+        hm = 50.0 - 10.0 * abs(math.log10(lr / self.peak))
+        spread = 0.5
+        if self.collapse_above is not None and lr > self.collapse_above:
+            hm, spread = 80.0, 0.99
+        return {"val_clean": hm, "val_robust": hm, "hm": hm, "mean": hm, "feature_spread": spread,
+                "train_steps": 10, "cpu_seconds": 1.0, "wall_seconds": 1.0}
+
+
+def _run(tmp_path, stub, monkeypatch, proto_over=None, budget=6):
+    from types import SimpleNamespace
+
+    import eval_suites.studies.tuning as tuning
+
+    monkeypatch.setattr(tuning, "validation_trial", stub)
+    proto = {"collapse_spread": 0.9, "startup_trials": 3, "widen_trials": 2, "max_widenings": 1, "rescore_top": 2,
+             "rescore_seeds": 2, "space": {"m": {"train.lr": {"low": 1e-6, "high": 1e-2}}},
+             "anchors": {"m": [{"train.lr": 3e-5}]}, **(proto_over or {})}
+    cfg = tuning.TuneConfig(methods=["m"], out=tmp_path)
+    method = SimpleNamespace(name="m")
+
+    def objective_for(axes_ref):
+        return tuning._objective(method, tmp_path / "trials", None, None, 10, {}, {}, "apgd-ce", 0.9, False,
+                                 lambda *_: None, axes_ref)
+
+    def run_trial(point, run_name, seed):
+        return stub(method, point, run_name)
+
+    study = tuning.open_study(tmp_path, "m", 0, proto["startup_trials"])
+    return tuning._tune_method("m", study, proto, cfg, budget, objective_for, run_trial, lambda *_: None)
+
+
+def test_tuner_runs_the_budget_from_its_anchor_and_rescores(tmp_path, monkeypatch):
+    stub = _Stub(peak=1e-4)
+    res = _run(tmp_path, stub, monkeypatch)
+    assert res["compute"]["trials"] == 6 and res["trials"][0]["point"] == {"train.lr": 3e-5}  # the anchor first
+    assert res["trials"][0]["anchor"] is True and not any(r["anchor"] for r in res["trials"][1:])
+    assert all(1e-6 <= r["point"]["train.lr"] <= 1e-2 for r in res["trials"])
+    assert res["compute"]["cpu_seconds"] == 6.0 and res["compute"]["trial_steps"] == 60
+    assert len(res["rescored"]) == 2 and len(stub.calls) == 6 + 2  # the top 2 trained on one more seed
+    best = max(res["trials"], key=lambda r: r["score"])
+    assert res["selected"] == best["trial"] and res["at_range_edge"] == []
+
+
+def test_edge_rule_widens_the_range_and_goes_on(tmp_path, monkeypatch):
+    """The optimum (lr 1e-1) lies outside [1e-6, 1e-2]: the selection lands in the upper tenth, the range is widened
+    to 1e-1 and the search goes on for widen_trials more trials."""
+    res = _run(tmp_path, _Stub(peak=1e-1), monkeypatch, {"startup_trials": 2})
+    assert res["widenings"] == 1 and res["space"]["train.lr"] == {"low": 1e-6, "high": 1e-1, "log": True}
+    assert res["compute"]["trials"] == 6 + 2
+
+
+def test_collapse_rule_in_the_loop(tmp_path, monkeypatch):
+    """Trials above lr 1e-4 score 80 but are collapsed: recorded, counted, never selected."""
+    res = _run(tmp_path, _Stub(peak=1e-5, collapse_above=1e-4), monkeypatch)
+    assert res["collapsed"] >= 1
+    chosen = next(r for r in res["trials"] if r["trial"] == res["selected"])
+    assert not chosen["collapsed"] and chosen["feature_spread"] < 0.9
+
+
+def test_killed_tune_resumes_without_redoing_finished_trials(tmp_path, monkeypatch):
+    """The third trial is interrupted: the rerun does not redo the two finished ones, redoes the interrupted point
+    first, and ends with exactly the budget counted."""
+    first = _Stub(peak=1e-4, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, first, monkeypatch)
+    done, interrupted = first.calls[:2], first.calls[2]
+    again = _Stub(peak=1e-4)
+    res = _run(tmp_path, again, monkeypatch)
+    assert again.calls[0] == interrupted and not any(c in again.calls[1:4] for c in done)
+    assert len(again.calls) == 4 + 2  # 4 trials left of 6, then the re-scoring of the top 2
+    assert res["compute"]["trials"] == 6
+
+
+def test_a_trial_left_running_by_a_dead_process_is_redone(tmp_path, monkeypatch):
+    """SIGKILL leaves a RUNNING trial in the journal; a new process marks it failed (not counted) and queues its
+    point."""
+    import subprocess
+    import sys
+
+    import eval_suites.studies.tuning as tuning
+
+    study = tuning.open_study(tmp_path, "m", 0, 3)
+    t = study.ask()
+    t.suggest_float("train.lr", 1e-6, 1e-2, log=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    t.set_user_attr("host", __import__("socket").gethostname())
+    t.set_user_attr("pid", dead.pid)
+    assert tuning._reclaim_killed(study) == 1
+    assert [s.state.name for s in study.get_trials()] == ["FAIL", "WAITING"]
+    assert study.get_trials()[1].system_attrs["fixed_params"] == t.params  # Optuna keeps an enqueued point there
+    assert tuning._reclaim_killed(study) == 0  # queued once

@@ -79,21 +79,30 @@ def test_study_unknown_name_is_a_one_line_error(study_dir, capsys):
 
 
 def test_study_tune_writes_selected_values_as_data(study_dir, tmp_path, monkeypatch):
+    """Optuna end to end on the small world: the budget of trials from the published anchor, each with its scores,
+    feature spread and compute; the selection is read back by every run; a rerun of a finished tune trains nothing."""
     from eval_suites.studies.testbed_config import TESTBED_DIR, method_config
-    from eval_suites.studies.tuning import grid_points
 
     d = tmp_path / "testbed"
     shutil.copytree(TESTBED_DIR, d)
     monkeypatch.setenv("GRACE_TESTBED_CONFIGS", str(d))
     out = study_dir / "tune"
-    assert main(["study", "tune", "--methods", "ft", "--trials", "2", "--n-val-adv", "4", "--out", str(out)]
-                + TINY) == 0
+    args = ["study", "tune", "--methods", "ft", "--trials", "3", "--rescore-seeds", "1", "--n-val-adv", "4",
+            "--out", str(out)] + TINY
+    assert main(args) == 0
     doc = json.loads((out / "tuning.json").read_text())
     ft = doc["methods"]["ft"]
-    assert len(ft["trials"]) == 2 and ft["values"] in grid_points({"train.lr": [3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3]})
+    assert len(ft["trials"]) == 3 and ft["trials"][0]["point"] == {"train.lr": 3.0e-5}  # the anchor first
+    assert all(1e-6 <= r["point"]["train.lr"] <= 1e-2 and r["feature_spread"] is not None for r in ft["trials"])
+    assert ft["compute"]["trial_steps"] == 3 * 2 and ft["compute"]["cpu_seconds"] > 0
     assert (out / "val_split" / "test" / "nshards.txt").is_file()  # held out of ID train
+    assert (out / "optuna.journal").is_file()
     assert method_config("ft").train.lr == ft["values"]["train.lr"]  # tuned.yaml is read back by every run
-    assert "# [ft] 2 trials" in (d / "tuned.yaml").read_text()
+    assert "# [ft] 3 trials (Optuna TPE)" in (d / "tuned.yaml").read_text()
+    mtimes = {p: p.stat().st_mtime for p in (out / "trials" / "ft").rglob("model.safetensors")}
+    assert main(args) == 0  # resumed: the study already holds its budget
+    assert {p: p.stat().st_mtime for p in (out / "trials" / "ft").rglob("model.safetensors")} == mtimes
+    assert json.loads((out / "tuning.json").read_text())["methods"]["ft"]["values"] == ft["values"]
 
 
 @pytest.mark.slow  # about 3 minutes on 2 cores (Hessian power iteration and an attack per row)

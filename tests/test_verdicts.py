@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from eval_suites.studies.tuning import draw_trials, edge_axes, grid_points, select_trial, trial_score
+from eval_suites.studies.tuning import select_trial, trial_score
 from eval_suites.studies.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, at_least, evaluate_claim,
                                           greater, less, overlaps, paired_difference, seed_mean, spread,
                                           wilson_interval)
@@ -121,40 +121,22 @@ def test_wilson_interval_closed_form():
     assert wilson_interval(0, 0) is None
 
 
-def test_grid_points_and_joint_axes():
-    grid = {"train.lr": [1, 2, 3], "recipe.rho_mode,recipe.rho": [["relative", 0.005], ["absolute", 0.5]]}
-    pts = grid_points(grid)
-    assert len(pts) == 6
-    assert {"train.lr": 2, "recipe.rho_mode": "absolute", "recipe.rho": 0.5} in pts
-    from grace_plugin.config import ConfigError
-
-    with pytest.raises(ConfigError, match="joint axis"):
-        grid_points({"a.b,a.c": [[1]]})
-
-
-def test_draw_trials_same_budget_for_every_method():
-    small = {"train.lr": [1, 2, 3, 4]}
-    assert draw_trials(small, 4) == grid_points(small)  # exactly the budget: the full grid
-    big = {"train.lr": [1, 2, 3, 4], "recipe.x": [5, 6]}
-    drawn = draw_trials(big, 4, seed=3)
-    assert len(drawn) == 4 and len({tuple(sorted(p.items())) for p in drawn}) == 4
-    assert all(p in grid_points(big) for p in drawn)
-    assert drawn == draw_trials(big, 4, seed=3)  # seeded
-    from grace_plugin.config import ConfigError
-
-    with pytest.raises(ConfigError, match="cannot give 5 trials"):
-        draw_trials(small, 5)
-
-
 def test_select_trial_rule_and_ties():
-    scores = [trial_score(90.0, 0.0), trial_score(60.0, 30.0), trial_score(50.0, 40.0)]
-    assert scores[1]["hm"] == pytest.approx(40.0)
-    assert select_trial(scores, "hm") == 2  # hm 44.4 > 40 > 0
-    assert select_trial(scores, "mean") == 0  # mean 45 = 45 = 45 ... ties -> the earlier trial
-    clean_only = [trial_score(80.0, 0.0), trial_score(85.0, 0.0)]
-    assert select_trial(clean_only, "hm") == 1  # every HM 0: the higher mean (clean) wins
-    assert select_trial([{"hm": None, "mean": None}, trial_score(1.0, 1.0)], "hm") == 1
-
+    """The highest score among selectable trials (finished, finite, not collapsed); ties to the higher mean, then
+    the earlier trial; a re-scored trial is ranked by its mean over seeds."""
+    rows = [dict(trial_score(90.0, 0.0), state="complete"), dict(trial_score(60.0, 30.0), state="complete"),
+            dict(trial_score(50.0, 40.0), state="complete")]
+    for r in rows:
+        r["score"], r["feature_spread"] = r["hm"], 0.5
+    assert rows[1]["hm"] == pytest.approx(40.0)
+    assert select_trial(rows, 0.9) == 2  # hm 44.4 > 40 > 0
+    rows[2]["feature_spread"] = 0.95  # collapsed: never selected
+    assert select_trial(rows, 0.9) == 1
+    rows[0]["seed_score"] = 41.0  # re-scored over seeds: ranked by that mean
+    assert select_trial(rows, 0.9) == 0
+    tie = [dict(rows[1], mean=40.0), dict(rows[1], mean=45.0)]
+    assert select_trial(tie, 0.9) == 1
+    assert select_trial([dict(rows[1], state="fail")], 0.9) is None
 
 def test_feature_spread_closed_forms():
     """bench/feature_spread.py's statistics: identical features give cosines of 1; orthogonal class features 0;
@@ -177,16 +159,6 @@ def test_feature_spread_closed_forms():
     # pairs of different images: 6 of the 30 ordered pairs share a class (cos 1), the rest 0
     assert sep["cos_images"] == pytest.approx(6 / 30) and sep["cos_centroids"] == pytest.approx(0.0)
     assert sep["entropy"] < 1e-6 and sep["top1"] == pytest.approx(100.0)
-
-
-def test_edge_axes_flags_selections_at_the_grid_edge():
-    grid = {"train.lr": [1e-4, 3e-4, 1e-3], "recipe.lambda_gv": [1.0, 10.0, 100.0],
-            "recipe.rho_mode,recipe.rho": [["relative", 0.005], ["absolute", 0.5]], "recipe.k": [1, 2]}
-    point = {"train.lr": 1e-3, "recipe.lambda_gv": 10.0, "recipe.rho_mode": "absolute", "recipe.rho": 0.5,
-             "recipe.k": 2}
-    assert edge_axes(grid, point) == ["train.lr"]  # joint and two-value axes have no inside to compare with
-    assert edge_axes(grid, dict(point, **{"train.lr": 3e-4})) == []
-    assert edge_axes(grid, dict(point, **{"recipe.lambda_gv": 1.0})) == ["train.lr", "recipe.lambda_gv"]
 
 
 def test_study_paired_table_and_markdown():

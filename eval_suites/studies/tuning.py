@@ -1,22 +1,35 @@
-"""``grace study tune``: one tuning protocol for every method (configs/testbed/tuning.yaml).
+"""``grace study tune``: one Optuna protocol for every method (configs/testbed/tuning.yaml).
 
-Each method gets the same number of trials over its own grid (``grid_points`` / ``draw_trials``); every trial trains
-on ID train minus a held-out validation split (``grace_plugin.data.split.holdout_split``: never the test or OOD
-sets) and is scored on that split: clean top-1 and robust top-1 under the tuning attack. ``select_trial`` applies one
-rule to every method. The selected values are written back as data (configs/testbed/tuned.yaml, one entry per
-method, with a comment recording the protocol and the validation scores), where ``method_config`` picks them up.
+Every method gets the same trial budget over its own log-uniform search space (``search.parse_space``), searched by
+Optuna's TPE sampler after ``startup_trials`` random ones, starting from anchor trials at its published defaults
+(enqueued once). Every trial trains on ID train minus a held-out validation split
+(``grace_plugin.data.split.holdout_split``: never the test or OOD sets) and is scored there: clean top-1, robust top-1
+under the tuning attack, and the feature spread of the validation images. A trial that diverged is recorded as
+failed; one whose feature spread passes the collapse threshold is recorded as collapsed; neither is ever selected
+(``search.selectable``). A selected value in the outer tenth of its range widens that range by a decade and the
+search goes on for ``widen_trials`` more trials (``search.edge_side``, ``widen``). The top ``rescore_top``
+selectable trials are trained again on ``rescore_seeds - 1`` more seeds and the best mean score is selected.
+
+The study lives in ``OUT/optuna.journal`` (Optuna's journal file storage, ``load_if_exists``): a killed
+``grace study tune`` resumes without redoing finished trials (the trial it was running is not counted and its
+point is queued again), and several processes, even on several nodes sharing
+the disk, can work one study at once, each pinning its threads (``OMP_NUM_THREADS=1``). Each trial records its
+training steps and CPU seconds, so every method's compute is reported beside its budget. The selected values are
+written back as data (configs/testbed/tuned.yaml, a comment per method recording the protocol and the scores).
 """
 from __future__ import annotations
 
-import itertools
 import json
-import random
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TuneConfig", "grid_points", "draw_trials", "trial_score", "select_trial", "edge_axes", "validation_trial",
-           "run_tuning", "write_tuned"]
+from .search import Axis, collapsed, edge_side, parse_space, selectable, widen
+
+__all__ = ["TuneConfig", "trial_score", "select_trial", "validation_trial", "run_tuning", "write_tuned",
+           "open_study", "study_rows"]
 
 
 @dataclass
@@ -32,39 +45,7 @@ class TuneConfig:
     n_val_adv: int | None = None
     overrides: list[str] = field(default_factory=list)
     write: Path | None = None  # tuned.yaml to update (None: do not write)
-
-
-def grid_points(grid: dict) -> list[dict]:
-    """Every point of a grid ``{key: [values]}``; a key ``"a,b"`` is a joint axis whose values are ``[va, vb]``."""
-    from grace_plugin.config import ConfigError
-
-    axes = []
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"tuning.yaml: grid axis {key!r} must be a non-empty list")
-        names = [k.strip() for k in str(key).split(",")]
-        if len(names) > 1:
-            for v in values:
-                if not isinstance(v, list) or len(v) != len(names):
-                    raise ConfigError(f"tuning.yaml: joint axis {key!r}: each value must be a list of {len(names)}")
-            axes.append([dict(zip(names, v)) for v in values])
-        else:
-            axes.append([{names[0]: v} for v in values])
-    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
-
-
-def draw_trials(grid: dict, trials: int, seed: int = 0) -> list[dict]:
-    """``trials`` points of ``grid``: all of them when the grid has exactly that many, else a seeded draw without
-    replacement (random search). A grid smaller than ``trials`` is an error: every method gets the same budget."""
-    from grace_plugin.config import ConfigError
-
-    points = grid_points(grid)
-    if len(points) < trials:
-        raise ConfigError(f"tuning.yaml: a grid of {len(points)} points cannot give {trials} trials; widen the grid "
-                          "or lower trials (every method gets the same number of trials)")
-    if len(points) == trials:
-        return points
-    return random.Random(seed).sample(points, trials)
+    rescore_seeds: int | None = None  # default: tuning.yaml's
 
 
 def trial_score(clean: float | None, robust: float | None) -> dict:
@@ -76,29 +57,15 @@ def trial_score(clean: float | None, robust: float | None) -> dict:
     return {"hm": harmonic_mean([clean, robust]), "mean": (clean + robust) / 2}
 
 
-def select_trial(scores: list[dict], rule: str = "hm") -> int:
-    """Index of the selected trial: the highest ``rule`` score (``hm`` or ``mean``), ties to the higher mean, then
-    the earlier trial. Trials without a score are never selected."""
-    from grace_plugin.config import ConfigError
-
-    if rule not in ("hm", "mean"):
-        raise ConfigError(f"tuning.yaml: rule must be hm|mean, got {rule!r}")
-    ok = [i for i, s in enumerate(scores) if s.get(rule) is not None]
+def select_trial(rows: list[dict], threshold: float) -> int | None:
+    """Index of the selected row: among the selectable ones (finished, finite, not collapsed), the highest
+    ``score`` (the mean over re-scored seeds where present), ties to the higher clean+robust mean, then the earlier
+    trial; None when no row is selectable."""
+    ok = [i for i, r in enumerate(rows) if selectable(r, threshold)]
     if not ok:
-        raise ValueError("no trial produced a validation score")
-    return max(ok, key=lambda i: (round(scores[i][rule], 6), round(scores[i]["mean"], 6), -i))
-
-
-def edge_axes(grid: dict, point: dict) -> list[str]:
-    """The numeric single axes of ``grid`` (three values or more) whose value in ``point`` is the smallest or the
-    largest of the axis: a selection at the edge of its grid, where the best value may lie outside it."""
-    out = []
-    for key, values in grid.items():
-        if "," in str(key) or len(values) < 3 or not all(isinstance(v, (int, float)) for v in values):
-            continue
-        if key in point and point[key] in (min(values), max(values)):
-            out.append(key)
-    return out
+        return None
+    return max(ok, key=lambda i: (round(rows[i].get("seed_score", rows[i]["score"]), 6),
+                                  round(rows[i].get("mean") or 0.0, 6), -i))
 
 
 def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) -> Path:
@@ -129,7 +96,8 @@ def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, val: 
                      ctx_args: dict, attack: str, progress: bool = False) -> dict:
     """Train ``method`` (a methods.yaml ``Method``, untuned) at ``point`` (dotted keys) over ``overrides`` on the
     validation split's train part (``overrides`` win over ``point``), then score it on the held-out part:
-    ``{val_clean, val_robust, hm, mean}``."""
+    ``{val_clean, val_robust, hm, mean, feature_spread}`` with its compute (``train_steps``, ``cpu_seconds`` of this
+    process, ``wall_seconds``)."""
     from grace_plugin.finetune import fine_tune
     from registry import load_model
 
@@ -137,37 +105,227 @@ def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, val: 
     from ..suites import run_suites
     from .testbed_config import merge, method_config, nest
 
+    t0, c0 = time.time(), time.process_time()
     run_cfg = method_config(method, overrides=merge(nest(point), overrides), steps=steps, tuned=False)
     fine_tune(method.recipe, pretrained, val, run_dir, run_cfg, progress=progress)
     rep = run_suites(load_model(run_dir, device=ctx_args.get("device", "cpu")), ["id", f"adv:{attack}"],
                      SuiteContext(**ctx_args))
     clean = rep["datasets"]["val"]["top1"]
     robust = (rep.get("adversarial") or {}).get("robust_acc")
-    return {"val_clean": clean, "val_robust": robust, **trial_score(clean, robust)}
+    return {"val_clean": clean, "val_robust": robust, **trial_score(clean, robust),
+            "feature_spread": rep["datasets"]["val"].get("feature_spread"), "train_steps": steps,
+            "cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.time() - t0, 1)}
+
+
+# ------------------------------------------------------------------------------------------------------ Optuna
+
+
+def open_study(out: Path, method: str, seed: int, startup_trials: int):
+    """The method's study in ``out/optuna.journal`` (created, or loaded when it exists). The sampler's seed also
+    counts the trials already stored, so a resumed process or a second worker does not redraw the same points."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
+    study = optuna.create_study(study_name=method, storage=storage, direction="maximize", load_if_exists=True)
+    stored = len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(seed=seed * 100003 + stored, n_startup_trials=startup_trials)
+    return study
+
+
+def _suggest(trial, axes: list[Axis]) -> dict:
+    return {a.key: trial.suggest_categorical(a.key, list(a.choices)) if a.categorical else
+            trial.suggest_float(a.key, a.low, a.high, log=True) for a in axes}
+
+
+def _counted(t) -> bool:
+    """A trial that counts against the budget: it finished, or the objective recorded its divergence. A trial that
+    failed otherwise (the process killed or interrupted under it) does not count and is redone."""
+    return t.state.name in ("COMPLETE", "PRUNED") or (t.state.name == "FAIL" and bool(t.user_attrs.get("diverged")))
+
+
+def _reclaim_killed(study) -> int:
+    """Trials of a killed or interrupted tune are not counted and their points are queued again, once: RUNNING
+    trials left by a dead process of this host are marked failed first. Returns how many were queued."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # Optuna has no public call for it
+    done = set(study.user_attrs.get("requeued", []))
+    lost = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if not _counted(t) and t.number not in done]
+    for t in lost:
+        study.enqueue_trial(dict(t.params), user_attrs={"redo_of": t.number})
+    if lost:
+        study.set_user_attr("requeued", sorted(done | {t.number for t in lost}))
+    return len(lost)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is starting: a RUNNING trial of its pid is a former process's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def study_rows(study) -> list[dict]:
+    """One row per counted trial (``_counted``): number, state, params and what the objective recorded."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if not _counted(t):
+            continue
+        ua = t.user_attrs
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "point": dict(t.params),
+                     "score": t.value if t.state.name == "COMPLETE" else None,
+                     **{k: ua.get(k) for k in ("val_clean", "val_robust", "hm", "mean", "feature_spread",
+                                               "collapsed", "diverged", "train_steps", "cpu_seconds",
+                                               "wall_seconds", "anchor")}})
+    return rows
+
+
+def _space_of(study, method: str, proto: dict) -> list[Axis]:
+    """The method's current axes: tuning.yaml's, as widened so far (kept in the study)."""
+    saved = study.user_attrs.get("space")
+    if saved is not None:
+        return [Axis(k, choices=tuple(v)) if isinstance(v, list) else Axis(k, v["low"], v["high"])
+                for k, v in saved.items()]
+    return parse_space(method, (proto.get("space") or {}).get(method))
+
+
+def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, attack, threshold, progress, echo,
+               axes_ref: list):
+    from grace_plugin.trainer import TrainingDiverged
+
+    def objective(trial):
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        point = _suggest(trial, axes_ref[0])
+        try:
+            res = validation_trial(method, point, run_root / f"trial{trial.number}", pretrained, val, steps, over,
+                                   ctx_args, attack, progress)
+        except TrainingDiverged as e:
+            trial.set_user_attr("diverged", str(e).splitlines()[0][:300])
+            echo(f"      {method.name} trial {trial.number} {point}: diverged (recorded, never selected)")
+            return float("nan")  # Optuna records a NaN objective as a failed trial
+        for k, v in res.items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("collapsed", collapsed(res["feature_spread"], threshold))
+        spread = res["feature_spread"]
+        echo(f"      {method.name} trial {trial.number} {point}: val clean {res['val_clean']:.2f} robust "
+             f"{res['val_robust']:.2f} spread {spread if spread is None else round(spread, 3)}"
+             f"{' (collapsed: never selected)' if collapsed(spread, threshold) else ''}")
+        return res["hm"] if res["hm"] is not None else float("nan")
+
+    return objective
+
+
+def _rescore(study, rows: list[dict], cfg: TuneConfig, proto: dict, run_trial, echo) -> None:
+    """The top ``rescore_top`` selectable rows trained again on more seeds (results kept in the study, so a resumed
+    tune does not retrain them); each gets ``seed_score``, the mean score over its seeds."""
+    import statistics
+
+    threshold = float(proto["collapse_spread"])
+    seeds = int(cfg.rescore_seeds if cfg.rescore_seeds is not None else proto.get("rescore_seeds", 3))
+    top = sorted((r for r in rows if selectable(r, threshold)), key=lambda r: -r["score"])[
+        :int(proto.get("rescore_top", 3))]
+    for r in top:
+        scores = [r["score"]]
+        for k in range(1, seeds):
+            key = f"rescore/{r['trial']}/{k}"
+            res = study.user_attrs.get(key)
+            if res is None:
+                res = run_trial(r["point"], f"trial{r['trial']}-seed{k}", cfg.seed + k)
+                study.set_user_attr(key, res)
+                echo(f"      trial {r['trial']} re-scored on seed {cfg.seed + k}: val clean {res['val_clean']:.2f} "
+                     f"robust {res['val_robust']:.2f}")
+            scores.append(res["hm"] if res.get("hm") is not None and not collapsed(
+                res.get("feature_spread"), threshold) else float("-inf"))
+        r["seed_scores"] = scores
+        r["seed_score"] = statistics.fmean(scores) if all(s > float("-inf") for s in scores) else float("-inf")
+
+
+def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, objective_for, run_trial,
+                 echo) -> dict:
+    """Run the method's study to its budget (widening edges), re-score the top trials; the method's result."""
+    threshold = float(proto["collapse_spread"])
+    if not study.user_attrs.get("anchors_enqueued"):
+        for point in (proto.get("anchors") or {}).get(name) or []:
+            study.enqueue_trial(point, user_attrs={"anchor": True})
+        study.set_user_attr("anchors_enqueued", True)
+    killed = _reclaim_killed(study)
+    if killed:
+        echo(f"      {name}: {killed} trial(s) of a killed or interrupted run not counted; their points queued again")
+    axes_ref = [_space_of(study, name, proto)]
+    objective = objective_for(axes_ref)
+    budget = int(study.user_attrs.get("budget", budget0))
+    widenings = int(study.user_attrs.get("widenings", 0))
+    while True:
+        rows = study_rows(study)
+        if len(rows) < budget:
+            study.optimize(objective, n_trials=1)
+            continue
+        best = select_trial(rows, threshold)
+        sides = {} if best is None else {a.key: edge_side(a, rows[best]["point"][a.key]) for a in axes_ref[0]
+                                         if a.key in rows[best]["point"]}
+        sides = {k: v for k, v in sides.items() if v}
+        if not sides or widenings >= int(proto.get("max_widenings", 3)):
+            break
+        axes_ref[0] = [widen(a, sides[a.key]) if a.key in sides else a for a in axes_ref[0]]
+        widenings, budget = widenings + 1, budget + int(proto.get("widen_trials", 8))
+        study.set_user_attr("space", {a.key: a.record() for a in axes_ref[0]})
+        study.set_user_attr("budget", budget)
+        study.set_user_attr("widenings", widenings)
+        echo(f"      {name}: selected {', '.join(f'{k} at the {v} edge' for k, v in sides.items())}; range widened "
+             f"by a decade, {budget - len(rows)} more trials")
+    _rescore(study, rows, cfg, proto, run_trial, echo)
+    best = select_trial(rows, threshold)
+    edges = [] if best is None else [a.key for a in axes_ref[0] if a.key in rows[best]["point"]
+                                     and edge_side(a, rows[best]["point"][a.key])]
+    rescored = [{"trial": r["trial"], "seed_scores": r.get("seed_scores")} for r in rows if "seed_scores" in r]
+    compute = {"trials": len(rows), "trial_steps": sum(r.get("train_steps") or 0 for r in rows),
+               "cpu_seconds": round(sum(r.get("cpu_seconds") or 0 for r in rows), 1),
+               "rescore_cpu_seconds": round(sum(v.get("cpu_seconds") or 0 for k, v in study.user_attrs.items()
+                                                if k.startswith("rescore/")), 1)}
+    return {"trials": rows, "selected": None if best is None else rows[best]["trial"],
+            "values": None if best is None else dict(rows[best]["point"]), "at_range_edge": edges,
+            "space": {a.key: a.record() for a in axes_ref[0]}, "widenings": widenings, "rescored": rescored,
+            "compute": compute, "collapsed": sum(bool(r.get("collapsed")) for r in rows),
+            "diverged": sum(bool(r.get("diverged")) for r in rows), "best_row": None if best is None else rows[best]}
 
 
 def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
-    from grace_plugin.tensor_io import atomic_write_text
     from grace_plugin.config import ConfigError
     from grace_plugin.data.split import holdout_split
     from grace_plugin.runtime import resolve_device
+    from grace_plugin.tensor_io import atomic_write_text
 
     from .quickstart import _user_overrides, prepare_testbed
     from .testbed_config import load_methods, load_tuning, merge
 
     proto, methods = load_tuning(), load_methods()
-    grids = proto.get("grids") or {}
     trials = int(cfg.trials or proto["trials"])
     steps = int(cfg.steps or proto["steps"])
     n_val_adv = int(cfg.n_val_adv if cfg.n_val_adv is not None else proto["n_val_adv"])
-    rule = proto.get("rule", "hm")
     for name in cfg.methods:
         if name not in methods or methods[name].recipe is None:
             raise ConfigError(f"unknown trainable method {name!r}; valid: "
                               f"{', '.join(n for n, m in methods.items() if m.recipe)}")
-        if name not in grids:
-            raise ConfigError(f"tuning.yaml: no grid for method {name!r}; grids: {', '.join(grids)}")
-    plans = {name: draw_trials(grids[name], trials, cfg.seed) for name in cfg.methods}  # every grid checked first
+        axes = parse_space(name, (proto.get("space") or {}).get(name))  # every space checked before any work
+        for point in (proto.get("anchors") or {}).get(name) or []:
+            bad = [k for k in point if not any(a.key == k and a.contains(point[k]) for a in axes)]
+            if bad:
+                raise ConfigError(f"tuning.yaml: anchors.{name}: {', '.join(bad)} outside the method's space")
     t0 = time.time()
     out = Path(cfg.out)
     data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo,
@@ -182,47 +340,79 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     device = str(resolve_device(cfg.device))
     ctx_args = dict(id_set=("val", val), eps=float(proto.get("eps", 4 / 255)), n_adv=n_val_adv, device=device,
                     seed=cfg.seed)
-    echo(f"[3/3] tuning {', '.join(cfg.methods)}: {trials} trials each, {steps} steps, rule {rule}")
+    threshold = float(proto["collapse_spread"])
+    echo(f"[3/3] tuning {', '.join(cfg.methods)}: {trials} trials each (Optuna TPE), {steps} steps, score = HM of "
+         f"validation clean and robust top-1 ({n_val_adv} images), collapse at feature spread >= {threshold}")
     results, selected, notes = {}, {}, {}
     for name in cfg.methods:
         m = methods[name]
-        rows = []
-        for i, point in enumerate(plans[name]):
-            over = merge({"train": {"seed": cfg.seed, "device": device}}, user.get(m.recipe, {}))
-            scores = validation_trial(m, point, out / "trials" / name / f"trial{i}", pretrained, val, steps,
-                                      over, ctx_args, attack, progress)
-            clean, robust = scores["val_clean"], scores["val_robust"]
-            rows.append({"trial": i, "point": point, **scores})
-            echo(f"      {name} trial {i} {point}: val clean {clean:.2f} robust {robust:.2f}")
-        best = select_trial(rows, rule)
-        selected[name] = dict(rows[best]["point"])
-        edges = edge_axes(grids[name], selected[name])
-        notes[name] = (f"{trials} trials, {steps} steps, rule {rule}, world {cfg.size}, seed {cfg.seed}: trial {best} "
-                       f"val clean {rows[best]['val_clean']:.2f} robust {rows[best]['val_robust']:.2f} "
-                       f"({time.strftime('%Y-%m-%d')})")
-        if edges:
-            notes[name] += f"; at the grid's edge: {', '.join(edges)}"
-            echo(f"      note: {name}'s selected {', '.join(edges)} is at the edge of its grid (the best value may lie "
-                 "outside it)")
-        results[name] = {"trials": rows, "selected": best, "values": selected[name], "at_grid_edge": edges}
-    doc = {"protocol": {k: v for k, v in proto.items() if k != "grids"}, "trials": trials, "steps": steps,
-           "size": cfg.size, "seed": cfg.seed, "methods": results, "seconds": round(time.time() - t0, 1)}
-    out.mkdir(parents=True, exist_ok=True)
+
+        def over(seed, m=m):
+            return merge({"train": {"seed": seed, "device": device}}, user.get(m.recipe, {}))
+
+        def run_trial(point, run_name, seed, m=m, name=name):
+            return validation_trial(m, point, out / "trials" / name / run_name, pretrained, val, steps, over(seed),
+                                    ctx_args, attack, progress)
+
+        def objective_for(axes_ref, m=m, name=name):
+            return _objective(m, out / "trials" / name, pretrained, val, steps, over(cfg.seed), ctx_args, attack,
+                              threshold, progress, echo, axes_ref)
+
+        study = open_study(out, name, cfg.seed, int(proto.get("startup_trials", 8)))
+        res = _tune_method(name, study, proto, cfg, trials, objective_for, run_trial, echo)
+        results[name] = res
+        c = res["compute"]
+        echo(f"      {name}: {c['trials']} trials, {c['trial_steps']} trial-steps, {c['cpu_seconds']:.0f} CPU-s "
+             f"(+{c['rescore_cpu_seconds']:.0f} re-scoring); {res['collapsed']} collapsed, {res['diverged']} diverged")
+        if res["values"] is None:
+            echo(f"      {name}: no selectable trial (every one diverged or collapsed); tuned.yaml left as it was")
+            continue
+        selected[name] = res["values"]
+        b = res["best_row"]
+        notes[name] = (f"{c['trials']} trials (Optuna TPE), {steps} steps, score hm, world {cfg.size}, seed "
+                       f"{cfg.seed}: trial {res['selected']} val clean {b['val_clean']:.2f} robust "
+                       f"{b['val_robust']:.2f} spread {b['feature_spread']:.3f}, mean HM over "
+                       f"{len(b.get('seed_scores') or [1])} seeds {b.get('seed_score', b['score']):.2f}; compute "
+                       f"{c['cpu_seconds']:.0f} CPU-s ({time.strftime('%Y-%m-%d')})"
+                       + (f"; edge: {', '.join(res['at_range_edge'])}" if res["at_range_edge"] else ""))
+    doc = {"protocol": {k: v for k, v in proto.items() if k not in ("space", "anchors")}, "trials": trials,
+           "steps": steps, "size": cfg.size, "seed": cfg.seed, "methods": results,
+           "seconds": round(time.time() - t0, 1)}
     atomic_write_text(out / "tuning.json", json.dumps(doc, indent=2, default=str) + "\n")
-    lines = [f"# Tuning ({trials} trials per method, {steps} steps, rule {rule}, scored on a validation split held "
-             "out of ID train)", "", "| method | trial | values | val clean | val robust | HM | selected |",
-             "|---|---:|---|---:|---:|---:|---|"]
-    for name, res in results.items():
-        for r in res["trials"]:
-            vals = ", ".join(f"{k}={v}" for k, v in r["point"].items())
-            lines.append(f"| {name} | {r['trial']} | {vals} | {r['val_clean']:.2f} | {r['val_robust']:.2f} | "
-                         f"{(r['hm'] or 0):.2f} | {'yes' if r['trial'] == res['selected'] else ''} |")
-    edge_notes = [f"- {name}: selected {', '.join(res['at_grid_edge'])} at the edge of its grid (the best value may "
-                  "lie outside it)" for name, res in results.items() if res["at_grid_edge"]]
-    if edge_notes:
-        lines += ["", *edge_notes]
-    atomic_write_text(out / "tuning.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "tuning.md", _tuning_markdown(doc, threshold))
     paths = {"json": out / "tuning.json", "md": out / "tuning.md"}
-    if cfg.write is not None:
+    if cfg.write is not None and selected:
         paths["tuned"] = write_tuned(Path(cfg.write), selected, notes)
     return {"doc": doc, "paths": paths}
+
+
+def _values(point: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+
+
+def _tuning_markdown(doc: dict, threshold: float) -> str:
+    def f(v, nd=2):
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    lines = [f"# Tuning (Optuna TPE, {doc['trials']} trials per method, {doc['steps']} steps, scored on a validation "
+             "split held out of ID train)", "",
+             f"Score: HM of validation clean and robust top-1. A trial whose feature spread is >= {threshold} is "
+             "collapsed; collapsed and diverged trials are recorded and never selected.", "",
+             "| method | trials | trial-steps | CPU-s | collapsed | diverged | selected | values | edge |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name, res in doc["methods"].items():
+        c = res["compute"]
+        vals = _values(res["values"] or {})
+        lines.append(f"| {name} | {c['trials']} | {c['trial_steps']} | {c['cpu_seconds']:.0f} | {res['collapsed']} | "
+                     f"{res['diverged']} | {'-' if res['selected'] is None else res['selected']} | {vals} | "
+                     f"{', '.join(res['at_range_edge']) or 'none'} |")
+    lines += ["", "| method | trial | state | values | val clean | val robust | HM | spread | selected |",
+              "|---|---:|---|---|---:|---:|---:|---:|---|"]
+    for name, res in doc["methods"].items():
+        for r in res["trials"]:
+            vals = _values(r["point"])
+            state = "diverged" if r.get("diverged") else "collapsed" if r.get("collapsed") else r["state"]
+            lines.append(f"| {name} | {r['trial']} | {state}{' (anchor)' if r.get('anchor') else ''} | {vals} | "
+                         f"{f(r.get('val_clean'))} | {f(r.get('val_robust'))} | {f(r.get('hm'))} | "
+                         f"{f(r.get('feature_spread'), 3)} | {'yes' if r['trial'] == res['selected'] else ''} |")
+    return "\n".join(lines) + "\n"
