@@ -68,20 +68,29 @@ def test_table8_rows_switch_grace_components():
                    "grace": ("curriculum", True)}
 
 
-def test_every_tuning_grid_point_is_a_valid_config():
+def test_every_tuning_space_is_valid_and_holds_its_anchors():
+    """Every tuned method has a log-uniform lr axis; both ends of every range and every choice give a valid config;
+    the anchors (published defaults) lie inside the space; the issue's methods are all there."""
+    from eval_suites.studies.search import parse_space
     from eval_suites.studies.testbed_config import load_methods, load_tuned, load_tuning, method_config, nest
-    from eval_suites.studies.tuning import draw_trials, grid_points
 
     proto, methods = load_tuning(), load_methods()
-    for name, grid in proto["grids"].items():
+    assert {"ft", "wise_ft", "tecoa", "lora-tecoa", "lora-ft", "pmg_aft", "fare", "grace"} <= set(proto["space"])
+    assert proto["trials"] >= 24 and proto["n_val_adv"] >= 400 and 0 < proto["collapse_spread"] < 1
+    for name, spec in proto["space"].items():
         assert name in methods, name
-        draw_trials(grid, proto["trials"])  # every method can give the same number of trials
-        assert "train.lr" in grid, f"{name}: lr is tuned for every method"
-        for point in grid_points(grid):
+        axes = parse_space(name, spec)
+        assert any(a.key == "train.lr" and not a.categorical for a in axes), f"{name}: lr is tuned for every method"
+        for a in axes:
+            for v in (a.choices if a.categorical else (a.low, a.high)):
+                method_config(name, overrides=nest({a.key: v}))
+        anchors = proto["anchors"][name]
+        assert anchors, f"{name}: no anchor at the published defaults"
+        for point in anchors:
+            assert all(any(a.key == k and a.contains(v) for a in axes) for k, v in point.items()), (name, point)
             method_config(name, overrides=nest(point))
     for name, values in load_tuned().items():
         method_config(name, overrides=nest(values))
-
 
 def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
     import shutil
