@@ -61,11 +61,14 @@ def test_one_training_attack_for_every_adversarial_method():
 def test_table8_rows_switch_grace_components():
     from eval_suites.studies.testbed_config import method_config
 
-    got = {n: (method_config(n).recipe.awp, method_config(n).recipe.gram_volume) for n in
-           ("ablation-lora-ft", "ablation-gv-only", "ablation-awp-uniform", "ablation-awp-curriculum", "grace")}
-    assert got == {"ablation-lora-ft": ("off", False), "ablation-gv-only": ("off", True),
-                   "ablation-awp-uniform": ("uniform", False), "ablation-awp-curriculum": ("curriculum", False),
-                   "grace": ("curriculum", True)}
+    rows = ("ablation-lora-ft", "ablation-lar-rho0", "ablation-gv-only", "ablation-awp-uniform",
+            "ablation-awp-curriculum", "grace")
+    got = {n: (method_config(n).recipe.awp, method_config(n).recipe.gram_volume, method_config(n).recipe.lambda_lar)
+           for n in rows}
+    lar = method_config("grace").recipe.lambda_lar
+    assert got == {"ablation-lora-ft": ("off", False, lar), "ablation-lar-rho0": ("zero", False, lar),
+                   "ablation-gv-only": ("curriculum", True, 0.0), "ablation-awp-uniform": ("uniform", False, lar),
+                   "ablation-awp-curriculum": ("curriculum", False, lar), "grace": ("curriculum", True, lar)}
 
 
 def test_every_tuning_space_is_valid_and_holds_its_anchors():

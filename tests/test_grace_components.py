@@ -54,8 +54,8 @@ def test_gv_only_row_adds_the_two_view_volume(tiny_classifier, tiny_batch):
     assert rec.summary()["gv_share_mean"] == pytest.approx(out.logs["gv_share"])
 
 
-@pytest.mark.parametrize("awp,gv", [("off", False), ("off", True), ("uniform", False), ("curriculum", False),
-                                    ("uniform", True)])
+@pytest.mark.parametrize("awp,gv", [("off", False), ("off", True), ("zero", False), ("uniform", False),
+                                    ("curriculum", False), ("uniform", True)])
 def test_component_rows_run_their_declared_forwards(awp, gv, tiny_classifier, tiny_batch, tower_rows):
     rec = _grace(tiny_classifier, awp=awp, gram_volume=gv, curvature_interval=1)
     if awp == "uniform":
@@ -125,3 +125,48 @@ def test_holdout_split_is_disjoint_complete_and_seeded(tiny_world, tmp_path):
     assert (len(train), len(val)) == (counts["train"], counts["val"])
     assert 0.1 < len(val) / len(src) < 0.3
     assert open_shard_set(tmp_path / "v").classnames == open_shard_set(tiny_world / "id").classnames
+
+
+def test_lar_at_rho_zero_row_is_clean_plus_adversarial_ce(tiny_classifier, tiny_batch, tower_rows):
+    """Table 8's "+ L_LAR at rho = 0": L = CE(clean) + lambda_LAR CE(adversarial), no weight perturbation, no pass
+    beyond the attack and the two views; delta_l is 0 (f_AWP is f_Adv)."""
+    from grace_plugin.recipes.adversarial import pgd_attack
+
+    rec = _grace(tiny_classifier, awp="zero", gram_volume=False, lambda_lar=2.0)
+    assert rec.awp_rank() == 0 and rec.pass_counts() == {"forward": 2 + 2, "input_backward": 2, "backward": 2}
+    ref = copy.deepcopy(tiny_classifier).eval()
+    x, y = tiny_batch["image"], tiny_batch["label"]
+    out, rows = tower_rows(lambda: rec.training_step(tiny_batch, CPU))
+    x_adv = pgd_attack(ref, x, y, 4 / 255, 1 / 255, 2, random_start=False)
+    expected = F.cross_entropy(ref(x), y) + 2.0 * F.cross_entropy(ref(x_adv), y)
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-4)
+    assert out.logs["delta_l"] == 0.0 and out.logs["l_lar"] == pytest.approx(out.logs["l_adv"])
+    assert sum(rows) / x.shape[0] == rec.pass_counts()["forward"]
+
+
+def test_gv_only_row_is_grace_volume_without_lar(tiny_classifier, tiny_batch):
+    """Table 8's "+ GV only" on the testbed: GRACE's three-view volume under its own perturbation, lambda_LAR 0: the
+    loss is CE(clean) + lambda_GV L_GV, with L_LAR computed (logged) but weighted 0."""
+    rec = _grace(tiny_classifier, awp="uniform", gram_volume=True, lambda_lar=0.0, lambda_gv=3.0)
+    out = rec.training_step(tiny_batch, CPU)
+    assert out.logs["l_lar"] > 0 and out.logs["awp_rel"] > 0  # the AWP view exists: a three-view volume
+    assert float(out.loss) == pytest.approx(out.logs["l_task"] + 3.0 * out.logs["l_gv"], rel=1e-5)
+
+
+def test_an_ablation_keeps_what_it_changes_over_the_values_it_inherits(tmp_path, monkeypatch):
+    """tuned_as: the ablation rows take GRACE's tuned values, except the fields their own `set` changes; a method's
+    own tuned values win over its set defaults."""
+    import shutil
+
+    from eval_suites.studies.testbed_config import TESTBED_DIR, method_config
+
+    d = tmp_path / "testbed"
+    shutil.copytree(TESTBED_DIR, d)
+    (d / "tuned.yaml").write_text("grace: {recipe.lambda_lar: 2.5, recipe.awp: uniform, train.lr: 0.002}\n"
+                                  "lora-tecoa: {train.lr: 0.0005}\n")
+    monkeypatch.setenv("GRACE_TESTBED_CONFIGS", str(d))
+    gv = method_config("ablation-gv-only")
+    assert gv.recipe.lambda_lar == 0.0 and gv.recipe.awp == "curriculum" and gv.train.lr == 0.002
+    rho0 = method_config("ablation-lar-rho0")
+    assert rho0.recipe.awp == "zero" and rho0.recipe.lambda_lar == 2.5
+    assert method_config("lora-tecoa").train.lr == 0.0005  # its own tuning wins over its set default 3e-3

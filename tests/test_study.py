@@ -18,7 +18,7 @@ def test_study_table8_smoke(study_dir, capsys):
     out = study_dir / "t8"
     assert main(["study", "table8", "--out", str(out), "--n-adv", "8"] + TINY) == 0
     doc = json.loads((out / "study.json").read_text())
-    assert list(doc["rows"]) == ["ablation-lora-ft", "ablation-gv-only", "ablation-awp-uniform",
+    assert list(doc["rows"]) == ["ablation-lora-ft", "ablation-lar-rho0", "ablation-gv-only", "ablation-awp-uniform",
                                  "ablation-awp-curriculum", "grace"]
     for name, row in doc["rows"].items():
         run = row["runs"][0]
@@ -35,6 +35,11 @@ def test_study_table8_smoke(study_dir, capsys):
     assert all(v["verdict"] in ("holds", "fails", "inconclusive") for v in doc["verdicts"])
     md = (out / "study.md").read_text()
     assert "## Verdicts" in md and "## Beside the paper (Table 8" in md and "GRACE's parts at work" in md
+    for name, row in doc["rows"].items():  # the collapse measure is in every table: the ID set's own spread
+        spread = row["runs"][0]["feature_spread"]
+        assert -1 <= spread <= 1 and row["feature_spread"] == pytest.approx(spread), name
+    assert "| row | ID | OOD | Adv | HM | feature spread |" in md
+    assert f"| {doc['rows']['grace']['label']} |" in md and f"{doc['rows']['grace']['feature_spread']:.3f} |" in md
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
     assert "| LoRA-FT |" in capsys.readouterr().out
 
@@ -168,8 +173,8 @@ def test_study_resumes_a_killed_run_and_counts_what_it_reused(study_dir, capsys,
     monkeypatch.setattr(finetune, "fine_tune", fake_fine_tune)
     assert main(["study", "table8", "--out", str(out), "--n-adv", "8"] + TINY) == 0
     assert calls == [("grace", True)]
-    assert "runs: 4 reused (finished), 1 resumed (killed), 0 trained" in capsys.readouterr().out
-    assert json.loads((out / "study.json").read_text())["run_counts"] == {"reused": 4, "resumed": 1, "trained": 0}
+    assert "runs: 5 reused (finished), 1 resumed (killed), 0 trained" in capsys.readouterr().out
+    assert json.loads((out / "study.json").read_text())["run_counts"] == {"reused": 5, "resumed": 1, "trained": 0}
 
     # only a staged state of exactly the study's config is resumed: one with other steps (another schedule) is not
     import yaml

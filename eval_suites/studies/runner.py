@@ -84,8 +84,11 @@ def _run_record(report: dict) -> dict:
     ds = report.get("datasets") or {}
     ci = report["definitions"]["strict"].get("ci95") or {}
     intervals = {k: tuple(ci[k]) for k in ("id", "adv") if ci.get(k)}
+    id_set = next((v for v in ds.values() if v.get("role") == "id"), {})
     rec = {"axes": axes, "intervals": intervals, "paper_axes": _paper_axes(report),
-           "datasets": {k: v.get("top1") for k, v in ds.items()}}
+           "datasets": {k: v.get("top1") for k, v in ds.items()},
+           # mean cosine between different ID test images' features: a collapsed model is seen in every table
+           "feature_spread": id_set.get("feature_spread")}
     g = (report.get("suites") or {}).get("geometry")
     if g:
         cc = {k: v for k, v in g["centroid_cosine"].items() if v is not None}
@@ -213,6 +216,9 @@ def aggregate_runs(runs: list[dict]) -> dict:
 
     fill("axes", AXES)
     fill("paper_axes", AXES)
+    agg["feature_spread"], std = seed_mean([r.get("feature_spread") for r in runs])
+    if len(runs) > 1:
+        agg["feature_spread_std"] = std
     if runs and all("geometry" in r for r in runs):
         fill("geometry", GEOMETRY_METRICS)
     return agg
@@ -397,10 +403,12 @@ def study_markdown(doc: dict) -> str:
              f"{len(seeds)} seed(s) {seeds}, {doc['steps']} steps per run, world size {doc['size']}, "
              f"{doc['seconds']:.0f} s. Values: mean ± sample std over seeds.", "",
              "## Ours (our column definitions)", "",
-             f"Columns: {doc['column_definitions']['ours']}.", "",
-             "| row | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|"]
+             f"Columns: {doc['column_definitions']['ours']}. Feature spread: the mean cosine between the features of "
+             "different ID test images (1: collapsed, every image alike; the zero-shot CLIP about 0.35).", "",
+             "| row | ID | OOD | Adv | HM | feature spread |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows.values():
-        lines.append(f"| {_label(r, seeds)} | " + " | ".join(_cell(r["axes"], k) for k in AXES) + " |")
+        lines.append(f"| {_label(r, seeds)} | " + " | ".join(_cell(r["axes"], k) for k in AXES) + " | "
+                     + _cell(r, "feature_spread", 3) + " |")
     gone = [(r["label"], d) for r in rows.values() for d in r.get("diverged") or []]
     if gone:
         lines += ["", "**Diverged runs** (no numbers; a row's values are over its other seeds, and a row marked "

@@ -167,7 +167,10 @@ def method_config(method: Method | str, overrides: dict | None = None, steps: in
     files += [d / f"{c}.yaml" for c in method.configs]
     layer = nest(method.set)
     if tuned:
-        layer = merge(layer, nest(load_tuned(d).get(method.tuning_key) or {}))
+        # values tuned for this method win over its set defaults (tuning searched over them); values tuned for
+        # another method (tuned_as) lie under its set: an ablation row keeps the one thing it changes
+        values = nest(load_tuned(d).get(method.tuning_key) or {})
+        layer = merge(layer, values) if method.tuning_key == method.name else merge(values, layer)
     if overrides:
         layer = merge(layer, overrides)
     return build_config(method.recipe, config_file=files, overrides=layer, steps=steps)

@@ -19,9 +19,12 @@ One step (Sec. 3 and Algorithm 1):
 
 Components, switched by config (how Table 8's ablation rows are built without another recipe; README "Recipes"):
   * LoRA: always on (``lora`` must be true); every row of Table 8 fine-tunes the adapters.
-  * ``awp``: ``curriculum`` (GRACE), ``uniform`` (one rank for every layer, Table 8 "uniform rank") or ``off``
-    (no ``L_LAR`` term, no ``f_AWP``); the component is ``lar_awp.LarAwp``.
-  * ``gram_volume``: the ``L_GV`` term; without AWP it is the two-view volume of ``(f_ID, f_Adv)``.
+  * ``awp``: ``curriculum`` (GRACE), ``uniform`` (one rank for every layer, Table 8 "uniform rank"), ``zero``
+    (``L_LAR`` at ``ρ = 0``: the adversarial CE without weight perturbation, ``f_AWP = f_Adv``; the row that
+    isolates the perturbation) or ``off`` (no ``L_LAR`` term, no ``f_AWP``); the component is ``lar_awp.LarAwp``.
+  * ``gram_volume``: the ``L_GV`` term over ``(f_ID, f_Adv, f_AWP)``; with ``awp: off`` it is the two-view volume of
+    ``(f_ID, f_Adv)``. ``lambda_lar: 0`` keeps GRACE's three-view volume without the ``L_LAR`` term (Table 8's
+    "+ GV only" on the testbed).
   With ``awp: off`` and ``gram_volume: false`` the step is LoRA-FT with a frozen head (no attack is run).
   Logged every step: ``gv_share`` (``λ_GV L_GV / L``), ``l_adv`` / ``l_lar`` / ``delta_l`` (what Δ added to the
   adversarial loss), per-layer ``awp_rel`` (||Δ||/||W||) and ``awp_cos`` (cosine with dL/dW), and the curriculum's
@@ -56,7 +59,7 @@ class GraceConfig(AdvConfig):
 
     lora: bool = checked(True, choices=(True,))  # GRACE trains LoRA adapters on the frozen vision tower (Sec. 3, Eq. 5)
     # --- components (Table 8 ablation) ------------------------------------------------------------------------
-    awp: str = checked("curriculum", choices=lambda: AWP_MODES)  # curriculum | uniform | off
+    awp: str = checked("curriculum", choices=lambda: AWP_MODES)  # curriculum | uniform | zero | off
     gram_volume: bool = True  # the L_GV term of Eq. 4
     # --- LAR-AWP (Sec. 3, Eqs. 6-7) ---------------------------------------------------------------------------
     awp_rank_max: int = 4  # Table 10 (as quoted by github.com/amashkk/grace)
@@ -121,7 +124,7 @@ class Grace(AdversarialRecipe):
         self._gv_share_sum, self._gv_share_n = 0.0, 0
 
     def awp_rank(self) -> int:
-        return self.cfg.awp_rank_max if self.cfg.awp != "off" else 0
+        return self.cfg.awp_rank_max if self.cfg.awp in ("uniform", "curriculum") else 0
 
     @property
     def needs_adv(self) -> bool:
@@ -196,7 +199,7 @@ class Grace(AdversarialRecipe):
         c = self.cfg
         k = attack_steps(c.pgd_eps, c.pgd_steps) if self.needs_adv else 0
         views = 1 + self.needs_adv
-        if c.awp == "off":
+        if c.awp in ("off", "zero"):  # zero: L_LAR is the head on f_Adv, no pass of its own
             return {"forward": k + views, "input_backward": k, "backward": views}
         t, phi = c.awp_steps, c.awp_fraction  # the first ascent backward runs through the whole adversarial graph
         return {"forward": k + views + phi * t, "input_backward": k, "backward": 1 + phi * (t - 1) + views + phi}

@@ -48,7 +48,9 @@ from ..perturbation import awp_branch, low_rank_ascent, low_rank_projection
 
 __all__ = ["LarAwp", "AWP_MODES", "ASCENTS", "curriculum_schedule", "full_rank_gradient"]
 
-AWP_MODES = ("off", "uniform", "curriculum")
+# off: no L_LAR term; zero: L_LAR on the unperturbed adversarial view (rho = 0: every layer at rank 0, so f_AWP is
+# f_Adv and no pass is added); uniform: one rank for every layer; curriculum: ranks from curvature (GRACE)
+AWP_MODES = ("off", "zero", "uniform", "curriculum")
 ASCENTS = ("svd", "factor")
 
 
