@@ -211,6 +211,28 @@ class AdversarialResult:
                 "robust_per_sample": self.robust_per_sample}
 
 
+def worst_case(results: list[dict]) -> dict:
+    """The per-sample worst case of several attacks' results (``AdversarialResult.as_dict()``) on the same samples: a
+    sample is robust only if it is robust under every attack (AutoAttack's rule, computed from the per-sample
+    strings, so no attack is run again). Results on different samples (n, clean per-sample string) are a bug of the
+    caller: ValueError."""
+    first = results[0]
+    for r in results[1:]:
+        if r["n"] != first["n"] or r["clean_per_sample"] != first["clean_per_sample"] or r["eps"] != first["eps"] \
+                or r["norm"] != first["norm"]:
+            raise ValueError(f"worst case of {r['attack']} and {first['attack']}: not the same samples or threat")
+    robust = "".join("1" if all(r["robust_per_sample"][i] == "1" for r in results) else "0"
+                     for i in range(len(first["robust_per_sample"])))
+    n, correct = first["n"], robust.count("1")
+    return {**{k: first[k] for k in ("eps", "norm", "n", "clean_correct", "clean_acc", "precision", "skipped",
+                                     "skipped_by_reason", "clean_per_sample")},
+            "attack": "worst(" + ",".join(r["attack"] for r in results) + ")",
+            "attacks": [r["attack"] for r in results],
+            "robust_correct": correct, "robust_acc": 100.0 * correct / n if n else None, "robust_per_sample": robust,
+            "per_attack_robust_acc": {r["attack"]: r["robust_acc"] for r in results},
+            "resumed_batches": sum(r.get("resumed_batches", 0) for r in results)}
+
+
 def model_sha256(model: torch.nn.Module) -> str:
     """sha256 over the names and bytes of every tensor in ``model.state_dict()`` (what the attack ran on)."""
     import hashlib

@@ -552,7 +552,13 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
                 for r in results.values() if r["kind"] in roles}
     id_name = next((r["dataset"] for r in results.values() if r["kind"] == "id"), None)
     ood_names = [r["dataset"] for r in results.values() if r["kind"] == "ood"]
-    adv = next((r for r in results.values() if r["kind"] in ("adv", "robustbench")), None)
+    attacked = [r for r in results.values() if r["kind"] == "adv"]
+    if len(attacked) > 1:  # several attacks on the same first --n-adv samples: the Adv axis is their worst case
+        from .evaluate import worst_case
+
+        adv = worst_case(attacked)
+    else:
+        adv = next((r for r in results.values() if r["kind"] in ("adv", "robustbench")), None)
     config = {"suites": list(names), "id_set": [ctx.id_set[0], str(ctx.id_set[1])] if ctx.id_set else None,
               "sets": {k: str(v) for k, v in ctx.sets.items()}, "data_root": str(ctx.data_root or "") or None,
               "eps": ctx.eps, "norm": ctx.norm, "n_adv": ctx.n_adv, "batch_size": ctx.batch_size,

@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--seeds", default="1", help="seeds per row: N (seeds seed..seed+N-1), or a list/range of run "
                     "seeds on --seed's world, e.g. 4-7 or 0,2,5 (to split a study over processes on one --out)")
     st.add_argument("--steps", type=int, help="fine-tuning steps per run (study default 300; tune: tuning.yaml)")
-    st.add_argument("--n-adv", type=int, default=200, help="ID images attacked per model")
+    st.add_argument("--n-adv", type=int, default=600, help="ID images attacked per model (default: the whole ID "
+                    "test split of the default world)")
     st.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
     st.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps")
     st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -101,6 +101,22 @@ def test_eval_report_matches_independent_computation(trained_runs, tiny_world, t
     assert (out / "report.md").is_file() and "| ID | OOD | Adv | HM |" in capsys.readouterr().out
 
 
+def test_two_attacks_give_their_per_sample_worst_case(trained_runs, tiny_world, tmp_path):
+    """Two adversarial suites on the same first --n-adv samples: the Adv axis is robust only where both attacks
+    failed (per-sample AND of the two suites' strings), each attack's own number kept."""
+    out = tmp_path / "two"
+    assert main(["eval", "--model", str(trained_runs / "grace"), "--data", str(tiny_world / "id"), "--attack", "pgd",
+                 "--suite", "adv:fgsm", "--n-adv", "16", "--batch-size", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    pgd, fgsm, adv = rep["suites"]["adv:pgd"], rep["suites"]["adv:fgsm"], rep["adversarial"]
+    both = "".join("1" if a == b == "1" else "0" for a, b in zip(pgd["robust_per_sample"], fgsm["robust_per_sample"]))
+    assert adv["attack"] == "worst(pgd,fgsm)" and adv["robust_per_sample"] == both and adv["n"] == 16
+    assert adv["robust_correct"] == both.count("1") and rep["axes"]["adv"] == pytest.approx(100 * both.count("1") / 16)
+    assert adv["per_attack_robust_acc"] == {"pgd": pgd["robust_acc"], "fgsm": fgsm["robust_acc"]}
+    assert adv["robust_acc"] <= min(pgd["robust_acc"], fgsm["robust_acc"])
+
+
 def test_eval_rebuilds_head_for_other_classnames(trained_runs):
     """Other class names get a head from the run's text tower (zero-shot transfer). GRACE keeps the zero-shot head
     frozen, so a head rebuilt for the permuted names must give the permuted logits of the stored head."""
