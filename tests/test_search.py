@@ -193,3 +193,50 @@ def test_a_trial_left_running_by_a_dead_process_is_redone(tmp_path, monkeypatch)
     assert [s.state.name for s in study.get_trials()] == ["FAIL", "WAITING"]
     assert study.get_trials()[1].system_attrs["fixed_params"] == t.params  # Optuna keeps an enqueued point there
     assert tuning._reclaim_killed(study) == 0  # queued once
+
+
+# ------------------------------------------------------------------------------------------ paired claims
+def _row(adv_hits: int, seeds=(0, 1, 2), id_hits: int = 300, shift: int = 0):
+    """A row's Spread for each axis with per-sample results: ID 400 images, two OOD sets of 200, Adv 300."""
+    from eval_suites.studies.verdicts import spread
+
+    def bits(k, n, off=0):
+        return "".join("1" if (i + off) % n < k else "0" for i in range(n))
+
+    samples = tuple((s, {"id": bits(id_hits, 400), "ood": {"v2": bits(100, 200), "a": bits(50, 200)},
+                         "adv": bits(adv_hits, 300, shift)}) for s in seeds)
+    axes = {"id": 100 * id_hits / 400, "ood": (50 + 25) / 2, "adv": 100 * adv_hits / 300}
+    axes["hm"] = 3 / sum(1 / v for v in axes.values())
+    return {k: __import__("dataclasses").replace(spread([v] * len(seeds), seeds=list(seeds)), samples=samples)
+            for k, v in axes.items()}
+
+
+def test_claims_are_decided_on_paired_per_sample_bootstraps():
+    from eval_suites.studies.verdicts import evaluate_claim, paired_samples_bootstrap
+
+    rows = {"grace": _row(120), "tecoa": _row(60)}  # GRACE robust on 60 more of the 300 attacked images
+    d = paired_samples_bootstrap(rows["grace"]["adv"], rows["tecoa"]["adv"], "adv")
+    assert d.mean == pytest.approx(20.0) and 0 < d.lo < 20 < d.hi and d.kind == "paired bootstrap 95%"
+    v = evaluate_claim({"claim": "c", "kind": "greater", "a": "grace", "b": "tecoa", "metric": "adv"}, rows)
+    assert v["verdict"] == HOLDS and "95% bootstrap" in v["evidence"] and v["parts"][0]["paired"]["n"] == 3
+    assert evaluate_claim({"claim": "c", "kind": "less", "a": "grace", "b": "tecoa", "metric": "adv"},
+                          rows)["verdict"] == FAILS
+    # identical ID results: a difference of exactly 0 excludes nothing
+    assert evaluate_claim({"claim": "c", "kind": "greater", "a": "grace", "b": "tecoa", "metric": "id"},
+                          rows)["verdict"] == INCONCLUSIVE
+    # a margin larger than the difference turns the claim around
+    assert evaluate_claim({"claim": "c", "kind": "greater", "a": "grace", "b": "tecoa", "metric": "adv",
+                           "margin": 40.0}, rows)["verdict"] == FAILS
+    # HM: the point estimate is the mean over seeds of the per-seed HM difference (closed form here)
+    h = paired_samples_bootstrap(rows["grace"]["hm"], rows["tecoa"]["hm"], "hm", n_boot=200)
+    assert h.mean == pytest.approx(rows["grace"]["hm"].mean - rows["tecoa"]["hm"].mean)
+
+
+def test_claims_without_per_sample_results_fall_back_to_spreads():
+    from dataclasses import replace
+
+    from eval_suites.studies.verdicts import evaluate_claim
+
+    rows = {m: {k: replace(v, samples=()) for k, v in _row(a).items()} for m, a in (("grace", 120), ("tecoa", 60))}
+    v = evaluate_claim({"claim": "c", "kind": "greater", "a": "grace", "b": "tecoa", "metric": "adv"}, rows)
+    assert "by spreads" in v["evidence"] and "paired" not in v["parts"][0]

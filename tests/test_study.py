@@ -33,6 +33,9 @@ def test_study_table8_smoke(study_dir, capsys):
     assert doc["paper_table"] == "Table 8" and len(doc["paper_rows"]) == 5
     assert [v["claim"] for v in doc["verdicts"]] == ["each ablation step helps (HM)", "best HM of all rows"]
     assert all(v["verdict"] in ("holds", "fails", "inconclusive") for v in doc["verdicts"])
+    # every comparison is paired on the same images and seeds (the reports' per-sample results)
+    assert all("paired" in p and p["paired"]["interval_kind"] == "paired bootstrap 95%"
+               for v in doc["verdicts"] for p in v["parts"])
     md = (out / "study.md").read_text()
     assert "## Verdicts" in md and "## Beside the paper (Table 8" in md and "GRACE's parts at work" in md
     for name, row in doc["rows"].items():  # the collapse measure is in every table: the ID set's own spread

@@ -17,7 +17,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .verdicts import evaluate_claim, paired, seed_mean, spread
@@ -94,7 +94,11 @@ def _run_record(report: dict) -> dict:
     rec = {"axes": axes, "intervals": intervals, "paper_axes": _paper_axes(report),
            "datasets": {k: v.get("top1") for k, v in ds.items()},
            # mean cosine between different ID test images' features: a collapsed model is seen in every table
-           "feature_spread": id_set.get("feature_spread")}
+           "feature_spread": id_set.get("feature_spread"),
+           # which images each axis got right (report per_sample strings): the paired bootstraps of the verdicts
+           "per_sample": {"id": id_set.get("per_sample"),
+                          "ood": {k: v.get("per_sample") for k, v in ds.items() if v.get("role") == "ood"},
+                          "adv": (report.get("adversarial") or {}).get("robust_per_sample")}}
     g = (report.get("suites") or {}).get("geometry")
     if g:
         cc = {k: v for k, v in g["centroid_cosine"].items() if v is not None}
@@ -235,9 +239,12 @@ def _spreads(runs: list[dict]) -> dict:
     seed (paired claims)."""
     out = {}
     seeds = [r["seed"] for r in runs]
+    samples = tuple((r["seed"], r["per_sample"]) for r in runs if r.get("per_sample"))
     for k in AXES:
         interval = runs[0]["intervals"].get(k) if len(runs) == 1 else None
         out[k] = spread([r["axes"].get(k) for r in runs], tuple(interval) if interval else None, seeds)
+        if out[k] is not None:
+            out[k] = replace(out[k], samples=samples)
     if runs and all("geometry" in r for r in runs):
         for k in GEOMETRY_METRICS:
             out[k] = spread([r["geometry"].get(k) for r in runs], seeds=seeds)

@@ -38,10 +38,15 @@ class Spread:
     hi: float
     n: int = 1
     by_seed: tuple[tuple[int, float], ...] = ()  # (seed, value) of each run, for paired claims
+    # (seed, {"id": str, "ood": {set: str}, "adv": str}) per-sample results of each run, for paired bootstraps
+    samples: tuple = ()
+    kind: str = "spread"  # what [lo, hi] is: "spread" (mean ± std / a run's Wilson 95%) or a named 95% interval
 
     def record(self) -> dict:
-        """``{"mean", "ci95": [lo, hi], "n"}`` for study.json."""
-        return {"mean": self.mean, "ci95": [self.lo, self.hi], "n": self.n}
+        """``{"mean", "interval": [lo, hi], "interval_kind", "n"}`` for study.json (the 95% intervals are
+        ``ci95``-named where they are one: a paired difference's t or bootstrap interval)."""
+        key = "ci95" if self.kind != "spread" else "interval"
+        return {"mean": self.mean, key: [self.lo, self.hi], "interval_kind": self.kind, "n": self.n}
 
     def text(self, nd: int = 2) -> str:
         if self.lo == self.hi:
@@ -82,10 +87,94 @@ def spread(values: list[float], interval: tuple[float, float] | None = None,
     return Spread(m, m, m, 1, by_seed)
 
 
-def greater(a: Spread | None, b: Spread | None, margin: float = 0.0) -> str:
-    """Claim ``a > b + margin``."""
+def _axis_values(data: dict, cols: dict) -> dict:
+    """Per-seed axes from per-sample arrays: ``data[axis]`` is ``(rows, images)`` (``ood``: a dict of sets), ``cols``
+    the resampled image indices of each set (``None``: all)."""
+    import numpy as np
+
+    def mean(a, c):
+        return (a if c is None else a[..., c]).mean(axis=-1)
+
+    out = {"id": mean(data["id"], cols.get("id")), "adv": mean(data["adv"], cols.get("adv"))}
+    out["ood"] = np.mean([mean(v, cols.get(("ood", k))) for k, v in data["ood"].items()], axis=0)
+    return {k: 100.0 * v for k, v in out.items()}
+
+
+def _metric(axes: dict, metric: str):
+    import numpy as np
+
+    if metric != "hm":
+        return axes[metric]
+    vals = np.stack([axes["id"], axes["ood"], axes["adv"]])
+    with np.errstate(divide="ignore"):
+        hm = 3.0 / (1.0 / vals).sum(axis=0)
+    return np.where((vals <= 0).any(axis=0), 0.0, hm)  # the report's HM: 0 when an axis is 0
+
+
+def paired_samples_bootstrap(a: Spread | None, b: Spread | None, metric: str, margin: float = 0.0,
+                             n_boot: int = 2000, seed: int = 0) -> Spread | None:
+    """The paired difference ``metric(a) - metric(b) - margin`` (metric ``id``, ``ood``, ``adv`` or ``hm``, each a
+    mean over seeds of the per-seed value, as the study reports it) with its 95% percentile bootstrap interval,
+    from both rows' per-sample results on their common seeds: every replicate resamples the seeds and, per image
+    set, the images, the same draws for both rows (``paired_bootstrap``'s design applied to the axes). None when
+    the rows carry no per-sample results on a common seed (evaluations cached before they were recorded)."""
+    import numpy as np
+
+    if a is None or b is None or metric not in AXES_PAIRED:
+        return None
+    sa, sb = dict(a.samples), dict(b.samples)
+    common = sorted(set(sa) & set(sb))
+    if not common or any(not _has_samples(sa[s]) or not _has_samples(sb[s]) for s in common):
+        return None
+
+    def arrays(src):
+        def arr(key):
+            return np.array([[c == "1" for c in src[s][key]] for s in common], dtype=float)
+        return {"id": arr("id"), "adv": arr("adv"),
+                "ood": {k: np.array([[c == "1" for c in src[s]["ood"][k]] for s in common], dtype=float)
+                        for k in sorted(src[common[0]]["ood"])}}
+
+    da, db = arrays(sa), arrays(sb)
+    point = float(_metric(_axis_values(da, {}), metric).mean() - _metric(_axis_values(db, {}), metric).mean())
+    point -= margin
+    sizes = {"id": da["id"].shape[1], "adv": da["adv"].shape[1],
+             **{("ood", k): v.shape[1] for k, v in da["ood"].items()}}
+    rng, S, stats = np.random.default_rng(seed), len(common), np.empty(n_boot)
+    for i in range(n_boot):
+        rows = rng.integers(0, S, size=S)
+        cols = {k: rng.integers(0, n, size=n) for k, n in sizes.items()}
+        pick = {"id": da["id"][rows], "adv": da["adv"][rows], "ood": {k: v[rows] for k, v in da["ood"].items()}}
+        pick_b = {"id": db["id"][rows], "adv": db["adv"][rows], "ood": {k: v[rows] for k, v in db["ood"].items()}}
+        stats[i] = (_metric(_axis_values(pick, cols), metric).mean()
+                    - _metric(_axis_values(pick_b, cols), metric).mean())
+    lo, hi = np.percentile(stats - margin, [2.5, 97.5])
+    return Spread(point, float(lo), float(hi), S, kind="paired bootstrap 95%")
+
+
+AXES_PAIRED = ("id", "ood", "adv", "hm")
+
+
+def _has_samples(d: dict) -> bool:
+    return bool(d.get("id")) and bool(d.get("adv")) and bool(d.get("ood")) and all(d["ood"].values())
+
+
+def greater(a: Spread | None, b: Spread | None, margin: float = 0.0, metric: str | None = None) -> str:
+    """Claim ``a > b + margin``. With ``metric`` and per-sample results on common seeds: decided on the paired
+    bootstrap interval of ``a - b - margin`` (``paired_samples_bootstrap``, ``paired_verdict``); otherwise by
+    spreads (below)."""
+    return _greater(a, b, margin, metric)[0]
+
+
+def _greater(a, b, margin: float = 0.0, metric: str | None = None) -> tuple[str, Spread | None]:
     if a is None or b is None:
-        return INCONCLUSIVE
+        return INCONCLUSIVE, None
+    d = paired_samples_bootstrap(a, b, metric, margin) if metric else None
+    if d is not None:
+        return paired_verdict(d, "greater"), d
+    return _by_spreads(a, b, margin), None
+
+
+def _by_spreads(a: Spread, b: Spread, margin: float) -> str:
     if a.lo > b.hi + margin:
         return HOLDS
     if a.hi <= b.lo + margin:
@@ -93,9 +182,9 @@ def greater(a: Spread | None, b: Spread | None, margin: float = 0.0) -> str:
     return INCONCLUSIVE
 
 
-def less(a: Spread | None, b: Spread | None, margin: float = 0.0) -> str:
+def less(a: Spread | None, b: Spread | None, margin: float = 0.0, metric: str | None = None) -> str:
     """Claim ``a < b - margin`` (``b > a + margin``)."""
-    return greater(b, a, margin)
+    return greater(b, a, margin, metric)
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], fraction: float = 1.0) -> Spread | None:
@@ -109,7 +198,7 @@ def paired_difference(a: dict[int, float], b: dict[int, float], fraction: float 
     d = [a[s] - fraction * b[s] for s in common]
     m, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
     h = float(stats.t.ppf(0.975, len(d) - 1)) * se
-    return Spread(m, m - h, m + h, len(d), tuple(zip(common, d)))
+    return Spread(m, m - h, m + h, len(d), tuple(zip(common, d)), kind="paired t 95%")
 
 
 def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0, confidence: float = 0.95) -> Spread:
@@ -140,7 +229,7 @@ def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0, confidence: float
         stats[i:i + k] = row_means.mean(axis=1)
     tail = 100 * (1 - confidence) / 2
     lo, hi = np.percentile(stats, [tail, 100 - tail])
-    return Spread(float(d.mean()), float(lo), float(hi), int(d.size))
+    return Spread(float(d.mean()), float(lo), float(hi), int(d.size), kind="paired bootstrap 95%")
 
 
 def paired_verdict(d: Spread | None, direction: str = "greater") -> str:
@@ -225,20 +314,37 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
         s = get(m)
         return f"{m} {s.text()}" if s is not None else f"{m} not measured"
 
+    def part(x, y):  # "x > y + margin", paired on per-sample results where both rows have them
+        v, d = _greater(get(x), get(y), margin, metric)
+        out = {"a": x, "b": y, "verdict": v}
+        if d is not None:
+            out["paired"] = d.record()
+        return out
+
+    def why(p):
+        if "paired" in p:
+            lo, hi = p["paired"]["ci95"]
+            return (f"paired over {p['paired']['n']} seed(s) and the images: {p['a']} - {p['b']}"
+                    f"{f' - ({margin:+g})' if margin else ''} = {p['paired']['mean']:.2f} [{lo:.2f}, {hi:.2f}] "
+                    "(95% bootstrap)")
+        return "by spreads (no per-sample results)"
+
     if kind in ("greater", "less"):
-        fn = greater if kind == "greater" else less
-        v = fn(get(claim["a"]), get(claim["b"]), margin)
-        parts = [{"a": claim["a"], "b": claim["b"], "verdict": v}]
-        evidence = f"{fmt(claim['a'])} vs {fmt(claim['b'])}" + (f" (margin {margin:+g})" if margin else "")
+        x, y = (claim["a"], claim["b"]) if kind == "greater" else (claim["b"], claim["a"])
+        parts = [dict(part(x, y), a=claim["a"], b=claim["b"])]
+        v = parts[0]["verdict"]
+        evidence = f"{fmt(claim['a'])} vs {fmt(claim['b'])}" + (f" (margin {margin:+g})" if margin else "") + \
+            f"; {why(parts[0])}"
     elif kind == "greater_all":
         others = [m for m in rows if m != claim["a"]] if claim["b"] == "all" else list(claim["b"])
-        parts = [{"a": claim["a"], "b": m, "verdict": greater(get(claim["a"]), get(m), margin)} for m in others]
+        parts = [part(claim["a"], m) for m in others]
         v = all_of([p["verdict"] for p in parts])
-        evidence = f"{fmt(claim['a'])} vs " + "; ".join(f"{fmt(m)} ({p['verdict']})" for m, p in zip(others, parts))
+        evidence = f"{fmt(claim['a'])} vs " + "; ".join(f"{fmt(m)} ({p['verdict']}; {why(p)})"
+                                                         for m, p in zip(others, parts))
     elif kind == "steps":
-        parts = [{"a": x, "b": y, "verdict": greater(get(x), get(y), margin)} for x, y in claim["pairs"]]
+        parts = [part(x, y) for x, y in claim["pairs"]]
         v = all_of([p["verdict"] for p in parts])
-        evidence = "; ".join(f"{fmt(p['a'])} > {fmt(p['b'])}: {p['verdict']}" for p in parts)
+        evidence = "; ".join(f"{fmt(p['a'])} > {fmt(p['b'])}: {p['verdict']} ({why(p)})" for p in parts)
     elif kind == "at_least":
         fraction = float(claim["fraction"])
         v, d = _at_least(get(claim["a"]), get(claim["b"]), fraction)
