@@ -119,9 +119,28 @@ def build_validator(data: str | Path, cfg: RunConfig, pretrained_cfg: dict, num_
                      batch_size=t.batch_size)
 
 
+class _Watched:
+    """A robust validator whose every check is also handed to ``on_check(step, result)`` (e.g. a tuner's pruner,
+    which may raise to stop the run); checks come every ``every`` steps and at the last one (trainer.train)."""
+
+    def __init__(self, inner, on_check, every: int, total: int):
+        self.inner, self.on_check, self.every, self.total, self.calls = inner, on_check, every, total, 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __call__(self, *args, **kwargs) -> dict:
+        res = self.inner(*args, **kwargs)
+        self.calls += 1
+        self.on_check(min(self.calls * self.every, self.total), dict(res))
+        return res
+
+
 def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, cfg: RunConfig,
-              progress: bool = True, resume: bool = False) -> Path:
-    """Fine-tune the CLIP ``init`` with ``recipe`` on the train split of shard set ``data``; write ``out``."""
+              progress: bool = True, resume: bool = False, on_check=None) -> Path:
+    """Fine-tune the CLIP ``init`` with ``recipe`` on the train split of shard set ``data``; write ``out``.
+    ``on_check(step, {"val_clean", "val_robust", ...})``: called after each robust validation check
+    (``train.val_every``); it may raise to abandon the run (a pruned tuning trial)."""
     from .runfolder import check_output_dir, folder_lock
     from .runtime import init_distributed
 
@@ -131,11 +150,11 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
     rank, world = init_distributed()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
     # rank 0 holds the run folder's lock for the whole run; the other ranks write nothing there
     with folder_lock(out) if rank == 0 else contextlib.nullcontext():
-        return _fine_tune(recipe, init, data, Path(out), cfg, progress, resume, rank, world)
+        return _fine_tune(recipe, init, data, Path(out), cfg, progress, resume, rank, world, on_check)
 
 
 def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: bool, resume: bool, rank: int,
-               world: int) -> Path:
+               world: int, on_check=None) -> Path:
     from .tensor_io import check_outputs_finite
     from .data.loader import make_train_loader
     from .data.shards import count_samples, open_shard_set
@@ -172,6 +191,8 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
             check_resume(folder, recipe, resolved)
         check_extension(out, work, total)
     validator = build_validator(data, cfg, model.pretrained_cfg, len(classnames)) if cfg.train.val_every else None
+    if validator is not None and on_check is not None:
+        validator = _Watched(validator, on_check, cfg.train.val_every, total)
     if rank == 0:
         staged.begin(resume=resume)
         if resume:

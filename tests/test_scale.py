@@ -192,11 +192,15 @@ def test_real_validation_selects_and_records(tiny_clip_dir, tiny_world, tmp_path
                                            "train.batch_size=16", "train.lr=3e-3", "train.device=cpu",
                                            "train.log_every=1", "recipe.pgd_steps=1", "train.val_attack=pgd2"],
                        steps=6)
-    out = fine_tune("tecoa", tiny_clip_dir, tiny_world / "id", tmp_path / "run", cfg, progress=False)
+    seen = []  # what a tuner's pruner sees (fine_tune's on_check): steps trained and each check's numbers
+    out = fine_tune("tecoa", tiny_clip_dir, tiny_world / "id", tmp_path / "run", cfg, progress=False,
+                    on_check=lambda step, check: seen.append((step, check["val_robust"])))
     meta = json.loads((out / "checkpoint.json").read_text())
     checks = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     checks = [c for c in checks if "val_robust" in c]
     assert [c["step"] for c in checks] == [1, 3, 5]
+    assert [s for s, _ in seen] == [2, 4, 6]
+    assert [v for _, v in seen] == pytest.approx([c["val_robust"] for c in checks], abs=1e-3)
     best = select_check(checks, "best_robust")
     sel = meta["selection"]
     assert sel["rule"] == "best_robust" and sel["step"] == best["step"] and sel["val_robust"] == best["val_robust"]

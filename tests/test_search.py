@@ -93,15 +93,19 @@ class _Stub:
     """``validation_trial`` with a known landscape: score peaks at lr = ``peak``; lr above ``collapse_above`` gives a
     higher score but a collapsed model; ``interrupt_at``: the n-th call is interrupted (Ctrl-C)."""
 
-    def __init__(self, peak=1e-3, collapse_above=None, interrupt_at=None):
+    def __init__(self, peak=1e-3, collapse_above=None, interrupt_at=None, rungs=()):
         self.peak, self.collapse_above, self.interrupt_at, self.calls = peak, collapse_above, interrupt_at, []
+        self.rungs = rungs  # steps at which the training's validation checks reach on_check
 
-    def __call__(self, method, point, run_dir, *args, **kwargs):
+    def __call__(self, method, point, run_dir, *args, on_check=None, **kwargs):
         self.calls.append(dict(point))
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
         lr = point["train.lr"]
         hm = 50.0 - 10.0 * abs(math.log10(lr / self.peak))
+        for step in self.rungs:
+            if on_check is not None:
+                on_check(step, {"val_clean": hm, "val_robust": hm})
         spread = 0.5
         if self.collapse_above is not None and lr > self.collapse_above:
             hm, spread = 80.0, 0.99
@@ -109,7 +113,7 @@ class _Stub:
                 "train_steps": 10, "cpu_seconds": 1.0, "wall_seconds": 1.0}
 
 
-def _run(tmp_path, stub, monkeypatch, proto_over=None, budget=6):
+def _run(tmp_path, stub, monkeypatch, proto_over=None, budget=6, prune_every=0):
     from types import SimpleNamespace
 
     import eval_suites.studies.tuning as tuning
@@ -122,13 +126,13 @@ def _run(tmp_path, stub, monkeypatch, proto_over=None, budget=6):
     method = SimpleNamespace(name="m")
 
     def objective_for(axes_ref):
-        return tuning._objective(method, tmp_path / "trials", None, None, 10, {}, {}, "apgd-ce", 0.9, False,
+        return tuning._objective(method, tmp_path / "trials", None, None, 40, {}, {}, "apgd-ce", 0.9, False,
                                  lambda *_: None, axes_ref)
 
     def run_trial(point, run_name, seed):
         return stub(method, point, run_name)
 
-    study = tuning.open_study(tmp_path, "m", 0, proto["startup_trials"])
+    study = tuning.open_study(tmp_path, "m", 0, proto["startup_trials"], prune_every)
     return tuning._tune_method("m", study, proto, cfg, budget, objective_for, run_trial, lambda *_: None)
 
 
@@ -158,6 +162,18 @@ def test_collapse_rule_in_the_loop(tmp_path, monkeypatch):
     assert res["collapsed"] >= 1
     chosen = next(r for r in res["trials"] if r["trial"] == res["selected"])
     assert not chosen["collapsed"] and chosen["feature_spread"] < 0.9
+
+
+def test_successive_halving_prunes_weak_trials_on_the_step_axis(tmp_path, monkeypatch):
+    """Validation checks at steps 10, 20, 30 of 40 reach the pruner: trials whose validation HM is in the lower part
+    at a rung are pruned there (recorded, counted, never selected); the selected one trained to the end."""
+    res = _run(tmp_path, _Stub(peak=1e-4, rungs=(10, 20, 30)), monkeypatch,
+               {"startup_trials": 12, "rescore_top": 0}, budget=12, prune_every=10)
+    states = [r["state"] for r in res["trials"]]
+    assert len(states) == 12 and "pruned" in states and "complete" in states
+    chosen = next(r for r in res["trials"] if r["trial"] == res["selected"])
+    assert chosen["state"] == "complete" and chosen["score"] == max(r["score"] for r in res["trials"]
+                                                                    if r["state"] == "complete")
 
 
 def test_killed_tune_resumes_without_redoing_finished_trials(tmp_path, monkeypatch):

@@ -2,13 +2,15 @@
 
 Every method gets the same trial budget over its own log-uniform search space (``search.parse_space``), searched by
 Optuna's TPE sampler after ``startup_trials`` random ones, starting from anchor trials at its published defaults
-(enqueued once). Every trial trains on ID train minus a held-out validation split
-(``grace_plugin.data.split.holdout_split``: never the test or OOD sets) and is scored there: clean top-1, robust top-1
-under the tuning attack, and the feature spread of the validation images. A trial that diverged is recorded as
-failed; one whose feature spread passes the collapse threshold is recorded as collapsed; neither is ever selected
-(``search.selectable``). A selected value in the outer tenth of its range widens that range by a decade and the
-search goes on for ``widen_trials`` more trials (``search.edge_side``, ``widen``). The top ``rescore_top``
-selectable trials are trained again on ``rescore_seeds - 1`` more seeds and the best mean score is selected.
+(enqueued once); with ``prune_every`` a trial's robust validation checks are the rungs of successive-halving pruning
+on the step axis (a pruned trial counts in the budget and is never selected). Every trial trains on ID train minus a
+held-out validation split (``grace_plugin.data.split.holdout_split``: never the test or OOD sets) and is scored
+there: clean top-1, robust top-1 under the tuning attack, and the feature spread of the validation images. A trial
+that diverged is recorded as failed; one whose feature spread passes the collapse threshold is recorded as
+collapsed; neither is ever selected (``search.selectable``). A selected value in the outer tenth of its range widens
+that range by a decade and the search goes on for ``widen_trials`` more trials (``search.edge_side``, ``widen``).
+The top ``rescore_top`` selectable trials are trained again on ``rescore_seeds - 1`` more seeds and the best mean
+score is selected.
 
 The study lives in ``OUT/optuna.journal`` (Optuna's journal file storage, ``load_if_exists``): a killed
 ``grace study tune`` resumes without redoing finished trials (the trial it was running is not counted and its
@@ -93,11 +95,12 @@ def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) ->
 
 
 def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, val: Path, steps: int, overrides: dict,
-                     ctx_args: dict, attack: str, progress: bool = False) -> dict:
+                     ctx_args: dict, attack: str, progress: bool = False, on_check=None) -> dict:
     """Train ``method`` (a methods.yaml ``Method``, untuned) at ``point`` (dotted keys) over ``overrides`` on the
     validation split's train part (``overrides`` win over ``point``), then score it on the held-out part:
     ``{val_clean, val_robust, hm, mean, feature_spread}`` with its compute (``train_steps``, ``cpu_seconds`` of this
-    process, ``wall_seconds``)."""
+    process, ``wall_seconds``). ``on_check``: handed each robust validation check of the training (``fine_tune``),
+    how a pruner sees the trial on the step axis."""
     from grace_plugin.finetune import fine_tune
     from registry import load_model
 
@@ -107,7 +110,7 @@ def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, val: 
 
     t0, c0 = time.time(), time.process_time()
     run_cfg = method_config(method, overrides=merge(nest(point), overrides), steps=steps, tuned=False)
-    fine_tune(method.recipe, pretrained, val, run_dir, run_cfg, progress=progress)
+    fine_tune(method.recipe, pretrained, val, run_dir, run_cfg, progress=progress, on_check=on_check)
     rep = run_suites(load_model(run_dir, device=ctx_args.get("device", "cpu")), ["id", f"adv:{attack}"],
                      SuiteContext(**ctx_args))
     clean = rep["datasets"]["val"]["top1"]
@@ -120,9 +123,12 @@ def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, val: 
 # ------------------------------------------------------------------------------------------------------ Optuna
 
 
-def open_study(out: Path, method: str, seed: int, startup_trials: int):
+def open_study(out: Path, method: str, seed: int, startup_trials: int, prune_every: int = 0):
     """The method's study in ``out/optuna.journal`` (created, or loaded when it exists). The sampler's seed also
-    counts the trials already stored, so a resumed process or a second worker does not redraw the same points."""
+    counts the trials already stored, so a resumed process or a second worker does not redraw the same points.
+    ``prune_every`` > 0: successive halving on the step axis (Optuna's ``SuccessiveHalvingPruner``, Jamieson &
+    Talwalkar 2016, https://arxiv.org/abs/1502.07943; Li et al. 2020, https://arxiv.org/abs/1810.05934), a trial's
+    rungs being its robust validation checks every ``prune_every`` steps; else no pruning."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -130,7 +136,10 @@ def open_study(out: Path, method: str, seed: int, startup_trials: int):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
-    study = optuna.create_study(study_name=method, storage=storage, direction="maximize", load_if_exists=True)
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=prune_every, reduction_factor=3)
+              if prune_every else optuna.pruners.NopPruner())
+    study = optuna.create_study(study_name=method, storage=storage, direction="maximize", load_if_exists=True,
+                                pruner=pruner)
     stored = len(study.get_trials(deepcopy=False))
     study.sampler = optuna.samplers.TPESampler(seed=seed * 100003 + stored, n_startup_trials=startup_trials)
     return study
@@ -190,7 +199,7 @@ def study_rows(study) -> list[dict]:
                      "score": t.value if t.state.name == "COMPLETE" else None,
                      **{k: ua.get(k) for k in ("val_clean", "val_robust", "hm", "mean", "feature_spread",
                                                "collapsed", "diverged", "train_steps", "cpu_seconds",
-                                               "wall_seconds", "anchor")}})
+                                               "wall_seconds", "anchor", "pruned_at")}})
     return rows
 
 
@@ -210,10 +219,22 @@ def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, a
     def objective(trial):
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
+        import optuna
+
         point = _suggest(trial, axes_ref[0])
+
+        def on_check(step, check):  # the pruner's view of the trial: validation HM at each rung
+            hm = trial_score(check["val_clean"], check["val_robust"])["hm"]
+            trial.report(hm, step)
+            if step < steps and trial.should_prune():
+                trial.set_user_attr("pruned_at", step)
+                echo(f"      {method.name} trial {trial.number} {point}: pruned at step {step} (validation HM "
+                     f"{hm:.2f})")
+                raise optuna.TrialPruned(f"pruned at step {step}")
+
         try:
             res = validation_trial(method, point, run_root / f"trial{trial.number}", pretrained, val, steps, over,
-                                   ctx_args, attack, progress)
+                                   ctx_args, attack, progress, on_check=on_check)
         except TrainingDiverged as e:
             trial.set_user_attr("diverged", str(e).splitlines()[0][:300])
             echo(f"      {method.name} trial {trial.number} {point}: diverged (recorded, never selected)")
@@ -341,6 +362,10 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     ctx_args = dict(id_set=("val", val), eps=float(proto.get("eps", 4 / 255)), n_adv=n_val_adv, device=device,
                     seed=cfg.seed)
     threshold = float(proto["collapse_spread"])
+    prune_every = int(proto.get("prune_every", 0))
+    if prune_every >= steps:  # fewer than two rungs: nothing to halve
+        echo(f"      pruning off: trials of {steps} steps are shorter than two rungs of {prune_every}")
+        prune_every = 0
     echo(f"[3/3] tuning {', '.join(cfg.methods)}: {trials} trials each (Optuna TPE), {steps} steps, score = HM of "
          f"validation clean and robust top-1 ({n_val_adv} images), collapse at feature spread >= {threshold}")
     results, selected, notes = {}, {}, {}
@@ -348,7 +373,9 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
         m = methods[name]
 
         def over(seed, m=m):
-            return merge({"train": {"seed": seed, "device": device}}, user.get(m.recipe, {}))
+            # pruning rungs: robust validation checks on the held-out split every prune_every steps
+            rungs = {"val_every": prune_every, "val_n": int(proto.get("prune_val_n", 128))} if prune_every else {}
+            return merge({"train": {"seed": seed, "device": device, **rungs}}, user.get(m.recipe, {}))
 
         def run_trial(point, run_name, seed, m=m, name=name):
             return validation_trial(m, point, out / "trials" / name / run_name, pretrained, val, steps, over(seed),
@@ -358,7 +385,7 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
             return _objective(m, out / "trials" / name, pretrained, val, steps, over(cfg.seed), ctx_args, attack,
                               threshold, progress, echo, axes_ref)
 
-        study = open_study(out, name, cfg.seed, int(proto.get("startup_trials", 8)))
+        study = open_study(out, name, cfg.seed, int(proto.get("startup_trials", 8)), prune_every)
         res = _tune_method(name, study, proto, cfg, trials, objective_for, run_trial, echo)
         results[name] = res
         c = res["compute"]
