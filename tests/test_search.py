@@ -174,6 +174,49 @@ def test_successive_halving_prunes_weak_trials_on_the_step_axis(tmp_path, monkey
     chosen = next(r for r in res["trials"] if r["trial"] == res["selected"])
     assert chosen["state"] == "complete" and chosen["score"] == max(r["score"] for r in res["trials"]
                                                                     if r["state"] == "complete")
+    pruned = [r for r in res["trials"] if r["state"] == "pruned"]
+    assert all(r["train_steps"] == r["pruned_at"] in (10, 20, 30) and r["cpu_seconds"] is not None for r in pruned)
+    assert res["compute"]["trial_steps"] == 10 * (12 - len(pruned)) + sum(r["pruned_at"] for r in pruned)
+
+
+def test_a_worker_waits_only_for_live_trials_of_other_workers(tmp_path):
+    """Trials another live worker runs count towards the budget; this process's own, a dead process's and one
+    running far longer than any finished trial do not (a lost worker never hangs the others)."""
+    import datetime
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import eval_suites.studies.tuning as tuning
+
+    study = tuning.open_study(tmp_path, "m", 0, 3)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (os.getppid(), os.getpid(), dead.pid):
+        t = study.ask()
+        t.set_user_attr("host", socket.gethostname())
+        t.set_user_attr("pid", pid)
+    assert tuning._running_elsewhere(study) == 1  # the parent process's trial only
+    done = study.ask()
+    study.tell(done, 1.0)
+    old = study.ask()
+    old.set_user_attr("host", "another-node")
+    old.set_user_attr("pid", 1)
+    assert tuning._running_elsewhere(study) == 2
+    finished = study.get_trials()[-2]
+    limit = 3 * (finished.datetime_complete - finished.datetime_start).total_seconds()
+    later = datetime.datetime.now() + datetime.timedelta(seconds=limit + 5)
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return later
+
+    import unittest.mock
+
+    with unittest.mock.patch("datetime.datetime", Clock):
+        assert tuning._running_elsewhere(study) == 0  # both have run 3x longer than any finished trial
 
 
 def test_killed_tune_resumes_without_redoing_finished_trials(tmp_path, monkeypatch):

@@ -176,6 +176,31 @@ def _reclaim_killed(study) -> int:
     return len(lost)
 
 
+def _running_elsewhere(study) -> int:
+    """Trials another worker is running now (they count towards the budget once they finish). A trial of this host
+    whose process is dead, or one running longer than 3x the longest finished trial (a worker lost on another
+    node), is not waited for: a lost worker never hangs the others."""
+    import datetime
+
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+            if t.datetime_complete is not None and t.datetime_start is not None]
+    limit = 3 * max(took, default=3600.0)
+    now, host, n = datetime.datetime.now(), socket.gethostname(), 0
+    for t in trials:
+        if t.state != TrialState.RUNNING or t.user_attrs.get("pid") == os.getpid():
+            continue
+        if t.user_attrs.get("host") == host and t.user_attrs.get("pid") is not None and \
+                not _alive(int(t.user_attrs["pid"])):
+            continue
+        if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > limit:
+            continue
+        n += 1
+    return n
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # this process is starting: a RUNNING trial of its pid is a former process's
@@ -222,12 +247,16 @@ def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, a
         import optuna
 
         point = _suggest(trial, axes_ref[0])
+        c0 = time.process_time()
 
         def on_check(step, check):  # the pruner's view of the trial: validation HM at each rung
             hm = trial_score(check["val_clean"], check["val_robust"])["hm"]
             trial.report(hm, step)
             if step < steps and trial.should_prune():
+                # what the pruned trial cost, for the method's compute
                 trial.set_user_attr("pruned_at", step)
+                trial.set_user_attr("train_steps", step)
+                trial.set_user_attr("cpu_seconds", round(time.process_time() - c0, 1))
                 echo(f"      {method.name} trial {trial.number} {point}: pruned at step {step} (validation HM "
                      f"{hm:.2f})")
                 raise optuna.TrialPruned(f"pruned at step {step}")
@@ -293,8 +322,14 @@ def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, o
     widenings = int(study.user_attrs.get("widenings", 0))
     while True:
         rows = study_rows(study)
-        if len(rows) < budget:
+        budget = int(study.user_attrs.get("budget", budget))  # another worker may have widened the space
+        axes_ref[0] = _space_of(study, name, proto)
+        running = _running_elsewhere(study)
+        if len(rows) + running < budget:
             study.optimize(objective, n_trials=1)
+            continue
+        if running:  # another worker's trials finish the budget: wait for them before selecting
+            time.sleep(10)
             continue
         best = select_trial(rows, threshold)
         sides = {} if best is None else {a.key: edge_side(a, rows[best]["point"][a.key]) for a in axes_ref[0]
