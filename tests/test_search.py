@@ -198,13 +198,13 @@ def test_a_worker_waits_only_for_live_trials_of_other_workers(tmp_path):
         t.set_user_attr("host", socket.gethostname())
         t.set_user_attr("pid", pid)
     assert tuning._running_elsewhere(study) == 1  # the parent process's trial only
+    other = study.ask()
+    other.set_user_attr("host", "another-node")
+    other.set_user_attr("pid", 1)
+    assert tuning._running_elsewhere(study) == 2  # no trial finished yet: nothing is too old to wait for
     done = study.ask()
     study.tell(done, 1.0)
-    old = study.ask()
-    old.set_user_attr("host", "another-node")
-    old.set_user_attr("pid", 1)
-    assert tuning._running_elsewhere(study) == 2
-    finished = study.get_trials()[-2]
+    finished = study.get_trials()[-1]
     limit = 3 * (finished.datetime_complete - finished.datetime_start).total_seconds()
     later = datetime.datetime.now() + datetime.timedelta(seconds=limit + 5)
 
