@@ -49,19 +49,28 @@ def test_resume_after_kill_is_bit_identical(recipe, tiny_classifier, tmp_path, d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_guard_skips_then_stops(tiny_classifier, tmp_path):
-    rec = create_recipe("ft", tiny_classifier)
-    orig = rec.training_step
-    calls = {"n": 0}
+def _patch_step(rec, change) -> dict:
+    """``rec.training_step`` calls ``change(out, n)`` on the n-th step's output (1-based); returns the call count."""
+    orig, calls = rec.training_step, {"n": 0}
 
-    def sometimes_nan(batch, ctx):
+    def step(batch, ctx):
         out = orig(batch, ctx)
         calls["n"] += 1
-        if calls["n"] in (2,) or calls["n"] >= 4:
-            out.loss = out.loss * float("nan")
+        change(out, calls["n"])
         return out
 
-    rec.training_step = sometimes_nan
+    rec.training_step = step
+    return calls
+
+
+def test_nan_guard_skips_then_stops(tiny_classifier, tmp_path):
+    rec = create_recipe("ft", tiny_classifier)
+
+    def sometimes_nan(out, n):
+        if n in (2,) or n >= 4:
+            out.loss = out.loss * float("nan")
+
+    _patch_step(rec, sometimes_nan)
     before = _weights(rec.model)
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite"):
         train(rec, _batches(8), TrainConfig(max_bad_steps=3, ckpt_every=1, **CFG), 8, tmp_path, progress=False)
@@ -253,18 +262,13 @@ def test_a_non_finite_gradient_under_a_finite_loss_is_skipped(tiny_classifier, t
     """0 * sqrt(0): a finite loss whose gradient is NaN (what a zero-weighted term with an unbounded derivative
     gives). The step is skipped and counted, the weights stay finite, and the run finishes."""
     rec = create_recipe("ft", tiny_classifier)
-    orig = rec.training_step
-    calls = {"n": 0}
 
-    def nan_gradient(batch, ctx):
-        out = orig(batch, ctx)
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def nan_gradient(out, n):
+        if n == 2:
             w = rec.model.visual.head.weight
             out.loss = out.loss + 0.0 * (w.sum() - w.sum()).abs().sqrt()  # value finite, d/dw = 0 * inf = NaN
-        return out
 
-    rec.training_step = nan_gradient
+    calls = _patch_step(rec, nan_gradient)
     res = train(rec, _batches(4), TrainConfig(max_bad_steps=3, **CFG), 4, tmp_path, progress=False)
     assert res.skipped_steps == 1 and calls["n"] == 4
     assert all(torch.isfinite(v).all() for v in rec.model.state_dict().values() if v.is_floating_point())
