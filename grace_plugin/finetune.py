@@ -140,9 +140,12 @@ def fine_tune(recipe: str, init: str | Path, data: str | Path, out: str | Path, 
               progress: bool = True, resume: bool = False, on_check=None) -> Path:
     """Fine-tune the CLIP ``init`` with ``recipe`` on the train split of shard set ``data``; write ``out``.
     ``on_check(step, {"val_clean", "val_robust", ...})``: called after each robust validation check
-    (``train.val_every``); it may raise to abandon the run (a pruned tuning trial)."""
+    (``train.val_every``) of a fresh run; it may raise to abandon the run (a pruned tuning trial)."""
     from .runfolder import check_output_dir, folder_lock
     from .runtime import init_distributed
+
+    if on_check is not None and resume:  # _Watched numbers the checks from step 0
+        raise ValueError("fine_tune: on_check counts validation checks from step 0; it cannot follow a resumed run")
 
     validate(cfg)  # library callers may build RunConfig by hand
 

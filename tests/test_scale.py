@@ -201,6 +201,9 @@ def test_real_validation_selects_and_records(tiny_clip_dir, tiny_world, tmp_path
     assert [c["step"] for c in checks] == [1, 3, 5]
     assert [s for s, _ in seen] == [2, 4, 6]
     assert [v for _, v in seen] == pytest.approx([c["val_robust"] for c in checks], abs=1e-3)
+    with pytest.raises(ValueError, match="resumed run"):  # its checks would be numbered from step 0
+        fine_tune("tecoa", tiny_clip_dir, tiny_world / "id", tmp_path / "run", cfg, progress=False, resume=True,
+                  on_check=lambda step, check: None)
     best = select_check(checks, "best_robust")
     sel = meta["selection"]
     assert sel["rule"] == "best_robust" and sel["step"] == best["step"] and sel["val_robust"] == best["val_robust"]

@@ -161,10 +161,8 @@ def _reclaim_killed(study) -> int:
     trials left by a dead process of this host are marked failed first. Returns how many were queued."""
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
+        if _dead_here(t):
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # Optuna has no public call for it
     done = set(study.user_attrs.get("requeued", []))
     lost = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
@@ -188,17 +186,20 @@ def _running_elsewhere(study) -> int:
     took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
             if t.datetime_complete is not None and t.datetime_start is not None]
     limit = 3 * max(took, default=3600.0)
-    now, host, n = datetime.datetime.now(), socket.gethostname(), 0
+    now, n = datetime.datetime.now(), 0
     for t in trials:
-        if t.state != TrialState.RUNNING or t.user_attrs.get("pid") == os.getpid():
-            continue
-        if t.user_attrs.get("host") == host and t.user_attrs.get("pid") is not None and \
-                not _alive(int(t.user_attrs["pid"])):
+        if t.state != TrialState.RUNNING or t.user_attrs.get("pid") == os.getpid() or _dead_here(t):
             continue
         if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > limit:
             continue
         n += 1
     return n
+
+
+def _dead_here(t) -> bool:
+    """A trial started by a process of this host that is no longer alive (killed under its trial)."""
+    pid = t.user_attrs.get("pid")
+    return t.user_attrs.get("host") == socket.gethostname() and pid is not None and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:
@@ -230,22 +231,19 @@ def study_rows(study) -> list[dict]:
 
 def _space_of(study, method: str, proto: dict) -> list[Axis]:
     """The method's current axes: tuning.yaml's, as widened so far (kept in the study)."""
-    saved = study.user_attrs.get("space")
-    if saved is not None:
-        return [Axis(k, choices=tuple(v)) if isinstance(v, list) else Axis(k, v["low"], v["high"])
-                for k, v in saved.items()]
-    return parse_space(method, (proto.get("space") or {}).get(method))
+    saved = study.user_attrs.get("space")  # Axis.record()s: tuning.yaml's own format
+    return parse_space(method, saved if saved is not None else (proto.get("space") or {}).get(method))
 
 
 def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, attack, threshold, progress, echo,
                axes_ref: list):
     from grace_plugin.trainer import TrainingDiverged
 
+    import optuna
+
     def objective(trial):
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        import optuna
-
         point = _suggest(trial, axes_ref[0])
         c0 = time.process_time()
 
@@ -316,13 +314,13 @@ def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, o
     killed = _reclaim_killed(study)
     if killed:
         echo(f"      {name}: {killed} trial(s) of a killed or interrupted run not counted; their points queued again")
-    axes_ref = [_space_of(study, name, proto)]
+    axes_ref: list = [[]]  # the current axes, read by the objective
     objective = objective_for(axes_ref)
-    budget = int(study.user_attrs.get("budget", budget0))
-    widenings = int(study.user_attrs.get("widenings", 0))
     while True:
         rows = study_rows(study)
-        budget = int(study.user_attrs.get("budget", budget))  # another worker may have widened the space
+        # space, budget and widenings live in the study: another worker may have widened the space
+        attrs = study.user_attrs
+        budget, widenings = int(attrs.get("budget", budget0)), int(attrs.get("widenings", 0))
         axes_ref[0] = _space_of(study, name, proto)
         running = _running_elsewhere(study)
         if len(rows) + running < budget:

@@ -127,26 +127,27 @@ def paired_samples_bootstrap(a: Spread | None, b: Spread | None, metric: str, ma
     if not common or any(not _has_samples(sa[s]) or not _has_samples(sb[s]) for s in common):
         return None
 
-    def arrays(src):
-        def arr(key):
-            return np.array([[c == "1" for c in src[s][key]] for s in common], dtype=float)
-        return {"id": arr("id"), "adv": arr("adv"),
-                "ood": {k: np.array([[c == "1" for c in src[s]["ood"][k]] for s in common], dtype=float)
-                        for k in sorted(src[common[0]]["ood"])}}
+    def arrays(src):  # (seeds, images) 0/1 arrays of each axis's sets
+        def arr(strings):
+            return np.array([[c == "1" for c in x] for x in strings], dtype=float)
+        return {"id": arr(src[s]["id"] for s in common), "adv": arr(src[s]["adv"] for s in common),
+                "ood": {k: arr(src[s]["ood"][k] for s in common) for k in sorted(src[common[0]]["ood"])}}
 
     da, db = arrays(sa), arrays(sb)
-    point = float(_metric(_axis_values(da, {}), metric).mean() - _metric(_axis_values(db, {}), metric).mean())
-    point -= margin
+
+    def value(d, rows, cols):  # the metric, mean over the resampled seeds, on the resampled images
+        d = {"id": d["id"][rows], "adv": d["adv"][rows], "ood": {k: v[rows] for k, v in d["ood"].items()}}
+        return _metric(_axis_values(d, cols), metric).mean()
+
+    every = np.arange(len(common))
+    point = float(value(da, every, {}) - value(db, every, {})) - margin
     sizes = {"id": da["id"].shape[1], "adv": da["adv"].shape[1],
              **{("ood", k): v.shape[1] for k, v in da["ood"].items()}}
     rng, S, stats = np.random.default_rng(seed), len(common), np.empty(n_boot)
     for i in range(n_boot):
         rows = rng.integers(0, S, size=S)
         cols = {k: rng.integers(0, n, size=n) for k, n in sizes.items()}
-        pick = {"id": da["id"][rows], "adv": da["adv"][rows], "ood": {k: v[rows] for k, v in da["ood"].items()}}
-        pick_b = {"id": db["id"][rows], "adv": db["adv"][rows], "ood": {k: v[rows] for k, v in db["ood"].items()}}
-        stats[i] = (_metric(_axis_values(pick, cols), metric).mean()
-                    - _metric(_axis_values(pick_b, cols), metric).mean())
+        stats[i] = value(da, rows, cols) - value(db, rows, cols)
     lo, hi = np.percentile(stats - margin, [2.5, 97.5])
     return Spread(point, float(lo), float(hi), S, kind="paired bootstrap 95%")
 

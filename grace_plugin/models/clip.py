@@ -235,7 +235,7 @@ def zero_shot_weights(bundle: ClipBundle, classnames: list[str], templates: list
     groups = [list(classnames[i:i + CLASSES_PER_BATCH]) for i in range(0, len(classnames), CLASSES_PER_BATCH)]
     mine = [c for g in groups[rank::world] for c in g]
     w = None
-    if mine:
+    if mine or world == 1:  # (one process: open_clip refuses an empty class list, as it always did)
         w = open_clip.build_zero_shot_classifier(bundle.clip, bundle.tokenizer(), mine, template_fns(templates),
                                                  num_classes_per_batch=CLASSES_PER_BATCH, device=device,
                                                  use_tqdm=False).t().contiguous().float().cpu()
