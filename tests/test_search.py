@@ -93,8 +93,9 @@ class _Stub:
     """``validation_trial`` with a known landscape: score peaks at lr = ``peak``; lr above ``collapse_above`` gives a
     higher score but a collapsed model; ``interrupt_at``: the n-th call is interrupted (Ctrl-C)."""
 
-    def __init__(self, peak=1e-3, collapse_above=None, interrupt_at=None, rungs=()):
+    def __init__(self, peak=1e-3, collapse_above=None, interrupt_at=None, rungs=(), robust=True):
         self.peak, self.collapse_above, self.interrupt_at, self.calls = peak, collapse_above, interrupt_at, []
+        self.robust = robust  # False: robust accuracy 0 at every point (a method like ft), so every HM is 0
         self.rungs = rungs  # steps at which the training's validation checks reach on_check
 
     def __call__(self, method, point, run_dir, *args, on_check=None, **kwargs):
@@ -103,14 +104,15 @@ class _Stub:
             raise KeyboardInterrupt
         lr = point["train.lr"]
         hm = 50.0 - 10.0 * abs(math.log10(lr / self.peak))
+        rob = hm if self.robust else 0.0
         for step in self.rungs:
             if on_check is not None:
-                on_check(step, {"val_clean": hm, "val_robust": hm})
+                on_check(step, {"val_clean": hm, "val_robust": rob})
         spread = 0.5
         if self.collapse_above is not None and lr > self.collapse_above:
-            hm, spread = 80.0, 0.99
-        return {"val_clean": hm, "val_robust": hm, "hm": hm, "mean": hm, "feature_spread": spread,
-                "train_steps": 10, "cpu_seconds": 1.0, "wall_seconds": 1.0}
+            hm, rob, spread = 80.0, 80.0 if self.robust else 0.0, 0.99
+        return {"val_clean": hm, "val_robust": rob, "hm": hm if self.robust else 0.0, "mean": (hm + rob) / 2,
+                "feature_spread": spread, "train_steps": 10, "cpu_seconds": 1.0, "wall_seconds": 1.0}
 
 
 def _run(tmp_path, stub, monkeypatch, proto_over=None, budget=6, prune_every=0):
@@ -146,6 +148,24 @@ def test_tuner_runs_the_budget_from_its_anchor_and_rescores(tmp_path, monkeypatc
     assert len(res["rescored"]) == 2 and len(stub.calls) == 6 + 2  # the top 2 trained on one more seed
     best = max(res["trials"], key=lambda r: r["score"])
     assert res["selected"] == best["trial"] and res["at_range_edge"] == []
+
+
+def test_a_method_without_robustness_is_tuned_on_its_clean_accuracy(tmp_path, monkeypatch):
+    """Robust accuracy 0 everywhere (HM 0 for every trial): the value Optuna sees still orders trials by their clean
+    accuracy (HM + 1e-4 x mean), so the sampler and the pruner have a signal and the best clean trial is selected."""
+    import optuna
+
+    from eval_suites.studies.tuning import TIE_WEIGHT
+
+    res = _run(tmp_path, _Stub(peak=1e-4, robust=False), monkeypatch)
+    rows = res["trials"]
+    assert all(r["hm"] == 0.0 for r in rows)
+    chosen = next(r for r in rows if r["trial"] == res["selected"])
+    assert chosen["val_clean"] == max(r["val_clean"] for r in rows)
+    study = optuna.load_study(study_name="m", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    for t in study.trials:
+        assert t.value == pytest.approx(TIE_WEIGHT * t.user_attrs["val_clean"] / 2)
 
 
 def test_edge_rule_widens_the_range_and_goes_on(tmp_path, monkeypatch):

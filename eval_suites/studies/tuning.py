@@ -59,6 +59,19 @@ def trial_score(clean: float | None, robust: float | None) -> dict:
     return {"hm": harmonic_mean([clean, robust]), "mean": (clean + robust) / 2}
 
 
+# The mean's weight in a trial's value: at most 0.01 points of HM, so it only orders trials whose HM ties.
+TIE_WEIGHT = 1e-4
+
+
+def trial_score_value(rec: dict) -> float | None:
+    """What Optuna (sampler, pruner) and the re-scoring see of a trial (``rec``: its ``hm`` and ``mean``): the HM plus
+    ``TIE_WEIGHT`` x the mean, so the trials of a method without robustness (HM 0 at every point: ft, wise_ft,
+    lora-ft) are still ordered by their clean accuracy instead of tying."""
+    if rec.get("hm") is None:
+        return None
+    return rec["hm"] + TIE_WEIGHT * (rec.get("mean") or 0.0)
+
+
 def select_trial(rows: list[dict], threshold: float) -> int | None:
     """Index of the selected row: among the selectable ones (finished, finite, not collapsed), the highest
     ``score`` (the mean over re-scored seeds where present), ties to the higher clean+robust mean, then the earlier
@@ -222,7 +235,8 @@ def study_rows(study) -> list[dict]:
             continue
         ua = t.user_attrs
         rows.append({"trial": t.number, "state": t.state.name.lower(), "point": dict(t.params),
-                     "score": t.value if t.state.name == "COMPLETE" else None,
+                     # from hm and mean (not t.value): a study stored before TIE_WEIGHT reads the same
+                     "score": trial_score_value(ua) if t.state.name == "COMPLETE" else None,
                      **{k: ua.get(k) for k in ("val_clean", "val_robust", "hm", "mean", "feature_spread",
                                                "collapsed", "diverged", "train_steps", "cpu_seconds",
                                                "wall_seconds", "anchor", "pruned_at")}})
@@ -248,8 +262,9 @@ def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, a
         c0 = time.process_time()
 
         def on_check(step, check):  # the pruner's view of the trial: validation HM at each rung
-            hm = trial_score(check["val_clean"], check["val_robust"])["hm"]
-            trial.report(hm, step)
+            sc = trial_score(check["val_clean"], check["val_robust"])
+            hm = sc["hm"]
+            trial.report(trial_score_value(sc), step)
             if step < steps and trial.should_prune():
                 # what the pruned trial cost, for the method's compute
                 trial.set_user_attr("pruned_at", step)
@@ -273,14 +288,16 @@ def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, a
         echo(f"      {method.name} trial {trial.number} {point}: val clean {res['val_clean']:.2f} robust "
              f"{res['val_robust']:.2f} spread {spread if spread is None else round(spread, 3)}"
              f"{' (collapsed: never selected)' if collapsed(spread, threshold) else ''}")
-        return res["hm"] if res["hm"] is not None else float("nan")
+        value = trial_score_value(res)
+        return value if value is not None else float("nan")
 
     return objective
 
 
 def _rescore(study, rows: list[dict], cfg: TuneConfig, proto: dict, run_trial, echo) -> None:
     """The top ``rescore_top`` selectable rows trained again on more seeds (results kept in the study, so a resumed
-    tune does not retrain them); each gets ``seed_score``, the mean score over its seeds."""
+    tune does not retrain them); each gets ``seed_score``, the mean value over its seeds, and ``seed_hm``, the mean
+    HM."""
     import statistics
 
     threshold = float(proto["collapse_spread"])
@@ -288,7 +305,7 @@ def _rescore(study, rows: list[dict], cfg: TuneConfig, proto: dict, run_trial, e
     top = sorted((r for r in rows if selectable(r, threshold)), key=lambda r: -r["score"])[
         :int(proto.get("rescore_top", 3))]
     for r in top:
-        scores = [r["score"]]
+        scores, hms = [r["score"]], [r["hm"]]
         for k in range(1, seeds):
             key = f"rescore/{r['trial']}/{k}"
             res = study.user_attrs.get(key)
@@ -297,9 +314,11 @@ def _rescore(study, rows: list[dict], cfg: TuneConfig, proto: dict, run_trial, e
                 study.set_user_attr(key, res)
                 echo(f"      trial {r['trial']} re-scored on seed {cfg.seed + k}: val clean {res['val_clean']:.2f} "
                      f"robust {res['val_robust']:.2f}")
-            scores.append(res["hm"] if res.get("hm") is not None and not collapsed(
+            scores.append(trial_score_value(res) if res.get("hm") is not None and not collapsed(
                 res.get("feature_spread"), threshold) else float("-inf"))
+            hms.append(res.get("hm"))
         r["seed_scores"] = scores
+        r["seed_hm"] = statistics.fmean(hms) if None not in hms else None
         r["seed_score"] = statistics.fmean(scores) if all(s > float("-inf") for s in scores) else float("-inf")
 
 
@@ -429,10 +448,11 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
             continue
         selected[name] = res["values"]
         b = res["best_row"]
+        seed_hm = b["hm"] if b.get("seed_hm") is None else b["seed_hm"]
         notes[name] = (f"{c['trials']} trials (Optuna TPE), {steps} steps, score hm, world {cfg.size}, seed "
                        f"{cfg.seed}: trial {res['selected']} val clean {b['val_clean']:.2f} robust "
                        f"{b['val_robust']:.2f} spread {b['feature_spread']:.3f}, mean HM over "
-                       f"{len(b.get('seed_scores') or [1])} seeds {b.get('seed_score', b['score']):.2f}; compute "
+                       f"{len(b.get('seed_scores') or [1])} seeds {seed_hm:.2f}; compute "
                        f"{c['cpu_seconds']:.0f} CPU-s ({time.strftime('%Y-%m-%d')})"
                        + (f"; edge: {', '.join(res['at_range_edge'])}" if res["at_range_edge"] else ""))
     doc = {"protocol": {k: v for k, v in proto.items() if k not in ("space", "anchors")}, "trials": trials,
