@@ -146,6 +146,10 @@ def test_tuner_runs_the_budget_from_its_anchor_and_rescores(tmp_path, monkeypatc
     assert all(1e-6 <= r["point"]["train.lr"] <= 1e-2 for r in res["trials"])
     assert res["compute"]["cpu_seconds"] == 6.0 and res["compute"]["trial_steps"] == 60
     assert len(res["rescored"]) == 2 and len(stub.calls) == 6 + 2  # the top 2 trained on one more seed
+    for r in res["rescored"]:  # each seed's validation result kept (the stub scores a point the same on any seed)
+        row = next(t for t in res["trials"] if t["trial"] == r["trial"])
+        assert sorted(r["seed_results"]) == [0, 1]
+        assert all(v["hm"] == row["hm"] and v["val_clean"] == row["val_clean"] for v in r["seed_results"].values())
     best = max(res["trials"], key=lambda r: r["score"])
     assert res["selected"] == best["trial"] and res["at_range_edge"] == []
 
@@ -166,6 +170,39 @@ def test_a_method_without_robustness_is_tuned_on_its_clean_accuracy(tmp_path, mo
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))))
     for t in study.trials:
         assert t.value == pytest.approx(TIE_WEIGHT * t.user_attrs["val_clean"] / 2)
+
+
+class _BrokenAbove(_Stub):
+    """No robustness at any sound lr (robust 0, clean peaks at 1e-4); above lr 1e-3 the run is broken: clean 10,
+    robust 7 (chance-like), so its HM (8.2) beats every sound run's HM of 0."""
+
+    def __call__(self, method, point, run_dir, *args, on_check=None, **kwargs):
+        res = super().__call__(method, point, run_dir, *args, on_check=on_check, **kwargs)
+        if point["train.lr"] > 1e-3:
+            res.update(val_clean=10.0, val_robust=7.0, hm=2 * 10 * 7 / 17, mean=8.5)
+        return res
+
+
+@pytest.mark.parametrize("score", ["hm", "clean"])
+def test_a_generalisation_baseline_is_selected_on_clean_accuracy(tmp_path, monkeypatch, score):
+    """tuning.yaml ``score: clean`` selects the best sound run of a method without robustness; under HM the broken
+    run would win (the reason the generalisation baselines are scored on clean top-1)."""
+    res = _run(tmp_path, _BrokenAbove(peak=1e-4, robust=False), monkeypatch,
+               {"score": {"m": score}, "anchors": {"m": [{"train.lr": 3e-5}, {"train.lr": 5e-3}]}})
+    chosen = next(r for r in res["trials"] if r["trial"] == res["selected"])
+    assert res["score"] == score
+    if score == "clean":
+        assert chosen["point"]["train.lr"] <= 1e-3 and chosen["val_clean"] == max(r["val_clean"] for r in res["trials"])
+    else:
+        assert chosen["point"]["train.lr"] > 1e-3 and chosen["val_clean"] == 10.0
+
+
+def test_a_study_refuses_a_changed_score(tmp_path, monkeypatch):
+    from grace_plugin.config import ConfigError
+
+    _run(tmp_path, _Stub(peak=1e-4), monkeypatch, budget=2)
+    with pytest.raises(ConfigError, match="score.m"):
+        _run(tmp_path, _Stub(peak=1e-4), monkeypatch, {"score": {"m": "clean"}}, budget=2)
 
 
 def test_edge_rule_widens_the_range_and_goes_on(tmp_path, monkeypatch):

@@ -63,13 +63,18 @@ def trial_score(clean: float | None, robust: float | None) -> dict:
 TIE_WEIGHT = 1e-4
 
 
-def trial_score_value(rec: dict) -> float | None:
-    """What Optuna (sampler, pruner) and the re-scoring see of a trial (``rec``: its ``hm`` and ``mean``): the HM plus
-    ``TIE_WEIGHT`` x the mean, so the trials of a method without robustness (HM 0 at every point: ft, wise_ft,
-    lora-ft) are still ordered by their clean accuracy instead of tying."""
-    if rec.get("hm") is None:
+def trial_score_value(rec: dict, score: str = "hm") -> float | None:
+    """What Optuna (sampler, pruner) and the re-scoring see of a trial (``rec``: its ``hm``, ``val_clean`` and
+    ``mean``). ``score``: ``hm`` (HM of validation clean and robust top-1) or ``clean`` (validation clean top-1, for a
+    method that does not train for robustness: tuning.yaml ``score``). Plus ``TIE_WEIGHT`` x the clean+robust mean,
+    which only orders trials whose score ties."""
+    base = rec.get("hm") if score == "hm" else rec.get("val_clean")
+    if base is None:
         return None
-    return rec["hm"] + TIE_WEIGHT * (rec.get("mean") or 0.0)
+    return base + TIE_WEIGHT * (rec.get("mean") or 0.0)
+
+
+SCORES = ("hm", "clean")
 
 
 def select_trial(rows: list[dict], threshold: float) -> int | None:
@@ -229,14 +234,14 @@ def _alive(pid: int) -> bool:
 
 def study_rows(study) -> list[dict]:
     """One row per counted trial (``_counted``): number, state, params and what the objective recorded."""
-    rows = []
+    score, rows = study.user_attrs.get("score", "hm"), []
     for t in study.get_trials(deepcopy=False):
         if not _counted(t):
             continue
         ua = t.user_attrs
         rows.append({"trial": t.number, "state": t.state.name.lower(), "point": dict(t.params),
-                     # from hm and mean (not t.value): a study stored before TIE_WEIGHT reads the same
-                     "score": trial_score_value(ua) if t.state.name == "COMPLETE" else None,
+                     # from the recorded results (not t.value): a study stored before TIE_WEIGHT reads the same
+                     "score": trial_score_value(ua, score) if t.state.name == "COMPLETE" else None,
                      **{k: ua.get(k) for k in ("val_clean", "val_robust", "hm", "mean", "feature_spread",
                                                "collapsed", "diverged", "train_steps", "cpu_seconds",
                                                "wall_seconds", "anchor", "pruned_at")}})
@@ -261,17 +266,19 @@ def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, a
         point = _suggest(trial, axes_ref[0])
         c0 = time.process_time()
 
-        def on_check(step, check):  # the pruner's view of the trial: validation HM at each rung
-            sc = trial_score(check["val_clean"], check["val_robust"])
-            hm = sc["hm"]
-            trial.report(trial_score_value(sc), step)
+        score = trial.study.user_attrs.get("score", "hm")
+
+        def on_check(step, check):  # the pruner's view of the trial: its validation score at each rung
+            sc = {"val_clean": check["val_clean"], **trial_score(check["val_clean"], check["val_robust"])}
+            value = trial_score_value(sc, score)
+            trial.report(value, step)
             if step < steps and trial.should_prune():
                 # what the pruned trial cost, for the method's compute
                 trial.set_user_attr("pruned_at", step)
                 trial.set_user_attr("train_steps", step)
                 trial.set_user_attr("cpu_seconds", round(time.process_time() - c0, 1))
-                echo(f"      {method.name} trial {trial.number} {point}: pruned at step {step} (validation HM "
-                     f"{hm:.2f})")
+                echo(f"      {method.name} trial {trial.number} {point}: pruned at step {step} (validation "
+                     f"{score} {value:.2f})")
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
         try:
@@ -288,7 +295,7 @@ def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, a
         echo(f"      {method.name} trial {trial.number} {point}: val clean {res['val_clean']:.2f} robust "
              f"{res['val_robust']:.2f} spread {spread if spread is None else round(spread, 3)}"
              f"{' (collapsed: never selected)' if collapsed(spread, threshold) else ''}")
-        value = trial_score_value(res)
+        value = trial_score_value(res, score)
         return value if value is not None else float("nan")
 
     return objective
@@ -296,16 +303,19 @@ def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, a
 
 def _rescore(study, rows: list[dict], cfg: TuneConfig, proto: dict, run_trial, echo) -> None:
     """The top ``rescore_top`` selectable rows trained again on more seeds (results kept in the study, so a resumed
-    tune does not retrain them); each gets ``seed_score``, the mean value over its seeds, and ``seed_hm``, the mean
-    HM."""
+    tune does not retrain them); each gets ``seed_score``, the mean value over its seeds, ``seed_mean``, the mean of
+    the score itself (HM or clean top-1), and ``seed_results``: per seed, its validation clean and robust top-1, HM
+    and feature spread."""
     import statistics
 
-    threshold = float(proto["collapse_spread"])
+    threshold, score = float(proto["collapse_spread"]), study.user_attrs.get("score", "hm")
     seeds = int(cfg.rescore_seeds if cfg.rescore_seeds is not None else proto.get("rescore_seeds", 3))
     top = sorted((r for r in rows if selectable(r, threshold)), key=lambda r: -r["score"])[
         :int(proto.get("rescore_top", 3))]
     for r in top:
-        scores, hms = [r["score"]], [r["hm"]]
+        keep = ("val_clean", "val_robust", "hm", "feature_spread")
+        base = "hm" if score == "hm" else "val_clean"
+        scores, hms, per_seed = [r["score"]], [r[base]], {cfg.seed: {k: r.get(k) for k in keep}}
         for k in range(1, seeds):
             key = f"rescore/{r['trial']}/{k}"
             res = study.user_attrs.get(key)
@@ -314,11 +324,12 @@ def _rescore(study, rows: list[dict], cfg: TuneConfig, proto: dict, run_trial, e
                 study.set_user_attr(key, res)
                 echo(f"      trial {r['trial']} re-scored on seed {cfg.seed + k}: val clean {res['val_clean']:.2f} "
                      f"robust {res['val_robust']:.2f}")
-            scores.append(trial_score_value(res) if res.get("hm") is not None and not collapsed(
+            scores.append(trial_score_value(res, score) if res.get("hm") is not None and not collapsed(
                 res.get("feature_spread"), threshold) else float("-inf"))
-            hms.append(res.get("hm"))
-        r["seed_scores"] = scores
-        r["seed_hm"] = statistics.fmean(hms) if None not in hms else None
+            hms.append(res.get(base))
+            per_seed[cfg.seed + k] = {f: res.get(f) for f in keep}
+        r["seed_scores"], r["seed_results"] = scores, per_seed
+        r["seed_mean"] = statistics.fmean(hms) if None not in hms else None
         r["seed_score"] = statistics.fmean(scores) if all(s > float("-inf") for s in scores) else float("-inf")
 
 
@@ -326,6 +337,13 @@ def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, o
                  echo) -> dict:
     """Run the method's study to its budget (widening edges), re-score the top trials; the method's result."""
     threshold = float(proto["collapse_spread"])
+    score = (proto.get("score") or {}).get(name, "hm")
+    if study.user_attrs.get("score", score) != score:
+        from grace_plugin.config import ConfigError
+
+        raise ConfigError(f"tuning.yaml: score.{name} is {score!r} but the study in --out was run on "
+                          f"{study.user_attrs['score']!r}; tune into a new --out")
+    study.set_user_attr("score", score)
     if not study.user_attrs.get("anchors_enqueued"):
         for point in (proto.get("anchors") or {}).get(name) or []:
             study.enqueue_trial(point, user_attrs={"anchor": True})
@@ -365,7 +383,8 @@ def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, o
     best = select_trial(rows, threshold)
     edges = [] if best is None else [a.key for a in axes_ref[0] if a.key in rows[best]["point"]
                                      and edge_side(a, rows[best]["point"][a.key])]
-    rescored = [{"trial": r["trial"], "seed_scores": r.get("seed_scores")} for r in rows if "seed_scores" in r]
+    rescored = [{"trial": r["trial"], "seed_scores": r.get("seed_scores"), "seed_results": r.get("seed_results")}
+                for r in rows if "seed_scores" in r]
     compute = {"trials": len(rows), "trial_steps": sum(r.get("train_steps") or 0 for r in rows),
                "cpu_seconds": round(sum(r.get("cpu_seconds") or 0 for r in rows), 1),
                "rescore_cpu_seconds": round(sum(v.get("cpu_seconds") or 0 for k, v in study.user_attrs.items()
@@ -373,7 +392,7 @@ def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, o
     return {"trials": rows, "selected": None if best is None else rows[best]["trial"],
             "values": None if best is None else dict(rows[best]["point"]), "at_range_edge": edges,
             "space": {a.key: a.record() for a in axes_ref[0]}, "widenings": widenings, "rescored": rescored,
-            "compute": compute, "collapsed": sum(bool(r.get("collapsed")) for r in rows),
+            "score": score, "compute": compute, "collapsed": sum(bool(r.get("collapsed")) for r in rows),
             "diverged": sum(bool(r.get("diverged")) for r in rows), "best_row": None if best is None else rows[best]}
 
 
@@ -395,6 +414,8 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
             raise ConfigError(f"unknown trainable method {name!r}; valid: "
                               f"{', '.join(n for n, m in methods.items() if m.recipe)}")
         axes = parse_space(name, (proto.get("space") or {}).get(name))  # every space checked before any work
+        if (proto.get("score") or {}).get(name, "hm") not in SCORES:
+            raise ConfigError(f"tuning.yaml: score.{name}: {proto['score'][name]!r} is not one of {', '.join(SCORES)}")
         for point in (proto.get("anchors") or {}).get(name) or []:
             bad = [k for k in point if not any(a.key == k and a.contains(point[k]) for a in axes)]
             if bad:
@@ -448,11 +469,12 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
             continue
         selected[name] = res["values"]
         b = res["best_row"]
-        seed_hm = b["hm"] if b.get("seed_hm") is None else b["seed_hm"]
-        notes[name] = (f"{c['trials']} trials (Optuna TPE), {steps} steps, score hm, world {cfg.size}, seed "
-                       f"{cfg.seed}: trial {res['selected']} val clean {b['val_clean']:.2f} robust "
-                       f"{b['val_robust']:.2f} spread {b['feature_spread']:.3f}, mean HM over "
-                       f"{len(b.get('seed_scores') or [1])} seeds {seed_hm:.2f}; compute "
+        base = b["hm"] if res["score"] == "hm" else b["val_clean"]
+        seed_mean = base if b.get("seed_mean") is None else b["seed_mean"]
+        notes[name] = (f"{c['trials']} trials (Optuna TPE), {steps} steps, score {res['score']}, world {cfg.size}, "
+                       f"seed {cfg.seed}: trial {res['selected']} val clean {b['val_clean']:.2f} robust "
+                       f"{b['val_robust']:.2f} spread {b['feature_spread']:.3f}, mean {res['score']} over "
+                       f"{len(b.get('seed_scores') or [1])} seeds {seed_mean:.2f}; compute "
                        f"{c['cpu_seconds']:.0f} CPU-s ({time.strftime('%Y-%m-%d')})"
                        + (f"; edge: {', '.join(res['at_range_edge'])}" if res["at_range_edge"] else ""))
     doc = {"protocol": {k: v for k, v in proto.items() if k not in ("space", "anchors")}, "trials": trials,
@@ -476,15 +498,17 @@ def _tuning_markdown(doc: dict, threshold: float) -> str:
 
     lines = [f"# Tuning (Optuna TPE, {doc['trials']} trials per method, {doc['steps']} steps, scored on a validation "
              "split held out of ID train)", "",
-             f"Score: HM of validation clean and robust top-1. A trial whose feature spread is >= {threshold} is "
-             "collapsed; collapsed and diverged trials are recorded and never selected.", "",
-             "| method | trials | trial-steps | CPU-s | collapsed | diverged | selected | values | edge |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "Score: HM of validation clean and robust top-1, or clean top-1 for a method scored on it (`score` "
+             f"column; tuning.yaml `score`). A trial whose feature spread is >= {threshold} is collapsed; collapsed "
+             "and diverged trials are recorded and never selected.", "",
+             "| method | score | trials | trial-steps | CPU-s | collapsed | diverged | selected | values | edge |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, res in doc["methods"].items():
         c = res["compute"]
         vals = _values(res["values"] or {})
-        lines.append(f"| {name} | {c['trials']} | {c['trial_steps']} | {c['cpu_seconds']:.0f} | {res['collapsed']} | "
-                     f"{res['diverged']} | {'-' if res['selected'] is None else res['selected']} | {vals} | "
+        lines.append(f"| {name} | {res.get('score', 'hm')} | {c['trials']} | {c['trial_steps']} | "
+                     f"{c['cpu_seconds']:.0f} | {res['collapsed']} | {res['diverged']} | "
+                     f"{'-' if res['selected'] is None else res['selected']} | {vals} | "
                      f"{', '.join(res['at_range_edge']) or 'none'} |")
     lines += ["", "| method | trial | state | values | val clean | val robust | HM | spread | selected |",
               "|---|---:|---|---|---:|---:|---:|---:|---|"]
