@@ -111,6 +111,13 @@ def test_study_tune_writes_selected_values_as_data(study_dir, tmp_path, monkeypa
     assert main(args) == 0  # resumed: the study already holds its budget
     assert {p: p.stat().st_mtime for p in (out / "trials" / "ft").rglob("model.safetensors")} == mtimes
     assert json.loads((out / "tuning.json").read_text())["methods"]["ft"]["values"] == ft["values"]
+    # published: `grace results --add` turns the tuning folder into a page of its own world
+    data, pages = tmp_path / "data", tmp_path / "results"
+    assert main(["results", "--add", str(out), "--data", str(data), "--out", str(pages), "--mkdocs", ""]) == 0
+    page = (pages / "tuning-small-seed0.md").read_text()
+    assert page.startswith("<!-- generated") and "# Tuning, world small seed 0" in page
+    assert f"| ft | clean | 3 | {ft['compute']['trial_steps']} |" in page
+    assert sum(line.startswith("| ft | ") for line in page.splitlines()) == 1 + 3  # the summary and every trial
 
 
 @pytest.mark.slow  # about 3 minutes on 2 cores (Hessian power iteration and an attack per row)

@@ -36,27 +36,32 @@ def _kind(doc: dict) -> str | None:
         return "table"
     if isinstance(doc, dict) and "study" in doc and "rows" in doc:
         return "study"
+    if isinstance(doc, dict) and {"protocol", "methods", "trials"} <= set(doc):
+        return "tuning"  # ``grace study tune``'s tuning.json
     if isinstance(doc, dict) and "rows" in doc and "definition" in doc and "world" in doc:
         return "quickstart"  # (``grace report``'s summary.json has rows too, but no world: not a quickstart)
     return None
 
 
 def add_source(path: str | Path, data_dir: str | Path) -> Path:
-    """Copy a quickstart folder's ``summary.json``, a study folder's ``study.json`` or a bench JSON into
-    ``data_dir`` under the name its page will have."""
+    """Copy a quickstart folder's ``summary.json``, a study folder's ``study.json``, a tuning folder's
+    ``tuning.json`` or a bench JSON into ``data_dir`` under the name its page will have."""
     p = Path(path)
-    f = next((p / n for n in ("study.json", "summary.json") if (p / n).is_file()), None) if p.is_dir() else p
+    f = next((p / n for n in ("study.json", "summary.json", "tuning.json") if (p / n).is_file()), None) \
+        if p.is_dir() else p
     if f is None or not f.is_file():
-        raise UsageError(f"{p}: no study.json, summary.json or bench JSON to add")
+        raise UsageError(f"{p}: no study.json, summary.json, tuning.json or bench JSON to add")
     doc = read_json(f)
     kind = _kind(doc)
     if kind is None:
-        raise UsageError(f"{f}: not a study.json, quickstart summary.json or bench/step_cost.py --json output")
+        raise UsageError(f"{f}: not a study.json, quickstart summary.json, tuning.json or bench JSON")
     if kind == "bench":  # named by what was measured, so another machine's run gets a page of its own
         device = re.sub(r"[^a-z0-9]+", "-", str(doc.get("device")).lower()).strip("-")
         name = f"bench-step_cost-{device}-{doc.get('arch')}-b{doc.get('batch')}.json"
     elif kind == "table":
         name = f"bench-{re.sub(r'[^a-z0-9_]+', '-', str(doc['name']).lower())}.json"
+    elif kind == "tuning":  # one page per world
+        name = f"tuning-{doc.get('size')}-seed{doc.get('seed')}.json"
     else:
         name = "quickstart.json" if kind == "quickstart" else f"study-{doc.get('study')}.json"
     dest = Path(data_dir) / name
@@ -133,7 +138,11 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
         from .runner import study_markdown
 
         return study_markdown(doc)
-    raise UsageError("not a study.json, quickstart summary.json or bench/step_cost.py --json output")
+    if kind == "tuning":
+        from .tuning import tuning_markdown
+
+        return tuning_markdown(doc)
+    raise UsageError("not a study.json, quickstart summary.json, tuning.json or bench JSON")
 
 
 def _set_nav(mkdocs_yml: Path, pages: list[str]) -> None:
