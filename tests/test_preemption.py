@@ -173,10 +173,13 @@ def test_two_ranks_agree_on_the_step_when_one_is_signalled(tiny_clip_dir, tiny_w
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     seen = _wait_for_steps(procs, out, 3)
     procs[1].send_signal(signal.SIGUSR1)  # only rank 1 is told (sbatch --signal=USR1@120 reaches every task)
+    logged = _logged_steps(out)  # rank 0 logged at most this many steps when the signal was sent
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [PREEMPTED_EXIT] * 2, errs
     state = torch.load(partial_dir(out) / "train_state.pt", weights_only=False)
-    assert seen <= state["step"] <= seen + 1 and set(state["cursors"]) == {0, 1}
+    # rank 1 may already have sent its flag for the step rank 0 is computing (one step ahead of rank 0's log), so
+    # the agreed stop comes after that step or the next one
+    assert seen <= state["step"] <= logged + 2 and set(state["cursors"]) == {0, 1}, (seen, logged, state["step"])
 
 
 def test_a_preempted_study_exits_75_in_one_line(monkeypatch, capsys, tmp_path):
