@@ -156,3 +156,8 @@ def test_results_add_a_bench_table(tmp_path):
     page = (out / "bench-grace_corners.md").read_text()
     assert "# Corners" in page and "a note" in page
     assert "| 0.005 | finished | 0.1235 |" in page and "| 0.05 | diverged: a\\|b | - |" in page
+    # a bench that wrote its JSON straight into the data folder (--json docs/results/data/...) is added in place
+    placed = data / "bench-grace_corners.json"
+    placed.write_text(src.read_text().replace('"Corners"', '"Corners again"'))
+    assert main(["results", "--add", str(placed), "--data", str(data), "--out", str(out), "--mkdocs", ""]) == 0
+    assert "# Corners again" in (out / "bench-grace_corners.md").read_text()

@@ -66,7 +66,8 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
         name = "quickstart.json" if kind == "quickstart" else f"study-{doc.get('study')}.json"
     dest = Path(data_dir) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(f, dest)
+    if not (dest.exists() and dest.samefile(f)):  # a bench may write its JSON straight into data_dir
+        shutil.copyfile(f, dest)
     return dest
 
 
