@@ -137,9 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true")
 
     st = sub.add_parser("study", help="a named study on the testbed (configs/testbed/studies.yaml: table6, table7, "
-                        "table8, geometry, cost) with verdicts on the paper's claims; or `study tune`: the tuning "
-                        "protocol")
-    st.add_argument("name", help="study name (table6, table7, table8, geometry, cost) or 'tune'")
+                        "table8, geometry, shift, cost) with verdicts on the paper's claims; or `study tune`: the "
+                        "tuning protocol")
+    st.add_argument("name", help="study name (table6, table7, table8, geometry, shift, cost) or 'tune'")
     st.add_argument("--out", help="output folder (default studies/NAME)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--seeds", default="1", help="seeds per row: N (seeds seed..seed+N-1), or a list/range of run "

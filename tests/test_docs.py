@@ -130,6 +130,15 @@ def test_results_add_and_regenerate_a_study_and_a_bench(tmp_path):
     assert "| ft | 10.0 | 1.00 | - | 400 | - | - |" in (out / "bench-step_cost-cpu-tiny-b4.md").read_text()
     assert "# Study table6" in (out / "study-table6.md").read_text()
     assert "[Study table6](study-table6.md)" in (out / "index.md").read_text()
+    world1 = tmp_path / "studies" / "table6-world1"  # the same study on a second world: a page of its own
+    world1.mkdir()
+    doc = json.loads((study / "study.json").read_text())
+    (world1 / "study.json").write_text(json.dumps(dict(doc, world_seed=1, seeds=[1])))
+    assert main(["results", "--add", str(world1), "--data", str(data), "--out", str(out), "--mkdocs", ""]) == 0
+    assert "# Study table6, world seed 1" in (out / "study-table6-world1.md").read_text()
+    assert "# Study table6\n" in (out / "study-table6.md").read_text()  # world 0's page untouched
+    (data / "study-table6-world1.json").unlink()
+    (out / "study-table6-world1.md").unlink()
     summary = tmp_path / "report" / "summary.json"  # grace report's: rows, but not a quickstart's
     summary.parent.mkdir()
     summary.write_text(json.dumps({"definition": "strict", "rows": []}))

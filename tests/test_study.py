@@ -80,6 +80,43 @@ def test_study_rerun_reuses_finished_runs_and_evaluations(study_dir, capsys, mon
     assert not studies.finished_run_matches(run, "grace_lite", to_dict(cfg))
 
 
+def test_study_shift_smoke_keeps_the_attacked_evaluation_apart(study_dir):
+    """The shift study: each run's FRAMES-style table beside its axes; the shift suite's accuracies are the ID and
+    OOD suites' on the same images; its evaluation is cached apart from the attacked one, so a re-run (or a table6
+    folder's copied evaluations) evaluates nothing again."""
+    out = study_dir / "shift"
+    args = ["study", "shift", "--methods", "zero-shot,ft", "--out", str(out), "--n-adv", "8"] + TINY
+    assert main(args) == 0
+    doc = json.loads((out / "study.json").read_text())
+    assert doc["world_seed"] == 0 and doc["verdicts"] == []
+    for name in ("zero-shot", "ft"):
+        run = doc["rows"][name]["runs"][0]
+        sh = run["shift"]
+        assert sh["id_acc"] == pytest.approx(run["axes"]["id"]), name
+        assert set(sh["acc"]) == {k for k in run["datasets"] if k != "id"} and len(sh["acc"]) == 4
+        for s, acc in sh["acc"].items():
+            assert acc == pytest.approx(run["datasets"][s]), (name, s)
+            assert sh["drop"][s] == pytest.approx(run["axes"]["id"] - acc)
+        assert all(d > 0 for d in sh["distance"]["image"].values())
+        assert (out / "evals" / name / "seed0.json").is_file() and (out / "evals" / name / "seed0.shift.json").is_file()
+    md = (out / "study.md").read_text()
+    assert "## Shift (FRAMES-style)" in md and "| rho (pre-trained distance, drop) |" in md
+    before = (out / "evals" / "ft" / "seed0.shift.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "evals" / "ft" / "seed0.shift.json").stat().st_mtime_ns == before
+    # the folder copied elsewhere (as a geometry or shift study starts from a table6 folder): nothing again
+    import eval_suites.studies.runner as studies
+    import grace_plugin.finetune as finetune
+
+    copy = study_dir / "shift-copy"
+    shutil.copytree(out, copy)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(finetune, "fine_tune", lambda *a, **k: pytest.fail("trained again"))
+        mp.setattr(studies, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+        assert main(args[:5] + [str(copy)] + args[6:]) == 0
+    assert json.loads((copy / "study.json").read_text())["rows"]["ft"]["shift"] == doc["rows"]["ft"]["shift"]
+
+
 def test_study_unknown_name_is_a_one_line_error(study_dir, capsys):
     assert main(["study", "table9", "--out", str(study_dir / "x")] + TINY) == 2
     err = capsys.readouterr().err

@@ -4,7 +4,8 @@ Sources are copies of outputs, kept in ``docs/results/data/``:
 
 - ``quickstart.json``: a quickstart's ``summary.json`` (its rows under the ``strict`` and ``paper`` definitions and
   the column legend);
-- ``study-<name>.json``: a study's ``study.json`` (``grace study NAME``), rendered by the study's own markdown;
+- ``study-<name>.json``: a study's ``study.json`` (``grace study NAME``), rendered by the study's own markdown
+  (``study-<name>-world<k>.json`` for a study on world seed k > 0);
 - ``bench-<name>.json``: ``bench/step_cost.py --json`` rows, with ``bench-<name>.txt`` (the full output of the run,
   e.g. ``bench/gpu_check.sh``'s table) shown beside it when present; or a bench's table (``"bench": "table"``:
   ``bench/lora_capacity.py``, ``bench/grace_corners.py``).
@@ -63,7 +64,9 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
     elif kind == "tuning":  # one page per world
         name = f"tuning-{doc.get('size')}-seed{doc.get('seed')}.json"
     else:
-        name = "quickstart.json" if kind == "quickstart" else f"study-{doc.get('study')}.json"
+        world = doc.get("world_seed") or 0  # a second world's study gets a page of its own
+        name = "quickstart.json" if kind == "quickstart" else \
+            f"study-{doc.get('study')}{f'-world{world}' if world else ''}.json"
     dest = Path(data_dir) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not (dest.exists() and dest.samefile(f)):  # a bench may write its JSON straight into data_dir

@@ -1,9 +1,10 @@
 """``grace study NAME``: a named study on the testbed (rows, seeds, paper rows beside ours, verdicts on the claims).
 
 Studies are data (configs/testbed/studies.yaml): ``table6``, ``table7``, ``table8`` (GRACE's ablation, built from the
-composable components of the ``grace`` recipe) and ``geometry``. Each row is a method of methods.yaml trained with
-its testbed settings (and the values ``grace study tune`` selected, tuned.yaml) for each seed, then evaluated on
-the world's ID, OOD and adversarial axes (and, for ``geometry``, the geometry suite). Written under ``out``:
+composable components of the ``grace`` recipe), ``geometry`` and ``shift``. Each row is a method of methods.yaml
+trained with its testbed settings (and the values ``grace study tune`` selected, tuned.yaml) for each seed, then
+evaluated on the world's ID, OOD and adversarial axes (and, for ``geometry`` / ``shift``, that suite, cached apart
+so those studies reuse the attacked evaluations of runs copied from another study's folder). Written under ``out``:
 ``study.json`` (every run, every aggregate, the verdicts), ``study.md`` and ``study.png`` (trade-off with error bars;
 the geometry study plots its metrics).
 
@@ -51,9 +52,11 @@ class StudyConfig:
 
 
 # ------------------------------------------------------------------------------------------ evaluation adapter
-def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool, reference: Path) -> dict:
+def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, extra: str | None, reference: Path) -> dict:
     """One model's report (``report.json`` schema, from the one evaluation engine ``suites.run_suites``) on the
-    testbed; with ``geometry`` the geometry suite's result under ``report["suites"]["geometry"]``."""
+    testbed: ID, OOD and the attacks; with ``extra`` (``geometry``, ``shift``) ID, OOD and that suite alone (its
+    result under ``report["suites"][extra]``), so a geometry or shift study reuses another study's attacked
+    evaluations of the same runs."""
     from grace_plugin.runtime import resolve_device
     from registry import load_model
 
@@ -63,8 +66,9 @@ def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool, ref
 
     device = str(resolve_device(cfg.device))
     loaded = load_model(spec, device=device)
-    names = ["id"] + [f"ood:{n}" for n in OOD_SETS] + [f"adv:{a}" for a in cfg.attack.split(",")] + \
-        (["geometry"] if geometry else [])
+    names = ["id"] + [f"ood:{n}" for n in OOD_SETS] + \
+        ([f"adv:{a}" for a in cfg.attack.split(",")] if extra is None else [extra])
+    geometry = extra == "geometry"
     ctx = SuiteContext(id_set=("id", data / "id"), data_root=data, eps=cfg.eps, n_adv=cfg.n_adv, device=device,
                        seed=seed, reference=str(reference) if geometry else None, n_geometry=cfg.n_geometry,
                        geometry_iters=cfg.geometry_iters)
@@ -85,7 +89,7 @@ def _paper_axes(report: dict) -> dict:
 
 
 def _run_record(report: dict) -> dict:
-    """Axes, each run's intervals (Wilson 95% on ID and Adv), paper-definition axes, geometry metrics."""
+    """Axes, each run's intervals (Wilson 95% on ID and Adv), paper-definition axes, per-sample results."""
     axes = dict(report["axes"])
     ds = report.get("datasets") or {}
     ci = report["definitions"]["strict"].get("ci95") or {}
@@ -99,19 +103,26 @@ def _run_record(report: dict) -> dict:
            "per_sample": {"id": id_set.get("per_sample"),
                           "ood": {k: v.get("per_sample") for k, v in ds.items() if v.get("role") == "ood"},
                           "adv": (report.get("adversarial") or {}).get("robust_per_sample")}}
-    g = (report.get("suites") or {}).get("geometry")
-    if g:
-        cc = {k: v for k, v in g["centroid_cosine"].items() if v is not None}
-        dl = {k: v for k, v in g["delta_lid"].items() if v is not None}
-        ood_c = [v for k, v in cc.items() if k != "adv"]
-        ood_l = [v for k, v in dl.items() if k != "adv"]
-        rec["geometry"] = {"lambda_max": g["hessian_top_eigenvalue"],
-                           "centroid_ood": statistics.fmean(ood_c) if ood_c else None,
-                           "centroid_adv": cc.get("adv"),
-                           "dlid_ood": statistics.fmean(ood_l) if ood_l else None,
-                           "dlid_adv": dl.get("adv"), "drift": g.get("parameter_drift"),
-                           "centroid_cosine": cc, "delta_lid": dl}
     return rec
+
+
+def _extra_record(report: dict, extra: str) -> dict:
+    """A run's ``geometry`` metrics or ``shift`` table from an extra suite's report."""
+    g = (report.get("suites") or {}).get(extra)
+    if extra == "shift":
+        from .shift_table import shift_record
+
+        return {"shift": shift_record(g)}
+    cc = {k: v for k, v in g["centroid_cosine"].items() if v is not None}
+    dl = {k: v for k, v in g["delta_lid"].items() if v is not None}
+    ood_c = [v for k, v in cc.items() if k != "adv"]
+    ood_l = [v for k, v in dl.items() if k != "adv"]
+    return {"geometry": {"lambda_max": g["hessian_top_eigenvalue"],
+                         "centroid_ood": statistics.fmean(ood_c) if ood_c else None,
+                         "centroid_adv": cc.get("adv"),
+                         "dlid_ood": statistics.fmean(ood_l) if ood_l else None,
+                         "dlid_adv": dl.get("adv"), "drift": g.get("parameter_drift"),
+                         "centroid_cosine": cc, "delta_lid": dl}}
 
 
 def _training_record(run_dir: Path) -> dict:
@@ -183,7 +194,7 @@ def _same_config(saved_file: Path, recipe: str, resolved: dict) -> bool:
     return norm(saved) == norm(resolved)
 
 
-def _eval_signature(spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool) -> dict:
+def _eval_signature(spec, data: Path, cfg: StudyConfig, seed: int, extra: str | None) -> dict:
     """What one study evaluation depends on: the model files (sizes and mtimes), the world, the suite settings."""
     from grace_plugin.runtime import resolve_device
 
@@ -191,22 +202,37 @@ def _eval_signature(spec, data: Path, cfg: StudyConfig, seed: int, geometry: boo
     files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(spec.glob("*.safetensors"))}
     world = data / "world.json"
     return {"model": str(spec), "files": files, "world": world.read_text() if world.is_file() else None,
-            "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "seed": seed, "geometry": geometry,
+            "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "seed": seed, "geometry": extra == "geometry",
             "n_geometry": cfg.n_geometry, "geometry_iters": cfg.geometry_iters,
-            "device": str(resolve_device(cfg.device))}  # the device used ("auto" is CPU here, CUDA there)
+            "device": str(resolve_device(cfg.device)),  # the device used ("auto" is CPU here, CUDA there)
+            **({"extra": extra} if extra else {})}
 
 
-def _cached_evaluate(cache: Path, spec, data: Path, cfg: StudyConfig, seed: int, geometry: bool,
+def _model_key(path: str) -> str:
+    """A model's place in its study folder (``runs/<row>/seed<k>``, or ``pretrained``): a study folder copied to
+    another place (a geometry or shift study started from a table6 folder) keeps its evaluations; the files' sizes
+    and mtimes in the signature still tell another model apart."""
+    parts = Path(path).parts
+    i = max((j for j, p in enumerate(parts) if p == "runs"), default=None)
+    return "/".join(parts[i:]) if i is not None else Path(path).name
+
+
+def _same_signature(saved: dict | None, sig: dict) -> bool:
+    return isinstance(saved, dict) and {**saved, "model": _model_key(str(saved.get("model")))} == \
+        {**sig, "model": _model_key(sig["model"])}
+
+
+def _cached_evaluate(cache: Path, spec, data: Path, cfg: StudyConfig, seed: int, extra: str | None,
                      reference: Path) -> tuple[dict, bool]:
     """``_evaluate``, or its saved report when the signature is unchanged; (report, reused)."""
     from grace_plugin.tensor_io import atomic_write_text
 
-    sig = json.loads(json.dumps(_eval_signature(spec, data, cfg, seed, geometry), default=str))
+    sig = json.loads(json.dumps(_eval_signature(spec, data, cfg, seed, extra), default=str))
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("signature") == sig:
+        if _same_signature(saved.get("signature"), sig):
             return saved["report"], True
-    report = _evaluate(spec, data, cfg, seed, geometry, reference)
+    report = _evaluate(spec, data, cfg, seed, extra, reference)
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, json.dumps({"signature": sig, "report": report}, default=str) + "\n")
     return report, False
@@ -231,6 +257,10 @@ def aggregate_runs(runs: list[dict]) -> dict:
         agg["feature_spread_std"] = std
     if runs and all("geometry" in r for r in runs):
         fill("geometry", GEOMETRY_METRICS)
+    if runs and all("shift" in r for r in runs):
+        from .shift_table import aggregate_shift
+
+        agg["shift"] = aggregate_shift(runs)
     return agg
 
 
@@ -320,7 +350,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     seeds = list(cfg.run_seeds) if cfg.run_seeds else [cfg.seed + i for i in range(max(1, cfg.seeds))]
     trained = sorted({methods[r["method"]].recipe for r in rows if methods[r["method"]].recipe})
     user = _user_overrides(cfg.overrides, trained) if trained else {}
-    geometry = bool(study.get("geometry"))
+    extras = [k for k in ("geometry", "shift") if study.get(k)]  # suites run beside the axes, cached apart
     results: dict[str, dict] = {}
     counts = {"reused": 0, "resumed": 0, "trained": 0}
     echo(f"[3/4] {cfg.name}: {len(rows)} rows x seeds {seeds} ({cfg.steps} steps each)")
@@ -351,10 +381,15 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
                         continue
                 spec = run_dir
             cache = out / "evals" / m.name / f"seed{seed}.json"
-            report, reused = _cached_evaluate(cache, spec, data, cfg, seed, geometry, pretrained)
+            report, reused = _cached_evaluate(cache, spec, data, cfg, seed, None, pretrained)
+            rec = {"seed": seed, "run": str(spec), **_run_record(report)}
+            for extra in extras:
+                report, again = _cached_evaluate(cache.with_name(f"seed{seed}.{extra}.json"), spec, data, cfg, seed,
+                                                 extra, pretrained)
+                rec.update(_extra_record(report, extra))
+                reused = reused and again
             how = "evaluation reused (same model and settings)" if reused else "evaluated"
             echo(f"      {m.name} seed {seed}: {how}")
-            rec = {"seed": seed, "run": str(spec), **_run_record(report)}
             if run_dir is not None:
                 rec["training"] = _training_record(run_dir)
             runs.append(rec)
@@ -371,7 +406,8 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     verdicts = [evaluate_claim(c, spreads) for c in claims]
     paired = _paired_table(spreads, study.get("paired_reference"))
     refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
-    doc = {"study": cfg.name, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods, "size": cfg.size,
+    doc = {"study": cfg.name, "world_seed": cfg.seed, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods,
+           "size": cfg.size,
            "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results,
            "verdicts": verdicts, "claims_omitted": omitted,
            "paired_reference": study.get("paired_reference"), "paired": paired,
@@ -413,8 +449,10 @@ def _label(row: dict, seeds: list[int]) -> str:
 
 def study_markdown(doc: dict) -> str:
     rows, seeds = doc["rows"], doc["seeds"]
-    lines = [f"# Study {doc['study']}", "",
-             f"{len(seeds)} seed(s) {seeds}, {doc['steps']} steps per run, world size {doc['size']}, "
+    world = doc.get("world_seed") or 0
+    lines = [f"# Study {doc['study']}" + (f", world seed {world}" if world else ""), "",
+             f"{len(seeds)} seed(s) {seeds}, {doc['steps']} steps per run, world size {doc['size']} "
+             f"(seed {doc.get('world_seed', 0)}), "
              f"{doc['seconds']:.0f} s. Values: mean ± sample std over seeds.", "",
              "## Ours (our column definitions)", "",
              f"Columns: {doc['column_definitions']['ours']}. Feature spread: the mean cosine between the features of "
@@ -445,6 +483,9 @@ def study_markdown(doc: dict) -> str:
         for r in rows.values():
             g = r.get("geometry") or {}
             lines.append(f"| {r['label']} | " + " | ".join(_cell(g, k, 4) for k in GEOMETRY_METRICS) + " |")
+    from .shift_table import shift_markdown
+
+    lines += shift_markdown(rows)
     lines += ["", "## Verdicts", "",
               "A comparison of two rows with per-sample results (same seeds, same images) is decided on the 95% "
               "percentile bootstrap interval of their paired difference (minus the claim's margin), resampling "

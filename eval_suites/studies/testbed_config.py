@@ -98,7 +98,7 @@ def load_methods(d: Path | None = None) -> dict[str, Method]:
     return out
 
 
-_STUDY_KEYS = {"paper_table", "rows", "claims", "geometry", "paired_reference"}
+_STUDY_KEYS = {"paper_table", "rows", "claims", "geometry", "shift", "paired_reference"}
 _ROW_KEYS = {"method", "label", "paper"}
 
 
