@@ -23,8 +23,9 @@ import json
 import time
 from pathlib import Path
 
-# the switches Table 8's rows use (configs/testbed/methods.yaml: ablation-lar-rho0 is the core)
-VARIANTS = {"core": {"recipe.awp": "zero", "recipe.gram_volume": False}, "no-gv": {"recipe.gram_volume": False}}
+# each variant is a Table 8 row of configs/testbed/methods.yaml (its `set` switches, read from there): the core is
+# "+ L_LAR at rho = 0", no-gv is "+ LAR-AWP, curvature curriculum"
+VARIANTS = {"core": "ablation-lar-rho0", "no-gv": "ablation-awp-curriculum"}
 KEEP = ("val_clean", "val_robust", "hm", "feature_spread")
 
 
@@ -64,7 +65,11 @@ def main() -> None:
     if lora and lora.get("selected") is not None and lora.get("rescored"):
         rows += [{"model": "LoRA-TeCoA (tuned)", "seed": s, **{k: r.get(k) for k in KEEP}}
                  for s, r in sorted(_seed_results(lora).items())]
+    unknown = [n for n in args.variants.split(",") if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
     for name in args.variants.split(","):
+        switches = methods[VARIANTS[name]].set
         for seed in sorted(ours):
             run = tune / "trials" / "grace-variants" / f"{name}-seed{seed}"
             cached = run.parent / f"{run.name}.json"
@@ -74,11 +79,11 @@ def main() -> None:
                 # the tuning's own training settings (its seed and validation checks: the same training as GRACE's)
                 over = {"train": {"seed": seed, "device": "cpu", **(prune if prune["val_every"] else {})}}
                 t0 = time.time()
-                res = validation_trial(methods["grace"], {**point, **VARIANTS[name]}, run, tune / "pretrained",
+                res = validation_trial(methods["grace"], {**point, **switches}, run, tune / "pretrained",
                                        tune / "val_split", steps, over, ctx, proto.get("attack", "apgd-ce"))
                 res["seconds"] = round(time.time() - t0, 1)
                 cached.write_text(json.dumps(res) + "\n")
-            rows.append({"model": f"GRACE, {name} ({', '.join(f'{k}={v}' for k, v in VARIANTS[name].items())})",
+            rows.append({"model": f"GRACE, {name} ({', '.join(f'{k}={v}' for k, v in switches.items())})",
                          "seed": seed, **{k: res.get(k) for k in KEEP}})
             print(f"{name:<6} seed {seed}: val clean {res['val_clean']:.2f} robust {res['val_robust']:.2f} HM "
                   f"{res['hm']:.2f} spread {res['feature_spread']:.3f}", flush=True)
