@@ -148,6 +148,9 @@ def _ddp_worker(rank, world, port, out, clip_dir, world_dir):
     oneshot = _ddp_runs(clip_dir, world_dir, rank, world, os.path.join(out, f"o{rank}"), sync="oneshot")
     if rank == 0:
         torch.save({"overlap": overlap, "oneshot": oneshot}, os.path.join(out, "ddp.pt"))
+    # both ranks reach the teardown before either closes its gloo pairs: a rank that exits while the other still
+    # holds open connections can make gloo abort the survivor (SIGABRT, seen once in 5 fresh-clone runs)
+    dist.barrier()
     dist.destroy_process_group()
 
 
