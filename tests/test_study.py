@@ -166,7 +166,7 @@ def test_study_geometry_smoke(study_dir):
     cfg = StudyConfig(name="geometry", out=out, steps=2, n_adv=4, size="small", pretrain_steps=10,
                       overrides=["train.batch_size=8"], n_geometry=24, geometry_iters=2)
     doc = run_study(cfg, echo=lambda *a: None)["doc"]
-    assert list(doc["rows"]) == ["zero-shot", "ft", "tecoa", "grace"]
+    assert list(doc["rows"]) == ["zero-shot", "ft", "tecoa", "lora-tecoa", "grace"]
     zs, ft = doc["rows"]["zero-shot"]["geometry"], doc["rows"]["ft"]["geometry"]
     assert zs["drift"] == pytest.approx(0.0, abs=1e-9) and ft["drift"] > 0  # drift is measured from zero-shot
     assert all(g["lambda_max"] is not None and -1 <= g["centroid_adv"] <= 1 for g in (zs, ft))
