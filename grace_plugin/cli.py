@@ -27,6 +27,8 @@ def _named_dir(text: str, default_name: str | None = None, flag: str = "") -> tu
     return default_name, text
 
 
+PRETRAIN_THREADS_HELP = ("torch threads the tiny CLIP is pretrained under (default 1; the thread count changes "
+                         "the model, so it is pinned and part of the cache key)")
 EVAL_DESCRIPTION = """Every evaluation is a list of suites, run in order into one report (--out/report.json).
 The shorthands expand into suites, placed before the --suite names (duplicates dropped):
 
@@ -132,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
     q.add_argument("--seeds", type=int, default=1, help="fine-tune and attack with this many seeds; mean and spread")
     q.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default 1500)")
+    q.add_argument("--pretrain-threads", type=int, help=PRETRAIN_THREADS_HELP)
     q.add_argument("--world", choices=["v1", "v2"], default="v2", help="synthetic world version (see grace synth)")
     q.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
     q.add_argument("--no-progress", action="store_true")
@@ -149,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
                     "test split of the default world)")
     st.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
     st.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps")
+    st.add_argument("--pretrain-threads", type=int, help=PRETRAIN_THREADS_HELP)
     st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field of every run, e.g. --set train.batch_size=32")
     st.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
@@ -313,7 +317,7 @@ def _cmd_quickstart(a) -> int:
         get_recipe_class(r)
     cfg = QuickstartConfig(out=Path(a.out), seed=a.seed, recipes=recipes, steps=a.steps, n_adv=a.n_adv,
                            overrides=a.overrides, size=a.size, pretrain_steps=a.pretrain_steps,
-                           seeds=a.seeds, world=a.world, device=a.device)
+                           pretrain_threads=a.pretrain_threads, seeds=a.seeds, world=a.world, device=a.device)
     res = run_quickstart(cfg, progress=not a.no_progress)
     print()
     print(summary_markdown(res["rows"], definition="strict"))
@@ -362,7 +366,8 @@ def _cmd_study(a) -> int:
         write = None if a.no_write else Path(a.write) if a.write else testbed_dir() / "tuned.yaml"
         cfg = TuneConfig(methods=[m.strip() for m in a.methods.split(",") if m.strip()], out=out, trials=a.trials,
                          steps=a.steps, seed=a.seed, device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
-                         n_val_adv=a.n_val_adv, overrides=a.overrides, write=write, rescore_seeds=a.rescore_seeds)
+                         pretrain_threads=a.pretrain_threads, n_val_adv=a.n_val_adv, overrides=a.overrides,
+                         write=write, rescore_seeds=a.rescore_seeds)
         res = run_tuning(cfg, progress=not a.no_progress)
         print(Path(res["paths"]["md"]).read_text())
         print("wrote " + ", ".join(str(p) for p in res["paths"].values()))
@@ -372,7 +377,7 @@ def _cmd_study(a) -> int:
     count, run_seeds = _parse_seeds(a.seeds)
     cfg = StudyConfig(name=a.name, out=out, seed=a.seed, seeds=count, run_seeds=run_seeds, steps=a.steps or 300,
                       n_adv=a.n_adv, device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
-                      overrides=a.overrides,
+                      pretrain_threads=a.pretrain_threads, overrides=a.overrides,
                       methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None)
     res = run_study(cfg, progress=not a.no_progress)
     print(Path(res["paths"]["md"]).read_text())

@@ -1,4 +1,5 @@
 """`grace study` smoke tests on the small world (tiny steps): files, rows, verdicts, the tuning command."""
+import hashlib
 import json
 import shutil
 
@@ -304,8 +305,13 @@ def test_seeds_flag_takes_a_count_or_run_seeds(study_dir, capsys, monkeypatch):
                  "ablation-lora-ft"] + TINY) == 0
     doc = json.loads((out / "study.json").read_text())
     assert doc["seeds"] == [0] and [r["seed"] for r in doc["rows"]["ablation-lora-ft"]["runs"]] == [0]
+    weights = (out / "pretrained" / "open_clip_model.safetensors").read_bytes()
+    assert doc["tiny_clip"]["sha256"] == hashlib.sha256(weights).hexdigest()  # the study names its tiny CLIP
+    assert doc["tiny_clip"]["pretrain"]["threads"] == 1
     assert main(["study", "table8", "--out", str(out), "--seeds", "2-1"] + TINY) == 2
     assert "runs backwards" in capsys.readouterr().err
+    assert main(["study", "table8", "--out", str(out), "--pretrain-threads", "0"] + TINY) == 2
+    assert "--pretrain-threads must be at least 1" in capsys.readouterr().err
 
 
 def test_tune_refuses_to_write_into_the_installed_copy(tmp_path, capsys, monkeypatch):
@@ -321,3 +327,28 @@ def test_tune_refuses_to_write_into_the_installed_copy(tmp_path, capsys, monkeyp
     assert not (tmp_path / "t").exists()
     monkeypatch.setattr(tc, "TESTBED_DIR", tc._CHECKOUT)
     assert not tc.installed_copy()
+
+
+def test_tiny_clip_pretraining_is_pinned_to_its_thread_count(tiny_world, tmp_path):
+    """The tiny CLIP, which every testbed number rests on, must not depend on the threads of the process that
+    pretrained it: ``PretrainConfig.threads`` pins them (and is in the cache key), and the caller's are restored."""
+    import torch
+
+    from grace_plugin.testbed import PretrainConfig, _key, pretrain_tiny_clip, tiny_clip_identity
+
+    def weights(ambient: int, threads: int) -> bytes:
+        torch.set_num_threads(ambient)
+        cfg = PretrainConfig(steps=4, batch_size=256, width=64, layers=2, warmup_steps=1, threads=threads)
+        out = pretrain_tiny_clip(tiny_world / "pairs", tmp_path / f"a{ambient}t{threads}", cfg, progress=False)
+        assert torch.get_num_threads() == ambient  # restored
+        assert tiny_clip_identity(out)["pretrain"]["threads"] == threads
+        return (out / "open_clip_model.safetensors").read_bytes()
+
+    before = torch.get_num_threads()
+    try:
+        one = weights(1, 1)
+        assert weights(2, 1) == one  # same pinned count, another ambient one: the same model
+        assert weights(2, 2) != one  # what the pin prevents: the thread count changes the model
+    finally:
+        torch.set_num_threads(before)
+    assert _key(tiny_world, PretrainConfig(threads=1)) != _key(tiny_world, PretrainConfig(threads=2))

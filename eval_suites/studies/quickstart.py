@@ -41,6 +41,7 @@ class QuickstartConfig:
     overrides: list[str] = field(default_factory=list)
     size: str = "default"  # "small": a few hundred images and a 2-layer CLIP (smoke tests)
     pretrain_steps: int | None = checked(None, flag="--pretrain-steps", gt=0)
+    pretrain_threads: int | None = checked(None, flag="--pretrain-threads", gt=0)  # default 1 (testbed.PretrainConfig)
     # fine-tuning/attack seeds seed..seed+seeds-1; rows report mean and spread (sample std)
     seeds: int = checked(1, flag="--seeds", ge=1)
     world: str = "v2"  # synthetic world version (grace_plugin.data.synthetic)
@@ -69,7 +70,7 @@ def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
 
 def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_steps: int | None = None,
                     progress: bool = True, echo=print, steps_label: tuple[str, str] = ("[1/4]", "[2/4]"),
-                    world: str = "v2") -> tuple[Path, Path]:
+                    world: str = "v2", pretrain_threads: int | None = None) -> tuple[Path, Path]:
     """The synthetic world ``world`` (grace_plugin.data.synthetic) under ``out/data`` (reused when its version,
     spec and seed match) and the tiny CLIP under ``out/pretrained`` (cached); returns ``(data, pretrained)``.
     Shared by the quickstart and ``grace study``."""
@@ -82,6 +83,12 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
     pre = PretrainConfig(width=64, layers=2, batch_size=64) if size == "small" else PretrainConfig()
     if pretrain_steps is not None:
         pre.steps = pretrain_steps
+    if pretrain_threads is not None:
+        if pretrain_threads < 1:
+            from grace_plugin.errors import UsageError
+
+            raise UsageError(f"--pretrain-threads must be at least 1, got {pretrain_threads}")
+        pre.threads = pretrain_threads
     meta = json.loads(world_json.read_text()) if world_json.is_file() else {}
     if meta.get("spec") == asdict(world_spec) and meta.get("seed") == seed and meta.get("world", "v1") == world:
         echo(f"{steps_label[0]} synthetic world: reusing {data}")
@@ -115,7 +122,8 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     t0 = time.time()
     out = Path(cfg.out)
     runs = out / "runs"
-    data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, world=cfg.world)
+    data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, world=cfg.world,
+                                       pretrain_threads=cfg.pretrain_threads)
     names = ["id"] + [f"ood:{n}" for n in OOD_SETS] + [f"adv:{cfg.attack}"]
     device = str(resolve_device(cfg.device))
     seeds = [cfg.seed + i for i in range(max(1, cfg.seeds))]

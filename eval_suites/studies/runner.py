@@ -45,6 +45,7 @@ class StudyConfig:
     device: str = "cpu"
     size: str = "default"
     pretrain_steps: int | None = None
+    pretrain_threads: int | None = None  # the tiny CLIP's pretraining threads (default 1: testbed.PretrainConfig)
     overrides: list[str] = field(default_factory=list)
     methods: list[str] | None = None  # only these rows of the study (e.g. to add seeds to some rows)
     n_geometry: int = 64
@@ -346,7 +347,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo,
-                                       ("[1/4]", "[2/4]"))
+                                       ("[1/4]", "[2/4]"), pretrain_threads=cfg.pretrain_threads)
     seeds = list(cfg.run_seeds) if cfg.run_seeds else [cfg.seed + i for i in range(max(1, cfg.seeds))]
     trained = sorted({methods[r["method"]].recipe for r in rows if methods[r["method"]].recipe})
     user = _user_overrides(cfg.overrides, trained) if trained else {}
@@ -406,8 +407,10 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     verdicts = [evaluate_claim(c, spreads) for c in claims]
     paired = _paired_table(spreads, study.get("paired_reference"))
     refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
+    from grace_plugin.testbed import tiny_clip_identity
+
     doc = {"study": cfg.name, "world_seed": cfg.seed, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods,
-           "size": cfg.size,
+           "size": cfg.size, "tiny_clip": tiny_clip_identity(pretrained),
            "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results,
            "verdicts": verdicts, "claims_omitted": omitted,
            "paired_reference": study.get("paired_reference"), "paired": paired,
@@ -447,12 +450,20 @@ def _label(row: dict, seeds: list[int]) -> str:
     return row["label"] if not row.get("diverged") else f"{row['label']} ({n} of {len(seeds)} seeds)"
 
 
+def _tiny_clip_text(doc: dict) -> str:
+    tc = doc.get("tiny_clip")
+    if not tc:
+        return ""
+    threads = tc["pretrain"].get("threads")
+    return f"tiny CLIP {tc['sha256'][:12]} (pretrained on {threads or 'unrecorded'} thread(s)), "
+
+
 def study_markdown(doc: dict) -> str:
     rows, seeds = doc["rows"], doc["seeds"]
     world = doc.get("world_seed") or 0
     lines = [f"# Study {doc['study']}" + (f", world seed {world}" if world else ""), "",
              f"{len(seeds)} seed(s) {seeds}, {doc['steps']} steps per run, world size {doc['size']} "
-             f"(seed {doc.get('world_seed', 0)}), "
+             f"(seed {doc.get('world_seed', 0)}), {_tiny_clip_text(doc)}"
              f"{doc['seconds']:.0f} s. Values: mean ± sample std over seeds.", "",
              "## Ours (our column definitions)", "",
              f"Columns: {doc['column_definitions']['ours']}. Feature spread: the mean cosine between the features of "

@@ -44,6 +44,7 @@ class TuneConfig:
     device: str = "cpu"
     size: str = "default"
     pretrain_steps: int | None = None
+    pretrain_threads: int | None = None  # the tiny CLIP's pretraining threads (default 1: testbed.PretrainConfig)
     n_val_adv: int | None = None
     overrides: list[str] = field(default_factory=list)
     write: Path | None = None  # tuned.yaml to update (None: do not write)
@@ -423,7 +424,7 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo,
-                                       ("[1/3]", "[2/3]"))
+                                       ("[1/3]", "[2/3]"), pretrain_threads=cfg.pretrain_threads)
     val = out / "val_split"
     if not (val / "test" / "nshards.txt").is_file():
         counts = holdout_split(data / "id", val, float(proto["val_fraction"]), int(proto.get("seed", 0)))
