@@ -450,6 +450,11 @@ def _label(row: dict, seeds: list[int]) -> str:
     return row["label"] if not row.get("diverged") else f"{row['label']} ({n} of {len(seeds)} seeds)"
 
 
+def _counts_text(doc: dict) -> str:
+    c = doc.get("run_counts") or {}
+    return ", ".join(f"{c.get(k, 0)} run(s) {k}" for k in ("trained", "resumed", "reused"))
+
+
 def _tiny_clip_text(doc: dict) -> str:
     tc = doc.get("tiny_clip")
     if not tc:
@@ -464,7 +469,8 @@ def study_markdown(doc: dict) -> str:
     lines = [f"# Study {doc['study']}" + (f", world seed {world}" if world else ""), "",
              f"{len(seeds)} seed(s) {seeds}, {doc['steps']} steps per run, world size {doc['size']} "
              f"(seed {doc.get('world_seed', 0)}), {_tiny_clip_text(doc)}"
-             f"{doc['seconds']:.0f} s. Values: mean ± sample std over seeds.", "",
+             f"{doc['seconds']:.0f} s for this invocation ({_counts_text(doc)}). Values: mean ± sample std over "
+             "seeds.", "",
              "## Ours (our column definitions)", "",
              f"Columns: {doc['column_definitions']['ours']}. Feature spread: the mean cosine between the features of "
              "different ID test images (1: collapsed, every image alike; the zero-shot CLIP about 0.35).", "",
