@@ -348,11 +348,16 @@ def test_claims_are_decided_on_paired_per_sample_bootstraps():
     assert h.mean == pytest.approx(rows["grace"]["hm"].mean - rows["tecoa"]["hm"].mean)
 
 
-def test_claims_without_per_sample_results_fall_back_to_spreads():
+def test_claims_without_per_sample_results_fall_back_to_the_seeds_then_to_spreads():
     from dataclasses import replace
 
     from eval_suites.studies.verdicts import evaluate_claim
 
+    claim = {"claim": "c", "kind": "greater", "a": "grace", "b": "tecoa", "metric": "adv"}
     rows = {m: {k: replace(v, samples=()) for k, v in _row(a).items()} for m, a in (("grace", 120), ("tecoa", 60))}
-    v = evaluate_claim({"claim": "c", "kind": "greater", "a": "grace", "b": "tecoa", "metric": "adv"}, rows)
+    v = evaluate_claim(claim, rows)  # per-seed values on 3 common seeds: the paired t interval over them
+    assert v["parts"][0]["paired"]["interval_kind"] == "paired t 95%" and v["parts"][0]["paired"]["n"] == 3
+    assert v["parts"][0]["paired"]["mean"] == pytest.approx(20.0) and v["verdict"] == "holds"
+    rows = {m: {k: replace(s, by_seed=()) for k, s in r.items()} for m, r in rows.items()}
+    v = evaluate_claim(claim, rows)  # nothing to pair
     assert "by spreads" in v["evidence"] and "paired" not in v["parts"][0]

@@ -181,3 +181,25 @@ def test_study_paired_table_and_markdown():
     md = studies.study_markdown(doc)
     assert "## Paired differences from grace" in md
     assert f"| lite | 3 | +4.00 [{4.0 - h:+.2f}, {4.0 + h:+.2f}]" in md
+
+
+def test_a_metric_without_per_sample_results_is_paired_by_seed():
+    """A geometry metric has one value per run and no per-sample results: "a < b" is decided on the paired Student-t
+    interval over the common seeds (scipy's ttest_rel is the independent check), not on overlapping spreads."""
+    from scipy import stats
+
+    a_vals, b_vals = [10.0, 20.0, 30.0, 25.0], [10.6, 20.5, 30.7, 25.4]  # spreads overlap; a is below b every seed
+    a, b = spread(a_vals, seeds=[0, 1, 2, 3]), spread(b_vals, seeds=[0, 1, 2, 3])
+    assert a.lo < b.hi and b.lo < a.hi  # the spread rule could not decide
+    res = evaluate_claim({"claim": "c", "kind": "less", "a": "x", "b": "y", "metric": "lambda_max"},
+                         {"x": {"lambda_max": a}, "y": {"lambda_max": b}})
+    assert res["verdict"] == HOLDS
+    ci = stats.ttest_rel(b_vals, a_vals).confidence_interval(0.95)
+    assert res["parts"][0]["paired"]["ci95"] == pytest.approx([ci.low, ci.high])  # y - x, the claim's "b > a"
+    assert "y - x = " in res["evidence"] and "95% t interval over seeds" in res["evidence"]  # "less": b - a
+    flipped = evaluate_claim({"claim": "c", "kind": "greater", "a": "x", "b": "y", "metric": "lambda_max"},
+                             {"x": {"lambda_max": a}, "y": {"lambda_max": b}})
+    assert flipped["verdict"] == FAILS
+    single = {"x": {"lambda_max": spread([10.0], seeds=[0])}, "y": {"lambda_max": spread([11.0], seeds=[0])}}
+    one = evaluate_claim({"claim": "c", "kind": "less", "a": "x", "b": "y", "metric": "lambda_max"}, single)
+    assert "by spreads" in one["evidence"] and "paired" not in one["parts"][0]  # one seed: nothing to pair

@@ -507,9 +507,11 @@ def study_markdown(doc: dict) -> str:
               "A comparison of two rows with per-sample results (same seeds, same images) is decided on the 95% "
               "percentile bootstrap interval of their paired difference (minus the claim's margin), resampling "
               "seeds and images: holds when it excludes 0 on the claimed side, fails when it excludes 0 on the "
-              "other, else inconclusive. Without per-sample results: holds when the whole interval (mean ± std "
-              "over seeds; one run: its Wilson 95% interval) is on the claimed side, fails when wholly on the "
-              "other, else inconclusive. A claim 'keeps F of' (at_least) on rows measured on the same seeds is a "
+              "other, else inconclusive. Without per-sample results (a geometry metric) the same rule on the 95% "
+              "Student-t interval of the per-seed differences over the common seeds; with fewer than two common "
+              "seeds: holds when the whole interval (mean ± std over seeds; one run: its Wilson 95% interval) is on "
+              "the claimed side, fails when wholly on the other, else inconclusive. A claim 'keeps F of' (at_least) "
+              "on rows measured on the same seeds is a "
               "paired test: the 95% Student-t interval of the mean of a - F x b over the seeds, holds at or above "
               "0, fails below 0. The numbers column says which rule decided each comparison.", "",
               "| claim | verdict | numbers |", "|---|---|---|"]

@@ -13,12 +13,16 @@ on the same seeds (the same data order and initialisation), it is decided on the
 ``d_s = a_s - fraction * b_s``: **holds** when the two-sided 95% Student-t interval of their mean lies at or above 0,
 **fails** when it lies below 0, else **inconclusive** (a paired t-test, e.g. Wasserman, *All of Statistics*, 10.1;
 the seed is the pairing unit). Without two common seeds it falls back to the spread rule.
+
+``greater`` / ``less`` claims are paired too: on per-sample results (same seeds, same images) by the bootstrap
+interval of the difference (``paired_samples_bootstrap``); on a metric without per-sample results (a geometry
+metric) by the same Student-t interval over common seeds; by spreads only with fewer than two common seeds.
 """
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["CLAIM_KEYS", "Spread", "spread", "seed_mean", "greater", "less", "at_least", "paired", "paired_difference",
            "paired_bootstrap", "paired_verdict", "overlaps", "all_of", "HOLDS", "FAILS", "INCONCLUSIVE",
@@ -170,6 +174,9 @@ def _greater(a, b, margin: float = 0.0, metric: str | None = None) -> tuple[str,
     if a is None or b is None:
         return INCONCLUSIVE, None
     d = paired_samples_bootstrap(a, b, metric, margin) if metric else None
+    if d is None:  # no per-sample results (e.g. a geometry metric): the per-seed values, paired by seed
+        t = paired(a, b)
+        d = t if t is None else replace(t, mean=t.mean - margin, lo=t.lo - margin, hi=t.hi - margin)
     if d is not None:
         return paired_verdict(d, "greater"), d
     return _by_spreads(a, b, margin), None
@@ -319,16 +326,18 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
         v, d = _greater(get(x), get(y), margin, metric)
         out = {"a": x, "b": y, "verdict": v}
         if d is not None:
-            out["paired"] = d.record()
+            out["paired"] = dict(d.record(), difference=f"{x} - {y}")  # "less": b - a
         return out
 
     def why(p):
         if "paired" in p:
             lo, hi = p["paired"]["ci95"]
-            return (f"paired over {p['paired']['n']} seed(s) and the images: {p['a']} - {p['b']}"
+            boot = "bootstrap" in p["paired"]["interval_kind"]
+            where = " and the images" if boot else ""
+            return (f"paired over {p['paired']['n']} seed(s){where}: {p['paired']['difference']}"
                     f"{f' - ({margin:+g})' if margin else ''} = {p['paired']['mean']:.2f} [{lo:.2f}, {hi:.2f}] "
-                    "(95% bootstrap)")
-        return "by spreads (no per-sample results)"
+                    f"({'95% bootstrap' if boot else '95% t interval over seeds'})")
+        return "by spreads (fewer than two common seeds, no per-sample results)"
 
     if kind in ("greater", "less"):
         x, y = (claim["a"], claim["b"]) if kind == "greater" else (claim["b"], claim["a"])
