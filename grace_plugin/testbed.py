@@ -172,7 +172,6 @@ def _same_files(a: Path, b: Path) -> bool:
     return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
 
 
-
 def tiny_clip_identity(folder: str | Path) -> dict:
     """What a tiny CLIP folder is: its pretraining settings (threads included) and its weights' sha256, for a
     study's record."""
