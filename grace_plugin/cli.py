@@ -323,6 +323,7 @@ def _cmd_quickstart(a) -> int:
     print(summary_markdown(res["rows"], definition="strict"))
     print(summary_markdown([r["paper"] for r in res["rows"]], definition="paper"))
     print(res["legend"] + "\n")
+    print(res["origin"] + "\n")
     print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']} "
           f"({res['seconds']:.0f} s)")
     return 0

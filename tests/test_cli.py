@@ -216,7 +216,14 @@ def test_quickstart_smoke(tmp_path, capsys):
     assert (out / "pretrained" / "open_clip_config.json").is_file()
     report = json.loads((out / "runs" / "ft" / "report.json").read_text())
     assert next(r for r in summary["rows"] if r["method"] == "ft")["id"] == pytest.approx(report["axes"]["id"])
-    assert "| zero-shot |" in capsys.readouterr().out
+    # the summary names the tiny CLIP the rows start from: the sha256 of its weights, computed here independently
+    import hashlib
+
+    sha = hashlib.sha256((out / "pretrained" / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    assert summary["tiny_clip"]["sha256"] == sha and summary["tiny_clip"]["pretrain"]["steps"] == 5
+    origin = f"Tiny CLIP {sha[:12]} (sha256), pretrained 5 steps on 1 thread(s), world v2 seed 0."
+    printed = capsys.readouterr().out
+    assert "| zero-shot |" in printed and origin in printed and origin in (out / "summary.md").read_text()
 
 
 def test_train_epochs_and_rrc_augmentation(tiny_world, tiny_clip_dir, tmp_path):

@@ -170,3 +170,18 @@ def test_results_add_a_bench_table(tmp_path):
     placed.write_text(src.read_text().replace('"Corners"', '"Corners again"'))
     assert main(["results", "--add", str(placed), "--data", str(data), "--out", str(out), "--mkdocs", ""]) == 0
     assert "# Corners again" in (out / "bench-grace_corners.md").read_text()
+
+
+def test_quickstart_page_names_its_tiny_clip():
+    """A quickstart page says which tiny CLIP its rows start from (sha256, pretraining steps and threads), so two
+    pages are comparable only when that sentence matches; an older summary without the record renders without it."""
+    from eval_suites.studies.publish import page_markdown
+
+    row = {"method": "zero-shot", "id": 0.6, "ood": 0.4, "adv": 0.0, "hm": 0.0, "n": {}}
+    doc = {"rows": [dict(row, paper=row)], "definition": "strict", "world": "v2", "seeds": [1], "steps": 300,
+           "seconds": 1.0, "world_seed": 1,
+           "tiny_clip": {"sha256": "ab" * 32, "pretrain": {"steps": 1500, "threads": 2}}}
+    text = page_markdown(doc)
+    assert "Tiny CLIP abababababab (sha256), pretrained 1500 steps on 2 thread(s), world v2 seed 1." in text
+    del doc["tiny_clip"]
+    assert "Tiny CLIP" not in page_markdown(doc)

@@ -116,12 +116,15 @@ def _table_markdown(doc: dict) -> str:
 
 def _quickstart_markdown(doc: dict) -> str:
     from ..report import summary_markdown
+    from .quickstart import tiny_clip_line
 
     rows = doc["rows"]
+    origin = (" " + tiny_clip_line(doc["tiny_clip"], doc.get("world_seed", 0), doc.get("world"))
+              if doc.get("tiny_clip") else "")
     lines = ["# Quick start", "",
              f"`grace quickstart` on world {doc.get('world')}, seeds {doc.get('seeds')}, {doc.get('steps')} steps "
-             f"per run ({doc.get('seconds')} s). Each cell: value [95% interval]; bold is a column's best, `≈` a "
-             "row whose interval overlaps the best's.", "",
+             f"per run ({doc.get('seconds')} s).{origin} Each cell: value [95% interval]; bold is a column's best, "
+             "`≈` a row whose interval overlaps the best's.", "",
              "## Our columns (strict)", "", summary_markdown(rows, definition="strict").strip(), "",
              "## The paper's columns (Table 6 definitions)", "",
              summary_markdown([r["paper"] for r in rows if "paper" in r], definition="paper").strip(), ""]

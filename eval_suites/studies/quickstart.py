@@ -112,6 +112,7 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
 def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> dict:
     from grace_plugin.finetune import fine_tune
     from grace_plugin.runtime import is_main, resolve_device
+    from grace_plugin.testbed import tiny_clip_identity
     from registry import load_model
 
     from ..context import SuiteContext
@@ -155,12 +156,24 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
                          paper=_aggregate(method, [d["paper"] for d in per_seed])))
     counts = json.loads((data / "world.json").read_text())["counts"]
     legend = column_definitions(counts, cfg.attack, cfg.eps, min(cfg.n_adv, counts["id"]["test"]), len(seeds))
+    tiny = tiny_clip_identity(pretrained)
+    origin = tiny_clip_line(tiny, cfg.seed, cfg.world)
     paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps, "world": cfg.world,
-                                            "columns": legend, "seconds": round(time.time() - t0, 1)},
+                                            "world_seed": cfg.seed, "tiny_clip": tiny, "columns": legend,
+                                            "seconds": round(time.time() - t0, 1)},
                           sections=[summary_markdown([r["paper"] for r in rows], definition="paper")])
     with open(paths["md"], "a") as f:
-        f.write("\n" + legend + "\n")
-    return {"rows": rows, "paths": paths, "seconds": time.time() - t0, "legend": legend}
+        f.write("\n" + legend + "\n\n" + origin + "\n")
+    return {"rows": rows, "paths": paths, "seconds": time.time() - t0, "legend": legend, "origin": origin}
+
+
+def tiny_clip_line(tiny: dict, world_seed: int, world: str) -> str:
+    """Which tiny CLIP the rows start from (``tiny_clip_identity``'s record): the same sha256 is the same model, so
+    two summaries are comparable only when this line matches."""
+    pre = tiny["pretrain"]
+    threads = pre.get("threads")
+    return (f"Tiny CLIP {tiny['sha256'][:12]} (sha256), pretrained {pre.get('steps', '?')} steps on "
+            f"{threads or 'unrecorded'} thread(s), world {world} seed {world_seed}.")
 
 
 def column_definitions(counts: dict, attack: str, eps: float, n_adv: int, n_seeds: int) -> str:
