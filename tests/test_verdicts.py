@@ -203,3 +203,22 @@ def test_a_metric_without_per_sample_results_is_paired_by_seed():
     single = {"x": {"lambda_max": spread([10.0], seeds=[0])}, "y": {"lambda_max": spread([11.0], seeds=[0])}}
     one = evaluate_claim({"claim": "c", "kind": "less", "a": "x", "b": "y", "metric": "lambda_max"}, single)
     assert "by spreads" in one["evidence"] and "paired" not in one["parts"][0]  # one seed: nothing to pair
+
+
+def test_tuning_page_says_when_fewer_trials_than_the_top_were_rescored():
+    """The tuning page names the re-scored trials and says so when fewer than ``rescore_top`` were selectable (GRACE's
+    published tuning re-scored 2: the pruner left two finished, uncollapsed trials)."""
+    from eval_suites.studies.tuning import tuning_markdown
+
+    def method(rescored):
+        return {"score": "hm", "compute": {"trials": 4, "trial_steps": 900, "cpu_seconds": 10.0}, "collapsed": 0,
+                "diverged": 0, "selected": rescored[0], "values": {"train.lr": 1e-3}, "at_range_edge": [],
+                "rescored": [{"trial": t, "seed_results": {"0": {"hm": 30.0}}} for t in rescored], "trials": []}
+
+    doc = {"size": "small", "seed": 0, "trials": 4, "steps": 300,
+           "methods": {"a": method([3, 1]), "b": method([0, 2, 1])},
+           "protocol": {"collapse_spread": 0.9, "rescore_top": 3, "n_val_adv": 8}}
+    rows = {line.split(" | ")[0]: line for line in tuning_markdown(doc).splitlines() if line.startswith("| a |")
+            or line.startswith("| b |")}
+    assert "| 3, 1 (only 2 selectable of 3) |" in rows["| a"]
+    assert "| 0, 2, 1 |" in rows["| b"] and "selectable of" not in rows["| b"]

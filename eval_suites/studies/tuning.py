@@ -495,7 +495,7 @@ def _values(point: dict) -> str:
 
 def tuning_markdown(doc: dict) -> str:
     """A tuning.json as a page: per method its score, compute, selection and re-scored seeds; then every trial."""
-    threshold = doc["protocol"]["collapse_spread"]
+    threshold, top = doc["protocol"]["collapse_spread"], int(doc["protocol"].get("rescore_top", 3))
 
     def f(v, nd=2):
         return "-" if v is None else f"{v:.{nd}f}"
@@ -508,10 +508,11 @@ def tuning_markdown(doc: dict) -> str:
              "method scored on it (`score` column). A trial whose feature spread is >= "
              f"{threshold} is collapsed; collapsed and diverged trials are recorded and never selected; a pruned trial "
              "was stopped by successive halving at the step it shows. `selected` is chosen on the mean over the "
-             "re-scored seeds.", "",
+             f"re-scored seeds; `re-scored` lists the trials trained again on more seeds: the top "
+             f"{top} selectable ones, fewer (said so) when fewer trials finished unpruned and uncollapsed.", "",
              "| method | score | trials | trial-steps | CPU-s (+ re-scoring) | collapsed | diverged | selected | "
-             "values | re-scored seeds (score) | edge |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "values | re-scored seeds (score) | re-scored | edge |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for name, res in doc["methods"].items():
         c = res["compute"]
         vals = _values(res["values"] or {})
@@ -519,10 +520,12 @@ def tuning_markdown(doc: dict) -> str:
         key = "hm" if res.get("score", "hm") == "hm" else "val_clean"
         seeds = "-" if best is None or not best.get("seed_results") else ", ".join(
             f(v.get(key)) for v in best["seed_results"].values())
+        rescored = [r["trial"] for r in res.get("rescored") or []]
+        short = f" (only {len(rescored)} selectable of {top})" if len(rescored) < top else ""
         lines.append(f"| {name} | {res.get('score', 'hm')} | {c['trials']} | {c['trial_steps']} | "
                      f"{c['cpu_seconds']:.0f} (+{c.get('rescore_cpu_seconds', 0):.0f}) | {res['collapsed']} | "
                      f"{res['diverged']} | {'-' if res['selected'] is None else res['selected']} | {vals} | {seeds} | "
-                     f"{', '.join(res['at_range_edge']) or 'none'} |")
+                     f"{', '.join(map(str, rescored)) or '-'}{short} | {', '.join(res['at_range_edge']) or 'none'} |")
     lines += ["", "| method | trial | state | values | val clean | val robust | HM | spread | selected |",
               "|---|---:|---|---|---:|---:|---:|---:|---|"]
     for name, res in doc["methods"].items():
