@@ -112,6 +112,7 @@ def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
 @pytest.mark.parametrize("edit,match", [
     (("paired_reference: grace", "paired_refrence: grace"), r"study cost: unknown key\(s\) paired_refrence"),
     (("paired_reference: grace", "paired_reference: tecoa"), r"paired_reference 'tecoa' is not one of its rows"),
+    (("shift_reference: grace", "shift_reference: sam"), r"study shift: shift_reference 'sam' is not one of its rows"),
     (("metric: adv, fraction: 0.95}", "metric: adv, fracton: 0.95}"), r"unknown key\(s\) fracton"),
 ])
 def test_studies_yaml_typo_names_file_study_and_key(tmp_path, monkeypatch, edit, match):

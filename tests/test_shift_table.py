@@ -45,3 +45,33 @@ def test_markdown_orders_sets_by_the_pre_trained_distance_and_ranks_each_methods
     assert "| a | 4.000 | far | 30.00 | 5.00 |" in md
     assert "| rho (pre-trained distance, drop) | | | 1.00 | -1.00 |" in md
     assert shift_markdown({"ft": {"label": "ft", "runs": []}}) == []  # no shift results: no section
+
+
+def test_paired_drops_from_the_reference_are_paired_by_seed_with_a_t_interval():
+    """Each row's drop minus the reference's, paired by seed over the seeds both ran (seed 2 only in one row is
+    left out), against scipy's t interval of the same differences; the section names the reference."""
+    import statistics
+
+    from scipy import stats
+
+    from eval_suites.studies.shift_table import paired_drops
+
+    def runs(per_seed):  # {seed: (id_acc, drop on v2, drop on a)}
+        return [{"seed": s, "shift": shift_record(_suite({"v2": v2, "a": a}, {"v2": 1.0, "a": 4.0}, id_acc=i))}
+                for s, (i, v2, a) in per_seed.items()]
+
+    ref = runs({0: (70.0, 10.0, 40.0), 1: (72.0, 12.0, 44.0), 2: (71.0, 11.0, 42.0)})
+    row = runs({0: (60.0, 4.0, 30.0), 1: (61.0, 9.0, 31.0), 3: (50.0, 1.0, 1.0)})
+    rows = {"grace": {"label": "GRACE", "runs": ref, "shift": aggregate_shift(ref)},
+            "lora": {"label": "LoRA", "runs": row, "shift": aggregate_shift(row)}}
+    got = paired_drops(rows, "grace")
+    assert list(got) == ["lora"]
+    expected = {"id": [60.0 - 70.0, 61.0 - 72.0], "v2": [4.0 - 10.0, 9.0 - 12.0], "a": [30.0 - 40.0, 31.0 - 44.0]}
+    for key, d in expected.items():
+        lo, hi = stats.t.interval(0.95, len(d) - 1, loc=statistics.fmean(d), scale=stats.sem(d))
+        assert got["lora"][key].n == 2 and got["lora"][key].mean == pytest.approx(statistics.fmean(d))
+        assert (got["lora"][key].lo, got["lora"][key].hi) == pytest.approx((lo, hi))
+    md = "\n".join(shift_markdown(rows, "grace"))
+    assert "against GRACE's, paired by seed" in md and "| LoRA | 2 | -10.50 [" in md
+    assert "paired by seed" not in "\n".join(shift_markdown(rows))  # no reference: no paired table
+    assert paired_drops(rows, "missing") == {}

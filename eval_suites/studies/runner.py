@@ -412,7 +412,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     doc = {"study": cfg.name, "world_seed": cfg.seed, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods,
            "size": cfg.size, "tiny_clip": tiny_clip_identity(pretrained),
            "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results,
-           "verdicts": verdicts, "claims_omitted": omitted,
+           "verdicts": verdicts, "claims_omitted": omitted, "shift_reference": study.get("shift_reference"),
            "paired_reference": study.get("paired_reference"), "paired": paired,
            "paper_table": study.get("paper_table"), "paper_rows": refs, "seconds": round(time.time() - t0, 1),
            "run_counts": counts,
@@ -502,7 +502,7 @@ def study_markdown(doc: dict) -> str:
             lines.append(f"| {r['label']} | " + " | ".join(_cell(g, k, 4) for k in GEOMETRY_METRICS) + " |")
     from .shift_table import shift_markdown
 
-    lines += shift_markdown(rows)
+    lines += shift_markdown(rows, doc.get("shift_reference"))
     lines += ["", "## Verdicts", "",
               "A comparison of two rows with per-sample results (same seeds, same images) is decided on the 95% "
               "percentile bootstrap interval of their paired difference (minus the claim's margin), resampling "

@@ -9,9 +9,9 @@ module keeps a run's record, averages over seeds and writes the study's section.
 """
 from __future__ import annotations
 
-from .verdicts import seed_mean
+from .verdicts import paired_difference, seed_mean
 
-__all__ = ["shift_record", "aggregate_shift", "shift_markdown", "REFERENCE_ROW"]
+__all__ = ["shift_record", "aggregate_shift", "paired_drops", "shift_markdown", "REFERENCE_ROW"]
 
 REFERENCE_ROW = "zero-shot"  # the pre-trained encoder: its distances are the method-independent shift of each set
 
@@ -44,6 +44,30 @@ def aggregate_shift(runs: list[dict]) -> dict:
     return out
 
 
+def paired_drops(rows: dict, reference: str) -> dict:
+    """Each row's paired difference from ``reference`` (row - reference, mean over the seeds both ran, 95% Student-t
+    interval: ``verdicts.paired_difference``) of its ID top-1 (``id``) and of its accuracy drop on each set, from the
+    runs' shift records; ``{row: {"id" | set: Spread | None}}``, {} when the reference has no shift record."""
+    def by_seed(row: dict, key) -> dict[int, float]:
+        return {run["seed"]: key(run["shift"]) for run in row.get("runs", []) if run.get("shift")
+                and key(run["shift"]) is not None}
+
+    ref = rows.get(reference)
+    if not ref or not ref.get("shift"):
+        return {}
+    sets = list(ref["shift"]["drop"])
+    out = {}
+    for name, row in rows.items():
+        if name == reference or not row.get("shift"):
+            continue
+        out[name] = {"id": paired_difference(by_seed(row, lambda sh: sh["id_acc"]),
+                                             by_seed(ref, lambda sh: sh["id_acc"]))}
+        for s in sets:
+            out[name][s] = paired_difference(by_seed(row, lambda sh, s=s: sh["drop"].get(s)),
+                                             by_seed(ref, lambda sh, s=s: sh["drop"].get(s)))
+    return out
+
+
 def _f(v, nd=2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -56,8 +80,9 @@ def _drop_vs_reference(row: dict, ref: dict) -> float | None:
     return spearman([ref["distance"]["image"][s] for s in sets], [row["drop"][s] for s in sets])
 
 
-def shift_markdown(rows: dict) -> list[str]:
-    """The study's shift section (rows: the study's rows, each with ``shift`` from ``aggregate_shift``)."""
+def shift_markdown(rows: dict, reference: str | None = None) -> list[str]:
+    """The study's shift section (rows: the study's rows, each with ``shift`` from ``aggregate_shift``); with a
+    ``reference`` row (the study's ``shift_reference``) each row's paired differences from it (``paired_drops``)."""
     have = {k: r for k, r in rows.items() if r.get("shift")}
     if not have:
         return []
@@ -98,4 +123,18 @@ def shift_markdown(rows: dict) -> list[str]:
                      " | ".join(_f(sh["distance"]["image"][s], 3) for s in sets) +
                      f" | {', '.join(sh['split']['near'])} | {', '.join(sh['split']['far'])} | "
                      f"{_f(sh['spearman'].get('image'))} | {_f(sh['spearman'].get('joint'))} |")
+    paired = paired_drops(have, reference) if reference else {}
+    if paired:
+        label = have[reference]["label"]
+        lines += ["", f"Each row's accuracy drop against {label}'s, paired by seed (same data order, initialisation "
+                  f"and images): mean over the common seeds of (row - {label}) with its 95% Student-t interval over "
+                  "seeds (the images are the same in every run, so it is narrower than a bootstrap that resamples "
+                  "images too); ID: the same for the suite's ID top-1. Positive: the row drops more on that set.", "",
+                  "| row | seeds | ID | " + " | ".join(f"drop {s}" for s in sets) + " |",
+                  "|---|---:|---:|" + "---:|" * len(sets)]
+        for name, per in paired.items():
+            n = next((d.n for d in per.values() if d is not None), 0)
+            cells = ["-" if per[k] is None else f"{per[k].mean:+.2f} [{per[k].lo:+.2f}, {per[k].hi:+.2f}]"
+                     for k in ["id", *sets]]
+            lines.append(f"| {have[name]['label']} | {n} | " + " | ".join(cells) + " |")
     return lines

@@ -98,7 +98,7 @@ def load_methods(d: Path | None = None) -> dict[str, Method]:
     return out
 
 
-_STUDY_KEYS = {"paper_table", "rows", "claims", "geometry", "shift", "paired_reference"}
+_STUDY_KEYS = {"paper_table", "rows", "claims", "geometry", "shift", "paired_reference", "shift_reference"}
 _ROW_KEYS = {"method", "label", "paper"}
 
 
@@ -120,9 +120,10 @@ def load_studies(d: Path | None = None) -> dict[str, dict]:
         for r in rows:
             if set(r) - _ROW_KEYS or "method" not in r:
                 raise ConfigError(f"{where}: study {name}: row {r}: keys are method (required), label, paper")
-        ref = st.get("paired_reference")
-        if ref is not None and ref not in [r["method"] for r in rows]:
-            raise ConfigError(f"{where}: study {name}: paired_reference {ref!r} is not one of its rows")
+        for key in ("paired_reference", "shift_reference"):
+            ref = st.get(key)
+            if ref is not None and ref not in [r["method"] for r in rows]:
+                raise ConfigError(f"{where}: study {name}: {key} {ref!r} is not one of its rows")
         for c in st.get("claims") or []:
             kind = c.get("kind")
             if kind not in _CLAIM_KEYS:
