@@ -3,7 +3,9 @@
 * :func:`folder_lock` takes an exclusive ``fcntl.flock`` on ``<parent>/.<name>.lock`` (beside the folder, so the
   lock outlives the folder being swapped). A second ``grace train`` / ``grace eval`` into the same ``--out`` fails
   at once with one line naming the folder and the pid that holds it. The kernel drops the lock when the holder
-  exits, however it exits (kill -9 included), so a stale lock file never blocks anyone.
+  exits, however it exits (kill -9 included), so a stale lock file never blocks anyone. With ``wait`` the second
+  process waits for the lock instead (saying so once): the testbed's shared world and tiny CLIP, which the first
+  process writes and every later one reuses (two `grace study` lanes on one ``--out``).
 * :class:`StagedRun`: a training run writes everything (config, log, resumable state, weights, checkpoint.json)
   into ``<parent>/.<name>.partial/`` on the same filesystem; when the run is complete the folder is swapped into
   place with one ``renameat2(RENAME_EXCHANGE)`` (two renames where the kernel or filesystem lacks it). ``--out``
@@ -19,7 +21,7 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .tensor_io import CheckpointError, raise_disk_full
 from .errors import GraceError
@@ -57,8 +59,10 @@ def check_output_dir(folder: str | Path, flag: str = "--out") -> Path:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, flag: str = "--out", what: str = "run folder") -> Iterator[Path]:
-    """Hold an exclusive lock on ``folder`` for the duration of the block (see the module docstring)."""
+def folder_lock(folder: str | Path, flag: str = "--out", what: str = "run folder",
+                wait: Callable[[str], object] | None = None) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` for the duration of the block (see the module docstring); held
+    elsewhere: refused with one line, or, with ``wait`` (an echo), waited for after saying so through it."""
     import fcntl
 
     p = check_output_dir(folder, flag)
@@ -76,8 +80,12 @@ def folder_lock(folder: str | Path, flag: str = "--out", what: str = "run folder
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
-            raise RunLockedError(f"{flag} {p}: another grace process (pid {holder}) is writing this {what}; wait "
-                                 "for it to finish or choose another folder") from None
+            if wait is not None:
+                wait(f"      waiting for pid {holder}, another grace process writing this {what} ({p})")
+                fcntl.flock(fd, fcntl.LOCK_EX)  # the holder's exit releases it, however it exits
+            else:
+                raise RunLockedError(f"{flag} {p}: another grace process (pid {holder}) is writing this {what}; "
+                                     "wait for it to finish or choose another folder") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield p

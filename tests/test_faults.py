@@ -384,6 +384,79 @@ def test_second_writer_fails_at_once(cmd, env, tmp_path, capsys):
     assert rc == 0, err
 
 
+def test_a_waiting_writer_waits_for_the_holder_then_enters(tmp_path):
+    """folder_lock(wait=echo): held by another process, it says once who holds it and blocks (no error) until the
+    holder exits, however it exits; then it holds the lock itself."""
+    import threading
+
+    from grace_plugin.runfolder import RunLockedError, folder_lock
+
+    out = tmp_path / "data"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    said, entered = [], threading.Event()
+
+    def waiter():
+        with folder_lock(out, what="testbed", wait=said.append):
+            entered.set()
+
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t = threading.Thread(target=waiter, daemon=True)
+        t.start()
+        for _ in range(200):  # until the waiter has said it waits (it blocks right after)
+            if said:
+                break
+            threading.Event().wait(0.05)
+        assert len(said) == 1 and f"waiting for pid {holder.pid}" in said[0] and not entered.is_set()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert entered.wait(30) and len(said) == 1
+    t.join(30)
+    with folder_lock(out):  # released again when the waiter's block ended
+        pass
+    with folder_lock(out), pytest.raises(RunLockedError):  # without wait, a second holder is still refused
+        with folder_lock(out):
+            pass
+
+
+def test_testbed_preparation_holds_the_lock_while_writing_the_world(tmp_path, monkeypatch):
+    """prepare_testbed writes the world and the tiny CLIP under the testbed lock (a second study lane on the same
+    --out waits there, then reuses the world), and a second call reuses the world it finds."""
+    import grace_plugin.data.synthetic as synthetic
+    import grace_plugin.testbed as testbed
+    from dataclasses import asdict
+
+    from eval_suites.studies.quickstart import prepare_testbed
+    from grace_plugin.runfolder import RunLockedError, folder_lock
+
+    out, calls = tmp_path / "study", []
+
+    def fake_world(data, seed, spec, progress, world):
+        with pytest.raises(RunLockedError):  # held by prepare_testbed itself (another descriptor: refused)
+            with folder_lock(data):
+                pass
+        calls.append("world")
+        Path(data).mkdir(parents=True, exist_ok=True)
+        (Path(data) / "world.json").write_text(json.dumps({"spec": asdict(spec), "seed": seed, "world": world}))
+
+    def fake_clip(data, pretrained, cfg, progress):
+        with pytest.raises(RunLockedError):
+            with folder_lock(data):
+                pass
+        calls.append("clip")
+
+    monkeypatch.setattr(synthetic, "write_synthetic_world", fake_world)
+    monkeypatch.setattr(testbed, "tiny_clip", fake_clip)
+    said = []
+    prepare_testbed(out, size="small", echo=said.append)
+    prepare_testbed(out, size="small", echo=said.append)
+    assert calls == ["world", "clip", "clip"] and any("synthetic world: reusing" in m for m in said)
+    with folder_lock(out / "data"):  # released after each call
+        pass
+
+
 def _run_files(run: Path) -> dict:
     return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
 

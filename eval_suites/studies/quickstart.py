@@ -75,6 +75,7 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
     spec and seed match) and the tiny CLIP under ``out/pretrained`` (cached); returns ``(data, pretrained)``.
     Shared by the quickstart and ``grace study``."""
     from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+    from grace_plugin.runfolder import folder_lock
     from grace_plugin.testbed import PretrainConfig, tiny_clip
 
     data, pretrained = out / "data", out / "pretrained"
@@ -89,23 +90,27 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
 
             raise UsageError(f"--pretrain-threads must be at least 1, got {pretrain_threads}")
         pre.threads = pretrain_threads
-    meta = json.loads(world_json.read_text()) if world_json.is_file() else {}
-    if meta.get("spec") == asdict(world_spec) and meta.get("seed") == seed and meta.get("world", "v1") == world:
-        echo(f"{steps_label[0]} synthetic world: reusing {data}")
-    else:
-        runs = out / "runs"
-        if meta and runs.is_dir() and any(runs.rglob("checkpoint.json")):
-            # regenerating would leave finished runs beside a world (and a tiny CLIP) they were not trained on,
-            # and a later invocation would reuse them as if they had been
-            from grace_plugin.errors import UsageError
+    # one process writes the world and the tiny CLIP, a second one on the same --out (two study lanes) waits and
+    # reuses them: two writers of one world would rewrite shards under each other's readers
+    with folder_lock(data, what="testbed (synthetic world and tiny CLIP)", wait=echo):
+        meta = json.loads(world_json.read_text()) if world_json.is_file() else {}
+        if meta.get("spec") == asdict(world_spec) and meta.get("seed") == seed and meta.get("world", "v1") == world:
+            echo(f"{steps_label[0]} synthetic world: reusing {data}")
+        else:
+            runs = out / "runs"
+            if meta and runs.is_dir() and any(runs.rglob("checkpoint.json")):
+                # regenerating would leave finished runs beside a world (and a tiny CLIP) they were not trained on,
+                # and a later invocation would reuse them as if they had been
+                from grace_plugin.errors import UsageError
 
-            raise UsageError(f"{data} holds world {meta.get('world', 'v1')} seed {meta.get('seed')} and {runs} "
-                             f"holds runs trained on it; --seed {seed} / --size / --world ask for another world: use "
-                             "another --out (a study's --seeds N already runs seeds seed..seed+N-1 on one world)")
-        echo(f"{steps_label[0]} synthetic world -> {data}")
-        write_synthetic_world(data, seed=seed, spec=world_spec, progress=progress, world=world)
-    echo(f"{steps_label[1]} tiny CLIP -> {pretrained} (cached after the first run)")
-    tiny_clip(data, pretrained, cfg=pre, progress=progress)
+                raise UsageError(f"{data} holds world {meta.get('world', 'v1')} seed {meta.get('seed')} and {runs} "
+                                 f"holds runs trained on it; --seed {seed} / --size / --world ask for another world: "
+                                 "use another --out (a study's --seeds N already runs seeds seed..seed+N-1 on one "
+                                 "world)")
+            echo(f"{steps_label[0]} synthetic world -> {data}")
+            write_synthetic_world(data, seed=seed, spec=world_spec, progress=progress, world=world)
+        echo(f"{steps_label[1]} tiny CLIP -> {pretrained} (cached after the first run)")
+        tiny_clip(data, pretrained, cfg=pre, progress=progress)
     return data, pretrained
 
 
