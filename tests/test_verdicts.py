@@ -216,9 +216,10 @@ def test_tuning_page_says_when_fewer_trials_than_the_top_were_rescored():
                 "rescored": [{"trial": t, "seed_results": {"0": {"hm": 30.0}}} for t in rescored], "trials": []}
 
     doc = {"size": "small", "seed": 0, "trials": 4, "steps": 300,
-           "methods": {"a": method([3, 1]), "b": method([0, 2, 1])},
+           "methods": {"a": dict(method([3, 1]), widenings=2), "b": method([0, 2, 1])},
            "protocol": {"collapse_spread": 0.9, "rescore_top": 3, "n_val_adv": 8}}
     rows = {line.split(" | ")[0]: line for line in tuning_markdown(doc).splitlines() if line.startswith("| a |")
             or line.startswith("| b |")}
     assert "| 3, 1 (only 2 selectable of 3) |" in rows["| a"]
+    assert rows["| a"].startswith("| a | hm | 4 (4 + 2 widening(s)) |") and rows["| b"].startswith("| b | hm | 4 |")
     assert "| 0, 2, 1 |" in rows["| b"] and "selectable of" not in rows["| b"]

@@ -522,7 +522,9 @@ def tuning_markdown(doc: dict) -> str:
             f(v.get(key)) for v in best["seed_results"].values())
         rescored = [r["trial"] for r in res.get("rescored") or []]
         short = f" (only {len(rescored)} selectable of {top})" if len(rescored) < top else ""
-        lines.append(f"| {name} | {res.get('score', 'hm')} | {c['trials']} | {c['trial_steps']} | "
+        wid = res.get("widenings") or 0  # each widening of a range adds tuning.yaml's widen_trials to the budget
+        trials = f"{c['trials']}" + (f" ({doc['trials']} + {wid} widening(s))" if wid else "")
+        lines.append(f"| {name} | {res.get('score', 'hm')} | {trials} | {c['trial_steps']} | "
                      f"{c['cpu_seconds']:.0f} (+{c.get('rescore_cpu_seconds', 0):.0f}) | {res['collapsed']} | "
                      f"{res['diverged']} | {'-' if res['selected'] is None else res['selected']} | {vals} | {seeds} | "
                      f"{', '.join(map(str, rescored)) or '-'}{short} | {', '.join(res['at_range_edge']) or 'none'} |")
