@@ -48,23 +48,27 @@ def paired_drops(rows: dict, reference: str) -> dict:
     """Each row's paired difference from ``reference`` (row - reference, mean over the seeds both ran, 95% Student-t
     interval: ``verdicts.paired_difference``) of its ID top-1 (``id``) and of its accuracy drop on each set, from the
     runs' shift records; ``{row: {"id" | set: Spread | None}}``, {} when the reference has no shift record."""
-    def by_seed(row: dict, key) -> dict[int, float]:
-        return {run["seed"]: key(run["shift"]) for run in row.get("runs", []) if run.get("shift")
-                and key(run["shift"]) is not None}
+    def by_seed(row: dict) -> dict[str, dict[int, float]]:
+        """``{"id" | set: {seed: value}}`` over the row's runs with a shift record (a missing value left out)."""
+        out: dict[str, dict[int, float]] = {}
+        for run in row.get("runs", []):
+            sh = run.get("shift")
+            for k, v in ({"id": sh["id_acc"], **sh["drop"]} if sh else {}).items():
+                if v is not None:
+                    out.setdefault(k, {})[run["seed"]] = v
+        return out
 
     ref = rows.get(reference)
     if not ref or not ref.get("shift"):
         return {}
-    sets = list(ref["shift"]["drop"])
+    keys = ["id", *ref["shift"]["drop"]]
+    ref_values = by_seed(ref)
     out = {}
     for name, row in rows.items():
         if name == reference or not row.get("shift"):
             continue
-        out[name] = {"id": paired_difference(by_seed(row, lambda sh: sh["id_acc"]),
-                                             by_seed(ref, lambda sh: sh["id_acc"]))}
-        for s in sets:
-            out[name][s] = paired_difference(by_seed(row, lambda sh, s=s: sh["drop"].get(s)),
-                                             by_seed(ref, lambda sh, s=s: sh["drop"].get(s)))
+        values = by_seed(row)
+        out[name] = {k: paired_difference(values.get(k, {}), ref_values.get(k, {})) for k in keys}
     return out
 
 
