@@ -7,7 +7,7 @@
    Both run once untimed first (imports, first-call kernels), then ``--reps`` interleaved rounds; medians.
 2. Clean-eval images/s of the `id` suite on the RobustBench subset layout.
 3. 2 processes vs 1 under torchrun (gloo, 1 thread each): `grace eval --data SET --attack apgd-ce` with the
-   testbed's tiny CLIP (``grace_plugin.testbed.tiny_clip``, cached after its first pretraining) on a synthetic
+   testbed's tiny CLIP (``grace_app.testbed.tiny_clip.tiny_clip``, cached after its first pretraining) on a synthetic
    ``--images``-image set in ``--shards`` tars: each suite's throughput (its seconds in report.json) and the whole
    command's, the fixed costs (report.json ``startup``: interpreter and imports, process group, model load, heads;
    the rest of the command) apart from the per-image cost, and whether both reports are identical, per-sample
@@ -47,7 +47,7 @@ def _torchrun(nproc: int, args: list[str], rss_file: Path | None = None) -> floa
         cmd = [sys.executable, "-c", wrapper.replace("sys.argv_rss", repr(str(rss_file))), "--", "eval", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "grace_plugin", "eval", *args]
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "grace_app", "eval", *args]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -62,7 +62,7 @@ def _comparable(rep: dict) -> dict:
 
 def _big_set(root: Path, n: int, shards: int, seed: int) -> Path:
     """A ``n``-image ID test set of the synthetic world's kind in ``shards`` equal tars (other splits tiny)."""
-    from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+    from grace_app.testbed.world import SyntheticWorldSpec, write_synthetic_world
 
     spec = SyntheticWorldSpec(train_per_class=1, test_per_class=n // 10, ood_per_class=1, pairs=10,
                               shard_size=-(-n // shards))
@@ -75,8 +75,8 @@ def ranks_vs_one(n: int, shards: int, n_adv: int, world: str | None = None, batc
     fixed costs (start-up: interpreter and imports, process group, model load, heads; report writing) apart from
     the suites' per-image seconds; then peak RSS of a clean evaluation of ``n`` vs ``n // 10`` images. Returns the
     table's rows and notes (``--json``)."""
-    from grace_plugin.data.synthetic import write_synthetic_world
-    from grace_plugin.testbed import tiny_clip
+    from grace_app.testbed.world import write_synthetic_world
+    from grace_app.testbed.tiny_clip import tiny_clip
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

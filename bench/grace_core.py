@@ -42,9 +42,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the table here (for `grace results --add`)")
     args = ap.parse_args()
 
-    from eval_suites.studies.testbed_config import load_methods, load_tuning
-    from eval_suites.studies.tuning import validation_trial
-    from eval_suites.studies.verdicts import paired_difference
+    from grace_app.testbed.configs import load_methods, load_tuning
+    from grace_app.studies.tuning import validation_trial
+    from grace_app.studies.verdicts import paired_difference
 
     tune = Path(args.tune)
     doc = json.loads((tune / "tuning.json").read_text())

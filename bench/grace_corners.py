@@ -51,8 +51,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from eval_suites.studies.quickstart import prepare_testbed
-    from eval_suites.studies.testbed_config import method_config
+    from grace_app.studies.quickstart import prepare_testbed
+    from grace_app.testbed.configs import method_config
     from grace_plugin.finetune import fine_tune
     from grace_plugin.trainer import TrainingDiverged
 

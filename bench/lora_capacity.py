@@ -50,9 +50,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the table here (for `grace results --add`)")
     args = ap.parse_args()
 
-    from eval_suites.studies.quickstart import prepare_testbed
-    from eval_suites.studies.testbed_config import load_methods, load_tuning
-    from eval_suites.studies.tuning import validation_trial
+    from grace_app.studies.quickstart import prepare_testbed
+    from grace_app.testbed.configs import load_methods, load_tuning
+    from grace_app.studies.tuning import validation_trial
     from grace_plugin.data.split import holdout_split
 
     proto, methods = load_tuning(), load_methods()

@@ -60,9 +60,9 @@ def cli_paths(recipes: list[str], paths: str, steps: int = 400, reps: int = 3) -
     import subprocess
     import sys
 
-    from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+    from grace_app.testbed.world import SyntheticWorldSpec, write_synthetic_world
     from grace_plugin.runfolder import partial_dir
-    from grace_plugin.testbed import PretrainConfig, pretrain_tiny_clip
+    from grace_app.testbed.tiny_clip import PretrainConfig, pretrain_tiny_clip
 
     root = Path(tempfile.mkdtemp(prefix="grace_resume_cost_"))
     write_synthetic_world(root / "world", seed=0, spec=SyntheticWorldSpec.small())
@@ -74,7 +74,7 @@ def cli_paths(recipes: list[str], paths: str, steps: int = 400, reps: int = 3) -
 
     def argv(recipe, out, n, workers, *extra):
         cheap = ["--set", "recipe.pgd_steps=2", "--set", "recipe.lora_rank=4"] if recipe == "grace" else []
-        return [sys.executable, "-m", "grace_plugin", "train", "--recipe", recipe, "--init", str(clip), "--data",
+        return [sys.executable, "-m", "grace_app", "train", "--recipe", recipe, "--init", str(clip), "--data",
                 str(root / "world" / "id"), "--out", str(out), "--steps", str(n), "--no-progress", "--set",
                 "train.batch_size=16", "--set", f"train.num_workers={workers}", "--set", "train.device=cpu",
                 *cheap, *extra]

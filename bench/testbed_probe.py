@@ -18,7 +18,7 @@ import numpy as np
 
 
 def load_set(set_dir: Path, split: str = "test"):
-    from grace_plugin.data.synthetic import read_split_images
+    from grace_app.testbed.world import read_split_images
 
     return read_split_images(set_dir / split, np.float32)
 
@@ -27,7 +27,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from grace_plugin.data.synthetic import CLASSNAMES, TEMPLATES, TEXTURE_AMP, texture_tiles
+    from grace_app.testbed.world import CLASSNAMES, TEMPLATES, TEXTURE_AMP, texture_tiles
     from grace_plugin.recipes.adversarial import pgd_attack
     from registry import load_model
 

@@ -11,7 +11,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import grace_plugin  # noqa: E402,F401  (autoattack shim)
-from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world  # noqa: E402
+from grace_app.testbed.world import SyntheticWorldSpec, write_synthetic_world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def tiny_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tiny_world, tmp_path_factory):
-    from grace_plugin.testbed import PretrainConfig, pretrain_tiny_clip
+    from grace_app.testbed.tiny_clip import PretrainConfig, pretrain_tiny_clip
 
     out = tmp_path_factory.mktemp("clip") / "pretrained"
     return pretrain_tiny_clip(tiny_world / "pairs", out, PretrainConfig(steps=30, batch_size=64, width=64, layers=2,

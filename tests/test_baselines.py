@@ -329,7 +329,7 @@ def test_proximal_optimizer_state_round_trip_resumes_identically(cls):
 
 
 def test_wise_ft_sweep_cli_rejects_bad_alphas(tmp_path, capsys):
-    from grace_plugin.cli import main
+    from grace_app.cli import main
 
     rc = main(["wise-ft-sweep", "--zero-shot", str(tmp_path), "--finetuned", str(tmp_path), "--data", str(tmp_path),
                "--alphas", "0,1.5", "--out", str(tmp_path / "o")])

@@ -1,4 +1,4 @@
-"""End to end through the real CLI (``grace_plugin.cli.main``) on tiny shards in tmp dirs."""
+"""End to end through the real CLI (``grace_app.cli.main``) on tiny shards in tmp dirs."""
 import io
 import json
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from grace_plugin.cli import main
+from grace_app.cli import main
 
 FAST = ["--set", "train.batch_size=8", "--set", "train.log_every=1", "--no-progress"]
 
@@ -190,7 +190,7 @@ def test_bad_input_is_one_clear_error(argv, msg, tiny_clip_dir, tiny_world, tmp_
 
 
 def test_list_and_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "grace_plugin", "list", "recipes"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "grace_app", "list", "recipes"], capture_output=True, text=True,
                          check=True).stdout.split()
     from grace_plugin.recipes import list_recipes
 
@@ -280,7 +280,7 @@ def test_rrc_transform_is_a_random_resized_crop():
 
 
 def test_study_aggregates_seeds():
-    from eval_suites.studies.quickstart import _aggregate
+    from grace_app.studies.quickstart import _aggregate
 
     row = _aggregate("m", [{"id": 10.0, "ood": 4.0, "adv": 1.0, "hm": 2.0}, {"id": 20.0, "ood": 6.0, "adv": 3.0,
                                                                            "hm": 4.0}])

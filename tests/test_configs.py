@@ -22,7 +22,7 @@ def test_every_recipe_has_a_paper_config():
 
 # ------------------------------------------------------------------------------------------ configs/testbed/
 def test_every_recipe_has_a_testbed_config_and_every_method_builds():
-    from eval_suites.studies.testbed_config import TESTBED_DIR, load_methods, method_config
+    from grace_app.testbed.configs import TESTBED_DIR, load_methods, method_config
 
     files = {p.stem for p in TESTBED_DIR.glob("*.yaml")}
     assert set(list_recipes()) <= files
@@ -38,7 +38,7 @@ def test_every_recipe_has_a_testbed_config_and_every_method_builds():
 def test_one_training_attack_for_every_adversarial_method():
     """attack.yaml is the single attack of tecoa, fare, pmg_aft, grace and the ablation rows (grace_fast and
     grace_lite keep their own one-step attacks on purpose: the cheaper attack is their point)."""
-    from eval_suites.studies.testbed_config import load_methods, load_yaml_attack, method_config
+    from grace_app.testbed.configs import load_methods, load_yaml_attack, method_config
 
     attack = load_yaml_attack()
     methods = load_methods()
@@ -59,7 +59,7 @@ def test_one_training_attack_for_every_adversarial_method():
 
 
 def test_table8_rows_switch_grace_components():
-    from eval_suites.studies.testbed_config import method_config
+    from grace_app.testbed.configs import method_config
 
     rows = ("ablation-lora-ft", "ablation-lar-rho0", "ablation-gv-only", "ablation-awp-uniform",
             "ablation-awp-curriculum", "grace")
@@ -74,8 +74,8 @@ def test_table8_rows_switch_grace_components():
 def test_every_tuning_space_is_valid_and_holds_its_anchors():
     """Every tuned method has a log-uniform lr axis; both ends of every range and every choice give a valid config;
     the anchors (published defaults) lie inside the space; the issue's methods are all there."""
-    from eval_suites.studies.search import parse_space
-    from eval_suites.studies.testbed_config import load_methods, load_tuned, load_tuning, method_config, nest
+    from grace_app.studies.search import parse_space
+    from grace_app.testbed.configs import load_methods, load_tuned, load_tuning, method_config, nest
 
     proto, methods = load_tuning(), load_methods()
     assert {"ft", "wise_ft", "tecoa", "lora-tecoa", "lora-ft", "pmg_aft", "fare", "grace"} <= set(proto["space"])
@@ -98,7 +98,7 @@ def test_every_tuning_space_is_valid_and_holds_its_anchors():
 def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
     import shutil
 
-    from eval_suites.studies.testbed_config import TESTBED_DIR, method_config
+    from grace_app.testbed.configs import TESTBED_DIR, method_config
     from grace_plugin.config import ConfigError
 
     d = tmp_path / "testbed"
@@ -118,7 +118,7 @@ def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
 def test_studies_yaml_typo_names_file_study_and_key(tmp_path, monkeypatch, edit, match):
     import shutil
 
-    from eval_suites.studies.testbed_config import TESTBED_DIR, load_studies
+    from grace_app.testbed.configs import TESTBED_DIR, load_studies
     from grace_plugin.config import ConfigError
 
     d = tmp_path / "testbed"
@@ -143,7 +143,7 @@ def test_the_wheel_ships_the_testbed_configs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "grace_plugin", "registry", "eval_suites", "configs"):
+    for name in ("pyproject.toml", "README.md", "grace_plugin", "registry", "eval_suites", "grace_app", "configs"):
         p = root / name
         if p.is_dir():
             shutil.copytree(p, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
@@ -155,8 +155,8 @@ def test_the_wheel_ships_the_testbed_configs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     wheel = tmp_path / "dist" / r.stdout.strip().splitlines()[-1]
     names = set(zipfile.ZipFile(wheel).namelist())
-    want = {f"eval_suites/testbed_configs/{p.name}" for p in (root / "configs" / "testbed").glob("*.yaml")}
-    assert "eval_suites/testbed_configs/methods.yaml" in want and want <= names
+    want = {f"grace_app/testbed_configs/{p.name}" for p in (root / "configs" / "testbed").glob("*.yaml")}
+    assert "grace_app/testbed_configs/methods.yaml" in want and want <= names
 
 
 def test_every_lora_method_uses_the_one_testbed_lora():
@@ -165,7 +165,7 @@ def test_every_lora_method_uses_the_one_testbed_lora():
     no other testbed file sets a LoRA field."""
     import yaml
 
-    from eval_suites.studies.testbed_config import load_methods, method_config, testbed_dir
+    from grace_app.testbed.configs import load_methods, method_config, testbed_dir
 
     d = testbed_dir()
     lora = {k: v for k, v in (yaml.safe_load((d / "common.yaml").read_text())["recipe"]).items()

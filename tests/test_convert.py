@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grace_plugin.cli import main
+from grace_app.cli import main
 from grace_plugin.data.loader import make_eval_loader
 from grace_plugin.data.shards import open_shard_set
 from grace_plugin.data.transforms import eval_transform

@@ -10,7 +10,7 @@ from PIL import Image
 
 from grace_plugin.data.loader import make_eval_loader, make_train_loader
 from grace_plugin.data.shards import ShardSetError, count_samples, open_shard_set
-from grace_plugin.data.synthetic import CLASSNAMES, SyntheticWorldSpec, write_synthetic_world
+from grace_app.testbed.world import CLASSNAMES, SyntheticWorldSpec, write_synthetic_world
 
 IDENT = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)  # noqa: E731
 

@@ -24,7 +24,7 @@ def _subparsers(parser: argparse.ArgumentParser):
 
 def cli_surface() -> dict[str, dict]:
     """``{command: {"flags": {...}, "sub": {subcommand: {flags}}}}`` from the CLI's own parser."""
-    from grace_plugin.cli import _parser
+    from grace_app.cli import _parser
 
     surface = {}
     for name, sp in _subparsers(_parser()).choices.items():
@@ -84,7 +84,7 @@ def test_the_check_fails_on_a_removed_flag_command_or_path():
 
 def test_results_pages_are_what_grace_results_generates(tmp_path):
     """docs/results/*.md equal a fresh regeneration from docs/results/data/ (nothing edited by hand)."""
-    from eval_suites.studies.publish import regenerate
+    from grace_app.studies.publish import regenerate
 
     regenerate(ROOT / "docs" / "results" / "data", tmp_path)
     committed = sorted(p.name for p in (ROOT / "docs" / "results").glob("*.md"))
@@ -98,7 +98,7 @@ def test_results_add_and_regenerate_a_study_and_a_bench(tmp_path):
     of mkdocs.yml names exactly them."""
     import json
 
-    from grace_plugin.cli import main
+    from grace_app.cli import main
 
     study = tmp_path / "studies" / "table6"
     study.mkdir(parents=True)
@@ -153,7 +153,7 @@ def test_results_add_a_bench_table(tmp_path):
     """A bench's table JSON (bench/lora_capacity.py, bench/grace_corners.py) becomes bench-<name>.md with its rows."""
     import json
 
-    from grace_plugin.cli import main
+    from grace_app.cli import main
 
     src = tmp_path / "t.json"
     src.write_text(json.dumps({"bench": "table", "name": "grace_corners", "title": "Corners", "command": "x",
@@ -175,7 +175,7 @@ def test_results_add_a_bench_table(tmp_path):
 def test_quickstart_page_names_its_tiny_clip():
     """A quickstart page says which tiny CLIP its rows start from (sha256, pretraining steps and threads), so two
     pages are comparable only when that sentence matches; an older summary without the record renders without it."""
-    from eval_suites.studies.publish import page_markdown
+    from grace_app.studies.publish import page_markdown
 
     row = {"method": "zero-shot", "id": 0.6, "ood": 0.4, "adv": 0.0, "hm": 0.0, "n": {}}
     doc = {"rows": [dict(row, paper=row)], "definition": "strict", "world": "v2", "seeds": [1], "steps": 300,

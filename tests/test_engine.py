@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from eval_suites.shardsets import get_shardset, list_shardsets
-from grace_plugin.cli import main
+from grace_app.cli import main
 
 SUBSET = [1, 4, 6, 9]  # ID classes of the "200-class"-style subset set
 
@@ -339,7 +339,7 @@ def test_run_without_class_names_keeps_its_head_and_says_so(finetuned, as_model,
 
 def test_cli_catches_only_the_grace_error_family(monkeypatch):
     """A user mistake is one line and exit 2 (tested above); any other exception is a bug and propagates."""
-    import grace_plugin.cli as cli
+    import grace_app.cli as cli
 
     monkeypatch.setattr(cli, "_cmd_list", lambda a: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
@@ -356,7 +356,7 @@ def _free_port() -> int:
 def _torchrun(nproc: int, args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(Path(__file__).parents[1]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "grace_plugin", "eval", *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "grace_app", "eval", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -1,7 +1,7 @@
 """Fault injection: a table of bad inputs, each with the exit code and the counts or message it must give.
 
 Every row builds its fault in tmp_path (tiny hand-made shards, the session's tiny CLIP), runs the ``grace`` CLI
-in-process (``grace_plugin.cli.main``) and checks the exit code plus either the report's counts (computed here
+in-process (``grace_app.cli.main``) and checks the exit code plus either the report's counts (computed here
 from how the shards were built) or a fragment of the one-line error. Decoder rows run in a subprocess, so a
 native crash fails the row instead of killing pytest; lock rows hold the lock from a separate process; the disk
 full / read-only rows run a real ``grace train`` in a private mount namespace on a tiny tmpfs (skipped where
@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from grace_plugin.cli import main
+from grace_app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
@@ -424,11 +424,11 @@ def test_a_waiting_writer_waits_for_the_holder_then_enters(tmp_path):
 def test_testbed_preparation_holds_the_lock_while_writing_the_world(tmp_path, monkeypatch):
     """prepare_testbed writes the world and the tiny CLIP under the testbed lock (a second study lane on the same
     --out waits there, then reuses the world), and a second call reuses the world it finds."""
-    import grace_plugin.data.synthetic as synthetic
-    import grace_plugin.testbed as testbed
+    import grace_app.testbed.world as synthetic
+    import grace_app.testbed.tiny_clip as testbed
     from dataclasses import asdict
 
-    from eval_suites.studies.quickstart import prepare_testbed
+    from grace_app.studies.quickstart import prepare_testbed
     from grace_plugin.runfolder import RunLockedError, folder_lock
 
     out, calls = tmp_path / "study", []
@@ -536,7 +536,7 @@ def test_real_disk_full_and_read_only(mount_opts, fragment, env, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     argv = " ".join(f"'{a}'" for a in train_argv(env, mnt / "run", "--steps", "1"))
-    script = (f"mount -t tmpfs -o {mount_opts} tmpfs '{mnt}' && exec '{sys.executable}' -m grace_plugin {argv}")
+    script = (f"mount -t tmpfs -o {mount_opts} tmpfs '{mnt}' && exec '{sys.executable}' -m grace_app {argv}")
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False)
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("grace ")]

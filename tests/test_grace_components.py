@@ -158,7 +158,7 @@ def test_an_ablation_keeps_what_it_changes_over_the_values_it_inherits(tmp_path,
     own tuned values win over its set defaults."""
     import shutil
 
-    from eval_suites.studies.testbed_config import TESTBED_DIR, method_config
+    from grace_app.testbed.configs import TESTBED_DIR, method_config
 
     d = tmp_path / "testbed"
     shutil.copytree(TESTBED_DIR, d)

@@ -75,7 +75,7 @@ def test_signal_saves_after_the_step_and_a_second_one_during_the_save_changes_no
 
 
 def _argv(clip, data, out, steps, *extra):
-    return [sys.executable, "-m", "grace_plugin", "train", "--recipe", "grace", "--init", str(clip), "--data",
+    return [sys.executable, "-m", "grace_app", "train", "--recipe", "grace", "--init", str(clip), "--data",
             str(data), "--out", str(out), "--steps", str(steps), "--no-progress", "--set", "train.batch_size=8",
             "--set", "train.log_every=1", "--set", "recipe.pgd_steps=2", "--set", "recipe.lora_rank=4",
             "--set", "recipe.curvature_interval=2", "--set", "train.device=cpu", *extra]
@@ -111,7 +111,7 @@ def _run_weights(out: Path) -> dict:
 
 def _in_process(capsys, argv) -> tuple[int, str]:
     """The same command in this process (no interpreter start-up); one torch thread, as in the subprocesses."""
-    from grace_plugin.cli import main
+    from grace_app.cli import main
 
     capsys.readouterr()
     n = torch.get_num_threads()
@@ -186,8 +186,8 @@ def test_two_ranks_agree_on_the_step_when_one_is_signalled(tiny_clip_dir, tiny_w
 def test_a_preempted_study_exits_75_in_one_line(monkeypatch, capsys, tmp_path):
     """A preemption inside a study's (or the quickstart's) training run is a saved state, not a crash: one line,
     exit 75; the same command then resumes it (tests/test_study.py)."""
-    import eval_suites.studies.runner as runner
-    from grace_plugin.cli import main
+    import grace_app.studies.runner as runner
+    from grace_app.cli import main
 
     def preempted(*a, **k):
         raise Preempted(7, tmp_path / "train_state.pt", "SIGTERM")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import registry  # noqa: F401  (registers the GRACE timm names)
-from grace_plugin.cli import main
+from grace_app.cli import main
 from registry.naming import NUM_CLASSES, timm_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def timm_and_robustbench():
 
 @section
 def eval_by_name():
-    from grace_plugin.cli import main
+    from grace_app.cli import main
     for model, out in ((args["name"], "by_name"), (args["run"], "by_run")):
         rc = main(["eval", "--model", model, "--data", args["id"], "--out", args["eval_out"] + "/" + out,
                    "--no-progress", "--batch-size", "64"])
@@ -546,7 +546,7 @@ def test_timm_to_open_clip_is_the_inverse_of_timms_converter(tiny_clip_dir):
 def test_weights_dir_is_under_the_one_grace_cache(monkeypatch, tmp_path):
     """$GRACE_WEIGHTS_DIR, else <grace cache>/weights with the grace cache the testbed uses too ($GRACE_CACHE_DIR, else
     $XDG_CACHE_HOME/grace_plugin, else ~/.cache/grace_plugin)."""
-    from grace_plugin.testbed import cache_dir
+    from grace_app.testbed.tiny_clip import cache_dir
 
     monkeypatch.delenv("GRACE_WEIGHTS_DIR", raising=False)
     monkeypatch.setenv("GRACE_CACHE_DIR", str(tmp_path / "g"))

@@ -7,8 +7,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from eval_suites.studies.search import Axis, collapsed, edge_side, parse_space, selectable, widen
-from eval_suites.studies.verdicts import FAILS, HOLDS, INCONCLUSIVE, Spread, paired_bootstrap, paired_verdict
+from grace_app.studies.search import Axis, collapsed, edge_side, parse_space, selectable, widen
+from grace_app.studies.verdicts import FAILS, HOLDS, INCONCLUSIVE, Spread, paired_bootstrap, paired_verdict
 
 
 def test_parse_space_and_bad_axes_name_the_field():
@@ -118,7 +118,7 @@ class _Stub:
 def _run(tmp_path, stub, monkeypatch, proto_over=None, budget=6, prune_every=0):
     from types import SimpleNamespace
 
-    import eval_suites.studies.tuning as tuning
+    import grace_app.studies.tuning as tuning
 
     monkeypatch.setattr(tuning, "validation_trial", stub)
     proto = {"collapse_spread": 0.9, "startup_trials": 3, "widen_trials": 2, "max_widenings": 1, "rescore_top": 2,
@@ -159,7 +159,7 @@ def test_a_method_without_robustness_is_tuned_on_its_clean_accuracy(tmp_path, mo
     accuracy (HM + 1e-4 x mean), so the sampler and the pruner have a signal and the best clean trial is selected."""
     import optuna
 
-    from eval_suites.studies.tuning import TIE_WEIGHT
+    from grace_app.studies.tuning import TIE_WEIGHT
 
     res = _run(tmp_path, _Stub(peak=1e-4, robust=False), monkeypatch)
     rows = res["trials"]
@@ -245,7 +245,7 @@ def test_a_worker_waits_only_for_live_trials_of_other_workers(tmp_path):
     import subprocess
     import sys
 
-    import eval_suites.studies.tuning as tuning
+    import grace_app.studies.tuning as tuning
 
     study = tuning.open_study(tmp_path, "m", 0, 3)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -296,7 +296,7 @@ def test_a_trial_left_running_by_a_dead_process_is_redone(tmp_path, monkeypatch)
     import subprocess
     import sys
 
-    import eval_suites.studies.tuning as tuning
+    import grace_app.studies.tuning as tuning
 
     study = tuning.open_study(tmp_path, "m", 0, 3)
     t = study.ask()
@@ -314,7 +314,7 @@ def test_a_trial_left_running_by_a_dead_process_is_redone(tmp_path, monkeypatch)
 # ------------------------------------------------------------------------------------------ paired claims
 def _row(adv_hits: int, seeds=(0, 1, 2), id_hits: int = 300, shift: int = 0):
     """A row's Spread for each axis with per-sample results: ID 400 images, two OOD sets of 200, Adv 300."""
-    from eval_suites.studies.verdicts import spread
+    from grace_app.studies.verdicts import spread
 
     def bits(k, n, off=0):
         return "".join("1" if (i + off) % n < k else "0" for i in range(n))
@@ -328,7 +328,7 @@ def _row(adv_hits: int, seeds=(0, 1, 2), id_hits: int = 300, shift: int = 0):
 
 
 def test_claims_are_decided_on_paired_per_sample_bootstraps():
-    from eval_suites.studies.verdicts import evaluate_claim, paired_samples_bootstrap
+    from grace_app.studies.verdicts import evaluate_claim, paired_samples_bootstrap
 
     rows = {"grace": _row(120), "tecoa": _row(60)}  # GRACE robust on 60 more of the 300 attacked images
     d = paired_samples_bootstrap(rows["grace"]["adv"], rows["tecoa"]["adv"], "adv")
@@ -351,7 +351,7 @@ def test_claims_are_decided_on_paired_per_sample_bootstraps():
 def test_claims_without_per_sample_results_fall_back_to_the_seeds_then_to_spreads():
     from dataclasses import replace
 
-    from eval_suites.studies.verdicts import evaluate_claim
+    from grace_app.studies.verdicts import evaluate_claim
 
     claim = {"claim": "c", "kind": "greater", "a": "grace", "b": "tecoa", "metric": "adv"}
     rows = {m: {k: replace(v, samples=()) for k, v in _row(a).items()} for m, a in (("grace", 120), ("tecoa", 60))}

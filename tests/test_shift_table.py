@@ -1,9 +1,9 @@
-"""The shift study's table (eval_suites/studies/shift_table.py) on constructed runs: means, stds, near/far, rho."""
+"""The shift study's table (grace_app/studies/shift_table.py) on constructed runs: means, stds, near/far, rho."""
 import math
 
 import pytest
 
-from eval_suites.studies.shift_table import aggregate_shift, shift_markdown, shift_record
+from grace_app.studies.shift_table import aggregate_shift, shift_markdown, shift_record
 
 
 def _suite(drops: dict, dist: dict, id_acc: float = 80.0) -> dict:
@@ -54,7 +54,7 @@ def test_paired_drops_from_the_reference_are_paired_by_seed_with_a_t_interval():
 
     from scipy import stats
 
-    from eval_suites.studies.shift_table import paired_drops
+    from grace_app.studies.shift_table import paired_drops
 
     def runs(per_seed):  # {seed: (id_acc, drop on v2, drop on a)}
         return [{"seed": s, "shift": shift_record(_suite({"v2": v2, "a": a}, {"v2": 1.0, "a": 4.0}, id_acc=i))}

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from grace_plugin.cli import main
+from grace_app.cli import main
 
 TINY = ["--size", "small", "--pretrain-steps", "10", "--steps", "2", "--no-progress", "--set", "train.batch_size=8"]
 
@@ -53,7 +53,7 @@ def test_study_rerun_reuses_finished_runs_and_evaluations(study_dir, capsys, mon
     folder matches only its own config."""
     import yaml
 
-    import eval_suites.studies.runner as studies
+    import grace_app.studies.runner as studies
     import grace_plugin.finetune as finetune
     from grace_plugin.config import to_dict
 
@@ -106,7 +106,7 @@ def test_study_shift_smoke_keeps_the_attacked_evaluation_apart(study_dir):
     assert main(args) == 0
     assert (out / "evals" / "ft" / "seed0.shift.json").stat().st_mtime_ns == before
     # the folder copied elsewhere (as a geometry or shift study starts from a table6 folder): nothing again
-    import eval_suites.studies.runner as studies
+    import grace_app.studies.runner as studies
     import grace_plugin.finetune as finetune
 
     copy = study_dir / "shift-copy"
@@ -127,7 +127,7 @@ def test_study_unknown_name_is_a_one_line_error(study_dir, capsys):
 def test_study_tune_writes_selected_values_as_data(study_dir, tmp_path, monkeypatch):
     """Optuna end to end on the small world: the budget of trials from the published anchor, each with its scores,
     feature spread and compute; the selection is read back by every run; a rerun of a finished tune trains nothing."""
-    from eval_suites.studies.testbed_config import TESTBED_DIR, method_config
+    from grace_app.testbed.configs import TESTBED_DIR, method_config
 
     d = tmp_path / "testbed"
     shutil.copytree(TESTBED_DIR, d)
@@ -163,7 +163,7 @@ def test_study_tune_writes_selected_values_as_data(study_dir, tmp_path, monkeypa
 @pytest.mark.slow  # about 3 minutes on 2 cores (Hessian power iteration and an attack per row)
 def test_study_geometry_smoke(study_dir):
     """The geometry study (tiny Hessian budget): lambda_max, centroid cosines, dLID and drift per row, verdicts."""
-    from eval_suites.studies.runner import StudyConfig, run_study
+    from grace_app.studies.runner import StudyConfig, run_study
 
     out = study_dir / "geo"
     cfg = StudyConfig(name="geometry", out=out, steps=2, n_adv=4, size="small", pretrain_steps=10,
@@ -179,7 +179,7 @@ def test_study_geometry_smoke(study_dir):
 
 def test_tiny_clip_copy_leaves_an_identical_folder_alone_and_replaces_a_stale_one(tmp_path, monkeypatch):
     """Two studies on one folder both 'prepare' the tiny CLIP: the second must not delete what the first reads."""
-    from grace_plugin.testbed import PretrainConfig, _key, tiny_clip
+    from grace_app.testbed.tiny_clip import PretrainConfig, _key, tiny_clip
 
     monkeypatch.setenv("GRACE_CACHE_DIR", str(tmp_path / "cache"))
     data = tmp_path / "data"
@@ -229,7 +229,7 @@ def test_study_resumes_a_killed_run_and_counts_what_it_reused(study_dir, capsys,
     # only a staged state of exactly the study's config is resumed: one with other steps (another schedule) is not
     import yaml
 
-    import eval_suites.studies.runner as studies
+    import grace_app.studies.runner as studies
     from grace_plugin.config import to_dict
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -290,7 +290,7 @@ def test_another_world_in_a_folder_with_runs_is_refused(tmp_path, capsys):
 
 
 def test_seeds_flag_takes_a_count_or_run_seeds(study_dir, capsys, monkeypatch):
-    from grace_plugin.cli import _parse_seeds
+    from grace_app.cli import _parse_seeds
     from grace_plugin.errors import UsageError
 
     assert _parse_seeds("3") == (3, None)
@@ -318,7 +318,7 @@ def test_seeds_flag_takes_a_count_or_run_seeds(study_dir, capsys, monkeypatch):
 
 def test_tune_refuses_to_write_into_the_installed_copy(tmp_path, capsys, monkeypatch):
     """From a wheel (no checkout) the testbed configs are package data: `study tune` must not write tuned.yaml there."""
-    import eval_suites.studies.testbed_config as tc
+    import grace_app.testbed.configs as tc
 
     monkeypatch.delenv("GRACE_TESTBED_CONFIGS", raising=False)
     monkeypatch.setattr(tc, "TESTBED_DIR", tc._PACKAGED)
@@ -336,7 +336,7 @@ def test_tiny_clip_pretraining_is_pinned_to_its_thread_count(tiny_world, tmp_pat
     pretrained it: ``PretrainConfig.threads`` pins them (and is in the cache key), and the caller's are restored."""
     import torch
 
-    from grace_plugin.testbed import PretrainConfig, _key, pretrain_tiny_clip, tiny_clip_identity
+    from grace_app.testbed.tiny_clip import PretrainConfig, _key, pretrain_tiny_clip, tiny_clip_identity
 
     def weights(ambient: int, threads: int) -> bytes:
         torch.set_num_threads(ambient)

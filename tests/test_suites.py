@@ -7,7 +7,7 @@ from torch import nn
 
 from eval_suites.context import SuiteContext
 from eval_suites.suites import list_suites, parse_suite, run_suites
-from grace_plugin.cli import main
+from grace_app.cli import main
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -187,7 +187,7 @@ def test_suite_bad_input_is_one_clear_error(argv, msg, tiny_clip_dir, tiny_world
     import re
 
     import registry
-    from grace_plugin.data.synthetic import CLASSNAMES
+    from grace_app.testbed.world import CLASSNAMES
     from registry import LoadedModel
 
     (tmp_path / "inet" / "val" / "n01440764").mkdir(parents=True)

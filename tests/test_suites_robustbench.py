@@ -132,7 +132,7 @@ def test_model_info_round_trips_through_robustbench(ours):
 
 
 def test_cli_robustbench_suite(imagenet, tmp_path, capsys):
-    from grace_plugin.cli import main
+    from grace_app.cli import main
 
     root, model, _ = imagenet
     # the CLI resolves --model through the registry; a LoadedModel stands in for a registered [0,1] model

@@ -44,7 +44,7 @@ def _argv(section: str, factor: str, posargs: str, monkeypatch) -> list[str]:
     import os
     import sys
 
-    import grace_plugin.cli as cli
+    import grace_app.cli as cli
 
     cp = _tox()
     env = dict(ENV)
@@ -58,7 +58,7 @@ def _argv(section: str, factor: str, posargs: str, monkeypatch) -> list[str]:
     words = shlex.split(_expand(lines[0], env, posargs))
     if words[0] == "grace":
         return words[1:]
-    assert words[:2] == ["python", "-c"], words[:2]  # an inline program that calls grace_plugin.cli.main
+    assert words[:2] == ["python", "-c"], words[:2]  # an inline program that calls grace_app.cli.main
     seen = []
     monkeypatch.setattr(cli, "main", lambda argv=None: seen.append(list(argv)) or 0)
     monkeypatch.setattr(sys, "argv", ["-c", *words[3:]])
@@ -74,7 +74,7 @@ def _argv(section: str, factor: str, posargs: str, monkeypatch) -> list[str]:
 @pytest.mark.parametrize("section,factor", _eval_envs())
 def test_tox_eval_env_is_a_valid_grace_eval(section, factor, monkeypatch):
     from eval_suites.suites import expand_shorthands, parse_suite
-    from grace_plugin.cli import _parser
+    from grace_app.cli import _parser
 
     argv = _argv(section, factor, "--n-adv 7 --seed 3", monkeypatch)
     a = _parser().parse_args(argv)

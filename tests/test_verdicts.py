@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from eval_suites.studies.tuning import select_trial, trial_score
-from eval_suites.studies.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, at_least, evaluate_claim,
+from grace_app.studies.tuning import select_trial, trial_score
+from grace_app.studies.verdicts import (FAILS, HOLDS, INCONCLUSIVE, Spread, all_of, at_least, evaluate_claim,
                                           greater, less, overlaps, paired_difference, seed_mean, spread,
                                           wilson_interval)
 
@@ -163,7 +163,7 @@ def test_feature_spread_closed_forms():
 
 def test_study_paired_table_and_markdown():
     """study.md's paired-difference section: each row minus the reference on common seeds, 95% t interval."""
-    import eval_suites.studies.runner as studies
+    import grace_app.studies.runner as studies
 
     seeds = [0, 1, 2]
     ref = {k: spread([10.0, 20.0, 30.0], seeds=seeds) for k in ("id", "ood", "adv", "hm")}
@@ -208,7 +208,7 @@ def test_a_metric_without_per_sample_results_is_paired_by_seed():
 def test_tuning_page_says_when_fewer_trials_than_the_top_were_rescored():
     """The tuning page names the re-scored trials and says so when fewer than ``rescore_top`` were selectable (GRACE's
     published tuning re-scored 2: the pruner left two finished, uncollapsed trials)."""
-    from eval_suites.studies.tuning import tuning_markdown
+    from grace_app.studies.tuning import tuning_markdown
 
     def method(rescored):
         return {"score": "hm", "compute": {"trials": 4, "trial_steps": 900, "cpu_seconds": 10.0}, "collapsed": 0,

@@ -1,4 +1,4 @@
-"""World v2's designed cues exist at their stated strength in the written shards (grace_plugin.data.synthetic).
+"""World v2's designed cues exist at their stated strength in the written shards (grace_app.testbed.world).
 
 Every check is an independent computation on the decoded pixels: a matched-filter (linear) probe on the texture tiles
 with its closed-form l_inf attack, and the background hue read from the image corners."""
@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from grace_plugin.data import synthetic as syn
-from grace_plugin.data.synthetic import SyntheticWorldSpec, read_split_images, texture_tiles, write_synthetic_world
+from grace_app.testbed import world as syn
+from grace_app.testbed.world import SyntheticWorldSpec, read_split_images, texture_tiles, write_synthetic_world
 
 SPEC = SyntheticWorldSpec(train_per_class=30, test_per_class=8, ood_per_class=8, pairs=10, shard_size=100)
 
@@ -127,7 +127,7 @@ def test_worlds_are_deterministic_and_v1_stays_reachable(tmp_path):
 
 
 def test_quickstart_column_definitions_give_binomial_half_widths():
-    from eval_suites.studies.quickstart import OOD_SETS, column_definitions
+    from grace_app.studies.quickstart import OOD_SETS, column_definitions
 
     counts = {"id": {"test": 600}, **{s.removeprefix("synth-"): {"test": 500} for s in OOD_SETS}}
     text = column_definitions(counts, "apgd-ce", 4 / 255, 200, 1)

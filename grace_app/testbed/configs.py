@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TESTBED_DIR", "Method", "installed_copy", "load_methods", "load_studies", "load_tuning", "load_tuned",
-           "load_yaml_attack", "merge", "method_config", "nest", "testbed_dir"]
+__all__ = ["CLAIM_KEYS", "TESTBED_DIR", "Method", "installed_copy", "load_methods", "load_studies", "load_tuning",
+           "load_tuned", "load_yaml_attack", "merge", "method_config", "nest", "testbed_dir"]
 
 _CHECKOUT = Path(__file__).resolve().parents[2] / "configs" / "testbed"
 # the wheel's copy (package data; in a checkout a symlink to configs/testbed)
@@ -98,6 +98,10 @@ def load_methods(d: Path | None = None) -> dict[str, Method]:
     return out
 
 
+# the claim kinds ``grace_app.studies.verdicts.evaluate_claim`` knows and the keys each takes besides claim, kind and
+# metric: the schema of studies.yaml's claims, checked by ``load_studies``
+CLAIM_KEYS = {"greater": {"a", "b", "margin"}, "less": {"a", "b", "margin"}, "greater_all": {"a", "b", "margin"},
+              "steps": {"pairs", "margin"}, "at_least": {"a", "b", "fraction"}, "within": {"a", "b"}}
 _STUDY_KEYS = {"paper_table", "rows", "claims", "geometry", "shift", "paired_reference", "shift_reference"}
 _ROW_KEYS = {"method", "label", "paper"}
 
@@ -105,8 +109,6 @@ _ROW_KEYS = {"method", "label", "paper"}
 def load_studies(d: Path | None = None) -> dict[str, dict]:
     """studies.yaml, validated: a misspelt key is an error naming the file, the study and the key (not ignored)."""
     from grace_plugin.config import ConfigError
-
-    from .verdicts import CLAIM_KEYS as _CLAIM_KEYS
 
     d = d or testbed_dir()
     studies = _load("studies.yaml", d) or {}
@@ -126,14 +128,14 @@ def load_studies(d: Path | None = None) -> dict[str, dict]:
                 raise ConfigError(f"{where}: study {name}: {key} {ref!r} is not one of its rows")
         for c in st.get("claims") or []:
             kind = c.get("kind")
-            if kind not in _CLAIM_KEYS:
+            if kind not in CLAIM_KEYS:
                 raise ConfigError(f"{where}: study {name}: claim {c.get('claim')!r}: unknown kind {kind!r}; valid: "
-                                  f"{', '.join(_CLAIM_KEYS)}")
-            bad = set(c) - _CLAIM_KEYS[kind] - {"claim", "kind", "metric"}
+                                  f"{', '.join(CLAIM_KEYS)}")
+            bad = set(c) - CLAIM_KEYS[kind] - {"claim", "kind", "metric"}
             if bad or "metric" not in c or "claim" not in c:
                 raise ConfigError(f"{where}: study {name}: claim {c.get('claim')!r}: unknown key(s) "
                                   f"{', '.join(sorted(bad)) or '-'} (needs claim, kind, metric; {kind} takes "
-                                  f"{', '.join(sorted(_CLAIM_KEYS[kind]))})")
+                                  f"{', '.join(sorted(CLAIM_KEYS[kind]))})")
     return studies
 
 

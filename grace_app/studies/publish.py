@@ -115,7 +115,7 @@ def _table_markdown(doc: dict) -> str:
 
 
 def _quickstart_markdown(doc: dict) -> str:
-    from ..report import summary_markdown
+    from eval_suites.report import summary_markdown
     from .quickstart import tiny_clip_line
 
     rows = doc["rows"]

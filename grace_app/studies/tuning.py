@@ -53,7 +53,7 @@ class TuneConfig:
 
 def trial_score(clean: float | None, robust: float | None) -> dict:
     """``{"hm", "mean"}`` of validation clean and robust top-1 (percent)."""
-    from ..report import harmonic_mean
+    from eval_suites.report import harmonic_mean
 
     if clean is None or robust is None:
         return {"hm": None, "mean": None}
@@ -123,9 +123,9 @@ def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, val: 
     from grace_plugin.finetune import fine_tune
     from registry import load_model
 
-    from ..context import SuiteContext
-    from ..suites import run_suites
-    from .testbed_config import merge, method_config, nest
+    from eval_suites.context import SuiteContext
+    from eval_suites.suites import run_suites
+    from ..testbed.configs import merge, method_config, nest
 
     t0, c0 = time.time(), time.process_time()
     run_cfg = method_config(method, overrides=merge(nest(point), overrides), steps=steps, tuned=False)
@@ -404,7 +404,7 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.tensor_io import atomic_write_text
 
     from .quickstart import _user_overrides, prepare_testbed
-    from .testbed_config import load_methods, load_tuning, merge
+    from ..testbed.configs import load_methods, load_tuning, merge
 
     proto, methods = load_tuning(), load_methods()
     trials = int(cfg.trials or proto["trials"])

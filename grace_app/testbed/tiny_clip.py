@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .models.clip import TINY_CLIP_NAME, ClipBundle, register_open_clip_config, save_clip, tiny_clip_config
-from .paths import cache_dir
+from grace_plugin.models.clip import TINY_CLIP_NAME, ClipBundle, register_open_clip_config, save_clip, tiny_clip_config
+from grace_plugin.paths import cache_dir
 
 __all__ = ["PretrainConfig", "pretrain_tiny_clip", "tiny_clip", "tiny_clip_identity", "cache_dir"]
 
@@ -49,7 +49,7 @@ def _load_pairs(pairs_dir: Path, image_size: int):
     import webdataset as wds
     from PIL import Image
 
-    from .data.shards import open_shard_set
+    from grace_plugin.data.shards import open_shard_set
 
     shards = open_shard_set(pairs_dir, split="train")
     images, captions = [], []
@@ -101,7 +101,7 @@ def _pretrain(pairs_dir: Path, out: Path, cfg: PretrainConfig, progress: bool) -
     n = images.shape[0]
     bar = None
     if progress:
-        from .progress import progress as progress_bar
+        from grace_plugin.progress import progress as progress_bar
 
         bar = progress_bar(total=cfg.steps, desc="pretrain tiny CLIP", unit="step")
     t0 = time.time()

@@ -40,7 +40,7 @@ The shorthands expand into suites, placed before the --suite names (duplicates d
 so `--data D --ood imagenet-r --attack apgd-ce` is `--data D --suite id --suite ood:imagenet-r --suite
 adv:apgd-ce`. A set is scored the same whichever way it is named: the catalogue's scoring (own head, the
 ID head restricted to its class subset, or a class mapping), --scoring/--mapping overrides, expected and
-unaccounted samples, --strict, --decode. Under `torchrun --nproc_per_node N -m grace_plugin eval ...` the
+unaccounted samples, --strict, --decode. Under `torchrun --nproc_per_node N -m grace_app eval ...` the
 batches are split over the ranks, per-sample results gathered, and rank 0 writes the one-process report.
 """
 
@@ -223,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_synth(a) -> int:
-    from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+    from grace_app.testbed.world import SyntheticWorldSpec, write_synthetic_world
 
     spec = SyntheticWorldSpec.small() if a.size == "small" else SyntheticWorldSpec()
     meta = write_synthetic_world(a.out, seed=a.seed, spec=spec, progress=True, world=a.world)
@@ -309,7 +309,7 @@ def _cmd_report(a) -> int:
 
 def _cmd_quickstart(a) -> int:
     from eval_suites.report import summary_markdown
-    from eval_suites.studies.quickstart import QuickstartConfig, run_quickstart
+    from grace_app.studies.quickstart import QuickstartConfig, run_quickstart
     from grace_plugin.recipes import get_recipe_class, list_recipes
 
     recipes = list_recipes() if a.recipes == "all" else [r.strip() for r in a.recipes.split(",") if r.strip()]
@@ -354,8 +354,8 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
 def _cmd_study(a) -> int:
     out = Path(a.out or Path("studies") / a.name)
     if a.name == "tune":
-        from eval_suites.studies.testbed_config import installed_copy, testbed_dir
-        from eval_suites.studies.tuning import TuneConfig, run_tuning
+        from grace_app.testbed.configs import installed_copy, testbed_dir
+        from grace_app.studies.tuning import TuneConfig, run_tuning
         from grace_plugin.errors import UsageError
 
         if not a.methods:
@@ -373,7 +373,7 @@ def _cmd_study(a) -> int:
         print(Path(res["paths"]["md"]).read_text())
         print("wrote " + ", ".join(str(p) for p in res["paths"].values()))
         return 0
-    from eval_suites.studies.runner import StudyConfig, run_study
+    from grace_app.studies.runner import StudyConfig, run_study
 
     count, run_seeds = _parse_seeds(a.seeds)
     cfg = StudyConfig(name=a.name, out=out, seed=a.seed, seeds=count, run_seeds=run_seeds, steps=a.steps or 300,
@@ -439,7 +439,7 @@ def _cmd_export(a) -> int:
 
 def _cmd_wise_ft_sweep(a) -> int:
     from eval_suites.attacks import parse_eps
-    from eval_suites.studies.quickstart import run_wise_ft_sweep
+    from grace_app.studies.quickstart import run_wise_ft_sweep
     from eval_suites.context import SuiteContext
     from eval_suites.suites import expand_shorthands
     from grace_plugin.errors import UsageError
@@ -462,7 +462,7 @@ def _cmd_wise_ft_sweep(a) -> int:
 
 
 def _cmd_results(a) -> int:
-    from eval_suites.studies.publish import add_source, regenerate
+    from grace_app.studies.publish import add_source, regenerate
 
     for path in a.add:
         print(f"added {add_source(path, a.data)}")

@@ -62,8 +62,8 @@ def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, extra: str | None, 
     from registry import load_model
 
     from .quickstart import OOD_SETS
-    from ..context import SuiteContext
-    from ..suites import run_suites
+    from eval_suites.context import SuiteContext
+    from eval_suites.suites import run_suites
 
     device = str(resolve_device(cfg.device))
     loaded = load_model(spec, device=device)
@@ -338,9 +338,9 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.finetune import fine_tune
     from grace_plugin.trainer import TrainingDiverged
 
-    from ..leaderboard import reference_rows
+    from eval_suites.leaderboard import reference_rows
     from .quickstart import _user_overrides, prepare_testbed
-    from .testbed_config import load_methods, load_studies, merge, method_config
+    from ..testbed.configs import load_methods, load_studies, merge, method_config
 
     studies, methods = load_studies(), load_methods()
     study, rows = _study_rows(cfg, studies, methods)
@@ -407,7 +407,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     verdicts = [evaluate_claim(c, spreads) for c in claims]
     paired = _paired_table(spreads, study.get("paired_reference"))
     refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
-    from grace_plugin.testbed import tiny_clip_identity
+    from grace_app.testbed.tiny_clip import tiny_clip_identity
 
     doc = {"study": cfg.name, "world_seed": cfg.seed, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods,
            "size": cfg.size, "tiny_clip": tiny_clip_identity(pretrained),
@@ -581,7 +581,7 @@ def study_plot(doc: dict, path: Path) -> Path:
             ax.set_title(k)
             ax.tick_params(axis="x", rotation=45)
     else:  # the trade-off panels: the report's plot (one implementation), the paper's rows as references
-        from ..report import tradeoff_plot
+        from eval_suites.report import tradeoff_plot
 
         ours = [{"method": r["label"], **r["axes"]} for r in rows.values()]
         paper = [dict(p, source="paper") for p in doc.get("paper_rows") or []]

@@ -24,15 +24,13 @@ import math
 import statistics
 from dataclasses import dataclass, replace
 
+from ..testbed.configs import CLAIM_KEYS
+
 __all__ = ["CLAIM_KEYS", "Spread", "spread", "seed_mean", "greater", "less", "at_least", "paired", "paired_difference",
            "paired_bootstrap", "paired_verdict", "overlaps", "all_of", "HOLDS", "FAILS", "INCONCLUSIVE",
            "evaluate_claim", "wilson_interval"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
-# the claim kinds ``evaluate_claim`` knows and the keys each takes besides claim, kind and metric (studies.yaml is
-# validated against this: eval_suites/testbed_config.load_studies)
-CLAIM_KEYS = {"greater": {"a", "b", "margin"}, "less": {"a", "b", "margin"}, "greater_all": {"a", "b", "margin"},
-              "steps": {"pairs", "margin"}, "at_least": {"a", "b", "fraction"}, "within": {"a", "b"}}
 
 
 @dataclass(frozen=True)
@@ -299,7 +297,7 @@ def all_of(verdicts: list[str]) -> str:
 
 def wilson_interval(correct: int, n: int) -> tuple[float, float] | None:
     """95% Wilson score interval in percent: the evaluation engine's (``report.wilson``), as a tuple."""
-    from ..report import wilson
+    from eval_suites.report import wilson
 
     ci = wilson(correct, n)
     return None if ci is None else (ci[0], ci[1])

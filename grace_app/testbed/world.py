@@ -403,7 +403,7 @@ def write_synthetic_world(out: str | Path, seed: int = 0, spec: SyntheticWorldSp
     ``workers``: processes writing splits in parallel (default: the CPU count; 1 writes in this process).
     ``world``: ``v2`` (default) or ``v1`` (the first design, kept for comparison; module docstring)."""
     if world not in WORLDS:
-        from ..errors import UsageError
+        from grace_plugin.errors import UsageError
 
         raise UsageError(f"world: unknown synthetic world {world!r} (one of {', '.join(WORLDS)})")
     out = Path(out)
@@ -439,7 +439,7 @@ def write_synthetic_world(out: str | Path, seed: int = 0, spec: SyntheticWorldSp
         futures = {pool.submit(_write_step, jobs[i]): i for i in order}
         results = (f.result() for f in as_completed(futures))
     if progress:
-        from ..progress import progress as bar
+        from grace_plugin.progress import progress as bar
 
         results = bar(results, total=len(jobs), desc="synth", unit="split")
     done: dict = {}
@@ -452,7 +452,7 @@ def write_synthetic_world(out: str | Path, seed: int = 0, spec: SyntheticWorldSp
     counts: dict = {}
     for set_name, split, *_ in steps:  # in plan order, whatever order the workers finished in
         counts.setdefault(set_name, {})[split] = done[set_name, split]
-    meta = {"generator": "grace_plugin.data.synthetic", "version": WORLDS.index(world) + 1, "world": world,
+    meta = {"generator": "grace_app.testbed.world", "version": WORLDS.index(world) + 1, "world": world,
             "seed": seed, "classes": k, "image_size": size, "spec": asdict(spec), "counts": counts}
     if world == "v2":  # the cue strengths define the world (and so the tiny-CLIP cache key)
         meta["cues"] = {"context": V2_CONTEXT, "texture_amp": TEXTURE_AMP, "conflict_amp": CONFLICT_AMP,

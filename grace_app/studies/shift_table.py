@@ -30,7 +30,7 @@ def shift_record(suite: dict) -> dict:
 def aggregate_shift(runs: list[dict]) -> dict:
     """Mean (and sample std over seeds) of each set's drop and of each space's distances; the near/far split of
     the mean image-space distances (``shift.near_far``: the largest gap); the mean of the runs' Spearman rho."""
-    from ..shift import near_far
+    from eval_suites.shift import near_far
 
     recs = [r["shift"] for r in runs]
     sets = list(recs[0]["drop"])
@@ -78,7 +78,7 @@ def _f(v, nd=2) -> str:
 
 def _drop_vs_reference(row: dict, ref: dict) -> float | None:
     """Spearman rho, over the sets, of the reference (pre-trained) distance against this row's mean drop."""
-    from ..shift import spearman
+    from eval_suites.shift import spearman
 
     sets = [s for s in ref["distance"]["image"] if row["drop"].get(s) is not None]
     return spearman([ref["distance"]["image"][s] for s in sets], [row["drop"][s] for s in sets])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from grace_plugin.config import checked, validate
 
-from .testbed_config import merge as _merge
+from ..testbed.configs import merge as _merge
 
 __all__ = ["QuickstartConfig", "run_quickstart", "prepare_testbed", "OOD_SETS", "run_wise_ft_sweep"]
 
@@ -44,7 +44,7 @@ class QuickstartConfig:
     pretrain_threads: int | None = checked(None, flag="--pretrain-threads", gt=0)  # default 1 (testbed.PretrainConfig)
     # fine-tuning/attack seeds seed..seed+seeds-1; rows report mean and spread (sample std)
     seeds: int = checked(1, flag="--seeds", ge=1)
-    world: str = "v2"  # synthetic world version (grace_plugin.data.synthetic)
+    world: str = "v2"  # synthetic world version (grace_app.testbed.world)
 
     def __post_init__(self):
         validate(self)
@@ -71,12 +71,12 @@ def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
 def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_steps: int | None = None,
                     progress: bool = True, echo=print, steps_label: tuple[str, str] = ("[1/4]", "[2/4]"),
                     world: str = "v2", pretrain_threads: int | None = None) -> tuple[Path, Path]:
-    """The synthetic world ``world`` (grace_plugin.data.synthetic) under ``out/data`` (reused when its version,
+    """The synthetic world ``world`` (grace_app.testbed.world) under ``out/data`` (reused when its version,
     spec and seed match) and the tiny CLIP under ``out/pretrained`` (cached); returns ``(data, pretrained)``.
     Shared by the quickstart and ``grace study``."""
-    from grace_plugin.data.synthetic import SyntheticWorldSpec, write_synthetic_world
+    from grace_app.testbed.world import SyntheticWorldSpec, write_synthetic_world
     from grace_plugin.runfolder import folder_lock
-    from grace_plugin.testbed import PretrainConfig, tiny_clip
+    from grace_app.testbed.tiny_clip import PretrainConfig, tiny_clip
 
     data, pretrained = out / "data", out / "pretrained"
     world_json = data / "world.json"
@@ -117,13 +117,13 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
 def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> dict:
     from grace_plugin.finetune import fine_tune
     from grace_plugin.runtime import is_main, resolve_device
-    from grace_plugin.testbed import tiny_clip_identity
+    from grace_app.testbed.tiny_clip import tiny_clip_identity
     from registry import load_model
 
-    from ..context import SuiteContext
-    from ..report import summary_markdown, write_report, write_summary
-    from ..suites import run_suites
-    from .testbed_config import method_config
+    from eval_suites.context import SuiteContext
+    from eval_suites.report import summary_markdown, write_report, write_summary
+    from eval_suites.suites import run_suites
+    from ..testbed.configs import method_config
 
     t0 = time.time()
     out = Path(cfg.out)
@@ -236,7 +236,7 @@ def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, names: list[
     from grace_plugin.weightspace import wise_ft_sweep
     from registry import LoadedModel, load_model
 
-    from ..suites import run_suites
+    from eval_suites.suites import run_suites
 
     ft = load_model(finetuned)
     if ft.model is None:
