@@ -166,7 +166,7 @@ def main() -> None:
     from test_suites_robustbench import TemplateModel, _loaded, make_imagenet
 
     from eval_suites.context import SuiteContext
-    from eval_suites.suites import run_suites
+    from eval_suites.engine import run_suites
     from grace_plugin.data.transforms import eval_transform
 
     eps = 4 / 255

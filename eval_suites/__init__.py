@@ -5,8 +5,9 @@ import registry  # noqa: F401  (data flow: eval_suites -> registry -> grace_plug
 from .attacks import create_attack, list_attacks, parse_eps, register_attack
 from .report import aggregate_reports, build_report, harmonic_mean, write_report
 from .context import SuiteContext
-from .suites import list_suites, parse_suite, register_suite, run_suites
+from .engine import evaluate, list_suites, parse_suite, register_suite, run_suites
+from . import suites  # noqa: F401,E402  (registers the suite bodies with the engine)
 
 __all__ = ["create_attack", "list_attacks", "parse_eps", "register_attack", "build_report", "harmonic_mean",
            "write_report", "aggregate_reports", "SuiteContext", "list_suites", "parse_suite", "register_suite",
-           "run_suites"]
+           "run_suites", "evaluate"]

@@ -1,6 +1,8 @@
 """What an evaluation runs on: ``EvalSet`` (a shard set or an ImageNet val folder, with its class names, templates
-and batches) and ``SuiteContext`` (every ``grace eval`` flag a suite may read, validated in one place, and the
-resolution of set names: ``NAME=DIR``, a named set, a folder, the catalogue or ``<data_root>/<NAME>``).
+and batches) and ``SuiteContext`` (every ``grace eval`` flag a suite may read, parsed and validated in one place: the
+``NAME=DIR`` spellings (``split_named``, the one parser), eps, the runtime (process group and device, joined once by
+``prepare``), and the resolution of set names: ``NAME=DIR``, a named set, a folder, the catalogue or
+``<data_root>/<NAME>``).
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from pathlib import Path
 from grace_plugin.config import checked, validate
 from grace_plugin.errors import GraceError, UsageError
 
-from .attacks import NORMS, check_eps_for_norm
+from .attacks import NORMS, check_eps_for_norm, parse_eps
 
-__all__ = ["EvalSet", "open_eval_set", "SuiteContext", "SetScoringError"]
+__all__ = ["EvalSet", "open_eval_set", "SuiteContext", "SetScoringError", "GeometryOptions", "ShiftOptions",
+           "EvalStats", "split_named"]
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,19 @@ class SetScoringError(GraceError, ValueError):
     """A set that cannot be scored as asked (labels beyond its class list, skips under --strict, a mapping missing)."""
 
 
+def split_named(text: str | Path, flag: str = "", required: bool = False) -> tuple[str | None, str]:
+    """The one parser of ``NAME=DIR`` (``--data``, ``--ood``, ``--mapping``, suite arguments): ``"v2=/d/v2"`` ->
+    ``("v2", "/d/v2")``; a path that exists (even one with ``=`` in it) or a plain name -> ``(None, text)``.
+    ``required``: the ``NAME=`` part must be there. A missing name or path is one line naming ``flag``."""
+    text = str(text)
+    if "=" in text and not Path(text).exists():
+        name, path = text.split("=", 1)
+        if not name or not path:
+            raise UsageError(f"{flag or 'argument'} {text!r}: expected NAME=PATH")
+        return name, path
+    if required:
+        raise UsageError(f"{flag or 'argument'} {text!r}: expected NAME=PATH")
+    return None, text
 
 @dataclass
 class EvalSet:
@@ -91,13 +107,48 @@ def open_eval_set(name: str, path: str | Path) -> EvalSet:
 
 
 @dataclass
+class GeometryOptions:
+    """Suite ``geometry``: images, power-iteration steps, Hutchinson samples, the attack for the Adv centroid, k of
+    the LID estimate."""
+
+    n: int = checked(64, gt=1)
+    iters: int = checked(20, gt=0)
+    samples: int = checked(8, gt=0)
+    attack: str = "apgd-ce"
+    lid_k: int = checked(20, gt=0)
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
+class ShiftOptions:
+    """Suite ``shift``: images per set and the covariance ridge (None: scale-aware default)."""
+
+    n: int = checked(1000, gt=1)
+    ridge: float | None = None
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
+class EvalStats:
+    """What an evaluation records about itself while it runs (the report's ``startup`` and ``config.rank_split``)."""
+
+    process_group: float | None = None  # seconds to join the torchrun process group (None: not yet joined)
+    heads: float = 0.0  # seconds building zero-shot heads (text-tower forwards)
+    rank_split: dict[str, str] = field(default_factory=dict)  # set name -> how the ranks share it
+
+
+@dataclass
 class SuiteContext:
     """Everything a suite may need; each field is a `grace eval` flag (or a tox environment variable)."""
 
-    id_set: tuple[str, str | Path] | None = None
+    id_set: tuple[str, str | Path] | str | None = None  # (NAME, DIR) or --data's text, [NAME=]DIR (NAME: "id")
     sets: dict[str, str | Path] = field(default_factory=dict)
     data_root: str | Path | None = None
-    eps: float = checked(4 / 255, flag="--eps", ge=0)
+    eps: float | str = 4 / 255  # a number or --eps's text (4/255); parsed and checked once, here
     norm: str = checked("Linf", flag="--norm", choices=NORMS)
     n_adv: int = checked(500, flag="--n-adv", ge=0)
     batch_size: int = checked(128, flag="--batch-size", gt=0)
@@ -108,28 +159,47 @@ class SuiteContext:
     seed: int = 0
     strict: bool = False
     scoring: str | None = None  # override every ood set's scoring: own | subset | mapping
-    mapping_files: dict[str, str | Path] = field(default_factory=dict)  # set name -> mapping JSON
+    mapping_files: dict[str, str | Path] | list[str] = field(default_factory=dict)  # set -> JSON, or NAME=FILE texts
     unit_input: bool | None = None
     out_dir: str | Path | None = None  # resume state for adversarial suites lives under out_dir/state/
     imagenet_dir: str | Path | None = None
     corruptions_dir: str | Path | None = None
     n_imagenet: int = checked(5000, flag="--n-imagenet", gt=0)
     reference: str | None = None  # pretrained model spec for the parameter drift (geometry)
-    n_geometry: int = 64
-    geometry_iters: int = 20
-    geometry_samples: int = 8
-    geometry_attack: str = "apgd-ce"
-    lid_k: int = 20
-    n_shift: int = 1000
-    shift_ridge: float | None = None
+    geometry: GeometryOptions = field(default_factory=GeometryOptions)
+    shift: ShiftOptions = field(default_factory=ShiftOptions)
     model_info_name: str | None = None  # write RobustBench model_info JSON for adversarial results under this name
     progress: bool = False
+    # set by the engine while it runs: the suites of this evaluation (geometry and shift read their OOD sets from
+    # them), what it records about itself, and a memo of opened sets, heads and clean results shared by the suites
+    suite_names: list[str] = field(default_factory=list)
+    stats: EvalStats = field(default_factory=EvalStats)
     cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.eps = parse_eps(self.eps)
+        if isinstance(self.id_set, (str, Path)):
+            name, path = split_named(self.id_set, "--data")
+            self.id_set = (name or "id", path)
+        if not isinstance(self.mapping_files, dict):
+            self.mapping_files = dict(split_named(m, "--mapping", required=True) for m in self.mapping_files)
         validate(self)
 
     __validate__ = check_eps_for_norm
+
+    def prepare(self) -> None:
+        """Join the ``torchrun`` process group (when ``WORLD_SIZE`` > 1) and resolve ``device`` (``auto``: this
+        rank's GPU, else the CPU), once for the whole evaluation."""
+        if self.stats.process_group is not None:
+            return
+        import time
+
+        from grace_plugin.runtime import init_distributed, resolve_device
+
+        t0 = time.perf_counter()
+        init_distributed()  # before choosing this rank's device
+        self.stats.process_group = time.perf_counter() - t0
+        self.device = str(resolve_device(self.device))
 
     def resolve_set(self, spec: str) -> tuple[str, Path]:
         """``NAME=DIR`` | a name in ``sets`` | a folder | the catalogued folder or ``<data_root>/<name>``."""
@@ -137,8 +207,8 @@ class SuiteContext:
 
         from .shardsets import get_shardset
 
-        if "=" in spec and not Path(spec).exists():
-            name, path = spec.split("=", 1)
+        name, path = split_named(spec, "set")
+        if name is not None:
             return name, Path(path)
         if spec in self.sets:
             return spec, Path(self.sets[spec])

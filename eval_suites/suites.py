@@ -1,119 +1,28 @@
-"""The evaluation engine: a suite registry (README "Evaluation suites"), a suite name -> ``(loaded, ctx, arg) -> dict``.
+"""The suite bodies registered with the evaluation engine (``eval_suites.engine``): ``id``, ``ood:<set>``,
+``transfer:<set>``, ``adv:<attack>``, ``robustbench``, ``corruptions``, ``geometry``, ``shift``.
 
-Every evaluation is a list of suites. Names: ``id``, ``ood:<set>``, ``transfer:<set>``, ``adv:<attack>``,
-``corruptions``, ``geometry``, ``shift``, ``robustbench``. ``<set>`` is ``NAME=DIR``, a folder, or a name resolved by
-``SuiteContext.resolve_set`` (``--ood NAME=DIR`` sets, then the catalogue's folder or ``<data_root>/<NAME>``). The
-ID set is a shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used:
-``load_imagenet`` in https://github.com/RobustBench/robustbench/blob/master/robustbench/data.py). ``grace eval``'s
-``--data/--ood/--attack`` are shorthands (``expand_shorthands``):
-
-    --data [NAME=]DIR   -> the ID set, and the suite ``id``
-    --ood SET           -> the suite ``ood:SET`` (SET as above; NAME=DIR also names the set for other suites)
-    --attack NAME       -> the suite ``adv:NAME`` (on the ID set)
-
-placed before the ``--suite`` names, duplicates dropped. Whichever way a set is named, it is scored the same way:
-the catalogue's scoring (``own`` head from its class names, the ID head restricted to its ``subset`` of classes, or
-a ``mapping``), ``--scoring``/``--mapping`` overrides, ``expected``/``unaccounted`` counts and ``--strict``.
-
-``run_suites(loaded, names, ctx)`` runs them in order and returns the report (``report.build_report``) with every
-suite's result under ``"suites"``. Under ``torchrun`` every suite splits its batches over the ranks and gathers the
-per-batch records (``eval_suites.distributed``): each rank returns the one-process report. A new suite is one
-``@register_suite`` function; ``grace eval --suite NAME`` and ``tests/test_suites.py`` pick it up.
+The ID set is a shard set or an ImageNet val folder (then RobustBench's fixed 5000-image subset is used:
+``load_imagenet`` in https://github.com/RobustBench/robustbench/blob/master/robustbench/data.py). Whichever way a set
+is named, it is scored the same way: the catalogue's scoring (``own`` head from its class names, the ID head
+restricted to its ``subset`` of classes, or a ``mapping``), ``--scoring``/``--mapping`` overrides,
+``expected``/``unaccounted`` counts and ``--strict``.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import torch
 
-from grace_plugin.registries import Registry, first_doc_line
-from grace_plugin.errors import GraceError, UsageError
+from grace_plugin.errors import UsageError
 
 from .context import EvalSet, SetScoringError, SuiteContext
+from .engine import parse_suite, register_suite
 
-__all__ = ["register_suite", "list_suites", "get_suite", "parse_suite", "UnknownSuiteError", "run_suites",
-           "expand_shorthands"]
+__all__: list[str] = []  # the suites are reached through the engine's registry
 
 log = logging.getLogger(__name__)
-
-
-class UnknownSuiteError(GraceError, KeyError):
-    pass
-
-
-
-@dataclass(frozen=True)
-class SuiteInfo:
-    name: str
-    fn: Callable
-    takes_arg: bool
-    description: str
-
-
-_SUITES: Registry[SuiteInfo] = Registry("suite", UnknownSuiteError)
-
-
-def register_suite(name: str, takes_arg: bool = False, description: str = ""):
-    return _SUITES.register(name, lambda fn: SuiteInfo(name, fn, takes_arg, description or first_doc_line(fn)))
-
-
-def list_suites() -> list[str]:
-    """Registered names; those taking an argument are listed as ``name:<arg>``."""
-    return sorted(f"{k}:<{'attack' if k == 'adv' else 'set'}>" if v.takes_arg else k for k, v in _SUITES.items())
-
-
-def parse_suite(text: str) -> tuple[str, str | None]:
-    """``"adv:apgd-ce"`` -> ``("adv", "apgd-ce")``; an unknown name or a missing/extra argument is an error."""
-    base, _, arg = str(text).partition(":")
-    if base not in _SUITES:
-        raise UnknownSuiteError(f"unknown suite {text!r}; valid suites: {', '.join(list_suites())}")
-    info = _SUITES.get(base)
-    if info.takes_arg and not arg:
-        raise UnknownSuiteError(f"suite {base!r} needs an argument, e.g. {base}:<name>")
-    if not info.takes_arg and arg:
-        raise UnknownSuiteError(f"suite {base!r} takes no argument (got {text!r})")
-    if base == "adv":
-        from .attacks import get_attack
-
-        get_attack(arg)
-    return base, arg or None
-
-
-def get_suite(name: str) -> SuiteInfo:
-    return _SUITES.get(parse_suite(name)[0])
-
-
-def expand_shorthands(data: str | None = None, ood: list[str] = (), attack: str | None = None,
-                      suites: list[str] = ()) -> tuple[list[str], dict[str, str]]:
-    """``grace eval``'s shorthands -> ``(suite names, {NAME: DIR} sets)``: ``--data`` adds ``id``, each ``--ood SET``
-    adds ``ood:SET`` (a ``NAME=DIR`` also registers NAME), ``--attack A`` adds ``adv:A``; then the ``--suite``
-    names; duplicates are dropped, order kept."""
-    names, sets = [], {}
-    if data:
-        names.append("id")
-    for o in ood:
-        for item in (x.strip() for x in str(o).split(",")):
-            if not item:
-                continue
-            if "=" in item and not Path(item).exists():
-                name, path = item.split("=", 1)
-                if not name or not path:
-                    raise UsageError(f"--ood {item!r}: expected NAME=DIR, a folder or a catalogued set name")
-                sets[name] = path
-                item = name
-            names.append(f"ood:{item}")
-    if attack:
-        names.append(f"adv:{attack}")
-    names += list(suites)
-    out = []
-    for n in names:
-        if n not in out:
-            out.append(n)
-    return out, sets
 
 
 def _say_head(name: str, head: dict) -> None:
@@ -130,7 +39,7 @@ def _model_for(loaded, ctx: SuiteContext, classnames, templates, set_name: str =
         t0 = time.perf_counter()
         model, head = loaded.head_for(classnames, templates, device=ctx.device, share_ranks=True)  # every rank
         ctx.cache[key] = (model.to(ctx.device).eval(), head)
-        ctx.cache["head_seconds"] = ctx.cache.get("head_seconds", 0.0) + time.perf_counter() - t0
+        ctx.stats.heads += time.perf_counter() - t0
         if set_name:
             _say_head(set_name, head)
     return ctx.cache[key]
@@ -230,7 +139,7 @@ def _clean(loaded, ctx: SuiteContext, es: EvalSet, role: str) -> dict:
             from grace_plugin.data.loader import rank_split
             from grace_plugin.runtime import world_info
 
-            ctx.cache.setdefault("rank_split", {})[es.name] = rank_split(len(es.urls), world_info()[1])
+            ctx.stats.rank_split[es.name] = rank_split(len(es.urls), world_info()[1])
         res = evaluate_clean(model, _read(es, _transform(loaded), ctx, n, num_classes=classes), device=ctx.device,
                              progress=ctx.progress, desc=f"eval {es.name}", class_subset=subset,
                              label_targets=targets, model_name=loaded.name)
@@ -427,7 +336,7 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
     es = ctx.id_eval_set()
     model = _model_for(loaded, ctx, es.classnames, es.templates, es.name)[0].float()
     tf = _transform(loaded)
-    x, y = _first_batches(_read(es, tf, ctx, ctx.n_geometry, whole=True), ctx.n_geometry)
+    x, y = _first_batches(_read(es, tf, ctx, ctx.geometry.n, whole=True), ctx.geometry.n)
     x, y = x.to(ctx.device), y.to(ctx.device)
     # the paper (Table 3) does not state which parameters its Hessian is taken over; we use the whole visual tower.
     named = [(n, p) for n, p in model.named_parameters() if n.startswith("visual.")]
@@ -449,30 +358,30 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
 
     try:
         out = {"kind": "geometry", "n": int(y.numel()), "params": sum(p.numel() for p in params),
-               "hessian_top_eigenvalue": G.top_hessian_eigenvalue(loss_fn, params, iters=ctx.geometry_iters,
+               "hessian_top_eigenvalue": G.top_hessian_eigenvalue(loss_fn, params, iters=ctx.geometry.iters,
                                                                   seed=ctx.seed),
-               "hessian_trace": G.hutchinson_trace(loss_fn, params, ctx.geometry_samples, seed=ctx.seed),
+               "hessian_trace": G.hutchinson_trace(loss_fn, params, ctx.geometry.samples, seed=ctx.seed),
                "hessian_frobenius_normalised": G.hessian_frobenius_normalised(loss_fn, params,
-                                                                              ctx.geometry_samples, seed=ctx.seed),
-               "layerwise_curvature": G.layerwise_curvature(loss_fn, groups, max(1, ctx.geometry_samples // 4),
+                                                                              ctx.geometry.samples, seed=ctx.seed),
+               "layerwise_curvature": G.layerwise_curvature(loss_fn, groups, max(1, ctx.geometry.samples // 4),
                                                             seed=ctx.seed)}
     finally:
         for p, s in zip(params, saved):
             p.requires_grad_(s)
     with torch.no_grad():
         z_id = model.encode(x)
-    k = min(ctx.lid_k, int(y.numel()) - 1)
+    k = min(ctx.geometry.lid_k, int(y.numel()) - 1)
     out["centroid_cosine"], out["delta_lid"] = {}, {}
-    for name, path in _shift_sets(ctx, ctx.cache.get("suite_names", [])):
+    for name, path in _shift_sets(ctx, ctx.suite_names):
         es2 = ctx.eval_set(name, path)
         m2 = _model_for(loaded, ctx, es2.classnames, es2.templates, es2.name)[0]
-        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.n_geometry, whole=True), ctx.n_geometry)
+        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.geometry.n, whole=True), ctx.geometry.n)
         with torch.no_grad():
             z2 = m2.encode(x2.to(ctx.device))
         out["centroid_cosine"][name] = G.class_centroid_cosine(z_id, y, z2, y2.to(ctx.device))
         out["delta_lid"][name] = G.delta_lid(z_id, z2, k=min(k, len(y2) - 1))
     check_unit_input(model, ctx.unit_input, name=loaded.name)
-    x_adv = create_attack(ctx.geometry_attack, model, eps=ctx.eps, norm=ctx.norm, seed=ctx.seed)(x, y)
+    x_adv = create_attack(ctx.geometry.attack, model, eps=ctx.eps, norm=ctx.norm, seed=ctx.seed)(x, y)
     with torch.no_grad():
         z_adv = model.encode(x_adv)
     out["centroid_cosine"]["adv"] = G.class_centroid_cosine(z_id, y, z_adv, y)
@@ -503,13 +412,13 @@ def _suite_shift(loaded, ctx: SuiteContext, arg=None) -> dict:
 
     es = ctx.id_eval_set()
     tf = _transform(loaded)
-    x, y = _first_batches(_read(es, tf, ctx, ctx.n_shift, whole=True), ctx.n_shift)
+    x, y = _first_batches(_read(es, tf, ctx, ctx.shift.n, whole=True), ctx.shift.n)
     e_id = _shift_embeddings(_model_for(loaded, ctx, es.classnames, es.templates, es.name)[0], x.to(ctx.device))
     id_acc = 100.0 * float((e_id.pop("pred") == y).float().mean())
     sets, drop, accs = {}, {}, {}
-    for name, path in _shift_sets(ctx, ctx.cache.get("suite_names", [])):
+    for name, path in _shift_sets(ctx, ctx.suite_names):
         es2 = ctx.eval_set(name, path)
-        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.n_shift, whole=True), ctx.n_shift)
+        x2, y2 = _first_batches(_read(es2, tf, ctx, ctx.shift.n, whole=True), ctx.shift.n)
         e = _shift_embeddings(_model_for(loaded, ctx, es2.classnames, es2.templates, es2.name)[0],
                               x2.to(ctx.device))
         accs[name] = 100.0 * float((e.pop("pred") == y2).float().mean())
@@ -518,57 +427,4 @@ def _suite_shift(loaded, ctx: SuiteContext, arg=None) -> dict:
     if not sets:
         raise UsageError("suite 'shift' needs OOD sets: add ood:<set> suites or --ood NAME=DIR")
     return {"kind": "shift", "id_acc": id_acc, "acc": accs, "accuracy_drop": drop, "n": int(y.numel()),
-            "spaces": shift_summary(e_id, sets, drop, ridge=ctx.shift_ridge)}
-
-
-def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
-    """Run suites in order (names validated first); return the report with every result under ``"suites"``.
-
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined here; every rank returns the same report,
-    and callers write it on rank 0 (``runtime.is_main``). ``ctx.device`` ``auto`` becomes this rank's GPU, else
-    the CPU."""
-    from grace_plugin.runtime import barrier, init_distributed, resolve_device, world_info
-
-    from .report import build_report
-
-    parsed = [parse_suite(n) for n in names]  # every name fails before any work
-    if not names:
-        raise UsageError("nothing to evaluate: pass --data/--ood/--attack or --suite NAME (see `grace list suites`)")
-    init_distributed()
-    ctx.device = str(resolve_device(ctx.device))
-    ctx.cache["suite_names"] = list(names)
-    t0 = time.perf_counter()
-    barrier()  # ranks start apart (imports, model load): that wait is start-up, not the suites' per-image work
-    waited = time.perf_counter() - t0
-
-    results, seconds = {}, {}
-    for name, (base, arg) in zip(names, parsed):
-        log.info("suite %s", name)
-        t0 = time.perf_counter()
-        results[name] = _SUITES.get(base).fn(loaded, ctx, arg)
-        seconds[name] = round(time.perf_counter() - t0, 3)
-    roles = ("id", "ood", "transfer")
-    datasets = {r["dataset"]: {k: v for k, v in r.items() if k not in ("kind", "dataset", "path")} | {"role": r["kind"]}
-                for r in results.values() if r["kind"] in roles}
-    id_name = next((r["dataset"] for r in results.values() if r["kind"] == "id"), None)
-    ood_names = [r["dataset"] for r in results.values() if r["kind"] == "ood"]
-    attacked = [r for r in results.values() if r["kind"] == "adv"]
-    if len(attacked) > 1:  # several attacks on the same first --n-adv samples: the Adv axis is their worst case
-        from .evaluate import worst_case
-
-        adv = worst_case(attacked)
-    else:
-        adv = next((r for r in results.values() if r["kind"] in ("adv", "robustbench")), None)
-    config = {"suites": list(names), "id_set": [ctx.id_set[0], str(ctx.id_set[1])] if ctx.id_set else None,
-              "sets": {k: str(v) for k, v in ctx.sets.items()}, "data_root": str(ctx.data_root or "") or None,
-              "eps": ctx.eps, "norm": ctx.norm, "n_adv": ctx.n_adv, "batch_size": ctx.batch_size,
-              "scoring": ctx.scoring, "mapping": {k: str(v) for k, v in ctx.mapping_files.items()},
-              "strict": ctx.strict, "decode": ctx.decode, "device": ctx.device, "seed": ctx.seed,
-              "world_size": world_info()[1], "rank_split": dict(ctx.cache.get("rank_split", {}))}
-    report = build_report(loaded.name, datasets, id_name, ood_names, adv, config)
-    report["suites"] = results
-    report["seconds"] = seconds  # wall time per suite on this rank (not a result: excluded from comparisons)
-    # fixed costs on this rank (the CLI adds imports, process group and model load): building heads (text tower
-    # forwards, shared by the ranks) happens inside the suites' seconds above
-    report["startup"] = {"wait_for_ranks": round(waited, 3), "heads": round(ctx.cache.get("head_seconds", 0.0), 3)}
-    return report
+            "spaces": shift_summary(e_id, sets, drop, ridge=ctx.shift.ridge)}

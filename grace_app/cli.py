@@ -14,19 +14,6 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _named_dir(text: str, default_name: str | None = None, flag: str = "") -> tuple[str, str]:
-    from grace_plugin.errors import UsageError
-
-    if "=" in text and not Path(text).exists():
-        name, path = text.split("=", 1)
-        if not name or not path:
-            raise UsageError(f"{flag or 'argument'} {text!r}: expected NAME=PATH")
-        return name, path
-    if default_name is None:
-        return Path(text.rstrip("/")).name, text
-    return default_name, text
-
-
 PRETRAIN_THREADS_HELP = ("torch threads the tiny CLIP is pretrained under (default 1; the thread count changes "
                          "the model, so it is pinned and part of the cache key)")
 EVAL_DESCRIPTION = """Every evaluation is a list of suites, run in order into one report (--out/report.json).
@@ -257,40 +244,19 @@ def _cmd_eval(a) -> int:
 
 
 def _cmd_eval_locked(a) -> int:
-    import time
-
-    from eval_suites.attacks import parse_eps
     from eval_suites.context import SuiteContext
+    from eval_suites.engine import evaluate, expand_shorthands
     from eval_suites.report import report_markdown, write_report
-    from eval_suites.suites import expand_shorthands, parse_suite, run_suites
-    from grace_plugin.runtime import init_distributed, is_main, process_age, resolve_device
-    from registry import load_model
+    from grace_plugin.runtime import is_main
 
-    startup = {"imports": process_age()}  # the fixed costs, apart from the suites' per-image work (report.json)
-
-    eps = parse_eps(a.eps)
     names, sets = expand_shorthands(a.data, a.ood, a.attack, a.suite)
-    for name in names:
-        parse_suite(name)  # every name fails before the model loads
-    id_set = None
-    if a.data:
-        id_set = _named_dir(a.data, default_name=None if "=" in a.data else "id", flag="--data")
-    t0 = time.perf_counter()
-    init_distributed()  # torchrun: join the process group before choosing this rank's device
-    startup["process_group"] = time.perf_counter() - t0
-    device = str(resolve_device(a.device))
-    ctx = SuiteContext(id_set=id_set, sets=sets, data_root=a.data_root, eps=eps, norm=a.norm, n_adv=a.n_adv,
-                       batch_size=a.batch_size, num_workers=a.num_workers, decode=a.decode, device=device,
-                       seed=a.seed, strict=a.strict, scoring=a.scoring,
-                       mapping_files=dict(_named_dir(m, flag="--mapping") for m in a.mapping),
+    ctx = SuiteContext(id_set=a.data, sets=sets, data_root=a.data_root, eps=a.eps, norm=a.norm, n_adv=a.n_adv,
+                       batch_size=a.batch_size, num_workers=a.num_workers, decode=a.decode, device=a.device,
+                       seed=a.seed, strict=a.strict, scoring=a.scoring, mapping_files=a.mapping,
                        unit_input=a.unit_input, out_dir=a.out, imagenet_dir=a.imagenet_dir,
                        corruptions_dir=a.corruptions_dir, n_imagenet=a.n_imagenet, reference=a.reference,
                        model_info_name=a.model_info_name, progress=not a.no_progress)
-    t0 = time.perf_counter()
-    loaded = load_model(a.model, device=device)
-    startup["model_load"] = time.perf_counter() - t0
-    report = run_suites(loaded, names, ctx)
-    report["startup"] = {k: None if v is None else round(v, 3) for k, v in startup.items()} | report["startup"]
+    report = evaluate(a.model, names, ctx)
     if is_main():
         path = write_report(a.out, report)
         print(report_markdown(report))
@@ -438,10 +404,9 @@ def _cmd_export(a) -> int:
 
 
 def _cmd_wise_ft_sweep(a) -> int:
-    from eval_suites.attacks import parse_eps
-    from grace_app.studies.quickstart import run_wise_ft_sweep
     from eval_suites.context import SuiteContext
-    from eval_suites.suites import expand_shorthands
+    from eval_suites.engine import expand_shorthands
+    from grace_app.studies.quickstart import run_wise_ft_sweep
     from grace_plugin.errors import UsageError
 
     try:
@@ -450,9 +415,8 @@ def _cmd_wise_ft_sweep(a) -> int:
         raise UsageError(f"--alphas {a.alphas!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
     if not alphas or any(not 0.0 <= v <= 1.0 for v in alphas):
         raise UsageError(f"--alphas {a.alphas!r}: every alpha must be in [0, 1]")
-    id_set = _named_dir(a.data, default_name=None if "=" in a.data else "id", flag="--data")
     names, sets = expand_shorthands(a.data, a.ood, a.attack)
-    ctx = SuiteContext(id_set=id_set, sets=sets, eps=parse_eps(a.eps), n_adv=a.n_adv, device=a.device)
+    ctx = SuiteContext(id_set=a.data, sets=sets, eps=a.eps, n_adv=a.n_adv, device=a.device)
     res = run_wise_ft_sweep(a.zero_shot, a.finetuned, names, ctx, alphas, out=a.out)
     for p in res["points"]:
         print(f"alpha={p['alpha']:.2f}  " + "  ".join(f"{k}={p[k]}" for k in ("id", "ood", "adv", "hm")))
@@ -481,7 +445,7 @@ def _cmd_list(a) -> int:
 
         names = list_grace_models()
     elif a.kind == "suites":
-        from eval_suites.suites import list_suites
+        from eval_suites.engine import list_suites
 
         names = list_suites()
     else:

@@ -372,7 +372,7 @@ def test_two_processes_equal_one_killed_and_resumed(tiny_clip_dir, tiny_world, t
     """2 gloo ranks under torchrun (1 thread each) == 1 process, for clean sets and APGD-CE, with a run killed after
     its first finished batches and resumed from the per-rank state."""
     from eval_suites.context import SuiteContext
-    from eval_suites.suites import expand_shorthands, run_suites
+    from eval_suites.engine import expand_shorthands, run_suites
     from registry import load_model
 
     args = ["--model", str(tiny_clip_dir), "--data", str(tiny_world / "id"), "--ood", f"sketch={tiny_world / 'sketch'}",

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from eval_suites.context import SuiteContext
-from eval_suites.suites import list_suites, parse_suite, run_suites
+from eval_suites.context import GeometryOptions, ShiftOptions, SuiteContext
+from eval_suites.engine import list_suites, parse_suite, run_suites
 from grace_app.cli import main
 
 
@@ -44,8 +44,8 @@ def test_suites_on_testbed_match_independent_computation(zs, tiny_world, tmp_pat
     from test_cli import _direct_top1
 
     ctx = SuiteContext(id_set=("id", tiny_world / "id"), data_root=tiny_world, n_adv=16, batch_size=16,
-                       out_dir=tmp_path, n_shift=60, n_geometry=24, geometry_iters=5, geometry_samples=2,
-                       geometry_attack="fgsm", lid_k=5, reference=str(tiny_clip_dir_of(zs)))
+                       out_dir=tmp_path, shift=ShiftOptions(n=60), reference=str(tiny_clip_dir_of(zs)),
+                       geometry=GeometryOptions(n=24, iters=5, samples=2, attack="fgsm", lid_k=5))
     rep = run_suites(zs, ["id", "ood:sketch", "ood:a", "transfer:v2", "adv:fgsm", "shift", "geometry"], ctx)
     for name in ("id", "sketch", "a", "v2"):
         s = open_shard_set(tiny_world / name)
@@ -223,3 +223,43 @@ def test_cli_suites_and_report(tiny_clip_dir, tiny_world, tmp_path, capsys):
     assert (tmp_path / "agg" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     assert "| GRACE (paper Table 6) |" in (tmp_path / "agg" / "summary.md").read_text()
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "agg2")]) == 2
+
+
+@pytest.mark.parametrize("text,flag,required,want", [
+    ("v2=/d/v2", "--ood", False, ("v2", "/d/v2")),
+    ("/d/v2", "--ood", False, (None, "/d/v2")),
+    ("imagenet-r", "--ood", False, (None, "imagenet-r")),
+    ("objectnet=m.json", "--mapping", True, ("objectnet", "m.json")),
+])
+def test_split_named_is_the_one_name_dir_parser(text, flag, required, want):
+    from eval_suites.context import split_named
+
+    assert split_named(text, flag, required) == want
+
+
+@pytest.mark.parametrize("text,flag,required", [("=/d", "--ood", False), ("v2=", "--data", False),
+                                                ("m.json", "--mapping", True)])
+def test_split_named_refuses_in_one_line_naming_the_flag(text, flag, required):
+    from eval_suites.context import split_named
+    from grace_plugin.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"^{flag} "):
+        split_named(text, flag, required)
+
+
+def test_context_parses_eps_data_and_mappings_once(tmp_path):
+    """--eps's text, --data's [NAME=]DIR and --mapping's NAME=FILE are parsed by the context itself (the CLI passes
+    them as typed); an existing path with '=' in it is a folder, not NAME=DIR."""
+    from grace_plugin.config import ConfigError
+    from grace_plugin.errors import UsageError
+
+    odd = tmp_path / "a=b"
+    odd.mkdir()
+    ctx = SuiteContext(id_set=str(odd), eps="4/255", mapping_files=["objectnet=m.json"])
+    assert ctx.eps == pytest.approx(4 / 255) and ctx.id_set == ("id", str(odd))
+    assert ctx.mapping_files == {"objectnet": "m.json"}
+    assert SuiteContext(id_set="in=/x").id_set == ("in", "/x")
+    with pytest.raises(UsageError, match="bad eps"):
+        SuiteContext(eps="four")
+    with pytest.raises(ConfigError, match="--eps 4"):
+        SuiteContext(eps="4")  # an Linf radius above 1: the cross-field rule

@@ -85,7 +85,7 @@ def _loaded(model):
 def ours(imagenet, tmp_path_factory):
     """Our suites: adv:apgd-ce and adv:autoattack on the ImageNet folder (RobustBench subset), with JSON output."""
     from eval_suites.context import SuiteContext
-    from eval_suites.suites import run_suites
+    from eval_suites.engine import run_suites
 
     root, model, _ = imagenet
     out = tmp_path_factory.mktemp("out")
@@ -162,7 +162,7 @@ def test_corruptions_equal_robustbench(tmp_path, monkeypatch):
     from eval_suites.imagenet import CORRUPTIONS
     from eval_suites.leaderboard import alexnet_errors
     from eval_suites.context import SuiteContext
-    from eval_suites.suites import run_suites
+    from eval_suites.engine import run_suites
 
     # two variants of the 2-image subset (both correct / the second one unreadable at contrast 0.002); each of the
     # 75 corruption cells is a symlink to one of them (75 x 1000 real class folders would dominate the run time)

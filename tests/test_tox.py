@@ -73,7 +73,7 @@ def _argv(section: str, factor: str, posargs: str, monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("section,factor", _eval_envs())
 def test_tox_eval_env_is_a_valid_grace_eval(section, factor, monkeypatch):
-    from eval_suites.suites import expand_shorthands, parse_suite
+    from eval_suites.engine import expand_shorthands, parse_suite
     from grace_app.cli import _parser
 
     argv = _argv(section, factor, "--n-adv 7 --seed 3", monkeypatch)

@@ -122,7 +122,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
 
     from eval_suites.context import SuiteContext
     from eval_suites.report import summary_markdown, write_report, write_summary
-    from eval_suites.suites import run_suites
+    from eval_suites.engine import run_suites
     from ..testbed.configs import method_config
 
     t0 = time.time()
@@ -236,7 +236,7 @@ def run_wise_ft_sweep(zero_shot: str | Path, finetuned: str | Path, names: list[
     from grace_plugin.weightspace import wise_ft_sweep
     from registry import LoadedModel, load_model
 
-    from eval_suites.suites import run_suites
+    from eval_suites.engine import run_suites
 
     ft = load_model(finetuned)
     if ft.model is None:

@@ -61,9 +61,10 @@ def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, extra: str | None, 
     from grace_plugin.runtime import resolve_device
     from registry import load_model
 
+    from eval_suites.context import GeometryOptions, SuiteContext
+    from eval_suites.engine import run_suites
+
     from .quickstart import OOD_SETS
-    from eval_suites.context import SuiteContext
-    from eval_suites.suites import run_suites
 
     device = str(resolve_device(cfg.device))
     loaded = load_model(spec, device=device)
@@ -71,8 +72,8 @@ def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, extra: str | None, 
         ([f"adv:{a}" for a in cfg.attack.split(",")] if extra is None else [extra])
     geometry = extra == "geometry"
     ctx = SuiteContext(id_set=("id", data / "id"), data_root=data, eps=cfg.eps, n_adv=cfg.n_adv, device=device,
-                       seed=seed, reference=str(reference) if geometry else None, n_geometry=cfg.n_geometry,
-                       geometry_iters=cfg.geometry_iters)
+                       seed=seed, reference=str(reference) if geometry else None,
+                       geometry=GeometryOptions(n=cfg.n_geometry, iters=cfg.geometry_iters))
     return run_suites(loaded, names, ctx)
 
 

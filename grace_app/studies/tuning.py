@@ -124,7 +124,7 @@ def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, val: 
     from registry import load_model
 
     from eval_suites.context import SuiteContext
-    from eval_suites.suites import run_suites
+    from eval_suites.engine import run_suites
     from ..testbed.configs import merge, method_config, nest
 
     t0, c0 = time.time(), time.process_time()
