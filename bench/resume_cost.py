@@ -139,7 +139,7 @@ def main() -> None:
 
     from grace_plugin.data.loader import make_train_loader
     from grace_plugin.data.transforms import train_transform
-    from grace_plugin.trainer import batch_source
+    from grace_plugin.data.source import batch_source
 
     pcfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875,
             "mean": (0.48, 0.46, 0.41), "std": (0.27, 0.26, 0.28)}

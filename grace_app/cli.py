@@ -128,15 +128,11 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="a named study on the testbed (configs/testbed/studies.yaml: table6, table7, "
                         "table8, geometry, shift, cost) with verdicts on the paper's claims; or `study tune`: the "
-                        "tuning protocol")
+                        "tuning protocol (its own command path and flags)")
     st.add_argument("name", help="study name (table6, table7, table8, geometry, shift, cost) or 'tune'")
     st.add_argument("--out", help="output folder (default studies/NAME)")
     st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--seeds", default="1", help="seeds per row: N (seeds seed..seed+N-1), or a list/range of run "
-                    "seeds on --seed's world, e.g. 4-7 or 0,2,5 (to split a study over processes on one --out)")
     st.add_argument("--steps", type=int, help="fine-tuning steps per run (study default 300; tune: tuning.yaml)")
-    st.add_argument("--n-adv", type=int, default=600, help="ID images attacked per model (default: the whole ID "
-                    "test split of the default world)")
     st.add_argument("--size", choices=["default", "small"], default="default", help="small: a smoke run")
     st.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps")
     st.add_argument("--pretrain-threads", type=int, help=PRETRAIN_THREADS_HELP)
@@ -145,13 +141,19 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
     st.add_argument("--methods", help="tune: comma-separated methods of configs/testbed/methods.yaml; a study: only "
                     "these of its rows (e.g. to add seeds to two rows; finished runs are reused)")
-    st.add_argument("--trials", type=int, help="tune: trials per method (default: tuning.yaml's)")
-    st.add_argument("--n-val-adv", type=int, help="tune: validation images attacked per trial")
-    st.add_argument("--rescore-seeds", type=int, help="tune: seeds the top trials are scored on (default: "
-                    "tuning.yaml's; 1: no re-scoring)")
-    st.add_argument("--write", help="tune: tuned.yaml to update (default configs/testbed/tuned.yaml)")
-    st.add_argument("--no-write", action="store_true", help="tune: do not write the selected values")
     st.add_argument("--no-progress", action="store_true")
+    sg = st.add_argument_group("a named study only")
+    sg.add_argument("--seeds", help="seeds per row: N (seeds seed..seed+N-1; default 1), or a list/range of run "
+                    "seeds on --seed's world, e.g. 4-7 or 0,2,5 (to split a study over processes on one --out)")
+    sg.add_argument("--n-adv", type=int, help="ID images attacked per model (default 600: the whole ID test split "
+                    "of the default world)")
+    tg = st.add_argument_group("study tune only")
+    tg.add_argument("--trials", type=int, help="trials per method (default: tuning.yaml's)")
+    tg.add_argument("--n-val-adv", type=int, help="validation images attacked per trial")
+    tg.add_argument("--rescore-seeds", type=int, help="seeds the top trials are scored on (default: tuning.yaml's; "
+                    "1: no re-scoring)")
+    tg.add_argument("--write", help="tuned.yaml to update (default configs/testbed/tuned.yaml)")
+    tg.add_argument("--no-write", action="store_true", default=None, help="do not write the selected values")
 
     sh = sub.add_parser("shards", help="shard utilities")
     shs = sh.add_subparsers(dest="shards_command", required=True)
@@ -317,38 +319,57 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
     return len(seeds), seeds
 
 
-def _cmd_study(a) -> int:
-    out = Path(a.out or Path("studies") / a.name)
-    if a.name == "tune":
-        from grace_app.testbed.configs import installed_copy, testbed_dir
-        from grace_app.studies.tuning import TuneConfig, run_tuning
-        from grace_plugin.errors import UsageError
+STUDY_ONLY, TUNE_ONLY = ("seeds", "n_adv"), ("trials", "n_val_adv", "rescore_seeds", "write", "no_write")
 
-        if not a.methods:
-            raise UsageError("grace study tune needs --methods, e.g. --methods ft,tecoa,grace")
-        if not (a.write or a.no_write) and installed_copy():
-            raise UsageError("grace study tune: the testbed configs are the installed package's copy "
-                             f"({testbed_dir()}); pass --write PATH/tuned.yaml (a copy of configs/testbed, then "
-                             "GRACE_TESTBED_CONFIGS=PATH) or --no-write")
-        write = None if a.no_write else Path(a.write) if a.write else testbed_dir() / "tuned.yaml"
-        cfg = TuneConfig(methods=[m.strip() for m in a.methods.split(",") if m.strip()], out=out, trials=a.trials,
-                         steps=a.steps, seed=a.seed, device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
-                         pretrain_threads=a.pretrain_threads, n_val_adv=a.n_val_adv, overrides=a.overrides,
-                         write=write, rescore_seeds=a.rescore_seeds)
-        res = run_tuning(cfg, progress=not a.no_progress)
-        print(Path(res["paths"]["md"]).read_text())
-        print("wrote " + ", ".join(str(p) for p in res["paths"].values()))
-        return 0
+
+def _refuse_flags(a, names: tuple[str, ...], command: str) -> None:
+    from grace_plugin.errors import UsageError
+
+    given = [n for n in names if getattr(a, n) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{flag}: not a flag of `{command}` (see `grace study --help`)")
+
+
+def _cmd_study(a) -> int:
+    """A named study (studies.yaml): its rows trained, evaluated and judged; `study tune` goes to ``_cmd_tune``."""
     from grace_app.studies.runner import StudyConfig, run_study
 
-    count, run_seeds = _parse_seeds(a.seeds)
-    cfg = StudyConfig(name=a.name, out=out, seed=a.seed, seeds=count, run_seeds=run_seeds, steps=a.steps or 300,
-                      n_adv=a.n_adv, device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
+    _refuse_flags(a, TUNE_ONLY, f"grace study {a.name}")
+    count, run_seeds = _parse_seeds(a.seeds or "1")
+    cfg = StudyConfig(name=a.name, out=Path(a.out or Path("studies") / a.name), seed=a.seed, seeds=count,
+                      run_seeds=run_seeds, steps=a.steps or 300, n_adv=600 if a.n_adv is None else a.n_adv,
+                      device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
                       pretrain_threads=a.pretrain_threads, overrides=a.overrides,
                       methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None)
     res = run_study(cfg, progress=not a.no_progress)
     print(Path(res["paths"]["md"]).read_text())
     print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']} ({res['doc']['seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_tune(a) -> int:
+    """`grace study tune`: the tuning protocol (tuning.yaml) for --methods; writes the selection to tuned.yaml."""
+    from grace_app.studies.tuning import TuneConfig, run_tuning
+    from grace_app.testbed.configs import installed_copy, testbed_dir
+    from grace_plugin.errors import UsageError
+
+    _refuse_flags(a, STUDY_ONLY, "grace study tune")
+    if not a.methods:
+        raise UsageError("grace study tune needs --methods, e.g. --methods ft,tecoa,grace")
+    if not (a.write or a.no_write) and installed_copy():
+        raise UsageError("grace study tune: the testbed configs are the installed package's copy "
+                         f"({testbed_dir()}); pass --write PATH/tuned.yaml (a copy of configs/testbed, then "
+                         "GRACE_TESTBED_CONFIGS=PATH) or --no-write")
+    write = None if a.no_write else Path(a.write) if a.write else testbed_dir() / "tuned.yaml"
+    cfg = TuneConfig(methods=[m.strip() for m in a.methods.split(",") if m.strip()],
+                     out=Path(a.out or Path("studies") / "tune"), trials=a.trials, steps=a.steps, seed=a.seed,
+                     device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
+                     pretrain_threads=a.pretrain_threads, n_val_adv=a.n_val_adv, overrides=a.overrides,
+                     write=write, rescore_seeds=a.rescore_seeds)
+    res = run_tuning(cfg, progress=not a.no_progress)
+    print(Path(res["paths"]["md"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in res["paths"].values()))
     return 0
 
 
@@ -475,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"synth": _cmd_synth, "train": _cmd_train, "eval": _cmd_eval, "quickstart": _cmd_quickstart,
                 "list": _cmd_list, "shards": _cmd_shards, "register": _cmd_register, "export": _cmd_export,
                 "wise-ft-sweep": _cmd_wise_ft_sweep, "report": _cmd_report,
-                "study": _cmd_study, "results": _cmd_results}
+                "study": lambda a: (_cmd_tune if a.name == "tune" else _cmd_study)(a), "results": _cmd_results}
     # GraceError is the user-mistake family (grace_plugin.errors): one line, exit 2. Anything else is a bug in this
     # package: its traceback is printed and the exit status is 1.
     try:

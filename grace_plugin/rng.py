@@ -11,11 +11,14 @@ https://doi.org/10.1145/2660193.2660195), so neighbouring indices give unrelated
 """
 from __future__ import annotations
 
+import random
 import zlib
 
+import numpy as np
 import torch
 
-__all__ = ["mix", "sample_seeds", "per_sample_uniform", "per_sample_randint", "step_generator"]
+__all__ = ["mix", "sample_seeds", "per_sample_uniform", "per_sample_randint", "step_generator", "rng_state",
+           "set_rng_state"]
 
 _MASK = (1 << 64) - 1
 
@@ -69,3 +72,26 @@ def step_generator(ctx, purpose: str, device) -> torch.Generator | None:
     if ctx is None or getattr(ctx, "sample_index", None) is None:
         return None
     return _generator(torch.device(device), mix(ctx.seed, ctx.step, purpose))
+
+
+def rng_state() -> dict:
+    """The global generators' states (torch, numpy, Python, CUDA) as a dict ``torch.save`` writes and
+    ``torch.load(weights_only=True)`` reads back (a training state's ``rng``)."""
+    # numpy's state holds an ndarray, which torch.load(weights_only=True) refuses: store its parts as tensors.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                "has_gauss": int(has_gauss), "cached": float(cached)}
+    st = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])

@@ -13,22 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
-import numpy as np
 import torch
 
+from .data.source import batch_source
+from .gradsync import OverlappedGradSync, all_reduce_grads, ranks_agree
+from .rng import rng_state, set_rng_state
 from .tensor_io import atomic_path, torch_load_tensors
 from .config import TrainConfig
 from .errors import GraceError
 from .recipes.base import Recipe, StepContext, batch_feature_spread
 from .runtime import autocast_factory, resolve_device, seed_everything, world_info
 
-__all__ = ["train", "TrainingDiverged", "TrainResult", "batch_source", "OverlappedGradSync"]
+__all__ = ["train", "TrainingDiverged", "TrainResult", "steps_for_epochs"]
 
 log = logging.getLogger(__name__)
 
@@ -51,171 +52,6 @@ class TrainResult:
     # the step a resumed run started from (None: from 0); ``seconds`` counts this invocation's steps only, and a run
     # extended to more steps followed the schedule of its earlier length up to here
     resumed_at: int | None = None
-
-
-def _all_reduce_grads(params, world: int) -> None:
-    """Average gradients over ranks. Recipes run several forwards per step (attacks, AWP ascent), which DDP's
-    one-forward-one-backward reducer does not model; an explicit all-reduce keeps recipes unaware of DDP."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    off = 0
-    for g in grads:
-        g.copy_(flat[off:off + g.numel()].view_as(g))
-        off += g.numel()
-
-
-def _ranks_agree(flag: bool, world: int, device, every: bool) -> bool:
-    """One all-reduce of a flag: true on every rank (``every``) or on any rank; every rank takes part."""
-    if world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN if every else torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _rng_state() -> dict:
-    # numpy's state holds an ndarray, which torch.load(weights_only=True) refuses: store its parts as tensors.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    np_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                "has_gauss": int(has_gauss), "cached": float(cached)}
-    st = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    n = st["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    py = st["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _cycle(loader: Iterable) -> Iterator[dict]:
-    """Endless batches; passes are numbered and the loader's dataset re-seeded per pass when it supports it."""
-    epoch, ds = 0, getattr(loader, "dataset", None)
-    while True:
-        got = False
-        if hasattr(ds, "set_epoch"):
-            ds.set_epoch(epoch)
-        epoch += 1
-        for batch in loader:
-            got = True
-            yield batch
-        if not got:
-            raise RuntimeError("training stream produced no batches (are the shards empty or all corrupt?)")
-
-
-def batch_source(loader: Iterable, consumed: int = 0, cursors: dict | None = None) -> tuple[Iterator[dict], str]:
-    """Endless batches starting after the first ``consumed`` ones, and how the start was reached.
-
-    ``seek`` (O(1) in ``consumed``): a sequence is indexed (batch ``k`` is ``loader[k % len]``); a ``DataLoader``
-    over a seekable ``TrainStream`` restarts each worker stream at its saved cursor, the loader's worker ``i``
-    playing stream ``(consumed + i) % num_workers`` (the DataLoader visits workers round-robin, so that is the
-    stream the uninterrupted run would have read next). ``replay``: any other iterable is re-read from the start.
-    """
-    if isinstance(loader, Sequence):
-        if not len(loader):
-            raise RuntimeError("training stream produced no batches (empty batch list)")
-
-        def indexed():
-            k = consumed
-            while True:
-                yield loader[k % len(loader)]
-                k += 1
-
-        return indexed(), "seek"
-    ds = getattr(loader, "dataset", None)
-    if getattr(ds, "seekable", False):
-        ds.seek(cursors or {}, rotation=consumed % max(1, getattr(loader, "num_workers", 0)))
-
-        def endless():
-            yield from loader
-            raise RuntimeError("the training stream ended")
-
-        return endless(), "seek"
-    stream = _cycle(loader)
-    for _ in range(consumed):
-        next(stream)
-    return stream, "replay"
-
-
-class OverlappedGradSync:
-    """Average gradients over ranks while backward runs, as DDP's reducer does (Li et al., "PyTorch Distributed:
-    Experiences on Accelerating Data Parallel Training", VLDB 2020, https://arxiv.org/abs/2006.15704, Sec. 3.2):
-    parameters in reverse registration order (about the order backward produces their gradients) are grouped in
-    buckets of ``bucket_bytes``; a hook after each gradient's accumulation marks it ready and a bucket whose
-    gradients are all ready is all-reduced asynchronously, buckets launched strictly in index order so every rank
-    issues the same collectives in the same order. ``finish`` launches the buckets left (parameters without a
-    gradient this step contribute zeros, and keep ``grad = None``), waits and writes the averages back.
-    Only armed backwards reduce: the last micro-batch of a step (earlier ones accumulate locally, DDP's no_sync).
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter], world: int, bucket_bytes: int = 25 << 20):
-        self.world = world
-        self.buckets: list[list[torch.nn.Parameter]] = []
-        size = bucket_bytes + 1
-        for p in reversed(params):
-            nbytes = p.numel() * p.element_size()
-            if size + nbytes > bucket_bytes and (not self.buckets or self.buckets[-1]):
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(p)
-            size += nbytes
-        self.where = {id(p): i for i, b in enumerate(self.buckets) for p in b}
-        self.armed = False
-        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
-        self._reset()
-
-    def _reset(self) -> None:
-        self.missing = [len(b) for b in self.buckets]
-        self.next = 0
-        self.works: list = []
-
-    def arm(self) -> None:
-        self._reset()
-        self.armed = True
-
-    def _ready(self, p) -> None:
-        if not self.armed:
-            return
-        self.missing[self.where[id(p)]] -= 1
-        while self.next < len(self.buckets) and self.missing[self.next] == 0:
-            self._launch(self.next)
-            self.next += 1
-
-    def _launch(self, i: int) -> None:
-        ps = self.buckets[i]
-        if all(p.grad is None for p in ps):
-            return  # no gradient anywhere in this bucket this step (the same on every rank)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
-        self.works.append((ps, flat, torch.distributed.all_reduce(flat, async_op=True)))
-
-    def finish(self) -> None:
-        while self.next < len(self.buckets):
-            self._launch(self.next)
-            self.next += 1
-        for ps, flat, work in self.works:
-            work.wait()
-            flat /= self.world
-            off = 0
-            for p in ps:
-                if p.grad is not None:
-                    p.grad.copy_(flat[off:off + p.numel()].view_as(p.grad))
-                off += p.numel()
-        self.armed = False
-        self._reset()
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def _clean_run_folder(out: Path, start: int) -> None:
@@ -291,7 +127,7 @@ def _save_state(path: Path, recipe: Recipe, optimizer, loop: _LoopState, ema, cu
     if not all(torch.isfinite(t).all() for t in trainable.values()):
         raise TrainingDiverged(f"step {loop.step}: non-finite weights; refusing to write {path}")
     state = {"step": loop.step, "trainable": trainable, "optimizer": optimizer.state_dict(),
-             "recipe": recipe.state_dict(), "rng": _rng_state(), "skipped_steps": loop.bad_total,
+             "recipe": recipe.state_dict(), "rng": rng_state(), "skipped_steps": loop.bad_total,
              "data_skipped": loop.data_skipped,
              # {rank: {worker stream: (block, offset)}}: resume seeks there (batch_source)
              "cursors": {int(r): {int(k): tuple(v) for k, v in c.items()} for r, c in cursors.items()},
@@ -401,7 +237,7 @@ def _step(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: int, bad_ru
     lp.optimizer.zero_grad(set_to_none=True)
     ok, last, batch, ctx, logs = _forward_batches(lp, stream, loop, step)
     # every rank agrees before the last backward, whose hooks all-reduce (a rank that skipped it would hang)
-    bad = None if _ranks_agree(ok, world, lp.device, every=True) else "loss"
+    bad = None if ranks_agree(ok, world, lp.device, every=True) else "loss"
     if bad is None:
         if lp.sync is not None:
             lp.sync.arm()
@@ -409,7 +245,7 @@ def _step(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: int, bad_ru
         if lp.sync is not None:
             lp.sync.finish()
         elif world > 1:
-            _all_reduce_grads(lp.params, world)
+            all_reduce_grads(lp.params, world)
         # (the same on every rank) a non-finite gradient under a finite loss would make the weights, then losses, NaN
         norm = torch.nn.utils.clip_grad_norm_(lp.params, cfg.grad_clip or math.inf)
         bad = None if bool(torch.isfinite(norm)) else "gradient"
@@ -472,7 +308,7 @@ def _preemption_agreed(lp: _Loop, preempt) -> bool:
     them stop after the same step."""
     if preempt is None:  # the same on every rank (fine_tune gives each rank a guard, or none)
         return False
-    return _ranks_agree(preempt.requested(), lp.world, lp.device, every=False)
+    return ranks_agree(preempt.requested(), lp.world, lp.device, every=False)
 
 
 def _finish(lp: _Loop, loop: _LoopState, track: str | None, stopped: str | None) -> dict | None:
@@ -546,7 +382,7 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
     if start:
         if how == "replay":
             log.warning("resume: this loader cannot seek; re-read %d batches", start * cfg.grad_accum)
-        _set_rng_state(st["rng"])
+        set_rng_state(st["rng"])
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
 

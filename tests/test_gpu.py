@@ -9,7 +9,8 @@ import torch
 
 from grace_plugin.config import TrainConfig
 from grace_plugin.recipes import StepContext, create_recipe
-from grace_plugin.trainer import OverlappedGradSync, train
+from grace_plugin.gradsync import OverlappedGradSync
+from grace_plugin.trainer import train
 from grace_plugin.runtime import autocast_factory
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -85,7 +85,7 @@ def test_resume_seeks_stream_bit_identical(workers, tiny_classifier, tiny_world,
 
 def test_replay_fallback_for_unseekable_loaders(tiny_classifier, tmp_path):
     """A plain iterable still resumes (by re-reading), to the same weights."""
-    from grace_plugin.trainer import batch_source
+    from grace_plugin.data.source import batch_source
 
     g = torch.Generator().manual_seed(0)
     data = [{"image": torch.rand(4, 3, 32, 32, generator=g), "label": torch.randint(0, 10, (4,), generator=g)}

@@ -354,3 +354,13 @@ def test_tiny_clip_pretraining_is_pinned_to_its_thread_count(tiny_world, tmp_pat
     finally:
         torch.set_num_threads(before)
     assert _key(tiny_world, PretrainConfig(threads=1)) != _key(tiny_world, PretrainConfig(threads=2))
+
+
+def test_study_and_tune_refuse_each_others_flags(study_dir, capsys):
+    """`grace study tune` is its own command path: a named study's flags are refused there, and the tuner's on a
+    named study, in one line naming the flag (exit 2), before any work."""
+    assert main(["study", "tune", "--methods", "ft", "--seeds", "3", "--out", str(study_dir / "t")] + TINY) == 2
+    assert "--seeds: not a flag of `grace study tune`" in capsys.readouterr().err
+    assert main(["study", "table8", "--trials", "3", "--out", str(study_dir / "s")] + TINY) == 2
+    assert "--trials: not a flag of `grace study table8`" in capsys.readouterr().err
+    assert not (study_dir / "t").exists() and not (study_dir / "s").exists()
