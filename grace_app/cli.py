@@ -160,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     cv = shs.add_parser("convert", help="ImageFolder tree -> WebDataset shards (parallel, resumable, verified)")
     cv.add_argument("--imagefolder", required=True)
     cv.add_argument("--out", required=True)
-    cv.add_argument("--layout", choices=["clip_benchmark", "timm"], default="clip_benchmark")
+    cv.add_argument("--layout", default="clip_benchmark", help="a registered shard layout: clip_benchmark, timm "
+                    "(grace_plugin.data.shards.list_layouts)")
     cv.add_argument("--split", help="split name (default: test for clip_benchmark, validation for timm)")
     cv.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     cv.add_argument("--workers", type=int, default=2)
@@ -179,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True)
 
     ls = sub.add_parser("list", help="list registered names")
-    ls.add_argument("kind", choices=["recipes", "attacks", "models", "suites"])
+    ls.add_argument("kind", choices=["recipes", "attacks", "models", "suites", "layouts"])
 
     r = sub.add_parser("register", help="publish a run under its timm and RobustBench names")
     r.add_argument("run_dir", metavar="RUN_DIR")
@@ -465,6 +466,10 @@ def _cmd_list(a) -> int:
         from registry import list_grace_models
 
         names = list_grace_models()
+    elif a.kind == "layouts":
+        from grace_plugin.data.shards import list_layouts
+
+        names = list_layouts()
     elif a.kind == "suites":
         from eval_suites.engine import list_suites
 

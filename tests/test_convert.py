@@ -6,7 +6,7 @@ from PIL import Image
 
 from grace_app.cli import main
 from grace_plugin.data.loader import make_eval_loader
-from grace_plugin.data.shards import open_shard_set
+from grace_plugin.data.shards import detect_layout, list_layouts, open_shard_set
 from grace_plugin.data.transforms import eval_transform
 
 
@@ -23,14 +23,21 @@ def imagefolder(tmp_path):
     return root
 
 
-@pytest.mark.parametrize("layout", ["clip_benchmark", "timm"])
+def test_layouts_are_a_registry():
+    assert {"clip_benchmark", "timm"} <= set(list_layouts())
+
+
+@pytest.mark.parametrize("layout", list_layouts())
 def test_convert_roundtrip_counts_and_labels(imagefolder, tmp_path, layout, capsys):
+    """Every registered layout: its converter writes the ImageFolder, the folder is recognised as that layout, and
+    its reader gives back every image byte for byte with its label."""
     out = tmp_path / layout
     assert main(["shards", "convert", "--imagefolder", str(imagefolder), "--out", str(out), "--layout", layout,
                  "--maxcount", "4", "--workers", "2"]) == 0
     assert "18 samples from 3 classes in 5 shards" in capsys.readouterr().out
+    assert detect_layout(out).name == layout
     s = open_shard_set(out)
-    assert s.classnames == ["class0", "class1", "class2"] and len(s.urls) == 5
+    assert s.layout == layout and s.classnames == ["class0", "class1", "class2"] and len(s.urls) == 5
     labels = [int(y) for b in make_eval_loader(s.urls, eval_transform({"input_size": (3, 12, 12)}), 7, 3)
               for y in b["label"]]
     assert sorted(labels) == [0] * 5 + [1] * 6 + [2] * 7
@@ -63,6 +70,10 @@ def test_convert_resumes_and_repairs(imagefolder, tmp_path):
     assert r.skipped_existing == 3 and r.samples == 18
 
 
-def test_convert_bad_input(tmp_path, capsys):
+def test_convert_bad_input(tmp_path, capsys, imagefolder):
     assert main(["shards", "convert", "--imagefolder", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "ImageFolder root does not exist" in capsys.readouterr().err
+    assert main(["shards", "convert", "--imagefolder", str(imagefolder), "--out", str(tmp_path / "o"),
+                 "--layout", "tfrecord"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown layout 'tfrecord'" in err and "clip_benchmark" in err and len(err.strip().splitlines()) == 1

@@ -1,4 +1,6 @@
-"""``grace shards convert``: an ImageFolder tree -> WebDataset shards in the CLIP_benchmark or timm layout.
+"""``grace shards convert``: an ImageFolder tree -> WebDataset shards in a registered layout (``shards.list_layouts``:
+CLIP_benchmark, timm); the layout entry says where each shard goes, what each sample carries and which index files
+the split gets.
 
 Image bytes are copied as they are (no re-encoding, so nothing changes and nothing is lost). Shards are written in
 parallel, each to a temp file renamed when complete, so an interrupted conversion resumes by skipping the shards that
@@ -6,7 +8,6 @@ exist with the right number of samples. At the end the total is verified against
 """
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
@@ -50,10 +51,6 @@ def scan_imagefolder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]
     return classes, samples
 
 
-def _shard_name(layout: str, split: str, i: int, prefix: str) -> str:
-    return f"{i}.tar" if layout == "clip_benchmark" else f"{prefix}-{split}-{i:04d}.tar"
-
-
 def _count(path: Path) -> int:
     with tarfile.open(path) as tf:
         return sum(1 for m in tf if m.name.endswith(".cls"))
@@ -63,13 +60,15 @@ def _write_shard(args) -> int:
     path, items, layout, classes = args
     import webdataset as wds
 
+    from .shards import get_layout
+
+    fields = get_layout(layout).sample_fields
+
     tmp = Path(str(path) + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0) as sink:  # mtime 0: the same images give the same bytes
         for key, (src, label) in items:
             sample = {"__key__": key, EXTS[Path(src).suffix]: Path(src).read_bytes(), "cls": label}
-            if layout == "timm":
-                sample["json"] = {"filename": os.path.basename(src), "label": label, "class": classes[label]}
-            sink.write(sample)
+            sink.write(sample | fields(src, label, classes))
     os.replace(tmp, path)
     return len(items)
 
@@ -78,20 +77,20 @@ def convert_imagefolder(src: str | Path, out: str | Path, layout: str = "clip_be
                         maxcount: int = 1000, workers: int = 2, prefix: str = "imagenet1k",
                         classnames: list[str] | None = None, templates: list[str] | None = None,
                         progress: bool = False) -> ConvertResult:
-    if layout not in ("clip_benchmark", "timm"):
-        raise UsageError(f"unknown layout {layout!r}; valid: clip_benchmark, timm")
+    from .shards import get_layout
+
+    lay = get_layout(layout)
     if maxcount <= 0:
         raise UsageError(f"--maxcount must be > 0, got {maxcount}")
     classes, samples = scan_imagefolder(src)
-    split = split or ("test" if layout == "clip_benchmark" else "validation")
+    split = split or lay.default_split
     out = Path(out)
-    shard_dir = out / split if layout == "clip_benchmark" else out
-    shard_dir.mkdir(parents=True, exist_ok=True)
     keyed = [(f"s{i:07d}", s) for i, s in enumerate(samples)]
     chunks = [keyed[i:i + maxcount] for i in range(0, len(keyed), maxcount)]
     jobs, skipped = [], 0
     for i, chunk in enumerate(chunks):
-        path = shard_dir / _shard_name(layout, split, i, prefix)
+        path = lay.shard_path(out, split, i, prefix)
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():
             try:
                 if _count(path) == len(chunk):
@@ -109,8 +108,8 @@ def convert_imagefolder(src: str | Path, out: str | Path, layout: str = "clip_be
 
                 it = bar(it, total=len(jobs), desc="convert", unit="shard")
             list(it)
-    names = [_shard_name(layout, split, i, prefix) for i in range(len(chunks))]
-    lengths = [_count(shard_dir / n) for n in names]
+    paths = [lay.shard_path(out, split, i, prefix) for i in range(len(chunks))]
+    names, lengths = [p.name for p in paths], [_count(p) for p in paths]
     if sum(lengths) != len(samples):
         raise RuntimeError(f"{out}: wrote {sum(lengths)} samples but found {len(samples)} images")
     if classnames is None and len(classes) == 1000 and all(c.startswith("n") and c[1:].isdigit() for c in classes):
@@ -124,13 +123,5 @@ def convert_imagefolder(src: str | Path, out: str | Path, layout: str = "clip_be
 
     atomic_write_text(out / "classnames.txt", names_file)
     atomic_write_text(out / "zeroshot_classification_templates.txt", tmpl)
-    if layout == "clip_benchmark":
-        atomic_write_text(shard_dir / "nshards.txt", f"{len(chunks)}\n")
-    else:
-        info_file = out / "_info.json"
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {"name": prefix, "splits": {}}
-        info["num_classes"] = len(classes)
-        info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": names,
-                                 "shard_lengths": lengths}
-        atomic_write_text(info_file, json.dumps(info, indent=2) + "\n")
+    lay.write_index(out, split, names, lengths, len(classes), prefix)
     return ConvertResult(out, layout, split, len(chunks), sum(lengths), skipped, len(classes))

@@ -1,4 +1,6 @@
-"""Shard sets: the two public WebDataset layouts of ImageNet and its OOD sets, read as they are.
+"""Shard sets: the public WebDataset layouts of ImageNet and its OOD sets, read as they are. Each layout is an entry
+of a registry (``register_layout``, ``list_layouts``, ``get_layout``: ``ShardLayout``) holding how a folder is
+recognised, how it is read, and how ``grace shards convert`` writes it; a new layout is a new entry.
 
 * **CLIP_benchmark** (``clip-benchmark/wds_*``): ``<root>/{train,test}/{0..N-1}.tar`` + ``nshards.txt``,
   ``classnames.txt``, ``zeroshot_classification_templates.txt`` (templates use ``{c}``), optional
@@ -17,12 +19,15 @@ from __future__ import annotations
 
 import re
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GraceError, read_json
+from ..registries import Registry
 
-__all__ = ["ShardSet", "ShardSetError", "open_shard_set", "read_lines", "count_samples", "imagenet_metadata"]
+__all__ = ["ShardSet", "ShardSetError", "open_shard_set", "read_lines", "count_samples", "imagenet_metadata",
+           "ShardLayout", "register_layout", "get_layout", "list_layouts", "detect_layout"]
 
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
 _REMOTE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://|pipe:)")
@@ -175,8 +180,55 @@ def _open_pattern(spec: str) -> ShardSet:
                     expected=expected, layout="pattern")
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """A folder layout of WebDataset shards: how a set folder is recognised (``detect``) and read (``read``: folder,
+    split -> ``ShardSet``), and how ``grace shards convert`` writes one: the split's default name, shard ``i``'s path
+    (``shard_path(out, split, i, prefix)``), the fields each sample carries beside its image and ``cls``
+    (``sample_fields(src, label, classes)``) and the split's index files (``write_index(out, split, names, lengths,
+    num_classes, prefix)``)."""
+
+    name: str
+    description: str
+    default_split: str
+    detect: Callable[[Path], bool]
+    read: Callable[[Path, str | None], ShardSet]
+    shard_path: Callable[[Path, str, int, str], Path]
+    sample_fields: Callable[[str, int, list[str]], dict]
+    write_index: Callable[[Path, str, list[str], list[int], int, str], None]
+
+
+class UnknownLayoutError(ShardSetError, KeyError):
+    pass
+
+
+_LAYOUTS: Registry[ShardLayout] = Registry("layout", UnknownLayoutError)
+_DETECT_ORDER: list[str] = []  # a folder is read by the first layout (in registration order) that recognises it
+
+
+def register_layout(layout: ShardLayout) -> ShardLayout:
+    _LAYOUTS.register(layout.name)(layout)
+    _DETECT_ORDER.append(layout.name)
+    return layout
+
+
+def get_layout(name: str) -> ShardLayout:
+    return _LAYOUTS.get(name)
+
+
+def list_layouts() -> list[str]:
+    return _LAYOUTS.names()
+
+
+def detect_layout(p: Path) -> ShardLayout:
+    """The layout of a local set folder: the first registered one that recognises it (CLIP_benchmark, the
+    fallback, recognises every folder and refuses a bad one in its reader)."""
+    return next(_LAYOUTS.get(n) for n in _DETECT_ORDER if _LAYOUTS.get(n).detect(p))
+
+
 def open_shard_set(path: str | Path, split: str | None = None) -> ShardSet:
-    """Resolve a shard set (folder of either layout, split folder, brace pattern or URL) into URLs and metadata."""
+    """Resolve a shard set (folder of a registered layout, split folder, brace pattern or URL) into URLs and
+    metadata."""
     spec = str(path)
     if isinstance(path, str) and (_REMOTE.match(spec) or "{" in spec or spec.endswith(".tar") or "|" in spec):
         return _open_pattern(spec)
@@ -185,9 +237,10 @@ def open_shard_set(path: str | Path, split: str | None = None) -> ShardSet:
         raise ShardSetError(f"{p}: shard folder does not exist")
     if not p.is_dir():
         raise ShardSetError(f"{p}: not a folder (expected a shard set root or split folder)")
-    info = _timm_info(p)
-    if info is not None:
-        return _open_timm(p, info, split)
+    return detect_layout(p).read(p, split)
+
+
+def _open_clip_benchmark(p: Path, split: str | None) -> ShardSet:
     if (p / "nshards.txt").is_file() or (split is None and any(p.glob("*.tar"))):
         split_dir, root = p, p.parent
         split = p.name
@@ -211,6 +264,41 @@ def open_shard_set(path: str | Path, split: str | None = None) -> ShardSet:
     dtype = read_lines(root / "dataset_type.txt")
     return ShardSet(root=root, split=split, urls=urls, classnames=classnames, templates=templates,
                     meta={"dataset_type": dtype[0] if dtype else "classification"}, unlisted=unlisted)
+
+
+def _write_nshards(out: Path, split: str, names: list[str], lengths: list[int], num_classes: int, prefix: str):
+    from ..tensor_io import atomic_write_text
+
+    atomic_write_text(out / split / "nshards.txt", f"{len(names)}\n")
+
+
+def _write_timm_info(out: Path, split: str, names: list[str], lengths: list[int], num_classes: int, prefix: str):
+    import json
+
+    from ..tensor_io import atomic_write_text
+
+    info_file = out / "_info.json"
+    info = read_json(info_file, ShardSetError) if info_file.is_file() else {"name": prefix, "splits": {}}
+    info["num_classes"] = num_classes
+    info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": names, "shard_lengths": lengths}
+    atomic_write_text(info_file, json.dumps(info, indent=2) + "\n")
+
+
+# timm first: its _info.json marks it; CLIP_benchmark reads (or refuses) every other folder
+register_layout(ShardLayout(
+    name="timm", description="timm/imagenet-1k-wds: _info.json (splits: num_samples, shard_lengths, filenames), "
+    "<prefix>-<split>-NNNN.tar with jpg, cls, json", default_split="validation",
+    detect=lambda p: _timm_info(p) is not None, read=lambda p, split: _open_timm(p, _timm_info(p), split),
+    shard_path=lambda out, split, i, prefix: out / f"{prefix}-{split}-{i:04d}.tar",
+    sample_fields=lambda src, label, classes: {"json": {"filename": Path(src).name, "label": label,
+                                                        "class": classes[label]}},
+    write_index=_write_timm_info))
+register_layout(ShardLayout(
+    name="clip_benchmark", description="clip-benchmark/wds_*: <split>/{0..N-1}.tar + nshards.txt, classnames.txt, "
+    "zeroshot_classification_templates.txt; images + cls", default_split="test",
+    detect=lambda p: True, read=_open_clip_benchmark,
+    shard_path=lambda out, split, i, prefix: out / split / f"{i}.tar",
+    sample_fields=lambda src, label, classes: {}, write_index=_write_nshards))
 
 
 def count_samples(urls: list[str]) -> int:
