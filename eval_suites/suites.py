@@ -70,14 +70,27 @@ def _own_head(loaded, ctx: SuiteContext, es: EvalSet):
 
 
 def _labels_fit(res, es: EvalSet, classes: int) -> None:
+    """Samples whose label lies beyond the class list: a value that many samples carry means the class list and the
+    labels disagree (a bad set: refused in one line); rare values are corrupt labels on single samples (bad
+    samples: skipped, counted as ``label_out_of_range``, said on stderr; ``--strict`` refuses them in ``account``).
+    The rule: ``grace_plugin.data.shards.labels_beyond``; the label values are counted from the shards' ``cls``
+    members only when some sample fell outside."""
+    from grace_plugin.data.shards import label_counts, labels_beyond
+
     bad = res.skipped.get("label_out_of_range", 0)
     if not bad:
         return
-    if es.classnames:
-        raise SetScoringError(f"{es.path}: {bad} samples have labels beyond the {classes} names of its "
-                              "classnames.txt; the class list and the labels disagree")
-    raise SetScoringError(f"{es.path}: {bad} samples have labels beyond the model's {classes}-class head, and the set "
-                          "has no classnames.txt to build a head for them")
+    counts = label_counts(es.urls or []) if es.kind == "shards" else {}
+    refused, corrupt = labels_beyond(counts, classes)
+    if refused or not counts:
+        values = ", ".join(f"{v} ({c} samples)" for v, c in refused.items()) or f"{bad} samples"
+        if es.classnames:
+            raise SetScoringError(f"{es.path}/classnames.txt: {len(es.classnames)} names, but labels beyond them "
+                                  f"are carried by many samples: {values}; the class list and the labels disagree")
+        raise SetScoringError(f"{es.path}: labels beyond the model's {classes}-class head are carried by many "
+                              f"samples ({values}), and the set has no classnames.txt to build a head for them")
+    log.warning("%s: %d sample(s) skipped with a label beyond the %d classes (label_out_of_range; values: %s)",
+                es.path, bad, classes, ", ".join(str(v) for v in corrupt))
 
 
 def _transform(loaded):

@@ -292,11 +292,9 @@ def test_study_aggregates_seeds():
 
 def test_a_set_without_names_is_scored_with_the_models_own_head(trained_runs, tiny_world, tmp_path, capsys, caplog):
     """A labelled set without classnames.txt (timm's wds layout has none either) is scored with the run's own head,
-    its labels taken as head indices: said in the report and on stderr, and the same top-1 as the named set. A set
-    whose labels exceed the head is refused in one line."""
-    import io
+    its labels taken as head indices: said in the report and on stderr, and the same top-1 as the named set. One
+    corrupt label beyond the head is a skipped sample; a label value many samples carry beyond it refuses the set."""
     import shutil
-    import tarfile
 
     nameless = tmp_path / "nameless"
     shutil.copytree(tiny_world / "id", nameless)
@@ -314,19 +312,39 @@ def test_a_set_without_names_is_scored_with_the_models_own_head(trained_runs, ti
     assert any("no class names" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     assert (b["correct"], b["n"]) == (a["correct"], a["n"]) and b["n"] > 0
 
-    # one label beyond the 10-class head
-    shard = sorted((nameless / "test").glob("*.tar"))[0]
-    members, relabelled = [], False
+    # a corrupt label on one sample (beyond the 10-class head) is a bad sample: skipped and counted, said on
+    # stderr, refused under --strict
+    _relabel(sorted((nameless / "test").glob("*.tar"))[0], [b"12"])
+    with caplog.at_level("WARNING"):
+        assert main(["eval", "--model", run, "--data", str(nameless), "--out", str(tmp_path / "c"),
+                     "--no-progress"]) == 0
+    c = json.loads((tmp_path / "c" / "report.json").read_text())["datasets"]["id"]
+    assert c["skipped_by_reason"] == {"label_out_of_range": 1} and c["n"] == a["n"] - 1
+    assert any("1 sample(s) skipped with a label beyond the 10 classes" in r.getMessage() for r in caplog.records)
+    rc = main(["eval", "--model", run, "--data", str(nameless), "--out", str(tmp_path / "d"), "--no-progress",
+               "--strict"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "label_out_of_range=1" in err and len(err.strip().splitlines()) == 1, err
+    # a label value that many samples carry beyond the head is a bad set: refused in one line
+    _relabel(sorted((nameless / "test").glob("*.tar"))[0], [b"12"] * 40)
+    rc = main(["eval", "--model", run, "--data", str(nameless), "--out", str(tmp_path / "e"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "labels beyond the model's 10-class head" in err and len(err.strip().splitlines()) == 1, err
+
+
+def _relabel(shard, labels: list[bytes]) -> None:
+    """Rewrite the first ``len(labels)`` ``cls`` members of a tar shard."""
+    import io
+    import tarfile
+
+    members, todo = [], list(labels)
     with tarfile.open(shard) as tf:
         for m in tf.getmembers():
             data = tf.extractfile(m).read()
-            if m.name.endswith(".cls") and not relabelled:
-                data, relabelled = b"12", True
+            if m.name.endswith(".cls") and todo:
+                data = todo.pop(0)
             members.append((m, data))
     with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
         for m, data in members:
             m.size = len(data)
             tf.addfile(m, io.BytesIO(data))
-    rc = main(["eval", "--model", run, "--data", str(nameless), "--out", str(tmp_path / "c"), "--no-progress"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "labels beyond the model's 10-class head" in err and len(err.strip().splitlines()) == 1, err

@@ -318,7 +318,8 @@ def test_head_used_is_said_and_never_silently_rebuilt(finetuned, as_model, tiny_
     rc = main(["eval", "--model", "M", "--data", str(tmp_path / "fewer"), "--out", str(tmp_path / "x"),
                "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "labels beyond the 9 names of its classnames.txt" in err, err
+    assert rc == 2 and "classnames.txt: 9 names, but labels beyond them are carried by many samples: 9 (" in err, err
+    assert "the class list and the labels disagree" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_run_without_class_names_keeps_its_head_and_says_so(finetuned, as_model, tiny_world, tmp_path, caplog):

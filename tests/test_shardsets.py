@@ -154,3 +154,25 @@ def test_clean_evaluation_reports_the_feature_spread(tiny_classifier, tiny_world
     assert feats.shape[0] == res.n
     assert res.feature_spread == pytest.approx(feature_spread(feats), abs=1e-6)
     assert res.as_dict()["feature_spread"] == res.feature_spread
+
+
+@pytest.mark.parametrize("counts,classes,refused,corrupt", [
+    ({0: 50, 1: 50, 2: 50}, 3, {}, {}),  # every label inside the list
+    ({0: 50, 1: 50, 2: 1}, 2, {}, {2: 1}),  # one corrupt label: a bad sample
+    ({0: 50, 1: 50, 7: 1, -3: 1}, 2, {}, {-3: 1, 7: 1}),
+    ({0: 50, 1: 50, 2: 50}, 2, {2: 50}, {}),  # a class the list lacks: a bad set
+    ({0: 10, 1: 10, 2: 7, 9: 1}, 2, {2: 7}, {9: 1}),  # half an average class: ceil(28 / 2 / 2) = 7 samples
+    ({0: 10, 1: 10, 2: 6, 9: 1}, 2, {}, {2: 6, 9: 1}),  # ceil(27 / 2 / 2) = 7: 6 samples are below it
+])
+def test_labels_beyond_tells_a_short_class_list_from_corrupt_labels(counts, classes, refused, corrupt):
+    from grace_plugin.data.shards import labels_beyond
+
+    assert labels_beyond(counts, classes) == (refused, corrupt)
+
+
+def test_label_counts_reads_the_cls_members(tiny_world):
+    from grace_plugin.data.shards import label_counts
+
+    s = open_shard_set(tiny_world / "id")
+    counts = label_counts(s.urls)
+    assert sorted(counts) == list(range(len(s.classnames))) and sum(counts.values()) == count_samples(s.urls)

@@ -27,7 +27,8 @@ from ..errors import GraceError, read_json
 from ..registries import Registry
 
 __all__ = ["ShardSet", "ShardSetError", "open_shard_set", "read_lines", "count_samples", "imagenet_metadata",
-           "ShardLayout", "register_layout", "get_layout", "list_layouts", "detect_layout"]
+           "ShardLayout", "register_layout", "get_layout", "list_layouts", "detect_layout", "label_counts",
+           "labels_beyond"]
 
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
 _REMOTE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://|pipe:)")
@@ -315,3 +316,37 @@ def count_samples(urls: list[str]) -> int:
             pass
         n += len(keys)
     return n
+
+
+def label_counts(urls: list[str]) -> dict[int, int]:
+    """How many samples carry each integer label (the ``cls`` members of local tar shards; images are not read;
+    a label that is not an integer, or an unreadable tar tail, is left out)."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for u in urls:
+        try:
+            with tarfile.open(u, "r:") as tf:
+                for m in tf:
+                    if m.isfile() and m.name.endswith(".cls"):
+                        try:
+                            counts[int(tf.extractfile(m).read().decode("ascii").strip())] += 1
+                        except (ValueError, UnicodeDecodeError):
+                            pass
+        except (tarfile.TarError, OSError, EOFError):
+            pass
+    return dict(counts)
+
+
+def labels_beyond(counts: dict[int, int], classes: int) -> tuple[dict[int, int], dict[int, int]]:
+    """Split the label values outside ``[0, classes)`` into ``(set-level, sample-level)``: a value carried by at
+    least ``max(2, ceil(n / classes / 2))`` samples (half an average class) is a class the class list lacks, so the
+    list and the labels disagree and the set is refused; rarer values are corrupt labels on single samples, which
+    are skipped and counted (``label_out_of_range``)."""
+    import math
+
+    n = sum(counts.values())
+    many = max(2, math.ceil(n / max(1, classes) / 2))
+    beyond = {v: c for v, c in sorted(counts.items()) if v < 0 or v >= classes}
+    return {v: c for v, c in beyond.items() if c >= many}, {v: c for v, c in beyond.items() if c < many}
+
