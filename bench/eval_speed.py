@@ -160,10 +160,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import grace_plugin  # noqa: F401  (autoattack shim)
     from robustbench.eval import benchmark
-    from test_suites_robustbench import TemplateModel, _loaded, make_imagenet
+
+    from grace_app.testbed.probe import TemplateModel, loaded_template_model, make_imagenet
 
     from eval_suites.context import SuiteContext
     from eval_suites.engine import run_suites
@@ -179,7 +179,7 @@ def main() -> None:
 
         def ours_once():  # a fresh context each time: nothing cached from an earlier round
             fresh = dataclasses.replace(ctx, cache={})
-            return run_suites(_loaded(model), ["adv:autoattack"], fresh)["suites"]["adv:autoattack"]
+            return run_suites(loaded_template_model(model), ["adv:autoattack"], fresh)["suites"]["adv:autoattack"]
 
         def robustbench_once():
             return benchmark(model, n_examples=a.n, dataset="imagenet", threat_model="Linf", data_dir=str(root),
@@ -218,7 +218,7 @@ def main() -> None:
         model = TemplateModel(templates).eval()
         ctx = SuiteContext(id_set=("imagenet", root), n_imagenet=n, batch_size=256, device=a.device)
         t0 = time.perf_counter()
-        rep = run_suites(_loaded(model), ["id"], ctx)
+        rep = run_suites(loaded_template_model(model), ["id"], ctx)
         dt = time.perf_counter() - t0
         clean = (f"clean eval (id suite, {a.device}, RobustBench ImageNet subset, 16 px PNG, linear model): "
                  f"{n} images in {dt:.1f} s = {n / dt:.0f} images/s (top-1 {rep['axes']['id']:.2f})")

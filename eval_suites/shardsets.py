@@ -17,7 +17,7 @@ import yaml
 
 from grace_plugin.errors import InputNotFound, UsageError, read_json
 
-__all__ = ["ShardSetEntry", "list_shardsets", "get_shardset", "match_class_subset", "SCORINGS", "resolve_set_dir",
+__all__ = ["ShardSetEntry", "list_shardsets", "get_shardset", "match_class_subset", "SCORINGS",
            "apply_mapping", "PAPER_COLUMNS"]
 
 SCORINGS = ("own", "subset", "mapping")
@@ -56,14 +56,6 @@ def list_shardsets() -> list[str]:
 
 def get_shardset(name: str) -> ShardSetEntry | None:
     return _catalogue().get(name)
-
-
-def resolve_set_dir(name: str, data_root: str | Path) -> Path:
-    """``<data_root>/<catalogue folder>`` for a catalogued set name."""
-    entry = get_shardset(name)
-    if entry is None:
-        raise UsageError(f"unknown shard set {name!r}; catalogued sets: {', '.join(list_shardsets())}")
-    return Path(data_root) / entry.folder
 
 
 def match_class_subset(subset_names: list[str], full_names: list[str]) -> list[int]:

@@ -156,12 +156,13 @@ class StagedRun:
         return self.work
 
     def resumable_state(self, name: str = "train_state.pt") -> Path | None:
-        """The killed run's state file, if any (in the work folder; a run folder from before staging keeps it in
-        ``out``, which is then copied into the work folder so resuming still works)."""
+        """The state to continue from, if any: a killed run's, in the work folder; or a finished run's, in ``out``
+        (``--resume`` extending it to more steps), whose files are then copied into the work folder so the extended
+        run is staged and published like any other."""
         if (self.work / name).is_file():
             return self.work / name
-        legacy = self.out / name
-        if legacy.is_file():
+        finished = self.out / name
+        if finished.is_file():
             for f in self.out.iterdir():
                 if f.is_file() and not (self.work / f.name).exists():
                     shutil.copy2(f, self.work / f.name)

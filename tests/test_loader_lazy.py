@@ -146,8 +146,8 @@ def test_eval_stream_scores_every_sample_once_over_ranks(world, sizes, tmp_path,
     tf = eval_transform({"input_size": (3, 8, 8), "crop_pct": 1.0, "interpolation": "bicubic",
                          "mean": (0, 0, 0), "std": (1, 1, 1)})
     opened = []
-    real = loader._tar_samples
-    monkeypatch.setattr(loader, "_tar_samples", lambda items, lazy=False: (opened.append(items[0]["url"]),
+    real = loader.tar_samples
+    monkeypatch.setattr(loader, "tar_samples", lambda items, lazy=False: (opened.append(items[0]["url"]),
                                                                            real(items, lazy=lazy))[1])
     keys, pixels = [], []
     for rank in range(world):

@@ -8,56 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
+
+from grace_app.testbed.probe import TemplateModel, loaded_template_model, make_imagenet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 4 / 255
-CONTRAST = [0.1, 0.02]  # 0.1: provably robust at 4/255 (all four AutoAttack attacks run fully on it); 0.02: not
-
-
-class TemplateModel(nn.Module):
-    """[0,1]-input 1000-way linear model: logit_c = (t_c - .5) . (x - .5); a decoy class with bias 1 wins once the
-    true logit drops below 1. For a template image at contrast c the true logit is 192 c and an l_inf attack can
-    lower it by at most 384 eps = 6.0 at 4/255 (other logits stay below ~1.5): c = 0.1 (19.2) is robust, c = 0.02
-    (3.84) is not."""
-
-    input_range = (0, 1)
-
-    def __init__(self, templates: dict[int, torch.Tensor]):
-        super().__init__()
-        w = torch.zeros(1000, 3 * 16 * 16)
-        for label, t in templates.items():
-            w[label] = t.flatten() - 0.5
-        self.lin = nn.Linear(w.shape[1], 1000)
-        self.lin.weight.data = w
-        self.lin.bias.data.zero_()
-        self.lin.bias.data[next(c for c in range(999, -1, -1) if c not in templates)] = 1.0
-        self.pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 1.0, "interpolation": "bicubic",
-                               "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-
-    def forward(self, x):
-        x = nn.functional.adaptive_avg_pool2d(x, 16)
-        return self.lin(x.flatten(1) - 0.5)
-
-
-def make_imagenet(root: Path, contrast=CONTRAST, sub: str = "val"):
-    import robustbench
-
-    helper = Path(robustbench.__file__).parent / "helper_files"
-    wnids = sorted(json.loads((helper / "imagenet_class_to_id_map.json").read_text()))
-    for w in wnids:
-        (root / sub / w).mkdir(parents=True, exist_ok=True)
-    files = (helper / "imagenet_test_image_ids.txt").read_text().split()[:len(contrast)]
-    g = torch.Generator().manual_seed(0)
-    templates, images = {}, []
-    for f, c in zip(files, contrast):
-        label = wnids.index(f.split("/")[0])
-        t = (torch.rand(3, 16, 16, generator=g) > 0.5).float()
-        img = (0.5 + c * (t - 0.5)).permute(1, 2, 0).numpy()
-        Image.fromarray(np.round(img * 255).astype("uint8")).save(root / sub / f, format="PNG")
-        templates[label] = t
-        images.append((root / sub / f, label))
-    return templates, images
 
 
 def _direct_tensors(images):
@@ -74,13 +29,6 @@ def imagenet(tmp_path_factory):
     return root, TemplateModel(templates).eval(), images
 
 
-def _loaded(model):
-    from eval_suites.imagenet import imagenet_classnames
-    from registry import LoadedModel
-
-    return LoadedModel(model, "Template2026Tiny", imagenet_classnames()[0])
-
-
 @pytest.fixture(scope="module")
 def ours(imagenet, tmp_path_factory):
     """Our suites: adv:apgd-ce and adv:autoattack on the ImageNet folder (RobustBench subset), with JSON output."""
@@ -91,7 +39,7 @@ def ours(imagenet, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     ctx = SuiteContext(id_set=("imagenet", root), eps=EPS, n_adv=2, n_imagenet=2, batch_size=2, out_dir=out,
                        model_info_name="Template2026Tiny")
-    return run_suites(_loaded(model), ["id", "adv:apgd-ce", "adv:autoattack"], ctx), out
+    return run_suites(loaded_template_model(model), ["id", "adv:apgd-ce", "adv:autoattack"], ctx), out
 
 
 def test_autoattack_and_apgd_equal_pyautoattack_and_benchmark(imagenet, ours):
@@ -139,7 +87,7 @@ def test_cli_robustbench_suite(imagenet, tmp_path, capsys):
     import registry
 
     orig = registry.load_model
-    registry.load_model = lambda spec, device="cpu": _loaded(model)
+    registry.load_model = lambda spec, device="cpu": loaded_template_model(model)
     try:
         rc = main(["eval", "--model", "x", "--suite", "robustbench", "--imagenet-dir", str(root), "--n-imagenet", "2",
                    "--batch-size", "2", "--eps", "0.5", "--out", str(tmp_path), "--no-progress"])
@@ -178,7 +126,7 @@ def test_corruptions_equal_robustbench(tmp_path, monkeypatch):
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 224, 224))  # Res224 as RobustBench forces
     ctx = SuiteContext(corruptions_dir=tmp_path, n_imagenet=2, batch_size=2, out_dir=tmp_path / "o",
                        model_info_name="Template2026Tiny")
-    rep = run_suites(_loaded(model), ["corruptions"], ctx)["suites"]["corruptions"]
+    rep = run_suites(loaded_template_model(model), ["corruptions"], ctx)["suites"]["corruptions"]
     ref = alexnet_errors()
     cols = pd.MultiIndex.from_tuples([(c, s) for c in CORRUPTIONS for s in range(1, 6)])
     csv = tmp_path / "cwd" / "model_info" / "imagenet" / "corruptions" / "unaggregated_results.csv"

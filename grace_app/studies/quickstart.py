@@ -14,7 +14,7 @@ from pathlib import Path
 
 from grace_plugin.config import checked, validate
 
-from ..testbed.configs import merge as _merge
+from ..testbed.configs import merge
 
 __all__ = ["QuickstartConfig", "run_quickstart", "prepare_testbed", "OOD_SETS", "run_wise_ft_sweep"]
 
@@ -50,7 +50,7 @@ class QuickstartConfig:
         validate(self)
 
 
-def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
+def user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
     """``--set`` for a study: ``recipe.X`` goes to every recipe whose config has field X (an error if none has it);
     ``train.*``/``data.*`` go to all."""
     from grace_plugin.config import ConfigError, parse_overrides
@@ -64,7 +64,7 @@ def _user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
         if not takers:
             raise ConfigError(f"unknown config field 'recipe.{key}' for recipes {', '.join(recipes)}")
         for n in takers:
-            out[n] = _merge(out[n], {"recipe": {key: value}})
+            out[n] = merge(out[n], {"recipe": {key: value}})
     return out
 
 
@@ -135,10 +135,10 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     seeds = [cfg.seed + i for i in range(max(1, cfg.seeds))]
     echo("[3/4] fine-tuning: " + ", ".join(cfg.recipes) + (f" x seeds {seeds}" if len(seeds) > 1 else ""))
     run_dirs: dict[str, list[Path]] = {}
-    user = _user_overrides(cfg.overrides, cfg.recipes)
+    user = user_overrides(cfg.overrides, cfg.recipes)
     for name in cfg.recipes:
         for seed in seeds:
-            overrides = _merge({"train": {"seed": seed, "device": device}}, user[name])
+            overrides = merge({"train": {"seed": seed, "device": device}}, user[name])
             run_cfg = method_config(name, overrides=overrides, steps=cfg.steps)
             run_dir = runs / name if len(seeds) == 1 else runs / name / f"seed{seed}"
             run_dirs.setdefault(name, []).append(fine_tune(name, pretrained, data / "id", run_dir, run_cfg,

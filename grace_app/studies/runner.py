@@ -340,7 +340,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.trainer import TrainingDiverged
 
     from eval_suites.leaderboard import reference_rows
-    from .quickstart import _user_overrides, prepare_testbed
+    from .quickstart import user_overrides, prepare_testbed
     from ..testbed.configs import load_methods, load_studies, merge, method_config
 
     studies, methods = load_studies(), load_methods()
@@ -351,7 +351,7 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
                                        ("[1/4]", "[2/4]"), pretrain_threads=cfg.pretrain_threads)
     seeds = list(cfg.run_seeds) if cfg.run_seeds else [cfg.seed + i for i in range(max(1, cfg.seeds))]
     trained = sorted({methods[r["method"]].recipe for r in rows if methods[r["method"]].recipe})
-    user = _user_overrides(cfg.overrides, trained) if trained else {}
+    user = user_overrides(cfg.overrides, trained) if trained else {}
     extras = [k for k in ("geometry", "shift") if study.get(k)]  # suites run beside the axes, cached apart
     results: dict[str, dict] = {}
     counts = {"reused": 0, "resumed": 0, "trained": 0}

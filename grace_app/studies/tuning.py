@@ -403,7 +403,7 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.runtime import resolve_device
     from grace_plugin.tensor_io import atomic_write_text
 
-    from .quickstart import _user_overrides, prepare_testbed
+    from .quickstart import user_overrides, prepare_testbed
     from ..testbed.configs import load_methods, load_tuning, merge
 
     proto, methods = load_tuning(), load_methods()
@@ -430,7 +430,7 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
         counts = holdout_split(data / "id", val, float(proto["val_fraction"]), int(proto.get("seed", 0)))
         echo(f"      validation split held out of ID train: {counts['val']} samples (training on {counts['train']})")
     recipes = sorted({methods[n].recipe for n in cfg.methods})
-    user = _user_overrides(cfg.overrides, recipes)
+    user = user_overrides(cfg.overrides, recipes)
     attack = proto.get("attack", "apgd-ce")
     device = str(resolve_device(cfg.device))
     ctx_args = dict(id_set=("val", val), eps=float(proto.get("eps", 4 / 255)), n_adv=n_val_adv, device=device,

@@ -24,7 +24,7 @@ SKIP_REASONS = ("missing_image", "missing_label", "bad_label", "label_out_of_ran
                 "duplicate_member")
 
 
-def _skip(reason: str, key: str = "", url: str = "") -> dict:
+def skip_record(reason: str, key: str = "", url: str = "") -> dict:
     return {"__skip__": reason, "__key__": key, "__url__": url}
 
 
@@ -130,29 +130,29 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
     key, url = sample.get("__key__", ""), sample.get("__url__", "")
     img_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if img_key is None:
-        return _skip("missing_image", key, url)
+        return skip_record("missing_image", key, url)
     if "cls" not in sample:
-        return _skip("missing_label", key, url)
+        return skip_record("missing_label", key, url)
     raw = sample["cls"]
     try:
         label = int(raw.decode("ascii").strip() if isinstance(raw, (bytes, bytearray)) else raw)
     except (ValueError, UnicodeDecodeError, TypeError):
-        return _skip("bad_label", key, url)
+        return skip_record("bad_label", key, url)
     if label < 0 or (num_classes is not None and label >= num_classes):
-        return _skip("label_out_of_range", key, url)
+        return skip_record("label_out_of_range", key, url)
     fmt = check_image_header(sample[img_key])
     if fmt is None:
-        return _skip("decode_error", key, url)
+        return skip_record("decode_error", key, url)
     if tensor_transform is not None and not draft_size and fmt in _TORCHVISION_FORMATS:
         from torchvision.io import ImageReadMode, decode_image
 
         if fmt == "PNG" and not png_data_complete(sample[img_key]):  # torchvision 0.29 crashes on it
-            return _skip("decode_error", key, url)
+            return skip_record("decode_error", key, url)
         try:  # the header is sound (check_image_header); damaged pixel data still fails here
             decoded = decode_image(torch.frombuffer(bytearray(sample[img_key]), dtype=torch.uint8),
                                    mode=ImageReadMode.RGB)
         except Exception:
-            return _skip("decode_error", key, url)
+            return skip_record("decode_error", key, url)
         if decoded.dtype == torch.uint8:  # (16-bit PNGs fall through to PIL below)
             return {"image": tensor_transform(decoded), "label": label}
     try:
@@ -162,11 +162,11 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
             im.load()
             image = transform(im.convert("RGB"))
     except Exception:  # PIL raises many types for corrupt data; all mean "undecodable"
-        return _skip("decode_error", key, url)
+        return skip_record("decode_error", key, url)
     return {"image": image, "label": label}
 
 
-def _tensor_path(transform: Callable, decode: str) -> Callable | None:
+def tensor_path(transform: Callable, decode: str) -> Callable | None:
     if decode not in DECODERS:
         raise UsageError(f"unknown decode {decode!r}; valid: {', '.join(DECODERS)}")
     return as_tensor_transform(transform) if decode == "tensor" else None

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from ..errors import GraceError
-from .decode import DECODERS, SKIP_REASONS, _tensor_path, decode_sample
-from .tars import _local_path, _number_shards, _plain_local_tar, _tar_samples, index_tar, read_members
+from .decode import DECODERS, SKIP_REASONS, tensor_path, decode_sample
+from .tars import local_path, number_shards, plain_local_tar, tar_samples, index_tar, read_members
 
-__all__ = ["make_eval_loader", "make_train_loader", "TrainStream", "merge_skips", "NoUsableSamples", "rank_split",
+__all__ = ["make_eval_loader", "make_train_loader", "TrainStream", "NoUsableSamples", "rank_split",
            "DECODERS", "SKIP_REASONS"]
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,6 @@ class NoUsableSamples(GraceError, ValueError):
     """A training stream with no usable sample in a full pass over its shards; the message names the folder."""
 
 
-def merge_skips(total: Counter, batch: dict) -> None:
-    for k, v in batch.get("skipped", {}).items():
-        total[k] += v
-
-
-
-
-
 def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,
                      num_workers: int = 0, draft_size: int | None = None, decode: str = "pil",
                      limit: int | None = None, ranks: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
@@ -94,13 +86,13 @@ def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_
     decoding and tensor resize, ``decode_sample``'s ``tensor_transform``; PIL where the transform needs it)."""
     import webdataset as wds
 
-    tt = _tensor_path(transform, decode)
+    tt = tensor_path(transform, decode)
     if limit is not None and num_workers > 0:
         raise ValueError("make_eval_loader: limit counts records in shard order and needs num_workers=0")
 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
-        _number_shards,
+        number_shards,
         lambda src: _rank_shards(src, ranks, len(urls), limit),
         wds.split_by_worker,  # after the ranks' split: each rank's workers share its own shards
         lambda src: _owned_records(src, batch_size, limit, ranks, n_shards=len(urls)),
@@ -145,10 +137,10 @@ def _owned_records(items: Iterable[dict], batch_size: int, limit: int | None,
     seen = 0
     for item in items:
         s = item["__shard__"]
-        path = _plain_local_tar(item["url"])
+        path = plain_local_tar(item["url"])
         with contextlib.ExitStack() as stack:  # the owned members are read through one handle per shard
             f = stack.enter_context(open(path, "rb")) if path is not None else None
-            for i, rec in enumerate(_tar_samples([{"url": item["url"]}], lazy=True)):
+            for i, rec in enumerate(tar_samples([{"url": item["url"]}], lazy=True)):
                 if limit is not None and seen >= limit:
                     return
                 seen += 1
@@ -206,14 +198,14 @@ class TrainStream(torch.utils.data.IterableDataset):
                  batches_per_worker=None, draft_size=None, decode="tensor", source=None):
         super().__init__()
         self.source = source or (os.path.dirname(urls[0]) if urls else "?")
-        self.draft_size, self.tensor_transform = draft_size, _tensor_path(transform, decode)
+        self.draft_size, self.tensor_transform = draft_size, tensor_path(transform, decode)
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.num_classes, self.seed, self.shuffle_buffer = num_classes, seed, shuffle_buffer
         self.batches_per_worker = batches_per_worker
         self.epoch = 0
         self.cursors: dict[int, tuple[int, int]] = {}
         self.rotation = 0
-        self.local = all(_local_path(u) for u in self.urls)
+        self.local = all(local_path(u) for u in self.urls)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -250,7 +242,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         import functools
         import random
 
-        index = functools.lru_cache(maxsize=256)(lambda url: index_tar(_local_path(url)))
+        index = functools.lru_cache(maxsize=256)(lambda url: index_tar(local_path(url)))
         files: dict[str, object] = {}
         transform, n_cls, draft, tt = self.transform, self.num_classes, self.draft_size, self.tensor_transform
         b, off = self.cursors.get(stream, (0, 0))
@@ -265,7 +257,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                         skips[e["__skip__"]] += 1
                         yield {**e, "__pos__": pos}
                         continue
-                    path = _local_path(url)
+                    path = local_path(url)
                     f = files.get(path)
                     if f is None:
                         if len(files) >= 16:
@@ -348,7 +340,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             transform, n_cls, draft, tt = self.transform, self.num_classes, self.draft_size, self.tensor_transform
             pipeline = wds.DataPipeline(
                 shards,
-                _tar_samples,
+                tar_samples,
                 counted,
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
                             rng=random.Random(rng.random())),

@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 
-from .decode import _skip
+from .decode import skip_record
 from .shards import IMAGE_KEYS
 
 __all__ = ["index_tar", "read_members"]
@@ -52,9 +52,9 @@ class _Member:
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 
 
-def _plain_local_tar(url: str) -> str | None:
+def plain_local_tar(url: str) -> str | None:
     """The path of ``url`` when it is a local, uncompressed file (what ``_lazy_members`` can index), else None."""
-    path = _local_path(url)
+    path = local_path(url)
     if path is None:
         return None
     with open(path, "rb") as f:
@@ -88,7 +88,7 @@ def _lazy_members(path: str) -> Iterator[dict]:
 def _members(item: dict, lazy: bool) -> Iterator[dict]:
     from webdataset.tariterators import tar_file_iterator, url_opener
 
-    path = _plain_local_tar(item["url"]) if lazy else None
+    path = plain_local_tar(item["url"]) if lazy else None
     if path is not None:
         yield from _lazy_members(path)
         return
@@ -127,17 +127,17 @@ def _shard_samples(item: dict, lazy: bool = False) -> Iterator[dict]:
         if group.pop("__dup__", False):
             pending.pop(key, None)
             done.add(key)
-            out.append(_skip("duplicate_member", key, url))
+            out.append(skip_record("duplicate_member", key, url))
             return
         if key in done:
             if "cls" in group or any(k in group for k in IMAGE_KEYS):
-                out.append(_skip("duplicate_member", key, url))
+                out.append(skip_record("duplicate_member", key, url))
             return
         if key in pending:
             prev = pending.pop(key)
             if set(prev) & set(group) - {"__key__", "__url__"}:
                 done.add(key)
-                out.append(_skip("duplicate_member", key, url))
+                out.append(skip_record("duplicate_member", key, url))
                 return
             group = {**prev, **group}
         if _complete(group):
@@ -180,13 +180,13 @@ def _shard_samples(item: dict, lazy: bool = False) -> Iterator[dict]:
     if error is not None:
         _warn_once(url, "tar", "shard %s: unreadable from here on (%s); counted as tar_error", url,
                    type(error).__name__)
-        yield _skip("tar_error", "", url)
+        yield skip_record("tar_error", "", url)
     elif _truncated_local_tar(url):
         _warn_once(url, "trunc", "shard %s: no end-of-archive marker (truncated); counted as tar_error", url)
-        yield _skip("tar_error", "", url)
+        yield skip_record("tar_error", "", url)
 
 
-def _tar_samples(urls: Iterable[dict], lazy: bool = False) -> Iterator[dict]:
+def tar_samples(urls: Iterable[dict], lazy: bool = False) -> Iterator[dict]:
     """Expand shards into samples (:func:`_shard_samples`); a broken tar yields one ``tar_error`` skip."""
     for item in urls:
         yield from _shard_samples(item, lazy)
@@ -194,7 +194,7 @@ def _tar_samples(urls: Iterable[dict], lazy: bool = False) -> Iterator[dict]:
 
 def _truncated_local_tar(url: str) -> bool:
     """Python's tarfile stops silently when a file is cut at a header; a complete tar ends with 2 zero blocks."""
-    path = _plain_local_tar(url)  # a compressed tar's end is checked by its decompressor (a cut stream raises)
+    path = plain_local_tar(url)  # a compressed tar's end is checked by its decompressor (a cut stream raises)
     if path is None:
         return False
     size = os.path.getsize(path)
@@ -205,12 +205,12 @@ def _truncated_local_tar(url: str) -> bool:
         return f.read(1024) != bytes(1024)
 
 
-def _local_path(url: str) -> str | None:
+def local_path(url: str) -> str | None:
     path = url[len("file://"):] if url.startswith("file://") else url
     return path if "://" not in path and not path.startswith("pipe:") and os.path.isfile(path) else None
 
 
-def _number_shards(src: Iterable[dict]) -> Iterator[dict]:
+def number_shards(src: Iterable[dict]) -> Iterator[dict]:
     for i, item in enumerate(src):
         yield dict(item, __shard__=i)
 
@@ -230,7 +230,7 @@ def index_tar(path: str) -> list[dict]:
 
     def close():
         if cur is not None:
-            out.append(cur if "__bad__" not in cur else _skip("tar_error", cur["key"], path))
+            out.append(cur if "__bad__" not in cur else skip_record("tar_error", cur["key"], path))
 
     try:
         with tarfile.open(path, "r:") as tf:
@@ -251,8 +251,8 @@ def index_tar(path: str) -> list[dict]:
         log.warning("shard %s: unreadable from here on (%s); counted as tar_error", path, type(e).__name__)
         close()
         cur = None
-        out.append(_skip("tar_error", "", path))
+        out.append(skip_record("tar_error", "", path))
     close()
     if _truncated_local_tar(path) and not (out and out[-1].get("__skip__") == "tar_error"):
-        out.append(_skip("tar_error", "", path))
+        out.append(skip_record("tar_error", "", path))
     return out
