@@ -1,4 +1,4 @@
-"""Feature collapse probe: how much a model's image features still vary across images (README "Studies").
+"""Feature collapse probe: how much a model's image features still vary across images (docs/studies.md "Studies").
 
 For each model (a pretrained CLIP folder: zero-shot; or a run folder) on the first ``--n`` images of a shard set:
 the mean cosine between the L2-normalised features of *different* images, the mean cosine between class centroids,

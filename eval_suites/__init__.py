@@ -1,5 +1,5 @@
 """Evaluation suites: clean/OOD/adversarial accuracy, attack and suite registries, RobustBench interop, geometry
-and shift analyses, three-axis reports (README "Evaluation suites")."""
+and shift analyses, three-axis reports (docs/evaluation.md "Evaluation suites")."""
 import registry  # noqa: F401  (data flow: eval_suites -> registry -> grace_plugin)
 
 from .attacks import create_attack, list_attacks, parse_eps, register_attack

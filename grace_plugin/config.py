@@ -1,4 +1,5 @@
-"""Typed configuration: dataclass defaults < YAML file < ``--set a.b=value`` overrides (README "Command line").
+"""Typed configuration: dataclass defaults < YAML file < ``--set a.b=value`` overrides (docs/cli.md "Command line
+and report.json").
 
 Every section is a dataclass; recipes bring their own ``RecipeConfig`` subclass. Overrides are validated against
 the dataclass fields, so a typo is an error naming the field and the valid choices instead of a silent no-op.

@@ -1,6 +1,6 @@
 """The one rule that names a GRACE checkpoint in timm from its RobustBench name.
 
-See README "Publishing: timm and RobustBench names"; the lookup is ``load_model`` in
+See docs/publishing.md "Publishing: timm and RobustBench names"; the lookup is ``load_model`` in
 https://github.com/RobustBench/robustbench/blob/master/robustbench/utils.py.
 
 ``robustbench.utils.load_model(name, dataset=..., threat_model=...)`` first builds

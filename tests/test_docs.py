@@ -185,3 +185,67 @@ def test_quickstart_page_names_its_tiny_clip():
     assert "Tiny CLIP abababababab (sha256), pretrained 1500 steps on 2 thread(s), world v2 seed 1." in text
     del doc["tiny_clip"]
     assert "Tiny CLIP" not in page_markdown(doc)
+
+
+_DATE = re.compile(r"\b20\d\d-[01]\d-[0-3]\d\b")
+_COMMIT = re.compile(r"git show [0-9a-f]{7,40}|\bcommit [0-9a-f]{7,40}\b|`[0-9a-f]{7,40}`")
+
+
+def _reference_pages():
+    root = Path(__file__).resolve().parents[1]
+    return [root / "README.md"] + sorted(p for p in (root / "docs").glob("*.md") if p.name != "HISTORY.md")
+
+
+def test_reference_pages_carry_no_dates_or_commit_ids():
+    """README and docs/*.md say what is; what changed, and when, is docs/HISTORY.md's (results pages are generated
+    and dated by their generator)."""
+    bad = [f"{p.name}:{i}: {m.group(0)}" for p in _reference_pages()
+           for i, line in enumerate(p.read_text().splitlines(), 1) for m in (_DATE.search(line) or
+                                                                              _COMMIT.search(line),) if m]
+    assert bad == []
+
+
+def test_the_date_and_commit_check_sees_them():
+    assert _DATE.search("measured on 2026-12-06") and _COMMIT.search("see `git show eabb0cf:README.md`")
+    assert not _DATE.search("arXiv 2603.27139") and not _COMMIT.search("sha256 2672fda12ef5 (sha256)")
+
+
+_SECTION_REF = re.compile(r'(README|docs/[A-Za-z0-9_/]+\.md) "([^"]+)"')
+
+
+def _section_refs(root: Path):
+    """Every ``README "Heading"`` or ``docs/PAGE.md "Heading"`` named in code, configs and tox/pyproject comments; a
+    reference may be wrapped over two lines of a comment or docstring."""
+    import re
+
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.suffix not in (".py", ".yaml", ".ini", ".toml") or \
+                {".git", ".tox", "site"} & set(p.relative_to(root).parts):
+            continue
+        text = re.sub(r"\s*\n\s*(#\s*)?", " ", p.read_text())
+        for m in _SECTION_REF.finditer(text):
+            yield p.relative_to(root), m.group(1), m.group(2)
+
+
+def _headings(page: Path) -> set[str]:
+    return {line.lstrip("#").strip() for line in page.read_text().splitlines() if line.startswith("#")}
+
+
+def test_section_references_in_code_resolve():
+    root = Path(__file__).resolve().parents[1]
+    refs = [r for r in _section_refs(root) if r[0].parts[0] != "tests"]  # (this file names the form itself)
+    assert len(refs) >= 5  # the check is reading the references
+    bad = []
+    for where, page, heading in refs:
+        path = root / ("README.md" if page == "README" else page)
+        if not path.is_file() or heading not in _headings(path):
+            bad.append(f"{where}: {page} \"{heading}\"")
+    assert bad == []
+
+
+def test_a_broken_section_reference_is_found(tmp_path):
+    (tmp_path / "README.md").write_text("# x\n## Train\n")
+    (tmp_path / "a.py").write_text('# see README "Train" and README\n# "Evaluation\n# suites"\n')
+    refs = list(_section_refs(tmp_path))
+    assert [(r[1], r[2]) for r in refs] == [("README", "Train"), ("README", "Evaluation suites")]
+    assert "Evaluation suites" not in _headings(tmp_path / "README.md")

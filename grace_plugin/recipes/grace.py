@@ -234,7 +234,8 @@ class GraceFast(Grace):
     """GRACE with a one-step training attack: the cheaper schedule (GRACE's cost claim, about 5x vanilla FT).
 
     The paper reports GRACE at about 5x the cost of vanilla fine-tuning, which its PGD-10 training attack cannot
-    reach: ``bench/step_cost.py`` puts full GRACE at ~15-20x an FT step, most of it the ten attack passes. This
+    reach: ``bench/step_cost.py`` measures full GRACE at several times that per FT step, most of it the ten attack
+    passes (the measured ratios: docs/results/index.md, the step-cost pages). This
     schedule keeps everything else of GRACE (LoRA, LAR-AWP with the curvature curriculum, Gram volume, and the
     component switches) and replaces PGD-10 by one random-start step of size 1.25 eps, the "fast adversarial
     training" attack of Wong, Rice and Kolter (ICLR 2020, https://arxiv.org/abs/2001.03994). That paper's caveat
@@ -243,7 +244,7 @@ class GraceFast(Grace):
 
     Threat model: l_inf, eps 4/255 (training FGSM with random start, step 5/255; evaluation APGD-CE).
     Args: those of ``GraceConfig``; only the attack defaults differ (``pgd_steps`` 1, ``pgd_alpha`` 1.25 * 4/255).
-    Step cost and testbed effect: README "Step cost". It lives in this module (not its own) so that no recipe
+    Step cost and testbed effect: docs/step_cost.md "Step cost". It lives in this module (not its own) so that no recipe
     module imports another.
 
     Example:
@@ -257,7 +258,8 @@ class GraceFast(Grace):
 @dataclass
 class GraceLiteConfig(GraceConfig):
     # one attack step (0: no attack, as eps 0); k > 1 runs k steps from the noisy start, the last one sharing its
-    # backward with the first ascent (a point on the cost/robustness frontier above one step; README "Step cost")
+    # backward with the first ascent (a point on the cost/robustness frontier above one step;
+    # docs/step_cost.md "Step cost")
     pgd_steps: int = checked(1, ge=0)
     pgd_alpha: float = 4 / 255  # N-FGSM (arXiv 2206.03098) Sec. 4: step alpha = eps
     noise: float = checked(2.0, ge=0.0)  # N-FGSM: start noise U[-k eps, k eps], k = 2
@@ -265,7 +267,7 @@ class GraceLiteConfig(GraceConfig):
     # where the attack's one gradient is taken: "noisy" (x + noise: N-FGSM's point, one extra forward) or "clean"
     # (the clean forward of L_task, which the step runs anyway: no extra forward; the noise is added after the step)
     attack_grad: str = checked("noisy", choices=("noisy", "clean"))
-    # the AWP view on a random half of each batch: with it the step is <= 3x an ft step (README "Step cost")
+    # the AWP view on a random half of each batch: with it the step is <= 3x an ft step (docs/step_cost.md "Step cost")
     awp_fraction: float = checked(0.5, gt=0.0, le=1.0)
 
 
@@ -295,8 +297,8 @@ class GraceLite(Grace):
     ``project``, ``attack_grad`` and the ``awp_fraction`` default 0.5; ``awp_steps`` > 1 adds ascent steps as in
     GRACE; ``noise=1.0, pgd_alpha=1.25 eps, project=True`` makes the step RS-FGSM (Wong et al. 2020,
     https://arxiv.org/abs/2001.03994) with the same passes. Step cost and testbed effect (including where one step
-    keeps much less of GRACE's robustness than PGD): README "Step cost". It lives in this module (not its own) so
-    that no recipe module imports another.
+    keeps much less of GRACE's robustness than PGD): docs/step_cost.md "Step cost". It lives in this module (not its
+    own) so that no recipe module imports another.
 
     Example:
         grace train --recipe grace_lite --init runs/pretrained --data data/id --out runs/grace_lite --steps 300
