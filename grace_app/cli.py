@@ -504,12 +504,18 @@ def main(argv: list[str] | None = None) -> int:
                 "study": lambda a: (_cmd_tune if a.name == "tune" else _cmd_study)(a), "results": _cmd_results}
     # GraceError is the user-mistake family (grace_plugin.errors): one line, exit 2. Anything else is a bug in this
     # package: its traceback is printed and the exit status is 1.
+    from grace_plugin.runtime import close_distributed
+
+    in_step = False  # every torchrun rank is known to be at the same place (a finished command, agreed preemption)
     try:
-        return handlers[a.command](a)
+        rc = handlers[a.command](a)
+        in_step = True
+        return rc
     except Preempted as e:  # a training run's state is saved (train, or one inside quickstart or a study)
         from grace_plugin.preemption import requeue_slurm_job
         from grace_plugin.runtime import is_main
 
+        in_step = True
         if is_main():  # under torchrun every rank stops after the same step; rank 0 speaks
             how = "continue with --resume" if a.command == "train" else "run the same command again to continue"
             print(f"grace {a.command}: {e}; {how} (exit {PREEMPTED_EXIT})", file=sys.stderr)
@@ -529,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"grace {a.command}: error: {where}no space left on the device", file=sys.stderr)
         return 2
+    finally:
+        close_distributed(sync=in_step)
 
 
 def _one_line(e: BaseException) -> str:

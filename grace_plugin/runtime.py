@@ -17,8 +17,8 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["world_info", "is_main", "process_age", "init_distributed", "all_gather", "barrier", "resolve_device",
-           "autocast_factory", "seed_everything"]
+__all__ = ["world_info", "is_main", "process_age", "init_distributed", "all_gather", "barrier", "close_distributed",
+           "resolve_device", "autocast_factory", "seed_everything"]
 
 
 def world_info() -> tuple[int, int]:
@@ -68,6 +68,17 @@ def barrier() -> None:
     """Wait for every rank (no-op for one process)."""
     if world_info()[1] > 1:
         torch.distributed.barrier()
+
+
+def close_distributed(sync: bool) -> None:
+    """Leave the process group, if one was joined: ``sync`` (every rank is known to be here: a finished command, an
+    agreed preemption) first waits for the other ranks, so that no rank closes its gloo pairs while another still
+    uses them (gloo then aborts the survivor: SIGABRT instead of the command's exit status)."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        if sync:
+            d.barrier()
+        d.destroy_process_group()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
