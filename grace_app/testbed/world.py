@@ -81,6 +81,10 @@ ID_SPURIOUS = 0.9  # probability that an ID photo's background hue encodes its c
 V2_SPURIOUS = 0.3
 SS = 2  # supersampling factor for anti-aliased rendering
 WORLDS = ("v1", "v2")
+# The generator's name in world.json, which keys the tiny-CLIP cache and a study's evaluation records: a stable
+# identifier (the module's first home), not the module path, so that moving the code invalidates no cached model
+# and no study folder while the worlds it writes stay byte-identical (tests/test_world.py).
+GENERATOR_ID = "grace_plugin.data.synthetic"
 # world v2 (see the module docstring for the property of natural images behind each)
 V2_CONTEXT = {"id": 0.2, "v2": 0.1}  # probability that the background hue encodes the class
 TEXTURE_AMP = 3  # the non-robust texture tile, in 8-bit grey levels (3/255)
@@ -452,7 +456,7 @@ def write_synthetic_world(out: str | Path, seed: int = 0, spec: SyntheticWorldSp
     counts: dict = {}
     for set_name, split, *_ in steps:  # in plan order, whatever order the workers finished in
         counts.setdefault(set_name, {})[split] = done[set_name, split]
-    meta = {"generator": "grace_app.testbed.world", "version": WORLDS.index(world) + 1, "world": world,
+    meta = {"generator": GENERATOR_ID, "version": WORLDS.index(world) + 1, "world": world,
             "seed": seed, "classes": k, "image_size": size, "spec": asdict(spec), "counts": counts}
     if world == "v2":  # the cue strengths define the world (and so the tiny-CLIP cache key)
         meta["cues"] = {"context": V2_CONTEXT, "texture_amp": TEXTURE_AMP, "conflict_amp": CONFLICT_AMP,
