@@ -157,6 +157,11 @@ def test_the_wheel_ships_the_testbed_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {f"grace_app/testbed_configs/{p.name}" for p in (root / "configs" / "testbed").glob("*.yaml")}
     assert "grace_app/testbed_configs/methods.yaml" in want and want <= names
+    # and the default world's tiny CLIP (grace_app/testbed/tiny_clip.py SHIPPED), so a plain install does not
+    # pretrain it
+    assert {"grace_app/testbed/artifacts/world-v2-seed0.json",
+            "grace_app/testbed/artifacts/tiny-clip-v2-seed0/open_clip_model.safetensors",
+            "grace_app/testbed/artifacts/tiny-clip-v2-seed0/open_clip_config.json"} <= names
 
 
 def test_every_lora_method_uses_the_one_testbed_lora():

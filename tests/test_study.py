@@ -364,3 +364,41 @@ def test_study_and_tune_refuse_each_others_flags(study_dir, capsys):
     assert main(["study", "table8", "--trials", "3", "--out", str(study_dir / "s")] + TINY) == 2
     assert "--trials: not a flag of `grace study table8`" in capsys.readouterr().err
     assert not (study_dir / "t").exists() and not (study_dir / "s").exists()
+
+
+def test_the_default_worlds_tiny_clip_ships_sha_checked(tmp_path, monkeypatch):
+    """The default world (its world.json) with the default pretraining settings gets the shipped tiny CLIP, sha256
+    checked, with no pretraining (the folder holds no pairs, so pretraining would fail); any other setting is
+    pretrained; a shipped file whose sha256 is off is refused in one line."""
+    from grace_app.testbed import tiny_clip as tc
+    from grace_plugin.errors import GraceError
+
+    monkeypatch.setenv("GRACE_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tc._ARTIFACTS / "world-v2-seed0.json", data / "world.json")
+    key = tc._key(data, tc.PretrainConfig())
+    assert key in tc.SHIPPED
+    out = tc.tiny_clip(data, tmp_path / "pretrained", progress=False)
+    ident = tc.tiny_clip_identity(out)
+    assert ident["sha256"] == tc.SHIPPED[key][1] == hashlib.sha256(
+        (out / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    assert ident["pretrain"]["threads"] == 1 and ident["pretrain"]["steps"] == 1500
+    from grace_plugin.data.shards import ShardSetError
+
+    with pytest.raises(ShardSetError, match="pairs"):  # another setting: pretrained, and there are no pairs here
+        tc.tiny_clip(data, tmp_path / "other", cfg=tc.PretrainConfig(steps=2), progress=False)
+    shutil.rmtree(tmp_path / "cache")
+    monkeypatch.setitem(tc.SHIPPED, key, (tc.SHIPPED[key][0], "0" * 64))
+    with pytest.raises(GraceError, match="the shipped tiny CLIP is missing or its sha256 is not 000000000000"):
+        tc.tiny_clip(data, tmp_path / "again", progress=False)
+
+
+@pytest.mark.slow
+def test_the_default_world_is_the_one_the_shipped_tiny_clip_was_pretrained_on(tmp_path):
+    """The default world written here has the world.json the shipped tiny CLIP is keyed by (byte for byte)."""
+    from grace_app.testbed import tiny_clip as tc
+    from grace_app.testbed.world import write_synthetic_world
+
+    write_synthetic_world(tmp_path / "w", seed=0)
+    assert (tmp_path / "w" / "world.json").read_bytes() == (tc._ARTIFACTS / "world-v2-seed0.json").read_bytes()

@@ -109,7 +109,8 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
                                  "world)")
             echo(f"{steps_label[0]} synthetic world -> {data}")
             write_synthetic_world(data, seed=seed, spec=world_spec, progress=progress, world=world)
-        echo(f"{steps_label[1]} tiny CLIP -> {pretrained} (cached after the first run)")
+        echo(f"{steps_label[1]} tiny CLIP -> {pretrained} (the default world's ships with the package; others are "
+             "pretrained once and cached)")
         tiny_clip(data, pretrained, cfg=pre, progress=progress)
     return data, pretrained
 

@@ -1,8 +1,14 @@
 """The embedded testbed's tiny CLIP: contrastive pretraining on the synthetic image-caption pairs.
 
-``tiny_clip(data_dir)`` returns a folder loadable with ``grace train --init``; the first call pretrains (about 2
-minutes on 2 CPU cores), later calls with the same world and settings reuse the copy cached under
-``$GRACE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/grace_plugin`` or ``~/.cache/grace_plugin``).
+``tiny_clip(data_dir)`` returns a folder loadable with ``grace train --init``; the first call pretrains (minutes on
+a CPU), later calls with the same world and settings reuse the copy cached under ``$GRACE_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/grace_plugin`` or ``~/.cache/grace_plugin``).
+
+The default world's tiny CLIP (world v2 seed 0, the default ``PretrainConfig``), the model every published testbed
+number rests on, ships with the package (``artifacts/``, listed in ``SHIPPED`` by its cache key and sha256): for
+that world and those settings it is copied and its sha256 checked instead of pretrained, so the default world's
+table does not depend on how this machine's CPU kernels round a pretraining run. Every other world or setting is
+pretrained.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 from grace_plugin.models.clip import TINY_CLIP_NAME, ClipBundle, register_open_clip_config, save_clip, tiny_clip_config
 from grace_plugin.paths import cache_dir
 
-__all__ = ["PretrainConfig", "pretrain_tiny_clip", "tiny_clip", "tiny_clip_identity", "cache_dir"]
+__all__ = ["PretrainConfig", "pretrain_tiny_clip", "tiny_clip", "tiny_clip_identity", "cache_dir", "SHIPPED"]
 
 _VERSION = 2  # bump when the pretraining procedure changes (invalidates caches); 2: fused AdamW
 
@@ -134,14 +140,41 @@ def _key(data_dir: Path, cfg: PretrainConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# cache key (world.json + PretrainConfig + _VERSION) -> (folder under artifacts/, sha256 of its safetensors)
+SHIPPED = {"44e8db95e2a2fa05": ("tiny-clip-v2-seed0",
+                                "2672fda12ef5fffeb43945358e53ac553a06b02dbc53bf922a622f8f46e9c3e1")}
+_ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def _shipped_copy(key: str, dest: Path) -> bool:
+    """Copy the shipped tiny CLIP for ``key`` (if any) to ``dest``, its sha256 checked; False when none ships."""
+    from grace_plugin.errors import GraceError
+
+    if key not in SHIPPED:
+        return False
+    folder, sha = SHIPPED[key]
+    src = _ARTIFACTS / folder
+    weights = src / "open_clip_model.safetensors"
+    if not weights.is_file() or hashlib.sha256(weights.read_bytes()).hexdigest() != sha:
+        raise GraceError(f"{weights}: the shipped tiny CLIP is missing or its sha256 is not {sha[:12]}...; "
+                         "reinstall the package")
+    shutil.copytree(src, dest)
+    return True
+
+
 def tiny_clip(data_dir: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
-              progress: bool = True, use_cache: bool = True) -> Path:
-    """Pretrain (or fetch from the cache) the tiny CLIP for the world in ``data_dir``; copy it to ``out``."""
+              progress: bool = True, use_cache: bool = True, shipped: bool = True) -> Path:
+    """Pretrain (or fetch from the cache, or copy the shipped one: ``SHIPPED``) the tiny CLIP for the world in
+    ``data_dir``; copy it to ``out``. ``shipped=False`` pretrains even where a copy ships (to check it)."""
     data_dir, out, cfg = Path(data_dir), Path(out), cfg or PretrainConfig()
-    cached = cache_dir() / "tiny_clip" / _key(data_dir, cfg)
+    key = _key(data_dir, cfg)
+    cached = cache_dir() / "tiny_clip" / key
     if not (use_cache and (cached / "open_clip_model.safetensors").is_file()):
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        pretrain_tiny_clip(data_dir / "pairs", tmp, cfg, progress=progress)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if not (shipped and _shipped_copy(key, tmp)):
+            pretrain_tiny_clip(data_dir / "pairs", tmp, cfg, progress=progress)
         if use_cache:
             if cached.exists():
                 shutil.rmtree(cached)
