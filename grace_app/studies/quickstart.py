@@ -70,10 +70,11 @@ def user_overrides(items: list[str], recipes: list[str]) -> dict[str, dict]:
 
 def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_steps: int | None = None,
                     progress: bool = True, echo=print, steps_label: tuple[str, str] = ("[1/4]", "[2/4]"),
-                    world: str = "v2", pretrain_threads: int | None = None) -> tuple[Path, Path]:
+                    world: str = "v2", pretrain_threads: int | None = None,
+                    phases: dict | None = None) -> tuple[Path, Path]:
     """The synthetic world ``world`` (grace_app.testbed.world) under ``out/data`` (reused when its version,
     spec and seed match) and the tiny CLIP under ``out/pretrained`` (cached); returns ``(data, pretrained)``.
-    Shared by the quickstart and ``grace study``."""
+    Shared by the quickstart and ``grace study``. ``phases`` gets each step's seconds (``world``, ``tiny_clip``)."""
     from grace_app.testbed.world import SyntheticWorldSpec, write_synthetic_world
     from grace_plugin.runfolder import folder_lock
     from grace_app.testbed.tiny_clip import PretrainConfig, tiny_clip
@@ -92,6 +93,7 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
         pre.threads = pretrain_threads
     # one process writes the world and the tiny CLIP, a second one on the same --out (two study lanes) waits and
     # reuses them: two writers of one world would rewrite shards under each other's readers
+    t_world = time.time()
     with folder_lock(data, what="testbed (synthetic world and tiny CLIP)", wait=echo):
         meta = json.loads(world_json.read_text()) if world_json.is_file() else {}
         if meta.get("spec") == asdict(world_spec) and meta.get("seed") == seed and meta.get("world", "v1") == world:
@@ -109,9 +111,12 @@ def prepare_testbed(out: Path, seed: int = 0, size: str = "default", pretrain_st
                                  "world)")
             echo(f"{steps_label[0]} synthetic world -> {data}")
             write_synthetic_world(data, seed=seed, spec=world_spec, progress=progress, world=world)
+        t_clip = time.time()
         echo(f"{steps_label[1]} tiny CLIP -> {pretrained} (the default world's ships with the package; others are "
              "pretrained once and cached)")
         tiny_clip(data, pretrained, cfg=pre, progress=progress)
+    if phases is not None:
+        phases.update(world=round(t_clip - t_world, 1), tiny_clip=round(time.time() - t_clip, 1))
     return data, pretrained
 
 
@@ -129,8 +134,9 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     t0 = time.time()
     out = Path(cfg.out)
     runs = out / "runs"
+    phases: dict = {}  # seconds per step (summary.json "phases"; bench/quickstart_cold.py prints them)
     data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, world=cfg.world,
-                                       pretrain_threads=cfg.pretrain_threads)
+                                       pretrain_threads=cfg.pretrain_threads, phases=phases)
     names = ["id"] + [f"ood:{n}" for n in OOD_SETS] + [f"adv:{cfg.attack}"]
     device = str(resolve_device(cfg.device))
     seeds = [cfg.seed + i for i in range(max(1, cfg.seeds))]
@@ -142,11 +148,13 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
             overrides = merge({"train": {"seed": seed, "device": device}}, user[name])
             run_cfg = method_config(name, overrides=overrides, steps=cfg.steps)
             run_dir = runs / name if len(seeds) == 1 else runs / name / f"seed{seed}"
+            t1 = time.time()
             run_dirs.setdefault(name, []).append(fine_tune(name, pretrained, data / "id", run_dir, run_cfg,
                                                            progress=progress))
+            phases[f"fine-tune {name}"] = round(phases.get(f"fine-tune {name}", 0) + time.time() - t1, 1)
     echo("[4/4] evaluation: ID, OOD (" + ", ".join(OOD_SETS) + f"), {cfg.attack} l_inf eps={cfg.eps:.4f} "
          f"on {cfg.n_adv} ID images")
-    rows = []
+    rows, t1 = [], time.time()
     for method, specs in [("zero-shot", [pretrained] * len(seeds))] + list(run_dirs.items()):
         per_seed = []
         for seed, spec in zip(seeds, specs):
@@ -160,13 +168,14 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
             per_seed.append(report["definitions"])
         rows.append(dict(_aggregate(method, [d["strict"] for d in per_seed]),
                          paper=_aggregate(method, [d["paper"] for d in per_seed])))
+    phases["evaluation"] = round(time.time() - t1, 1)
     counts = json.loads((data / "world.json").read_text())["counts"]
     legend = column_definitions(counts, cfg.attack, cfg.eps, min(cfg.n_adv, counts["id"]["test"]), len(seeds))
     tiny = tiny_clip_identity(pretrained)
     origin = tiny_clip_line(tiny, cfg.seed, cfg.world)
     paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps, "world": cfg.world,
                                             "world_seed": cfg.seed, "tiny_clip": tiny, "columns": legend,
-                                            "seconds": round(time.time() - t0, 1)},
+                                            "seconds": round(time.time() - t0, 1), "phases": phases},
                           sections=[summary_markdown([r["paper"] for r in rows], definition="paper")])
     with open(paths["md"], "a") as f:
         f.write("\n" + legend + "\n\n" + origin + "\n")
