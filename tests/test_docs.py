@@ -94,8 +94,9 @@ def test_results_pages_are_what_grace_results_generates(tmp_path):
 
 
 def test_results_add_and_regenerate_a_study_and_a_bench(tmp_path):
-    """`grace results --add`: a study folder and a bench JSON become pages, the index lists them and the nav block
-    of mkdocs.yml names exactly them."""
+    """`grace results --add`: a study folder and a bench JSON become pages (the study's with its plot drawn from
+    its study.json, beside its tables), the index lists them by group and the nav block of mkdocs.yml names exactly
+    them, under their titles."""
     import json
 
     from grace_app.cli import main
@@ -127,16 +128,21 @@ def test_results_add_and_regenerate_a_study_and_a_bench(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == ["bench-step_cost-cpu-tiny-b4.json", "study-table6.json"]
     bench = "bench-step_cost-cpu-tiny-b4"
     assert sorted(p.name for p in out.glob("*.md")) == [f"{bench}.md", "index.md", "study-table6.md"]
+    page = (out / "study-table6.md").read_text()
+    assert (out / "study-table6.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.index("](study-table6.png)") < page.index("| row |")  # the plot before the tables
     assert "| ft | 10.0 | 1.00 | - | 400 | - | - |" in (out / "bench-step_cost-cpu-tiny-b4.md").read_text()
-    assert "# Study table6" in (out / "study-table6.md").read_text()
-    assert "[Study table6](study-table6.md)" in (out / "index.md").read_text()
+    assert "# Table6 study, default world" in page
+    index = (out / "index.md").read_text()
+    assert "## Studies, default world\n\n- [Table6 study, default world](study-table6.md)" in index
+    assert index.index("## Studies, default world") < index.index("## Benchmarks")
     world1 = tmp_path / "studies" / "table6-world1"  # the same study on a second world: a page of its own
     world1.mkdir()
     doc = json.loads((study / "study.json").read_text())
     (world1 / "study.json").write_text(json.dumps(dict(doc, world_seed=1, seeds=[1])))
     assert main(["results", "--add", str(world1), "--data", str(data), "--out", str(out), "--mkdocs", ""]) == 0
-    assert "# Study table6, world seed 1" in (out / "study-table6-world1.md").read_text()
-    assert "# Study table6\n" in (out / "study-table6.md").read_text()  # world 0's page untouched
+    assert "# Table6 study, world seed 1" in (out / "study-table6-world1.md").read_text()
+    assert "# Table6 study, default world\n" in (out / "study-table6.md").read_text()  # world 0's page untouched
     (data / "study-table6-world1.json").unlink()
     (out / "study-table6-world1.md").unlink()
     summary = tmp_path / "report" / "summary.json"  # grace report's: rows, but not a quickstart's
@@ -145,7 +151,11 @@ def test_results_add_and_regenerate_a_study_and_a_bench(tmp_path):
     assert main(["results", "--add", str(summary.parent), "--data", str(data), "--out", str(out), "--mkdocs",
                  ""]) == 2
     assert yml.read_text() == ("nav:\n  - Results:\n    # results-nav: written by `grace results`\n"
-                               f"    - results/index.md\n    - results/{bench}.md\n    - results/study-table6.md\n"
+                               "    - results/index.md\n"
+                               '    - "Studies, default world":\n'
+                               '      - "Table6 study, default world": results/study-table6.md\n'
+                               '    - "Benchmarks":\n'
+                               f'      - "Step cost: tiny, batch 4, cpu": results/{bench}.md\n'
                                "    # end results-nav\n  - Last: last.md\n")
 
 

@@ -153,7 +153,7 @@ def test_study_tune_writes_selected_values_as_data(study_dir, tmp_path, monkeypa
     data, pages = tmp_path / "data", tmp_path / "results"
     assert main(["results", "--add", str(out), "--data", str(data), "--out", str(pages), "--mkdocs", ""]) == 0
     page = (pages / "tuning-small-seed0.md").read_text()
-    assert page.startswith("<!-- generated") and "# Tuning, world small seed 0" in page
+    assert page.startswith("<!-- generated") and "# Tuning, world seed 0 (small size;" in page
     assert f"| ft | clean | 3 | {ft['compute']['trial_steps']} |" in page
     # the re-scored trials are named: the top 3 selectable of 3 unpruned trials, so all three, and no shortfall
     assert sorted(r["trial"] for r in ft["rescored"]) == [0, 1, 2] and "selectable of" not in page.split("| ft | 0")[0]

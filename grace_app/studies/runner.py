@@ -464,10 +464,17 @@ def _tiny_clip_text(doc: dict) -> str:
     return f"tiny CLIP {tc['sha256'][:12]} (pretrained on {threads or 'unrecorded'} thread(s)), "
 
 
+def study_title(doc: dict) -> str:
+    """A study page's title: the paper's table it reproduces, or the study's name, and its world."""
+    name = f"{doc['paper_table']} on the testbed" if doc.get("paper_table") else \
+        f"{str(doc['study']).capitalize()} study"
+    world = doc.get("world_seed") or 0
+    return name + (f", world seed {world}" if world else ", default world")
+
+
 def study_markdown(doc: dict) -> str:
     rows, seeds = doc["rows"], doc["seeds"]
-    world = doc.get("world_seed") or 0
-    lines = [f"# Study {doc['study']}" + (f", world seed {world}" if world else ""), "",
+    lines = [f"# {study_title(doc)}", "",
              f"{len(seeds)} seed(s) {seeds}, {doc['steps']} steps per run, world size {doc['size']} "
              f"(seed {doc.get('world_seed', 0)}), {_tiny_clip_text(doc)}"
              f"{doc['seconds']:.0f} s for this invocation ({_counts_text(doc)}). Values: mean ± sample std over "

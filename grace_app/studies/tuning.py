@@ -500,8 +500,8 @@ def tuning_markdown(doc: dict) -> str:
     def f(v, nd=2):
         return "-" if v is None else f"{v:.{nd}f}"
 
-    lines = [f"# Tuning, world {doc['size']} seed {doc['seed']} (Optuna TPE, {doc['trials']} trials per method, "
-             f"{doc['steps']} steps)", "",
+    lines = [f"# Tuning, world seed {doc['seed']} ({doc['size']} size; Optuna TPE, {doc['trials']} trials per "
+             f"method, {doc['steps']} steps)", "",
              "`grace study tune` (protocol: `configs/testbed/tuning.yaml`, docs/studies.md). Every trial trains on ID "
              "train minus a validation split held out of it and is scored there. Score: HM of validation clean and "
              f"robust top-1 (APGD-CE 4/255 on {doc['protocol'].get('n_val_adv')} images), or clean top-1 for a "
