@@ -197,7 +197,8 @@ def test_quickstart_page_names_its_tiny_clip():
     assert "Tiny CLIP" not in page_markdown(doc)
 
 
-_DATE = re.compile(r"\b20\d\d-[01]\d-[0-3]\d\b")
+_DATE = re.compile(r"\b20\d\d-[01]\d-[0-3]\d\b|\b(January|February|March|April|May|June|July|August|September|"
+                   r"October|November|December) \d{1,2}, 20\d\d\b")
 _COMMIT = re.compile(r"git show [0-9a-f]{7,40}|\bcommit [0-9a-f]{7,40}\b|`[0-9a-f]{7,40}`")
 
 
@@ -217,6 +218,7 @@ def test_reference_pages_carry_no_dates_or_commit_ids():
 
 def test_the_date_and_commit_check_sees_them():
     assert _DATE.search("measured on 2026-12-06") and _COMMIT.search("see `git show eabb0cf:README.md`")
+    assert _DATE.search("(December 6, 2026; every trial)")
     assert not _DATE.search("arXiv 2603.27139") and not _COMMIT.search("sha256 2672fda12ef5 (sha256)")
 
 
