@@ -53,8 +53,8 @@ def main() -> None:
     if a.json:
         names = list(dict.fromkeys(k for r in results for k in r["phases"]))
         cols = ["world_seed", *[f"{n} (s)" for n in names], "wall (s)", "x budget", "tiny CLIP"]
-        rows = [[r["world_seed"], *[r["phases"].get(n) for n in names], r["wall_s"],
-                 round(r["wall_s"] / BUDGET_S, 2), r["tiny_clip"]] for r in results]
+        rows = [dict(zip(cols, [r["world_seed"], *[r["phases"].get(n) for n in names], r["wall_s"],
+                                round(r["wall_s"] / BUDGET_S, 2), r["tiny_clip"]])) for r in results]
         doc = {"bench": "table", "name": "quickstart_cold", "title": "Cold quick start, phase by phase",
                "command": "PYTHONPATH=. python bench/quickstart_cold.py --seeds " + a.seeds,
                "notes": [f"{os.cpu_count()} CPU cores; an empty GRACE_CACHE_DIR per run; tox's environment set-up "

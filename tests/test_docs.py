@@ -261,3 +261,17 @@ def test_a_broken_section_reference_is_found(tmp_path):
     refs = list(_section_refs(tmp_path))
     assert [(r[1], r[2]) for r in refs] == [("README", "Train"), ("README", "Evaluation suites")]
     assert "Evaluation suites" not in _headings(tmp_path / "README.md")
+
+
+def test_results_refuses_a_malformed_source_in_one_line(tmp_path, capsys):
+    """A bench table whose rows are not objects keyed by its columns is refused naming the file, not a traceback."""
+    import json
+
+    from grace_app.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "bench-x.json").write_text(json.dumps({"bench": "table", "name": "x", "columns": ["a"], "rows": [[1]]}))
+    assert main(["results", "--data", str(data), "--out", str(tmp_path / "out"), "--mkdocs", ""]) == 2
+    err = capsys.readouterr().err
+    assert "bench-x.json: not a study.json" in err and len(err.strip().splitlines()) == 1

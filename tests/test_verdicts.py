@@ -178,7 +178,9 @@ def test_study_paired_table_and_markdown():
            "paired_reference": "grace",
            "paired": table, "column_definitions": {"ours": "x"},
            "rows": {n: {"label": n, "runs": [], "axes": {}} for n in ("grace", "lite")}}
-    md = studies.study_markdown(doc)
+    from grace_app.studies.study_page import study_markdown
+
+    md = study_markdown(doc)
     assert "## Paired differences from grace" in md
     assert f"| lite | 3 | +4.00 [{4.0 - h:+.2f}, {4.0 + h:+.2f}]" in md
 
