@@ -37,7 +37,12 @@ def test_study_table8_smoke(study_dir, capsys):
     # every comparison is paired on the same images and seeds (the reports' per-sample results)
     assert all("paired" in p and p["paired"]["interval_kind"] == "paired bootstrap 95%"
                for v in doc["verdicts"] for p in v["parts"])
+    # the same claims on the paper's column definitions, with the same paired statistics, recorded and shown
+    assert [v["claim"] for v in doc["verdicts_paper"]] == [v["claim"] for v in doc["verdicts"]]
+    assert all(p["paired"]["interval_kind"] == "paired bootstrap 95%" and "ci90" in p["paired"]
+               for v in doc["verdicts_paper"] for p in v["parts"])
     md = (out / "study.md").read_text()
+    assert "## Verdicts on the paper's column definitions" in md
     assert "## Verdicts" in md and "## Beside the paper (Table 8" in md and "GRACE's parts at work" in md
     for name, row in doc["rows"].items():  # the collapse measure is in every table: the ID set's own spread
         spread = row["runs"][0]["feature_spread"]

@@ -225,3 +225,55 @@ def test_tuning_page_says_when_fewer_trials_than_the_top_were_rescored():
     assert "| 3, 1 (only 2 selectable of 3) |" in rows["| a"]
     assert rows["| a"].startswith("| a | hm | 4 (4 + 2 widening(s)) |") and rows["| b"].startswith("| b | hm | 4 |")
     assert "| 0, 2, 1 |" in rows["| b"] and "selectable of" not in rows["| b"]
+
+
+@pytest.mark.parametrize("diffs,margin", [([0.1, -0.2, 0.3, 0.0, 0.15], 1.0), ([0.9, 1.4, 0.5, 1.1, 0.7], 1.0),
+                                          ([-0.5, 0.6, -0.4, 0.5, 0.1], 1.0), ([2.0, -1.5, 0.4, 3.0, -2.2], 1.0),
+                                          ([0.1, -0.2, 0.3, 0.0, 0.15], 0.2)])
+def test_equivalence_is_two_one_sided_t_tests(diffs, margin):
+    """``equivalence`` on a paired t difference equals TOST computed independently: both one-sided p-values
+    (H0: d <= -margin, H0: d >= +margin) below 0.05 (scipy.stats.ttest_1samp)."""
+    from scipy import stats
+
+    from grace_app.studies.verdicts import equivalence, paired_difference
+
+    a = {s: 50.0 + d for s, d in enumerate(diffs)}
+    b = {s: 50.0 for s in range(len(diffs))}
+    lower = stats.ttest_1samp(diffs, -margin, alternative="greater").pvalue
+    upper = stats.ttest_1samp(diffs, margin, alternative="less").pvalue
+    assert equivalence(paired_difference(a, b), margin) == bool(max(lower, upper) < 0.05)
+
+
+def test_an_inconclusive_part_says_whether_it_is_a_tie():
+    from grace_app.studies.verdicts import Spread, evaluate_claim
+
+    def row(vals):
+        return {"hm": Spread(sum(vals) / len(vals), min(vals), max(vals), len(vals), tuple(enumerate(vals)))}
+
+    tie = evaluate_claim({"claim": "c", "kind": "greater", "metric": "hm", "a": "x", "b": "y"},
+                         {"x": row([30.0, 30.2, 29.9, 30.1, 30.05]), "y": row([30.0, 30.1, 30.0, 30.0, 30.1])})
+    assert tie["verdict"] == "inconclusive" and tie["parts"][0]["equivalent"] is True
+    assert "equivalent within ±1 (TOST: 90% interval" in tie["evidence"]
+    wide = evaluate_claim({"claim": "c", "kind": "greater", "metric": "hm", "a": "x", "b": "y"},
+                          {"x": row([28.0, 33.0, 29.0, 32.0, 30.5]), "y": row([30.0, 30.1, 30.0, 30.0, 30.1])})
+    assert wide["verdict"] == "inconclusive" and wide["parts"][0]["equivalent"] is False
+    assert "not shown equivalent within ±1" in wide["evidence"]
+
+
+def test_axes_under_the_papers_definition_match_the_report():
+    """The paper's columns from per-sample results: OOD = mean of the v2/sketch/r sets, Adv = mean of the attack and
+    the a set (the catalogue's paper column), as report.py computes them."""
+    import numpy as np
+
+    from grace_app.studies.verdicts import _axis_values
+
+    rng = np.random.default_rng(0)
+    data = {"id": rng.integers(0, 2, (2, 60)).astype(float), "adv": rng.integers(0, 2, (2, 60)).astype(float),
+            "ood": {s: rng.integers(0, 2, (2, 50)).astype(float)
+                    for s in ("synth-v2", "synth-sketch", "synth-rendition", "synth-a")}}
+    ours, paper = _axis_values(data, {}), _axis_values(data, {}, "paper")
+    m = {s: 100 * v.mean(axis=1) for s, v in data["ood"].items()}
+    np.testing.assert_allclose(ours["ood"], np.mean(list(m.values()), axis=0))
+    np.testing.assert_allclose(paper["ood"], (m["synth-v2"] + m["synth-sketch"] + m["synth-rendition"]) / 3)
+    np.testing.assert_allclose(paper["adv"], (100 * data["adv"].mean(axis=1) + m["synth-a"]) / 2)
+    np.testing.assert_allclose(paper["id"], ours["id"])

@@ -143,9 +143,10 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
     if kind == "quickstart":
         return _quickstart_markdown(doc)
     if kind == "study":
+        from .runner import verdicts_for_page
         from .study_page import study_markdown
 
-        return study_markdown(doc)
+        return study_markdown(dict(doc, verdicts_paper=verdicts_for_page(doc)))
     if kind == "tuning":
         from .tuning import tuning_markdown
 

@@ -264,21 +264,54 @@ def aggregate_runs(runs: list[dict]) -> dict:
     return agg
 
 
-def _spreads(runs: list[dict]) -> dict:
-    """metric -> Spread for the verdicts: std over seeds, or the single run's own interval; each run's value by
-    seed (paired claims)."""
+def _spreads(runs: list[dict], definition: str = "ours") -> dict:
+    """metric -> Spread for the verdicts under a column definition (ours, or the paper's: each run's
+    ``paper_axes``): std over seeds, or the single run's own interval (ours only); each run's value by seed (paired
+    claims) and its per-sample results (paired bootstraps, which recompute the axes under ``definition``)."""
     out = {}
     seeds = [r["seed"] for r in runs]
     samples = tuple((r["seed"], r["per_sample"]) for r in runs if r.get("per_sample"))
+    axes = "paper_axes" if definition == "paper" else "axes"
     for k in AXES:
-        interval = runs[0]["intervals"].get(k) if len(runs) == 1 else None
-        out[k] = spread([r["axes"].get(k) for r in runs], tuple(interval) if interval else None, seeds)
+        interval = runs[0]["intervals"].get(k) if len(runs) == 1 and definition == "ours" else None
+        out[k] = spread([(r.get(axes) or {}).get(k) for r in runs], tuple(interval) if interval else None, seeds)
         if out[k] is not None:
-            out[k] = replace(out[k], samples=samples)
+            out[k] = replace(out[k], samples=samples, definition=definition)
     if runs and all("geometry" in r for r in runs):
         for k in GEOMETRY_METRICS:
             out[k] = spread([r["geometry"].get(k) for r in runs], seeds=seeds)
     return out
+
+
+def _judge(study: dict, results: dict, some_methods: bool) -> tuple[list, list, int, dict]:
+    """The study's claims judged on both column definitions, how many were left out, and the paired table."""
+    spreads = {name: _spreads(res["runs"]) for name, res in results.items()}
+    claims = study.get("claims") or []
+    if some_methods:  # a claim on a row this invocation did not run is left out (and counted), not "not measured"
+        claims = [c for c in claims if _claim_rows(c) <= set(results)]
+    omitted = len(study.get("claims") or []) - len(claims)
+    return ([evaluate_claim(c, spreads) for c in claims], paper_verdicts(results, claims), omitted,
+            _paired_table(spreads, study.get("paired_reference")))
+
+
+def paper_verdicts(rows: dict, claims: list[dict]) -> list[dict]:
+    """The claims on the ID/OOD/Adv/HM axes judged again under the paper's column definitions, with the same paired
+    statistics (claims on other metrics, e.g. geometry, have one definition and are judged once)."""
+    spreads = {name: _spreads(res["runs"], "paper") for name, res in rows.items()}
+    return [evaluate_claim(c, spreads) for c in claims if c.get("metric") in AXES]
+
+
+def verdicts_for_page(doc: dict) -> list[dict]:
+    """The paper-definition verdicts of a study.json: its own, or, for one written before they were recorded,
+    recomputed from its runs' per-sample results and the study's claims in studies.yaml (what ``grace results``
+    shows on the page)."""
+    if "verdicts_paper" in doc:
+        return doc["verdicts_paper"]
+    from ..testbed.configs import load_studies
+
+    claims = (load_studies().get(doc["study"]) or {}).get("claims") or []
+    claims = [c for c in claims if _claim_rows(c) <= set(doc["rows"])]
+    return paper_verdicts(doc["rows"], claims)
 
 
 def _claim_rows(claim: dict) -> set[str]:
@@ -398,20 +431,15 @@ def run_study(cfg: StudyConfig, progress: bool = False, echo=print) -> dict:
     echo(f"      runs: {counts['reused']} reused (finished), {counts['resumed']} resumed (killed), "
          f"{counts['trained']} trained")
     echo("[4/4] verdicts and report")
-    spreads = {name: _spreads(res["runs"]) for name, res in results.items()}
-    claims = study.get("claims") or []
-    if cfg.methods:  # a claim on a row this invocation did not run is left out (and counted), not "not measured"
-        claims = [c for c in claims if _claim_rows(c) <= set(results)]
-    omitted = len(study.get("claims") or []) - len(claims)
-    verdicts = [evaluate_claim(c, spreads) for c in claims]
-    paired = _paired_table(spreads, study.get("paired_reference"))
+    verdicts, verdicts_paper, omitted, paired = _judge(study, results, bool(cfg.methods))
     refs = reference_rows(study["paper_table"]) if study.get("paper_table") else []
     from grace_app.testbed.tiny_clip import tiny_clip_identity
 
     doc = {"study": cfg.name, "world_seed": cfg.seed, "seeds": seeds, "steps": cfg.steps, "methods": cfg.methods,
            "size": cfg.size, "tiny_clip": tiny_clip_identity(pretrained),
            "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "overrides": cfg.overrides, "rows": results,
-           "verdicts": verdicts, "claims_omitted": omitted, "shift_reference": study.get("shift_reference"),
+           "verdicts": verdicts, "verdicts_paper": verdicts_paper, "claims_omitted": omitted,
+           "shift_reference": study.get("shift_reference"),
            "paired_reference": study.get("paired_reference"), "paired": paired,
            "paper_table": study.get("paper_table"), "paper_rows": refs, "seconds": round(time.time() - t0, 1),
            "run_counts": counts,

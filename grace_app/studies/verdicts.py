@@ -28,9 +28,17 @@ from ..testbed.configs import CLAIM_KEYS
 
 __all__ = ["CLAIM_KEYS", "Spread", "spread", "seed_mean", "greater", "less", "at_least", "paired", "paired_difference",
            "paired_bootstrap", "paired_verdict", "overlaps", "all_of", "HOLDS", "FAILS", "INCONCLUSIVE",
-           "evaluate_claim", "wilson_interval"]
+           "evaluate_claim", "wilson_interval", "equivalence", "EQUIVALENCE_MARGIN", "DEFINITIONS",
+           "paper_roles"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
+# "level" or "tie" is said only of a paired difference whose 90% interval lies within +-EQUIVALENCE_MARGIN points:
+# two one-sided tests at the 5% level (Schuirmann, J. Pharmacokinet. Biopharm. 15(6), 1987); otherwise an interval
+# that holds 0 is "inconclusive"
+EQUIVALENCE_MARGIN = 1.0
+# the column definitions a verdict is computed under: ours (OOD = every OOD set, Adv = the attack) and the paper's
+# Table 6 (OOD = the v2/sketch/r sets, Adv = mean of the attack and the natural-adversarial a/a-plus sets)
+DEFINITIONS = ("ours", "paper")
 
 
 @dataclass(frozen=True)
@@ -43,17 +51,27 @@ class Spread:
     # (seed, {"id": str, "ood": {set: str}, "adv": str}) per-sample results of each run, for paired bootstraps
     samples: tuple = ()
     kind: str = "spread"  # what [lo, hi] is: "spread" (mean ± std / a run's Wilson 95%) or a named 95% interval
+    definition: str = "ours"  # the column definition of id/ood/adv/hm (``DEFINITIONS``), for paired bootstraps
+    ci90: tuple[float, float] | None = None  # a paired difference's 90% interval (the equivalence test's)
 
     def record(self) -> dict:
         """``{"mean", "interval": [lo, hi], "interval_kind", "n"}`` for study.json (the 95% intervals are
         ``ci95``-named where they are one: a paired difference's t or bootstrap interval)."""
         key = "ci95" if self.kind != "spread" else "interval"
-        return {"mean": self.mean, key: [self.lo, self.hi], "interval_kind": self.kind, "n": self.n}
+        out = {"mean": self.mean, key: [self.lo, self.hi], "interval_kind": self.kind, "n": self.n}
+        if self.ci90 is not None:
+            out["ci90"] = list(self.ci90)
+        return out
 
     def text(self, nd: int = 2) -> str:
+        """The value with what its spread is: ``m ± s SD`` over seeds, ``m [lo, hi] (Wilson 95%)`` for one run, a
+        named interval otherwise; never a standard deviation in the brackets of an interval."""
         if self.lo == self.hi:
             return f"{self.mean:.{nd}f}"
-        return f"{self.mean:.{nd}f} [{self.lo:.{nd}f}, {self.hi:.{nd}f}]"
+        if self.kind == "spread" and self.n > 1:
+            return f"{self.mean:.{nd}f} ± {(self.hi - self.lo) / 2:.{nd}f} SD"
+        name = "Wilson 95%" if self.kind == "spread" else self.kind
+        return f"{self.mean:.{nd}f} [{self.lo:.{nd}f}, {self.hi:.{nd}f}] ({name})"
 
 
 def _measured(v) -> bool:
@@ -89,17 +107,52 @@ def spread(values: list[float], interval: tuple[float, float] | None = None,
     return Spread(m, m, m, 1, by_seed)
 
 
-def _axis_values(data: dict, cols: dict) -> dict:
-    """Per-seed axes from per-sample arrays: ``data[axis]`` is ``(rows, images)`` (``ood``: a dict of sets), ``cols``
-    the resampled image indices of each set (``None``: all)."""
-    import numpy as np
+def paper_roles(sets) -> dict[str, str]:
+    """Each OOD set's place under the paper's Table 6 definitions, from the shard-set catalogue's ``paper`` column:
+    ``ood`` (v2, sketch, r: "OOD Avg"), ``adv`` (a, a-plus: "Adv Avg" beside the attack) or ``none``."""
+    from eval_suites.shardsets import get_shardset
 
+    def role(name):
+        entry = get_shardset(name)
+        paper = getattr(entry, "paper", None)
+        return "ood" if paper in ("v2", "sketch", "r") else "adv" if paper in ("a", "a-plus") else "none"
+
+    return {s: role(s) for s in sets}
+
+
+def _axis_values(data: dict, cols: dict, definition: str = "ours") -> dict:
+    """Per-seed axes from per-sample arrays: ``data[axis]`` is ``(rows, images)`` (``ood``: a dict of sets), ``cols``
+    the resampled image indices of each set (``None``: all), under a column definition (``DEFINITIONS``): ours, or
+    the paper's (``paper_roles``), as the report computes them."""
     def mean(a, c):
         return (a if c is None else a[..., c]).mean(axis=-1)
 
-    out = {"id": mean(data["id"], cols.get("id")), "adv": mean(data["adv"], cols.get("adv"))}
-    out["ood"] = np.mean([mean(v, cols.get(("ood", k))) for k, v in data["ood"].items()], axis=0)
+    return _axes_from_means({"id": mean(data["id"], cols.get("id")), "adv": mean(data["adv"], cols.get("adv")),
+                             "ood": {k: mean(v, cols.get(("ood", k))) for k, v in data["ood"].items()}}, definition)
+
+
+def _axes_from_means(m: dict, definition: str) -> dict:
+    """The axes (in %) from each set's accuracy (a fraction, any array shape): ``m = {"id", "adv", "ood": {set}}``."""
+    import numpy as np
+
+    out, sets = {"id": m["id"], "adv": m["adv"]}, m["ood"]
+    if definition == "paper":
+        roles = paper_roles(sets)
+        out["ood"] = np.mean([v for k, v in sets.items() if roles[k] == "ood"], axis=0)
+        out["adv"] = np.mean([out["adv"], *(v for k, v in sets.items() if roles[k] == "adv")], axis=0)
+    elif definition == "ours":
+        out["ood"] = np.mean(list(sets.values()), axis=0)
+    else:
+        raise ValueError(f"column definition {definition!r}; valid: {', '.join(DEFINITIONS)}")
     return {k: 100.0 * v for k, v in out.items()}
+
+
+def equivalence(d: Spread | None, margin: float = EQUIVALENCE_MARGIN) -> bool | None:
+    """Two one-sided tests at the 5% level on a paired difference: True when its 90% interval lies within
+    ``(-margin, margin)`` (equivalent: "level"), False when not, None without a 90% interval."""
+    if d is None or d.ci90 is None:
+        return None
+    return -margin < d.ci90[0] and d.ci90[1] < margin
 
 
 def _metric(axes: dict, metric: str):
@@ -137,21 +190,43 @@ def paired_samples_bootstrap(a: Spread | None, b: Spread | None, metric: str, ma
 
     da, db = arrays(sa), arrays(sb)
 
+    if a.definition != b.definition:
+        raise ValueError(f"paired rows under two column definitions: {a.definition}, {b.definition}")
+
     def value(d, rows, cols):  # the metric, mean over the resampled seeds, on the resampled images
         d = {"id": d["id"][rows], "adv": d["adv"][rows], "ood": {k: v[rows] for k, v in d["ood"].items()}}
-        return _metric(_axis_values(d, cols), metric).mean()
+        return _metric(_axis_values(d, cols, a.definition), metric).mean()
 
     every = np.arange(len(common))
     point = float(value(da, every, {}) - value(db, every, {})) - margin
     sizes = {"id": da["id"].shape[1], "adv": da["adv"].shape[1],
              **{("ood", k): v.shape[1] for k, v in da["ood"].items()}}
-    rng, S, stats = np.random.default_rng(seed), len(common), np.empty(n_boot)
+    rng, S = np.random.default_rng(seed), len(common)
+    rows = np.empty((n_boot, S), dtype=np.int64)  # each replicate's draws, in the order one loop would draw them
+    cols = {k: np.empty((n_boot, n), dtype=np.int64) for k, n in sizes.items()}
     for i in range(n_boot):
-        rows = rng.integers(0, S, size=S)
-        cols = {k: rng.integers(0, n, size=n) for k, n in sizes.items()}
-        stats[i] = value(da, rows, cols) - value(db, rows, cols)
-    lo, hi = np.percentile(stats - margin, [2.5, 97.5])
-    return Spread(point, float(lo), float(hi), S, kind="paired bootstrap 95%")
+        rows[i] = rng.integers(0, S, size=S)
+        for k, n in sizes.items():
+            cols[k][i] = rng.integers(0, n, size=n)
+
+    def values(d, r, counts):  # every replicate of a block at once: (replicates,) of the metric
+        def acc(x, key):  # (replicates, seeds): each resampled seed's accuracy on its resampled images, as the
+            n = x.shape[1]  # resampled images' multiplicities times the 0/1 results (exact: sums of integers)
+            return (x @ counts[key].T / n).T[np.arange(len(r))[:, None], r]
+        m = {"id": acc(d["id"], "id"), "adv": acc(d["adv"], "adv"),
+             "ood": {k: acc(v, ("ood", k)) for k, v in d["ood"].items()}}
+        return _metric(_axes_from_means(m, a.definition), metric).mean(axis=-1)
+
+    stats = np.empty(n_boot)
+    for i in range(0, n_boot, 250):  # blocks of replicates: memory bounded
+        r = rows[i:i + 250]
+        counts = {k: np.bincount((v[i:i + 250] + sizes[k] * np.arange(len(r))[:, None]).ravel(),
+                                 minlength=len(r) * sizes[k]).reshape(len(r), sizes[k]).astype(float)
+                  for k, v in cols.items()}
+        stats[i:i + len(r)] = values(da, r, counts) - values(db, r, counts)
+    lo5, lo, hi, hi95 = np.percentile(stats - margin, [2.5, 5.0, 95.0, 97.5])
+    return Spread(point, float(lo5), float(hi95), S, kind="paired bootstrap 95%", definition=a.definition,
+                  ci90=(float(lo), float(hi)))
 
 
 AXES_PAIRED = ("id", "ood", "adv", "hm")
@@ -174,7 +249,8 @@ def _greater(a, b, margin: float = 0.0, metric: str | None = None) -> tuple[str,
     d = paired_samples_bootstrap(a, b, metric, margin) if metric else None
     if d is None:  # no per-sample results (e.g. a geometry metric): the per-seed values, paired by seed
         t = paired(a, b)
-        d = t if t is None else replace(t, mean=t.mean - margin, lo=t.lo - margin, hi=t.hi - margin)
+        d = t if t is None else replace(t, mean=t.mean - margin, lo=t.lo - margin, hi=t.hi - margin,
+                                        ci90=(t.ci90[0] - margin, t.ci90[1] - margin))
     if d is not None:
         return paired_verdict(d, "greater"), d
     return _by_spreads(a, b, margin), None
@@ -203,8 +279,8 @@ def paired_difference(a: dict[int, float], b: dict[int, float], fraction: float 
         return None
     d = [a[s] - fraction * b[s] for s in common]
     m, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
-    h = float(stats.t.ppf(0.975, len(d) - 1)) * se
-    return Spread(m, m - h, m + h, len(d), tuple(zip(common, d)), kind="paired t 95%")
+    h, h90 = (float(stats.t.ppf(q, len(d) - 1)) * se for q in (0.975, 0.95))
+    return Spread(m, m - h, m + h, len(d), tuple(zip(common, d)), kind="paired t 95%", ci90=(m - h90, m + h90))
 
 
 def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0, confidence: float = 0.95) -> Spread:
@@ -325,6 +401,9 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
         out = {"a": x, "b": y, "verdict": v}
         if d is not None:
             out["paired"] = dict(d.record(), difference=f"{x} - {y}")  # "less": b - a
+            if v == INCONCLUSIVE and d.ci90 is not None:  # is it a tie? only an equivalence test says so
+                plain = replace(d, ci90=(d.ci90[0] + margin, d.ci90[1] + margin))
+                out["equivalent"] = equivalence(plain)
         return out
 
     def why(p):
@@ -332,9 +411,14 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
             lo, hi = p["paired"]["ci95"]
             boot = "bootstrap" in p["paired"]["interval_kind"]
             where = " and the images" if boot else ""
+            eq = ""
+            if "equivalent" in p:
+                l90, h90 = (v + margin for v in p["paired"]["ci90"])
+                eq = (f"; {'equivalent' if p['equivalent'] else 'not shown equivalent'} within "
+                      f"±{EQUIVALENCE_MARGIN:g} (TOST: 90% interval [{l90:.2f}, {h90:.2f}])")
             return (f"paired over {p['paired']['n']} seed(s){where}: {p['paired']['difference']}"
                     f"{f' - ({margin:+g})' if margin else ''} = {p['paired']['mean']:.2f} [{lo:.2f}, {hi:.2f}] "
-                    f"({'95% bootstrap' if boot else '95% t interval over seeds'})")
+                    f"({'95% bootstrap' if boot else '95% t interval over seeds'}){eq}")
         return "by spreads (fewer than two common seeds, no per-sample results)"
 
     if kind in ("greater", "less"):
