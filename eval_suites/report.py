@@ -177,8 +177,14 @@ def _definitions(report: dict) -> dict:
     return report.get("definitions") or {"strict": dict(report["axes"], description=DEFINITIONS["strict"])}
 
 
+# what the brackets of a table cell are (the same on every page that prints the axes)
+INTERVALS = ("[one accuracy (ID; our Adv): its 95% Wilson interval; a mean of accuracies (OOD; the paper's Adv): "
+             "the mean of their Wilson bounds; HM: the HM of the axes' bounds; the last two are conservative, wider "
+             "than a 95% interval of the combined estimate]")
+
+
 def report_markdown(report: dict) -> str:
-    lines = [f"# {report['model']}", "", "Accuracies in %, [95% Wilson interval].", "",
+    lines = [f"# {report['model']}", "", f"Accuracies in %, {INTERVALS}.", "",
              "| definition | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|"]
     defs = _definitions(report)
     for name, d in defs.items():
@@ -337,8 +343,8 @@ def summary_markdown(rows: list[dict], references: list[dict] | None = None, def
     lines = []
     if definition:
         lines += [f"Columns: `{definition}` definition ({DEFINITIONS.get(definition, definition)}); % with "
-                  "[95% Wilson interval]" + ("; mean ± std over seeds, interval = mean of the runs' bounds"
-                                              if has_std else "") + ".", ""]
+                  f"{INTERVALS}" + ("; mean ± std over seeds (SD), brackets = the mean of the runs' bounds"
+                                    if has_std else "") + ".", ""]
     lines += ["| method | ID | OOD | Adv | HM |", "|---|---:|---:|---:|---:|"]
     marked = False
     for r in rows:
@@ -362,7 +368,8 @@ def summary_markdown(rows: list[dict], references: list[dict] | None = None, def
         lines.append(f"| {ref['method']} ({ref['source']}) | " +
                      " | ".join(_fmt(ref.get(k)) for k in AXES) + " |")
     if marked:
-        lines += ["", "≈: not significantly different from the column's best (bold) run: their 95% intervals overlap."]
+        lines += ["", "≈: the row's interval overlaps the column's best (bold) run's. Overlap is not a test: the two "
+                  "may still differ, and a tie is claimed only by an equivalence test (the studies' paired verdicts)."]
     return "\n".join(lines) + "\n"
 
 
