@@ -112,7 +112,7 @@ LAYERS = {
     ],
     "registry": [{"naming", "weights"}, {"grace_models"}, {"resolve", "publish", ""}],  # "": the package's face
     "eval_suites": [{"", "attacks", "catalogue", "context", "distributed", "engine", "evaluate", "geometry", "imagenet",
-                     "leaderboard", "report", "shardsets", "shift", "suites"}],
+                     "leaderboard", "plot", "report", "shardsets", "shift", "suites"}],
     # the application: the testbed, the experiments run on it, the command line on top
     "grace_app": [{"", "testbed"}, {"studies"}, {"cli", "__main__"}],
 }

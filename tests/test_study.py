@@ -43,6 +43,11 @@ def test_study_table8_smoke(study_dir, capsys):
                for v in doc["verdicts_paper"] for p in v["parts"])
     md = (out / "study.md").read_text()
     assert "## Verdicts on the paper's column definitions" in md
+    # each attack's own number beside the worst case, which is never above either
+    run = doc["rows"]["grace"]["runs"][0]
+    assert set(run["adv_by_attack"]) == {"apgd-ce", "apgd-dlr"}
+    assert run["axes"]["adv"] <= min(run["adv_by_attack"].values()) + 1e-9
+    assert "## Each attack beside the worst case" in md
     assert "## Verdicts" in md and "## Beside the paper (Table 8" in md and "GRACE's parts at work" in md
     for name, row in doc["rows"].items():  # the collapse measure is in every table: the ID set's own spread
         spread = row["runs"][0]["feature_spread"]

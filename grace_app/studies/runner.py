@@ -103,6 +103,11 @@ def _run_record(report: dict) -> dict:
            "per_sample": {"id": id_set.get("per_sample"),
                           "ood": {k: v.get("per_sample") for k, v in ds.items() if v.get("role") == "ood"},
                           "adv": (report.get("adversarial") or {}).get("robust_per_sample")}}
+    # each attack's own robust accuracy beside the per-sample worst case the Adv axis takes (several attacks)
+    attacks = {name.split(":", 1)[1]: s.get("robust_acc") for name, s in (report.get("suites") or {}).items()
+               if name.startswith("adv:") and isinstance(s, dict)}
+    if len(attacks) > 1:
+        rec["adv_by_attack"] = attacks
     return rec
 
 
@@ -257,6 +262,8 @@ def aggregate_runs(runs: list[dict]) -> dict:
         agg["feature_spread_std"] = std
     if runs and all("geometry" in r for r in runs):
         fill("geometry", GEOMETRY_METRICS)
+    if runs and all("adv_by_attack" in r for r in runs):
+        fill("adv_by_attack", sorted(runs[0]["adv_by_attack"]))
     if runs and all("shift" in r for r in runs):
         from .shift_table import aggregate_shift
 

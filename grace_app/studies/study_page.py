@@ -103,6 +103,7 @@ def study_markdown(doc: dict) -> str:
               "| claim | verdict | numbers |", "|---|---|---|"]
     for v in doc["verdicts"]:
         lines.append(f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |")
+    lines += _attack_lines(rows)
     lines += _paper_verdict_lines(doc)
     if doc.get("claims_omitted"):
         lines += ["", f"{doc['claims_omitted']} claim(s) of this study compare rows that --methods left out; not "
@@ -146,6 +147,22 @@ def study_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _attack_lines(rows: dict) -> list[str]:
+    """Each attack's own robust accuracy beside the worst case the Adv axis takes (rows that recorded them)."""
+    with_attacks = [r for r in rows.values() if r.get("adv_by_attack")]
+    if not with_attacks:
+        return []
+    names = sorted(k for k in with_attacks[0]["adv_by_attack"] if not k.endswith("_std"))
+    lines = ["", "## Each attack beside the worst case", "",
+             "Robust top-1 under each attack alone, and Adv: the per-sample worst case (an image counts as robust only "
+             "if every attack fails on it). Mean ± SD over seeds.", "",
+             "| row | " + " | ".join(names) + " | Adv (worst case) |", "|---|" + "---:|" * (len(names) + 1)]
+    for r in with_attacks:
+        lines.append(f"| {r['label']} | " + " | ".join(_cell(r["adv_by_attack"], k) for k in names) + " | "
+                     + _cell(r["axes"], "adv") + " |")
+    return lines
+
+
 def _paper_verdict_lines(doc: dict) -> list[str]:
     """The verdicts on the paper's column definitions beside ours (when the study.json has them)."""
     lines: list[str] = []
@@ -186,7 +203,7 @@ def study_plot(doc: dict, path: Path) -> Path:
             ax.set_title(k)
             ax.tick_params(axis="x", rotation=45)
     else:  # the trade-off panels: the report's plot (one implementation), the paper's rows as references
-        from eval_suites.report import tradeoff_plot
+        from eval_suites.plot import tradeoff_plot
 
         ours = [{"method": r["label"], **r["axes"]} for r in rows.values()]
         paper = [dict(p, source="paper") for p in doc.get("paper_rows") or []]
