@@ -210,7 +210,7 @@ def test_a_metric_without_per_sample_results_is_paired_by_seed():
 def test_tuning_page_says_when_fewer_trials_than_the_top_were_rescored():
     """The tuning page names the re-scored trials and says so when fewer than ``rescore_top`` were selectable (GRACE's
     published tuning re-scored 2: the pruner left two finished, uncollapsed trials)."""
-    from grace_app.studies.tuning import tuning_markdown
+    from grace_app.studies.tuning_page import tuning_markdown
 
     def method(rescored):
         return {"score": "hm", "compute": {"trials": 4, "trial_steps": 900, "cpu_seconds": 10.0}, "collapsed": 0,
@@ -220,7 +220,8 @@ def test_tuning_page_says_when_fewer_trials_than_the_top_were_rescored():
     doc = {"size": "small", "seed": 0, "trials": 4, "steps": 300,
            "methods": {"a": dict(method([3, 1]), widenings=2), "b": method([0, 2, 1])},
            "protocol": {"collapse_spread": 0.9, "rescore_top": 3, "n_val_adv": 8}}
-    rows = {line.split(" | ")[0]: line for line in tuning_markdown(doc).splitlines() if line.startswith("| a |")
+    summary = tuning_markdown(doc).split("## Best so far")[0]  # the first table: one row per method
+    rows = {line.split(" | ")[0]: line for line in summary.splitlines() if line.startswith("| a |")
             or line.startswith("| b |")}
     assert "| 3, 1 (only 2 selectable of 3) |" in rows["| a"]
     assert rows["| a"].startswith("| a | hm | 4 (4 + 2 widening(s)) |") and rows["| b"].startswith("| b | hm | 4 |")
@@ -277,3 +278,17 @@ def test_axes_under_the_papers_definition_match_the_report():
     np.testing.assert_allclose(paper["ood"], (m["synth-v2"] + m["synth-sketch"] + m["synth-rendition"]) / 3)
     np.testing.assert_allclose(paper["adv"], (100 * data["adv"].mean(axis=1) + m["synth-a"]) / 2)
     np.testing.assert_allclose(paper["id"], ours["id"])
+
+
+def test_best_so_far_counts_only_selectable_trials_in_trial_order():
+    """The tuning pages' best-so-far curve: pruned, collapsed and diverged trials never raise it; trial order, not
+    list order, decides the curve."""
+    from grace_app.studies.tuning_page import best_so_far
+
+    def t(n, hm, state="complete", spread=0.5):
+        return {"trial": n, "state": state, "score": hm, "hm": hm, "feature_spread": spread}
+
+    trials = [t(3, 40.0), t(0, 30.0), t(1, 50.0, state="pruned"), t(2, 60.0, spread=0.95), t(4, 35.0),
+              t(5, float("nan"))]
+    assert best_so_far(trials, 0.9, "hm") == [30.0, 30.0, 30.0, 40.0, 40.0, 40.0]
+    assert best_so_far([t(0, 10.0, state="pruned")], 0.9, "hm") == [None]

@@ -148,7 +148,7 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
 
         return study_markdown(dict(doc, verdicts_paper=verdicts_for_page(doc)))
     if kind == "tuning":
-        from .tuning import tuning_markdown
+        from .tuning_page import tuning_markdown
 
         return tuning_markdown(doc)
     raise UsageError("not a study.json, quickstart summary.json, tuning.json or bench JSON")
@@ -213,10 +213,11 @@ def regenerate(data_dir: str | Path, out_dir: str | Path, mkdocs_yml: str | Path
             raise UsageError(f"{src}: not a study.json, quickstart summary.json, tuning.json or bench JSON (a bench "
                              "table's rows are objects keyed by its columns)")
         md = page_markdown(doc, txt.read_text() if txt.is_file() else None)
-        if _kind(doc) == "study":
+        if _kind(doc) in ("study", "tuning"):
             from .study_page import study_plot
+            from .tuning_page import tuning_plot
 
-            study_plot(doc, out / f"{src.stem}.png")
+            (study_plot if _kind(doc) == "study" else tuning_plot)(doc, out / f"{src.stem}.png")
             md = _with_plot(md, f"{src.stem}.png")
             written.append(out / f"{src.stem}.png")
         page = out / f"{src.stem}.md"

@@ -31,7 +31,7 @@ from pathlib import Path
 from .search import Axis, collapsed, edge_side, parse_space, selectable, widen
 
 __all__ = ["TuneConfig", "trial_score", "select_trial", "validation_trial", "run_tuning", "write_tuned",
-           "open_study", "study_rows", "tuning_markdown"]
+           "open_study", "study_rows"]
 
 
 @dataclass
@@ -482,61 +482,10 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
            "steps": steps, "size": cfg.size, "seed": cfg.seed, "methods": results,
            "seconds": round(time.time() - t0, 1)}
     atomic_write_text(out / "tuning.json", json.dumps(doc, indent=2, default=str) + "\n")
+    from .tuning_page import tuning_markdown
+
     atomic_write_text(out / "tuning.md", tuning_markdown(doc))
     paths = {"json": out / "tuning.json", "md": out / "tuning.md"}
     if cfg.write is not None and selected:
         paths["tuned"] = write_tuned(Path(cfg.write), selected, notes)
     return {"doc": doc, "paths": paths}
-
-
-def _values(point: dict) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
-
-
-def tuning_markdown(doc: dict) -> str:
-    """A tuning.json as a page: per method its score, compute, selection and re-scored seeds; then every trial."""
-    threshold, top = doc["protocol"]["collapse_spread"], int(doc["protocol"].get("rescore_top", 3))
-
-    def f(v, nd=2):
-        return "-" if v is None else f"{v:.{nd}f}"
-
-    lines = [f"# Tuning, world seed {doc['seed']} ({doc['size']} size; Optuna TPE, {doc['trials']} trials per "
-             f"method, {doc['steps']} steps)", "",
-             "`grace study tune` (protocol: `configs/testbed/tuning.yaml`, docs/studies.md). Every trial trains on ID "
-             "train minus a validation split held out of it and is scored there. Score: HM of validation clean and "
-             f"robust top-1 (APGD-CE 4/255 on {doc['protocol'].get('n_val_adv')} images), or clean top-1 for a "
-             "method scored on it (`score` column). A trial whose feature spread is >= "
-             f"{threshold} is collapsed; collapsed and diverged trials are recorded and never selected; a pruned trial "
-             "was stopped by successive halving at the step it shows. `selected` is chosen on the mean over the "
-             f"re-scored seeds; `re-scored` lists the trials trained again on more seeds: the top "
-             f"{top} selectable ones, fewer (said so) when fewer trials finished unpruned and uncollapsed.", "",
-             "| method | score | trials | trial-steps | CPU-s (+ re-scoring) | collapsed | diverged | selected | "
-             "values | re-scored seeds (score) | re-scored | edge |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
-    for name, res in doc["methods"].items():
-        c = res["compute"]
-        vals = _values(res["values"] or {})
-        best = next((r for r in res.get("rescored") or [] if r["trial"] == res["selected"]), None)
-        key = "hm" if res.get("score", "hm") == "hm" else "val_clean"
-        seeds = "-" if best is None or not best.get("seed_results") else ", ".join(
-            f(v.get(key)) for v in best["seed_results"].values())
-        rescored = [r["trial"] for r in res.get("rescored") or []]
-        short = f" (only {len(rescored)} selectable of {top})" if len(rescored) < top else ""
-        wid = res.get("widenings") or 0  # each widening of a range adds tuning.yaml's widen_trials to the budget
-        trials = f"{c['trials']}" + (f" ({doc['trials']} + {wid} widening(s))" if wid else "")
-        lines.append(f"| {name} | {res.get('score', 'hm')} | {trials} | {c['trial_steps']} | "
-                     f"{c['cpu_seconds']:.0f} (+{c.get('rescore_cpu_seconds', 0):.0f}) | {res['collapsed']} | "
-                     f"{res['diverged']} | {'-' if res['selected'] is None else res['selected']} | {vals} | {seeds} | "
-                     f"{', '.join(map(str, rescored)) or '-'}{short} | {', '.join(res['at_range_edge']) or 'none'} |")
-    lines += ["", "| method | trial | state | values | val clean | val robust | HM | spread | selected |",
-              "|---|---:|---|---|---:|---:|---:|---:|---|"]
-    for name, res in doc["methods"].items():
-        for r in res["trials"]:
-            vals = _values(r["point"])
-            state = "diverged" if r.get("diverged") else "collapsed" if r.get("collapsed") else r["state"]
-            if r.get("pruned_at"):
-                state += f" at {r['pruned_at']}"
-            lines.append(f"| {name} | {r['trial']} | {state}{' (anchor)' if r.get('anchor') else ''} | {vals} | "
-                         f"{f(r.get('val_clean'))} | {f(r.get('val_robust'))} | {f(r.get('hm'))} | "
-                         f"{f(r.get('feature_spread'), 3)} | {'yes' if r['trial'] == res['selected'] else ''} |")
-    return "\n".join(lines) + "\n"
