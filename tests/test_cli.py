@@ -197,6 +197,12 @@ def test_list_and_module_entry_point():
     assert out == list_recipes() and {"ft", "grace"} <= set(out)
 
 
+@pytest.mark.parametrize("kind,names", [("layouts", {"clip_benchmark", "timm"}), ("suites", {"id", "adv:<attack>"})])
+def test_list_reads_each_registry(kind, names, capsys):
+    assert main(["list", kind]) == 0
+    assert names <= set(capsys.readouterr().out.split())
+
+
 def test_quickstart_smoke(tmp_path, capsys):
     """The whole flow runs and writes its outputs (one recipe, one seed, a few steps; the seed aggregation has its
     own test below, the pieces have theirs)."""
