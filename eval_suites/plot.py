@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["tradeoff_plot"]
+__all__ = ["tradeoff_plot", "save_figure"]
 
 
 def _err(row: dict, axis: str):
@@ -29,8 +29,6 @@ def tradeoff_plot(rows: list[dict], path: str | Path, title: str = "ID / OOD / A
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from grace_plugin.tensor_io import atomic_path
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key, label in ((axes[0], "ood", "OOD top-1 (%)"), (axes[1], "adv", "Adversarial robust acc. (%)")):
         for r in rows:
@@ -53,10 +51,19 @@ def tradeoff_plot(rows: list[dict], path: str | Path, title: str = "ID / OOD / A
         ax.set_xlabel("ID top-1 (%)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(title + " (marker size ~ harmonic mean)")
+    return save_figure(fig, Path(path).with_suffix(".png"), title + " (marker size ~ harmonic mean)")
+
+
+def save_figure(fig, path: str | Path, title: str) -> Path:
+    """Title, lay out and write a matplotlib figure as a PNG atomically (a reader never sees half a file), then
+    close it; the one way every plot of the project is saved."""
+    import matplotlib.pyplot as plt
+
+    from grace_plugin.tensor_io import atomic_path
+
+    fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path.with_suffix(".png")) as tmp:
+    with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return path.with_suffix(".png")
+    return Path(path)

@@ -189,8 +189,6 @@ def study_plot(doc: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from grace_plugin.tensor_io import atomic_path
-
     rows = doc["rows"]
     if any("geometry" in r for r in rows.values()):
         keys = ("lambda_max", "centroid_ood", "centroid_adv", "drift")
@@ -209,9 +207,6 @@ def study_plot(doc: dict, path: Path) -> Path:
         paper = [dict(p, source="paper") for p in doc.get("paper_rows") or []]
         return tradeoff_plot(ours, path, title=f"grace study {doc['study']} ({len(doc['seeds'])} seed(s); bars: "
                              "std over seeds, else a run's 95% interval)", references=paper)
-    fig.suptitle(f"grace study {doc['study']} ({len(doc['seeds'])} seed(s); bars: std over seeds)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    from eval_suites.plot import save_figure
+
+    return save_figure(fig, path, f"grace study {doc['study']} ({len(doc['seeds'])} seed(s); bars: std over seeds)")

@@ -52,8 +52,6 @@ def tuning_plot(doc: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from grace_plugin.tensor_io import atomic_path
-
     threshold = doc["protocol"]["collapse_spread"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "hm", "validation HM (%)"), (axes[1], "val_clean", "validation clean top-1 (%)")):
@@ -67,12 +65,9 @@ def tuning_plot(doc: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"Tuning, world seed {doc['seed']}: best selectable score after each trial")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    from eval_suites.plot import save_figure
+
+    return save_figure(fig, path, f"Tuning, world seed {doc['seed']}: best selectable score after each trial")
 
 
 def tuning_markdown(doc: dict) -> str:
