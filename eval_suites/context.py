@@ -40,6 +40,7 @@ def split_named(text: str | Path, flag: str = "", required: bool = False) -> tup
         raise UsageError(f"{flag or 'argument'} {text!r}: expected NAME=PATH")
     return None, text
 
+
 @dataclass
 class EvalSet:
     """A data set a suite reads: a shard set or an ImageNet folder (``kind``), with its catalogue entry if any."""

@@ -42,7 +42,6 @@ class UnknownSuiteError(GraceError, KeyError):
     pass
 
 
-
 @dataclass(frozen=True)
 class SuiteInfo:
     name: str
@@ -78,6 +77,13 @@ def parse_suite(text: str) -> tuple[str, str | None]:
 
         get_attack(arg)
     return base, arg or None
+
+
+def _checked(names: list[str]) -> list[tuple[str, str | None]]:
+    """Every suite name parsed before any work (an unknown one is one line); none at all is refused."""
+    if not names:
+        raise UsageError("nothing to evaluate: pass --data/--ood/--attack or --suite NAME (see `grace list suites`)")
+    return [parse_suite(n) for n in names]
 
 
 def expand_shorthands(data: str | None = None, ood: list[str] = (), attack: str | None = None,
@@ -117,9 +123,7 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
 
     from .report import build_report
 
-    parsed = [parse_suite(n) for n in names]  # every name fails before any work
-    if not names:
-        raise UsageError("nothing to evaluate: pass --data/--ood/--attack or --suite NAME (see `grace list suites`)")
+    parsed = _checked(names)
     ctx.prepare()
     ctx.suite_names = list(names)
     t0 = time.perf_counter()
@@ -169,10 +173,7 @@ def evaluate(model, names: list[str], ctx: SuiteContext) -> dict:
     from registry import load_model
 
     imports = process_age()
-    for name in names:
-        parse_suite(name)  # every name fails before the model loads
-    if not names:
-        raise UsageError("nothing to evaluate: pass --data/--ood/--attack or --suite NAME (see `grace list suites`)")
+    _checked(names)  # before the model loads
     ctx.prepare()
     t0 = time.perf_counter()
     loaded = load_model(model, device=ctx.device) if isinstance(model, str) else model

@@ -1,7 +1,7 @@
 """The ``grace`` command-line app: parse arguments, call library functions, print. Nothing else lives here.
 
-This module is the one place allowed to import all three packages (grace_plugin, registry, eval_suites); it does
-so lazily inside each command.
+It sits on top of the library (grace_plugin, registry, eval_suites) and the experiments (grace_app.studies,
+grace_app.testbed), importing each lazily inside the command that needs it.
 """
 from __future__ import annotations
 

@@ -43,3 +43,8 @@ class Registry(Generic[T]):
 
     def items(self) -> Iterator[tuple[str, T]]:
         return iter(sorted(self._entries.items()))
+
+    def in_registration_order(self) -> list[T]:
+        """The entries in the order they were registered (where order means something, e.g. which shard layout
+        recognises a folder first)."""
+        return list(self._entries.values())

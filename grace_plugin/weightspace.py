@@ -64,7 +64,7 @@ def wise_ft_sweep(zero_shot: Mapping[str, torch.Tensor] | nn.Module, finetuned: 
     Args:
         zero_shot: the zero-shot classifier (or its state dict) with the same classes as ``finetuned``.
         finetuned: the fine-tuned classifier (alpha = 1), LoRA merged.
-        evaluate: ``model -> {"id": ..., "ood": ..., ...}`` (e.g. a closure over ``eval_suites.suites.run_suites``).
+        evaluate: ``model -> {"id": ..., "ood": ..., ...}`` (e.g. a closure over ``eval_suites.engine.run_suites``).
     """
     zs = zero_shot.state_dict() if isinstance(zero_shot, nn.Module) else zero_shot
     points = []

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # the paper's Table 6 (v2, sketch, rendition -> OOD Avg; a -> ImageNet-A in Adv Avg under the `paper` definition)
 OOD_SETS = ["synth-v2", "synth-sketch", "synth-rendition", "synth-a"]
 
-# Testbed-scale settings (32 px, tiny CLIP, a few hundred steps) are data: configs/testbed/ (testbed_config.py).
-# Paper-scale settings live in configs/paper/.
+# Testbed-scale settings (32 px, tiny CLIP, a few hundred steps) are data: configs/testbed/ (read by
+# grace_app/testbed/configs.py). Paper-scale settings live in configs/paper/.
 
 
 @dataclass

@@ -8,8 +8,8 @@ so those studies reuse the attacked evaluations of runs copied from another stud
 ``study.json`` (every run, every aggregate, the verdicts), ``study.md`` and ``study.png`` (trade-off with error bars;
 the geometry study plots its metrics).
 
-Evaluation goes through ``_evaluate`` / ``_paper_axes`` only: the one evaluation engine (``suites.run_suites``) and
-its ``strict`` and ``paper`` column definitions.
+Evaluation goes through ``_evaluate`` / ``_paper_axes`` only: the one evaluation engine
+(``eval_suites.engine.run_suites``) and its ``strict`` and ``paper`` column definitions.
 """
 from __future__ import annotations
 
@@ -52,10 +52,10 @@ class StudyConfig:
 
 # ------------------------------------------------------------------------------------------ evaluation adapter
 def _evaluate(spec, data: Path, cfg: StudyConfig, seed: int, extra: str | None, reference: Path) -> dict:
-    """One model's report (``report.json`` schema, from the one evaluation engine ``suites.run_suites``) on the
-    testbed: ID, OOD and the attacks; with ``extra`` (``geometry``, ``shift``) ID, OOD and that suite alone (its
-    result under ``report["suites"][extra]``), so a geometry or shift study reuses another study's attacked
-    evaluations of the same runs."""
+    """One model's report (``report.json`` schema, from the one evaluation engine,
+    ``eval_suites.engine.run_suites``) on the testbed: ID, OOD and the attacks; with ``extra`` (``geometry``,
+    ``shift``) ID, OOD and that suite alone (its result under ``report["suites"][extra]``), so a geometry or shift
+    study reuses another study's attacked evaluations of the same runs."""
     from grace_plugin.runtime import resolve_device
     from registry import load_model
 

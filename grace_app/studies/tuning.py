@@ -105,7 +105,7 @@ def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) ->
                 old_notes[line[3:line.index("]")]] = line
     current.update(selected)
     lines = ["# Selected values per method, written by `grace study tune` (eval_suites/tuning.py); layered over the",
-             "# method's files by eval_suites/testbed_config.py. Protocol and grids: tuning.yaml.", ""]
+             "# method's files by grace_app/testbed/configs.py. Protocol and grids: tuning.yaml.", ""]
     for name in sorted(current):
         lines.append(f"# [{name}] {notes[name]}" if name in notes else old_notes.get(name, f"# [{name}]"))
         lines.append(yaml.safe_dump({name: current[name]}, sort_keys=True, default_flow_style=False).rstrip())

@@ -155,7 +155,7 @@ def _shipped_copy(key: str, dest: Path) -> bool:
     folder, sha = SHIPPED[key]
     src = _ARTIFACTS / folder
     weights = src / "open_clip_model.safetensors"
-    if not weights.is_file() or hashlib.sha256(weights.read_bytes()).hexdigest() != sha:
+    if not weights.is_file() or _weights_sha256(src) != sha:
         raise GraceError(f"{weights}: the shipped tiny CLIP is missing or its sha256 is not {sha[:12]}...; "
                          "reinstall the package")
     shutil.copytree(src, dest)
@@ -163,9 +163,9 @@ def _shipped_copy(key: str, dest: Path) -> bool:
 
 
 def tiny_clip(data_dir: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
-              progress: bool = True, use_cache: bool = True, shipped: bool = True) -> Path:
+              progress: bool = True, use_cache: bool = True) -> Path:
     """Pretrain (or fetch from the cache, or copy the shipped one: ``SHIPPED``) the tiny CLIP for the world in
-    ``data_dir``; copy it to ``out``. ``shipped=False`` pretrains even where a copy ships (to check it)."""
+    ``data_dir``; copy it to ``out``."""
     data_dir, out, cfg = Path(data_dir), Path(out), cfg or PretrainConfig()
     key = _key(data_dir, cfg)
     cached = cache_dir() / "tiny_clip" / key
@@ -173,7 +173,7 @@ def tiny_clip(data_dir: str | Path, out: str | Path, cfg: PretrainConfig | None 
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        if not (shipped and _shipped_copy(key, tmp)):
+        if not _shipped_copy(key, tmp):
             pretrain_tiny_clip(data_dir / "pairs", tmp, cfg, progress=progress)
         if use_cache:
             if cached.exists():
@@ -210,7 +210,12 @@ def tiny_clip_identity(folder: str | Path) -> dict:
     study's record."""
     folder = Path(folder)
     meta = json.loads((folder / "open_clip_config.json").read_text())
-    digest = hashlib.sha256((folder / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    digest = _weights_sha256(folder)
     pre = dict(meta.get("pretrain") or {})
     pre.setdefault("threads", None)  # pretrained before the thread count was recorded: unknown
     return {"pretrain": pre, "sha256": digest}
+
+
+def _weights_sha256(folder: Path) -> str:
+    """The sha256 of a tiny-CLIP folder's weights: what names the model (study pages, summaries, SHIPPED)."""
+    return hashlib.sha256((Path(folder) / "open_clip_model.safetensors").read_bytes()).hexdigest()

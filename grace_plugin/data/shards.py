@@ -204,13 +204,11 @@ class UnknownLayoutError(ShardSetError, KeyError):
 
 
 _LAYOUTS: Registry[ShardLayout] = Registry("layout", UnknownLayoutError)
-_DETECT_ORDER: list[str] = []  # a folder is read by the first layout (in registration order) that recognises it
 
 
 def register_layout(layout: ShardLayout) -> ShardLayout:
-    _LAYOUTS.register(layout.name)(layout)
-    _DETECT_ORDER.append(layout.name)
-    return layout
+    """Add a layout; a folder is read by the first layout, in registration order, that recognises it."""
+    return _LAYOUTS.register(layout.name)(layout)
 
 
 def get_layout(name: str) -> ShardLayout:
@@ -224,7 +222,7 @@ def list_layouts() -> list[str]:
 def detect_layout(p: Path) -> ShardLayout:
     """The layout of a local set folder: the first registered one that recognises it (CLIP_benchmark, the
     fallback, recognises every folder and refuses a bad one in its reader)."""
-    return next(_LAYOUTS.get(n) for n in _DETECT_ORDER if _LAYOUTS.get(n).detect(p))
+    return next(lay for lay in _LAYOUTS.in_registration_order() if lay.detect(p))
 
 
 def open_shard_set(path: str | Path, split: str | None = None) -> ShardSet:
@@ -302,20 +300,22 @@ register_layout(ShardLayout(
     sample_fields=lambda src, label, classes: {}, write_index=_write_nshards))
 
 
-def count_samples(urls: list[str]) -> int:
-    """Number of distinct sample keys in local tar shards (reads tar headers only; an unreadable tail is ignored)."""
-    n = 0
-    for u in urls:
-        keys = set()
+def _file_members(urls: list[str]):
+    """``(shard index, open tar, member)`` for every file member of local tar shards, in order; an unreadable shard
+    or tail ends that shard's walk silently (the callers count what they could read)."""
+    for i, u in enumerate(urls):
         try:
             with tarfile.open(u, "r:") as tf:
                 for m in tf:
-                    if m.isfile() and "." in Path(m.name).name:
-                        keys.add(m.name.split(".", 1)[0])
+                    if m.isfile():
+                        yield i, tf, m
         except (tarfile.TarError, OSError, EOFError):
             pass
-        n += len(keys)
-    return n
+
+
+def count_samples(urls: list[str]) -> int:
+    """Number of distinct sample keys in local tar shards (reads tar headers only; an unreadable tail is ignored)."""
+    return len({(i, m.name.split(".", 1)[0]) for i, _, m in _file_members(urls) if "." in Path(m.name).name})
 
 
 def label_counts(urls: list[str]) -> dict[int, int]:
@@ -324,17 +324,12 @@ def label_counts(urls: list[str]) -> dict[int, int]:
     from collections import Counter
 
     counts: Counter = Counter()
-    for u in urls:
-        try:
-            with tarfile.open(u, "r:") as tf:
-                for m in tf:
-                    if m.isfile() and m.name.endswith(".cls"):
-                        try:
-                            counts[int(tf.extractfile(m).read().decode("ascii").strip())] += 1
-                        except (ValueError, UnicodeDecodeError):
-                            pass
-        except (tarfile.TarError, OSError, EOFError):
-            pass
+    for _, tf, m in _file_members(urls):
+        if m.name.endswith(".cls"):
+            try:
+                counts[int(tf.extractfile(m).read().decode("ascii").strip())] += 1
+            except (ValueError, UnicodeDecodeError):
+                pass
     return dict(counts)
 
 
