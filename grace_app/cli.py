@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--requeue", action="store_true",
                    help="when preempted (train.preempt_signals), rank 0 also runs `scontrol requeue $SLURM_JOB_ID`")
     t.add_argument("--device", help="auto (CUDA when available, the default of train.device), cuda, cuda:1, cpu")
+    t.add_argument("--task", choices=["classification", "vqa"], help="data.task (default classification): vqa "
+                   "trains a CLIP VQA model on a VQA set (grace shards convert --format frames|coco-vqa)")
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="evaluate a model: a list of suites (ID, OOD, adversarial, ...)",
@@ -90,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
                         "(e.g. objectnet=objectnet_to_imagenet_1k.json)")
     e.add_argument("--out", required=True)
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--task", choices=["classification", "vqa"], default="classification",
+                   help="vqa: VQA accuracy per set (--data NAME=DIR the ID set, --ood NAME=DIR each OOD set), "
+                        "ID / near / far / OOD means, predictions/<set>.json in the VQA result format")
+    e.add_argument("--predictions", action="append", default=[], metavar="[SET=]FILE",
+                   help="vqa: score this result file ([{question_id, answer}]) instead of running --model")
+    e.add_argument("--answers-min-count", type=int, default=9,
+                   help="vqa, zero-shot --model (a CLIP): candidate answers given at least this often in --data")
     e.add_argument("--suite", action="append", default=[], metavar="NAME",
                    help="run registered suites after the shorthands' (repeatable; see `grace list suites`): id, "
                         "ood:<set>, adv:<attack>, transfer:<set>, corruptions, geometry, shift, robustbench")
@@ -157,8 +166,21 @@ def _parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser("shards", help="shard utilities")
     shs = sh.add_subparsers(dest="shards_command", required=True)
-    cv = shs.add_parser("convert", help="ImageFolder tree -> WebDataset shards (parallel, resumable, verified)")
-    cv.add_argument("--imagefolder", required=True)
+    cv = shs.add_parser("convert", help="ImageFolder tree or VQA records -> WebDataset shards (verified)")
+    cv.add_argument("--format", default="imagefolder", help="imagefolder (--imagefolder) or a VQA record format: "
+                    "frames (--records), coco-vqa (--questions, --annotations, --image-pattern); VQA sets need "
+                    "--images and are written in the vqa layout (grace_plugin.vqa.records.list_formats)")
+    cv.add_argument("--imagefolder")
+    cv.add_argument("--records", help="frames: the record list (question_id, question, image, answer)")
+    cv.add_argument("--questions", help="coco-vqa: the questions JSON")
+    cv.add_argument("--annotations", help="coco-vqa: the annotations JSON")
+    cv.add_argument("--images", help="VQA formats: the folder image paths are relative to")
+    cv.add_argument("--image-pattern", help="coco-vqa: image file name from image_id, e.g. "
+                    "COCO_val2014_{image_id:012d}.jpg")
+    cv.add_argument("--name", help="VQA formats: the set's name (default: the --out folder's name)")
+    cv.add_argument("--group", choices=["id", "near", "far"], help="VQA formats: the set's FRAMES-VQA group")
+    cv.add_argument("--strict", action="store_true", help="VQA formats: refuse the set on a missing or unreadable "
+                    "image instead of skipping and counting the question")
     cv.add_argument("--out", required=True)
     cv.add_argument("--layout", default="clip_benchmark", help="a registered shard layout: clip_benchmark, timm "
                     "(grace_plugin.data.shards.list_layouts)")
@@ -228,7 +250,8 @@ def _cmd_train(a) -> int:
     from grace_plugin.recipes import get_recipe_class
 
     get_recipe_class(a.recipe)
-    overrides = list(a.overrides) + ([f"train.device={a.device}"] if a.device else [])
+    overrides = (list(a.overrides) + ([f"train.device={a.device}"] if a.device else [])
+                 + ([f"data.task={a.task}"] if a.task else []))
     cfg = build_config(a.recipe, config_file=a.config, overrides=overrides, steps=a.steps, epochs=a.epochs)
     out = fine_tune(a.recipe, a.init, a.data, a.out, cfg, progress=not a.no_progress, resume=bool(a.resume))
     print(f"wrote {out / 'model.safetensors'} and {out / 'checkpoint.json'}")
@@ -246,7 +269,18 @@ def _cmd_eval(a) -> int:
         return _cmd_eval_locked(a)
 
 
+def _cmd_eval_vqa(a) -> int:
+    from eval_suites.vqa import run_vqa_eval
+
+    md = run_vqa_eval(a.model, a.data, a.ood, a.out, predictions=a.predictions, device=a.device,
+                      batch_size=a.batch_size, answers_min_count=a.answers_min_count)
+    print(md.read_text())
+    return 0
+
+
 def _cmd_eval_locked(a) -> int:
+    if a.task == "vqa":
+        return _cmd_eval_vqa(a)
     from eval_suites.context import SuiteContext
     from eval_suites.engine import evaluate, expand_shorthands
     from eval_suites.report import report_markdown, write_report
@@ -376,7 +410,20 @@ def _cmd_tune(a) -> int:
 
 def _cmd_shards(a) -> int:
     from grace_plugin.data.convert import convert_imagefolder
+    from grace_plugin.errors import UsageError
 
+    if a.format != "imagefolder":
+        from grace_plugin.vqa.convert import convert_vqa
+
+        if not a.images:
+            raise UsageError(f"--format {a.format} needs --images (the folder its image paths are relative to)")
+        r = convert_vqa(a.format, {"records": a.records, "questions": a.questions, "annotations": a.annotations,
+                                   "image_pattern": a.image_pattern}, a.images, a.out, split=a.split or "test",
+                        name=a.name, group=a.group, maxcount=a.maxcount, strict=a.strict)
+        print(r.summary())
+        return 0
+    if not a.imagefolder:
+        raise UsageError("--format imagefolder needs --imagefolder")
     r = convert_imagefolder(a.imagefolder, a.out, layout=a.layout, split=a.split, maxcount=a.maxcount,
                             workers=a.workers, prefix=a.prefix, progress=True)
     print(f"{r.out}: {r.samples} samples from {r.classes} classes in {r.shards} shards ({r.layout}, split "

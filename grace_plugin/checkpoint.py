@@ -40,8 +40,9 @@ def save_run(out: str | Path, model, *, tower: dict, clip_meta: dict | None, tex
     meta = {
         "format_version": FORMAT_VERSION,
         "recipe": recipe,
-        "architecture": {"tower": tower, "embed_dim": int(model.head.weight.shape[1]),
-                         "num_classes": int(model.num_classes)},
+        "architecture": {"tower": tower, "num_classes": int(model.num_classes),
+                         **(model.head_spec() if hasattr(model, "head_spec")
+                            else {"embed_dim": int(model.head.weight.shape[1])})},
         "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in model.pretrained_cfg.items()},
         "classnames": list(classnames),
         "templates": list(templates or []),
@@ -96,6 +97,15 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", check_sha256: 
     check_finite(sd, weights)
     arch = meta["architecture"]
     tower = build_tower(arch["tower"])
+    if meta.get("task", "classification") == "vqa":  # an answer head (grace_plugin/vqa/model.py)
+        from .vqa.model import ClipVQA
+
+        model = ClipVQA.from_spec(tower, arch, meta["pretrained_cfg"], meta["classnames"])
+        missing, unexpected = load_state_dict_checked(model, sd, weights)
+        if missing or unexpected:
+            raise CheckpointError(f"{weights}: does not match the VQA architecture in checkpoint.json "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model.to(device).eval(), meta
     head_w = sd.get("head.weight")
     if head_w is None:
         raise CheckpointError(f"{weights}: no 'head.weight' tensor")

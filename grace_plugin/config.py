@@ -191,6 +191,12 @@ class DataConfig:
     # detail); training on the faster path is the default, evaluation stays on PIL (grace eval --decode).
     decode: str = checked("tensor", choices=("tensor", "pil"))
     val_split: str = "test"  # the split train.val_every checks read (its first train.val_n images)
+    # the task (grace_plugin/tasks.py): classification, or vqa (image + question -> answer)
+    task: str = checked("classification", choices=("classification", "vqa"))
+    # vqa: the answer head's vocabulary, every annotator answer given at least this often in the train split
+    # (VQAv2's 3,129 answers are min count 9, Teney et al. arXiv 1708.02711 §3), at most answers_max of them
+    answers_min_count: int = checked(9, ge=1)
+    answers_max: int | None = None
 
 
 @dataclass

@@ -162,17 +162,25 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
     from .data.loader import make_train_loader
     from .data.shards import count_samples, open_shard_set
     from .data.transforms import train_transform
-    from .models.clip import classifier_from_clip, load_clip, text_state_dict, tower_spec
-    from .recipes import TextSide, create_recipe
+    from .models.clip import load_clip, text_state_dict, tower_spec
+    from .recipes import TextSide, create_recipe, get_recipe_class
+    from .tasks import get_task
     from .runfolder import StagedRun
     from .runtime import resolve_device, seed_everything
     from .trainer import steps_for_epochs, train
 
     shards = open_shard_set(data, split=cfg.data.train_split)
-    classnames = shards.require_classnames()
+    task = get_task(cfg.data.task)
+    if task.name not in get_recipe_class(recipe).tasks:
+        raise ConfigError(f"data.task={task.name}: recipe {recipe!r} trains only "
+                          f"{', '.join(get_recipe_class(recipe).tasks)}")
+    if task.name != "classification" and cfg.train.val_every:
+        raise ConfigError(f"train.val_every: robust validation checks classification sets only; set it to 0 for "
+                          f"data.task={task.name}")
     device = resolve_device(cfg.train.device)
     bundle = load_clip(init)
-    model = classifier_from_clip(bundle, classnames, shards.templates or [], device="cpu")
+    built = task.build(bundle, shards, cfg.data, cfg.train.seed)
+    model, classnames = built.model, built.labels
     seed_everything(cfg.train.seed)  # adapter initialisation (LoRA A) draws from the RNG
     rec = create_recipe(recipe, model, cfg.recipe, text=TextSide(bundle, classnames, list(shards.templates or [])))
     transform = train_transform(model.pretrained_cfg, cfg.data.augment)
@@ -183,7 +191,8 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
         total = steps_for_epochs(cfg.train.epochs or 1.0, n, cfg.train.batch_size, cfg.train.grad_accum, world)
     loader = make_train_loader(shards.urls, transform, cfg.train.batch_size, num_classes=len(classnames),
                                seed=cfg.train.seed, shuffle_buffer=cfg.train.shuffle_buffer,
-                               num_workers=cfg.train.num_workers, decode=cfg.data.decode, source=str(data))
+                               num_workers=cfg.train.num_workers, decode=cfg.data.decode, source=str(data),
+                               target=built.target)
     # Everything is written into a staging folder beside ``out`` and published in one rename when complete
     # (grace_plugin/runfolder.py): ``out`` is always the previous complete run or the new complete run.
     staged = StagedRun(out)
@@ -206,19 +215,21 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
 
     with PreemptionGuard(cfg.train.preempt_signals) as guard:
         result = train(rec, loader, cfg.train, total, work, progress=progress, resume=bool(resume),
-                       validator=validator, preempt=guard)
+                       validator=validator, preempt=guard, bind=built.bind)
     if rank != 0:
         return out
     final = rec.export_model().cpu().eval()
     # finite weights can still give NaN logits (e.g. after a few skipped NaN steps): check on a real batch
-    check_outputs_finite(final, next(iter(loader))["image"][:64].cpu(), f"run {out}")
+    probe = next(iter(loader))
+    with built.bind({k: v[:64] for k, v in probe.items() if k in ("image", "question")}):
+        check_outputs_finite(final, probe["image"][:64].cpu(), f"run {out}")
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "skipped_steps": result.skipped_steps,
                                          "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
                                          "data_skipped": result.data_skipped,
                                          "val_seconds": result.val_seconds, "resumed_at": result.resumed_at}}
     if rec.summary():
         metrics["recipe"] = rec.summary()
-    extra = {"init": str(init), "data": str(data), "device": str(device), "world_size": world}
+    extra = {"init": str(init), "data": str(data), "device": str(device), "world_size": world, "task": task.name}
     if result.selection is not None:  # which weights were exported, and the validation check that chose them
         extra["selection"] = result.selection
     if result.stopped:

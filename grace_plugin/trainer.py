@@ -10,6 +10,7 @@ robust validation checks, checkpoint selection and the catastrophic-overfitting 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -196,7 +197,14 @@ class _Loop:
     ema: object
     sync: OverlappedGradSync | None
     t_seek: float = 0.0  # when the stream was (re)started
+    # the task's binder (grace_plugin/tasks.py): a context held around every forward of a batch (a VQA batch's
+    # questions); none for classification
+    bind: object = None
     first_batch_s: float | None = None  # from then to its first batch (the resume cost)
+
+
+def _bound(lp: _Loop, batch: dict):
+    return lp.bind(batch) if lp.bind is not None else contextlib.nullcontext()
 
 
 def _forward_batches(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: int):
@@ -219,7 +227,8 @@ def _forward_batches(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: 
         index = (a * world + rank) * b + torch.arange(b)  # this rank's samples in the global step
         ctx = StepContext(device=lp.device, autocast=lp.autocast, step=step, total_steps=lp.total_steps,
                           seed=cfg.seed, sample_index=index, world=world)
-        out_step = lp.recipe.training_step(batch, ctx)
+        with _bound(lp, batch):
+            out_step = lp.recipe.training_step(batch, ctx)
         if not torch.isfinite(out_step.loss):
             ok = False
             continue
@@ -262,7 +271,8 @@ def _step(lp: _Loop, stream: Iterator[dict], loop: _LoopState, step: int, bad_ru
     lp.optimizer.step()
     if lp.ema is not None:
         lp.ema.update(lp.recipe.model, step=step)
-    logs.update(lp.recipe.after_step(batch, ctx))
+    with _bound(lp, batch):
+        logs.update(lp.recipe.after_step(batch, ctx))
     if step % cfg.log_every == 0 or step == lp.total_steps - 1:
         logs["feature_spread"] = batch_feature_spread(lp.recipe.model, batch["image"].to(lp.device), lp.autocast,
                                                       lp.world)
@@ -356,7 +366,7 @@ def _build_loop(recipe: Recipe, cfg: TrainConfig, total_steps: int):
 
 
 def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps: int, out_dir: str | Path,
-          progress: bool = True, resume: bool = False, validator=None, preempt=None) -> TrainResult:
+          progress: bool = True, resume: bool = False, validator=None, preempt=None, bind=None) -> TrainResult:
     """Run ``total_steps`` optimizer steps of ``recipe`` on batches from ``loader``; logs to ``out_dir/log.jsonl``.
 
     ``validator`` (a ``robust_validation.Validator``) is called every ``cfg.val_every`` steps and at the last step;
@@ -367,6 +377,7 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
     """
     out = Path(out_dir)
     lp, scheduler = _build_loop(recipe, cfg, total_steps)
+    lp.bind = bind  # ``bind(batch)``: the task's context around each batch's forwards (a VQA batch's questions)
     if lp.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     state_file = out / "train_state.pt"

@@ -6,7 +6,7 @@ from PIL import Image
 
 from grace_app.cli import main
 from grace_plugin.data.loader import make_eval_loader
-from grace_plugin.data.shards import detect_layout, list_layouts, open_shard_set
+from grace_plugin.data.shards import detect_layout, get_layout, list_layouts, open_shard_set
 from grace_plugin.data.transforms import eval_transform
 
 
@@ -27,7 +27,14 @@ def test_layouts_are_a_registry():
     assert {"clip_benchmark", "timm"} <= set(list_layouts())
 
 
-@pytest.mark.parametrize("layout", list_layouts())
+@pytest.mark.parametrize("layout", [n for n in list_layouts() if not get_layout(n).from_imagefolder])
+def test_layouts_not_from_imagefolder_are_refused(imagefolder, tmp_path, layout, capsys):
+    assert main(["shards", "convert", "--imagefolder", str(imagefolder), "--out", str(tmp_path / "o"), "--layout",
+                 layout]) == 2
+    assert f"--layout {layout}: not written from an ImageFolder tree" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", [n for n in list_layouts() if get_layout(n).from_imagefolder])
 def test_convert_roundtrip_counts_and_labels(imagefolder, tmp_path, layout, capsys):
     """Every registered layout: its converter writes the ImageFolder, the folder is recognised as that layout, and
     its reader gives back every image byte for byte with its label."""

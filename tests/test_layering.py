@@ -105,6 +105,7 @@ LAYERS = {
         {"", "errors", "version", "paths", "registries", "_compat", "config", "runtime", "tensor_io", "rng",
          "losses", "curvature", "perturbation", "weightspace", "optim", "progress", "preemption", "gradsync"},
         {"models", "data"},
+        {"vqa", "tasks"},  # the VQA task: its metric, formats, models (on models and data)
         {"recipes"},
         {"robust_validation", "runfolder", "checkpoint"},
         {"trainer"},
@@ -112,7 +113,7 @@ LAYERS = {
     ],
     "registry": [{"naming", "weights"}, {"grace_models"}, {"resolve", "publish", ""}],  # "": the package's face
     "eval_suites": [{"", "attacks", "catalogue", "context", "distributed", "engine", "evaluate", "geometry", "imagenet",
-                     "leaderboard", "plot", "report", "shardsets", "shift", "suites"}],
+                     "leaderboard", "plot", "report", "shardsets", "shift", "suites", "vqa"}],
     # the application: the testbed, the experiments run on it, the command line on top
     "grace_app": [{"", "testbed"}, {"studies"}, {"cli", "__main__"}],
 }

@@ -80,6 +80,8 @@ def convert_imagefolder(src: str | Path, out: str | Path, layout: str = "clip_be
     from .shards import get_layout
 
     lay = get_layout(layout)
+    if not lay.from_imagefolder:
+        raise UsageError(f"--layout {layout}: not written from an ImageFolder tree ({lay.description})")
     if maxcount <= 0:
         raise UsageError(f"--maxcount must be > 0, got {maxcount}")
     classes, samples = scan_imagefolder(src)

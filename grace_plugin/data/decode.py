@@ -15,13 +15,13 @@ from ..errors import UsageError
 from .shards import IMAGE_KEYS
 from .transforms import as_tensor_transform
 
-__all__ = ["DECODERS", "SKIP_REASONS", "IMAGE_FORMATS", "check_image_header", "decode_sample"]
+__all__ = ["DECODERS", "SKIP_REASONS", "IMAGE_FORMATS", "check_image_header", "class_label", "decode_sample"]
 
 log = logging.getLogger(__name__)
 
 DECODERS = ("pil", "tensor")
 SKIP_REASONS = ("missing_image", "missing_label", "bad_label", "label_out_of_range", "decode_error", "tar_error",
-                "duplicate_member")
+                "duplicate_member", "bad_record", "answer_not_in_vocabulary")
 
 
 def skip_record(reason: str, key: str = "", url: str = "") -> dict:
@@ -116,9 +116,27 @@ def check_image_header(data: bytes) -> str | None:
     return fmt
 
 
+def class_label(sample: dict, num_classes: int | None = None) -> dict | str:
+    """The classification target of a raw sample: ``{"label": int}`` from its ``cls`` member, or a skip reason."""
+    if "cls" not in sample:
+        return "missing_label"
+    raw = sample["cls"]
+    try:
+        label = int(raw.decode("ascii").strip() if isinstance(raw, (bytes, bytearray)) else raw)
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return "bad_label"
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        return "label_out_of_range"
+    return {"label": label}
+
+
 def decode_sample(sample: dict, transform: Callable, num_classes: int | None = None,
-                  draft_size: int | None = None, tensor_transform: Callable | None = None) -> dict:
-    """Raw tar sample -> ``{"image", "label"}`` or a skip record naming the reason.
+                  draft_size: int | None = None, tensor_transform: Callable | None = None,
+                  target: Callable[[dict], dict | str] | None = None) -> dict:
+    """Raw tar sample -> ``{"image", "label", ...}`` or a skip record naming the reason.
+
+    ``target(sample)``: the task's fields of the sample (``{"label": ..., ...}``) or a skip reason; default the
+    classification label (``class_label``); a VQA set's comes from ``grace_plugin/tasks.py``.
 
     ``draft_size``: let libjpeg decode JPEGs at a reduced scale (1/2, 1/4, 1/8) that still covers this size
     (PIL ``Image.draft``) before the transform resizes; several times faster for large photos, slightly different
@@ -131,15 +149,9 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
     img_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if img_key is None:
         return skip_record("missing_image", key, url)
-    if "cls" not in sample:
-        return skip_record("missing_label", key, url)
-    raw = sample["cls"]
-    try:
-        label = int(raw.decode("ascii").strip() if isinstance(raw, (bytes, bytearray)) else raw)
-    except (ValueError, UnicodeDecodeError, TypeError):
-        return skip_record("bad_label", key, url)
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        return skip_record("label_out_of_range", key, url)
+    fields = target(sample) if target is not None else class_label(sample, num_classes)
+    if isinstance(fields, str):
+        return skip_record(fields, key, url)
     fmt = check_image_header(sample[img_key])
     if fmt is None:
         return skip_record("decode_error", key, url)
@@ -154,7 +166,7 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
         except Exception:
             return skip_record("decode_error", key, url)
         if decoded.dtype == torch.uint8:  # (16-bit PNGs fall through to PIL below)
-            return {"image": tensor_transform(decoded), "label": label}
+            return {"image": tensor_transform(decoded), **fields}
     try:
         with Image.open(io.BytesIO(sample[img_key])) as im:
             if draft_size and im.format == "JPEG":
@@ -163,7 +175,7 @@ def decode_sample(sample: dict, transform: Callable, num_classes: int | None = N
             image = transform(im.convert("RGB"))
     except Exception:  # PIL raises many types for corrupt data; all mean "undecodable"
         return skip_record("decode_error", key, url)
-    return {"image": image, "label": label}
+    return {"image": image, **fields}
 
 
 def tensor_path(transform: Callable, decode: str) -> Callable | None:

@@ -39,28 +39,42 @@ def _count_skip(rec: dict, skipped: Counter, logged: set) -> bool:
     return True
 
 
+def collate(rows: list[dict]) -> dict:
+    """Decoded samples -> one batch: tensors stacked, integer labels as a long tensor, other fields (a VQA
+    question, its record) as lists; an empty batch has ``image`` and ``label`` of length 0."""
+    if not rows:
+        return {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long)}
+    out = {}
+    for k in rows[0]:
+        if k.startswith("__"):
+            continue
+        vals = [r[k] for r in rows]
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        elif k == "label":
+            out[k] = torch.tensor(vals, dtype=torch.long)
+        else:
+            out[k] = vals
+    return out
+
+
 def _batches(samples: Iterable[dict], batch_size: int, partial: bool = True) -> Iterator[dict]:
-    images, labels, skipped = [], [], Counter()
+    rows, skipped = [], Counter()
     logged: set = set()
     pos = None
     for s in samples:
         pos = s.get("__pos__", pos)
         if _count_skip(s, skipped, logged):
             continue
-        images.append(s["image"])
-        labels.append(s["label"])
-        if len(images) == batch_size:
-            batch = {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
-                     "skipped": dict(skipped)}
+        rows.append(s)
+        if len(rows) == batch_size:
+            batch = {**collate(rows), "skipped": dict(skipped)}
             if pos is not None:  # a seekable stream's position after this batch (TrainStream.seek)
                 batch["cursor"] = pos
             yield batch
-            images, labels, skipped = [], [], Counter()
-    if (images and partial) or skipped:
-        if images and not partial:
-            images, labels = [], []
-        yield {"image": torch.stack(images) if images else torch.empty(0),
-               "label": torch.tensor(labels, dtype=torch.long), "skipped": dict(skipped)}
+            rows, skipped = [], Counter()
+    if (rows and partial) or skipped:
+        yield {**collate(rows if partial else []), "skipped": dict(skipped)}
 
 
 class NoUsableSamples(GraceError, ValueError):
@@ -69,8 +83,10 @@ class NoUsableSamples(GraceError, ValueError):
 
 def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,
                      num_workers: int = 0, draft_size: int | None = None, decode: str = "pil",
-                     limit: int | None = None, ranks: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
+                     limit: int | None = None, ranks: tuple[int, int] | None = None,
+                     target: Callable | None = None) -> torch.utils.data.DataLoader:
     """Every sample exactly once across ranks and workers, in shard order (batched inside the workers).
+    ``target``: the task's fields of a raw sample (``decode_sample``); default the classification label.
 
     Batches are cut by position inside each shard: batch ``(s, k)`` holds the records ``k*B .. k*B+B-1`` of shard
     ``s`` (a skipped sample keeps its position and counts in that batch's ``skipped``), so which samples share a
@@ -96,8 +112,8 @@ def make_eval_loader(urls: list[str], transform: Callable, batch_size: int, num_
         lambda src: _rank_shards(src, ranks, len(urls), limit),
         wds.split_by_worker,  # after the ranks' split: each rank's workers share its own shards
         lambda src: _owned_records(src, batch_size, limit, ranks, n_shards=len(urls)),
-        wds.map(lambda s: s if "__skip__" in s else dict(decode_sample(s, transform, num_classes, draft_size, tt),
-                                                         __batch__=s["__batch__"])),
+        wds.map(lambda s: s if "__skip__" in s else dict(
+            decode_sample(s, transform, num_classes, draft_size, tt, target), __batch__=s["__batch__"])),
         _keyed_batches,
     )
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers)
@@ -153,22 +169,20 @@ def _owned_records(items: Iterable[dict], batch_size: int, limit: int | None,
 
 def _keyed_batches(records: Iterable[dict]) -> Iterator[dict]:
     """Group consecutive records of one batch key into ``{"image", "label", "skipped", "key"}``."""
-    key, images, labels, skipped = None, [], [], Counter()
+    key, rows, skipped = None, [], Counter()
     logged: set = set()
 
     def emit():
-        return {"image": torch.stack(images) if images else torch.empty(0),
-                "label": torch.tensor(labels, dtype=torch.long), "skipped": dict(skipped), "key": key}
+        return {**collate(rows), "skipped": dict(skipped), "key": key}
 
     for r in records:
         if r["__batch__"] != key:
             if key is not None:
                 yield emit()
-            key, images, labels, skipped = r["__batch__"], [], [], Counter()
+            key, rows, skipped = r["__batch__"], [], Counter()
         if _count_skip(r, skipped, logged):
             continue
-        images.append(r["image"])
-        labels.append(r["label"])
+        rows.append(r)
     if key is not None:
         yield emit()
 
@@ -195,13 +209,13 @@ class TrainStream(torch.utils.data.IterableDataset):
     MAX_SHARDS_PER_BLOCK = 64
 
     def __init__(self, urls, transform, batch_size, num_classes=None, seed=0, shuffle_buffer=1000,
-                 batches_per_worker=None, draft_size=None, decode="tensor", source=None):
+                 batches_per_worker=None, draft_size=None, decode="tensor", source=None, target=None):
         super().__init__()
         self.source = source or (os.path.dirname(urls[0]) if urls else "?")
         self.draft_size, self.tensor_transform = draft_size, tensor_path(transform, decode)
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.num_classes, self.seed, self.shuffle_buffer = num_classes, seed, shuffle_buffer
-        self.batches_per_worker = batches_per_worker
+        self.batches_per_worker, self.target = batches_per_worker, target
         self.epoch = 0
         self.cursors: dict[int, tuple[int, int]] = {}
         self.rotation = 0
@@ -269,7 +283,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                         raw[ext] = f.read(n)
                     seed = random.Random(f"{self.seed}/{self.epoch}/{rank}/{stream}/{b}/{i}").getrandbits(63)
                     with _seeded(seed):
-                        s = decode_sample(raw, transform, n_cls, draft, tt)
+                        s = decode_sample(raw, transform, n_cls, draft, tt, self.target)
                     good += "__skip__" not in s
                     if "__skip__" in s:
                         skips[s["__skip__"]] += 1
@@ -344,7 +358,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                 counted,
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
                             rng=random.Random(rng.random())),
-                wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, n_cls, draft, tt)),
+                wds.map(lambda s: s if "__skip__" in s else decode_sample(s, transform, n_cls, draft, tt,
+                                                                                  self.target)),
                 checked,
                 lambda src: _batches(src, self.batch_size, partial=False),
             )
@@ -381,7 +396,8 @@ class _seeded:
 def make_train_loader(urls: list[str], transform: Callable, batch_size: int, num_classes: int | None = None,
                       seed: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
                       batches_per_epoch: int | None = None, draft_size: int | None = None,
-                      decode: str = "tensor", source: str | None = None) -> torch.utils.data.DataLoader:
+                      decode: str = "tensor", source: str | None = None,
+                      target: Callable | None = None) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` over a ``TrainStream`` (batched in the workers); ``loader.dataset.set_epoch(e)`` re-seeds it.
 
     ``decode``: ``tensor`` (default for training: torchvision decoding and tensor resize, PIL where the transform
@@ -395,5 +411,5 @@ def make_train_loader(urls: list[str], transform: Callable, batch_size: int, num
             raise ValueError(f"batches_per_epoch {batches_per_epoch} must be divisible by num_workers {num_workers}")
         per_worker = batches_per_epoch // max(1, num_workers)
     ds = TrainStream(urls, transform, batch_size, num_classes, seed, shuffle_buffer, per_worker, draft_size, decode,
-                     source=source)
+                     source=source, target=target)
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)

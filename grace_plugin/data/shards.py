@@ -197,6 +197,7 @@ class ShardLayout:
     shard_path: Callable[[Path, str, int, str], Path]
     sample_fields: Callable[[str, int, list[str]], dict]
     write_index: Callable[[Path, str, list[str], list[int], int, str], None]
+    from_imagefolder: bool = True  # False: written by another converter (a VQA set: grace_plugin/vqa/convert.py)
 
 
 class UnknownLayoutError(ShardSetError, KeyError):
@@ -292,6 +293,37 @@ register_layout(ShardLayout(
     sample_fields=lambda src, label, classes: {"json": {"filename": Path(src).name, "label": label,
                                                         "class": classes[label]}},
     write_index=_write_timm_info))
+VQA_INFO = "vqa.json"  # marks a VQA set folder (written by grace_plugin/vqa/convert.py)
+
+
+def _vqa_root(p: Path) -> Path | None:
+    return p if (p / VQA_INFO).is_file() else p.parent if (p.parent / VQA_INFO).is_file() else None
+
+
+def _open_vqa(p: Path, split: str | None) -> ShardSet:
+    """A VQA set (``grace_plugin/vqa/convert.py``): ``vqa.json`` + ``<split>/{0..N-1}.tar`` + ``nshards.txt``."""
+    root = _vqa_root(p)
+    info = read_json(root / VQA_INFO, ShardSetError)
+    splits = sorted(info.get("splits") or {})
+    if root != p:
+        split = p.name
+    elif split is None:
+        split = splits[0] if len(splits) == 1 else next((s for s in ("test", "val") if s in splits), None)
+        if split is None:
+            raise ShardSetError(f"{root}: several splits ({', '.join(splits)}); name one")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise ShardSetError(f"{split_dir}: split folder does not exist (splits: {', '.join(splits) or 'none'})")
+    return ShardSet(root=root, split=split, urls=_split_urls(split_dir), layout="vqa",
+                    meta={"task": "vqa", "info": info})
+
+
+register_layout(ShardLayout(
+    name="vqa", description="a VQA set: vqa.json (name, group, splits) + <split>/{0..N-1}.tar + nshards.txt; each "
+    "sample an image and json (question_id, question, answers, question_type, answer_type)", default_split="test",
+    detect=lambda p: _vqa_root(p) is not None, read=_open_vqa,
+    shard_path=lambda out, split, i, prefix: out / split / f"{i}.tar",
+    sample_fields=lambda src, label, classes: {}, write_index=_write_nshards, from_imagefolder=False))
 register_layout(ShardLayout(
     name="clip_benchmark", description="clip-benchmark/wds_*: <split>/{0..N-1}.tar + nshards.txt, classnames.txt, "
     "zeroshot_classification_templates.txt; images + cls", default_split="test",

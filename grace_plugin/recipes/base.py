@@ -154,6 +154,9 @@ class Recipe:
     # trainer's one backward (attacks and ascent steps use torch.autograd.grad, which does not touch .grad), so all
     # overlap; a recipe that writes .grad itself must declare "oneshot".
     grad_sync: ClassVar[str] = "overlap"
+    # the tasks (grace_plugin/tasks.py) the recipe can train: every recipe whose loss is the model's cross-entropy
+    # runs on VQA unchanged (the soft answer target, the questions bound around the step)
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "vqa")
 
     def __init__(self, model: nn.Module, cfg: RecipeConfig):
         from ..models.lora import inject_lora
@@ -185,7 +188,9 @@ class Recipe:
             # checkpoint exactly exportable to open_clip (registry.publish.export_open_clip).
             if getattr(getattr(model.visual, "head", None), "bias", None) is not None:
                 model.visual.head.bias.requires_grad_(False)
-        model.head.weight.requires_grad_(bool(cfg.train_head))
+        # a new head (a VQA answer head) has no pre-trained value to keep: it trains in every recipe
+        for p in model.head.parameters():
+            p.requires_grad_(bool(cfg.train_head) or bool(getattr(model, "head_is_new", False)))
 
     def awp_rank(self) -> int:
         return 0

@@ -94,6 +94,9 @@ class FAREConfig(AdvConfig):
 
 @register_recipe("fare")
 class FARE(FrozenOriginal, Recipe):  # self.original: φ_orig, frozen, taken before any LoRA injection
+    # no task loss: a new VQA answer head would never train (FARE's VLM use plugs the robust tower into a
+    # separately trained model, arXiv 2402.12336 §4)
+    tasks = ("classification",)
     Config = FAREConfig
 
     def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:

@@ -46,6 +46,7 @@ class FLYPConfig(RecipeConfig):
 class FLYP(Recipe):
     Config = FLYPConfig
     uses_text = True
+    tasks = ("classification",)  # its contrastive loss is over the class prompts
 
     def __init__(self, model, cfg: FLYPConfig, text: TextSide | None = None):
         if text is None:

@@ -49,6 +49,7 @@ from ..losses import gram_volume, pairwise_cosines
 from .adversarial import AdvConfig, AdversarialRecipe, attack_steps
 from .base import StepOutput, register_recipe
 from .lar_awp import ASCENTS, AWP_MODES, LarAwp
+from ..vqa.model import rows
 
 __all__ = ["GraceConfig", "Grace", "GraceFastConfig", "GraceFast", "GraceLiteConfig", "GraceLite", "awp_rows"]
 
@@ -161,12 +162,14 @@ class Grace(AdversarialRecipe):
         idx, norm = awp_rows(x.shape[0], cfg.awp_fraction, getattr(ctx, "sample_index", None), x.device)
         if awp_on:
             x_awp, f_first = (x_adv, f_adv) if cfg.awp_input == "adv" else (x, f_id)
-            f_awp, awp_logs = self.awp.perturbed_features(x_awp[idx], y[idx], f_first[idx], ctx,
-                                                          first_grads=first_grads, loss_norm=norm)
+            with rows(idx):  # a VQA model's bound questions follow the rows (grace_plugin/vqa/model.py)
+                f_awp, awp_logs = self.awp.perturbed_features(x_awp[idx], y[idx], f_first[idx], ctx,
+                                                              first_grads=first_grads, loss_norm=norm)
             logs.update(awp_logs)
         loss = l_task
         if awp_on:
-            l_lar = F.cross_entropy(model.head(f_awp), y[idx], reduction="sum") / norm
+            with rows(idx):
+                l_lar = F.cross_entropy(model.head(f_awp), y[idx], reduction="sum") / norm
             loss = loss + cfg.lambda_lar * l_lar
             logs.update(l_lar=float(l_lar.detach()), delta_l=float(l_lar.detach()) - logs["l_adv"])
         if cfg.gram_volume:

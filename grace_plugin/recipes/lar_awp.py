@@ -217,7 +217,7 @@ class LarAwp:
         of the batch, ``awp_rows``), else their mean. Logs ``l_adv`` (the unperturbed CE), ``awp_rel`` and
         ``awp_cos`` (module docstring)."""
         model, active, radii = self.model, self._active, self._radii
-        l_adv = float(_ce(model.head(f_first.detach()), y, loss_norm))
+        l_adv = float(_ce(model.head(f_first.detach()), y, loss_norm).detach())  # (a trained head has a graph)
         if not active:
             return f_first, {"l_adv": l_adv}
         if first_grads is None:

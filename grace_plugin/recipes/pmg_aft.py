@@ -51,6 +51,8 @@ class PMGAFTConfig(AdvConfig):
 @register_recipe("pmg_aft")
 class PMGAFT(FrozenOriginal, AdversarialRecipe):  # self.original: p_0, the frozen original model
     Config = PMGAFTConfig
+    # its KL to the pre-trained model's predictions needs a pre-trained head; a VQA answer head is new
+    tasks = ("classification",)
 
     def adversarial_loss(self, x, x_adv, y, ctx):
         cfg, model = self.cfg, self.model

@@ -45,6 +45,9 @@ class WiseFT(Recipe):
 
     def export_model(self):
         model = super().export_model()
-        mixed = interpolate_state_dicts(self.zero_shot_state, model.state_dict(), self.cfg.alpha)
+        start = self.zero_shot_state
+        if getattr(model, "head_is_new", False):  # a new head (VQA) has no zero-shot value: keep the fine-tuned one
+            start = {k: (model.state_dict()[k] if k.startswith("head.") else v) for k, v in start.items()}
+        mixed = interpolate_state_dicts(start, model.state_dict(), self.cfg.alpha)
         model.load_state_dict(mixed, strict=True)
         return model

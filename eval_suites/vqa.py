@@ -1,0 +1,216 @@
+"""VQA evaluation: per-set VQA accuracy (the official metric, ``grace_plugin.vqa.accuracy``), ID / near-OOD /
+far-OOD / OOD means (FRAMES-VQA, arXiv 2505.21755: unweighted means of per-set accuracies), predictions in the VQA
+result format, per-question scores for paired comparisons, and the scoring of a result file made elsewhere.
+
+Output folder: ``report.json`` and ``report.md``; ``predictions/<set>.json`` (``[{"question_id", "answer"}]``, what
+the official evaluator reads); ``scores/<set>.json`` (``{question_id: accuracy}``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from grace_plugin.errors import GraceError, UsageError, read_json
+from grace_plugin.tensor_io import atomic_write_text
+from grace_plugin.vqa.accuracy import group_mean, question_accuracy, summarise_scores
+
+__all__ = ["FRAMES_GROUPS", "set_group", "load_vqa_model", "predict_set", "score_predictions", "vqa_report",
+           "report_markdown", "write_vqa_outputs", "PredictionFileError"]
+
+# FRAMES-VQA's nine OOD sets and their groups (arXiv 2505.21755; github.com/chengyuehuang511/FRAMES-VQA README)
+FRAMES_GROUPS = {"vqav2": "id", "iv-vqa": "near", "cv-vqa": "near", "vqa-rephrasings": "near", "vqa-cp": "near",
+                 "vqa-ce": "near", "advqa": "near", "textvqa": "far", "vizwiz": "far", "ok-vqa": "far"}
+
+
+class PredictionFileError(GraceError, ValueError):
+    """A result file that does not answer exactly a set's questions; the message names the file."""
+
+
+def set_group(name: str, shards, is_id: bool) -> str:
+    """``id`` for the --data set; else the group its vqa.json declares, else FRAMES-VQA's group of its name; an OOD
+    set of unknown group is refused (the means would silently rest on a guess)."""
+    if is_id:
+        return "id"
+    group = (shards.meta.get("info") or {}).get("group") or FRAMES_GROUPS.get(name.lower())
+    if group not in ("near", "far"):
+        raise UsageError(f"--ood {name}: its group (near or far) is unknown; convert it with --group near|far or "
+                         f"name it as FRAMES-VQA does ({', '.join(k for k, g in FRAMES_GROUPS.items() if g != 'id')})")
+    return group
+
+
+def load_vqa_model(spec: str, device, id_records: list[dict] | None = None, min_count: int = 9):
+    """``(model, encoder, description)``: a VQA run folder (data.task=vqa), or a CLIP folder / ``NAME:PRETRAINED``
+    as the zero-shot answer scorer over the answers of ``id_records`` given at least ``min_count`` times."""
+    from grace_plugin.checkpoint import load_run
+    from grace_plugin.models.clip import bundle_from_text_state, load_clip
+    from grace_plugin.tensor_io import read_tensors
+    from grace_plugin.vqa.data import answer_vocabulary
+    from grace_plugin.vqa.model import QuestionEncoder, zero_shot_vqa_from_clip
+
+    p = Path(spec)
+    if (p / "checkpoint.json").is_file():
+        model, meta = load_run(p, device=device)
+        if meta.get("task") != "vqa":
+            raise UsageError(f"--model {spec}: a {meta.get('task', 'classification')} run, not a VQA run")
+        clip = meta["clip"]
+        bundle = bundle_from_text_state(clip["model_name"], clip["model_cfg"], read_tensors(p / "text.safetensors"))
+        return model, QuestionEncoder(bundle, device), f"run {p} ({meta.get('recipe')})"
+    bundle = load_clip(spec)
+    answers = answer_vocabulary(id_records or [], min_count)
+    if not answers:
+        raise UsageError(f"--answers-min-count {min_count}: no answer of the --data set is given that often")
+    return (zero_shot_vqa_from_clip(bundle, answers).to(device), QuestionEncoder(bundle, device),
+            f"zero-shot {spec} ({len(answers)} answers)")
+
+
+@torch.no_grad()
+def predict_set(model, encoder, urls: list[str], batch_size: int, device) -> tuple[list[dict], dict]:
+    """``([{"question_id", "answer", "answers", "answer_type", "question_type"}], skipped)`` for every readable
+    question of a set, in shard order."""
+    from grace_plugin.data.loader import make_eval_loader
+    from grace_plugin.data.transforms import eval_transform
+    from grace_plugin.vqa.data import VqaTarget
+    from grace_plugin.vqa.model import bound
+
+    rows, skipped = [], {}
+    loader = make_eval_loader(urls, eval_transform(model.pretrained_cfg), batch_size, target=VqaTarget(model.answers))
+    for b in loader:
+        for k, v in b.get("skipped", {}).items():
+            skipped[k] = skipped.get(k, 0) + v
+        if not b["image"].numel():
+            continue
+        with bound(encoder.context(model, b["question"])):
+            pred = model(b["image"].to(device)).argmax(1).tolist()
+        for i, rec in zip(pred, b["record"]):
+            rows.append({**rec, "answer": model.answers[i]})
+    return rows, skipped
+
+
+def score_predictions(predictions: list[dict], records: list[dict], where: str) -> list[dict]:
+    """Score ``[{"question_id", "answer"}]`` against a set's ``records`` (the evaluator's ``loadRes`` check: the
+    predictions answer exactly the set's questions)."""
+    if not isinstance(predictions, list) or not all(isinstance(p, dict) and "question_id" in p
+                                                    and isinstance(p.get("answer"), str) for p in predictions):
+        raise PredictionFileError(f"{where}: expected [{{\"question_id\": ..., \"answer\": str}}, ...]")
+    by_id = {str(p["question_id"]): p["answer"] for p in predictions}
+    ids = {str(r["question_id"]) for r in records}
+    if set(by_id) != ids:
+        missing, extra = ids - set(by_id), set(by_id) - ids
+        raise PredictionFileError(f"{where}: does not answer exactly the set's questions ({len(missing)} missing, "
+                                  f"{len(extra)} not in the set)")
+    return [{**r, "answer": by_id[str(r["question_id"])],
+             "score": question_accuracy(by_id[str(r["question_id"])], r["answers"])} for r in records]
+
+
+def vqa_report(model: str, sets: dict[str, dict]) -> dict:
+    """``sets``: name -> ``{"group", "rows" (scored), "skipped"}``; the per-set summaries and the group means."""
+    out = {"model": model, "metric": "VQA accuracy (official evaluator, github.com/GT-Vision-Lab/VQA), percent; "
+           "95% t interval over questions; group means unweighted over sets (normal interval)", "sets": {}}
+    for name, s in sets.items():
+        rows = s["rows"]
+        summ = summarise_scores([r["score"] for r in rows], [r.get("answer_type") or "-" for r in rows],
+                                [r.get("question_type") or "-" for r in rows])
+        out["sets"][name] = {"group": s["group"], **summ, "skipped": s.get("skipped", {})}
+    for group in ("id", "near", "far"):
+        out[group] = group_mean([v for v in out["sets"].values() if v["group"] == group])
+    out["ood"] = group_mean([v for v in out["sets"].values() if v["group"] in ("near", "far")])
+    return out
+
+
+def _fmt(m: dict) -> str:
+    if m.get("accuracy") is None:
+        return "-"
+    ci = m.get("ci95")
+    return f"{m['accuracy']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def report_markdown(rep: dict) -> str:
+    lines = [f"# VQA evaluation: {rep['model']}", "", rep["metric"], "", "| set | group | n | VQA accuracy [95%] |",
+             "|---|---|---:|---|"]
+    for name, s in rep["sets"].items():
+        lines.append(f"| {name} | {s['group']} | {s['n']} | {_fmt(s)} |")
+    lines += ["", "| ID | near OOD | far OOD | OOD |", "|---|---|---|---|",
+              f"| {_fmt(rep['id'])} | {_fmt(rep['near'])} | {_fmt(rep['far'])} | {_fmt(rep['ood'])} |", ""]
+    return "\n".join(lines)
+
+
+def write_vqa_outputs(out: str | Path, rep: dict, sets: dict[str, dict]) -> Path:
+    out = Path(out)
+    for name, s in sets.items():
+        atomic_write_text(out / "predictions" / f"{name}.json",
+                          json.dumps([{"question_id": r["question_id"], "answer": r["answer"]} for r in s["rows"]])
+                          + "\n")
+        atomic_write_text(out / "scores" / f"{name}.json",
+                          json.dumps({str(r["question_id"]): r["score"] for r in s["rows"]}) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(rep, indent=2) + "\n")
+    atomic_write_text(out / "report.md", report_markdown(rep))
+    return out / "report.md"
+
+
+def read_prediction_file(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--predictions {p}: file does not exist")
+    return read_json(p, PredictionFileError)
+
+
+def _open_sets(data: str | None, ood: list[str]) -> dict:
+    from grace_plugin.data.shards import open_shard_set
+
+    from .context import split_named
+
+    if not data:
+        raise UsageError("--task vqa needs --data NAME=DIR (the ID set)")
+    named = [(*split_named(data, "--data"), True)] + [(*split_named(o, "--ood"), False) for o in ood]
+    shards = {}
+    for name, path, is_id in named:
+        name = name or Path(path).name
+        if name in shards:
+            raise UsageError(f"set name {name!r} given twice; name them NAME=DIR")
+        s = open_shard_set(path)
+        if s.layout != "vqa":
+            raise UsageError(f"{path}: a {s.layout} set, not a VQA set (grace shards convert --format frames|coco-vqa)")
+        shards[name] = (s, set_group(name, s, is_id))
+    return shards
+
+
+def _scored_files(shards: dict, predictions: list[str]) -> dict:
+    from grace_plugin.vqa.data import read_records
+
+    from .context import split_named
+
+    files = dict(split_named(p, "--predictions") for p in predictions)
+    if set(files) == {None} and len(shards) == 1:
+        files = {next(iter(shards)): files[None]}
+    unknown = set(files) - set(shards)
+    if unknown:
+        raise UsageError(f"--predictions {sorted(map(str, unknown))[0]}=...: no such set among --data/--ood")
+    return {name: {"group": shards[name][1], "rows": score_predictions(read_prediction_file(f),
+                                                                        read_records(shards[name][0].urls), str(f))}
+            for name, f in files.items()}
+
+
+def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, predictions: list[str] = (),
+                 device: str = "auto", batch_size: int = 128, answers_min_count: int = 9) -> Path:
+    """``grace eval --task vqa``: score ``model`` (a VQA run, or a CLIP as the zero-shot scorer) or the result
+    files ``predictions`` (``[SET=]FILE``) on the ID set ``data`` and the OOD sets ``ood`` (``NAME=DIR``); write
+    the outputs to ``out`` and return its report.md."""
+    from grace_plugin.runtime import resolve_device
+    from grace_plugin.vqa.data import read_records
+
+    shards = _open_sets(data, ood)
+    if predictions:
+        sets = _scored_files(shards, list(predictions))
+        desc = "predictions " + ", ".join(str(p) for p in predictions)
+    else:
+        dev = resolve_device(device)
+        id_set = next(s for s, g in shards.values() if g == "id")
+        net, encoder, desc = load_vqa_model(model, dev, read_records(id_set.urls), answers_min_count)
+        sets = {}
+        for name, (s, group) in shards.items():
+            rows, skipped = predict_set(net, encoder, s.urls, batch_size, dev)
+            sets[name] = {"group": group, "skipped": skipped,
+                          "rows": [{**r, "score": question_accuracy(r["answer"], r["answers"])} for r in rows]}
+    return write_vqa_outputs(out, vqa_report(desc, sets), sets)

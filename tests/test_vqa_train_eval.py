@@ -1,0 +1,80 @@
+"""End to end on a tiny VQA set in the frames format: convert, ``grace train --task vqa``, ``grace eval --task
+vqa`` (model, zero-shot CLIP, and a result file: the same question gets the same number on every path)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grace_app.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+
+
+@pytest.fixture(scope="module")
+def vqa_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vqa")
+    rng = np.random.default_rng(0)
+    out = root / "set"
+    for split, n in (("train", 36), ("test", 12)):
+        imgs, records = root / f"img_{split}", []
+        imgs.mkdir()
+        for i in range(n):
+            c = list(COLOURS)[i % 3]
+            arr = np.clip(np.array(COLOURS[c]) + rng.normal(0, 10, (32, 32, 3)), 0, 255).astype("uint8")
+            Image.fromarray(arr).save(imgs / f"{i}.png")
+            records.append({"question_id": f"{split}{i}a", "question": "what colour is the picture?",
+                            "image": f"{i}.png", "answer": [c] * 8 + ["dark"] * 2, "answer_type": "other"})
+            records.append({"question_id": f"{split}{i}b", "question": "is the picture red?", "image": f"{i}.png",
+                            "answer": ["yes" if c == "red" else "no"] * 10, "answer_type": "yes/no"})
+        (root / f"{split}.json").write_text(json.dumps(records))
+        assert main(["shards", "convert", "--format", "frames", "--records", str(root / f"{split}.json"),
+                     "--images", str(imgs), "--split", split, "--out", str(out), "--name", "toy"]) == 0
+    return out
+
+
+def test_train_and_eval_vqa(vqa_set, tiny_clip_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--task", "vqa", "--recipe", "ft", "--init", str(tiny_clip_dir), "--data", str(vqa_set),
+                 "--out", str(run), "--steps", "4", "--no-progress", "--set", "data.answers_min_count=2",
+                 "--set", "train.batch_size=8", "--set", "train.val_every=0"]) == 0
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert meta["task"] == "vqa" and set(meta["classnames"]) == {"red", "blue", "green", "yes", "no", "dark"}
+    capsys.readouterr()
+    ev = tmp_path / "ev"
+    assert main(["eval", "--task", "vqa", "--model", str(run), "--data", f"vqav2={vqa_set}", "--ood",
+                 f"ok-vqa={vqa_set}", "--out", str(ev), "--no-progress"]) == 0
+    rep = json.loads((ev / "report.json").read_text())
+    s = rep["sets"]["vqav2"]
+    assert s["n"] == 24 and s["group"] == "id" and rep["sets"]["ok-vqa"]["group"] == "far"
+    assert rep["id"]["accuracy"] == pytest.approx(s["accuracy"]) and rep["near"]["accuracy"] is None
+    scores = json.loads((ev / "scores" / "vqav2.json").read_text())
+    assert len(scores) == 24 and all(any(v == pytest.approx(c) for c in (0, .3, .6, .9, 1)) for v in scores.values())
+    # a result file scored on the same set gives the same number
+    ev2 = tmp_path / "ev2"
+    assert main(["eval", "--task", "vqa", "--model", "-", "--data", f"vqav2={vqa_set}", "--predictions",
+                 str(ev / "predictions" / "vqav2.json"), "--out", str(ev2)]) == 0
+    rep2 = json.loads((ev2 / "report.json").read_text())
+    assert rep2["sets"]["vqav2"]["accuracy"] == s["accuracy"]
+    assert json.loads((ev2 / "scores" / "vqav2.json").read_text()) == scores
+    # a result file that misses a question is refused in one line
+    preds = json.loads((ev / "predictions" / "vqav2.json").read_text())[1:]
+    (tmp_path / "short.json").write_text(json.dumps(preds))
+    assert main(["eval", "--task", "vqa", "--model", "-", "--data", f"vqav2={vqa_set}", "--predictions",
+                 str(tmp_path / "short.json"), "--out", str(tmp_path / "ev3")]) == 2
+    assert "1 missing" in capsys.readouterr().err
+
+
+def test_zero_shot_and_refusals(vqa_set, tiny_clip_dir, tmp_path, capsys):
+    ev = tmp_path / "zs"
+    assert main(["eval", "--task", "vqa", "--model", str(tiny_clip_dir), "--data", f"toy={vqa_set}",
+                 "--answers-min-count", "2", "--out", str(ev), "--no-progress"]) == 0
+    rep = json.loads((ev / "report.json").read_text())
+    assert rep["model"].startswith("zero-shot") and rep["sets"]["toy"]["n"] == 24
+    assert main(["eval", "--task", "vqa", "--model", str(tiny_clip_dir), "--data", f"toy={vqa_set}", "--ood",
+                 f"mystery={vqa_set}", "--out", str(tmp_path / "x")]) == 2
+    assert "--ood mystery: its group (near or far) is unknown" in capsys.readouterr().err
+    assert main(["train", "--task", "vqa", "--recipe", "flyp", "--init", str(tiny_clip_dir), "--data",
+                 str(vqa_set), "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
+    assert "recipe 'flyp' trains only classification" in capsys.readouterr().err
