@@ -68,23 +68,30 @@ def load_vqa_model(spec: str, device, id_records: list[dict] | None = None, min_
 @torch.no_grad()
 def predict_set(model, encoder, urls: list[str], batch_size: int, device) -> tuple[list[dict], dict]:
     """``([{"question_id", "answer", "answers", "answer_type", "question_type"}], skipped)`` for every readable
-    question of a set, in shard order."""
+    question of a set, in shard order. Under ``torchrun`` each rank predicts its own batches
+    (``make_eval_loader``) and the per-batch records are gathered (``distributed.merge_records``): every rank holds
+    the one-process result."""
+    from .distributed import merge_records
+
     from grace_plugin.data.loader import make_eval_loader
     from grace_plugin.data.transforms import eval_transform
     from grace_plugin.vqa.data import VqaTarget
     from grace_plugin.vqa.model import bound
 
-    rows, skipped = [], {}
+    records = []
     loader = make_eval_loader(urls, eval_transform(model.pretrained_cfg), batch_size, target=VqaTarget(model.answers))
     for b in loader:
-        for k, v in b.get("skipped", {}).items():
+        rows = []
+        if b["image"].numel():
+            with bound(encoder.context(model, b["question"])):
+                pred = model(b["image"].to(device)).argmax(1).tolist()
+            rows = [{**rec, "answer": model.answers[i]} for i, rec in zip(pred, b["record"])]
+        records.append({"key": b["key"], "rows": rows, "skipped": b.get("skipped", {})})
+    rows, skipped = [], {}
+    for r in merge_records(records):
+        rows += r["rows"]
+        for k, v in r["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
-        if not b["image"].numel():
-            continue
-        with bound(encoder.context(model, b["question"])):
-            pred = model(b["image"].to(device)).argmax(1).tolist()
-        for i, rec in zip(pred, b["record"]):
-            rows.append({**rec, "answer": model.answers[i]})
     return rows, skipped
 
 
@@ -193,14 +200,15 @@ def _scored_files(shards: dict, predictions: list[str]) -> dict:
 
 
 def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, predictions: list[str] = (),
-                 device: str = "auto", batch_size: int = 128, answers_min_count: int = 9) -> Path:
+                 device: str = "auto", batch_size: int = 128, answers_min_count: int = 9) -> str:
     """``grace eval --task vqa``: score ``model`` (a VQA run, or a CLIP as the zero-shot scorer) or the result
     files ``predictions`` (``[SET=]FILE``) on the ID set ``data`` and the OOD sets ``ood`` (``NAME=DIR``); write
-    the outputs to ``out`` and return its report.md."""
-    from grace_plugin.runtime import resolve_device
+    the outputs to ``out`` (rank 0 under torchrun) and return the report's markdown."""
+    from grace_plugin.runtime import init_distributed, resolve_device
     from grace_plugin.vqa.data import read_records
 
     shards = _open_sets(data, ood)
+    rank, _ = init_distributed()  # (a no-op for one process) before choosing this rank's device
     if predictions:
         sets = _scored_files(shards, list(predictions))
         desc = "predictions " + ", ".join(str(p) for p in predictions)
@@ -213,4 +221,7 @@ def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, 
             rows, skipped = predict_set(net, encoder, s.urls, batch_size, dev)
             sets[name] = {"group": group, "skipped": skipped,
                           "rows": [{**r, "score": question_accuracy(r["answer"], r["answers"])} for r in rows]}
-    return write_vqa_outputs(out, vqa_report(desc, sets), sets)
+    rep = vqa_report(desc, sets)
+    if rank == 0:  # every rank holds the same result; one writes it
+        write_vqa_outputs(out, rep, sets)
+    return report_markdown(rep)

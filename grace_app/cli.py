@@ -97,8 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                         "ID / near / far / OOD means, predictions/<set>.json in the VQA result format")
     e.add_argument("--predictions", action="append", default=[], metavar="[SET=]FILE",
                    help="vqa: score this result file ([{question_id, answer}]) instead of running --model")
-    e.add_argument("--answers-min-count", type=int, default=9,
-                   help="vqa, zero-shot --model (a CLIP): candidate answers given at least this often in --data")
+    e.add_argument("--answers-min-count", type=int, default=9, help="vqa, zero-shot (a CLIP --model): answers")
     e.add_argument("--suite", action="append", default=[], metavar="NAME",
                    help="run registered suites after the shorthands' (repeatable; see `grace list suites`): id, "
                         "ood:<set>, adv:<attack>, transfer:<set>, corruptions, geometry, shift, robustbench")
@@ -274,7 +273,8 @@ def _cmd_eval_vqa(a) -> int:
 
     md = run_vqa_eval(a.model, a.data, a.ood, a.out, predictions=a.predictions, device=a.device,
                       batch_size=a.batch_size, answers_min_count=a.answers_min_count)
-    print(md.read_text())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(md)
     return 0
 
 

@@ -78,3 +78,21 @@ def test_zero_shot_and_refusals(vqa_set, tiny_clip_dir, tmp_path, capsys):
     assert main(["train", "--task", "vqa", "--recipe", "flyp", "--init", str(tiny_clip_dir), "--data",
                  str(vqa_set), "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
     assert "recipe 'flyp' trains only classification" in capsys.readouterr().err
+
+
+def test_two_processes_equal_one(vqa_set, tiny_clip_dir, tmp_path):
+    """torchrun with 2 gloo ranks (1 thread each): the same report and predictions as one process."""
+    from test_engine import _torchrun
+
+    run = tmp_path / "run"
+    assert main(["train", "--task", "vqa", "--recipe", "ft", "--init", str(tiny_clip_dir), "--data", str(vqa_set),
+                 "--out", str(run), "--steps", "2", "--no-progress", "--set", "data.answers_min_count=2",
+                 "--set", "train.batch_size=8", "--set", "train.val_every=0"]) == 0
+    args = ["--task", "vqa", "--model", str(run), "--data", f"vqav2={vqa_set}", "--batch-size", "5", "--device",
+            "cpu", "--no-progress"]
+    assert main(["eval", *args, "--out", str(tmp_path / "one")]) == 0
+    p = _torchrun(2, [*args, "--out", str(tmp_path / "two")])
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log[-3000:]
+    for f in ("report.json", "predictions/vqav2.json", "scores/vqav2.json"):
+        assert (tmp_path / "one" / f).read_text() == (tmp_path / "two" / f).read_text(), f

@@ -157,6 +157,8 @@ def group_mean(summaries: Iterable[dict]) -> dict:
     if not summaries:
         return {"accuracy": None, "sets": 0, "ci95": None}
     k = len(summaries)
+    if k == 1:  # one set: its own mean and interval
+        return {"accuracy": summaries[0]["accuracy"], "sets": 1, "ci95": summaries[0].get("ci95")}
     mean = math.fsum(s["accuracy"] for s in summaries) / k
     ci = None
     if all(s.get("se") is not None for s in summaries):
