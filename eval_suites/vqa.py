@@ -95,6 +95,41 @@ def predict_set(model, encoder, urls: list[str], batch_size: int, device) -> tup
     return rows, skipped
 
 
+def attack_set(model, encoder, urls: list[str], attack: str, eps: float, n: int, device, seed: int = 0) -> list[dict]:
+    """Pixel-space robustness on the first ``n`` questions of a set (shard order): the registered ``attack``
+    (``eval_suites.attacks``, e.g. APGD-CE) on the image, l_inf ``eps``, against the model's clean answer (the
+    attack's label: it maximises the answer loss of what the model said), then the answer on the attacked image,
+    scored by the VQA accuracy. One question at a time: AutoAttack's APGD re-runs on the subset of a batch it has not
+    fooled yet, and a question is bound to a row (``grace_plugin.vqa.model.bound``), so a batch of one is the only
+    batch whose subsets keep their questions. Under torchrun the questions are shared by the ranks and gathered."""
+    from grace_plugin.data.loader import make_eval_loader
+    from grace_plugin.data.transforms import eval_transform
+    from grace_plugin.vqa.data import VqaTarget
+    from grace_plugin.vqa.model import bound
+
+    from .attacks import create_attack
+    from .distributed import merge_records
+
+    records = []
+    loader = make_eval_loader(urls, eval_transform(model.pretrained_cfg), 1, target=VqaTarget(model.answers),
+                              limit=n)
+    for b in loader:
+        rows = []
+        if b["image"].numel():
+            x = b["image"].to(device)
+            with bound(encoder.context(model, b["question"])):
+                with torch.no_grad():
+                    clean = model(x).argmax(1)
+                x_adv = create_attack(attack, model, eps, seed=seed)(x, clean)
+                with torch.no_grad():
+                    adv = model(x_adv).argmax(1).tolist()
+            rows = [{**rec, "answer": model.answers[i], "clean_answer": model.answers[int(c)]}
+                    for i, c, rec in zip(adv, clean.tolist(), b["record"])]
+        records.append({"key": b["key"], "rows": rows})
+    return [{**r, "score": question_accuracy(r["answer"], r["answers"])} for rec in merge_records(records)
+            for r in rec["rows"]]
+
+
 def score_predictions(predictions: list[dict], records: list[dict], where: str) -> list[dict]:
     """Score ``[{"question_id", "answer"}]`` against a set's ``records`` (the evaluator's ``loadRes`` check: the
     predictions answer exactly the set's questions)."""
@@ -111,8 +146,10 @@ def score_predictions(predictions: list[dict], records: list[dict], where: str) 
              "score": question_accuracy(by_id[str(r["question_id"])], r["answers"])} for r in records]
 
 
-def vqa_report(model: str, sets: dict[str, dict]) -> dict:
-    """``sets``: name -> ``{"group", "rows" (scored), "skipped"}``; the per-set summaries and the group means."""
+def vqa_report(model: str, sets: dict[str, dict], adversarial: dict | None = None) -> dict:
+    """``sets``: name -> ``{"group", "rows" (scored), "skipped"}``; the per-set summaries and the group means;
+    ``adversarial``: ``{"attack", "eps", "set", "rows"}`` (pixel-space robustness, reported apart from AdVQA-style
+    sets, whose questions are adversarial, not their pixels)."""
     out = {"model": model, "metric": "VQA accuracy (official evaluator, github.com/GT-Vision-Lab/VQA), percent; "
            "95% t interval over questions; group means unweighted over sets (normal interval)", "sets": {}}
     for name, s in sets.items():
@@ -123,6 +160,10 @@ def vqa_report(model: str, sets: dict[str, dict]) -> dict:
     for group in ("id", "near", "far"):
         out[group] = group_mean([v for v in out["sets"].values() if v["group"] == group])
     out["ood"] = group_mean([v for v in out["sets"].values() if v["group"] in ("near", "far")])
+    if adversarial is not None:
+        rows = adversarial["rows"]
+        out["adversarial"] = {k: adversarial[k] for k in ("attack", "eps", "set")} | summarise_scores(
+            [r["score"] for r in rows])
     return out
 
 
@@ -138,8 +179,12 @@ def report_markdown(rep: dict) -> str:
              "|---|---|---:|---|"]
     for name, s in rep["sets"].items():
         lines.append(f"| {name} | {s['group']} | {s['n']} | {_fmt(s)} |")
-    lines += ["", "| ID | near OOD | far OOD | OOD |", "|---|---|---|---|",
-              f"| {_fmt(rep['id'])} | {_fmt(rep['near'])} | {_fmt(rep['far'])} | {_fmt(rep['ood'])} |", ""]
+    adv = rep.get("adversarial")
+    head, cells = "| ID | near OOD | far OOD | OOD |", [_fmt(rep[g]) for g in ("id", "near", "far", "ood")]
+    if adv:
+        head += f" Adv ({adv['attack']}, eps {adv['eps']:.4g}, first {adv['n']} of {adv['set']}) |"
+        cells.append(_fmt(adv))
+    lines += ["", head, "|---" * len(cells) + "|", "| " + " | ".join(cells) + " |", ""]
     return "\n".join(lines)
 
 
@@ -200,13 +245,19 @@ def _scored_files(shards: dict, predictions: list[str]) -> dict:
 
 
 def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, predictions: list[str] = (),
-                 device: str = "auto", batch_size: int = 128, answers_min_count: int = 9) -> str:
+                 device: str = "auto", batch_size: int = 128, answers_min_count: int = 9, attack: str | None = None,
+                 eps: float | str = 4 / 255, n_adv: int = 500, seed: int = 0) -> str:
     """``grace eval --task vqa``: score ``model`` (a VQA run, or a CLIP as the zero-shot scorer) or the result
     files ``predictions`` (``[SET=]FILE``) on the ID set ``data`` and the OOD sets ``ood`` (``NAME=DIR``); write
-    the outputs to ``out`` (rank 0 under torchrun) and return the report's markdown."""
+    the outputs to ``out`` and return the report's markdown (rank 0; the other ranks of a torchrun get "").
+    ``attack``: also the pixel-space robustness of the first ``n_adv`` ID questions (``attack_set``)."""
+    from .attacks import parse_eps
+
     from grace_plugin.runtime import init_distributed, resolve_device
     from grace_plugin.vqa.data import read_records
 
+    if attack and predictions:
+        raise UsageError("--attack needs a --model to attack, not --predictions")
     shards = _open_sets(data, ood)
     rank, _ = init_distributed()  # (a no-op for one process) before choosing this rank's device
     if predictions:
@@ -221,7 +272,14 @@ def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, 
             rows, skipped = predict_set(net, encoder, s.urls, batch_size, dev)
             sets[name] = {"group": group, "skipped": skipped,
                           "rows": [{**r, "score": question_accuracy(r["answer"], r["answers"])} for r in rows]}
-    rep = vqa_report(desc, sets)
-    if rank == 0:  # every rank holds the same result; one writes it
-        write_vqa_outputs(out, rep, sets)
+    adversarial = None
+    if attack:
+        id_name, (id_set, _) = next((k, v) for k, v in shards.items() if v[1] == "id")
+        eps = parse_eps(eps)
+        adversarial = {"attack": attack, "eps": eps, "set": id_name,
+                       "rows": attack_set(net, encoder, id_set.urls, attack, eps, n_adv, dev, seed)}
+    rep = vqa_report(desc, sets, adversarial)
+    if rank != 0:  # every rank holds the same result; one writes it
+        return ""
+    write_vqa_outputs(out, rep, sets)
     return report_markdown(rep)

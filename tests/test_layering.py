@@ -115,7 +115,7 @@ LAYERS = {
     "eval_suites": [{"", "attacks", "catalogue", "context", "distributed", "engine", "evaluate", "geometry", "imagenet",
                      "leaderboard", "plot", "report", "shardsets", "shift", "suites", "vqa"}],
     # the application: the testbed, the experiments run on it, the command line on top
-    "grace_app": [{"", "testbed"}, {"studies"}, {"cli", "__main__"}],
+    "grace_app": [{"", "testbed"}, {"studies"}, {"parser"}, {"cli", "__main__"}],
 }
 
 
@@ -229,7 +229,7 @@ def test_files_and_functions_stay_readable():
             if len(text.splitlines()) > cap:
                 long_files.append(str(p.relative_to(ROOT)))
             for node in ast.walk(ast.parse(text)):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
-                        node.end_lineno - node.lineno + 1 > 100 and (p.name, node.name) != ("cli.py", "_parser"):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > \
+                        100 and (p.name, node.name) != ("parser.py", "build_parser"):
                     long_funcs.append(f"{p.relative_to(ROOT)}:{node.name}")
     assert long_files == [] and long_funcs == [], (long_files, long_funcs)

@@ -1,0 +1,152 @@
+"""``grace quickstart --task vqa``: the VQA world -> its tiny CLIP -> zero-shot, LoRA, FT, DiGraP and GRACE -> one
+table of ID / near-OOD / far-OOD / OOD VQA accuracy and pixel-space robustness.
+
+Layout under ``out``: ``data/`` (the VQA world, grace_app/testbed/vqa_world.py), ``pretrained/`` (its tiny CLIP),
+``runs/<method>/`` (VQA run folders, each with its evaluation in ``eval/``), ``zero_shot/`` (the zero-shot
+evaluation), ``summary.json`` and ``summary.md``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from grace_plugin.config import checked, validate
+
+from ..testbed.configs import merge
+
+__all__ = ["VqaQuickstartConfig", "run_vqa_quickstart", "VQA_METHODS", "OOD_SETS"]
+
+# row label -> testbed method (grace_app/testbed_configs/methods.yaml); None: the zero-shot answer scorer
+VQA_METHODS = {"zero-shot": None, "LoRA": "lora-ft", "FT": "ft", "DiGraP": "digrap", "GRACE": "grace"}
+OOD_SETS = ["iv-vqa", "cv-vqa", "vqa-rephrasings", "vqa-cp", "vqa-ce", "advqa", "textvqa", "vizwiz", "ok-vqa"]
+
+
+@dataclass
+class VqaQuickstartConfig:
+    out: Path
+    seed: int = 0
+    methods: list[str] = field(default_factory=lambda: list(VQA_METHODS))
+    steps: int = checked(300, flag="--steps", gt=0)
+    n_adv: int = checked(100, flag="--n-adv", ge=0)
+    eps: float = checked(4 / 255, flag="--eps", ge=0, le=1)
+    attack: str = "apgd-ce"
+    device: str = "auto"
+    size: str = "default"  # "small": a few hundred questions and a 2-layer CLIP (smoke tests)
+    pretrain_steps: int | None = checked(None, flag="--pretrain-steps", gt=0)
+
+    def __post_init__(self):
+        validate(self)
+
+
+def prepare_vqa_testbed(out: Path, seed: int, size: str, pretrain_steps: int | None, progress: bool, echo,
+                        phases: dict) -> tuple[Path, Path]:
+    """The VQA world under ``out/data`` (reused when its spec and seed match) and its tiny CLIP (cached)."""
+    from grace_app.testbed.tiny_clip import PretrainConfig, tiny_clip
+    from grace_app.testbed.vqa_world import VqaWorldSpec, write_vqa_world
+    from grace_plugin.runfolder import folder_lock
+
+    data, pretrained = out / "data", out / "pretrained"
+    spec = VqaWorldSpec.small() if size == "small" else VqaWorldSpec()
+    pre = PretrainConfig(width=64, layers=2, batch_size=64) if size == "small" else PretrainConfig()
+    if pretrain_steps is not None:
+        pre.steps = pretrain_steps
+    t0 = time.time()
+    with folder_lock(data, what="VQA testbed (world and tiny CLIP)", wait=echo):
+        meta = json.loads((data / "world.json").read_text()) if (data / "world.json").is_file() else {}
+        if meta.get("spec") == asdict(spec) and meta.get("seed") == seed and meta.get("task") == "vqa":
+            echo(f"[1/4] VQA world: reusing {data}")
+        else:
+            echo(f"[1/4] VQA world -> {data}")
+            write_vqa_world(data, seed=seed, spec=spec)
+        t1 = time.time()
+        echo(f"[2/4] tiny CLIP -> {pretrained} (pretrained on the world's captions once, then cached)")
+        tiny_clip(data, pretrained, cfg=pre, progress=progress)
+    phases.update(world=round(t1 - t0, 1), tiny_clip=round(time.time() - t1, 1))
+    return data, pretrained
+
+
+def _row(method: str, rep: dict) -> dict:
+    row = {"method": method}
+    for g in ("id", "near", "far", "ood"):
+        row[g], row[f"{g}_ci95"] = rep[g]["accuracy"], rep[g]["ci95"]
+    adv = rep.get("adversarial") or {}
+    row["adv"], row["adv_ci95"] = adv.get("accuracy"), adv.get("ci95")
+    row["sets"] = {k: v["accuracy"] for k, v in rep["sets"].items()}
+    return row
+
+
+def _cell(v, ci) -> str:
+    return "-" if v is None else f"{v:.2f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+def summary_markdown(rows: list[dict], legend: str) -> str:
+    lines = ["| method | ID | near OOD | far OOD | OOD | Adv |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(_cell(r[g], r[f"{g}_ci95"]) for g in
+                                                        ("id", "near", "far", "ood", "adv")) + " |")
+    sets = list(rows[0]["sets"]) if rows else []
+    lines += ["", "| method | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(f"{r['sets'][s]:.2f}" for s in sets) + " |")
+    return "\n".join(lines) + "\n\n" + legend + "\n"
+
+
+def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=print) -> dict:
+    from eval_suites.vqa import run_vqa_eval
+    from grace_plugin.finetune import fine_tune
+    from grace_plugin.runtime import resolve_device
+    from grace_plugin.tensor_io import atomic_write_text
+
+    from ..testbed.configs import _load, method_config
+
+    unknown = [m for m in cfg.methods if m not in VQA_METHODS]
+    if unknown:
+        from grace_plugin.errors import UsageError
+
+        raise UsageError(f"--recipes {unknown[0]}: not a VQA quick-start row; rows: {', '.join(VQA_METHODS)}")
+    t0, out, phases = time.time(), Path(cfg.out), {}
+    data, pretrained = prepare_vqa_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, phases)
+    device = str(resolve_device(cfg.device))
+    vqa_layer = _load("vqa.yaml")
+    ood = [f"{n}={data / n}" for n in OOD_SETS]
+    trained = {}
+    echo("[3/4] fine-tuning on vqav2 train: " + ", ".join(m for m in cfg.methods if VQA_METHODS[m]))
+    for label in cfg.methods:
+        if VQA_METHODS[label] is None:
+            continue
+        t1 = time.time()
+        run_cfg = method_config(VQA_METHODS[label], tuned=False, steps=cfg.steps,
+                                overrides=merge(vqa_layer, {"train": {"seed": cfg.seed, "device": device}}))
+        trained[label] = fine_tune(_recipe_of(VQA_METHODS[label]), pretrained, data / "vqav2",
+                                   out / "runs" / label.lower(), run_cfg, progress=progress)
+        phases[f"fine-tune {label}"] = round(time.time() - t1, 1)
+    echo(f"[4/4] evaluation: vqav2 test and {len(OOD_SETS)} OOD sets; {cfg.attack} l_inf eps={cfg.eps:.4f} on "
+         f"the first {cfg.n_adv} vqav2 test questions")
+    rows, t1 = [], time.time()
+    for label in cfg.methods:
+        model = str(pretrained) if VQA_METHODS[label] is None else str(trained[label])
+        dest = out / "zero_shot" if VQA_METHODS[label] is None else trained[label] / "eval"
+        run_vqa_eval(model, f"vqav2={data / 'vqav2'}", ood, dest, device=device,
+                     answers_min_count=int(vqa_layer["data"]["answers_min_count"]),
+                     attack=cfg.attack if cfg.n_adv else None, eps=cfg.eps, n_adv=cfg.n_adv, seed=cfg.seed)
+        rows.append(_row(label, json.loads((dest / "report.json").read_text())))
+    phases["evaluation"] = round(time.time() - t1, 1)
+    legend = (f"VQA accuracy (the official evaluator's), percent, [95% interval]: ID = vqav2 test; near OOD = the "
+              f"mean of {', '.join(OOD_SETS[:6])}; far OOD = the mean of {', '.join(OOD_SETS[6:])}; OOD = the mean "
+              f"of all nine; Adv = {cfg.attack} (l_inf {cfg.eps:.4f}) on the image, first {cfg.n_adv} vqav2 test "
+              f"questions. {cfg.steps} steps per run, world seed {cfg.seed}; the zero-shot row scores each answer's "
+              "prompt with the tiny CLIP (no new parameter).")
+    summary = {"rows": rows, "steps": cfg.steps, "seed": cfg.seed, "legend": legend, "phases": phases,
+               "seconds": round(time.time() - t0, 1), "config": {k: str(v) for k, v in asdict(cfg).items()}}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    md = summary_markdown(rows, legend)
+    atomic_write_text(out / "summary.md", md)
+    return {"rows": rows, "md": md, "seconds": summary["seconds"], "paths": {"md": out / "summary.md"}}
+
+
+def _recipe_of(method: str) -> str:
+    from ..testbed.configs import load_methods
+
+    return load_methods()[method].recipe
