@@ -95,36 +95,53 @@ def predict_set(model, encoder, urls: list[str], batch_size: int, device) -> tup
     return rows, skipped
 
 
-def attack_set(model, encoder, urls: list[str], attack: str, eps: float, n: int, device, seed: int = 0) -> list[dict]:
+def _attacked(model, ctx, x: torch.Tensor, run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean answers, answers on the attacked images) of one batch whose questions are ``ctx``; the attack's label
+    is the clean answer, so every row starts "correct" and AutoAttack's APGD-CE (one restart) attacks the batch as a
+    whole; an attack that re-runs on a subset of the rows (a second attack, a restart) is redone one question at a
+    time, the only batch whose subsets keep their questions."""
+    from grace_plugin.vqa.model import UnboundQuestions, bound
+
+    with bound(ctx):
+        with torch.no_grad():
+            clean = model(x).argmax(1)
+        try:
+            x_adv = run(x, clean)
+        except UnboundQuestions:
+            x_adv = None
+    if x_adv is None:
+        parts = []
+        for i in range(x.shape[0]):
+            with bound(ctx[i:i + 1]):
+                parts.append(run(x[i:i + 1], clean[i:i + 1]))
+        x_adv = torch.cat(parts)
+    with bound(ctx), torch.no_grad():
+        return clean, model(x_adv).argmax(1)
+
+
+def attack_set(model, encoder, urls: list[str], attack: str, eps: float, n: int, device, seed: int = 0,
+               batch_size: int = 64) -> list[dict]:
     """Pixel-space robustness on the first ``n`` questions of a set (shard order): the registered ``attack``
-    (``eval_suites.attacks``, e.g. APGD-CE) on the image, l_inf ``eps``, against the model's clean answer (the
-    attack's label: it maximises the answer loss of what the model said), then the answer on the attacked image,
-    scored by the VQA accuracy. One question at a time: AutoAttack's APGD re-runs on the subset of a batch it has not
-    fooled yet, and a question is bound to a row (``grace_plugin.vqa.model.bound``), so a batch of one is the only
-    batch whose subsets keep their questions. Under torchrun the questions are shared by the ranks and gathered."""
+    (``eval_suites.attacks``, e.g. APGD-CE) on the image, l_inf ``eps``, against the model's clean answer (it
+    maximises the loss of what the model said), then the answer on the attacked image, scored by the VQA accuracy
+    (``_attacked``). Under torchrun the batches are shared by the ranks and gathered."""
     from grace_plugin.data.loader import make_eval_loader
     from grace_plugin.data.transforms import eval_transform
     from grace_plugin.vqa.data import VqaTarget
-    from grace_plugin.vqa.model import bound
 
     from .attacks import create_attack
     from .distributed import merge_records
 
     records = []
-    loader = make_eval_loader(urls, eval_transform(model.pretrained_cfg), 1, target=VqaTarget(model.answers),
-                              limit=n)
+    loader = make_eval_loader(urls, eval_transform(model.pretrained_cfg), batch_size,
+                              target=VqaTarget(model.answers), limit=n)
     for b in loader:
         rows = []
         if b["image"].numel():
-            x = b["image"].to(device)
-            with bound(encoder.context(model, b["question"])):
-                with torch.no_grad():
-                    clean = model(x).argmax(1)
-                x_adv = create_attack(attack, model, eps, seed=seed)(x, clean)
-                with torch.no_grad():
-                    adv = model(x_adv).argmax(1).tolist()
-            rows = [{**rec, "answer": model.answers[i], "clean_answer": model.answers[int(c)]}
-                    for i, c, rec in zip(adv, clean.tolist(), b["record"])]
+            clean, adv = _attacked(model, encoder.context(model, b["question"]), b["image"].to(device),
+                                   create_attack(attack, model, eps, seed=seed))
+            rows = [{**rec, "answer": model.answers[i], "clean_answer": model.answers[c]}
+                    for i, c, rec in zip(adv.tolist(), clean.tolist(), b["record"])]
         records.append({"key": b["key"], "rows": rows})
     return [{**r, "score": question_accuracy(r["answer"], r["answers"])} for rec in merge_records(records)
             for r in rec["rows"]]
@@ -215,6 +232,7 @@ def _open_sets(data: str | None, ood: list[str]) -> dict:
 
     if not data:
         raise UsageError("--task vqa needs --data NAME=DIR (the ID set)")
+    ood = [part for o in ood for part in str(o).split(",") if part]  # --ood A=DIR,B=DIR as the classification --ood
     named = [(*split_named(data, "--data"), True)] + [(*split_named(o, "--ood"), False) for o in ood]
     shards = {}
     for name, path, is_id in named:
@@ -277,7 +295,7 @@ def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, 
         id_name, (id_set, _) = next((k, v) for k, v in shards.items() if v[1] == "id")
         eps = parse_eps(eps)
         adversarial = {"attack": attack, "eps": eps, "set": id_name,
-                       "rows": attack_set(net, encoder, id_set.urls, attack, eps, n_adv, dev, seed)}
+                       "rows": attack_set(net, encoder, id_set.urls, attack, eps, n_adv, dev, seed, batch_size)}
     rep = vqa_report(desc, sets, adversarial)
     if rank != 0:  # every rank holds the same result; one writes it
         return ""

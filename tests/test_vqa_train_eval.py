@@ -96,3 +96,29 @@ def test_two_processes_equal_one(vqa_set, tiny_clip_dir, tmp_path):
     assert p.returncode == 0, log[-3000:]
     for f in ("report.json", "predictions/vqav2.json", "scores/vqav2.json"):
         assert (tmp_path / "one" / f).read_text() == (tmp_path / "two" / f).read_text(), f
+
+
+def test_attack_batched_and_one_question_at_a_time(vqa_set, tiny_clip_dir, tmp_path):
+    """APGD-CE against the clean answers attacks a batch as a whole; an attack that calls the model on a subset of
+    the rows (here a fake one) is redone one question at a time, each with its own question bound."""
+    import torch
+
+    from eval_suites.attacks import create_attack
+    from eval_suites.vqa import _attacked
+    from grace_plugin.models.clip import load_clip
+    from grace_plugin.vqa.model import QuestionEncoder, vqa_model_from_clip
+
+    bundle = load_clip(tiny_clip_dir)
+    model, enc = vqa_model_from_clip(bundle, ["red", "blue", "green", "yes", "no"]), QuestionEncoder(bundle)
+    x = torch.rand(4, 3, 32, 32)
+    ctx = enc.context(model, ["what colour?", "is it red?", "what colour is it?", "is it blue?"])
+    calls = []
+
+    def subset_attack(xb, yb):  # calls the model on the batch's first row only
+        calls.append(xb.shape[0])
+        return xb + 0 * model(xb[:1]).sum()
+
+    clean, adv = _attacked(model, ctx, x, subset_attack)
+    assert calls == [4, 1, 1, 1, 1] and torch.equal(clean, adv)
+    clean, adv = _attacked(model, ctx, x, create_attack("apgd-ce", model, 4 / 255))
+    assert clean.shape == adv.shape == (4,)

@@ -125,3 +125,31 @@ def test_vqa_quickstart_smoke(tmp_path, capsys, one_thread):
         assert r["id"] is not None and r["adv"] is not None and len(r["sets"]) == 10
     assert (out / "runs" / "grace" / "eval" / "predictions" / "advqa.json").is_file()
     assert main(["quickstart", "--task", "vqa", "--seeds", "2", "--out", str(out)]) == 2
+
+
+def test_calibration_checks_read_the_baselines_only():
+    from grace_app.studies.quickstart_vqa import calibration
+
+    def row(m, i, n, f, tv=40.0, lo=30.0):
+        return {"method": m, "id": i, "near": n, "far": f, "sets": {"textvqa": tv, "ok-vqa": tv},
+                "set_ci95": {"textvqa": [lo, 50], "ok-vqa": [lo, 50]}}
+
+    good = calibration([row("zero-shot", 50, 50, 30), row("FT", 80, 55, 20), row("GRACE", 10, 10, 10)])
+    assert [c["holds"] for c in good] == [True, True, True, True]
+    assert all("GRACE" not in c["check"] for c in good)
+    bad = calibration([row("zero-shot", 50, 50, 30, lo=10.0), row("LoRA", 55, 60, 40)])
+    assert [c["holds"] for c in bad] == [False, False, False, False]
+
+
+@pytest.mark.slow
+def test_vqa_world_calibration_holds(tmp_path):
+    """The full-size VQA quick start (minutes): every baseline calibration check holds (docs/vqa.md)."""
+    from grace_app.studies.quickstart_vqa import VqaQuickstartConfig, run_vqa_quickstart
+
+    res = run_vqa_quickstart(VqaQuickstartConfig(out=tmp_path / "qs", methods=["zero-shot", "LoRA", "FT"],
+                                                 n_adv=0), progress=False, echo=lambda *_: None)
+    import json
+
+    checks = json.loads((tmp_path / "qs" / "summary.json").read_text())["calibration"]
+    assert len(checks) == 6 and all(c["holds"] for c in checks), checks
+    assert res["rows"][0]["method"] == "zero-shot"

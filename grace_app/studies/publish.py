@@ -40,6 +40,8 @@ def _kind(doc: dict) -> str | None:
         return "study"
     if isinstance(doc, dict) and {"protocol", "methods", "trials"} <= set(doc):
         return "tuning"  # ``grace study tune``'s tuning.json
+    if isinstance(doc, dict) and doc.get("task") == "vqa" and "rows" in doc and "legend" in doc:
+        return "quickstart-vqa"  # ``grace quickstart --task vqa``'s summary.json
     if isinstance(doc, dict) and "rows" in doc and "definition" in doc and "world" in doc:
         return "quickstart"  # (``grace report``'s summary.json has rows too, but no world: not a quickstart)
     return None
@@ -66,7 +68,7 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
         name = f"tuning-{doc.get('size')}-seed{doc.get('seed')}.json"
     else:
         world = doc.get("world_seed") or 0  # a second world's study gets a page of its own
-        name = "quickstart.json" if kind == "quickstart" else \
+        name = "quickstart.json" if kind == "quickstart" else "quickstart-vqa.json" if kind == "quickstart-vqa" else \
             f"study-{doc.get('study')}{f'-world{world}' if world else ''}.json"
     dest = Path(data_dir) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +144,12 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
         return _table_markdown(doc)
     if kind == "quickstart":
         return _quickstart_markdown(doc)
+    if kind == "quickstart-vqa":
+        from .quickstart_vqa import summary_markdown
+
+        return (f"# Quick start, VQA\n\n`grace quickstart --task vqa`, {doc.get('steps')} steps per run, world seed "
+                f"{doc.get('seed')} ({doc.get('seconds')} s, phases: {doc.get('phases')}).\n\n"
+                + summary_markdown(doc["rows"], doc["legend"], doc.get("calibration")))
     if kind == "study":
         from .runner import verdicts_for_page
         from .study_page import study_markdown
@@ -157,7 +165,7 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
 def _group(doc: dict) -> str:
     """The results section a page belongs to (index and nav)."""
     kind = _kind(doc)
-    if kind == "quickstart":
+    if kind in ("quickstart", "quickstart-vqa"):
         return "Quick start"
     if kind == "study":
         world = doc.get("world_seed") or 0

@@ -74,14 +74,45 @@ def _row(method: str, rep: dict) -> dict:
     adv = rep.get("adversarial") or {}
     row["adv"], row["adv_ci95"] = adv.get("accuracy"), adv.get("ci95")
     row["sets"] = {k: v["accuracy"] for k, v in rep["sets"].items()}
+    row["set_ci95"] = {k: v["ci95"] for k, v in rep["sets"].items()}
     return row
+
+
+# chance of a uniform guess among the answers a question of the set can have (grace_app/testbed/vqa_world.py):
+# textvqa's nine digits, ok-vqa's four corner counts
+CHANCE = {"textvqa": 100 / 9, "ok-vqa": 100 / 4}
+
+
+def calibration(rows: list[dict]) -> list[dict]:
+    """The VQA world's calibration checks, on the baselines only (zero-shot, LoRA, FT; never DiGraP or GRACE): each
+    ``{"check", "holds", "values"}``. Fine-tuning raises ID well above zero-shot (by 10 points or more); its gain
+    shrinks from ID to near OOD to far OOD; zero-shot is above chance (its interval's lower end) on the far sets
+    whose skill was pretrained."""
+    by = {r["method"]: r for r in rows}
+    zs, out = by.get("zero-shot"), []
+    if zs is None:
+        return out
+    for m in ("LoRA", "FT"):
+        if m not in by:
+            continue
+        gain = {g: by[m][g] - zs[g] for g in ("id", "near", "far")}
+        out.append({"check": f"{m}: ID gain over zero-shot >= 10", "holds": gain["id"] >= 10,
+                    "values": {"gain_id": round(gain["id"], 2)}})
+        out.append({"check": f"{m}: gain shrinks ID > near > far", "values": {k: round(v, 2) for k, v in gain.items()},
+                    "holds": gain["id"] > gain["near"] > gain["far"]})
+    for name, chance in CHANCE.items():
+        acc = zs["sets"].get(name)
+        lo = (zs.get("set_ci95", {}).get(name) or [None])[0]
+        out.append({"check": f"zero-shot above chance on {name} (lower 95% bound > {chance:.1f})",
+                    "holds": lo is not None and lo > chance, "values": {"accuracy": acc, "lower": lo}})
+    return out
 
 
 def _cell(v, ci) -> str:
     return "-" if v is None else f"{v:.2f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 
 
-def summary_markdown(rows: list[dict], legend: str) -> str:
+def summary_markdown(rows: list[dict], legend: str, checks: list[dict] | None = None) -> str:
     lines = ["| method | ID | near OOD | far OOD | OOD | Adv |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | " + " | ".join(_cell(r[g], r[f"{g}_ci95"]) for g in
@@ -90,6 +121,11 @@ def summary_markdown(rows: list[dict], legend: str) -> str:
     lines += ["", "| method | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
     for r in rows:
         lines.append(f"| {r['method']} | " + " | ".join(f"{r['sets'][s]:.2f}" for s in sets) + " |")
+    if checks:
+        lines += ["", "The world's calibration, on the baselines only:", "", "| check | holds | values |",
+                  "|---|---|---|"]
+        lines += [f"| {c['check']} | {'yes' if c['holds'] else 'no'} | "
+                  + ", ".join(f"{k} {v}" for k, v in c["values"].items()) + " |" for c in checks]
     return "\n".join(lines) + "\n\n" + legend + "\n"
 
 
@@ -138,10 +174,12 @@ def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=pri
               f"of all nine; Adv = {cfg.attack} (l_inf {cfg.eps:.4f}) on the image, first {cfg.n_adv} vqav2 test "
               f"questions. {cfg.steps} steps per run, world seed {cfg.seed}; the zero-shot row scores each answer's "
               "prompt with the tiny CLIP (no new parameter).")
-    summary = {"rows": rows, "steps": cfg.steps, "seed": cfg.seed, "legend": legend, "phases": phases,
+    checks = calibration(rows)
+    summary = {"task": "vqa", "rows": rows, "calibration": checks, "steps": cfg.steps, "seed": cfg.seed,
+               "legend": legend, "phases": phases,
                "seconds": round(time.time() - t0, 1), "config": {k: str(v) for k, v in asdict(cfg).items()}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    md = summary_markdown(rows, legend)
+    md = summary_markdown(rows, legend, checks)
     atomic_write_text(out / "summary.md", md)
     return {"rows": rows, "md": md, "seconds": summary["seconds"], "paths": {"md": out / "summary.md"}}
 

@@ -18,7 +18,8 @@ VQAv2 and tests on nine OOD sets; each set here plays one of their roles, by a c
   question-only prior model of ID train, the "blind" baseline of Goyal et al. 2017, as AdVQA kept questions that
   fooled models, Sheng et al. 2021).
 * far OOD: ``textvqa`` (reading a digit drawn on a square), ``vizwiz`` (degraded capture: blur, low light,
-  shifted framing; a quarter ask about an object out of frame, answered "unanswerable" by most annotators),
+  shifted framing; half its colour questions ask about an object out of frame, answered "unanswerable" by most
+  annotators),
   ``ok-vqa`` (outside knowledge: how many corners the object has, never asked in ID, described in pretraining
   captions).
 
