@@ -275,3 +275,12 @@ def test_results_refuses_a_malformed_source_in_one_line(tmp_path, capsys):
     assert main(["results", "--data", str(data), "--out", str(tmp_path / "out"), "--mkdocs", ""]) == 2
     err = capsys.readouterr().err
     assert "bench-x.json: not a study.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_readme_vqa_table_is_the_generated_one():
+    """The README's VQA quick-start rows are the results page's (generated from its summary.json), to the digit."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Visual question answering", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "[" in ln]
+    page = (ROOT / "docs" / "results" / "quickstart-vqa.md").read_text()
+    assert len(rows) == 5 and all(r in page for r in rows), rows

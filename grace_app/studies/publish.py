@@ -147,9 +147,10 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
     if kind == "quickstart-vqa":
         from .quickstart_vqa import summary_markdown
 
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in (doc.get("phases") or {}).items())
         return (f"# Quick start, VQA\n\n`grace quickstart --task vqa`, {doc.get('steps')} steps per run, world seed "
-                f"{doc.get('seed')} ({doc.get('seconds')} s, phases: {doc.get('phases')}).\n\n"
-                + summary_markdown(doc["rows"], doc["legend"], doc.get("calibration")))
+                f"{doc.get('seed')}: {doc.get('seconds'):.0f} s on this run ({phases}; a world or tiny CLIP already "
+                "there counts 0 s).\n\n" + summary_markdown(doc["rows"], doc["legend"], doc.get("calibration")))
     if kind == "study":
         from .runner import verdicts_for_page
         from .study_page import study_markdown

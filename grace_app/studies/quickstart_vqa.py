@@ -104,7 +104,9 @@ def calibration(rows: list[dict]) -> list[dict]:
         acc = zs["sets"].get(name)
         lo = (zs.get("set_ci95", {}).get(name) or [None])[0]
         out.append({"check": f"zero-shot above chance on {name} (lower 95% bound > {chance:.1f})",
-                    "holds": lo is not None and lo > chance, "values": {"accuracy": acc, "lower": lo}})
+                    "holds": lo is not None and lo > chance,
+                    "values": {"accuracy": None if acc is None else round(acc, 2),
+                               "lower": None if lo is None else round(lo, 2)}})
     return out
 
 
