@@ -50,6 +50,9 @@ def _load_run_with_text(run_dir: Path):
     from .weights import load_state_dict_safe
 
     model, meta = load_run(run_dir)
+    if meta.get("task", "classification") != "classification":  # RobustBench, timm and open_clip names classify
+        raise RegistryError(f"{run_dir}: a {meta['task']} run; register and export publish image classifiers "
+                            "(a VQA run is loaded by grace eval --task vqa --model RUN)")
     text_file = run_dir / "text.safetensors"
     if not meta.get("clip") or not text_file.is_file():
         raise RegistryError(f"{text_file}: missing; the run carries no text tower to build a head with")

@@ -109,6 +109,9 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     run_dir = p if p.is_dir() else p.parent
     if (p.is_dir() and (p / "checkpoint.json").is_file()) or (p.is_file() and (run_dir / "checkpoint.json").is_file()):
         model, meta = load_run(p, device=device)
+        if meta.get("task", "classification") != "classification":
+            raise ModelNotFound(f"--model {spec}: a {meta['task']} run; evaluate it with grace eval --task "
+                                f"{meta['task']}")
         text_file, text_loader = run_dir / "text.safetensors", None
         if text_file.is_file() and meta.get("clip"):
             from .weights import load_state_dict_safe

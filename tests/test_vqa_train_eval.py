@@ -122,3 +122,15 @@ def test_attack_batched_and_one_question_at_a_time(vqa_set, tiny_clip_dir, tmp_p
     assert calls == [4, 1, 1, 1, 1] and torch.equal(clean, adv)
     clean, adv = _attacked(model, ctx, x, create_attack("apgd-ce", model, 4 / 255))
     assert clean.shape == adv.shape == (4,)
+
+
+def test_a_vqa_run_is_refused_where_a_classifier_is_expected(vqa_set, tiny_clip_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--task", "vqa", "--recipe", "ft", "--init", str(tiny_clip_dir), "--data", str(vqa_set),
+                 "--out", str(run), "--steps", "1", "--no-progress", "--set", "data.answers_min_count=2",
+                 "--set", "train.batch_size=8", "--set", "train.val_every=0"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "--data", str(vqa_set), "--out", str(tmp_path / "e")]) == 2
+    assert "a vqa run; evaluate it with grace eval --task vqa" in capsys.readouterr().err
+    assert main(["register", str(run), "--name", "X_VQA", "--dataset", "imagenet"]) == 2
+    assert "register and export publish image classifiers" in capsys.readouterr().err
