@@ -27,7 +27,7 @@ from .classifier import ClipClassifier, ZeroShotHead
 
 __all__ = ["ClipBundle", "TINY_CLIP_NAME", "tiny_clip_config", "register_open_clip_config", "load_clip",
            "save_clip", "tower_spec", "build_tower", "convert_visual", "zero_shot_weights", "classifier_from_clip",
-           "pretrained_cfg_from_clip", "OPENAI_TOWERS", "template_fns"]
+           "pretrained_cfg_from_clip", "OPENAI_TOWERS", "template_fns", "image_tower"]
 
 TINY_CLIP_NAME = "GRACE-Tiny-32"
 
@@ -250,11 +250,16 @@ def zero_shot_weights(bundle: ClipBundle, classnames: list[str], templates: list
     return torch.cat(rows)
 
 
+def image_tower(bundle: ClipBundle) -> nn.Module:
+    """The CLIP's image tower as timm's CLIP ``VisionTransformer`` with its weights (``convert_visual``)."""
+    tower = build_tower(tower_spec(bundle.model_name, bundle.model_cfg))
+    tower.load_state_dict(convert_visual(bundle.clip.state_dict(), tower), strict=True)
+    return tower
+
+
 def classifier_from_clip(bundle: ClipBundle, classnames: list[str], templates: list[Any],
                          device: str | torch.device = "cpu", share_ranks: bool = False) -> ClipClassifier:
-    spec = tower_spec(bundle.model_name, bundle.model_cfg)
-    tower = build_tower(spec)
-    tower.load_state_dict(convert_visual(bundle.clip.state_dict(), tower), strict=True)
+    tower = image_tower(bundle)
     head = ZeroShotHead(zero_shot_weights(bundle, classnames, templates, device=device, share_ranks=share_ranks),
                         float(bundle.clip.logit_scale.detach().exp()))
     return ClipClassifier(tower, head, pretrained_cfg_from_clip(bundle)).eval()

@@ -104,21 +104,33 @@ class AnswerHead(nn.Module):
         return self.fc2(F.gelu(self.fc1(z)))
 
 
-class ClipVQA(nn.Module):
+class _ImageSide(nn.Module):
+    """What both VQA models share with ``ClipClassifier``: [0,1] pixels normalised inside, the timm image tower, the
+    answer list and timm's pretrained cfg."""
+
+    def __init__(self, visual: nn.Module, pretrained_cfg: dict, answers: list[str]):
+        super().__init__()
+        self.normalize = ImageNormalizer(pretrained_cfg["mean"], pretrained_cfg["std"])
+        self.visual = visual
+        self.answers = list(answers)
+        self.pretrained_cfg = dict(pretrained_cfg, num_classes=len(answers))
+        self.default_cfg = self.pretrained_cfg  # timm alias
+        self.num_classes = len(answers)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings of [0,1] images."""
+        return F.normalize(self.visual(self.normalize(x)), dim=-1)
+
+
+class ClipVQA(_ImageSide):
     """CLIP image tower + answer head; input ``[B, 3, H, W]`` in [0,1] with the questions bound; output ``[B, A]``."""
 
     head_is_new = True  # every recipe trains the head (it has no pre-trained value)
     question_fields = ("embedding",)
 
     def __init__(self, visual: nn.Module, head: AnswerHead, pretrained_cfg: dict, answers: list[str]):
-        super().__init__()
-        self.normalize = ImageNormalizer(pretrained_cfg["mean"], pretrained_cfg["std"])
-        self.visual = visual
+        super().__init__(visual, pretrained_cfg, answers)
         self.head = head
-        self.answers = list(answers)
-        self.pretrained_cfg = dict(pretrained_cfg, num_classes=len(answers))
-        self.default_cfg = self.pretrained_cfg
-        self.num_classes = len(answers)
 
     def head_spec(self) -> dict:
         """The head's shape, as a run folder's checkpoint.json records it (``from_spec`` rebuilds it)."""
@@ -130,31 +142,19 @@ class ClipVQA(nn.Module):
         head = AnswerHead(int(arch["embed_dim"]), len(answers), int(arch["head"]["hidden"]))
         return cls(visual, head, pretrained_cfg, answers)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(self.normalize(x)), dim=-1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encode(x))
 
 
-class ZeroShotVQA(nn.Module):
+class ZeroShotVQA(_ImageSide):
     """CLIP answer scoring: ``logit_scale · <image, prompt(q, a)>`` over the candidate answers ``a``."""
 
     head_is_new = False
     question_fields = ("prompts",)
 
     def __init__(self, visual: nn.Module, logit_scale: float, pretrained_cfg: dict, answers: list[str]):
-        super().__init__()
-        self.normalize = ImageNormalizer(pretrained_cfg["mean"], pretrained_cfg["std"])
-        self.visual = visual
+        super().__init__(visual, pretrained_cfg, answers)
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
-        self.answers = list(answers)
-        self.pretrained_cfg = dict(pretrained_cfg, num_classes=len(answers))
-        self.default_cfg = self.pretrained_cfg
-        self.num_classes = len(answers)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(self.normalize(x)), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.encode(x)
@@ -200,10 +200,9 @@ class QuestionEncoder:
 def vqa_model_from_clip(bundle, answers: list[str], hidden: int | None = None, seed: int = 0) -> ClipVQA:
     """A ``ClipVQA`` on the CLIP ``bundle``'s image tower (converted to timm as for classification) with a new
     answer head over ``answers``, initialised from ``seed`` (the global RNG is left as it was)."""
-    from ..models.clip import build_tower, convert_visual, pretrained_cfg_from_clip, tower_spec
+    from ..models.clip import image_tower, pretrained_cfg_from_clip
 
-    tower = build_tower(tower_spec(bundle.model_name, bundle.model_cfg))
-    tower.load_state_dict(convert_visual(bundle.clip.state_dict(), tower), strict=True)
+    tower = image_tower(bundle)
     dim = int(bundle.model_cfg["embed_dim"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -213,9 +212,7 @@ def vqa_model_from_clip(bundle, answers: list[str], hidden: int | None = None, s
 
 def zero_shot_vqa_from_clip(bundle, answers: list[str]) -> ZeroShotVQA:
     """The zero-shot answer scorer on the CLIP ``bundle`` (no new parameter)."""
-    from ..models.clip import build_tower, convert_visual, pretrained_cfg_from_clip, tower_spec
+    from ..models.clip import image_tower, pretrained_cfg_from_clip
 
-    tower = build_tower(tower_spec(bundle.model_name, bundle.model_cfg))
-    tower.load_state_dict(convert_visual(bundle.clip.state_dict(), tower), strict=True)
-    return ZeroShotVQA(tower, float(bundle.clip.logit_scale.detach().exp()), pretrained_cfg_from_clip(bundle),
-                       answers).eval()
+    scale = float(bundle.clip.logit_scale.detach().exp())
+    return ZeroShotVQA(image_tower(bundle), scale, pretrained_cfg_from_clip(bundle), answers).eval()
