@@ -67,6 +67,10 @@ def _cmd_eval_vqa(a) -> int:
 
 
 def _cmd_eval_locked(a) -> int:
+    from grace_plugin.errors import UsageError
+
+    if a.model is None and not (a.task == "vqa" and a.predictions):
+        raise UsageError("--model is required (only --task vqa --predictions scores result files without one)")
     if a.task == "vqa":
         return _cmd_eval_vqa(a)
     from eval_suites.context import SuiteContext

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model: a list of suites (ID, OOD, adversarial, ...)",
                        description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--model", required=True, help="run folder, weights file, CLIP folder or timm model name")
+    e.add_argument("--model", help="run folder, weights file, CLIP folder or timm model name (required, except with "
+                   "--task vqa --predictions)")
     e.add_argument("--data", metavar="[NAME=]DIR",
                    help="ID set: a shard set or an ImageNet val folder (named 'id' unless NAME=); adds suite id")
     e.add_argument("--ood", action="append", default=[], metavar="SET[,SET...]",

@@ -53,7 +53,7 @@ def test_train_and_eval_vqa(vqa_set, tiny_clip_dir, tmp_path, capsys):
     assert len(scores) == 24 and all(any(v == pytest.approx(c) for c in (0, .3, .6, .9, 1)) for v in scores.values())
     # a result file scored on the same set gives the same number
     ev2 = tmp_path / "ev2"
-    assert main(["eval", "--task", "vqa", "--model", "-", "--data", f"vqav2={vqa_set}", "--predictions",
+    assert main(["eval", "--task", "vqa", "--data", f"vqav2={vqa_set}", "--predictions",
                  str(ev / "predictions" / "vqav2.json"), "--out", str(ev2)]) == 0
     rep2 = json.loads((ev2 / "report.json").read_text())
     assert rep2["sets"]["vqav2"]["accuracy"] == s["accuracy"]
@@ -134,3 +134,5 @@ def test_a_vqa_run_is_refused_where_a_classifier_is_expected(vqa_set, tiny_clip_
     assert "a vqa run; evaluate it with grace eval --task vqa" in capsys.readouterr().err
     assert main(["register", str(run), "--name", "X_VQA", "--dataset", "imagenet"]) == 2
     assert "register and export publish image classifiers" in capsys.readouterr().err
+    assert main(["eval", "--data", str(vqa_set), "--out", str(tmp_path / "e2")]) == 2
+    assert "--model is required" in capsys.readouterr().err
