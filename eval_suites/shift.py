@@ -64,7 +64,8 @@ def near_far(scores: dict[str, float]) -> dict:
 def _correlation(stat, x, y) -> float | None:
     """``scipy.stats`` correlation ``stat`` of two sequences; None where it is undefined (< 2 points, constant)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+    # constant to the last few bits (e.g. one question text asked of a whole set) counts as constant
+    if len(x) < 2 or np.allclose(x, x[0], rtol=1e-12, atol=0) or np.allclose(y, y[0], rtol=1e-12, atol=0):
         return None
     return float(stat(x, y)[0])
 

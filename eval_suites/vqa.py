@@ -41,8 +41,9 @@ def set_group(name: str, shards, is_id: bool) -> str:
 
 
 def load_vqa_model(spec: str, device, id_records: list[dict] | None = None, min_count: int = 9):
-    """``(model, encoder, description)``: a VQA run folder (data.task=vqa), or a CLIP folder / ``NAME:PRETRAINED``
-    as the zero-shot answer scorer over the answers of ``id_records`` given at least ``min_count`` times."""
+    """``(model, encoder, description, pre-trained CLIP)``: a VQA run folder (data.task=vqa; its ``--init`` is the
+    pre-trained CLIP), or a CLIP folder / ``NAME:PRETRAINED`` as the zero-shot answer scorer over the answers of
+    ``id_records`` given at least ``min_count`` times."""
     from grace_plugin.checkpoint import load_run
     from grace_plugin.models.clip import bundle_from_text_state, load_clip
     from grace_plugin.tensor_io import read_tensors
@@ -56,13 +57,13 @@ def load_vqa_model(spec: str, device, id_records: list[dict] | None = None, min_
             raise UsageError(f"--model {spec}: a {meta.get('task', 'classification')} run, not a VQA run")
         clip = meta["clip"]
         bundle = bundle_from_text_state(clip["model_name"], clip["model_cfg"], read_tensors(p / "text.safetensors"))
-        return model, QuestionEncoder(bundle, device), f"run {p} ({meta.get('recipe')})"
+        return model, QuestionEncoder(bundle, device), f"run {p} ({meta.get('recipe')})", meta.get("init")
     bundle = load_clip(spec)
     answers = answer_vocabulary(id_records or [], min_count)
     if not answers:
         raise UsageError(f"--answers-min-count {min_count}: no answer of the --data set is given that often")
     return (zero_shot_vqa_from_clip(bundle, answers).to(device), QuestionEncoder(bundle, device),
-            f"zero-shot {spec} ({len(answers)} answers)")
+            f"zero-shot {spec} ({len(answers)} answers)", spec)
 
 
 @torch.no_grad()
@@ -202,7 +203,35 @@ def report_markdown(rep: dict) -> str:
         head += f" Adv ({adv['attack']}, eps {adv['eps']:.4g}, first {adv['n']} of {adv['set']}) |"
         cells.append(_fmt(adv))
     lines += ["", head, "|---" * len(cells) + "|", "| " + " | ".join(cells) + " |", ""]
+    if rep.get("analysis"):
+        lines += _analysis_markdown(rep["analysis"])
     return "\n".join(lines)
+
+
+def _analysis_markdown(an: dict) -> list[str]:
+    from .vqa_analysis import CONCEPTS
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["## Shift per modality", "", f"Mean Mahalanobis distance to ID train ({an['n_fit']} questions; "
+             f"uni-modal concepts from {an['reference']}); higher is farther.", "",
+             "| set | " + " | ".join(CONCEPTS) + " |", "|---" * (len(CONCEPTS) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f(v.get(c)) for c in CONCEPTS) + " |" for n, v in an["shift"].items()]
+    lines += ["", "| concept | Pearson (shift, accuracy) | Spearman | sets |", "|---|---|---|---|"]
+    lines += [f"| {c} | {f(v['pearson'])} | {f(v['spearman'])} | {v['sets']} |"
+              for c, v in an["shift_vs_accuracy"].items()]
+    pairs = sorted({p for v in an["concept_pairs"].values() for p in v})
+    lines += ["", "Per-sample Pearson between concept distances:", "", "| set | " + " | ".join(pairs) + " |",
+              "|---" * (len(pairs) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f(v.get(p)) for p in pairs) + " |" for n, v in an["concept_pairs"].items()]
+    lines += ["", "## Modality importance", "", "Drop of the predicted answer's probability without the image "
+              "(the ID mean image) and without the question (empty), and the question's share (median [quartiles]).",
+              "", "| set | image | question | question share |", "|---|---|---|---|"]
+    for n, v in an["modality_importance"].items():
+        lines.append(f"| {n} | " + " | ".join(f"{v[k]['median']:.3f} [{v[k]['q25']:.3f}, {v[k]['q75']:.3f}]"
+                                              for k in ("image", "question", "question_share")) + " |")
+    return lines + [""]
 
 
 def write_vqa_outputs(out: str | Path, rep: dict, sets: dict[str, dict]) -> Path:
@@ -264,11 +293,12 @@ def _scored_files(shards: dict, predictions: list[str]) -> dict:
 
 def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, predictions: list[str] = (),
                  device: str = "auto", batch_size: int = 128, answers_min_count: int = 9, attack: str | None = None,
-                 eps: float | str = 4 / 255, n_adv: int = 500, seed: int = 0) -> str:
+                 eps: float | str = 4 / 255, n_adv: int = 500, seed: int = 0, shift=None) -> str:
     """``grace eval --task vqa``: score ``model`` (a VQA run, or a CLIP as the zero-shot scorer) or the result
     files ``predictions`` (``[SET=]FILE``) on the ID set ``data`` and the OOD sets ``ood`` (``NAME=DIR``); write
     the outputs to ``out`` and return the report's markdown (rank 0; the other ranks of a torchrun get "").
-    ``attack``: also the pixel-space robustness of the first ``n_adv`` ID questions (``attack_set``)."""
+    ``attack``: also the pixel-space robustness of the first ``n_adv`` ID questions (``attack_set``); ``shift``
+    (``vqa_analysis.ShiftOptions``): also the shift per modality and the modality importance (``vqa_analysis``)."""
     from .attacks import parse_eps
 
     from grace_plugin.runtime import init_distributed, resolve_device
@@ -284,7 +314,7 @@ def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, 
     else:
         dev = resolve_device(device)
         id_set = next(s for s, g in shards.values() if g == "id")
-        net, encoder, desc = load_vqa_model(model, dev, read_records(id_set.urls), answers_min_count)
+        net, encoder, desc, init = load_vqa_model(model, dev, read_records(id_set.urls), answers_min_count)
         sets = {}
         for name, (s, group) in shards.items():
             rows, skipped = predict_set(net, encoder, s.urls, batch_size, dev)
@@ -297,7 +327,15 @@ def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, 
         adversarial = {"attack": attack, "eps": eps, "set": id_name,
                        "rows": attack_set(net, encoder, id_set.urls, attack, eps, n_adv, dev, seed, batch_size)}
     rep = vqa_report(desc, sets, adversarial)
+    samples = None
+    if shift is not None:
+        from .vqa_analysis import analyse
+
+        rep["analysis"], samples = analyse(net, encoder, shift.reference or init, shards, rep, shift, dev, batch_size)
     if rank != 0:  # every rank holds the same result; one writes it
         return ""
     write_vqa_outputs(out, rep, sets)
+    if samples is not None:
+        for name, per in samples.items():
+            atomic_write_text(Path(out) / "shift" / f"{name}.json", json.dumps(per) + "\n")
     return report_markdown(rep)

@@ -57,10 +57,12 @@ def _cmd_eval(a) -> int:
 
 def _cmd_eval_vqa(a) -> int:
     from eval_suites.vqa import run_vqa_eval
+    from eval_suites.vqa_analysis import ShiftOptions
 
     md = run_vqa_eval(a.model, a.data, a.ood, a.out, predictions=a.predictions, device=a.device,
                       batch_size=a.batch_size, answers_min_count=a.answers_min_count, attack=a.attack,
-                      eps=a.eps, n_adv=a.n_adv, seed=a.seed)
+                      eps=a.eps, n_adv=a.n_adv, seed=a.seed,
+                      shift=ShiftOptions(a.reference, n_set=a.n_shift) if a.shift else None)
     if md:  # (rank 0's)
         print(md)
     return 0

@@ -106,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-imagenet", type=int, default=5000, help="images of RobustBench's ImageNet subset")
     e.add_argument("--unit-input", action="store_true", default=None,
                    help="assert the model takes [0,1] input when it does not declare it")
-    e.add_argument("--reference", help="pretrained model for the parameter drift (suite geometry)")
+    e.add_argument("--reference", help="pretrained model for the parameter drift (suite geometry); vqa --shift: "
+                   "the pre-trained CLIP of the uni-modal embeddings (default: the run's --init)")
+    e.add_argument("--shift", action="store_true", help="vqa: also the shift per modality (Mahalanobis to ID train) "
+                   "and the modality importance of every set (docs/vqa.md)")
+    e.add_argument("--n-shift", type=int, default=1000, help="vqa --shift: questions scored per set")
     e.add_argument("--model-info-name", help="write RobustBench model_info/<dataset>/<threat>/<NAME>.json")
     e.add_argument("--seed", type=int, default=0)
 

@@ -98,10 +98,13 @@ class AnswerHead(nn.Module):
         self.fc2 = nn.Linear(hidden, answers)
         self.num_classes = answers
 
+    def hidden(self, f: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The fused image-question representation (the head's penultimate activation: FRAMES-VQA's "joint"
+        embedding for this model, arXiv 2505.21755 §4)."""
+        return F.gelu(self.fc1(self.norm(torch.cat([f, q, f * q], dim=-1))))
+
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        q = current_questions(f.shape[0], "embedding").to(f)
-        z = self.norm(torch.cat([f, q, f * q], dim=-1))
-        return self.fc2(F.gelu(self.fc1(z)))
+        return self.fc2(self.hidden(f, current_questions(f.shape[0], "embedding").to(f)))
 
 
 class _ImageSide(nn.Module):

@@ -1,0 +1,227 @@
+"""FRAMES-VQA's analyses on a CLIP VQA model (arXiv 2505.21755 §4-5): the shift of each set per modality, measured by
+Mahalanobis distances to ID train, how it relates to accuracy, and how much each answer relies on the image and on
+the question.
+
+Embeddings per sample (``embeddings``), the CLIP analogues of FRAMES' concepts (github.com/chengyuehuang511/
+vlm_robustness, ``ood_test/contextual_ood/measure.py``; its ViT / BERT / PaliGemma embeddings):
+
+* ``uni_image``: the frozen pre-trained image tower's embedding (FRAMES: a ViT);
+* ``uni_question``: the frozen pre-trained text tower's embedding of the question (FRAMES: BERT);
+* ``image``: the model's own image embedding;
+* ``joint``: the model's fused image-question representation (``ClipVQA``: the answer head's penultimate
+  activation; the zero-shot scorer: its image embedding beside the predicted answer's prompt embedding);
+* ``question``: the same with the image removed (``ClipVQA``: the head on a zero image feature; the zero-shot
+  scorer: the question's text embedding), FRAMES' ``ques_ft``.
+
+``shift_scores`` fits one Gaussian per concept on ID train (``eval_suites.shift.fit_gaussian``: float64, a
+scale-aware ridge) and scores every sample; ``relate`` correlates per-set shift with per-set accuracy (Pearson and
+Spearman across sets) and, per sample, pairs of concepts (which modality the joint shift follows).
+
+Modality importance (``modality_importance``): FRAMES measures text-over-image attention in PaliGemma; a CLIP VQA
+model has no cross-modal attention, so here it is an ablation per sample: the drop in the predicted answer's
+probability when the image is replaced by the ID mean image (``image``) and when the question is emptied
+(``question``), and the question's share ``|dq| / (|di| + |dq|)`` (0.5 when neither matters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from grace_plugin.errors import GraceError
+
+__all__ = ["CONCEPTS", "PAIRS", "ShiftOptions", "embeddings", "shift_scores", "relate", "modality_importance",
+           "importance_summary", "analyse"]
+
+@dataclass
+class ShiftOptions:
+    """``grace eval --task vqa --shift``: the pre-trained CLIP of the uni-modal concepts (default: the run's
+    ``--init``), how many ID train questions fit the Gaussians and how many questions of each set are scored."""
+
+    reference: str | None = None
+    n_fit: int = 2000
+    n_set: int = 1000
+    ridge: float | None = None
+
+
+CONCEPTS = ("uni_image", "uni_question", "image", "joint", "question")
+# per-sample concept pairs (FRAMES: (image, joint), (ques_ft, joint), pre-trained against fine-tuned)
+PAIRS = (("image", "joint"), ("question", "joint"), ("uni_image", "image"), ("uni_question", "question"))
+
+
+@torch.no_grad()
+def _batch_concepts(model, reference, encoder, ref_encoder, x: torch.Tensor, questions: list[str]) -> dict:
+    from grace_plugin.vqa.model import bound
+
+    f = model.encode(x).float()
+    out = {"uni_image": reference.encode(x).float(), "uni_question": ref_encoder.encode(questions).float(),
+           "image": f}
+    ctx = encoder.context(model, questions)
+    with bound(ctx):
+        pred = model(x).argmax(1)
+    if ctx.embedding is not None:  # ClipVQA
+        q = ctx.embedding.to(f)
+        out["joint"] = model.head.hidden(f, q)
+        out["question"] = model.head.hidden(torch.zeros_like(f), q)
+    else:  # the zero-shot scorer: the predicted answer's prompt embedding
+        t = ctx.prompts.to(f)[torch.arange(f.shape[0]), pred]
+        out["joint"] = torch.cat([f, t], dim=1)
+        out["question"] = ref_encoder.encode(questions).float()
+    return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}, pred
+
+
+def embeddings(model, reference, encoder, ref_encoder, urls: list[str], batch_size: int, device,
+               limit: int | None = None) -> dict:
+    """``{"question_id": [...], "answer": [...], <concept>: [n, d]}`` for the questions of a set in shard order
+    (the first ``limit``). ``reference``: the pre-trained image side (``encode``); ``ref_encoder``: the pre-trained
+    question encoder."""
+    from grace_plugin.data.loader import make_eval_loader
+    from grace_plugin.data.transforms import eval_transform
+    from grace_plugin.vqa.data import VqaTarget
+
+    parts: dict[str, list] = {c: [] for c in CONCEPTS}
+    ids, answers = [], []
+    loader = make_eval_loader(urls, eval_transform(model.pretrained_cfg), batch_size,
+                              target=VqaTarget(model.answers), limit=limit, ranks=(0, 1))
+    for b in loader:
+        if not b["image"].numel():
+            continue
+        concepts, pred = _batch_concepts(model, reference, encoder, ref_encoder, b["image"].to(device), b["question"])
+        for c in CONCEPTS:
+            parts[c].append(concepts[c])
+        ids += [r["question_id"] for r in b["record"]]
+        answers += [model.answers[i] for i in pred.tolist()]
+    return {"question_id": ids, "answer": answers, **{c: np.concatenate(v) for c, v in parts.items() if v}}
+
+
+def shift_scores(id_train: dict, sets: dict[str, dict], ridge: float | None = None) -> dict:
+    """Per concept, a Gaussian fitted on ``id_train``'s embeddings; per set, every sample's Mahalanobis distance
+    and their mean (``{"sets": {set: {concept: mean}}, "samples": {set: {concept: [..]}}, "ridge": {concept: r}}``).
+    FRAMES reports the negative distance (higher = more in-distribution); these are distances (higher = farther)."""
+    from .shift import fit_gaussian, mahalanobis
+
+    out: dict = {"sets": {}, "samples": {}, "ridge": {}}
+    for c in CONCEPTS:
+        if c not in id_train:
+            continue
+        fit = fit_gaussian(id_train[c], ridge)
+        out["ridge"][c] = fit.ridge
+        for name, emb in sets.items():
+            d = mahalanobis(emb[c], fit)
+            out["samples"].setdefault(name, {})[c] = d.tolist()
+            out["sets"].setdefault(name, {})[c] = float(d.mean())
+    return out
+
+
+def relate(shift: dict, accuracy: dict[str, float]) -> dict:
+    """Per concept: Pearson and Spearman of per-set mean shift against per-set accuracy across the sets; per set and
+    concept pair: the per-sample Pearson of the two distances."""
+    from .shift import pearson, spearman
+
+    names = [n for n in shift["sets"] if n in accuracy]
+    across = {}
+    for c in CONCEPTS:
+        x = [shift["sets"][n][c] for n in names if c in shift["sets"][n]]
+        if len(x) == len(names) and len(names) >= 3:
+            y = [accuracy[n] for n in names]
+            across[c] = {"pearson": pearson(x, y), "spearman": spearman(x, y), "sets": len(names)}
+    pairs = {}
+    for n, per in shift["samples"].items():
+        pairs[n] = {f"{a}~{b}": pearson(per[a], per[b]) for a, b in PAIRS if a in per and b in per}
+    return {"shift_vs_accuracy": across, "concept_pairs": pairs}
+
+
+@torch.no_grad()
+def modality_importance(model, encoder, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor
+                        ) -> dict[str, np.ndarray]:
+    """Per sample: the predicted answer's probability drop when the image is the ID mean image (``image``) and when
+    the question is empty (``question``), and the question's share of the two (absolute) drops."""
+    from grace_plugin.vqa.model import bound
+
+    ctx, empty = encoder.context(model, questions), encoder.context(model, [""] * len(questions))
+    with bound(ctx):
+        p = model(x).float().softmax(1)
+        pred = p.argmax(1, keepdim=True)
+        p_img = model(mean_image.expand_as(x)).float().softmax(1)
+    with bound(empty):
+        p_q = model(x).float().softmax(1)
+    base = p.gather(1, pred)
+    di = (base - p_img.gather(1, pred)).squeeze(1)
+    dq = (base - p_q.gather(1, pred)).squeeze(1)
+    tot = di.abs() + dq.abs()
+    share = torch.where(tot > 0, dq.abs() / tot.clamp_min(1e-12), torch.full_like(tot, 0.5))
+    return {"image": di.cpu().numpy(), "question": dq.cpu().numpy(), "question_share": share.cpu().numpy()}
+
+
+def importance_summary(values: dict[str, np.ndarray]) -> dict:
+    """Mean, median and quartiles of each per-sample importance."""
+    return {k: {"mean": float(np.mean(v)), "median": float(np.median(v)),
+                "q25": float(np.quantile(v, 0.25)), "q75": float(np.quantile(v, 0.75)), "n": int(len(v))}
+            for k, v in values.items()}
+
+
+def _mean_image(model, urls: list[str], n: int) -> torch.Tensor:
+    """The mean [0,1] image of the first ``n`` questions' images (the ablation's uninformative image)."""
+    from grace_plugin.data.loader import make_eval_loader
+    from grace_plugin.data.transforms import eval_transform
+    from grace_plugin.vqa.data import VqaTarget
+
+    total, count = None, 0
+    for b in make_eval_loader(urls, eval_transform(model.pretrained_cfg), 256, target=VqaTarget(model.answers),
+                              limit=n, ranks=(0, 1)):
+        if b["image"].numel():
+            s = b["image"].sum(0, keepdim=True)
+            total, count = (s if total is None else total + s), count + b["image"].shape[0]
+    return total / max(count, 1)
+
+
+def _importance(model, encoder, urls: list[str], mean_image: torch.Tensor, n: int, batch_size: int, device) -> dict:
+    from grace_plugin.data.loader import make_eval_loader
+    from grace_plugin.data.transforms import eval_transform
+    from grace_plugin.vqa.data import VqaTarget
+
+    parts: dict[str, list] = {}
+    for b in make_eval_loader(urls, eval_transform(model.pretrained_cfg), batch_size,
+                              target=VqaTarget(model.answers), limit=n, ranks=(0, 1)):
+        if b["image"].numel():
+            for k, v in modality_importance(model, encoder, b["image"].to(device), b["question"],
+                                            mean_image.to(device)).items():
+                parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def analyse(model, encoder, reference: str, shards: dict, report: dict, opts: ShiftOptions, device,
+            batch_size: int = 128) -> tuple[dict, dict]:
+    """The shift per modality and the modality importance of every set in ``shards`` (``name -> (ShardSet,
+    group)``), related to ``report``'s per-set accuracy; ``(analysis, per-sample scores per set)``. Every rank
+    computes the whole analysis (it reads each set's first ``opts.n_set`` questions)."""
+    from grace_plugin.data.shards import open_shard_set
+    from grace_plugin.errors import UsageError
+    from grace_plugin.models.clip import load_clip
+    from grace_plugin.vqa.model import QuestionEncoder, zero_shot_vqa_from_clip
+
+    if not reference:
+        raise UsageError("--shift needs the pre-trained CLIP (--reference CLIP), which this model does not record")
+    bundle = load_clip(reference)
+    ref, ref_enc = zero_shot_vqa_from_clip(bundle, ["-"]).to(device), QuestionEncoder(bundle, device)
+    id_set = next(s for s, g in shards.values() if g == "id")
+    try:
+        train = open_shard_set(id_set.root, split="train")
+    except GraceError as e:
+        raise UsageError(f"--shift fits the ID Gaussians on the ID set's train split: {e}") from None
+    fit = embeddings(model, ref, encoder, ref_enc, train.urls, batch_size, device, opts.n_fit)
+    per_set = {n: embeddings(model, ref, encoder, ref_enc, s.urls, batch_size, device, opts.n_set)
+               for n, (s, _) in shards.items()}
+    scores = shift_scores(fit, per_set, opts.ridge)
+    related = relate(scores, {n: v["accuracy"] for n, v in report["sets"].items()})
+    mean_image = _mean_image(model, train.urls, opts.n_fit)
+    importance = {n: importance_summary(_importance(model, encoder, s.urls, mean_image, opts.n_set, batch_size,
+                                                    device)) for n, (s, _) in shards.items()}
+    analysis = {"reference": str(reference), "n_fit": len(fit["question_id"]), "ridge": scores["ridge"],
+                "shift": scores["sets"], **related, "modality_importance": importance,
+                "definitions": "shift: mean Mahalanobis distance to ID train per concept (higher = farther); "
+                               "modality importance: drop of the predicted answer's probability when the image is "
+                               "the ID mean image / the question is empty, and the question's share"}
+    samples = {n: {"question_id": per_set[n]["question_id"], **scores["samples"][n]} for n in per_set}
+    return analysis, samples
