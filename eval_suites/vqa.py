@@ -175,6 +175,8 @@ def vqa_report(model: str, sets: dict[str, dict], adversarial: dict | None = Non
         summ = summarise_scores([r["score"] for r in rows], [r.get("answer_type") or "-" for r in rows],
                                 [r.get("question_type") or "-" for r in rows])
         out["sets"][name] = {"group": s["group"], **summ, "skipped": s.get("skipped", {})}
+        if "classification" in s:
+            out["sets"][name]["classification"] = s["classification"]
     for group in ("id", "near", "far"):
         out[group] = group_mean([v for v in out["sets"].values() if v["group"] == group])
     out["ood"] = group_mean([v for v in out["sets"].values() if v["group"] in ("near", "far")])
@@ -203,6 +205,13 @@ def report_markdown(rep: dict) -> str:
         head += f" Adv ({adv['attack']}, eps {adv['eps']:.4g}, first {adv['n']} of {adv['set']}) |"
         cells.append(_fmt(adv))
     lines += ["", head, "|---" * len(cells) + "|", "| " + " | ".join(cells) + " |", ""]
+    cls = {n: v["classification"] for n, v in rep["sets"].items() if v.get("classification")}
+    if cls:
+        lines += ["Classification recast as VQA (percent): exact match, ClipMatch@1, @5", "",
+                  "| set | n | exact match | ClipMatch@1 | ClipMatch@5 |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {v['n']} | " + " | ".join("-" if v.get(k) is None else f"{v[k]:.2f}" for k in
+                                                      ("exact_match", "clip_match_1", "clip_match_5")) + " |"
+                  for n, v in cls.items()] + [""]
     if rep.get("analysis"):
         lines += _analysis_markdown(rep["analysis"])
     return "\n".join(lines)
@@ -291,14 +300,35 @@ def _scored_files(shards: dict, predictions: list[str]) -> dict:
             for name, f in files.items()}
 
 
+def _classification_scores(shards: dict, sets: dict, clip: str | None) -> None:
+    """Exact match and ClipMatch for the sets recast from classification (their vqa.json lists the classes)."""
+    from grace_plugin.vqa.classification import classification_scores
+
+    bundle = None
+    for name, (s, _) in shards.items():
+        info = (s.meta.get("info") or {}).get("classification")
+        if not info or name not in sets:
+            continue
+        if bundle is None and clip:
+            from grace_plugin.models.clip import load_clip
+
+            bundle = load_clip(clip)
+        rows = sets[name]["rows"]
+        sets[name]["classification"] = classification_scores(
+            [r["answer"] for r in rows], [int(r["label"]) for r in rows], info["classes"], bundle, info["templates"])
+
+
 def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, predictions: list[str] = (),
                  device: str = "auto", batch_size: int = 128, answers_min_count: int = 9, attack: str | None = None,
-                 eps: float | str = 4 / 255, n_adv: int = 500, seed: int = 0, shift=None) -> str:
+                 eps: float | str = 4 / 255, n_adv: int = 500, seed: int = 0, shift=None,
+                 reference: str | None = None) -> str:
     """``grace eval --task vqa``: score ``model`` (a VQA run, or a CLIP as the zero-shot scorer) or the result
     files ``predictions`` (``[SET=]FILE``) on the ID set ``data`` and the OOD sets ``ood`` (``NAME=DIR``); write
     the outputs to ``out`` and return the report's markdown (rank 0; the other ranks of a torchrun get "").
     ``attack``: also the pixel-space robustness of the first ``n_adv`` ID questions (``attack_set``); ``shift``
-    (``vqa_analysis.ShiftOptions``): also the shift per modality and the modality importance (``vqa_analysis``)."""
+    (``vqa_analysis.ShiftOptions``): also the shift per modality and the modality importance (``vqa_analysis``).
+    A set recast from classification (``grace_plugin.vqa.classification``) also gets exact match and ClipMatch
+    (with the CLIP ``reference``, default the run's ``--init``; exact match only without one)."""
     from .attacks import parse_eps
 
     from grace_plugin.runtime import init_distributed, resolve_device
@@ -308,6 +338,7 @@ def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, 
         raise UsageError("--attack needs a --model to attack, not --predictions")
     shards = _open_sets(data, ood)
     rank, _ = init_distributed()  # (a no-op for one process) before choosing this rank's device
+    init = None
     if predictions:
         sets = _scored_files(shards, list(predictions))
         desc = "predictions " + ", ".join(str(p) for p in predictions)
@@ -326,6 +357,7 @@ def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, 
         eps = parse_eps(eps)
         adversarial = {"attack": attack, "eps": eps, "set": id_name,
                        "rows": attack_set(net, encoder, id_set.urls, attack, eps, n_adv, dev, seed, batch_size)}
+    _classification_scores(shards, sets, reference or init)
     rep = vqa_report(desc, sets, adversarial)
     samples = None
     if shift is not None:

@@ -62,7 +62,7 @@ def _cmd_eval_vqa(a) -> int:
     md = run_vqa_eval(a.model, a.data, a.ood, a.out, predictions=a.predictions, device=a.device,
                       batch_size=a.batch_size, answers_min_count=a.answers_min_count, attack=a.attack,
                       eps=a.eps, n_adv=a.n_adv, seed=a.seed,
-                      shift=ShiftOptions(a.reference, n_set=a.n_shift) if a.shift else None)
+                      shift=ShiftOptions(a.reference, n_set=a.n_shift) if a.shift else None, reference=a.reference)
     if md:  # (rank 0's)
         print(md)
     return 0
@@ -226,6 +226,14 @@ def _cmd_shards(a) -> int:
     from grace_plugin.data.convert import convert_imagefolder
     from grace_plugin.errors import UsageError
 
+    if a.format == "classification":
+        from grace_plugin.vqa.classification import classification_to_vqa
+
+        if not a.source_set:
+            raise UsageError("--format classification needs --source-set (a classification shard set)")
+        print(classification_to_vqa(a.source_set, a.out, split=a.split, name=a.name, group=a.group,
+                                    maxcount=a.maxcount).summary())
+        return 0
     if a.format != "imagefolder":
         from grace_plugin.vqa.convert import convert_vqa
 

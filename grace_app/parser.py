@@ -169,10 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("shards", help="shard utilities")
     shs = sh.add_subparsers(dest="shards_command", required=True)
     cv = shs.add_parser("convert", help="ImageFolder tree or VQA records -> WebDataset shards (verified)")
-    cv.add_argument("--format", default="imagefolder", help="imagefolder (--imagefolder) or a VQA record format: "
+    cv.add_argument("--format", default="imagefolder", help="imagefolder (--imagefolder), classification "
+                    "(--source-set) or a VQA record format: "
                     "frames (--records), coco-vqa (--questions, --annotations, --image-pattern); VQA sets need "
                     "--images and are written in the vqa layout (grace_plugin.vqa.records.list_formats)")
     cv.add_argument("--imagefolder")
+    cv.add_argument("--source-set", help="--format classification: a classification shard set to recast as VQA "
+                    "(\"what is in the image?\", its class name the answer; docs/vqa.md)")
     cv.add_argument("--records", help="frames: the record list (question_id, question, image, answer)")
     cv.add_argument("--questions", help="coco-vqa: the questions JSON")
     cv.add_argument("--annotations", help="coco-vqa: the annotations JSON")

@@ -12,7 +12,7 @@ from .accuracy import answer_scores, prepare_ground_truth
 
 __all__ = ["VqaTarget", "answer_vocabulary", "read_records", "RECORD_FIELDS"]
 
-RECORD_FIELDS = ("question_id", "answers", "question_type", "answer_type")
+RECORD_FIELDS = ("question_id", "answers", "question_type", "answer_type", "label")  # label: classification as VQA
 
 
 def _record(sample: dict) -> dict | None:
