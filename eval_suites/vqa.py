@@ -3,7 +3,11 @@ far-OOD / OOD means (FRAMES-VQA, arXiv 2505.21755: unweighted means of per-set a
 result format, per-question scores for paired comparisons, and the scoring of a result file made elsewhere.
 
 Output folder: ``report.json`` and ``report.md``; ``predictions/<set>.json`` (``[{"question_id", "answer"}]``, what
-the official evaluator reads); ``scores/<set>.json`` (``{question_id: accuracy}``).
+the official evaluator reads); ``scores/<set>.json`` (``{question_id: accuracy}``); with ``--shift``,
+``shift/<set>.json`` (every question's distances, ``eval_suites.vqa_analysis``).
+
+This is VQA's own path beside the classification suite engine (``eval_suites.engine``): it shares the engine's
+loader, attack registry and rank gathering (``distributed.merge_records``), not its suite registry or report.
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ from grace_plugin.errors import GraceError, UsageError, read_json
 from grace_plugin.tensor_io import atomic_write_text
 from grace_plugin.vqa.accuracy import group_mean, question_accuracy, summarise_scores
 
-__all__ = ["FRAMES_GROUPS", "set_group", "load_vqa_model", "predict_set", "score_predictions", "vqa_report",
-           "report_markdown", "write_vqa_outputs", "PredictionFileError"]
+__all__ = ["FRAMES_GROUPS", "set_group", "load_vqa_model", "predict_set", "attack_set", "score_predictions",
+           "vqa_report", "report_markdown", "write_vqa_outputs", "PredictionFileError", "run_vqa_eval"]
 
 # FRAMES-VQA's nine OOD sets and their groups (arXiv 2505.21755; github.com/chengyuehuang511/FRAMES-VQA README)
 FRAMES_GROUPS = {"vqav2": "id", "iv-vqa": "near", "cv-vqa": "near", "vqa-rephrasings": "near", "vqa-cp": "near",
