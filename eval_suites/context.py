@@ -110,13 +110,15 @@ def open_eval_set(name: str, path: str | Path) -> EvalSet:
 @dataclass
 class GeometryOptions:
     """Suite ``geometry``: images, power-iteration steps, Hutchinson samples, the attack for the Adv centroid, k of
-    the LID estimate."""
+    the LID estimate, and the loss whose Hessian is measured: ``clean`` (cross-entropy on the images) or
+    ``adversarial`` (on the attack's adversarial images, found once at the model's weights and then held fixed)."""
 
     n: int = checked(64, gt=1)
     iters: int = checked(20, gt=0)
     samples: int = checked(8, gt=0)
     attack: str = "apgd-ce"
     lid_k: int = checked(20, gt=0)
+    hessian_loss: str = checked("clean", choices=("clean", "adversarial"))
 
     def __post_init__(self):
         validate(self)

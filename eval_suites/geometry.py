@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from grace_plugin.weightspace import relative_drift  # noqa: F401  (re-exported: the one definition)
 
-__all__ = ["hvp", "top_hessian_eigenvalue", "hutchinson_trace", "hessian_frobenius_normalised",
+__all__ = ["hvp", "power_iteration", "top_hessian_eigenvalue", "hutchinson_trace", "hessian_frobenius_normalised",
            "layerwise_curvature", "class_centroid_cosine", "lid_mle", "delta_lid", "relative_drift"]
 
 LossFn = Callable[[], torch.Tensor]
@@ -45,27 +45,38 @@ def _rademacher(params, gen: torch.Generator):
     return [(torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int64) * 2 - 1).to(p) for p in params]
 
 
-def top_hessian_eigenvalue(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int = 50, tol: float = 1e-4,
-                           seed: int = 0) -> float:
-    """Largest-magnitude Hessian eigenvalue by power iteration on HVPs (PyHessian's ``eigenvalues(top_n=1)``)."""
+def power_iteration(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int = 50, tol: float = 1e-4,
+                    seed: int = 0) -> dict:
+    """Largest-magnitude Hessian eigenvalue by power iteration on HVPs (PyHessian's ``eigenvalues(top_n=1)``), with
+    its convergence: ``{"eigenvalue", "iterations", "rel_change", "tol", "converged"}``; it stops when the Rayleigh
+    quotient changes by at most ``tol`` relative between two iterations (``rel_change``: the last such change)."""
     gen = torch.Generator().manual_seed(seed)
     params = list(params)
     g = _grads(loss_fn, params)
     v = [torch.randn(p.shape, generator=gen).to(p) for p in params]
     norm = torch.sqrt(_dot(v, v))
     v = [x / norm for x in v]
-    eig = None
-    for _ in range(iters):
+    eig, change, n = None, None, 0
+    for n in range(1, iters + 1):
         hv = hvp(loss_fn, params, v, grads=g)
         new = float(_dot(v, hv))
         norm = torch.sqrt(_dot(hv, hv))
         if norm == 0:
-            return 0.0
+            return {"eigenvalue": 0.0, "iterations": n, "rel_change": 0.0, "tol": tol, "converged": True}
         v = [x / norm for x in hv]
-        if eig is not None and abs(new - eig) <= tol * (abs(eig) + 1e-12):
-            return new
+        if eig is not None:
+            change = abs(new - eig) / (abs(eig) + 1e-12)
         eig = new
-    return float(eig)
+        if change is not None and change <= tol:
+            break
+    return {"eigenvalue": float(eig), "iterations": n, "rel_change": change, "tol": tol,
+            "converged": change is not None and change <= tol}
+
+
+def top_hessian_eigenvalue(loss_fn: LossFn, params: Sequence[torch.Tensor], iters: int = 50, tol: float = 1e-4,
+                           seed: int = 0) -> float:
+    """Largest-magnitude Hessian eigenvalue by power iteration on HVPs (``power_iteration``'s value)."""
+    return power_iteration(loss_fn, params, iters, tol, seed)["eigenvalue"]
 
 
 def hutchinson_trace(loss_fn: LossFn, params: Sequence[torch.Tensor], n_samples: int = 64, seed: int = 0) -> float:

@@ -351,6 +351,11 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
     tf = _transform(loaded)
     x, y = _first_batches(_read(es, tf, ctx, ctx.geometry.n, whole=True), ctx.geometry.n)
     x, y = x.to(ctx.device), y.to(ctx.device)
+    check_unit_input(model, ctx.unit_input, name=loaded.name)
+    # the adversarial images, found once at the model's weights: the Adv centroid's, and with hessian_loss
+    # "adversarial" the inputs of the loss whose curvature is measured (held fixed while the HVPs run)
+    x_adv = create_attack(ctx.geometry.attack, model, eps=ctx.eps, norm=ctx.norm, seed=ctx.seed)(x, y)
+    x_h = x_adv if ctx.geometry.hessian_loss == "adversarial" else x
     # the paper (Table 3) does not state which parameters its Hessian is taken over; we use the whole visual tower.
     named = [(n, p) for n, p in model.named_parameters() if n.startswith("visual.")]
     params = [p for _, p in named]
@@ -364,15 +369,17 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+
     def loss_fn():
         # HVPs need double backward; fused attention kernels (flash/efficient) do not implement it, math does
         with sdpa_kernel([SDPBackend.MATH]):
-            return F.cross_entropy(model(x), y)
+            return F.cross_entropy(model(x_h), y)
 
     try:
+        power = G.power_iteration(loss_fn, params, iters=ctx.geometry.iters, seed=ctx.seed)
         out = {"kind": "geometry", "n": int(y.numel()), "params": sum(p.numel() for p in params),
-               "hessian_top_eigenvalue": G.top_hessian_eigenvalue(loss_fn, params, iters=ctx.geometry.iters,
-                                                                  seed=ctx.seed),
+               "hessian_loss": ctx.geometry.hessian_loss, "hessian_top_eigenvalue": power["eigenvalue"],
+               "power_iteration": {k: power[k] for k in ("iterations", "rel_change", "tol", "converged")},
                "hessian_trace": G.hutchinson_trace(loss_fn, params, ctx.geometry.samples, seed=ctx.seed),
                "hessian_frobenius_normalised": G.hessian_frobenius_normalised(loss_fn, params,
                                                                               ctx.geometry.samples, seed=ctx.seed),
@@ -393,8 +400,6 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
             z2 = m2.encode(x2.to(ctx.device))
         out["centroid_cosine"][name] = G.class_centroid_cosine(z_id, y, z2, y2.to(ctx.device))
         out["delta_lid"][name] = G.delta_lid(z_id, z2, k=min(k, len(y2) - 1))
-    check_unit_input(model, ctx.unit_input, name=loaded.name)
-    x_adv = create_attack(ctx.geometry.attack, model, eps=ctx.eps, norm=ctx.norm, seed=ctx.seed)(x, y)
     with torch.no_grad():
         z_adv = model.encode(x_adv)
     out["centroid_cosine"]["adv"] = G.class_centroid_cosine(z_id, y, z_adv, y)

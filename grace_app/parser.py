@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true")
 
     st = sub.add_parser("study", help="a named study on the testbed (configs/testbed/studies.yaml: table6, table7, "
-                        "table8, geometry, shift, cost) with verdicts on the paper's claims; or `study tune`: the "
-                        "tuning protocol (its own command path and flags)")
-    st.add_argument("name", help="study name (table6, table7, table8, geometry, shift, cost) or 'tune'")
+                        "table8, core, geometry, shift, cost) with verdicts on the paper's claims; or `study tune`: "
+                        "the tuning protocol (its own command path and flags)")
+    st.add_argument("name", help="study name (table6, table7, table8, core, geometry, shift, cost) or 'tune'")
     st.add_argument("--out", help="output folder (default studies/NAME)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--steps", type=int, help="fine-tuning steps per run (study default 300; tune: tuning.yaml)")

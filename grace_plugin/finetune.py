@@ -225,6 +225,7 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
         check_outputs_finite(final, probe["image"][:64].cpu(), f"run {out}")
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "skipped_steps": result.skipped_steps,
                                          "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
+                                         "cpu_seconds": result.cpu_seconds,
                                          "data_skipped": result.data_skipped,
                                          "val_seconds": result.val_seconds, "resumed_at": result.resumed_at}}
     if rec.summary():

@@ -53,6 +53,8 @@ class TrainResult:
     # the step a resumed run started from (None: from 0); ``seconds`` counts this invocation's steps only, and a run
     # extended to more steps followed the schedule of its earlier length up to here
     resumed_at: int | None = None
+    # this process's CPU time over the same steps (all its threads): the compute that matched controls compare
+    cpu_seconds: float | None = None
 
 
 def _clean_run_folder(out: Path, start: int) -> None:
@@ -402,7 +404,7 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
             lp.ema.module.load_state_dict(st["ema"])
     track = cfg.select if cfg.select != "last" else ("best_robust" if cfg.co_guard is not None else None)
     runlog = _RunLog(out, cfg, lp.rank == 0, bool(start), progress, total_steps, start, f"train {recipe.name}")
-    t0, bad_run, last_loss, stopped, step = time.time(), 0, None, None, start
+    t0, cpu0, bad_run, last_loss, stopped, step = time.time(), time.process_time(), 0, None, None, start
     try:
         for step in range(start, total_steps):
             scheduler.step_update(step)
@@ -440,7 +442,7 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
     return TrainResult(step + 1 if stopped else total_steps, loop.bad_total, last_loss, time.time() - t0,
                        loop.data_skipped, selection=selection, stopped=stopped,
                        val_seconds=round(loop.val_seconds, 3), first_batch_seconds=lp.first_batch_s,
-                       resumed_at=start or None)
+                       resumed_at=start or None, cpu_seconds=round(time.process_time() - cpu0, 2))
 
 
 def steps_for_epochs(epochs: float, num_samples: int, batch_size: int, grad_accum: int = 1, world: int = 1) -> int:

@@ -32,7 +32,7 @@ def test_every_recipe_has_a_testbed_config_and_every_method_builds():
         if m.recipe is None:
             continue
         cfg = method_config(m, steps=5)
-        assert cfg.train.steps == 5 and cfg.train.batch_size == 64, name  # common.yaml reached every method
+        assert cfg.train.steps == round(5 * m.steps_scale) and cfg.train.batch_size == 64, name  # common.yaml too
 
 
 def test_one_training_attack_for_every_adversarial_method():
@@ -110,7 +110,7 @@ def test_testbed_typo_names_file_and_field(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (("paired_reference: grace", "paired_refrence: grace"), r"study cost: unknown key\(s\) paired_refrence"),
+    (("paired_reference: grace", "paired_refrence: grace"), r"study core: unknown key\(s\) paired_refrence"),
     (("paired_reference: grace", "paired_reference: tecoa"), r"paired_reference 'tecoa' is not one of its rows"),
     (("shift_reference: grace", "shift_reference: sam"), r"study shift: shift_reference 'sam' is not one of its rows"),
     (("metric: adv, fraction: 0.95}", "metric: adv, fracton: 0.95}"), r"unknown key\(s\) fracton"),
@@ -195,3 +195,68 @@ def test_every_lora_method_uses_the_one_testbed_lora():
     for name in lora_methods:
         rec = method_config(name).recipe
         assert {k: getattr(rec, k) for k in lora} == lora, name
+
+
+def test_a_compute_matched_method_trains_its_scaled_steps(tmp_path, monkeypatch):
+    """steps_scale: lora-tecoa-cm is LoRA-TeCoA at its tuned values trained round(steps x scale) steps, at the study's
+    run length or the configs' own; a bad scale is an error naming the method."""
+    import shutil
+
+    from grace_app.testbed.configs import TESTBED_DIR, load_methods, method_config
+    from grace_plugin.config import ConfigError
+
+    cm, base = method_config("lora-tecoa-cm", steps=300), method_config("lora-tecoa", steps=300)
+    scale = load_methods()["lora-tecoa-cm"].steps_scale
+    assert scale > 1 and cm.train.steps == round(300 * scale)
+    assert (cm.train.lr, cm.recipe.lora, cm.recipe.pgd_steps) == (base.train.lr, True, base.recipe.pgd_steps)
+    assert method_config("lora-tecoa-cm", steps=7).train.steps == round(7 * scale)
+    d = tmp_path / "testbed"
+    shutil.copytree(TESTBED_DIR, d)
+    (d / "methods.yaml").write_text("x: {recipe: ft, steps_scale: -2}\n")
+    monkeypatch.setenv("GRACE_TESTBED_CONFIGS", str(d))
+    with pytest.raises(ConfigError, match=r"method 'x': steps_scale -2 is not a positive number"):
+        load_methods()
+
+
+def test_grace_core_is_a_method_with_its_own_tuning(tmp_path, monkeypatch):
+    """grace-core: GRACE at rho 0 without the volume term, tuned on its own (lr, lambda_LAR), unlike the Table 8 row
+    ablation-lar-rho0 that takes GRACE's values."""
+    import shutil
+
+    from grace_app.testbed.configs import TESTBED_DIR, load_tuning, method_config
+
+    assert set(load_tuning()["space"]["grace-core"]) == {"train.lr", "recipe.lambda_lar"}
+    d = tmp_path / "testbed"
+    shutil.copytree(TESTBED_DIR, d)
+    (d / "tuned.yaml").write_text("grace: {recipe.lambda_lar: 2.5, train.lr: 0.002}\n"
+                                  "grace-core: {recipe.lambda_lar: 4.0, train.lr: 0.005}\n")
+    monkeypatch.setenv("GRACE_TESTBED_CONFIGS", str(d))
+    core, rho0 = method_config("grace-core"), method_config("ablation-lar-rho0")
+    got = (core.recipe.awp, core.recipe.gram_volume, core.recipe.lambda_lar, core.train.lr)
+    assert got == ("zero", False, 4.0, 0.005)
+    assert (rho0.recipe.awp, rho0.recipe.lambda_lar, rho0.train.lr) == ("zero", 2.5, 0.002)
+
+
+def test_a_second_tuning_of_one_world_joins_its_page(tmp_path):
+    """`grace results --add` of a tuning.json for a world that has a page: the same protocol adds its methods to that
+    page (a method tuned again replaces its entry); another protocol replaces the page."""
+    import json
+
+    from grace_app.studies.publish import add_source
+
+    def doc(methods, trials=24):
+        return {"protocol": {"trials": trials}, "trials": trials, "steps": 300, "size": "default", "seed": 0,
+                "seconds": 1.0, "methods": {m: {"values": {"train.lr": v}} for m, v in methods.items()}}
+
+    data = tmp_path / "data"
+    for i, d in enumerate([doc({"grace": 1e-3, "tecoa": 2e-3}), doc({"grace-core": 3e-3, "tecoa": 4e-3})]):
+        (tmp_path / f"t{i}").mkdir()
+        (tmp_path / f"t{i}" / "tuning.json").write_text(json.dumps(d))
+        dest = add_source(tmp_path / f"t{i}", data)
+    got = json.loads(dest.read_text())
+    assert dest.name == "tuning-default-seed0.json" and got["seconds"] == 2.0
+    assert {m: v["values"]["train.lr"] for m, v in got["methods"].items()} == {"grace": 1e-3, "tecoa": 4e-3,
+                                                                               "grace-core": 3e-3}
+    (tmp_path / "t2").mkdir()
+    (tmp_path / "t2" / "tuning.json").write_text(json.dumps(doc({"ft": 1e-4}, trials=12)))
+    assert list(json.loads(add_source(tmp_path / "t2", data).read_text())["methods"]) == ["ft"]

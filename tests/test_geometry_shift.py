@@ -41,6 +41,43 @@ def test_top_eigenvalue_power_iteration():
     assert G.top_hessian_eigenvalue(loss_fn, params, iters=500, tol=1e-10) == pytest.approx(top, rel=1e-6)
 
 
+def test_power_iteration_reports_its_convergence():
+    """The eigenvalue with how it was reached: iterations, the last relative change, converged only within tol."""
+    a = torch.diag(torch.tensor([4.0, 1.0, 0.5, 0.25, 0.1], dtype=torch.float64))
+    params, loss_fn = _quadratic(a)
+    out = G.power_iteration(loss_fn, params, iters=500, tol=1e-10)
+    assert out["eigenvalue"] == pytest.approx(4.0, rel=1e-8) and out["converged"] and out["rel_change"] <= 1e-10
+    assert 2 <= out["iterations"] < 500
+    short = G.power_iteration(loss_fn, params, iters=2, tol=1e-14)
+    assert short["iterations"] == 2 and not short["converged"] and short["rel_change"] > 1e-14
+
+
+def test_hessian_of_an_adversarial_loss_against_its_closed_form():
+    """A linear model w on fixed adversarial inputs x_adv (found once, then held), squared loss
+    0.5 sum_i (w.x_adv_i - y_i)^2: its Hessian in w is X_adv^T X_adv whatever w is, so power iteration and Hutchinson
+    must give that matrix's top eigenvalue and trace (numpy), not the clean inputs' ones."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(12, generator=g, dtype=torch.float64)
+    w = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    eps = 0.3
+    with torch.enable_grad():  # one FGSM step on the inputs: the adversarial view, then fixed
+        xi = x.clone().requires_grad_(True)
+        (0.5 * ((xi @ w - y) ** 2).sum()).backward()
+        x_adv = (x + eps * xi.grad.sign()).detach()
+    w.grad = None
+
+    def loss_fn():
+        return 0.5 * ((x_adv @ w - y) ** 2).sum()
+
+    h = (x_adv.T @ x_adv).numpy()
+    top = G.power_iteration(loss_fn, [w], iters=1000, tol=1e-12)
+    assert top["converged"] and top["eigenvalue"] == pytest.approx(float(np.linalg.eigvalsh(h).max()), rel=1e-8)
+    assert G.hutchinson_trace(loss_fn, [w], n_samples=4000) == pytest.approx(float(np.trace(h)), rel=0.05)
+    clean = float(np.linalg.eigvalsh((x.T @ x).numpy()).max())
+    assert abs(top["eigenvalue"] - clean) > 1e-3 * clean  # the adversarial loss's curvature, not the clean one's
+
+
 def test_trace_frobenius_layerwise_exact_on_diagonal():
     """With a diagonal Hessian a single Rademacher probe is exact: v^T A v = tr A, ||A v||^2 = ||A||_F^2."""
     diag = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0], dtype=torch.float64)

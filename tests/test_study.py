@@ -58,6 +58,26 @@ def test_study_table8_smoke(study_dir, capsys):
     assert "| LoRA-FT |" in capsys.readouterr().out
 
 
+def test_study_core_smoke_trains_the_compute_matched_row_longer(study_dir):
+    """The right controls: GRACE's tuned core and LoRA-TeCoA at GRACE's compute are rows; the compute-matched row
+    trains round(steps x steps_scale) steps, and the page shows every row's steps and CPU-seconds."""
+    from grace_app.testbed.configs import load_methods
+
+    out = study_dir / "core"
+    assert main(["study", "core", "--out", str(out), "--n-adv", "8"] + TINY) == 0
+    doc = json.loads((out / "study.json").read_text())
+    assert list(doc["rows"]) == ["lora-tecoa", "lora-tecoa-cm", "grace-core", "grace"]
+    steps = {m: r["runs"][0]["training"]["train_steps"] for m, r in doc["rows"].items()}
+    assert steps == {"lora-tecoa": 2, "lora-tecoa-cm": round(2 * load_methods()["lora-tecoa-cm"].steps_scale),
+                     "grace-core": 2, "grace": 2}
+    assert all(r["runs"][0]["training"]["train_cpu_seconds"] > 0 for r in doc["rows"].values())
+    assert doc["rows"]["grace-core"]["runs"][0]["training"]["awp"] == "zero"
+    assert [v["claim"] for v in doc["verdicts"]][:2] == ["LAR-AWP + GV help: above the tuned core (HM)",
+                                                         "above LoRA-TeCoA at equal compute (HM)"]
+    md = (out / "study.md").read_text()
+    assert "## Training compute" in md and f"| LoRA-TeCoA, GRACE's compute | {steps['lora-tecoa-cm']} |" in md
+
+
 def test_study_rerun_reuses_finished_runs_and_evaluations(study_dir, capsys, monkeypatch):
     """Re-running a study (after table8 above) trains and evaluates nothing again and gives the same rows; a run
     folder matches only its own config."""

@@ -65,6 +65,7 @@ def test_suites_on_testbed_match_independent_computation(zs, tiny_world, tmp_pat
     assert set(geo["centroid_cosine"]) == {"sketch", "a", "adv"} and set(geo["delta_lid"]) == {"sketch", "a", "adv"}
     assert geo["parameter_drift"] == 0.0  # the zero-shot model against itself
     assert len(geo["layerwise_curvature"]) >= 2
+    assert geo["hessian_loss"] == "clean" and geo["power_iteration"]["iterations"] <= 5
     md = (tmp_path / "report.md")
     from eval_suites.report import write_report
 
@@ -263,3 +264,21 @@ def test_context_parses_eps_data_and_mappings_once(tmp_path):
         SuiteContext(eps="four")
     with pytest.raises(ConfigError, match="--eps 4"):
         SuiteContext(eps="4")  # an Linf radius above 1: the cross-field rule
+
+
+def test_geometry_of_the_adversarial_loss(zs, tiny_world):
+    """hessian_loss="adversarial": the curvature of the cross-entropy at the attack's images (FGSM here), held fixed;
+    it differs from the clean loss's on the same images and weights, and the power iteration says how it ended."""
+
+    def geo(loss):
+        ctx = SuiteContext(id_set=("id", tiny_world / "id"), data_root=tiny_world, batch_size=16,
+                           geometry=GeometryOptions(n=16, iters=4, samples=1, attack="fgsm", lid_k=5,
+                                                    hessian_loss=loss))
+        return run_suites(zs, ["geometry"], ctx)["suites"]["geometry"]
+
+    clean, adv = geo("clean"), geo("adversarial")
+    assert adv["hessian_loss"] == "adversarial" and adv["power_iteration"]["tol"] == 1e-4
+    assert adv["hessian_top_eigenvalue"] != pytest.approx(clean["hessian_top_eigenvalue"], rel=1e-3)
+    assert adv["centroid_cosine"]["adv"] == pytest.approx(clean["centroid_cosine"]["adv"])  # the same attack
+    with pytest.raises(Exception, match="hessian_loss"):
+        GeometryOptions(hessian_loss="adv")

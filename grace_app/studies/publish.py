@@ -16,6 +16,7 @@ study updates its page and nothing else has to be edited.
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -72,9 +73,24 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
             f"study-{doc.get('study')}{f'-world{world}' if world else ''}.json"
     dest = Path(data_dir) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "tuning" and dest.is_file() and not dest.samefile(f):
+        merged = merge_tuning(read_json(dest), doc)
+        if merged is not None:  # another method tuned on the same world under the same protocol: one page for both
+            atomic_write_text(dest, json.dumps(merged, indent=2) + "\n")
+            return dest
     if not (dest.exists() and dest.samefile(f)):  # a bench may write its JSON straight into data_dir
         shutil.copyfile(f, dest)
     return dest
+
+
+def merge_tuning(old: dict, new: dict) -> dict | None:
+    """One world's tuning page from two ``tuning.json``: ``new``'s methods added to (or replacing) ``old``'s, when
+    both ran the same protocol on the same world; None when they did not (then ``new`` replaces ``old``)."""
+    same = all(old.get(k) == new.get(k) for k in ("protocol", "steps", "size", "seed"))
+    if not same:
+        return None
+    return {**new, "methods": {**old.get("methods", {}), **new.get("methods", {})},
+            "seconds": round(float(old.get("seconds") or 0) + float(new.get("seconds") or 0), 1)}
 
 
 def _bench_markdown(doc: dict, text: str | None) -> str:

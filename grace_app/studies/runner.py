@@ -138,7 +138,9 @@ def _training_record(run_dir: Path) -> dict:
     if meta.is_file():
         m = json.loads(meta.read_text()).get("metrics", {})
         out.update(m.get("recipe") or {})
-        out["train_seconds"] = (m.get("train") or {}).get("seconds")
+        train = m.get("train") or {}
+        out.update(train_seconds=train.get("seconds"), train_cpu_seconds=train.get("cpu_seconds"),
+                   train_steps=train.get("steps"))
     logf = run_dir / "log.jsonl"
     if logf.is_file():
         lines = [json.loads(x) for x in logf.read_text().splitlines() if x.strip()]

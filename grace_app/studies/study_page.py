@@ -4,6 +4,7 @@ the same page from a published study.json as ``grace study`` did."""
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 __all__ = ["AXES", "GEOMETRY_METRICS", "study_title", "study_markdown", "study_plot"]
@@ -133,6 +134,7 @@ def study_markdown(doc: dict) -> str:
                   "first allocation). GV share: mean over steps of lambda_GV L_GV / L.", "",
                   "| row | seed | awp | rank updates | updates with a change | layer changes | GV share |",
                   "|---|---:|---|---:|---:|---:|---:|"] + parts
+    lines += _compute_lines(rows)
     lines += ["", "## Runs (each run's interval: Wilson 95%)", "",
               "| row | seed | ID [interval] | OOD | Adv [interval] | HM |", "|---|---:|---|---:|---|---:|"]
     for r in rows.values():
@@ -145,6 +147,26 @@ def study_markdown(doc: dict) -> str:
             lines.append(f"| {r['label']} | {run['seed']} | {wi('id')} | {_f(a.get('ood'))} | {wi('adv')} | "
                          f"{_f(a.get('hm'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _compute_lines(rows: dict) -> list[str]:
+    """Each row's training compute (runs that recorded their CPU time): what a compute-matched control is matched
+    on."""
+    rec = {r["label"]: [run.get("training") or {} for run in r["runs"]] for r in rows.values()}
+    rec = {k: [t for t in v if t.get("train_cpu_seconds") is not None] for k, v in rec.items()}
+    if not any(rec.values()):
+        return []
+    lines = ["", "## Training compute", "",
+             "Per run, mean over seeds: training steps, the training process's CPU-seconds (all its threads) and "
+             "wall-clock seconds (lanes may have shared the machine). Rows without a record trained nothing.", "",
+             "| row | steps | CPU-s | wall s |", "|---|---:|---:|---:|"]
+    for label, ts in rec.items():
+        if ts:
+            mean = {k: statistics.fmean(t[k] for t in ts) for k in ("train_steps", "train_cpu_seconds",
+                                                                    "train_seconds")}
+            lines.append(f"| {label} | {mean['train_steps']:.0f} | {mean['train_cpu_seconds']:.1f} | "
+                         f"{mean['train_seconds']:.1f} |")
+    return lines
 
 
 def _attack_lines(rows: dict) -> list[str]:

@@ -74,6 +74,9 @@ class Method:
     adversarial: bool = False
     set: dict[str, Any] = field(default_factory=dict)
     tuned_as: str | None = None
+    # a compute-matched control trains round(steps * steps_scale) steps: the same CPU-seconds as the method it is
+    # matched to, whose step costs steps_scale times its own (measured: bench/compute_match.py)
+    steps_scale: float = 1.0
 
     @property
     def tuning_key(self) -> str:
@@ -88,13 +91,17 @@ def load_methods(d: Path | None = None) -> dict[str, Method]:
     for name, spec in raw.items():
         if not isinstance(spec, dict) or "recipe" not in spec:
             raise ConfigError(f"methods.yaml: method {name!r} needs a mapping with a 'recipe' field")
-        unknown = set(spec) - {"recipe", "configs", "adversarial", "set", "tuned_as"}
+        unknown = set(spec) - {"recipe", "configs", "adversarial", "set", "tuned_as", "steps_scale"}
         if unknown:
             raise ConfigError(f"methods.yaml: method {name!r}: unknown field(s) {sorted(unknown)}; valid: recipe, "
-                              "configs, adversarial, set, tuned_as")
+                              "configs, adversarial, set, tuned_as, steps_scale")
+        scale = spec.get("steps_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ConfigError(f"methods.yaml: method {name!r}: steps_scale {scale!r} is not a positive number")
         recipe = spec["recipe"]
         out[name] = Method(name, recipe, list(spec.get("configs") or ([recipe] if recipe else [])),
-                           bool(spec.get("adversarial", False)), dict(spec.get("set") or {}), spec.get("tuned_as"))
+                           bool(spec.get("adversarial", False)), dict(spec.get("set") or {}), spec.get("tuned_as"),
+                           float(scale))
     return out
 
 
@@ -154,7 +161,8 @@ def load_tuned(d: Path | None = None) -> dict[str, dict]:
 
 def method_config(method: Method | str, overrides: dict | None = None, steps: int | None = None,
                   tuned: bool = True, d: Path | None = None):
-    """The ``RunConfig`` of one testbed run of ``method``; ``overrides`` (nested dict) on top of the layers."""
+    """The ``RunConfig`` of one testbed run of ``method``; ``overrides`` (nested dict) on top of the layers. ``steps``
+    is the study's run length; a compute-matched method trains ``round(steps * steps_scale)`` of them."""
     from grace_plugin.config import ConfigError
     from grace_plugin.finetune import build_config
 
@@ -176,4 +184,9 @@ def method_config(method: Method | str, overrides: dict | None = None, steps: in
         layer = merge(layer, values) if method.tuning_key == method.name else merge(values, layer)
     if overrides:
         layer = merge(layer, overrides)
+    if method.steps_scale != 1.0:
+        base = steps if steps is not None else \
+            build_config(method.recipe, config_file=files, overrides=layer).train.steps
+        if base is not None:  # (a config that sets no step count trains by epochs: nothing to scale)
+            steps = max(1, round(base * method.steps_scale))
     return build_config(method.recipe, config_file=files, overrides=layer, steps=steps)
