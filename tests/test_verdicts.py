@@ -292,3 +292,20 @@ def test_best_so_far_counts_only_selectable_trials_in_trial_order():
               t(5, float("nan"))]
     assert best_so_far(trials, 0.9, "hm") == [30.0, 30.0, 30.0, 40.0, 40.0, 40.0]
     assert best_so_far([t(0, 10.0, state="pruned")], 0.9, "hm") == [None]
+
+
+def test_kendall_w_against_closed_forms_and_friedman():
+    """W = 1 for identical rankings, 0 for two reversed ones; m (n-1) W equals Friedman's chi-square (scipy)."""
+    import random
+
+    from scipy import stats
+
+    from grace_app.studies.verdicts import kendall_w
+
+    assert kendall_w([[1, 2, 3, 4]] * 3)[0] == pytest.approx(1.0)
+    assert kendall_w([[1, 2, 3, 4], [4, 3, 2, 1]])[0] == pytest.approx(0.0)
+    rng = random.Random(0)
+    ranks = [rng.sample(range(1, 8), 7) for _ in range(5)]
+    w, p = kendall_w(ranks)
+    chi2, p_f = stats.friedmanchisquare(*zip(*ranks))  # one argument per item: its ranks across the rankings
+    assert 5 * 6 * w == pytest.approx(chi2) and p == pytest.approx(p_f)

@@ -29,7 +29,7 @@ from ..testbed.configs import CLAIM_KEYS
 __all__ = ["CLAIM_KEYS", "Spread", "spread", "seed_mean", "greater", "less", "at_least", "paired", "paired_difference",
            "paired_bootstrap", "paired_verdict", "overlaps", "all_of", "HOLDS", "FAILS", "INCONCLUSIVE",
            "evaluate_claim", "wilson_interval", "equivalence", "EQUIVALENCE_MARGIN", "DEFINITIONS",
-           "paper_roles"]
+           "paper_roles", "kendall_w"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 # "level" or "tie" is said only of a paired difference whose 90% interval lies within +-EQUIVALENCE_MARGIN points:
@@ -453,3 +453,16 @@ def evaluate_claim(claim: dict, rows: dict[str, dict[str, Spread | None]]) -> di
     else:
         raise ValueError(f"unknown claim kind {kind!r}; valid: {', '.join(CLAIM_KEYS)}")
     return {"claim": claim["claim"], "metric": metric, "verdict": v, "evidence": evidence, "parts": parts}
+
+
+def kendall_w(rankings) -> tuple[float, float]:
+    """Kendall's coefficient of concordance W of m rankings of the same n items (each a list of ranks 1..n, no ties;
+    Kendall & Babington Smith 1939): 1 = every ranking alike, 0 = no agreement; and the p-value of its chi-square
+    test of no agreement, m (n - 1) W ~ chi2(n - 1) (Friedman's statistic)."""
+    from scipy import stats
+
+    m, n = len(rankings), len(rankings[0])
+    sums = [sum(r[i] for r in rankings) for i in range(n)]
+    mean = m * (n + 1) / 2
+    w = 12 * sum((x - mean) ** 2 for x in sums) / (m ** 2 * (n ** 3 - n))
+    return w, float(stats.chi2.sf(m * (n - 1) * w, n - 1))
