@@ -127,24 +127,23 @@ def main() -> None:
         notes.append(f"{name}: {text}{verdict}")
         print(notes[-1])
     if args.json:
-        doc = {"bench": "table", "name": "awp_dose",
-               "title": "Positive control: LAR-AWP's dose-response (GRACE at 0 to 16x its tuned rho)",
-               "command": f"PYTHONPATH=. python bench/awp_dose.py --seeds {args.seeds} --doses {args.doses}",
-               "notes": [f"World v2 seed 0, {args.steps} steps, GRACE at its tuned values with rho = rho_x x {rho:.4g} "
-                         "(relative per layer), the default world's shipped tiny CLIP. delta_l: mean over the last "
-                         "third of the run of L(w+v) - L(w) on the adversarial view (logged). lambda_max_adv and "
-                         f"trace_adv: top Hessian eigenvalue (power iteration, tolerance 1e-4 relative, at most "
-                         f"{args.iters} iterations; power_iters and power_rel_change say how it ended) and Hutchinson "
-                         f"trace (8 probes) of the cross-entropy at APGD-CE images of the first {args.n_geometry} ID "
-                         "test images, over the visual tower's parameters. id, adv: clean and APGD-CE top-1 (%) on the "
-                         f"first {args.n_adv} ID test images.",
-                         "Each dose minus rho = 0, paired over seeds (95% t interval); the control passes when some "
-                         "dose moves the quantity in AWP's direction (arXiv 2004.05884 §4: a flatter adversarial "
-                         "loss).", *notes],
-               "columns": ["rho_x", "rho", "seed", "delta_l", "lambda_max_adv", "power_iters", "power_rel_change",
-                           "trace_adv", "id", "adv", "seconds"], "rows": rows}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        from grace_app.studies.publish import write_bench_table
+
+        write_bench_table(
+            args.json, "awp_dose", "Positive control: LAR-AWP's dose-response (GRACE at 0 to 16x its tuned rho)",
+            f"PYTHONPATH=. python bench/awp_dose.py --seeds {args.seeds} --doses {args.doses}",
+            [f"World v2 seed 0, {args.steps} steps, GRACE at its tuned values with rho = rho_x x {rho:.4g} (relative "
+             "per layer; rho_x 0: awp 'zero', the AWP view left unperturbed), the default world's shipped tiny "
+             "CLIP. delta_l: mean over the last third of the run of L(w+v) - L(w) on the adversarial view "
+             "(logged). lambda_max_adv and trace_adv: top Hessian eigenvalue (power iteration, tolerance 1e-4 "
+             f"relative, at most {args.iters} iterations; power_iters and power_rel_change say how it ended) and "
+             "Hutchinson trace (8 probes) of the cross-entropy at APGD-CE images of the first "
+             f"{args.n_geometry} ID test images, over the visual tower's parameters. id, adv: clean and APGD-CE "
+             f"top-1 (%) on the first {args.n_adv} ID test images.",
+             "Each dose minus rho = 0, paired over seeds (95% t interval); the control passes when some dose moves "
+             "the quantity in AWP's direction (arXiv 2004.05884 §4: a flatter adversarial loss).", *notes],
+            ["rho_x", "rho", "seed", "delta_l", "lambda_max_adv", "power_iters", "power_rel_change", "trace_adv", "id",
+             "adv", "seconds"], rows)
         print(f"wrote {args.json}")
 
 

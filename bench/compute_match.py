@@ -13,7 +13,6 @@ each method's ms/step and its ratio to the reference (the first method).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -70,17 +69,16 @@ def main() -> None:
                      "rounds_ms": [round(1e3 * v, 1) for v in per_step[m]]})
         print(f"| {m} | {1e3 * med:.1f} | {ref / med:.3f} |")
     if args.json:
-        doc = {"bench": "table", "name": "compute_match",
-               "title": "Training step cost of testbed methods (the compute-matched rows' steps_scale)",
-               "command": f"PYTHONPATH=. python bench/compute_match.py --methods {args.methods} --reps {args.reps}",
-               "notes": [f"Default world, its shipped tiny CLIP, each method's testbed config at its tuned values, "
-                         f"torch on 1 thread. Step cost = (CPU-s of a {args.long}-step run - CPU-s of a "
-                         f"{args.short}-step run) / {args.long - args.short}, median over {args.reps} interleaved "
-                         f"rounds. ratio: {methods[0]}'s step cost over the method's: the steps_scale that gives "
-                         f"the method {methods[0]}'s CPU-seconds."],
-               "columns": ["method", "ms_per_step", "ratio", "rounds_ms"], "rows": rows}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        from grace_app.studies.publish import write_bench_table
+
+        write_bench_table(
+            args.json, "compute_match", "Training step cost of testbed methods (the compute-matched rows' steps_scale)",
+            f"PYTHONPATH=. python bench/compute_match.py --methods {args.methods} --reps {args.reps}",
+            [f"Default world, its shipped tiny CLIP, each method's testbed config at its tuned values, torch on 1 "
+             f"thread. Step cost = (CPU-s of a {args.long}-step run - CPU-s of a {args.short}-step run) / "
+             f"{args.long - args.short}, median over {args.reps} interleaved rounds. ratio: {methods[0]}'s step cost "
+             f"over the method's: the steps_scale that gives the method {methods[0]}'s CPU-seconds."],
+            ["method", "ms_per_step", "ratio", "rounds_ms"], rows)
         print(f"wrote {args.json}")
 
 

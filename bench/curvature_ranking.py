@@ -74,17 +74,17 @@ def main() -> None:
             rows.append({"world": name, "run": run, "top3 (highest curvature first)": ", ".join(s["top3"][run]),
                          **{layer: int(r) for layer, r in zip(s["layers"], ranks)}})
     if args.json:
+        from grace_app.studies.publish import write_bench_table
+
         layers = [k for k in rows[0] if k not in ("world", "run", "top3 (highest curvature first)")]
-        doc = {"bench": "table", "name": "curvature_ranking",
-               "title": "The curvature curriculum's premise: per-layer curvature rankings across seeds",
-               "command": "PYTHONPATH=. python bench/curvature_ranking.py " +
-                          " ".join(f"--world {w}" for w in args.world),
-               "notes": ["Each row: one GRACE run (the `core` study's runs at GRACE's tuned values, 300 steps); each "
-                         "layer's rank (1 = highest) by the mean over the run of the curvature estimate the "
-                         "curriculum logs (curv/<layer>).", *notes],
-               "columns": ["world", "run", "top3 (highest curvature first)", *layers], "rows": rows}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        write_bench_table(
+            args.json, "curvature_ranking",
+            "The curvature curriculum's premise: per-layer curvature rankings across seeds",
+            "PYTHONPATH=. python bench/curvature_ranking.py " + " ".join(f"--world {w}" for w in args.world),
+            ["Each row: one GRACE run (the `core` study's runs at GRACE's tuned values, 300 steps); each layer's rank "
+             "(1 = highest) by the mean over the run of the curvature estimate the curriculum logs "
+             "(curv/<layer>).", *notes],
+            ["world", "run", "top3 (highest curvature first)", *layers], rows)
         print(f"wrote {args.json}")
 
 

@@ -87,20 +87,20 @@ def main() -> None:
               f"{text} |")
         notes.append(f"{method}: Square - APGD-CE {text}")
     if args.json:
-        doc = {"bench": "table", "name": "square_attack",
-               "title": "Square (gradient-free) against APGD-CE on GRACE, its core, LoRA-TeCoA and TeCoA",
-               "command": f"PYTHONPATH=. python bench/square_attack.py --seeds {args.seeds} --n-adv {args.n_adv}",
-               "notes": [f"World v2 seed 0, {args.steps} steps per run at each method's tuned values "
-                         "(configs/testbed/), the default world's shipped tiny CLIP. Each row: one seed; robust top-1 "
-                         f"(%) at l_inf 4/255 on the first {args.n_adv} ID test images under APGD-CE (AutoAttack's "
-                         "standard settings) and Square (5000 queries, no gradient), and their per-image worst case. "
-                         "ablation-lar-rho0 is GRACE's core (rho 0, no volume term).",
-                         "A Square accuracy clearly below the APGD-CE accuracy would mean gradient masking "
-                         "(arXiv 1802.00420 §3). Paired over seeds: " + "; ".join(notes)],
-               "columns": ["model", "seed", "clean", "apgd_ce", "square", "worst", "n", "seconds"], "rows": rows,
-               "summary": summary}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        from grace_app.studies.publish import write_bench_table
+
+        write_bench_table(
+            args.json, "square_attack",
+            "Square (gradient-free) against APGD-CE on GRACE, its core, LoRA-TeCoA and TeCoA",
+            f"PYTHONPATH=. python bench/square_attack.py --seeds {args.seeds} --n-adv {args.n_adv}",
+            [f"World v2 seed 0, {args.steps} steps per run at each method's tuned values "
+             "(configs/testbed/), the default world's shipped tiny CLIP. Each row: one seed; robust top-1 "
+             f"(%) at l_inf 4/255 on the first {args.n_adv} ID test images under APGD-CE (AutoAttack's "
+             "standard settings) and Square (5000 queries, no gradient), and their per-image worst case. "
+             "ablation-lar-rho0 is GRACE's core (rho 0, no volume term).",
+             "A Square accuracy clearly below the APGD-CE accuracy would mean gradient masking "
+             "(arXiv 1802.00420 §3). Paired over seeds: " + "; ".join(notes)],
+            ["model", "seed", "clean", "apgd_ce", "square", "worst", "n", "seconds"], rows, summary=summary)
         print(f"wrote {args.json}")
 
 

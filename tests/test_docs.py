@@ -284,3 +284,19 @@ def test_readme_vqa_table_is_the_generated_one():
     rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "[" in ln]
     page = (ROOT / "docs" / "results" / "quickstart-vqa.md").read_text()
     assert len(rows) == 5 and all(r in page for r in rows), rows
+
+
+def test_a_bench_table_written_by_the_helper_becomes_a_page(tmp_path):
+    """bench scripts write their tables with publish.write_bench_table; `grace results --add` makes the page: title,
+    command, notes, one row per record (None as '-', '|' escaped)."""
+    from grace_app.cli import main
+    from grace_app.studies.publish import write_bench_table
+
+    src = write_bench_table(tmp_path / "x.json", "my bench", "My bench", "python bench/x.py", ["a note"],
+                            ["model", "score"], [{"model": "a|b", "score": 1.5}, {"model": "c", "score": None}],
+                            summary=[1])
+    data, out = tmp_path / "data", tmp_path / "results"
+    assert main(["results", "--add", str(src), "--data", str(data), "--out", str(out), "--mkdocs", ""]) == 0
+    page = (out / "bench-my-bench.md").read_text()
+    assert "# My bench" in page and "`python bench/x.py`." in page and "- a note" in page
+    assert "| a\\|b | 1.5 |" in page and "| c | - |" in page

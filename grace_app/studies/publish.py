@@ -24,7 +24,7 @@ from pathlib import Path
 from grace_plugin.errors import UsageError, read_json
 from grace_plugin.tensor_io import atomic_write_text
 
-__all__ = ["add_source", "regenerate", "page_markdown", "NAV_BEGIN", "NAV_END"]
+__all__ = ["add_source", "regenerate", "page_markdown", "NAV_BEGIN", "NAV_END", "merge_tuning", "write_bench_table"]
 
 NAV_BEGIN = "# results-nav: written by `grace results`"
 NAV_END = "# end results-nav"
@@ -113,6 +113,17 @@ def _bench_markdown(doc: dict, text: str | None) -> str:
     if text:
         lines += ["", "The run's whole output:", "", "```text", text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def write_bench_table(path: str | Path, name: str, title: str, command: str, notes: list[str], columns: list[str],
+                      rows: list[dict], **extra) -> Path:
+    """Write a bench's table as a results-page source (``grace results --add PATH`` makes its page)."""
+    doc = {"bench": "table", "name": name, "title": title, "command": command, "notes": notes, "columns": columns,
+           "rows": rows, **extra}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    return path
 
 
 def _table_markdown(doc: dict) -> str:
