@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--n-adv", type=int, default=200)
     ap.add_argument("--n-geometry", type=int, default=64)
     ap.add_argument("--iters", type=int, default=50, help="power-iteration budget (tolerance 1e-4 relative)")
+    ap.add_argument("--size", default="default", choices=["default", "small"], help="small: a smoke run")
+    ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the table here (for `grace results --add`)")
     args = ap.parse_args()
 
@@ -103,7 +105,7 @@ def main() -> None:
     from grace_app.testbed.configs import method_config
 
     out = Path(args.out)
-    data, pretrained = prepare_testbed(out, 0, "default", progress=False, echo=print)
+    data, pretrained = prepare_testbed(out, 0, args.size, args.pretrain_steps, progress=False, echo=print)
     doses, seeds = [float(d) for d in args.doses.split(",")], [int(s) for s in args.seeds.split(",")]
     rho = method_config("grace").recipe.rho
     rows = []
