@@ -69,16 +69,13 @@ def _measure(run: Path, data: Path, n_adv: int, n_geometry: int, iters: int, see
             "power_rel_change": pi["rel_change"], "seconds": round(time.time() - t0, 1)}
 
 
-def _compare(rows: list[dict], key: str) -> dict[float, str]:
-    """Each dose minus rho = 0 on ``key``, paired over seeds (95% t); text per dose."""
+def _compare(rows: list[dict], key: str) -> dict:
+    """Each dose minus rho = 0 on ``key``, paired over seeds: ``{dose: Spread (95% t) or None (< 2 seeds)}``."""
     from grace_app.studies.verdicts import paired_difference
 
     base = {r["seed"]: r[key] for r in rows if r["rho_x"] == 0}
-    out = {}
-    for mult in sorted({r["rho_x"] for r in rows} - {0.0}):
-        d = paired_difference({r["seed"]: r[key] for r in rows if r["rho_x"] == mult}, base)
-        out[mult] = d
-    return out
+    return {mult: paired_difference({r["seed"]: r[key] for r in rows if r["rho_x"] == mult}, base)
+            for mult in sorted({r["rho_x"] for r in rows} - {0.0})}
 
 
 def _verdict(diffs: dict, sign: int) -> str:

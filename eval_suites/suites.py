@@ -369,7 +369,6 @@ def _suite_geometry(loaded, ctx: SuiteContext, arg=None) -> dict:
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
     def loss_fn():
         # HVPs need double backward; fused attention kernels (flash/efficient) do not implement it, math does
         with sdpa_kernel([SDPBackend.MATH]):
