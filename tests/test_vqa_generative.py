@@ -142,3 +142,19 @@ def test_coca_reliance_ratio_reads_the_last_layers_two_attentions(vqa):
     assert torch.allclose(s2[prompt], s_out[prompt], atol=1e-6) and torch.allclose(c2[prompt], c_out[prompt], atol=1e-6)
     s3, c3, _ = vqa.attention_outputs(_images(2, seed=6), qs, ans)
     assert not torch.allclose(c3[prompt], c_out[prompt])
+
+
+def test_a_question_too_long_for_the_context_is_refused_not_truncated(vqa):
+    """A prompt + answer beyond the context would lose its answer tokens to truncation (no loss, or a cut label):
+    refused in one line naming the question, for training and for answering."""
+    from grace_plugin.errors import GraceError
+
+    long_q = "how many " + "very " * 30 + "red circles?"
+    with pytest.raises(GraceError, match=r"question 'how many very .*more than the model's context of 24"):
+        vqa.lm_batch([long_q], ["2"])
+    with pytest.raises(GraceError, match=r"room for one answer token"):
+        vqa.answer(_images(1), [long_q])
+    near = "how many red circles are there in the top left corner of it?"  # fits alone, not with a long answer
+    vqa.lm_batch([near], ["2"])
+    with pytest.raises(GraceError, match=r"prompt \+ answer 'a very long answer"):
+        vqa.lm_batch([near], ["a very long answer that does not fit"])

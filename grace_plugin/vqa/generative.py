@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import GraceError
 from ..models.classifier import ImageNormalizer
 
 __all__ = ["QUESTION_PROMPT", "CocaVQA", "tiny_coca_config", "training_answer"]
@@ -72,9 +73,15 @@ class CocaVQA(nn.Module):
         self.context_length = int(coca.context_length)
 
     def _ids(self, text: str) -> list[int]:
-        """The tokens of ``text`` as the tokenizer writes them: ``<sot> ... <eot>``, unpadded."""
-        row = self.tokenizer([text], context_length=self.context_length)[0].tolist()
+        """The tokens of ``text`` as the tokenizer writes them: ``<sot> ... <eot>``, unpadded and not truncated (a
+        text longer than the model's context is refused where it is used, never cut silently)."""
+        row = self.tokenizer([text], context_length=max(1024, self.context_length))[0].tolist()
         return row[:row.index(EOT) + 1] if EOT in row else row
+
+    def _fits(self, n: int, question: str, what: str) -> None:
+        if n > self.context_length:
+            raise GraceError(f"question {question!r}: {what} is {n} tokens, more than the model's context of "
+                             f"{self.context_length}")
 
     def prompt_ids(self, question: str) -> list[int]:
         """The prompt's tokens without ``<eot>``: where answering starts."""
@@ -87,7 +94,8 @@ class CocaVQA(nn.Module):
         text = torch.full((len(questions), self.context_length), pad, dtype=torch.long)
         labels = torch.full((len(questions), self.context_length - 1), pad, dtype=torch.long)
         for i, (q, a) in enumerate(zip(questions, answers)):
-            full = self._ids(QUESTION_PROMPT.format(q=q) + f" {a}")[:self.context_length]
+            full = self._ids(QUESTION_PROMPT.format(q=q) + f" {a}")
+            self._fits(len(full), q, f"prompt + answer {a!r} + <eot>")
             p = len(self.prompt_ids(q))
             text[i, :len(full)] = torch.tensor(full)
             # label j is token j + 1: the first answer token is token p, predicted at position p - 1
@@ -132,6 +140,8 @@ class CocaVQA(nn.Module):
     def answer(self, images: torch.Tensor, questions: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
         """Each question's answer in words: the greedy continuation of its prompt, prompts of one length batched."""
         prompts = [self.prompt_ids(q) for q in questions]
+        for q, ids in zip(questions, prompts):
+            self._fits(len(ids) + 1, q, "the prompt with room for one answer token")
         answers: list[str] = [""] * len(questions)
         for length in sorted({len(p) for p in prompts}):
             idx = [i for i, p in enumerate(prompts) if len(p) == length]
