@@ -309,3 +309,5 @@ def test_kendall_w_against_closed_forms_and_friedman():
     w, p = kendall_w(ranks)
     chi2, p_f = stats.friedmanchisquare(*zip(*ranks))  # one argument per item: its ranks across the rankings
     assert 5 * 6 * w == pytest.approx(chi2) and p == pytest.approx(p_f)
+    with pytest.raises(ValueError, match="without ties"):
+        kendall_w([[1, 2, 3], [1.5, 1.5, 3]])

@@ -462,6 +462,8 @@ def kendall_w(rankings) -> tuple[float, float]:
     from scipy import stats
 
     m, n = len(rankings), len(rankings[0])
+    if any(sorted(r) != list(range(1, n + 1)) for r in rankings):  # the formula has no tie correction
+        raise ValueError(f"kendall_w: each ranking must be the ranks 1..{n} without ties")
     sums = [sum(r[i] for r in rankings) for i in range(n)]
     mean = m * (n + 1) / 2
     w = 12 * sum((x - mean) ** 2 for x in sums) / (m ** 2 * (n ** 3 - n))
