@@ -169,6 +169,7 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
 
 
 STUDY_ONLY, TUNE_ONLY = ("seeds", "n_adv"), ("trials", "n_val_adv", "rescore_seeds", "write", "no_write")
+CONTROLS_ONLY = ("control", "arms")
 
 
 def _refuse_flags(a, names: tuple[str, ...], command: str) -> None:
@@ -185,6 +186,9 @@ def _cmd_study(a) -> int:
     from grace_app.studies.runner import StudyConfig, run_study
 
     _refuse_flags(a, TUNE_ONLY, f"grace study {a.name}")
+    if a.name == "controls":
+        return _cmd_controls(a)
+    _refuse_flags(a, CONTROLS_ONLY, f"grace study {a.name}")
     count, run_seeds = _parse_seeds(a.seeds or "1")
     cfg = StudyConfig(name=a.name, out=Path(a.out or Path("studies") / a.name), seed=a.seed, seeds=count,
                       run_seeds=run_seeds, steps=a.steps or 300, n_adv=600 if a.n_adv is None else a.n_adv,
@@ -197,13 +201,38 @@ def _cmd_study(a) -> int:
     return 0
 
 
+def _comma_list(value: str | None) -> list[str] | None:
+    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+
+def _cmd_controls(a) -> int:
+    """`grace study controls`: the positive controls (grace_app/studies/controls.py), judged and written as a page."""
+    from grace_app.studies.controls import CONTROLS, ControlsConfig, run_controls
+
+    count, run_seeds = _parse_seeds(a.seeds or "3")
+    cfg = ControlsConfig(out=Path(a.out or Path("studies") / "controls"),
+                         controls=_comma_list(a.control) or list(CONTROLS), seed=a.seed,
+                         run_seeds=run_seeds or list(range(count)), steps=a.steps, arms=_comma_list(a.arms),
+                         n_adv=200 if a.n_adv is None else a.n_adv, device=a.device, size=a.size,
+                         pretrain_steps=a.pretrain_steps, pretrain_threads=a.pretrain_threads)
+    if a.methods or a.overrides:
+        from grace_plugin.errors import UsageError
+
+        raise UsageError(f"{'--methods' if a.methods else '--set'}: not a flag of `grace study controls` (its arms "
+                         "are fixed by each control; --arms picks some)")
+    doc = run_controls(cfg)
+    print((cfg.out / "controls.md").read_text())
+    print(f"wrote {cfg.out / 'controls.json'}, {cfg.out / 'controls.md'} ({len(doc['controls'])} controls)")
+    return 0
+
+
 def _cmd_tune(a) -> int:
     """`grace study tune`: the tuning protocol (tuning.yaml) for --methods; writes the selection to tuned.yaml."""
     from grace_app.studies.tuning import TuneConfig, run_tuning
     from grace_app.testbed.configs import installed_copy, testbed_dir
     from grace_plugin.errors import UsageError
 
-    _refuse_flags(a, STUDY_ONLY, "grace study tune")
+    _refuse_flags(a, STUDY_ONLY + CONTROLS_ONLY, "grace study tune")
     if not a.methods:
         raise UsageError("grace study tune needs --methods, e.g. --methods ft,tecoa,grace")
     if not (a.write or a.no_write) and installed_copy():

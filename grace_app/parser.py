@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="a named study on the testbed (configs/testbed/studies.yaml: table6, table7, "
                         "table8, core, geometry, shift, cost) with verdicts on the paper's claims; or `study tune`: "
                         "the tuning protocol (its own command path and flags)")
-    st.add_argument("name", help="study name (table6, table7, table8, core, geometry, shift, cost) or 'tune'")
+    st.add_argument("name", help="study name (table6, table7, table8, core, geometry, shift, cost), 'tune' or "
+                    "'controls' (positive controls: grace_app/studies/controls.py)")
     st.add_argument("--out", help="output folder (default studies/NAME)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--steps", type=int, help="fine-tuning steps per run (study default 300; tune: tuning.yaml)")
@@ -158,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "seeds on --seed's world, e.g. 4-7 or 0,2,5 (to split a study over processes on one --out)")
     sg.add_argument("--n-adv", type=int, help="ID images attacked per model (default 600: the whole ID test split "
                     "of the default world)")
+    cg = st.add_argument_group("study controls only")
+    cg.add_argument("--control", help="comma-separated controls (default all: awp-dose, overfit, volume)")
+    cg.add_argument("--arms", help="only these arms of the control (a lane; the control is judged by an "
+                    "invocation that runs every arm, reusing the finished runs)")
     tg = st.add_argument_group("study tune only")
     tg.add_argument("--trials", type=int, help="trials per method (default: tuning.yaml's)")
     tg.add_argument("--n-val-adv", type=int, help="validation images attacked per trial")

@@ -161,6 +161,9 @@ class TrainConfig:
     # robust validation during training (grace_plugin/robust_validation.py); 0: never
     val_every: int = checked(0, ge=0)  # steps between checks (and one at the last step)
     val_n: int = checked(512, ge=1)  # images of data.val_split (the first ones, in shard order)
+    # > 0: each check also scores the first this many images of data.train_split (train_clean, train_robust): the
+    # train-test robust gap of robust overfitting (Rice et al., arXiv 2002.11569, Fig. 1); 0: held-out images only
+    val_train_n: int = checked(0, ge=0)
     # pgdN (l_inf PGD, N steps of 2.5 eps/N, no random start) | none
     val_attack: str = checked("pgd10", test=lambda v: _error_of(parse_val_attack, v))
     val_eps: float | None = checked(None, ge=0, le=1)  # None: the recipe's training eps (recipe.pgd_eps), else 4/255

@@ -92,31 +92,44 @@ def check_extension(out: Path, work: Path, total: int) -> None:
 
 
 def build_validator(data: str | Path, cfg: RunConfig, pretrained_cfg: dict, num_classes: int):
-    """The first ``train.val_n`` images of split ``data.val_split`` (shard order), held in memory as tensors."""
+    """The first ``train.val_n`` images of split ``data.val_split`` (shard order), held in memory as tensors; with
+    ``train.val_train_n`` also the first that many of ``data.train_split`` (scored as ``train_clean/robust``)."""
+    from .config import parse_val_attack
+    from .robust_validation import Validator, ValidatorSet
+
+    t = cfg.train
+    eps = t.val_eps if t.val_eps is not None else float(getattr(cfg.recipe, "pgd_eps", 4 / 255) or 4 / 255)
+    slices = {"val": (cfg.data.val_split, t.val_n)}
+    if t.val_train_n:
+        slices["train"] = (cfg.data.train_split, t.val_train_n)
+    made = {}
+    for prefix, (split, n) in slices.items():
+        x, y = _first_images(data, split, n, cfg, pretrained_cfg, num_classes)
+        made[prefix] = Validator(x, y, eps, parse_val_attack(t.val_attack), batch_size=t.batch_size)
+    return made["val"] if len(made) == 1 else ValidatorSet(made)
+
+
+def _first_images(data, split: str, n_max: int, cfg: RunConfig, pretrained_cfg: dict, num_classes: int):
     import torch
 
     from .data.loader import make_eval_loader
     from .data.shards import open_shard_set
     from .data.transforms import eval_transform
-    from .config import parse_val_attack
-    from .robust_validation import Validator
 
-    t = cfg.train
-    shards = open_shard_set(data, split=cfg.data.val_split)
+    shards = open_shard_set(data, split=split)
     xs, ys, n = [], [], 0
-    for b in make_eval_loader(shards.urls, eval_transform(pretrained_cfg), min(256, t.val_n), num_classes,
+    for b in make_eval_loader(shards.urls, eval_transform(pretrained_cfg), min(256, n_max), num_classes,
                               decode=cfg.data.decode):
         if b["label"].numel():
             xs.append(b["image"])
             ys.append(b["label"])
             n += b["label"].numel()
-        if n >= t.val_n:
+        if n >= n_max:
             break
     if not n:
-        raise ConfigError(f"data.val_split: {data} split {cfg.data.val_split!r} has no usable image")
-    eps = t.val_eps if t.val_eps is not None else float(getattr(cfg.recipe, "pgd_eps", 4 / 255) or 4 / 255)
-    return Validator(torch.cat(xs)[:t.val_n], torch.cat(ys)[:t.val_n], eps, parse_val_attack(t.val_attack),
-                     batch_size=t.batch_size)
+        field = "data.val_split" if split == cfg.data.val_split else "data.train_split"
+        raise ConfigError(f"{field}: {data} split {split!r} has no usable image")
+    return torch.cat(xs)[:n_max], torch.cat(ys)[:n_max]
 
 
 class _Watched:

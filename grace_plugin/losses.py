@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gram_volume", "pairwise_cosines", "feature_spread", "feature_sums", "spread_from_sums"]
+__all__ = ["gram_volume", "pairwise_cosines", "feature_spread", "feature_sums", "spread_from_sums",
+           "gradient_shares"]
 
 
 def _det(g: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,32 @@ def pairwise_cosines(f1: torch.Tensor, f2: torch.Tensor, f3: torch.Tensor) -> tu
     n = [F.normalize(f.detach().float(), dim=-1) for f in (f1, f2, f3)]
     return tuple(float((a * b).sum(-1).mean()) for a, b in ((n[0], n[1]), (n[0], n[2]), (n[1], n[2])))
 
+
+def gradient_shares(grads: dict[str, list]) -> dict[str, float]:
+    """Each loss term's part of the step's gradient, from the per-term gradients ``{term: [g_p or None per
+    parameter]}`` (the same parameter list for every term; None: the term does not reach that parameter).
+
+    With ``g = sum_t g_t``: ``gnorm_t = ||g_t||``, ``gnorm_total = ||g||`` and ``gshare_t = <g_t, g> / ||g||^2``, the
+    term's component along the step's direction, which sums to 1 over the terms (a term can be negative: it pulls
+    against the others). A loss share (``lambda L / L``) says nothing of this: a term can be large and flat."""
+    names = list(grads)
+    n_params = len(grads[names[0]])
+    dots = {t: 0.0 for t in names}
+    sq = {t: 0.0 for t in names}
+    total_sq = 0.0
+    for i in range(n_params):
+        parts = {t: grads[t][i].detach().double() for t in names if grads[t][i] is not None}
+        if not parts:
+            continue
+        g = sum(parts.values())
+        total_sq += float(g.square().sum())
+        for t, gt in parts.items():
+            sq[t] += float(gt.square().sum())
+            dots[t] += float((gt * g).sum())
+    out = {f"gnorm_{t}": sq[t] ** 0.5 for t in names}
+    out["gnorm_total"] = total_sq ** 0.5
+    out.update({f"gshare_{t}": (dots[t] / total_sq if total_sq > 0 else float("nan")) for t in names})
+    return out
 
 
 def feature_sums(f: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -18,7 +18,7 @@ import torch
 
 from .config import SELECT_RULES
 
-__all__ = ["select_check", "co_guard_tripped", "harmonic_mean", "Validator"]
+__all__ = ["select_check", "co_guard_tripped", "harmonic_mean", "Validator", "ValidatorSet"]
 
 def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
@@ -96,3 +96,25 @@ class Validator:
         n = len(self)
         return {"val_clean": round(100.0 * float(counts[0]) / n, 4),
                 "val_robust": round(100.0 * float(counts[1]) / n, 4), "val_seconds": time.time() - t0}
+
+
+class ValidatorSet:
+    """Several named slices scored at each check: ``{"val": ..., "train": ...}`` gives ``val_clean``/``val_robust``
+    (the held-out slice, which selection and the guard read) and ``train_clean``/``train_robust`` (a slice of the
+    training split: the train-test robust gap, Rice et al., arXiv 2002.11569, Fig. 1)."""
+
+    def __init__(self, validators: dict[str, Validator]):
+        if "val" not in validators:
+            raise ValueError("a ValidatorSet needs the held-out slice 'val'")
+        self.validators = dict(validators)
+
+    def __len__(self) -> int:
+        return len(self.validators["val"])
+
+    def __call__(self, model, device, autocast, rank: int = 0, world: int = 1) -> dict:
+        out, seconds = {}, 0.0
+        for prefix, v in self.validators.items():
+            res = v(model, device, autocast, rank, world)
+            seconds += res.pop("val_seconds")
+            out.update({f"{prefix}_{k.split('_', 1)[1]}": val for k, val in res.items()})
+        return {**out, "val_seconds": seconds}

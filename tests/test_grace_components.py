@@ -170,3 +170,35 @@ def test_an_ablation_keeps_what_it_changes_over_the_values_it_inherits(tmp_path,
     rho0 = method_config("ablation-lar-rho0")
     assert rho0.recipe.awp == "zero" and rho0.recipe.lambda_lar == 2.5
     assert method_config("lora-tecoa").train.lr == 0.0005  # its own tuning wins over its set default 3e-3
+
+
+def test_gradient_shares_closed_forms():
+    from grace_plugin.losses import gradient_shares
+
+    g1 = [torch.tensor([3.0, 0.0]), torch.tensor([0.0])]
+    g2 = [torch.tensor([0.0, 4.0]), None]  # orthogonal, and absent from the second parameter
+    out = gradient_shares({"a": g1, "b": g2})
+    assert out["gnorm_a"] == pytest.approx(3.0) and out["gnorm_b"] == pytest.approx(4.0)
+    assert out["gnorm_total"] == pytest.approx(5.0)
+    assert out["gshare_a"] == pytest.approx(9 / 25) and out["gshare_b"] == pytest.approx(16 / 25)
+    # opposed terms: g = g1 / 2, so a carries 2 and b pulls back -1 (the shares still sum to 1)
+    out = gradient_shares({"a": [torch.tensor([2.0, 2.0])], "b": [torch.tensor([-1.0, -1.0])]})
+    assert (out["gshare_a"], out["gshare_b"]) == (pytest.approx(2.0), pytest.approx(-1.0))
+
+
+def test_grace_logs_each_terms_gradient_share(tiny_classifier, tiny_batch):
+    """grad_terms_every: the logged per-term norms and shares match gradients of the terms taken apart, and the
+    total is the norm of the gradient that backward of the step's loss gives (an independent computation)."""
+    fresh = copy.deepcopy(tiny_classifier)
+    rec = _grace(tiny_classifier, awp="uniform", gram_volume=True, lambda_gv=5.0, lambda_lar=2.0,
+                 grad_terms_every=1)
+    out = rec.training_step(tiny_batch, CPU)
+    params = rec.trainable_parameters()
+    out.loss.backward()
+    total = sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None) ** 0.5
+    logs = out.logs
+    assert logs["gnorm_total"] == pytest.approx(total, rel=1e-4)
+    assert logs["gshare_task"] + logs["gshare_lar"] + logs["gshare_gv"] == pytest.approx(1.0, abs=1e-6)
+    assert all(logs[f"gnorm_{t}"] > 0 for t in ("task", "lar", "gv"))
+    quiet = _grace(fresh, awp="uniform", gram_volume=True, grad_terms_every=2).training_step(tiny_batch, CPU)
+    assert "gnorm_total" not in quiet.logs  # step 1 is not a multiple of 2

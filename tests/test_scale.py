@@ -1,5 +1,6 @@
 """Training at scale: resume by seeking (not replaying) the stream, validation checks, selection and the
 catastrophic-overfitting guard, resume config checks and run-folder hygiene after a kill."""
+import contextlib
 import copy
 import json
 import os
@@ -212,6 +213,31 @@ def test_real_validation_selects_and_records(tiny_clip_dir, tiny_world, tmp_path
     with torch.no_grad():
         acc = 100.0 * float((model(val.images).argmax(-1) == val.labels).float().mean())
     assert acc == pytest.approx(sel["val_clean"], abs=1e-3)  # log values are rounded to 4 decimals
+
+
+def test_validation_scores_a_train_slice(tiny_clip_dir, tiny_world, tmp_path):
+    """train.val_train_n: each check also scores the first images of the training split; the logged train numbers
+    equal a Validator built on those images by hand, and the held-out ones are unchanged in name and meaning."""
+    from grace_plugin.checkpoint import load_run
+    from grace_plugin.data.shards import open_shard_set
+    from grace_plugin.finetune import _first_images, build_config, build_validator, fine_tune
+    from grace_plugin.robust_validation import Validator, ValidatorSet
+
+    cfg = build_config("tecoa", overrides=["train.val_every=3", "train.val_n=16", "train.val_train_n=20",
+                                           "train.batch_size=16", "train.device=cpu", "recipe.pgd_steps=1",
+                                           "train.val_attack=pgd2", "train.keep_state=false"], steps=3)
+    out = fine_tune("tecoa", tiny_clip_dir, tiny_world / "id", tmp_path / "run", cfg, progress=False)
+    check = [c for c in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "train_robust" in c][-1]
+    assert {"val_clean", "val_robust", "train_clean", "train_robust"} <= set(check)
+    model, _ = load_run(out)
+    vs = build_validator(tiny_world / "id", cfg, model.pretrained_cfg, 10)
+    assert isinstance(vs, ValidatorSet) and len(vs) == 16 and len(vs.validators["train"]) == 20
+    x, y = _first_images(tiny_world / "id", "train", 20, cfg, model.pretrained_cfg, 10)
+    assert torch.equal(vs.validators["train"].images, x)
+    assert len(open_shard_set(tiny_world / "id", split="train").urls) >= 1
+    res = Validator(x, y, 4 / 255, 2, batch_size=16)(model, torch.device("cpu"), contextlib.nullcontext)
+    assert check["train_clean"] == pytest.approx(res["val_clean"], abs=1e-3)
+    assert check["train_robust"] == pytest.approx(res["val_robust"], abs=1e-3)
 
 
 # --------------------------------------------------------------------------- resume refuses a changed config

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from grace_app.cli import main
 
@@ -105,6 +106,8 @@ def test_study_rerun_reuses_finished_runs_and_evaluations(study_dir, capsys, mon
     cfg.recipe.lora_rank += 1
     assert not studies.finished_run_matches(run, "grace", to_dict(cfg))
     cfg.recipe.lora_rank -= 1
+    cfg.train.device = "cpu" if saved["train"]["device"] == "auto" else "auto"  # one device without CUDA
+    assert studies.finished_run_matches(run, "grace", to_dict(cfg)) == (not torch.cuda.is_available())
     meta = json.loads((run / "checkpoint.json").read_text())
     (run / "checkpoint.json").write_text(json.dumps(dict(meta, device="cuda:0")))  # trained on another device
     assert not studies.finished_run_matches(run, "grace", to_dict(cfg))

@@ -6,6 +6,7 @@ Sources are copies of outputs, kept in ``docs/results/data/``:
   the column legend);
 - ``study-<name>.json``: a study's ``study.json`` (``grace study NAME``), rendered by the study's own markdown
   (``study-<name>-world<k>.json`` for a study on world seed k > 0);
+- ``controls.json``: ``grace study controls``'s positive controls (``controls-world<k>.json`` on world seed k > 0);
 - ``bench-<name>.json``: ``bench/step_cost.py --json`` rows, with ``bench-<name>.txt`` (the full output of the run,
   e.g. ``bench/gpu_check.sh``'s table) shown beside it when present; or a bench's table (``"bench": "table"``:
   ``bench/lora_capacity.py``, ``bench/grace_corners.py``).
@@ -39,6 +40,8 @@ def _kind(doc: dict) -> str | None:
         return "table"
     if isinstance(doc, dict) and "study" in doc and "rows" in doc:
         return "study"
+    if isinstance(doc, dict) and doc.get("kind") == "controls" and isinstance(doc.get("controls"), dict):
+        return "controls"  # ``grace study controls``'s controls.json
     if isinstance(doc, dict) and {"protocol", "methods", "trials"} <= set(doc):
         return "tuning"  # ``grace study tune``'s tuning.json
     if isinstance(doc, dict) and doc.get("task") == "vqa" and "rows" in doc and "legend" in doc:
@@ -52,19 +55,23 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
     """Copy a quickstart folder's ``summary.json``, a study folder's ``study.json``, a tuning folder's
     ``tuning.json`` or a bench JSON into ``data_dir`` under the name its page will have."""
     p = Path(path)
-    f = next((p / n for n in ("study.json", "summary.json", "tuning.json") if (p / n).is_file()), None) \
+    f = next((p / n for n in ("study.json", "summary.json", "tuning.json", "controls.json") if (p / n).is_file()),
+             None) \
         if p.is_dir() else p
     if f is None or not f.is_file():
-        raise UsageError(f"{p}: no study.json, summary.json, tuning.json or bench JSON to add")
+        raise UsageError(f"{p}: no study.json, summary.json, tuning.json, controls.json or bench JSON to add")
     doc = read_json(f)
     kind = _kind(doc)
     if kind is None:
-        raise UsageError(f"{f}: not a study.json, quickstart summary.json, tuning.json or bench JSON")
+        raise UsageError(f"{f}: not a study.json, quickstart summary.json, tuning.json, controls.json or bench JSON")
     if kind == "bench":  # named by what was measured, so another machine's run gets a page of its own
         device = re.sub(r"[^a-z0-9]+", "-", str(doc.get("device")).lower()).strip("-")
         name = f"bench-step_cost-{device}-{doc.get('arch')}-b{doc.get('batch')}.json"
     elif kind == "table":
         name = f"bench-{re.sub(r'[^a-z0-9_]+', '-', str(doc['name']).lower())}.json"
+    elif kind == "controls":  # one page per world
+        world = doc.get("world_seed") or 0
+        name = f"controls-world{world}.json" if world else "controls.json"
     elif kind == "tuning":  # one page per world
         name = f"tuning-{doc.get('size')}-seed{doc.get('seed')}.json"
     else:
@@ -187,7 +194,11 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
         from .tuning_page import tuning_markdown
 
         return tuning_markdown(doc)
-    raise UsageError("not a study.json, quickstart summary.json, tuning.json or bench JSON")
+    if kind == "controls":
+        from .controls import controls_markdown
+
+        return controls_markdown(doc)
+    raise UsageError("not a study.json, quickstart summary.json, tuning.json, controls.json or bench JSON")
 
 
 def _group(doc: dict) -> str:
@@ -195,7 +206,7 @@ def _group(doc: dict) -> str:
     kind = _kind(doc)
     if kind in ("quickstart", "quickstart-vqa"):
         return "Quick start"
-    if kind == "study":
+    if kind in ("study", "controls"):
         world = doc.get("world_seed") or 0
         return f"Studies, world seed {world}" if world else "Studies, default world"
     if kind == "tuning":
@@ -246,8 +257,8 @@ def regenerate(data_dir: str | Path, out_dir: str | Path, mkdocs_yml: str | Path
         doc = read_json(src)
         txt = src.with_suffix(".txt")
         if _kind(doc) is None:
-            raise UsageError(f"{src}: not a study.json, quickstart summary.json, tuning.json or bench JSON (a bench "
-                             "table's rows are objects keyed by its columns)")
+            raise UsageError(f"{src}: not a study.json, quickstart summary.json, tuning.json, controls.json or bench "
+                             "JSON (a bench table's rows are objects keyed by its columns)")
         md = page_markdown(doc, txt.read_text() if txt.is_file() else None)
         if _kind(doc) in ("study", "tuning"):
             from .study_page import study_plot

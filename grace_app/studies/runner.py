@@ -196,7 +196,12 @@ def _same_config(saved_file: Path, recipe: str, resolved: dict) -> bool:
         return False
 
     def norm(d):
-        return yaml.safe_load(yaml.safe_dump(d, sort_keys=True))
+        from grace_plugin.runtime import resolve_device
+
+        d = yaml.safe_load(yaml.safe_dump(d, sort_keys=True))
+        if isinstance(d.get("train"), dict):  # "auto" and "cpu" are one device on a machine without CUDA
+            d["train"]["device"] = resolve_device(d["train"].get("device", "auto")).type
+        return d
 
     return norm(saved) == norm(resolved)
 

@@ -98,6 +98,10 @@ class GraceConfig(AdvConfig):
     # global sample index, ``awp_rows``; batches are shuffled), an unbiased estimate of both means at a fraction of
     # the AWP view's forward and backward. 1.0 (default) is the paper's objective.
     awp_fraction: float = checked(1.0, gt=0.0, le=1.0)
+    # Diagnostic (not in the paper): every this many steps, log each weighted term's gradient norm over the trained
+    # parameters and its share of the step's gradient (losses.gradient_shares: gnorm_*, gshare_task/lar/gv); one
+    # extra backward per term on those steps. 0: never
+    grad_terms_every: int = checked(0, ge=0)
 
 
 def awp_rows(n: int, fraction: float, sample_index=None, device=None):
@@ -192,7 +196,21 @@ class Grace(AdversarialRecipe):
                 logs.update(cos_id_awp=c_iw, cos_adv_awp=c_aw)
         logs.update(l_task=float(l_task.detach()), awp_layers=float(len(self.awp.active()) if awp_on else 0),
                     **self.awp.counters())
+        every = cfg.grad_terms_every
+        if every and torch.is_grad_enabled() and getattr(ctx, "step", 0) % every == 0:
+            terms = {"task": l_task, "lar": cfg.lambda_lar * l_lar if awp_on else None,
+                     "gv": cfg.lambda_gv * l_gv if cfg.gram_volume and cfg.lambda_gv != 0 else None}
+            logs.update(self._gradient_shares({k: v for k, v in terms.items() if v is not None}))
         return loss, logs
+
+    def _gradient_shares(self, terms: dict) -> dict[str, float]:
+        """``losses.gradient_shares`` of the weighted terms over the trained parameters (graphs kept for the step)."""
+        from ..losses import gradient_shares
+
+        params = self.trainable_parameters()
+        grads = {t: list(torch.autograd.grad(v, params, retain_graph=True, allow_unused=True))
+                 for t, v in terms.items() if v.requires_grad}
+        return gradient_shares(grads) if grads else {}
 
     def pass_counts(self) -> dict[str, float]:
         """PGD: k forward+input-backward (none without an adversarial view); clean (and adversarial) forwards; with
