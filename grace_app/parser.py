@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--n-adv", type=int, help="ID images attacked per model (default 600: the whole ID test split "
                     "of the default world)")
     cg = st.add_argument_group("study controls only")
-    cg.add_argument("--control", help="comma-separated controls (default all: awp-dose, overfit, volume)")
+    cg.add_argument("--control", help="comma-separated controls (default all: awp-dose, overfit, ranks, volume)")
     cg.add_argument("--arms", help="only these arms of the control (a lane; the control is judged by an "
                     "invocation that runs every arm, reusing the finished runs)")
     tg = st.add_argument_group("study tune only")

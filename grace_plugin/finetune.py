@@ -239,6 +239,9 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "skipped_steps": result.skipped_steps,
                                          "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
                                          "cpu_seconds": result.cpu_seconds,
+                                         # over every invocation of a resumed run (seconds/cpu_seconds: this one)
+                                         "total_seconds": result.total_seconds,
+                                         "total_cpu_seconds": result.total_cpu_seconds,
                                          "data_skipped": result.data_skipped,
                                          "val_seconds": result.val_seconds, "resumed_at": result.resumed_at}}
     if rec.summary():

@@ -55,6 +55,10 @@ class TrainResult:
     resumed_at: int | None = None
     # this process's CPU time over the same steps (all its threads): the compute that matched controls compare
     cpu_seconds: float | None = None
+    # the run's wall and CPU time over every invocation that kept its steps (the resumable states carry the earlier
+    # invocations' totals; the work of steps redone after a kill is not counted): a resumed run's whole compute
+    total_seconds: float | None = None
+    total_cpu_seconds: float | None = None
 
 
 def _clean_run_folder(out: Path, start: int) -> None:
@@ -106,6 +110,15 @@ class _LoopState:
     checks: list = field(default_factory=list)
     best: dict | None = None
     val_seconds: float = 0.0
+    # the earlier invocations' totals (from the resumable state) and where this invocation's clocks started
+    prior_seconds: float = 0.0
+    prior_cpu_seconds: float = 0.0
+    clock_start: tuple[float, float] = field(default_factory=lambda: (time.time(), time.process_time()))
+
+    def totals(self) -> tuple[float, float]:
+        """(wall, CPU) seconds of the run so far, over every invocation."""
+        return (self.prior_seconds + time.time() - self.clock_start[0],
+                self.prior_cpu_seconds + time.process_time() - self.clock_start[1])
 
 
 def _load_state(state_file: Path, recipe: Recipe, optimizer, device, rank: int) -> tuple[_LoopState, dict]:
@@ -120,7 +133,9 @@ def _load_state(state_file: Path, recipe: Recipe, optimizer, device, rank: int) 
     mine = st.get("cursors", {}).get(rank, {})  # every rank's stream has its own position
     loop = _LoopState(step=st["step"], bad_total=st["skipped_steps"], data_skipped=dict(st.get("data_skipped", {})),
                       cursors={int(k): tuple(v) for k, v in mine.items()}, checks=list(st.get("checks", [])),
-                      best=st.get("best"), val_seconds=float(st.get("val_seconds", 0.0)))
+                      best=st.get("best"), val_seconds=float(st.get("val_seconds", 0.0)),
+                      prior_seconds=float(st.get("total_seconds", 0.0)),
+                      prior_cpu_seconds=float(st.get("total_cpu_seconds", 0.0)))
     return loop, st
 
 
@@ -135,6 +150,7 @@ def _save_state(path: Path, recipe: Recipe, optimizer, loop: _LoopState, ema, cu
              # {rank: {worker stream: (block, offset)}}: resume seeks there (batch_source)
              "cursors": {int(r): {int(k): tuple(v) for k, v in c.items()} for r, c in cursors.items()},
              "checks": list(loop.checks), "val_seconds": float(loop.val_seconds)}
+    state["total_seconds"], state["total_cpu_seconds"] = loop.totals()
     if loop.best is not None:
         state["best"] = loop.best
     if ema is not None:
@@ -442,7 +458,8 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
     return TrainResult(step + 1 if stopped else total_steps, loop.bad_total, last_loss, time.time() - t0,
                        loop.data_skipped, selection=selection, stopped=stopped,
                        val_seconds=round(loop.val_seconds, 3), first_batch_seconds=lp.first_batch_s,
-                       resumed_at=start or None, cpu_seconds=round(time.process_time() - cpu0, 2))
+                       resumed_at=start or None, cpu_seconds=round(time.process_time() - cpu0, 2),
+                       total_seconds=round(loop.totals()[0], 2), total_cpu_seconds=round(loop.totals()[1], 2))
 
 
 def steps_for_epochs(epochs: float, num_samples: int, batch_size: int, grad_accum: int = 1, world: int = 1) -> int:

@@ -58,7 +58,7 @@ def test_any_dose_passes_when_some_dose_passes():
 
 
 def test_registry_names_every_control_and_its_arms():
-    assert set(C.CONTROLS) == {"awp-dose", "overfit", "volume"}
+    assert set(C.CONTROLS) == {"awp-dose", "overfit", "ranks", "volume"}
     for c in C.CONTROLS.values():
         labels = [a.label for a in c.arms()]
         assert len(labels) == len(set(labels)) >= 3
@@ -86,7 +86,7 @@ def _smoke(tmp_path, control: str, lane: list[str], arms: list[str], capsys) -> 
 
 
 def test_controls_smoke_reused_judged_and_published(tmp_path, capsys):
-    doc = _smoke(tmp_path, "awp-dose", ["rho0x"], ["rho0x", "rho4x", "rho16x"], capsys)
+    doc = _smoke(tmp_path, "awp-dose", ["rho0x"], ["rho0x", "rho1x", "rho4x", "rho16x"], capsys)
     rows = doc["controls"]["awp-dose"]["rows"]
     assert all(r["power_iters"] <= 2 and r["lambda_max_adv"] is not None for r in rows)
     assert all(r["delta_l"] == 0 for r in rows if r["arm"] == "rho0x")  # awp zero: the view is unperturbed

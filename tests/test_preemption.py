@@ -160,6 +160,12 @@ def test_sigterm_exits_75_within_a_step_and_resume_auto_is_bit_identical(tiny_cl
     assert logged == list(range(steps + 1))  # steps 0..7 from the first run, then only step 8
     meta = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert meta["metrics"]["train"]["steps"] == steps + 1 and meta["metrics"]["train"]["resumed_at"] == steps
+    # the whole run's compute counts every invocation that kept its steps, this one's alone is less
+    t = meta["metrics"]["train"]
+    assert t["total_cpu_seconds"] > t["cpu_seconds"] > 0 and t["total_seconds"] > t["seconds"] > 0
+    plain = json.loads((tmp_path / "plain" / "checkpoint.json").read_text())["metrics"]["train"]
+    assert plain["total_cpu_seconds"] >= plain["cpu_seconds"] and plain["total_cpu_seconds"] < 2 * plain[
+        "cpu_seconds"] + 1
     assert json.loads((tmp_path / "plain" / "checkpoint.json").read_text())["metrics"]["train"]["resumed_at"] is None
 
 

@@ -4,8 +4,8 @@ A null verdict on a part of GRACE (GRACE against its tuned rho = 0 core, ``grace
 that part only where the part can be seen to act here. Each control trains *arms* (a method at a dose, or several
 methods in one regime) on the default testbed world, measures each run, and judges checks that pass or fail:
 
-- ``awp-dose``: LAR-AWP's dose-response, GRACE at its tuned values with rho from 0 (awp ``zero``) to 16x the tuned
-  value: the perturbation's bite (``delta_l``), the top Hessian eigenvalue and trace of the *adversarial* loss
+- ``awp-dose``: LAR-AWP's dose-response, GRACE at its tuned values with rho at 0 (awp ``zero``), 1x, 4x and 16x
+  the tuned value: the perturbation's bite (``delta_l``), the top Hessian eigenvalue and trace of the *adversarial* loss
   (power iteration to a stated tolerance, reported), ID and APGD-CE robust accuracy. AWP is credited with a flatter
   adversarial loss (Wu et al., arXiv 2004.05884, Sec. 4).
 - ``overfit``: the regime AWP was made for, robust overfitting (Rice et al., arXiv 2002.11569): long runs with the
@@ -196,7 +196,7 @@ def _suites(run: Path, data: Path, cfg: ControlsConfig, seed: int, names: list[s
 def _train_cost(run: Path) -> dict:
     meta = run / "checkpoint.json"
     train = (json.loads(meta.read_text()).get("metrics") or {}).get("train") or {} if meta.is_file() else {}
-    return {"steps": train.get("steps"), "cpu_seconds": train.get("cpu_seconds")}
+    return {"steps": train.get("steps"), "cpu_seconds": train.get("total_cpu_seconds", train.get("cpu_seconds"))}
 
 
 def _measure_awp(run: Path, data: Path, cfg: ControlsConfig, seed: int) -> dict:
@@ -246,7 +246,7 @@ def _awp_arms() -> list[Arm]:
     # rho must be > 0: the dose 0 is awp "zero" (L_LAR, and the volume's AWP view, on the unperturbed adversarial view)
     rho = _tuned("grace", "recipe.rho")
     return [Arm("rho0x", "grace", 0.0, {"recipe": {"awp": "zero"}})] + \
-        [Arm(f"rho{m:g}x", "grace", m, {"recipe": {"rho": rho * m}}) for m in (4.0, 16.0)]
+        [Arm(f"rho{m:g}x", "grace", m, {"recipe": {"rho": rho * m}}) for m in (1.0, 4.0, 16.0)]
 
 
 def _judge_awp(rows: list[dict]) -> list[dict]:
@@ -344,11 +344,58 @@ def _volume_notes(cfg: ControlsConfig, steps: int) -> list[str]:
             "feature_spread: mean cosine between different ID test images' features."]
 
 
+def _ranks_arms() -> list[Arm]:
+    """The curriculum's rank levels (bottom / middle / top curvature band) under the SVD ascent, and the default
+    levels under the paper-literal factor ascent (GRACE Alg. 1 l. 9-12)."""
+    arms = [Arm(f"svd-{''.join(map(str, lv))}", "grace", None, {"recipe": {"rank_levels": lv, "awp_ascent": "svd"}})
+            for lv in ([0, 2, 4], [0, 1, 1], [0, 4, 4])]
+    return arms + [Arm("factor-024", "grace", None, {"recipe": {"rank_levels": [0, 2, 4], "awp_ascent": "factor"}})]
+
+
+def _measure_ranks(run: Path, data: Path, cfg: ControlsConfig, seed: int) -> dict:
+    from .quickstart import OOD_SETS
+
+    lines = log_lines(run)
+    rep = _suites(run, data, cfg, seed, ["id", *(f"ood:{s}" for s in OOD_SETS), "adv:apgd-ce"], "clean")
+    s = rep["suites"]
+    ood = [s[f"ood:{n}"]["top1"] for n in OOD_SETS if s.get(f"ood:{n}", {}).get("top1") is not None]
+    last = next((r for r in reversed(lines) if any(k.startswith("rank/") for k in r)), {})
+    ranks = [v for k, v in last.items() if k.startswith("rank/")]
+    out = {"delta_l": tail_mean(lines, "delta_l"), "awp_cos": tail_mean(lines, "awp_cos"),
+           "mean_rank": statistics.fmean(ranks) if ranks else None,
+           "rank_changes": (lines[-1] if lines else {}).get("awp_rank_changes"),
+           "id": s["id"]["top1"], "ood": statistics.fmean(ood) if ood else None, "adv": s["adv:apgd-ce"]["robust_acc"]}
+    vals = [out["id"], out["ood"], out["adv"]]
+    out["hm"] = 3 / sum(1 / v for v in vals) if all(v and v > 0 for v in vals) else 0.0
+    return out
+
+
+def _judge_ranks(rows: list[dict]) -> list[dict]:
+    return [_versus(rows, "delta_l", "factor-024", "svd-024", -1, "the factor ascent finds a weaker perturbation "
+                    "than the SVD ascent (delta_l lower)"),
+            *(_report(rows, k, "svd-024", f"{k} against GRACE's levels [0, 2, 4] with the SVD ascent")
+              for k in ("delta_l", "hm", "id", "ood", "adv"))]
+
+
+def _ranks_notes(cfg: ControlsConfig, steps: int) -> list[str]:
+    return [f"GRACE at its tuned values, {steps} steps, with the curriculum's rank levels (bottom 20% / middle / top "
+            "20% of the curvature) and the ascent changed: svd-024 is GRACE as tuned; factor-024 the paper-literal "
+            "factor ascent from a random A.",
+            "delta_l, awp_cos: logged bite of the perturbation and its cosine with the layer gradient, last third; "
+            "mean_rank: mean AWP rank over the adapted layers at the last curriculum update; rank_changes: the "
+            "curriculum's cumulative rank changes.",
+            f"id, ood, adv, hm: ID top-1, mean OOD top-1, APGD-CE top-1 on the first {cfg.n_adv} ID test images (%), "
+            "and their harmonic mean."]
+
+
 register_control(Control("awp-dose", "LAR-AWP's dose-response", "Does the weight perturbation flatten the adversarial "
                          "loss when its radius grows?", 300, _awp_arms, _measure_awp, _judge_awp, _awp_notes))
 register_control(Control("overfit", "Robust overfitting in long runs", "Do long PGD-10 runs overfit robustly, and "
                          "does AWP reduce it?", 1500, _overfit_arms, _measure_overfit, _judge_overfit,
                          _overfit_notes))
+register_control(Control("ranks", "The curriculum's ranks and the AWP ascent", "What do the curriculum's rank "
+                         "levels and the paper-literal factor ascent change?", 300, _ranks_arms, _measure_ranks,
+                         _judge_ranks, _ranks_notes))
 register_control(Control("volume", "The Gram volume's dose-response", "Does the volume term align clean, adversarial "
                          "and OOD features when its weight is large?", 300, _volume_arms, _measure_volume,
                          _judge_volume, _volume_notes))
@@ -398,6 +445,7 @@ def run_controls(cfg: ControlsConfig, echo=print) -> dict:
     """Train, measure and (when every arm was asked for) judge each control; writes ``controls.json`` and
     ``controls.md`` under ``cfg.out`` from every control judged so far (a control not rerun keeps its last doc)."""
     from grace_plugin.errors import UsageError
+    from grace_plugin.runfolder import folder_lock
     from grace_plugin.tensor_io import atomic_write_text
     from grace_app.testbed.tiny_clip import tiny_clip_identity
 
@@ -409,8 +457,7 @@ def run_controls(cfg: ControlsConfig, echo=print) -> dict:
     out = Path(cfg.out)
     data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, False, echo,
                                        pretrain_threads=cfg.pretrain_threads)
-    doc_file = out / "controls.json"
-    doc = json.loads(doc_file.read_text()) if doc_file.is_file() else {"controls": {}}
+    judged: dict[str, dict] = {}
     for name in cfg.controls:
         control, t0 = CONTROLS[name], time.time()
         arms = control.arms()
@@ -432,14 +479,17 @@ def run_controls(cfg: ControlsConfig, echo=print) -> dict:
         if cfg.arms and len(arms) < len(control.arms()):
             echo(f"      {name}: {len(arms)} of {len(control.arms())} arms (a lane): not judged")
             continue
-        doc["controls"][name] = {
+        judged[name] = {
             "title": control.title, "question": control.question, "steps": steps, "seeds": cfg.run_seeds,
             "notes": control.notes(cfg, steps), "rows": rows, "checks": control.judge(rows),
             "seconds": round(time.time() - t0, 1)}
-    doc.update(kind="controls", world_seed=cfg.seed, size=cfg.size, tiny_clip=tiny_clip_identity(pretrained))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(doc_file, json.dumps(doc, indent=2, default=str) + "\n")
-    atomic_write_text(out / "controls.md", controls_markdown(doc))
+    doc_file = out / "controls.json"
+    with folder_lock(out, what="controls page", wait=echo):  # lanes finish in any order: read, add, write as one
+        doc = json.loads(doc_file.read_text()) if doc_file.is_file() else {"controls": {}}
+        doc["controls"].update(judged)
+        doc.update(kind="controls", world_seed=cfg.seed, size=cfg.size, tiny_clip=tiny_clip_identity(pretrained))
+        atomic_write_text(doc_file, json.dumps(doc, indent=2, default=str) + "\n")
+        atomic_write_text(out / "controls.md", controls_markdown(doc))
     return doc
 
 
@@ -447,8 +497,9 @@ def run_controls(cfg: ControlsConfig, echo=print) -> dict:
 _COLUMNS = {"awp-dose": ("delta_l", "lambda_max_adv", "power_iters", "trace_adv", "id", "adv"),
             "overfit": ("best_robust", "best_step", "last_robust", "drop", "train_robust_last", "gap_last",
                         "last_clean", "cpu_seconds"),
-            "volume": ("cos_id_adv", "cos_id_awp", "gshare_gv", "gnorm_gv", "gv_share", "centroid_adv",
-                       "centroid_ood", "feature_spread", "id", "ood", "adv")}
+            "ranks": ("delta_l", "awp_cos", "mean_rank", "rank_changes", "id", "ood", "adv", "hm"),
+            "volume": ("cos_id_adv", "cos_id_awp", "cos_adv_awp", "gshare_gv", "gshare_lar", "gnorm_gv",
+                       "gv_share", "centroid_adv", "centroid_ood", "feature_spread", "id", "ood", "adv")}
 
 
 def _cell(v) -> str:

@@ -139,7 +139,9 @@ def _training_record(run_dir: Path) -> dict:
         m = json.loads(meta.read_text()).get("metrics", {})
         out.update(m.get("recipe") or {})
         train = m.get("train") or {}
-        out.update(train_seconds=train.get("seconds"), train_cpu_seconds=train.get("cpu_seconds"),
+        # a resumed run's whole compute (total_*); a run written before those were recorded has this invocation's
+        out.update(train_seconds=train.get("total_seconds", train.get("seconds")),
+                   train_cpu_seconds=train.get("total_cpu_seconds", train.get("cpu_seconds")),
                    train_steps=train.get("steps"))
     logf = run_dir / "log.jsonl"
     if logf.is_file():
