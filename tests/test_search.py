@@ -213,6 +213,28 @@ def test_edge_rule_widens_the_range_and_goes_on(tmp_path, monkeypatch):
     assert res["compute"]["trials"] == 6 + 2
 
 
+class _Rising(_Stub):
+    """Every trial scores higher than the last: the best-so-far never stops rising."""
+
+    def __call__(self, *args, **kwargs):
+        res = super().__call__(*args, **kwargs)
+        return {**res, "val_clean": 10.0 + len(self.calls), "val_robust": 10.0 + len(self.calls),
+                "hm": 10.0 + len(self.calls)}
+
+
+def test_convergence_rule_extends_a_budget_that_still_improves(tmp_path, monkeypatch):
+    """A best-so-far that still rises by more than converge_delta over the last third gets converge_trials more
+    trials, at most max_extensions times; a flat one (the default stub's landscape around its anchor) converges."""
+    rule = {"converge_delta": 0.5, "converge_trials": 3, "max_extensions": 2, "rescore_top": 1, "max_widenings": 0}
+    res = _run(tmp_path / "rising", _Rising(peak=1e-4), monkeypatch, rule)
+    assert res["extensions"] == 2 and res["compute"]["trials"] == 6 + 2 * 3
+    flat = _Stub(peak=1e-4)
+    flat.__class__ = type("Flat", (_Stub,), {"__call__": lambda self, *a, **k: {**_Stub.__call__(self, *a, **k),
+                                                                                   "hm": 40.0}})
+    res = _run(tmp_path / "flat", flat, monkeypatch, rule)
+    assert res["extensions"] == 0 and res["compute"]["trials"] == 6
+
+
 def test_collapse_rule_in_the_loop(tmp_path, monkeypatch):
     """Trials above lr 1e-4 score 80 but are collapsed: recorded, counted, never selected."""
     res = _run(tmp_path, _Stub(peak=1e-5, collapse_above=1e-4), monkeypatch)

@@ -283,7 +283,7 @@ def test_axes_under_the_papers_definition_match_the_report():
 def test_best_so_far_counts_only_selectable_trials_in_trial_order():
     """The tuning pages' best-so-far curve: pruned, collapsed and diverged trials never raise it; trial order, not
     list order, decides the curve."""
-    from grace_app.studies.tuning_page import best_so_far
+    from grace_app.studies.search import best_so_far, late_gain
 
     def t(n, hm, state="complete", spread=0.5):
         return {"trial": n, "state": state, "score": hm, "hm": hm, "feature_spread": spread}
@@ -292,6 +292,10 @@ def test_best_so_far_counts_only_selectable_trials_in_trial_order():
               t(5, float("nan"))]
     assert best_so_far(trials, 0.9, "hm") == [30.0, 30.0, 30.0, 40.0, 40.0, 40.0]
     assert best_so_far([t(0, 10.0, state="pruned")], 0.9, "hm") == [None]
+    # the convergence rule's gain: the last value minus the best after the first two thirds (floor(2n/3) trials)
+    assert late_gain([30.0, 30.0, 30.0, 40.0, 40.0, 40.0]) == 0.0  # after 4 trials: 40
+    assert late_gain([30.0, 30.0, 30.0, 30.0, 40.0, 45.0]) == 15.0
+    assert late_gain([None, None, 10.0]) is None and late_gain([1.0, 2.0]) is None
 
 
 def test_kendall_w_against_closed_forms_and_friedman():

@@ -100,3 +100,30 @@ def selectable(row: dict, threshold: float) -> bool:
     score = row.get("score")
     return (row.get("state") == "complete" and score is not None and math.isfinite(score)
             and not collapsed(row.get("feature_spread"), threshold))
+
+
+# the convergence rule's default (tuning.yaml ``converge_delta``): score points the best may still gain over the
+# last third of the trials before the budget counts as converged
+CONVERGE_DELTA = 0.5
+
+
+def best_so_far(trials: list[dict], threshold: float, key: str) -> list[float | None]:
+    """After each trial, in trial order, the best plain score (``key``: ``hm`` or ``val_clean``) among the
+    selectable trials so far (pruned, collapsed and diverged trials never count); None before the first."""
+    best, out = None, []
+    for r in sorted(trials, key=lambda r: r["trial"]):
+        if selectable(r, threshold) and r.get(key) is not None:
+            best = r[key] if best is None else max(best, r[key])
+        out.append(best)
+    return out
+
+
+def late_gain(curve: list[float | None]) -> float | None:
+    """How much a best-so-far curve rose over its last third: ``curve[-1] - curve[floor(2n/3) - 1]`` (the best after
+    the first two thirds of the trials); None with fewer than 3 trials or no selectable trial by then. A budget has
+    converged when this is at most ``converge_delta``."""
+    n = len(curve)
+    if n < 3 or curve[-1] is None:
+        return None
+    before = curve[(2 * n) // 3 - 1]
+    return None if before is None else curve[-1] - before

@@ -334,6 +334,21 @@ def _rescore(study, rows: list[dict], cfg: TuneConfig, proto: dict, run_trial, e
         r["seed_score"] = statistics.fmean(scores) if all(s > float("-inf") for s in scores) else float("-inf")
 
 
+def _extension(study, rows: list[dict], proto: dict, score: str, threshold: float, budget: int) -> float | None:
+    """The convergence rule: when the best-so-far score rose by more than ``converge_delta`` over the last third of
+    the trials and fewer than ``max_extensions`` extensions ran, the budget grows by ``converge_trials`` (recorded
+    in the study, so every worker sees it) and the late gain is returned; else None (the budget has converged)."""
+    from .search import CONVERGE_DELTA, best_so_far, late_gain
+
+    extensions, limit = int(study.user_attrs.get("extensions", 0)), int(proto.get("max_extensions", 0))
+    gain = late_gain(best_so_far(rows, threshold, "hm" if score == "hm" else "val_clean"))
+    if gain is None or gain <= float(proto.get("converge_delta", CONVERGE_DELTA)) or extensions >= limit:
+        return None
+    study.set_user_attr("budget", budget + int(proto.get("converge_trials", 8)))
+    study.set_user_attr("extensions", extensions + 1)
+    return gain
+
+
 def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, objective_for, run_trial,
                  echo) -> dict:
     """Run the method's study to its budget (widening edges), re-score the top trials; the method's result."""
@@ -372,7 +387,12 @@ def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, o
                                          if a.key in rows[best]["point"]}
         sides = {k: v for k, v in sides.items() if v}
         if not sides or widenings >= int(proto.get("max_widenings", 3)):
-            break
+            more = _extension(study, rows, proto, score, threshold, budget)
+            if not more:
+                break
+            echo(f"      {name}: best so far still rose by {more:.2f} over the last third of the trials; "
+                 f"{int(proto.get('converge_trials', 8))} more trials")
+            continue
         axes_ref[0] = [widen(a, sides[a.key]) if a.key in sides else a for a in axes_ref[0]]
         widenings, budget = widenings + 1, budget + int(proto.get("widen_trials", 8))
         study.set_user_attr("space", {a.key: a.record() for a in axes_ref[0]})
@@ -390,7 +410,8 @@ def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, o
                "cpu_seconds": round(sum(r.get("cpu_seconds") or 0 for r in rows), 1),
                "rescore_cpu_seconds": round(sum(v.get("cpu_seconds") or 0 for k, v in study.user_attrs.items()
                                                 if k.startswith("rescore/")), 1)}
-    return {"trials": rows, "selected": None if best is None else rows[best]["trial"],
+    return {"trials": rows, "extensions": int(study.user_attrs.get("extensions", 0)),
+            "selected": None if best is None else rows[best]["trial"],
             "values": None if best is None else dict(rows[best]["point"]), "at_range_edge": edges,
             "space": {a.key: a.record() for a in axes_ref[0]}, "widenings": widenings, "rescored": rescored,
             "score": score, "compute": compute, "collapsed": sum(bool(r.get("collapsed")) for r in rows),

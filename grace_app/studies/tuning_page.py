@@ -5,43 +5,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .search import selectable
+from .search import best_so_far, late_gain
 
-__all__ = ["best_so_far", "tuning_markdown", "tuning_plot"]
+__all__ = ["tuning_markdown", "tuning_plot"]
 
 
 def _values(point: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
 
 
-def best_so_far(trials: list[dict], threshold: float, key: str) -> list[float | None]:
-    """After each trial, in trial order, the best plain score (``key``: ``hm`` or ``val_clean``) among the
-    selectable trials so far (pruned, collapsed and diverged trials never count); None before the first."""
-    best, out = None, []
-    for r in sorted(trials, key=lambda r: r["trial"]):
-        if selectable(r, threshold) and r.get(key) is not None:
-            best = r[key] if best is None else max(best, r[key])
-        out.append(best)
-    return out
-
-
 def _best_so_far_lines(doc: dict, threshold: float) -> list[str]:
+    from .search import CONVERGE_DELTA
+
+    delta = float(doc["protocol"].get("converge_delta", CONVERGE_DELTA))
     lines = ["", "## Best so far", "",
-             "The best selectable score after each trial (trial order; the plot draws the curves). A budget has "
-             "converged when the curve is flat over its last trials; `gain, last third` is how much the best rose "
-             "over the last third of the trials.", "",
-             "| method | score | trials | best | first reached at trial | gain, last third |",
-             "|---|---|---:|---:|---:|---:|"]
+             "The best selectable score after each trial (trial order; the plot draws the curves). `gain, last "
+             "third` is how much the best rose over the last third of the trials; the protocol's convergence rule "
+             f"(`converge_delta` {delta:g}) extends a budget whose gain is above it by `converge_trials` more "
+             "trials, at most `max_extensions` times; `converged` says whether the final curve meets the rule.", "",
+             "| method | score | trials | extensions | best | first reached at trial | gain, last third | converged |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, res in doc["methods"].items():
         key = "hm" if res.get("score", "hm") == "hm" else "val_clean"
         curve = best_so_far(res["trials"], threshold, key)
+        ext = res.get("extensions", "-")
         if not curve or curve[-1] is None:
-            lines.append(f"| {name} | {key} | {len(curve)} | - | - | - |")
+            lines.append(f"| {name} | {key} | {len(curve)} | {ext} | - | - | - | - |")
             continue
         first = next(i for i, v in enumerate(curve) if v == curve[-1])
-        before = curve[(2 * len(curve)) // 3 - 1] if len(curve) >= 3 else None
-        gain = "-" if before is None else f"{curve[-1] - before:+.2f}"
-        lines.append(f"| {name} | {key} | {len(curve)} | {curve[-1]:.2f} | {first} | {gain} |")
+        gain = late_gain(curve)
+        done = "-" if gain is None else "yes" if gain <= delta else "no"
+        lines.append(f"| {name} | {key} | {len(curve)} | {ext} | {curve[-1]:.2f} | {first} | "
+                     f"{'-' if gain is None else f'{gain:+.2f}'} | {done} |")
     return lines
 
 
