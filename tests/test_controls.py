@@ -104,3 +104,17 @@ def test_volume_control_smoke(tmp_path, capsys):
     rows = doc["controls"]["volume"]["rows"]
     assert all(r["gshare_gv"] is not None for r in rows if r["arm"] != "gv0")
     assert all(r["centroid_ood"] is not None and r["ood"] is not None for r in rows)
+
+
+def test_flatness_counts_only_where_the_model_still_works():
+    """A collapsed model has a flat loss too: a dose passes only when lambda_max falls by >= 10% and ID stays within
+    ID_COST points of rho = 0 (the paired interval's lower end)."""
+    def arm(name, lam, ids):
+        return [{"arm": name, "seed": s, "lambda_max_adv": lam + s, "id": v} for s, v in enumerate(ids)]
+
+    rows = arm("rho0x", 70.0, [60.0, 62.0, 61.0]) + arm("rho4x", 40.0, [59.0, 61.5, 60.0]) + \
+        arm("rho16x", 20.0, [10.0, 14.0, 8.0])
+    c = C._flat_and_working(rows)
+    assert c["verdict"] == "passes (at rho4x)" and "rho16x: flatter, ID -50.3" in c["numbers"]
+    collapsed = arm("rho0x", 70.0, [60.0, 62.0, 61.0]) + arm("rho16x", 20.0, [10.0, 14.0, 8.0])
+    assert C._flat_and_working(collapsed)["verdict"] == "fails"

@@ -255,8 +255,35 @@ def _judge_awp(rows: list[dict]) -> list[dict]:
                       "(by >= 10%)", 0.1, relative=True),
             _any_dose(rows, "trace_adv", "rho0x", -1, "the adversarial loss flattens: its Hessian trace falls (by >= "
                       "10%)", 0.1, relative=True),
+            _flat_and_working(rows),
             _report(rows, "id", "rho0x", "ID top-1 (what the dose costs)"),
             _report(rows, "adv", "rho0x", "APGD-CE robust top-1")]
+
+
+ID_COST = 5.0  # points of ID top-1 a dose may cost and still count as a working model (awp-dose)
+
+
+def _flat_and_working(rows: list[dict]) -> dict:
+    """A flat loss is also what a collapsed, near-uniform classifier has: the dose must flatten the adversarial loss
+    (lambda_max down by >= 10%) *and* keep ID top-1 within ``ID_COST`` points of rho = 0 (the paired 95% interval's
+    lower end above -ID_COST)."""
+    from .verdicts import paired_difference
+
+    ids = _by_arm(rows, "id")
+    ok, parts = [], []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        if arm == "rho0x":
+            continue
+        flat = _versus(rows, "lambda_max_adv", arm, "rho0x", -1, "", 0.1, relative=True)["verdict"] == "passes"
+        d = paired_difference(ids.get(arm, {}), ids.get("rho0x", {}))
+        working = d is not None and d.lo > -ID_COST
+        parts.append(f"{arm}: {'flatter' if flat else 'not flatter'}, ID "
+                     + ("-" if d is None else f"{d.mean:+.3g} [{d.lo:+.3g}, {d.hi:+.3g}]"))
+        if flat and working:
+            ok.append(arm)
+    return {"check": f"the adversarial loss flattens while the model still works (ID within {ID_COST:g} points of "
+                     "rho = 0)", "verdict": f"passes (at {', '.join(ok)})" if ok else "fails",
+            "numbers": "; ".join(parts)}
 
 
 def _awp_notes(cfg: ControlsConfig, steps: int) -> list[str]:
