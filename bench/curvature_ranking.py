@@ -80,8 +80,12 @@ def main() -> None:
         write_bench_table(
             args.json, "curvature_ranking",
             "The curvature curriculum's premise: per-layer curvature rankings across seeds",
-            "PYTHONPATH=. python bench/curvature_ranking.py " + " ".join(f"--world {w}" for w in args.world),
-            ["Each row: one GRACE run (the `core` study's runs at GRACE's tuned values, 300 steps); each layer's rank "
+            # the study folders by role, not by this machine's paths
+            "PYTHONPATH=. python bench/curvature_ranking.py " + " ".join(
+                f"--world {w.split('=', 1)[0]}=CORE_{w.split('=', 1)[0].upper()}/runs/grace" for w in args.world),
+            ["CORE_<WORLD>: the folder of `grace study core --seeds 5` on that world (world1: `--seed 1 "
+             "--pretrain-threads 2`).",
+             "Each row: one GRACE run (the `core` study's runs at GRACE's tuned values, 300 steps); each layer's rank "
              "(1 = highest) by the mean over the run of the curvature estimate the curriculum logs "
              "(curv/<layer>).", *notes],
             ["world", "run", "top3 (highest curvature first)", *layers], rows)
