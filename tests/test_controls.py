@@ -115,6 +115,18 @@ def test_flatness_counts_only_where_the_model_still_works():
     rows = arm("rho0x", 70.0, [60.0, 62.0, 61.0]) + arm("rho4x", 40.0, [59.0, 61.5, 60.0]) + \
         arm("rho16x", 20.0, [10.0, 14.0, 8.0])
     c = C._flat_and_working(rows)
-    assert c["verdict"] == "passes (at rho4x)" and "rho16x: flatter, ID -50.3" in c["numbers"]
+    assert c["verdict"] == "passes (at rho4x)" and "rho16x: moved, ID -50.3" in c["numbers"]
     collapsed = arm("rho0x", 70.0, [60.0, 62.0, 61.0]) + arm("rho16x", 20.0, [10.0, 14.0, 8.0])
     assert C._flat_and_working(collapsed)["verdict"] == "fails"
+
+
+def test_volume_alignment_is_judged_on_the_misalignment():
+    """cos 0.990 -> 0.997 is a 70% fall of 1 - cos (passes), though the cosine rose by less than 0.01."""
+    def arm(name, cos, ids):
+        return [{"arm": name, "seed": s, "cos_id_adv": cos + 1e-4 * s, "id": v, "ood": 30.0 + s}
+                for s, v in enumerate(ids)]
+
+    rows = arm("gv0", 0.990, [60.0, 62.0, 61.0]) + arm("gv100", 0.997, [59.0, 61.0, 61.0])
+    checks = {c["check"]: c for c in C._judge_volume(rows)}
+    assert next(c for k, c in checks.items() if "f_Adv" in k)["verdict"] == "passes (at gv100)"
+    assert next(c for k, c in checks.items() if k.startswith("OOD top-1"))["verdict"] == "inconclusive"

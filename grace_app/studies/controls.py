@@ -263,27 +263,32 @@ def _judge_awp(rows: list[dict]) -> list[dict]:
 ID_COST = 5.0  # points of ID top-1 a dose may cost and still count as a working model (awp-dose)
 
 
-def _flat_and_working(rows: list[dict]) -> dict:
-    """A flat loss is also what a collapsed, near-uniform classifier has: the dose must flatten the adversarial loss
-    (lambda_max down by >= 10%) *and* keep ID top-1 within ``ID_COST`` points of rho = 0 (the paired 95% interval's
-    lower end above -ID_COST)."""
+def _acts_and_works(rows: list[dict], key: str, base: str, sign: int, what: str, min_effect: float,
+                    relative: bool = True) -> dict:
+    """A mechanism acting on ``key`` (``_versus`` passes at a dose) counts only where the model still works: ID
+    top-1 within ``ID_COST`` points of ``base`` (the paired 95% interval's lower end above -ID_COST). A collapsed,
+    near-uniform classifier has a flat loss and aligned features too."""
     from .verdicts import paired_difference
 
     ids = _by_arm(rows, "id")
     ok, parts = [], []
     for arm in dict.fromkeys(r["arm"] for r in rows):
-        if arm == "rho0x":
+        if arm == base:
             continue
-        flat = _versus(rows, "lambda_max_adv", arm, "rho0x", -1, "", 0.1, relative=True)["verdict"] == "passes"
-        d = paired_difference(ids.get(arm, {}), ids.get("rho0x", {}))
+        acts = _versus(rows, key, arm, base, sign, "", min_effect, relative)["verdict"] == "passes"
+        d = paired_difference(ids.get(arm, {}), ids.get(base, {}))
         working = d is not None and d.lo > -ID_COST
-        parts.append(f"{arm}: {'flatter' if flat else 'not flatter'}, ID "
+        parts.append(f"{arm}: {'moved' if acts else 'not moved'}, ID "
                      + ("-" if d is None else f"{d.mean:+.3g} [{d.lo:+.3g}, {d.hi:+.3g}]"))
-        if flat and working:
+        if acts and working:
             ok.append(arm)
-    return {"check": f"the adversarial loss flattens while the model still works (ID within {ID_COST:g} points of "
-                     "rho = 0)", "verdict": f"passes (at {', '.join(ok)})" if ok else "fails",
-            "numbers": "; ".join(parts)}
+    return {"check": f"{what} while the model still works (ID within {ID_COST:g} points of {base})",
+            "verdict": f"passes (at {', '.join(ok)})" if ok else "fails", "numbers": "; ".join(parts)}
+
+
+def _flat_and_working(rows: list[dict]) -> dict:
+    return _acts_and_works(rows, "lambda_max_adv", "rho0x", -1, "the adversarial loss flattens (lambda_max down "
+                           ">= 10%)", 0.1)
 
 
 def _awp_notes(cfg: ControlsConfig, steps: int) -> list[str]:
@@ -344,13 +349,22 @@ def _volume_arms() -> list[Arm]:
     return [Arm(label, "grace", d, {"recipe": {"lambda_gv": d, "grad_terms_every": 10}}) for label, d in doses]
 
 
+MISALIGN = {"cos_id_adv": "mis_id_adv", "cos_id_awp": "mis_id_awp", "centroid_adv": "mis_centroid_adv",
+            "centroid_ood": "mis_centroid_ood"}
+
+
 def _judge_volume(rows: list[dict]) -> list[dict]:
-    return [_any_dose(rows, "cos_id_adv", "gv0", +1, "the volume aligns the views: cos(f_ID, f_Adv) rises (by >= "
-                      "0.01)", 0.01),
-            _any_dose(rows, "cos_id_awp", "gv0", +1, "cos(f_ID, f_AWP) rises (by >= 0.01)", 0.01),
-            _any_dose(rows, "centroid_adv", "gv0", +1, "ID->Adv class-centroid cosine rises (by >= 0.01)", 0.01),
-            _any_dose(rows, "centroid_ood", "gv0", +1, "ID->OOD class-centroid cosine rises (by >= 0.01; the axis "
-                                                        "the volume is credited with)", 0.01),
+    """Alignment is judged on the misalignment 1 - cos, relative to gv0's: the views start within 0.01 of 1, so an
+    absolute rise in cosine could not show what the volume does."""
+    rows = [{**r, **{m: 1 - r[c] for c, m in MISALIGN.items() if r.get(c) is not None}} for r in rows]
+    return [_any_dose(rows, "mis_id_adv", "gv0", -1, "the volume aligns the views: 1 - cos(f_ID, f_Adv) falls by "
+                      ">= 10%", 0.1, relative=True),
+            _any_dose(rows, "mis_id_awp", "gv0", -1, "1 - cos(f_ID, f_AWP) falls by >= 10%", 0.1, relative=True),
+            _any_dose(rows, "mis_centroid_adv", "gv0", -1, "ID->Adv class centroids align: 1 - cos falls by >= 10%",
+                      0.1, relative=True),
+            _any_dose(rows, "mis_centroid_ood", "gv0", -1, "ID->OOD class centroids align (the axis the volume is "
+                      "credited with): 1 - cos falls by >= 10%", 0.1, relative=True),
+            _acts_and_works(rows, "mis_centroid_ood", "gv0", -1, "ID->OOD centroids align", 0.1),
             _any_dose(rows, "ood", "gv0", +1, "OOD top-1 rises (by >= 1 point)", 1.0),
             _levels(rows, "gshare_gv", "the volume's share of the gradient (projection on the step)"),
             _levels(rows, "gshare_lar", "L_LAR's share of the gradient"),
@@ -368,7 +382,10 @@ def _volume_notes(cfg: ControlsConfig, steps: int) -> list[str]:
             f"id, ood: top-1 (%) on the ID test split and the mean over the four OOD sets; adv: APGD-CE top-1 on the "
             f"first {cfg.n_adv} ID test images; centroid_adv / centroid_ood: mean over classes of the cosine between "
             f"the ID and the adversarial (OOD) class centroids of the first {cfg.n_geometry} images of each set; "
-            "feature_spread: mean cosine between different ID test images' features."]
+            "feature_spread: mean cosine between different ID test images' features.",
+            "Alignment checks are judged on the misalignment 1 - cos against gv0's (a fall of >= 10%), since the views "
+            "start within 0.01 of a cosine of 1; a check that also needs a working model keeps ID within "
+            f"{ID_COST:g} points of gv0."]
 
 
 def _ranks_arms() -> list[Arm]:
