@@ -99,13 +99,11 @@ def overfit_curve(checks: list[dict]) -> dict:
     """From a run's validation checks (``step``, ``val_robust``, ``train_robust``, ...): the best held-out robust
     accuracy and its step, the last, the best-to-last drop (Rice et al., arXiv 2002.11569, Sec. 3), and the train -
     held-out robust gap at the best check and at the last. Ties of the best go to the earlier check."""
+    from grace_plugin.robust_validation import select_check
+
     if not checks:
         return {}
-    best = checks[0]
-    for c in checks[1:]:
-        if c["val_robust"] > best["val_robust"]:
-            best = c
-    last = checks[-1]
+    best, last = select_check(checks, "best_robust"), checks[-1]  # the trainer's own selection rule
     out = {"best_robust": best["val_robust"], "best_step": best["step"], "last_robust": last["val_robust"],
            "drop": best["val_robust"] - last["val_robust"], "last_clean": last["val_clean"],
            "checks": len(checks)}
