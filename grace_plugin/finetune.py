@@ -99,17 +99,19 @@ def build_validator(data: str | Path, cfg: RunConfig, pretrained_cfg: dict, num_
 
     t = cfg.train
     eps = t.val_eps if t.val_eps is not None else float(getattr(cfg.recipe, "pgd_eps", 4 / 255) or 4 / 255)
-    slices = {"val": (cfg.data.val_split, t.val_n)}
+    slices = {"val": ("data.val_split", cfg.data.val_split, t.val_n)}
     if t.val_train_n:
-        slices["train"] = (cfg.data.train_split, t.val_train_n)
+        slices["train"] = ("data.train_split", cfg.data.train_split, t.val_train_n)
     made = {}
-    for prefix, (split, n) in slices.items():
-        x, y = _first_images(data, split, n, cfg, pretrained_cfg, num_classes)
+    for prefix, (field, split, n) in slices.items():
+        x, y = _first_images(data, field, split, n, cfg, pretrained_cfg, num_classes)
         made[prefix] = Validator(x, y, eps, parse_val_attack(t.val_attack), batch_size=t.batch_size)
     return made["val"] if len(made) == 1 else ValidatorSet(made)
 
 
-def _first_images(data, split: str, n_max: int, cfg: RunConfig, pretrained_cfg: dict, num_classes: int):
+def _first_images(data, field: str, split: str, n_max: int, cfg: RunConfig, pretrained_cfg: dict,
+                  num_classes: int):
+    """The first ``n_max`` usable images of ``split`` (shard order); none: a one-line error naming ``field``."""
     import torch
 
     from .data.loader import make_eval_loader
@@ -127,7 +129,6 @@ def _first_images(data, split: str, n_max: int, cfg: RunConfig, pretrained_cfg: 
         if n >= n_max:
             break
     if not n:
-        field = "data.val_split" if split == cfg.data.val_split else "data.train_split"
         raise ConfigError(f"{field}: {data} split {split!r} has no usable image")
     return torch.cat(xs)[:n_max], torch.cat(ys)[:n_max]
 

@@ -455,11 +455,12 @@ def train(recipe: Recipe, loader: Iterable[dict], cfg: TrainConfig, total_steps:
             lp.sync.close()
         runlog.close()
     selection = _finish(lp, loop, track, stopped)
+    total_s, total_cpu = loop.totals()
     return TrainResult(step + 1 if stopped else total_steps, loop.bad_total, last_loss, time.time() - t0,
                        loop.data_skipped, selection=selection, stopped=stopped,
                        val_seconds=round(loop.val_seconds, 3), first_batch_seconds=lp.first_batch_s,
                        resumed_at=start or None, cpu_seconds=round(time.process_time() - cpu0, 2),
-                       total_seconds=round(loop.totals()[0], 2), total_cpu_seconds=round(loop.totals()[1], 2))
+                       total_seconds=round(total_s, 2), total_cpu_seconds=round(total_cpu, 2))
 
 
 def steps_for_epochs(epochs: float, num_samples: int, batch_size: int, grad_accum: int = 1, world: int = 1) -> int:

@@ -232,7 +232,7 @@ def test_validation_scores_a_train_slice(tiny_clip_dir, tiny_world, tmp_path):
     model, _ = load_run(out)
     vs = build_validator(tiny_world / "id", cfg, model.pretrained_cfg, 10)
     assert isinstance(vs, ValidatorSet) and len(vs) == 16 and len(vs.validators["train"]) == 20
-    x, y = _first_images(tiny_world / "id", "train", 20, cfg, model.pretrained_cfg, 10)
+    x, y = _first_images(tiny_world / "id", "data.train_split", "train", 20, cfg, model.pretrained_cfg, 10)
     assert torch.equal(vs.validators["train"].images, x)
     assert len(open_shard_set(tiny_world / "id", split="train").urls) >= 1
     res = Validator(x, y, 4 / 255, 2, batch_size=16)(model, torch.device("cpu"), contextlib.nullcontext)

@@ -128,7 +128,7 @@ def _versus(rows: list[dict], key: str, arm: str, base: str, sign: int, what: st
     when the interval excludes 0 on that side and the mean moves by at least ``min_effect`` (a fraction of the base's
     mean with ``relative``; below it: negligible), fails when the interval excludes 0 on the other side, else
     inconclusive."""
-    from .verdicts import paired_difference
+    from .verdicts import HOLDS, paired_difference, paired_verdict
 
     vals = _by_arm(rows, key)
     a, b = vals.get(arm, {}), vals.get(base, {})
@@ -139,12 +139,9 @@ def _versus(rows: list[dict], key: str, arm: str, base: str, sign: int, what: st
         return {"check": what, "verdict": "inconclusive", "numbers": f"{arm} - {base}: " + (
             f"{statistics.fmean(diff):+.3g} on {len(diff)} seed (no interval)" if diff else "not measured")}
     floor = min_effect * abs(statistics.fmean(b[s] for s in common)) if relative else min_effect
-    if (d.lo > 0 and sign > 0) or (d.hi < 0 and sign < 0):
+    verdict = paired_verdict(d, "greater" if sign > 0 else "less")  # the studies' rule on the same interval
+    if verdict == HOLDS:
         verdict = "passes" if abs(d.mean) >= floor else f"negligible (|effect| < {floor:.3g})"
-    elif (d.hi < 0 and sign > 0) or (d.lo > 0 and sign < 0):
-        verdict = "fails"
-    else:
-        verdict = "inconclusive"
     return {"check": what, "verdict": verdict,
             "numbers": f"{arm} - {base}: {d.mean:+.3g} [{d.lo:+.3g}, {d.hi:+.3g}] (paired 95% t, {d.n} seeds)"}
 
@@ -191,6 +188,20 @@ def _suites(run: Path, data: Path, cfg: ControlsConfig, seed: int, names: list[s
     return run_suites(load_model(run, device=device), names, ctx)
 
 
+def _axes_suites() -> list[str]:
+    """ID, the testbed's OOD sets and APGD-CE: the suites of the axes the volume and ranks controls report."""
+    from .quickstart import OOD_SETS
+
+    return ["id", *(f"ood:{s}" for s in OOD_SETS), "adv:apgd-ce"]
+
+
+def _axes(suites: dict) -> dict:
+    """ID top-1, the mean top-1 over the OOD sets and APGD-CE top-1 (%) from ``run_suites``' results."""
+    ood = [v["top1"] for k, v in suites.items() if k.startswith("ood:") and v.get("top1") is not None]
+    return {"id": suites["id"]["top1"], "ood": statistics.fmean(ood) if ood else None,
+            "adv": suites["adv:apgd-ce"]["robust_acc"]}
+
+
 def _train_cost(run: Path) -> dict:
     meta = run / "checkpoint.json"
     train = (json.loads(meta.read_text()).get("metrics") or {}).get("train") or {} if meta.is_file() else {}
@@ -217,16 +228,13 @@ def _measure_volume(run: Path, data: Path, cfg: ControlsConfig, seed: int) -> di
     from .quickstart import OOD_SETS
 
     lines = log_lines(run)
-    rep = _suites(run, data, cfg, seed, ["id", *(f"ood:{s}" for s in OOD_SETS), "adv:apgd-ce", "geometry"], "clean")
-    s = rep["suites"]
+    s = _suites(run, data, cfg, seed, [*_axes_suites(), "geometry"], "clean")["suites"]
     geo = s["geometry"]
     cc = geo["centroid_cosine"]
-    ood = [s[f"ood:{n}"]["top1"] for n in OOD_SETS if s.get(f"ood:{n}", {}).get("top1") is not None]
     ood_cc = [cc[n] for n in OOD_SETS if cc.get(n) is not None]
     out = {k: tail_mean(lines, k) for k in ("cos_id_adv", "cos_id_awp", "cos_adv_awp", "l_gv", "gv_share",
                                             "gshare_task", "gshare_lar", "gshare_gv", "gnorm_gv", "gnorm_total")}
-    out.update(id=s["id"]["top1"], ood=statistics.fmean(ood) if ood else None, adv=s["adv:apgd-ce"]["robust_acc"],
-               feature_spread=s["id"].get("feature_spread"), centroid_adv=cc.get("adv"),
+    out.update(**_axes(s), feature_spread=s["id"].get("feature_spread"), centroid_adv=cc.get("adv"),
                centroid_ood=statistics.fmean(ood_cc) if ood_cc else None,
                lambda_max=geo["hessian_top_eigenvalue"])
     return out
@@ -395,21 +403,16 @@ def _ranks_arms() -> list[Arm]:
 
 
 def _measure_ranks(run: Path, data: Path, cfg: ControlsConfig, seed: int) -> dict:
-    from .quickstart import OOD_SETS
+    from eval_suites.report import harmonic_mean
 
     lines = log_lines(run)
-    rep = _suites(run, data, cfg, seed, ["id", *(f"ood:{s}" for s in OOD_SETS), "adv:apgd-ce"], "clean")
-    s = rep["suites"]
-    ood = [s[f"ood:{n}"]["top1"] for n in OOD_SETS if s.get(f"ood:{n}", {}).get("top1") is not None]
+    axes = _axes(_suites(run, data, cfg, seed, _axes_suites(), "clean")["suites"])
     last = next((r for r in reversed(lines) if any(k.startswith("rank/") for k in r)), {})
     ranks = [v for k, v in last.items() if k.startswith("rank/")]
-    out = {"delta_l": tail_mean(lines, "delta_l"), "awp_cos": tail_mean(lines, "awp_cos"),
-           "mean_rank": statistics.fmean(ranks) if ranks else None,
-           "rank_changes": (lines[-1] if lines else {}).get("awp_rank_changes"),
-           "id": s["id"]["top1"], "ood": statistics.fmean(ood) if ood else None, "adv": s["adv:apgd-ce"]["robust_acc"]}
-    vals = [out["id"], out["ood"], out["adv"]]
-    out["hm"] = 3 / sum(1 / v for v in vals) if all(v and v > 0 for v in vals) else 0.0
-    return out
+    return {"delta_l": tail_mean(lines, "delta_l"), "awp_cos": tail_mean(lines, "awp_cos"),
+            "mean_rank": statistics.fmean(ranks) if ranks else None,
+            "rank_changes": (lines[-1] if lines else {}).get("awp_rank_changes"), **axes,
+            "hm": harmonic_mean(axes.values())}
 
 
 def _judge_ranks(rows: list[dict]) -> list[dict]:

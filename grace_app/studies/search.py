@@ -107,6 +107,11 @@ def selectable(row: dict, threshold: float) -> bool:
 CONVERGE_DELTA = 0.5
 
 
+def score_key(score: str) -> str:
+    """The trial field a method's tuning score reads: ``hm`` (validation HM), else ``val_clean`` (``score: clean``)."""
+    return "hm" if score == "hm" else "val_clean"
+
+
 def best_so_far(trials: list[dict], threshold: float, key: str) -> list[float | None]:
     """After each trial, in trial order, the best plain score (``key``: ``hm`` or ``val_clean``) among the
     selectable trials so far (pruned, collapsed and diverged trials never count); None before the first."""

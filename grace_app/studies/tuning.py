@@ -338,10 +338,10 @@ def _extension(study, rows: list[dict], proto: dict, score: str, threshold: floa
     """The convergence rule: when the best-so-far score rose by more than ``converge_delta`` over the last third of
     the trials and fewer than ``max_extensions`` extensions ran, the budget grows by ``converge_trials`` (recorded
     in the study, so every worker sees it) and the late gain is returned; else None (the budget has converged)."""
-    from .search import CONVERGE_DELTA, best_so_far, late_gain
+    from .search import CONVERGE_DELTA, best_so_far, late_gain, score_key
 
     extensions, limit = int(study.user_attrs.get("extensions", 0)), int(proto.get("max_extensions", 0))
-    gain = late_gain(best_so_far(rows, threshold, "hm" if score == "hm" else "val_clean"))
+    gain = late_gain(best_so_far(rows, threshold, score_key(score)))
     if gain is None or gain <= float(proto.get("converge_delta", CONVERGE_DELTA)) or extensions >= limit:
         return None
     study.set_user_attr("budget", budget + int(proto.get("converge_trials", 8)))

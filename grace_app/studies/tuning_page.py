@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .search import best_so_far, late_gain
+from .search import best_so_far, late_gain, score_key
 
 __all__ = ["tuning_markdown", "tuning_plot"]
 
@@ -26,7 +26,7 @@ def _best_so_far_lines(doc: dict, threshold: float) -> list[str]:
              "| method | score | trials | extensions | best | first reached at trial | gain, last third | converged |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, res in doc["methods"].items():
-        key = "hm" if res.get("score", "hm") == "hm" else "val_clean"
+        key = score_key(res.get("score", "hm"))
         curve = best_so_far(res["trials"], threshold, key)
         ext = res.get("extensions", "-")
         if not curve or curve[-1] is None:
@@ -51,7 +51,7 @@ def tuning_plot(doc: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "hm", "validation HM (%)"), (axes[1], "val_clean", "validation clean top-1 (%)")):
         for name, res in doc["methods"].items():
-            if ("hm" if res.get("score", "hm") == "hm" else "val_clean") != key:
+            if (score_key(res.get("score", "hm"))) != key:
                 continue
             curve = best_so_far(res["trials"], threshold, key)
             ax.step(range(len(curve)), [float("nan") if v is None else v for v in curve], where="post", label=name)
@@ -89,7 +89,7 @@ def tuning_markdown(doc: dict) -> str:
         c = res["compute"]
         vals = _values(res["values"] or {})
         best = next((r for r in res.get("rescored") or [] if r["trial"] == res["selected"]), None)
-        key = "hm" if res.get("score", "hm") == "hm" else "val_clean"
+        key = score_key(res.get("score", "hm"))
         seeds = "-" if best is None or not best.get("seed_results") else ", ".join(
             f(v.get(key)) for v in best["seed_results"].values())
         rescored = [r["trial"] for r in res.get("rescored") or []]
