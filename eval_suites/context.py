@@ -126,10 +126,13 @@ class GeometryOptions:
 
 @dataclass
 class ShiftOptions:
-    """Suite ``shift``: images per set and the covariance ridge (None: scale-aware default)."""
+    """Suite ``shift``: images (VQA: questions) per set and the covariance ridge (None: scale-aware default); VQA
+    fits its Gaussians on the first ``n_fit`` questions of the ID set's train split (classification: on the ID
+    images scored)."""
 
     n: int = checked(1000, gt=1)
     ridge: float | None = None
+    n_fit: int = checked(2000, gt=1)
 
     def __post_init__(self):
         validate(self)
@@ -148,6 +151,7 @@ class EvalStats:
 class SuiteContext:
     """Everything a suite may need; each field is a `grace eval` flag (or a tox environment variable)."""
 
+    task: str = "classification"  # whose suites run (grace_plugin.tasks; eval_suites.engine.register_eval_task)
     id_set: tuple[str, str | Path] | str | None = None  # (NAME, DIR) or --data's text, [NAME=]DIR (NAME: "id")
     sets: dict[str, str | Path] = field(default_factory=dict)
     data_root: str | Path | None = None
@@ -172,6 +176,10 @@ class SuiteContext:
     geometry: GeometryOptions = field(default_factory=GeometryOptions)
     shift: ShiftOptions = field(default_factory=ShiftOptions)
     model_info_name: str | None = None  # write RobustBench model_info JSON for adversarial results under this name
+    # VQA: result files scored instead of a model's answers ([SET=]FILE texts, or set -> file), and the answers a
+    # zero-shot CLIP scores (those of the ID set given at least this often)
+    predictions: dict[str, str | Path] | list[str] = field(default_factory=dict)
+    answers_min_count: int = checked(9, flag="--answers-min-count", gt=0)
     progress: bool = False
     # set by the engine while it runs: the suites of this evaluation (geometry and shift read their OOD sets from
     # them), what it records about itself, and a memo of opened sets, heads and clean results shared by the suites
@@ -183,7 +191,10 @@ class SuiteContext:
         self.eps = parse_eps(self.eps)
         if isinstance(self.id_set, (str, Path)):
             name, path = split_named(self.id_set, "--data")
-            self.id_set = (name or "id", path)
+            # a VQA set's name is its group's key (FRAMES-VQA's names) and its predictions file's: the folder's name
+            self.id_set = (name or ("id" if self.task == "classification" else Path(path).name), path)
+        if not isinstance(self.predictions, dict):
+            self.predictions = dict(split_named(p, "--predictions") for p in self.predictions)
         if not isinstance(self.mapping_files, dict):
             self.mapping_files = dict(split_named(m, "--mapping", required=True) for m in self.mapping_files)
         validate(self)

@@ -13,6 +13,11 @@ catalogue's folder or ``<data_root>/<NAME>``). ``grace eval``'s ``--data/--ood/-
 
 placed before the ``--suite`` names, duplicates dropped.
 
+Suites are registered per task (``register_suite(..., task="vqa")``; ``grace_plugin.tasks``): the same names mean
+the task's own measure (``id`` is top-1 for classification, the official VQA accuracy for VQA) and a task's
+evaluation (``register_eval_task``: how its model is loaded, how its report is built and written) is one entry. The
+classification task is below; VQA's is ``eval_suites.vqa``.
+
 ``run_suites(loaded, names, ctx)`` runs them in order and returns the report (``report.build_report``) with every
 suite's result under ``"suites"``; ``evaluate(model, names, ctx)`` is the whole of ``grace eval``: the runtime
 (process group, device) set up once by ``ctx.prepare``, the model loaded by name, the suites run, the fixed costs
@@ -33,7 +38,7 @@ from grace_plugin.registries import Registry, first_doc_line
 from .context import SuiteContext, split_named
 
 __all__ = ["register_suite", "list_suites", "parse_suite", "UnknownSuiteError", "run_suites", "expand_shorthands",
-           "evaluate"]
+           "evaluate", "EvalTask", "register_eval_task", "write_evaluation", "evaluation_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +55,57 @@ class SuiteInfo:
     description: str
 
 
-_SUITES: Registry[SuiteInfo] = Registry("suite", UnknownSuiteError)
+@dataclass(frozen=True)
+class EvalTask:
+    """How the engine evaluates a task (``grace_plugin.tasks``' names): ``load(spec, ctx)`` -> what the suites take
+    (``spec`` may be None where the task scores files made elsewhere); ``report(loaded, results, ctx)`` -> the report
+    from the suites' results (name -> dict, in run order); ``write(out, report, ctx)`` -> the path of what was
+    written; ``markdown(report)`` -> the report as a table."""
+
+    name: str
+    load: Callable
+    report: Callable
+    write: Callable
+    markdown: Callable
 
 
-def register_suite(name: str, takes_arg: bool = False, description: str = ""):
-    return _SUITES.register(name, lambda fn: SuiteInfo(name, fn, takes_arg, description or first_doc_line(fn)))
+class UnknownEvalTaskError(UsageError, KeyError):
+    pass
 
 
-def list_suites() -> list[str]:
-    """Registered names; those taking an argument are listed as ``name:<arg>``."""
-    return sorted(f"{k}:<{'attack' if k == 'adv' else 'set'}>" if v.takes_arg else k for k, v in _SUITES.items())
+_EVAL_TASKS: Registry[EvalTask] = Registry("evaluation task", UnknownEvalTaskError)
+_SUITES: dict[str, Registry[SuiteInfo]] = {}
 
 
-def parse_suite(text: str) -> tuple[str, str | None]:
+def register_eval_task(task: EvalTask) -> EvalTask:
+    return _EVAL_TASKS.register(task.name)(task)
+
+
+def _suites_of(task: str) -> Registry[SuiteInfo]:
+    _EVAL_TASKS.get(task)  # an unknown task names the valid ones
+    return _SUITES.get(task) or Registry(f"{task} suite", UnknownSuiteError)
+
+
+def register_suite(name: str, takes_arg: bool = False, description: str = "", task: str = "classification"):
+    """A decorator: the suite ``name`` of ``task`` (its ``EvalTask`` may be registered after its suites)."""
+    suites = _SUITES.setdefault(task, Registry(f"{task} suite", UnknownSuiteError))
+    return suites.register(name, lambda fn: SuiteInfo(name, fn, takes_arg, description or first_doc_line(fn)))
+
+
+def list_suites(task: str = "classification") -> list[str]:
+    """Registered names of a task's suites; those taking an argument are listed as ``name:<arg>``."""
+    return sorted(f"{k}:<{'attack' if k == 'adv' else 'set'}>" if v.takes_arg else k
+                  for k, v in _suites_of(task).items())
+
+
+def parse_suite(text: str, task: str = "classification") -> tuple[str, str | None]:
     """``"adv:apgd-ce"`` -> ``("adv", "apgd-ce")``; an unknown name or a missing/extra argument is an error."""
     base, _, arg = str(text).partition(":")
-    if base not in _SUITES:
-        raise UnknownSuiteError(f"unknown suite {text!r}; valid suites: {', '.join(list_suites())}")
-    info = _SUITES.get(base)
+    suites = _suites_of(task)
+    if base not in suites:
+        which = "" if task == "classification" else f" for --task {task}"
+        raise UnknownSuiteError(f"unknown suite {text!r}{which}; valid suites: {', '.join(list_suites(task))}")
+    info = suites.get(base)
     if info.takes_arg and not arg:
         raise UnknownSuiteError(f"suite {base!r} needs an argument, e.g. {base}:<name>")
     if not info.takes_arg and arg:
@@ -79,11 +117,11 @@ def parse_suite(text: str) -> tuple[str, str | None]:
     return base, arg or None
 
 
-def _checked(names: list[str]) -> list[tuple[str, str | None]]:
+def _checked(names: list[str], task: str) -> list[tuple[str, str | None]]:
     """Every suite name parsed before any work (an unknown one is one line); none at all is refused."""
     if not names:
         raise UsageError("nothing to evaluate: pass --data/--ood/--attack or --suite NAME (see `grace list suites`)")
-    return [parse_suite(n) for n in names]
+    return [parse_suite(n, task) for n in names]
 
 
 def expand_shorthands(data: str | None = None, ood: list[str] = (), attack: str | None = None,
@@ -114,16 +152,16 @@ def expand_shorthands(data: str | None = None, ood: list[str] = (), attack: str 
 
 
 def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
-    """Run suites in order (names validated first); return the report with every result under ``"suites"``.
+    """Run the suites of ``ctx.task`` in order (names validated first); return the task's report with every result
+    under ``"suites"``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined by ``ctx.prepare`` (once; a no-op when
     ``evaluate`` already did); every rank returns the same report, and callers write it on rank 0
     (``runtime.is_main``). ``ctx.device`` ``auto`` becomes this rank's GPU, else the CPU."""
-    from grace_plugin.runtime import barrier, world_info
+    from grace_plugin.runtime import barrier
 
-    from .report import build_report
-
-    parsed = _checked(names)
+    parsed = _checked(names, ctx.task)
+    suites = _suites_of(ctx.task)
     ctx.prepare()
     ctx.suite_names = list(names)
     t0 = time.perf_counter()
@@ -134,27 +172,9 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
     for name, (base, arg) in zip(names, parsed):
         log.info("suite %s", name)
         t0 = time.perf_counter()
-        results[name] = _SUITES.get(base).fn(loaded, ctx, arg)
+        results[name] = suites.get(base).fn(loaded, ctx, arg)
         seconds[name] = round(time.perf_counter() - t0, 3)
-    roles = ("id", "ood", "transfer")
-    datasets = {r["dataset"]: {k: v for k, v in r.items() if k not in ("kind", "dataset", "path")} | {"role": r["kind"]}
-                for r in results.values() if r["kind"] in roles}
-    id_name = next((r["dataset"] for r in results.values() if r["kind"] == "id"), None)
-    ood_names = [r["dataset"] for r in results.values() if r["kind"] == "ood"]
-    attacked = [r for r in results.values() if r["kind"] == "adv"]
-    if len(attacked) > 1:  # several attacks on the same first --n-adv samples: the Adv axis is their worst case
-        from .evaluate import worst_case
-
-        adv = worst_case(attacked)
-    else:
-        adv = next((r for r in results.values() if r["kind"] in ("adv", "robustbench")), None)
-    config = {"suites": list(names), "id_set": [ctx.id_set[0], str(ctx.id_set[1])] if ctx.id_set else None,
-              "sets": {k: str(v) for k, v in ctx.sets.items()}, "data_root": str(ctx.data_root or "") or None,
-              "eps": ctx.eps, "norm": ctx.norm, "n_adv": ctx.n_adv, "batch_size": ctx.batch_size,
-              "scoring": ctx.scoring, "mapping": {k: str(v) for k, v in ctx.mapping_files.items()},
-              "strict": ctx.strict, "decode": ctx.decode, "device": ctx.device, "seed": ctx.seed,
-              "world_size": world_info()[1], "rank_split": dict(ctx.stats.rank_split)}
-    report = build_report(loaded.name, datasets, id_name, ood_names, adv, config)
+    report = _EVAL_TASKS.get(ctx.task).report(loaded, results, ctx)
     report["suites"] = results
     report["seconds"] = seconds  # wall time per suite on this rank (not a result: excluded from comparisons)
     # fixed costs on this rank (``evaluate`` adds imports and model load): building heads (text tower forwards,
@@ -164,19 +184,84 @@ def run_suites(loaded, names: list[str], ctx: SuiteContext) -> dict:
     return report
 
 
-def evaluate(model, names: list[str], ctx: SuiteContext) -> dict:
-    """``grace eval``: every suite name checked before any work, the runtime set up once (``ctx.prepare``), the
-    model loaded (a run folder, weights file, CLIP folder, timm name or a ``LoadedModel``), the suites run. The
-    report's ``startup`` gives the fixed costs (imports, process group, model load, waiting for ranks, heads) apart
-    from the suites' per-image seconds."""
-    from grace_plugin.runtime import process_age
+def context_config(ctx: SuiteContext) -> dict:
+    """What every report records of the evaluation's settings (``config``)."""
+    from grace_plugin.runtime import world_info
+
+    return {"task": ctx.task, "suites": list(ctx.suite_names),
+            "id_set": [ctx.id_set[0], str(ctx.id_set[1])] if ctx.id_set else None,
+            "sets": {k: str(v) for k, v in ctx.sets.items()}, "data_root": str(ctx.data_root or "") or None,
+            "eps": ctx.eps, "norm": ctx.norm, "n_adv": ctx.n_adv, "batch_size": ctx.batch_size,
+            "scoring": ctx.scoring, "mapping": {k: str(v) for k, v in ctx.mapping_files.items()},
+            "strict": ctx.strict, "decode": ctx.decode, "device": ctx.device, "seed": ctx.seed,
+            "world_size": world_info()[1], "rank_split": dict(ctx.stats.rank_split)}
+
+
+def _classification_report(loaded, results: dict, ctx: SuiteContext) -> dict:
+    """The three-axis report (``report.build_report``): ID, the OOD sets, and the Adv axis (the worst case over the
+    attacks when several ran on the same first --n-adv samples)."""
+    from .report import build_report
+
+    roles = ("id", "ood", "transfer")
+    datasets = {r["dataset"]: {k: v for k, v in r.items() if k not in ("kind", "dataset", "path")} | {"role": r["kind"]}
+                for r in results.values() if r["kind"] in roles}
+    id_name = next((r["dataset"] for r in results.values() if r["kind"] == "id"), None)
+    ood_names = [r["dataset"] for r in results.values() if r["kind"] == "ood"]
+    attacked = [r for r in results.values() if r["kind"] == "adv"]
+    if len(attacked) > 1:
+        from .evaluate import worst_case
+
+        adv = worst_case(attacked)
+    else:
+        adv = next((r for r in results.values() if r["kind"] in ("adv", "robustbench")), None)
+    return build_report(loaded.name, datasets, id_name, ood_names, adv, context_config(ctx))
+
+
+def _load_classifier(spec, ctx: SuiteContext):
     from registry import load_model
 
+    if spec is None:
+        raise UsageError("--model is required (only --task vqa --predictions scores result files without one)")
+    return load_model(spec, device=ctx.device)
+
+
+def _write_classification(out, report: dict, ctx: SuiteContext):
+    from .report import write_report
+
+    return write_report(out, report)
+
+
+def _classification_markdown(report: dict) -> str:
+    from .report import report_markdown
+
+    return report_markdown(report)
+
+
+register_eval_task(EvalTask("classification", _load_classifier, _classification_report, _write_classification,
+                            _classification_markdown))
+
+
+def write_evaluation(out, report: dict, ctx: SuiteContext):
+    """Write ``report`` (and what the task writes beside it) to the folder ``out``; the path of the report."""
+    return _EVAL_TASKS.get(ctx.task).write(out, report, ctx)
+
+
+def evaluation_markdown(report: dict, task: str = "classification") -> str:
+    return _EVAL_TASKS.get(task).markdown(report)
+
+
+def evaluate(model, names: list[str], ctx: SuiteContext) -> dict:
+    """``grace eval``: every suite name checked before any work, the runtime set up once (``ctx.prepare``), the
+    model loaded by the task's loader (classification: a run folder, weights file, CLIP folder, timm name; VQA:
+    ``eval_suites.vqa``), or given loaded, the suites run. The report's ``startup`` gives the fixed costs (imports,
+    process group, model load, waiting for ranks, heads) apart from the suites' per-image seconds."""
+    from grace_plugin.runtime import process_age
+
     imports = process_age()
-    _checked(names)  # before the model loads
+    _checked(names, ctx.task)  # before the model loads
     ctx.prepare()
     t0 = time.perf_counter()
-    loaded = load_model(model, device=ctx.device) if isinstance(model, str) else model
+    loaded = _EVAL_TASKS.get(ctx.task).load(model, ctx) if model is None or isinstance(model, str) else model
     model_load = time.perf_counter() - t0
     report = run_suites(loaded, names, ctx)
     report["startup"] = {"imports": None if imports is None else round(imports, 3),

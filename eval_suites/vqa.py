@@ -6,12 +6,14 @@ Output folder: ``report.json`` and ``report.md``; ``predictions/<set>.json`` (``
 the official evaluator reads); ``scores/<set>.json`` (``{question_id: accuracy}``); with ``--shift``,
 ``shift/<set>.json`` (every question's distances, ``eval_suites.vqa_analysis``).
 
-This is VQA's own path beside the classification suite engine (``eval_suites.engine``): it shares the engine's
-loader, attack registry and rank gathering (``distributed.merge_records``), not its suite registry or report.
+VQA is a task of the evaluation engine (``eval_suites.engine``): its suites ``id``, ``ood:<set>``, ``adv:<attack>``
+and ``shift`` are registered for ``task="vqa"``, run by the same ``run_suites`` / ``evaluate`` (``grace eval --task
+vqa``), with the engine's attack registry and rank gathering (``distributed.merge_records``).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +22,10 @@ from grace_plugin.errors import GraceError, UsageError, read_json
 from grace_plugin.tensor_io import atomic_write_text
 from grace_plugin.vqa.accuracy import group_mean, question_accuracy, summarise_scores
 
+from .engine import EvalTask, register_eval_task, register_suite
+
 __all__ = ["FRAMES_GROUPS", "set_group", "load_vqa_model", "predict_set", "attack_set", "score_predictions",
-           "vqa_report", "report_markdown", "write_vqa_outputs", "PredictionFileError", "run_vqa_eval"]
+           "vqa_report", "report_markdown", "read_prediction_file", "PredictionFileError", "VqaLoaded"]
 
 # FRAMES-VQA's nine OOD sets and their groups (arXiv 2505.21755; github.com/chengyuehuang511/FRAMES-VQA README)
 FRAMES_GROUPS = {"vqav2": "id", "iv-vqa": "near", "cv-vqa": "near", "vqa-rephrasings": "near", "vqa-cp": "near",
@@ -247,19 +251,6 @@ def _analysis_markdown(an: dict) -> list[str]:
     return lines + [""]
 
 
-def write_vqa_outputs(out: str | Path, rep: dict, sets: dict[str, dict]) -> Path:
-    out = Path(out)
-    for name, s in sets.items():
-        atomic_write_text(out / "predictions" / f"{name}.json",
-                          json.dumps([{"question_id": r["question_id"], "answer": r["answer"]} for r in s["rows"]])
-                          + "\n")
-        atomic_write_text(out / "scores" / f"{name}.json",
-                          json.dumps({str(r["question_id"]): r["score"] for r in s["rows"]}) + "\n")
-    atomic_write_text(out / "report.json", json.dumps(rep, indent=2) + "\n")
-    atomic_write_text(out / "report.md", report_markdown(rep))
-    return out / "report.md"
-
-
 def read_prediction_file(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
@@ -267,111 +258,222 @@ def read_prediction_file(path: str | Path) -> list[dict]:
     return read_json(p, PredictionFileError)
 
 
-def _open_sets(data: str | None, ood: list[str]) -> dict:
+# --- VQA on the evaluation engine (eval_suites.engine): the task's loader, suites, report and writer -------------
+
+@dataclass
+class VqaLoaded:
+    """What the VQA suites take: the model and its question encoder (None: result files are scored), a description,
+    and the pre-trained CLIP (a run's ``--init``: the uni-modal concepts' and ClipMatch's reference)."""
+
+    name: str
+    model: object | None = None
+    encoder: object | None = None
+    init: str | None = None
+
+
+def _vqa_set(ctx, name: str, path, is_id: bool):
+    """``(ShardSet, group)`` of a set, opened once per evaluation; a set that is not a VQA set is refused."""
     from grace_plugin.data.shards import open_shard_set
 
-    from .context import split_named
-
-    if not data:
-        raise UsageError("--task vqa needs --data NAME=DIR (the ID set)")
-    ood = [part for o in ood for part in str(o).split(",") if part]  # --ood A=DIR,B=DIR as the classification --ood
-    named = [(*split_named(data, "--data"), True)] + [(*split_named(o, "--ood"), False) for o in ood]
-    shards = {}
-    for name, path, is_id in named:
-        name = name or Path(path).name
-        if name in shards:
+    key = ("vqa-set", name)
+    if key not in ctx.cache:
+        if not is_id and ctx.id_set and name == ctx.id_set[0]:
             raise UsageError(f"set name {name!r} given twice; name them NAME=DIR")
         s = open_shard_set(path)
         if s.layout != "vqa":
             raise UsageError(f"{path}: a {s.layout} set, not a VQA set (grace shards convert --format frames|coco-vqa)")
-        shards[name] = (s, set_group(name, s, is_id))
-    return shards
+        ctx.cache[key] = (s, set_group(name, s, is_id))
+    return ctx.cache[key]
 
 
-def _scored_files(shards: dict, predictions: list[str]) -> dict:
+def _set_args(ctx, suite: str) -> tuple[str, Path, bool]:
+    """``(name, folder, is ID)`` of the set a clean suite (``id`` or ``ood:SET``) scores."""
+    if suite == "id":
+        if ctx.id_set is None:
+            raise UsageError("--task vqa needs --data NAME=DIR (the ID set)")
+        return ctx.id_set[0], Path(ctx.id_set[1]), True
+    return (*ctx.resolve_set(suite.partition(":")[2]), False)
+
+
+def _clean_suites(ctx) -> list[str]:
+    return [n for n in ctx.suite_names if n == "id" or n.startswith("ood:")]
+
+
+def _prediction_file(ctx, name: str):
+    files = ctx.predictions
+    if None in files:
+        if len(files) > 1 or len(_clean_suites(ctx)) != 1:
+            raise UsageError("--predictions FILE without SET= needs exactly one set; name them SET=FILE")
+        return files[None]
+    return files.get(name)
+
+
+def _scored(loaded: VqaLoaded, ctx, suite: str) -> dict:
+    """A set's scored questions (memoised: the ``shift`` suite reads them too): ``{"name", "path", "group",
+    "rows", "skipped", "classification"?}``; ``rows`` None where result files are scored and none is for this set."""
+    name, path, is_id = _set_args(ctx, suite)
+    key = ("vqa-scored", name)
+    if key in ctx.cache:
+        return ctx.cache[key]
     from grace_plugin.vqa.data import read_records
 
-    from .context import split_named
-
-    files = dict(split_named(p, "--predictions") for p in predictions)
-    if set(files) == {None} and len(shards) == 1:
-        files = {next(iter(shards)): files[None]}
-    unknown = set(files) - set(shards)
-    if unknown:
-        raise UsageError(f"--predictions {sorted(map(str, unknown))[0]}=...: no such set among --data/--ood")
-    return {name: {"group": shards[name][1], "rows": score_predictions(read_prediction_file(f),
-                                                                        read_records(shards[name][0].urls), str(f))}
-            for name, f in files.items()}
-
-
-def _classification_scores(shards: dict, sets: dict, clip: str | None) -> None:
-    """Exact match and ClipMatch for the sets recast from classification (their vqa.json lists the classes)."""
-    from grace_plugin.vqa.classification import classification_scores
-
-    bundle = None
-    for name, (s, _) in shards.items():
-        info = (s.meta.get("info") or {}).get("classification")
-        if not info or name not in sets:
-            continue
-        if bundle is None and clip:
-            from grace_plugin.models.clip import load_clip
-
-            bundle = load_clip(clip)
-        rows = sets[name]["rows"]
-        sets[name]["classification"] = classification_scores(
-            [r["answer"] for r in rows], [int(r["label"]) for r in rows], info["classes"], bundle, info["templates"])
-
-
-def run_vqa_eval(model: str, data: str | None, ood: list[str], out: str | Path, predictions: list[str] = (),
-                 device: str = "auto", batch_size: int = 128, answers_min_count: int = 9, attack: str | None = None,
-                 eps: float | str = 4 / 255, n_adv: int = 500, seed: int = 0, shift=None,
-                 reference: str | None = None) -> str:
-    """``grace eval --task vqa``: score ``model`` (a VQA run, or a CLIP as the zero-shot scorer) or the result
-    files ``predictions`` (``[SET=]FILE``) on the ID set ``data`` and the OOD sets ``ood`` (``NAME=DIR``); write
-    the outputs to ``out`` and return the report's markdown (rank 0; the other ranks of a torchrun get "").
-    ``attack``: also the pixel-space robustness of the first ``n_adv`` ID questions (``attack_set``); ``shift``
-    (``vqa_analysis.ShiftOptions``): also the shift per modality and the modality importance (``vqa_analysis``).
-    A set recast from classification (``grace_plugin.vqa.classification``) also gets exact match and ClipMatch
-    (with the CLIP ``reference``, default the run's ``--init``; exact match only without one)."""
-    from .attacks import parse_eps
-
-    from grace_plugin.runtime import init_distributed, resolve_device
-    from grace_plugin.vqa.data import read_records
-
-    if attack and predictions:
-        raise UsageError("--attack needs a --model to attack, not --predictions")
-    shards = _open_sets(data, ood)
-    rank, _ = init_distributed()  # (a no-op for one process) before choosing this rank's device
-    init = None
-    if predictions:
-        sets = _scored_files(shards, list(predictions))
-        desc = "predictions " + ", ".join(str(p) for p in predictions)
+    s, group = _vqa_set(ctx, name, path, is_id)
+    out = {"name": name, "path": str(path), "group": group, "rows": None, "skipped": {}}
+    if loaded.model is None:
+        f = _prediction_file(ctx, name)
+        if f is not None:
+            out["rows"] = score_predictions(read_prediction_file(f), read_records(s.urls), str(f))
     else:
-        dev = resolve_device(device)
-        id_set = next(s for s, g in shards.values() if g == "id")
-        net, encoder, desc, init = load_vqa_model(model, dev, read_records(id_set.urls), answers_min_count)
-        sets = {}
-        for name, (s, group) in shards.items():
-            rows, skipped = predict_set(net, encoder, s.urls, batch_size, dev)
-            sets[name] = {"group": group, "skipped": skipped,
-                          "rows": [{**r, "score": question_accuracy(r["answer"], r["answers"])} for r in rows]}
-    adversarial = None
-    if attack:
-        id_name, (id_set, _) = next((k, v) for k, v in shards.items() if v[1] == "id")
-        eps = parse_eps(eps)
-        adversarial = {"attack": attack, "eps": eps, "set": id_name,
-                       "rows": attack_set(net, encoder, id_set.urls, attack, eps, n_adv, dev, seed, batch_size)}
-    _classification_scores(shards, sets, reference or init)
-    rep = vqa_report(desc, sets, adversarial)
-    samples = None
-    if shift is not None:
-        from .vqa_analysis import analyse
+        rows, out["skipped"] = predict_set(loaded.model, loaded.encoder, s.urls, ctx.batch_size, ctx.device)
+        out["rows"] = [{**r, "score": question_accuracy(r["answer"], r["answers"])} for r in rows]
+    info = (s.meta.get("info") or {}).get("classification")
+    if info and out["rows"] is not None:  # a set recast from classification: exact match and ClipMatch
+        from grace_plugin.vqa.classification import classification_scores
 
-        rep["analysis"], samples = analyse(net, encoder, shift.reference or init, shards, rep, shift, dev, batch_size)
-    if rank != 0:  # every rank holds the same result; one writes it
-        return ""
-    write_vqa_outputs(out, rep, sets)
-    if samples is not None:
-        for name, per in samples.items():
-            atomic_write_text(Path(out) / "shift" / f"{name}.json", json.dumps(per) + "\n")
-    return report_markdown(rep)
+        out["classification"] = classification_scores(
+            [r["answer"] for r in out["rows"]], [int(r["label"]) for r in out["rows"]], info["classes"],
+            _reference_clip(loaded, ctx), info["templates"])
+    ctx.cache[key] = out
+    return out
+
+
+def _reference_clip(loaded: VqaLoaded, ctx):
+    """The CLIP that maps answers to class names (ClipMatch): ``--reference``, else the run's ``--init``; None
+    (exact match only) without either."""
+    clip = ctx.reference or loaded.init
+    if not clip:
+        return None
+    if ("vqa-clip", clip) not in ctx.cache:
+        from grace_plugin.models.clip import load_clip
+
+        ctx.cache[("vqa-clip", clip)] = load_clip(clip)
+    return ctx.cache[("vqa-clip", clip)]
+
+
+def _clean_result(loaded: VqaLoaded, ctx, suite: str) -> dict:
+    sc = _scored(loaded, ctx, suite)
+    res = {"kind": "id" if suite == "id" else "ood", "dataset": sc["name"], "path": sc["path"], "group": sc["group"]}
+    if sc["rows"] is None:
+        return res | {"scored": False, "reason": "no --predictions file for this set"}
+    summ = summarise_scores([r["score"] for r in sc["rows"]])
+    return res | {k: summ[k] for k in ("accuracy", "ci95", "n")} | {"skipped": sc["skipped"]}
+
+
+@register_suite("id", task="vqa")
+def _suite_id(loaded: VqaLoaded, ctx, arg=None) -> dict:
+    """VQA accuracy (the official evaluator's) on the ID set, with its per-question scores and predictions."""
+    return _clean_result(loaded, ctx, "id")
+
+
+@register_suite("ood", takes_arg=True, task="vqa")
+def _suite_ood(loaded: VqaLoaded, ctx, arg: str) -> dict:
+    """VQA accuracy on an OOD set (its group, near or far: its vqa.json's, else FRAMES-VQA's for its name)."""
+    return _clean_result(loaded, ctx, f"ood:{arg}")
+
+
+@register_suite("adv", takes_arg=True, task="vqa")
+def _suite_adv(loaded: VqaLoaded, ctx, arg: str) -> dict:
+    """Pixel-space robustness: the attack on the image of the first --n-adv ID questions, against the clean answer."""
+    name, path, _ = _set_args(ctx, "id")
+    s, _ = _vqa_set(ctx, name, path, True)
+    rows = attack_set(loaded.model, loaded.encoder, s.urls, arg, ctx.eps, ctx.n_adv, ctx.device, ctx.seed,
+                      ctx.batch_size)
+    ctx.cache[("vqa-adv", arg)] = rows
+    return {"kind": "adv", "attack": arg, "eps": ctx.eps, "set": name,
+            **summarise_scores([r["score"] for r in rows])}
+
+
+@register_suite("shift", task="vqa")
+def _suite_shift(loaded: VqaLoaded, ctx, arg=None) -> dict:
+    """Shift per modality (Mahalanobis to ID train; FRAMES-VQA) and modality importance of every set evaluated."""
+    from .vqa_analysis import analyse
+
+    if loaded.model is None:
+        raise UsageError("suite 'shift' needs a --model (it embeds the questions), not --predictions")
+    scored = [_scored(loaded, ctx, n) for n in _clean_suites(ctx)]
+    if not scored:
+        raise UsageError("suite 'shift' needs the sets: --data NAME=DIR and --ood NAME=DIR")
+    shards = {sc["name"]: _vqa_set(ctx, sc["name"], sc["path"], sc["group"] == "id") for sc in scored}
+    accuracy = {sc["name"]: summarise_scores([r["score"] for r in sc["rows"]])["accuracy"] for sc in scored}
+    analysis, samples = analyse(loaded.model, loaded.encoder, ctx.reference or loaded.init, shards, accuracy,
+                                ctx.shift, ctx.device, ctx.batch_size)
+    ctx.cache[("vqa-shift-samples",)] = samples
+    return {"kind": "shift", **analysis}
+
+
+def _worst_case(per_attack: dict[str, list[dict]]) -> list[dict]:
+    """Per question, the lowest score over the attacks (all ran on the same first --n-adv questions)."""
+    runs = list(per_attack.values())
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for rows in zip(*runs):
+        assert len({str(r["question_id"]) for r in rows}) == 1, "the attacks ran on different questions"
+        out.append(min(rows, key=lambda r: r["score"]))
+    return out
+
+
+def _report(loaded: VqaLoaded, results: dict, ctx) -> dict:
+    from .engine import context_config
+
+    if loaded.model is None:
+        scored_names = {r["dataset"] for r in results.values() if r["kind"] in ("id", "ood")}
+        unknown = set(ctx.predictions) - scored_names - {None}
+        if unknown:
+            raise UsageError(f"--predictions {sorted(map(str, unknown))[0]}=...: no such set among --data/--ood")
+    sets = {}
+    for r in results.values():
+        if r["kind"] in ("id", "ood") and r.get("scored", True):
+            sc = ctx.cache[("vqa-scored", r["dataset"])]
+            sets[r["dataset"]] = {k: sc[k] for k in ("group", "rows", "skipped", "classification") if k in sc}
+    attacked = {r["attack"]: ctx.cache[("vqa-adv", r["attack"])] for r in results.values() if r["kind"] == "adv"}
+    adversarial = None
+    if attacked:
+        first = next(r for r in results.values() if r["kind"] == "adv")
+        adversarial = {"attack": first["attack"] if len(attacked) == 1 else
+                       f"worst case of {', '.join(attacked)}", "eps": first["eps"], "set": first["set"],
+                       "rows": _worst_case(attacked)}
+    rep = vqa_report(loaded.name, sets, adversarial)
+    shift = next((r for r in results.values() if r["kind"] == "shift"), None)
+    if shift is not None:
+        rep["analysis"] = {k: v for k, v in shift.items() if k != "kind"}
+    rep["config"] = context_config(ctx)
+    return rep
+
+
+def _write(out: str | Path, rep: dict, ctx) -> Path:
+    """``report.json``, ``report.md``, ``predictions/<set>.json`` (the VQA result format), ``scores/<set>.json``
+    (per-question accuracy) and, with the ``shift`` suite, ``shift/<set>.json`` (every question's distances)."""
+    out = Path(out)
+    for name in rep["sets"]:
+        rows = ctx.cache[("vqa-scored", name)]["rows"]
+        atomic_write_text(out / "predictions" / f"{name}.json",
+                          json.dumps([{"question_id": r["question_id"], "answer": r["answer"]} for r in rows]) + "\n")
+        atomic_write_text(out / "scores" / f"{name}.json",
+                          json.dumps({str(r["question_id"]): r["score"] for r in rows}) + "\n")
+    for name, per in (ctx.cache.get(("vqa-shift-samples",)) or {}).items():
+        atomic_write_text(out / "shift" / f"{name}.json", json.dumps(per) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(rep, indent=2) + "\n")
+    atomic_write_text(out / "report.md", report_markdown(rep))
+    return out / "report.md"
+
+
+def _load(spec: str | None, ctx) -> VqaLoaded:
+    """A VQA run, or a CLIP as the zero-shot scorer over the ID set's answers; None with ``ctx.predictions``."""
+    from grace_plugin.vqa.data import read_records
+
+    if ctx.predictions:
+        if spec is not None:
+            raise UsageError("--predictions scores result files: give no --model with it")
+        if any(n.startswith("adv:") for n in ctx.suite_names):
+            raise UsageError("--attack needs a --model to attack, not --predictions")
+        return VqaLoaded("predictions " + ", ".join(str(p) for p in ctx.predictions.values()))
+    if spec is None:
+        raise UsageError("--model is required (only --task vqa --predictions scores result files without one)")
+    name, path, _ = _set_args(ctx, "id")
+    id_set, _ = _vqa_set(ctx, name, path, True)
+    model, encoder, desc, init = load_vqa_model(spec, ctx.device, read_records(id_set.urls), ctx.answers_min_count)
+    return VqaLoaded(desc, model, encoder, init)
+
+
+register_eval_task(EvalTask("vqa", _load, _report, _write, report_markdown))

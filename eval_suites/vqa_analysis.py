@@ -24,26 +24,13 @@ probability when the image is replaced by the ID mean image (``image``) and when
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from grace_plugin.errors import GraceError
 
-__all__ = ["CONCEPTS", "PAIRS", "ShiftOptions", "embeddings", "shift_scores", "relate", "modality_importance",
+__all__ = ["CONCEPTS", "PAIRS", "embeddings", "shift_scores", "relate", "modality_importance",
            "importance_summary", "analyse"]
-
-@dataclass
-class ShiftOptions:
-    """``grace eval --task vqa --shift``: the pre-trained CLIP of the uni-modal concepts (default: the run's
-    ``--init``), how many ID train questions fit the Gaussians and how many questions of each set are scored."""
-
-    reference: str | None = None
-    n_fit: int = 2000
-    n_set: int = 1000
-    ridge: float | None = None
-
 
 CONCEPTS = ("uni_image", "uni_question", "image", "joint", "question")
 # per-sample concept pairs (FRAMES: (image, joint), (ques_ft, joint), pre-trained against fine-tuned)
@@ -191,11 +178,12 @@ def _importance(model, encoder, urls: list[str], mean_image: torch.Tensor, n: in
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def analyse(model, encoder, reference: str, shards: dict, report: dict, opts: ShiftOptions, device,
+def analyse(model, encoder, reference: str, shards: dict, accuracy: dict, opts, device,
             batch_size: int = 128) -> tuple[dict, dict]:
     """The shift per modality and the modality importance of every set in ``shards`` (``name -> (ShardSet,
-    group)``), related to ``report``'s per-set accuracy; ``(analysis, per-sample scores per set)``. Every rank
-    computes the whole analysis (it reads each set's first ``opts.n_set`` questions)."""
+    group)``), related to each set's ``accuracy``; ``(analysis, per-sample scores per set)``. ``opts``
+    (``context.ShiftOptions``): the Gaussians are fitted on the ID train split's first ``n_fit`` questions, each set's
+    first ``n`` questions are scored. Every rank computes the whole analysis."""
     from grace_plugin.data.shards import open_shard_set
     from grace_plugin.errors import UsageError
     from grace_plugin.models.clip import load_clip
@@ -211,12 +199,12 @@ def analyse(model, encoder, reference: str, shards: dict, report: dict, opts: Sh
     except GraceError as e:
         raise UsageError(f"--shift fits the ID Gaussians on the ID set's train split: {e}") from None
     fit = embeddings(model, ref, encoder, ref_enc, train.urls, batch_size, device, opts.n_fit)
-    per_set = {n: embeddings(model, ref, encoder, ref_enc, s.urls, batch_size, device, opts.n_set)
+    per_set = {n: embeddings(model, ref, encoder, ref_enc, s.urls, batch_size, device, opts.n)
                for n, (s, _) in shards.items()}
     scores = shift_scores(fit, per_set, opts.ridge)
-    related = relate(scores, {n: v["accuracy"] for n, v in report["sets"].items()})
+    related = relate(scores, accuracy)
     mean_image = _mean_image(model, train.urls, opts.n_fit)
-    importance = {n: importance_summary(_importance(model, encoder, s.urls, mean_image, opts.n_set, batch_size,
+    importance = {n: importance_summary(_importance(model, encoder, s.urls, mean_image, opts.n, batch_size,
                                                     device)) for n, (s, _) in shards.items()}
     analysis = {"reference": str(reference), "n_fit": len(fit["question_id"]), "ridge": scores["ridge"],
                 "shift": scores["sets"], **related, "modality_importance": importance,

@@ -55,42 +55,24 @@ def _cmd_eval(a) -> int:
         return _cmd_eval_locked(a)
 
 
-def _cmd_eval_vqa(a) -> int:
-    from eval_suites.vqa import run_vqa_eval
-    from eval_suites.vqa_analysis import ShiftOptions
-
-    md = run_vqa_eval(a.model, a.data, a.ood, a.out, predictions=a.predictions, device=a.device,
-                      batch_size=a.batch_size, answers_min_count=a.answers_min_count, attack=a.attack,
-                      eps=a.eps, n_adv=a.n_adv, seed=a.seed,
-                      shift=ShiftOptions(a.reference, n_set=a.n_shift) if a.shift else None, reference=a.reference)
-    if md:  # (rank 0's)
-        print(md)
-    return 0
-
-
 def _cmd_eval_locked(a) -> int:
-    from grace_plugin.errors import UsageError
-
-    if a.model is None and not (a.task == "vqa" and a.predictions):
-        raise UsageError("--model is required (only --task vqa --predictions scores result files without one)")
-    if a.task == "vqa":
-        return _cmd_eval_vqa(a)
-    from eval_suites.context import SuiteContext
-    from eval_suites.engine import evaluate, expand_shorthands
-    from eval_suites.report import report_markdown, write_report
+    from eval_suites.context import ShiftOptions, SuiteContext
+    from eval_suites.engine import evaluate, evaluation_markdown, expand_shorthands, write_evaluation
     from grace_plugin.runtime import is_main
 
-    names, sets = expand_shorthands(a.data, a.ood, a.attack, a.suite)
-    ctx = SuiteContext(id_set=a.data, sets=sets, data_root=a.data_root, eps=a.eps, norm=a.norm, n_adv=a.n_adv,
-                       batch_size=a.batch_size, num_workers=a.num_workers, decode=a.decode, device=a.device,
-                       seed=a.seed, strict=a.strict, scoring=a.scoring, mapping_files=a.mapping,
+    names, sets = expand_shorthands(a.data, a.ood, a.attack, a.suite + (["shift"] if a.shift else []))
+    ctx = SuiteContext(task=a.task, id_set=a.data, sets=sets, data_root=a.data_root, eps=a.eps, norm=a.norm,
+                       n_adv=a.n_adv, batch_size=a.batch_size, num_workers=a.num_workers, decode=a.decode,
+                       device=a.device, seed=a.seed, strict=a.strict, scoring=a.scoring, mapping_files=a.mapping,
                        unit_input=a.unit_input, out_dir=a.out, imagenet_dir=a.imagenet_dir,
                        corruptions_dir=a.corruptions_dir, n_imagenet=a.n_imagenet, reference=a.reference,
-                       model_info_name=a.model_info_name, progress=not a.no_progress)
+                       model_info_name=a.model_info_name, progress=not a.no_progress,
+                       shift=ShiftOptions(n=a.n_shift), predictions=a.predictions,
+                       answers_min_count=a.answers_min_count)
     report = evaluate(a.model, names, ctx)
     if is_main():
-        path = write_report(a.out, report)
-        print(report_markdown(report))
+        path = write_evaluation(a.out, report, ctx)
+        print(evaluation_markdown(report, a.task))
         print(f"wrote {path}")
     return 0
 
@@ -371,7 +353,7 @@ def _cmd_list(a) -> int:
     elif a.kind == "suites":
         from eval_suites.engine import list_suites
 
-        names = list_suites()
+        names = list_suites(a.task)
     else:
         from eval_suites.attacks import list_attacks
 

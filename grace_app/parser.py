@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="assert the model takes [0,1] input when it does not declare it")
     e.add_argument("--reference", help="pretrained model for the parameter drift (suite geometry); vqa --shift: "
                    "the pre-trained CLIP of the uni-modal embeddings (default: the run's --init)")
-    e.add_argument("--shift", action="store_true", help="vqa: also the shift per modality (Mahalanobis to ID train) "
-                   "and the modality importance of every set (docs/vqa.md)")
-    e.add_argument("--n-shift", type=int, default=1000, help="vqa --shift: questions scored per set")
+    e.add_argument("--shift", action="store_true", help="the suite shift (= --suite shift): the Mahalanobis shift of "
+                   "each OOD set from ID; vqa: per modality, with the modality importance of every set (docs/vqa.md)")
+    e.add_argument("--n-shift", type=int, default=1000, help="suite shift: images (vqa: questions) scored per set")
     e.add_argument("--model-info-name", help="write RobustBench model_info/<dataset>/<threat>/<NAME>.json")
     e.add_argument("--seed", type=int, default=0)
 
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=["recipes", "attacks", "models", "suites", "layouts"])
+    ls.add_argument("--task", choices=["classification", "vqa"], default="classification",
+                    help="suites: those of this task")
 
     r = sub.add_parser("register", help="publish a run under its timm and RobustBench names")
     r.add_argument("run_dir", metavar="RUN_DIR")

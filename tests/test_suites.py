@@ -18,11 +18,11 @@ def one_thread(tiny_clip_dir):  # session fixtures are built first, at the defau
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("name", list_suites())
-def test_every_suite_name_parses(name):
+@pytest.mark.parametrize("task,name", [(t, n) for t in ("classification", "vqa") for n in list_suites(t)])
+def test_every_suite_name_parses(task, name):
     base = name.split(":")[0]
     arg = {"adv": "pgd"}.get(base, "v2") if ":" in name else None
-    assert parse_suite(f"{base}:{arg}" if arg else base) == (base, arg)
+    assert parse_suite(f"{base}:{arg}" if arg else base, task) == (base, arg)
 
 
 @pytest.mark.parametrize("bad,msg", [("nope", "valid suites: .*adv:<attack>"), ("ood", "needs an argument"),
@@ -30,6 +30,21 @@ def test_every_suite_name_parses(name):
 def test_bad_suite_names(bad, msg):
     with pytest.raises(KeyError, match=msg):
         parse_suite(bad)
+
+
+def test_suites_are_registered_per_task(capsys):
+    """One engine, a suite registry per task: VQA has its own id/ood/adv/shift and refuses the image-only suites."""
+    from grace_plugin.tasks import list_tasks
+
+    for task in list_tasks():  # every task of the library can be evaluated
+        assert {"id", "ood:<set>", "adv:<attack>", "shift"} <= set(list_suites(task))
+    assert "geometry" in list_suites() and "geometry" not in list_suites("vqa")
+    with pytest.raises(KeyError, match="unknown suite 'geometry' for --task vqa; valid suites: adv:<attack>, id"):
+        parse_suite("geometry", "vqa")
+    with pytest.raises(KeyError, match="unknown evaluation task 'nope'"):
+        list_suites("nope")
+    assert main(["list", "suites", "--task", "vqa"]) == 0
+    assert capsys.readouterr().out.split() == ["adv:<attack>", "id", "ood:<set>", "shift"]
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def test_train_and_eval_vqa(vqa_set, tiny_clip_dir, tmp_path, capsys):
     # a result file that misses a question is refused in one line
     preds = json.loads((ev / "predictions" / "vqav2.json").read_text())[1:]
     (tmp_path / "short.json").write_text(json.dumps(preds))
-    assert main(["eval", "--task", "vqa", "--model", "-", "--data", f"vqav2={vqa_set}", "--predictions",
+    assert main(["eval", "--task", "vqa", "--data", f"vqav2={vqa_set}", "--predictions",
                  str(tmp_path / "short.json"), "--out", str(tmp_path / "ev3")]) == 2
     assert "1 missing" in capsys.readouterr().err
 
@@ -72,6 +72,18 @@ def test_zero_shot_and_refusals(vqa_set, tiny_clip_dir, tmp_path, capsys):
                  "--answers-min-count", "2", "--out", str(ev), "--no-progress"]) == 0
     rep = json.loads((ev / "report.json").read_text())
     assert rep["model"].startswith("zero-shot") and rep["sets"]["toy"]["n"] == 24
+    # two attacks on the engine: each attack's own number under "suites", the Adv axis their per-question worst case
+    ev = tmp_path / "zs2"
+    assert main(["eval", "--task", "vqa", "--model", str(tiny_clip_dir), "--data", f"toy={vqa_set}",
+                 "--answers-min-count", "2", "--out", str(ev), "--no-progress", "--attack", "fgsm",
+                 "--suite", "adv:pgd", "--n-adv", "6", "--eps", "8/255"]) == 0
+    rep = json.loads((ev / "report.json").read_text())
+    each = [rep["suites"][k]["accuracy"] for k in ("adv:fgsm", "adv:pgd")]
+    assert rep["adversarial"]["attack"] == "worst case of fgsm, pgd" and rep["adversarial"]["n"] == 6
+    assert rep["adversarial"]["accuracy"] <= min(each)
+    assert main(["eval", "--task", "vqa", "--model", str(tiny_clip_dir), "--data", f"toy={vqa_set}",
+                 "--suite", "geometry", "--out", str(tmp_path / "g")]) == 2
+    assert "unknown suite 'geometry' for --task vqa" in capsys.readouterr().err
     assert main(["eval", "--task", "vqa", "--model", str(tiny_clip_dir), "--data", f"toy={vqa_set}", "--ood",
                  f"mystery={vqa_set}", "--out", str(tmp_path / "x")]) == 2
     assert "--ood mystery: its group (near or far) is unknown" in capsys.readouterr().err
@@ -89,13 +101,20 @@ def test_two_processes_equal_one(vqa_set, tiny_clip_dir, tmp_path):
                  "--out", str(run), "--steps", "2", "--no-progress", "--set", "data.answers_min_count=2",
                  "--set", "train.batch_size=8", "--set", "train.val_every=0"]) == 0
     args = ["--task", "vqa", "--model", str(run), "--data", f"vqav2={vqa_set}", "--batch-size", "5", "--device",
-            "cpu", "--no-progress"]
+            "cpu", "--no-progress", "--attack", "fgsm", "--n-adv", "12"]
     assert main(["eval", *args, "--out", str(tmp_path / "one")]) == 0
     p = _torchrun(2, [*args, "--out", str(tmp_path / "two")])
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log[-3000:]
-    for f in ("report.json", "predictions/vqav2.json", "scores/vqav2.json"):
+    for f in ("predictions/vqav2.json", "scores/vqav2.json", "report.md"):
         assert (tmp_path / "one" / f).read_text() == (tmp_path / "two" / f).read_text(), f
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert (one["config"]["world_size"], two["config"]["world_size"]) == (1, 2)
+
+    def measured(rep):  # everything but the timings and the process count
+        return {k: v for k, v in rep.items() if k not in ("seconds", "startup", "config")}
+
+    assert measured(one) == measured(two) and one["adversarial"]["n"] == 12
 
 
 def test_attack_batched_and_one_question_at_a_time(vqa_set, tiny_clip_dir, tmp_path):
@@ -161,3 +180,15 @@ def test_vqa_run_killed_and_resumed_is_bit_identical(vqa_set, tiny_clip_dir, tmp
     assert main([*base, "--out", str(tmp_path / "broken"), "--resume"]) == 0
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert (tmp_path / "broken" / "model.safetensors").read_bytes() == whole
+
+
+def test_several_attacks_give_the_worst_case_per_question():
+    """The Adv axis over several attacks is, per question, the lowest score (all on the same first questions)."""
+    from eval_suites.vqa import _worst_case
+
+    a = [{"question_id": 1, "score": 1.0, "answer": "x"}, {"question_id": 2, "score": 0.3, "answer": "y"}]
+    b = [{"question_id": 1, "score": 0.6, "answer": "z"}, {"question_id": 2, "score": 1.0, "answer": "w"}]
+    assert [r["answer"] for r in _worst_case({"a": a, "b": b})] == ["z", "y"]
+    assert _worst_case({"a": a}) is a
+    with pytest.raises(AssertionError, match="different questions"):
+        _worst_case({"a": a, "b": b[::-1]})

@@ -132,7 +132,8 @@ def summary_markdown(rows: list[dict], legend: str, checks: list[dict] | None = 
 
 
 def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=print) -> dict:
-    from eval_suites.vqa import run_vqa_eval
+    from eval_suites.context import SuiteContext
+    from eval_suites.engine import evaluate, expand_shorthands, write_evaluation
     from grace_plugin.finetune import fine_tune
     from grace_plugin.runtime import resolve_device
     from grace_plugin.tensor_io import atomic_write_text
@@ -166,10 +167,13 @@ def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=pri
     for label in cfg.methods:
         model = str(pretrained) if VQA_METHODS[label] is None else str(trained[label])
         dest = out / "zero_shot" if VQA_METHODS[label] is None else trained[label] / "eval"
-        run_vqa_eval(model, f"vqav2={data / 'vqav2'}", ood, dest, device=device,
-                     answers_min_count=int(vqa_layer["data"]["answers_min_count"]),
-                     attack=cfg.attack if cfg.n_adv else None, eps=cfg.eps, n_adv=cfg.n_adv, seed=cfg.seed)
-        rows.append(_row(label, json.loads((dest / "report.json").read_text())))
+        names, sets = expand_shorthands(f"vqav2={data / 'vqav2'}", ood, cfg.attack if cfg.n_adv else None)
+        ctx = SuiteContext(task="vqa", id_set=f"vqav2={data / 'vqav2'}", sets=sets, device=device, eps=cfg.eps,
+                           n_adv=cfg.n_adv, seed=cfg.seed, out_dir=dest,
+                           answers_min_count=int(vqa_layer["data"]["answers_min_count"]))
+        report = evaluate(model, names, ctx)
+        write_evaluation(dest, report, ctx)
+        rows.append(_row(label, report))
     phases["evaluation"] = round(time.time() - t1, 1)
     legend = (f"VQA accuracy (the official evaluator's), percent, [95% interval]: ID = vqav2 test; near OOD = the "
               f"mean of {', '.join(OOD_SETS[:6])}; far OOD = the mean of {', '.join(OOD_SETS[6:])}; OOD = the mean "
