@@ -171,9 +171,8 @@ def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=pri
         ctx = SuiteContext(task="vqa", id_set=f"vqav2={data / 'vqav2'}", sets=sets, device=device, eps=cfg.eps,
                            n_adv=cfg.n_adv, seed=cfg.seed, out_dir=dest,
                            answers_min_count=int(vqa_layer["data"]["answers_min_count"]))
-        report = evaluate(model, names, ctx)
-        write_evaluation(dest, report, ctx)
-        rows.append(_row(label, report))
+        write_evaluation(dest, evaluate(model, names, ctx), ctx)
+        rows.append(_row(label, json.loads((dest / "report.json").read_text())))  # the row is what was written
     phases["evaluation"] = round(time.time() - t1, 1)
     legend = (f"VQA accuracy (the official evaluator's), percent, [95% interval]: ID = vqav2 test; near OOD = the "
               f"mean of {', '.join(OOD_SETS[:6])}; far OOD = the mean of {', '.join(OOD_SETS[6:])}; OOD = the mean "
