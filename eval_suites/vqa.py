@@ -50,13 +50,16 @@ def set_group(name: str, shards, is_id: bool) -> str:
 
 def load_vqa_model(spec: str, device, id_records: list[dict] | None = None, min_count: int = 9):
     """``(model, encoder, description, pre-trained CLIP)``: a VQA run folder (data.task=vqa; its ``--init`` is the
-    pre-trained CLIP), or a CLIP folder / ``NAME:PRETRAINED`` as the zero-shot answer scorer over the answers of
-    ``id_records`` given at least ``min_count`` times."""
+    pre-trained CLIP), a registered VQA model's name (``registry.vqa_entries``), or a CLIP folder /
+    ``NAME:PRETRAINED`` as the zero-shot answer scorer over the answers of ``id_records`` given at least
+    ``min_count`` times."""
     from grace_plugin.checkpoint import load_run
     from grace_plugin.models.clip import bundle_from_text_state, load_clip
     from grace_plugin.tensor_io import read_tensors
     from grace_plugin.vqa.data import answer_vocabulary
     from grace_plugin.vqa.model import QuestionEncoder, zero_shot_vqa_from_clip
+
+    from registry.vqa_entries import load_vqa_entry, vqa_entry
 
     p = Path(spec)
     if (p / "checkpoint.json").is_file():
@@ -66,6 +69,9 @@ def load_vqa_model(spec: str, device, id_records: list[dict] | None = None, min_
         clip = meta["clip"]
         bundle = bundle_from_text_state(clip["model_name"], clip["model_cfg"], read_tensors(p / "text.safetensors"))
         return model, QuestionEncoder(bundle, device), f"run {p} ({meta.get('recipe')})", meta.get("init")
+    if not p.exists() and vqa_entry(spec) is not None:  # a name registered by `grace register` (registry.vqa_entries)
+        model, meta, encoder = load_vqa_entry(spec, device)
+        return model, encoder, f"{spec} ({meta.get('recipe')})", meta.get("init")
     bundle = load_clip(spec)
     answers = answer_vocabulary(id_records or [], min_count)
     if not answers:

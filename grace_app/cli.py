@@ -277,8 +277,20 @@ def _parse_info(items: list[str]) -> dict:
 
 
 def _cmd_register(a) -> int:
+    from grace_plugin.checkpoint import load_run_meta
+    from grace_plugin.errors import UsageError
     from registry.publish import register_run
 
+    if load_run_meta(a.run_dir).get("task") == "vqa":
+        from registry.vqa_entries import register_vqa_run
+
+        folder = register_vqa_run(a.run_dir, a.name, out_dir=a.weights_dir, report=a.report)
+        print(f"wrote {folder} (card.json, README.md); evaluate with grace eval --task vqa --model {a.name}",
+              file=sys.stderr)
+        print(a.name)
+        return 0
+    if a.report:
+        raise UsageError("--report: a VQA run's card carries a VQA report; a classifier's card takes --info")
     res = register_run(a.run_dir, a.name, dataset=a.dataset, threat_model=a.threat_model, out_dir=a.weights_dir,
                        templates=a.templates, model_info=_parse_info(a.info), hf_hub_id=a.hub_id)
     print(f"wrote {res.folder}", file=sys.stderr)
@@ -343,9 +355,9 @@ def _cmd_list(a) -> int:
 
         names = list_recipes()
     elif a.kind == "models":
-        from registry import list_grace_models
+        from registry import list_grace_models, list_vqa_models
 
-        names = list_grace_models()
+        names = list_vqa_models() if a.task == "vqa" else list_grace_models()
     elif a.kind == "layouts":
         from grace_plugin.data.shards import list_layouts
 

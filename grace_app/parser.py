@@ -214,11 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=["recipes", "attacks", "models", "suites", "layouts"])
     ls.add_argument("--task", choices=["classification", "vqa"], default="classification",
-                    help="suites: those of this task")
+                    help="suites, models: those of this task")
 
-    r = sub.add_parser("register", help="publish a run under its timm and RobustBench names")
+    r = sub.add_parser("register", help="publish a run under its timm and RobustBench names (a VQA run: under NAME, "
+                       "loaded by grace eval --task vqa --model NAME)")
     r.add_argument("run_dir", metavar="RUN_DIR")
-    r.add_argument("--name", required=True, help="RobustBench name, e.g. Grace2026Gram_ViT-B-32")
+    r.add_argument("--name", required=True, help="RobustBench name, e.g. Grace2026Gram_ViT-B-32 (a VQA run: its name)")
+    r.add_argument("--report", help="VQA run: a `grace eval --task vqa` report.json whose numbers the model card "
+                   "carries")
     r.add_argument("--dataset", default="imagenet", help="RobustBench dataset whose head is built (imagenet)")
     r.add_argument("--threat-model", default="Linf", help="Linf, L2, corruptions")
     r.add_argument("--weights-dir",

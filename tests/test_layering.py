@@ -111,7 +111,8 @@ LAYERS = {
         {"trainer"},
         {"finetune"},
     ],
-    "registry": [{"naming", "weights"}, {"grace_models"}, {"resolve", "publish", ""}],  # "": the package's face
+    # "": the package's face
+    "registry": [{"naming", "weights"}, {"grace_models"}, {"resolve", "publish", "vqa_entries", ""}],
     "eval_suites": [{"", "attacks", "catalogue", "context", "distributed", "engine", "evaluate", "geometry", "imagenet",
                      "leaderboard", "plot", "report", "shardsets", "shift", "suites", "vqa",
                      "vqa_analysis", "attention_ratio"}],

@@ -34,7 +34,7 @@ def vqa_set(tmp_path_factory):
     return out
 
 
-def test_train_and_eval_vqa(vqa_set, tiny_clip_dir, tmp_path, capsys):
+def test_train_and_eval_vqa(vqa_set, tiny_clip_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", "--task", "vqa", "--recipe", "ft", "--init", str(tiny_clip_dir), "--data", str(vqa_set),
                  "--out", str(run), "--steps", "4", "--no-progress", "--set", "data.answers_min_count=2",
@@ -64,6 +64,37 @@ def test_train_and_eval_vqa(vqa_set, tiny_clip_dir, tmp_path, capsys):
     assert main(["eval", "--task", "vqa", "--data", f"vqav2={vqa_set}", "--predictions",
                  str(tmp_path / "short.json"), "--out", str(tmp_path / "ev3")]) == 2
     assert "1 missing" in capsys.readouterr().err
+    _register_and_load_by_name(run, ev, vqa_set, tmp_path, capsys, monkeypatch)
+
+
+def _register_and_load_by_name(run, ev, vqa_set, tmp_path, capsys, monkeypatch):
+    """A VQA run registered under a name: its card carries the report, `grace eval --model NAME` gives the run's
+    numbers, a replaced weights file is refused, a bad name or a classifier's --report is one line."""
+    monkeypatch.setenv("GRACE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    assert main(["register", str(run), "--name", "toy-vqa-ft", "--report", str(ev / "report.json")]) == 0
+    folder = tmp_path / "weights" / "vqa" / "toy-vqa-ft"
+    card = json.loads((folder / "card.json").read_text())
+    rep = json.loads((ev / "report.json").read_text())
+    assert card["task"] == "vqa" and card["answers"] == 6 and card["steps"] == 4 and card["recipe"] == "ft"
+    assert card["results"]["sets"]["vqav2"]["accuracy"] == rep["sets"]["vqav2"]["accuracy"]
+    readme = (folder / "README.md").read_text()
+    assert f"{rep['sets']['vqav2']['accuracy']:.2f}" in readme and "--model toy-vqa-ft" in readme
+    assert not list((tmp_path / "weights" / "vqa").glob(".*"))  # written as a unit: no temporary folder left
+    assert main(["list", "models", "--task", "vqa"]) == 0 and capsys.readouterr().out.split()[-1] == "toy-vqa-ft"
+    by_name = tmp_path / "by-name"
+    assert main(["eval", "--task", "vqa", "--model", "toy-vqa-ft", "--data", f"vqav2={vqa_set}", "--ood",
+                 f"ok-vqa={vqa_set}", "--out", str(by_name), "--no-progress"]) == 0
+    rep2 = json.loads((by_name / "report.json").read_text())
+    assert rep2["model"] == "toy-vqa-ft (ft)" and rep2["sets"] == rep["sets"]
+    assert (by_name / "predictions" / "vqav2.json").read_text() == (ev / "predictions" / "vqav2.json").read_text()
+    capsys.readouterr()
+    assert main(["register", str(run), "--name", "../x"]) == 2
+    assert "--name '../x': a VQA model name" in capsys.readouterr().err
+    w = folder / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
+    assert main(["eval", "--task", "vqa", "--model", "toy-vqa-ft", "--data", f"vqav2={vqa_set}", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "differs from the VQA entry toy-vqa-ft's card" in capsys.readouterr().err
 
 
 def test_zero_shot_and_refusals(vqa_set, tiny_clip_dir, tmp_path, capsys):
