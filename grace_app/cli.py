@@ -150,7 +150,7 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
     return len(seeds), seeds
 
 
-STUDY_ONLY, TUNE_ONLY = ("seeds", "n_adv"), ("trials", "n_val_adv", "rescore_seeds", "write", "no_write")
+STUDY_ONLY, TUNE_ONLY = ("seeds", "n_adv"), ("trials", "n_val_adv", "rescore_seeds", "write", "no_write", "task")
 CONTROLS_ONLY = ("control", "arms")
 
 
@@ -221,12 +221,14 @@ def _cmd_tune(a) -> int:
         raise UsageError("grace study tune: the testbed configs are the installed package's copy "
                          f"({testbed_dir()}); pass --write PATH/tuned.yaml (a copy of configs/testbed, then "
                          "GRACE_TESTBED_CONFIGS=PATH) or --no-write")
-    write = None if a.no_write else Path(a.write) if a.write else testbed_dir() / "tuned.yaml"
+    task = a.task or "classification"
+    tuned = "tuned-vqa.yaml" if task == "vqa" else "tuned.yaml"  # the VQA world's selection never moves the other's
+    write = None if a.no_write else Path(a.write) if a.write else testbed_dir() / tuned
     cfg = TuneConfig(methods=[m.strip() for m in a.methods.split(",") if m.strip()],
                      out=Path(a.out or Path("studies") / "tune"), trials=a.trials, steps=a.steps, seed=a.seed,
                      device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
                      pretrain_threads=a.pretrain_threads, n_val_adv=a.n_val_adv, overrides=a.overrides,
-                     write=write, rescore_seeds=a.rescore_seeds)
+                     write=write, rescore_seeds=a.rescore_seeds, task=task)
     res = run_tuning(cfg, progress=not a.no_progress)
     print(Path(res["paths"]["md"]).read_text())
     print("wrote " + ", ".join(str(p) for p in res["paths"].values()))

@@ -168,8 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--n-val-adv", type=int, help="validation images attacked per trial")
     tg.add_argument("--rescore-seeds", type=int, help="seeds the top trials are scored on (default: tuning.yaml's; "
                     "1: no re-scoring)")
-    tg.add_argument("--write", help="tuned.yaml to update (default configs/testbed/tuned.yaml)")
+    tg.add_argument("--write", help="tuned.yaml to update (default configs/testbed/tuned.yaml; --task vqa: "
+                    "tuned-vqa.yaml)")
     tg.add_argument("--no-write", action="store_true", default=None, help="do not write the selected values")
+    tg.add_argument("--task", choices=["classification", "vqa"], help="vqa: tune on the VQA world (trials train on "
+                    "vqav2 train and are scored by VQA accuracy on its val split)")
 
     sh = sub.add_parser("shards", help="shard utilities")
     shs = sh.add_subparsers(dest="shards_command", required=True)

@@ -153,3 +153,31 @@ def test_vqa_world_calibration_holds(tmp_path):
     checks = json.loads((tmp_path / "qs" / "summary.json").read_text())["calibration"]
     assert len(checks) == 6 and all(c["holds"] for c in checks), checks
     assert res["rows"][0]["method"] == "zero-shot"
+
+
+def test_vqa_tuning_smoke(tmp_path, capsys, one_thread):
+    """`grace study tune --task vqa`: trials train on vqav2 train and are scored on its val split by the engine's VQA
+    suites; the page says so and is its own (the classification tuning is never touched); a classification-only
+    recipe is refused before any work."""
+    import json
+
+    from grace_app.cli import main
+    from grace_app.studies.publish import add_source
+
+    out = tmp_path / "tune"
+    args = ["study", "tune", "--task", "vqa", "--methods", "ft", "--size", "small", "--steps", "2", "--trials", "2",
+            "--n-val-adv", "2", "--rescore-seeds", "1", "--pretrain-steps", "5", "--out", str(out), "--no-write",
+            "--no-progress"]
+    assert main(args) == 0
+    doc = json.loads((out / "tuning.json").read_text())
+    rows = doc["methods"]["ft"]["trials"]
+    assert doc["task"] == "vqa" and len(rows) == 2 and doc["methods"]["ft"]["selected"] is not None
+    val = json.loads((out / "data" / "vqav2" / "vqa.json").read_text())["splits"]["val"]["questions"]
+    for r in rows:  # VQA accuracy (a mean of 0, .3, .6, .9, 1 per question) on the val split's questions
+        assert 0 <= r["val_clean"] <= 100 and 0 <= r["val_robust"] <= 100 and r["feature_spread"] is None
+        assert round(r["val_clean"] * val / 10) == pytest.approx(r["val_clean"] * val / 10, abs=1e-6)
+    assert "VQA world seed 0" in (out / "tuning.md").read_text()
+    assert add_source(out, tmp_path / "data").name == "tuning-vqa-small-seed0.json"
+    capsys.readouterr()
+    assert main([*args[:5], "flyp", *args[6:]]) == 2
+    assert "--methods flyp: its recipe 'flyp' trains only classification, not vqa" in capsys.readouterr().err

@@ -72,8 +72,9 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
     elif kind == "controls":  # one page per world
         world = doc.get("world_seed") or 0
         name = f"controls-world{world}.json" if world else "controls.json"
-    elif kind == "tuning":  # one page per world
-        name = f"tuning-{doc.get('size')}-seed{doc.get('seed')}.json"
+    elif kind == "tuning":  # one page per world (and task: the VQA world's tuning is a page of its own)
+        task = "" if doc.get("task", "classification") == "classification" else f"{doc['task']}-"
+        name = f"tuning-{task}{doc.get('size')}-seed{doc.get('seed')}.json"
     else:
         world = doc.get("world_seed") or 0  # a second world's study gets a page of its own
         name = "quickstart.json" if kind == "quickstart" else "quickstart-vqa.json" if kind == "quickstart-vqa" else \
@@ -93,7 +94,8 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
 def merge_tuning(old: dict, new: dict) -> dict | None:
     """One world's tuning page from two ``tuning.json``: ``new``'s methods added to (or replacing) ``old``'s, when
     both ran the same protocol on the same world; None when they did not (then ``new`` replaces ``old``)."""
-    same = all(old.get(k) == new.get(k) for k in ("protocol", "steps", "size", "seed"))
+    same = all(old.get(k) == new.get(k) for k in ("protocol", "steps", "size", "seed")) and \
+        old.get("task", "classification") == new.get("task", "classification")
     if not same:
         return None
     return {**new, "methods": {**old.get("methods", {}), **new.get("methods", {})},

@@ -49,6 +49,7 @@ class TuneConfig:
     overrides: list[str] = field(default_factory=list)
     write: Path | None = None  # tuned.yaml to update (None: do not write)
     rescore_seeds: int | None = None  # default: tuning.yaml's
+    task: str = "classification"  # vqa: on the VQA world, scored by VQA accuracy on vqav2 val (grace_plugin.tasks)
 
 
 def trial_score(clean: float | None, robust: float | None) -> dict:
@@ -113,30 +114,40 @@ def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) ->
     return path
 
 
-def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, val: Path, steps: int, overrides: dict,
-                     ctx_args: dict, attack: str, progress: bool = False, on_check=None) -> dict:
-    """Train ``method`` (a methods.yaml ``Method``, untuned) at ``point`` (dotted keys) over ``overrides`` on the
-    validation split's train part (``overrides`` win over ``point``), then score it on the held-out part:
-    ``{val_clean, val_robust, hm, mean, feature_spread}`` with its compute (``train_steps``, ``cpu_seconds`` of this
-    process, ``wall_seconds``). ``on_check``: handed each robust validation check of the training (``fine_tune``),
-    how a pruner sees the trial on the step axis."""
+def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, train_data: Path, steps: int,
+                     overrides: dict, ctx_args: dict, attack: str, progress: bool = False, on_check=None,
+                     base: dict | None = None) -> dict:
+    """Train ``method`` (a methods.yaml ``Method``, untuned) at ``point`` (dotted keys) on ``train_data``'s train
+    split, over ``base`` (the task's layer) and under ``overrides`` (``overrides`` win over ``point``, ``point`` over
+    ``base``), then score it through the evaluation engine on the validation set ``ctx_args`` names (its ``task``
+    and ``id_set``): ``{val_clean, val_robust, hm, mean, feature_spread}`` with its compute (``train_steps``,
+    ``cpu_seconds`` of this process, ``wall_seconds``). ``on_check``: handed each robust validation check of the
+    training (``fine_tune``), how a pruner sees the trial on the step axis."""
     from grace_plugin.finetune import fine_tune
-    from registry import load_model
 
     from eval_suites.context import SuiteContext
-    from eval_suites.engine import run_suites
+    from eval_suites.engine import evaluate
     from ..testbed.configs import merge, method_config, nest
 
     t0, c0 = time.time(), time.process_time()
-    run_cfg = method_config(method, overrides=merge(nest(point), overrides), steps=steps, tuned=False)
-    fine_tune(method.recipe, pretrained, val, run_dir, run_cfg, progress=progress, on_check=on_check)
-    rep = run_suites(load_model(run_dir, device=ctx_args.get("device", "cpu")), ["id", f"adv:{attack}"],
-                     SuiteContext(**ctx_args))
-    clean = rep["datasets"]["val"]["top1"]
-    robust = (rep.get("adversarial") or {}).get("robust_acc")
-    return {"val_clean": clean, "val_robust": robust, **trial_score(clean, robust),
-            "feature_spread": rep["datasets"]["val"].get("feature_spread"), "train_steps": steps,
-            "cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.time() - t0, 1)}
+    run_cfg = method_config(method, overrides=merge(merge(base or {}, nest(point)), overrides), steps=steps,
+                            tuned=False)
+    fine_tune(method.recipe, pretrained, train_data, run_dir, run_cfg, progress=progress, on_check=on_check)
+    ctx = SuiteContext(**ctx_args)
+    clean, robust, spread = validation_scores(evaluate(str(run_dir), ["id", f"adv:{attack}"], ctx), ctx)
+    return {"val_clean": clean, "val_robust": robust, **trial_score(clean, robust), "feature_spread": spread,
+            "train_steps": steps, "cpu_seconds": round(time.process_time() - c0, 1),
+            "wall_seconds": round(time.time() - t0, 1)}
+
+
+def validation_scores(rep: dict, ctx) -> tuple[float | None, float | None, float | None]:
+    """``(clean, robust, feature spread)`` of a validation report, percent: classification top-1 and robust top-1;
+    VQA accuracy clean and on the attacked images (a VQA model reports no feature spread: never "collapsed")."""
+    name = ctx.id_set[0]
+    if ctx.task == "vqa":
+        return rep["sets"][name]["accuracy"], (rep.get("adversarial") or {}).get("accuracy"), None
+    return (rep["datasets"][name]["top1"], (rep.get("adversarial") or {}).get("robust_acc"),
+            rep["datasets"][name].get("feature_spread"))
 
 
 # ------------------------------------------------------------------------------------------------------ Optuna
@@ -255,8 +266,8 @@ def _space_of(study, method: str, proto: dict) -> list[Axis]:
     return parse_space(method, saved if saved is not None else (proto.get("space") or {}).get(method))
 
 
-def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, attack, threshold, progress, echo,
-               axes_ref: list):
+def _objective(method, run_root: Path, pretrained, train_data, steps, over, ctx_args, attack, threshold, progress,
+               echo, axes_ref: list, base: dict | None = None):
     from grace_plugin.trainer import TrainingDiverged
 
     import optuna
@@ -283,8 +294,8 @@ def _objective(method, run_root: Path, pretrained, val, steps, over, ctx_args, a
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
         try:
-            res = validation_trial(method, point, run_root / f"trial{trial.number}", pretrained, val, steps, over,
-                                   ctx_args, attack, progress, on_check=on_check)
+            res = validation_trial(method, point, run_root / f"trial{trial.number}", pretrained, train_data, steps,
+                                   over, ctx_args, attack, progress, on_check=on_check, base=base)
         except TrainingDiverged as e:
             trial.set_user_attr("diverged", str(e).splitlines()[0][:300])
             echo(f"      {method.name} trial {trial.number} {point}: diverged (recorded, never selected)")
@@ -418,13 +429,41 @@ def _tune_method(name: str, study, proto: dict, cfg: TuneConfig, budget0: int, o
             "diverged": sum(bool(r.get("diverged")) for r in rows), "best_row": None if best is None else rows[best]}
 
 
+def _trial_data(cfg: TuneConfig, proto: dict, out: Path, n_val_adv: int, device: str, progress: bool, echo):
+    """``(pretrained CLIP, the trials' training set, the validation SuiteContext's arguments, the task's config
+    layer)``. Classification: the testbed world, trials train on ID train minus a held-out validation split and are
+    scored on it; VQA: the VQA world, trials train on vqav2 train and are scored on its val split (never test or
+    OOD), under the VQA layer (configs/testbed/vqa.yaml: answers, no robust validation)."""
+    ctx_args = dict(eps=float(proto.get("eps", 4 / 255)), n_adv=n_val_adv, device=device, seed=cfg.seed)
+    if cfg.task == "vqa":
+        from .quickstart_vqa import prepare_vqa_testbed
+        from ..testbed.configs import _load
+
+        data, pretrained = prepare_vqa_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, {})
+        layer = _load("vqa.yaml")
+        ctx_args |= dict(task="vqa", id_set=("vqav2", data / "vqav2" / "val"),
+                         answers_min_count=int(layer["data"]["answers_min_count"]))
+        return pretrained, data / "vqav2", ctx_args, layer
+    from grace_plugin.data.split import holdout_split
+
+    from .quickstart import prepare_testbed
+
+    data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo,
+                                       ("[1/3]", "[2/3]"), pretrain_threads=cfg.pretrain_threads)
+    train_data = out / "val_split"
+    if not (train_data / "test" / "nshards.txt").is_file():
+        counts = holdout_split(data / "id", train_data, float(proto["val_fraction"]), int(proto.get("seed", 0)))
+        echo(f"      validation split held out of ID train: {counts['val']} samples (training on {counts['train']})")
+    return pretrained, train_data, ctx_args | {"id_set": ("val", train_data)}, {}
+
+
 def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     from grace_plugin.config import ConfigError
-    from grace_plugin.data.split import holdout_split
+    from grace_plugin.recipes import get_recipe_class
     from grace_plugin.runtime import resolve_device
     from grace_plugin.tensor_io import atomic_write_text
 
-    from .quickstart import user_overrides, prepare_testbed
+    from .quickstart import user_overrides
     from ..testbed.configs import load_methods, load_tuning, merge
 
     proto, methods = load_tuning(), load_methods()
@@ -435,6 +474,9 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
         if name not in methods or methods[name].recipe is None:
             raise ConfigError(f"unknown trainable method {name!r}; valid: "
                               f"{', '.join(n for n, m in methods.items() if m.recipe)}")
+        if cfg.task not in get_recipe_class(methods[name].recipe).tasks:
+            raise ConfigError(f"--methods {name}: its recipe {methods[name].recipe!r} trains only "
+                              f"{', '.join(get_recipe_class(methods[name].recipe).tasks)}, not {cfg.task}")
         axes = parse_space(name, (proto.get("space") or {}).get(name))  # every space checked before any work
         if (proto.get("score") or {}).get(name, "hm") not in SCORES:
             raise ConfigError(f"tuning.yaml: score.{name}: {proto['score'][name]!r} is not one of {', '.join(SCORES)}")
@@ -444,25 +486,19 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
                 raise ConfigError(f"tuning.yaml: anchors.{name}: {', '.join(bad)} outside the method's space")
     t0 = time.time()
     out = Path(cfg.out)
-    data, pretrained = prepare_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo,
-                                       ("[1/3]", "[2/3]"), pretrain_threads=cfg.pretrain_threads)
-    val = out / "val_split"
-    if not (val / "test" / "nshards.txt").is_file():
-        counts = holdout_split(data / "id", val, float(proto["val_fraction"]), int(proto.get("seed", 0)))
-        echo(f"      validation split held out of ID train: {counts['val']} samples (training on {counts['train']})")
-    recipes = sorted({methods[n].recipe for n in cfg.methods})
-    user = user_overrides(cfg.overrides, recipes)
     attack = proto.get("attack", "apgd-ce")
     device = str(resolve_device(cfg.device))
-    ctx_args = dict(id_set=("val", val), eps=float(proto.get("eps", 4 / 255)), n_adv=n_val_adv, device=device,
-                    seed=cfg.seed)
+    pretrained, train_data, ctx_args, task_layer = _trial_data(cfg, proto, out, n_val_adv, device, progress, echo)
+    prune_every = 0 if cfg.task == "vqa" else int(proto.get("prune_every", 0))  # rungs: robust checks (classification)
+    recipes = sorted({methods[n].recipe for n in cfg.methods})
+    user = user_overrides(cfg.overrides, recipes)
     threshold = float(proto["collapse_spread"])
-    prune_every = int(proto.get("prune_every", 0))
     if prune_every >= steps:  # fewer than two rungs: nothing to halve
         echo(f"      pruning off: trials of {steps} steps are shorter than two rungs of {prune_every}")
         prune_every = 0
+    what = "VQA accuracy (vqav2 val)" if cfg.task == "vqa" else "top-1"
     echo(f"[3/3] tuning {', '.join(cfg.methods)}: {trials} trials each (Optuna TPE), {steps} steps, score = HM of "
-         f"validation clean and robust top-1 ({n_val_adv} images), collapse at feature spread >= {threshold}")
+         f"validation clean and robust {what} ({n_val_adv} attacked), collapse at feature spread >= {threshold}")
     results, selected, notes = {}, {}, {}
     for name in cfg.methods:
         m = methods[name]
@@ -473,12 +509,12 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
             return merge({"train": {"seed": seed, "device": device, **rungs}}, user.get(m.recipe, {}))
 
         def run_trial(point, run_name, seed, m=m, name=name):
-            return validation_trial(m, point, out / "trials" / name / run_name, pretrained, val, steps, over(seed),
-                                    ctx_args, attack, progress)
+            return validation_trial(m, point, out / "trials" / name / run_name, pretrained, train_data, steps,
+                                    over(seed), ctx_args, attack, progress, base=task_layer)
 
         def objective_for(axes_ref, m=m, name=name):
-            return _objective(m, out / "trials" / name, pretrained, val, steps, over(cfg.seed), ctx_args, attack,
-                              threshold, progress, echo, axes_ref)
+            return _objective(m, out / "trials" / name, pretrained, train_data, steps, over(cfg.seed), ctx_args,
+                              attack, threshold, progress, echo, axes_ref, task_layer)
 
         study = open_study(out, name, cfg.seed, int(proto.get("startup_trials", 8)), prune_every)
         res = _tune_method(name, study, proto, cfg, trials, objective_for, run_trial, echo)
@@ -493,13 +529,17 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
         b = res["best_row"]
         base = b["hm"] if res["score"] == "hm" else b["val_clean"]
         seed_mean = base if b.get("seed_mean") is None else b["seed_mean"]
-        notes[name] = (f"{c['trials']} trials (Optuna TPE), {steps} steps, score {res['score']}, world {cfg.size}, "
+        notes[name] = (f"{c['trials']} trials (Optuna TPE), {steps} steps, score {res['score']}, "
+                       f"{'VQA world' if cfg.task == 'vqa' else 'world'} {cfg.size}, "
                        f"seed {cfg.seed}: trial {res['selected']} val clean {b['val_clean']:.2f} robust "
-                       f"{b['val_robust']:.2f} spread {b['feature_spread']:.3f}, mean {res['score']} over "
+                       f"{b['val_robust']:.2f}"
+                       + ("" if b["feature_spread"] is None else f" spread {b['feature_spread']:.3f}")
+                       + f", mean {res['score']} over "
                        f"{len(b.get('seed_scores') or [1])} seeds {seed_mean:.2f}; compute "
                        f"{c['cpu_seconds']:.0f} CPU-s ({time.strftime('%Y-%m-%d')})"
                        + (f"; edge: {', '.join(res['at_range_edge'])}" if res["at_range_edge"] else ""))
-    doc = {"protocol": {k: v for k, v in proto.items() if k not in ("space", "anchors")}, "trials": trials,
+    doc = {"task": cfg.task, "protocol": {k: v for k, v in proto.items() if k not in ("space", "anchors")},
+           "trials": trials,
            "steps": steps, "size": cfg.size, "seed": cfg.seed, "methods": results,
            "seconds": round(time.time() - t0, 1)}
     atomic_write_text(out / "tuning.json", json.dumps(doc, indent=2, default=str) + "\n")

@@ -72,11 +72,16 @@ def tuning_markdown(doc: dict) -> str:
     def f(v, nd=2):
         return "-" if v is None else f"{v:.{nd}f}"
 
-    lines = [f"# Tuning, world seed {doc['seed']} ({doc['size']} size; Optuna TPE, {doc['trials']} trials per "
-             f"method, {doc['steps']} steps)", "",
-             "`grace study tune` (protocol: `configs/testbed/tuning.yaml`, docs/studies.md). Every trial trains on ID "
-             "train minus a validation split held out of it and is scored there. Score: HM of validation clean and "
-             f"robust top-1 (APGD-CE 4/255 on {doc['protocol'].get('n_val_adv')} images), or clean top-1 for a "
+    vqa = doc.get("task") == "vqa"
+    where = ("Every trial trains on the VQA world's vqav2 train split and is scored on its val split (never test "
+             "or OOD), by the official VQA accuracy. Score: HM of validation VQA accuracy clean and with the image "
+             f"attacked (APGD-CE 4/255 on {doc['protocol'].get('n_val_adv')} questions), or clean accuracy"
+             if vqa else "Every trial trains on ID train minus a validation split held out of it and is scored "
+             "there. Score: HM of validation clean and robust top-1 (APGD-CE 4/255 on "
+             f"{doc['protocol'].get('n_val_adv')} images), or clean top-1")
+    lines = [f"# Tuning, {'VQA world' if vqa else 'world'} seed {doc['seed']} ({doc['size']} size; Optuna TPE, "
+             f"{doc['trials']} trials per method, {doc['steps']} steps)", "",
+             "`grace study tune` (protocol: `configs/testbed/tuning.yaml`, docs/studies.md). " + where + " for a "
              "method scored on it (`score` column). A trial whose feature spread is >= "
              f"{threshold} is collapsed; collapsed and diverged trials are recorded and never selected; a pruned trial "
              "was stopped by successive halving at the step it shows. `selected` is chosen on the mean over the "
