@@ -259,6 +259,7 @@ def evaluate(model, names: list[str], ctx: SuiteContext) -> dict:
 
     imports = process_age()
     _checked(names, ctx.task)  # before the model loads
+    ctx.suite_names = list(names)  # (a task's loader may refuse what it cannot run, e.g. an attack on result files)
     ctx.prepare()
     t0 = time.perf_counter()
     loaded = _EVAL_TASKS.get(ctx.task).load(model, ctx) if model is None or isinstance(model, str) else model

@@ -64,6 +64,10 @@ def test_train_and_eval_vqa(vqa_set, tiny_clip_dir, tmp_path, capsys, monkeypatc
     assert main(["eval", "--task", "vqa", "--data", f"vqav2={vqa_set}", "--predictions",
                  str(tmp_path / "short.json"), "--out", str(tmp_path / "ev3")]) == 2
     assert "1 missing" in capsys.readouterr().err
+    assert main(["eval", "--task", "vqa", "--data", f"vqav2={vqa_set}", "--predictions", str(ev / "predictions" /
+                 "vqav2.json"), "--attack", "fgsm", "--out", str(tmp_path / "ev4")]) == 2
+    assert "--attack needs a --model to attack, not --predictions" in capsys.readouterr().err
+    assert not (tmp_path / "ev4" / "report.json").exists()
     _register_and_load_by_name(run, ev, vqa_set, tmp_path, capsys, monkeypatch)
 
 
