@@ -124,6 +124,14 @@ def test_vqa_quickstart_smoke(tmp_path, capsys, one_thread):
     for r in summary["rows"]:
         assert r["id"] is not None and r["adv"] is not None and len(r["sets"]) == 10
     assert (out / "runs" / "grace" / "eval" / "predictions" / "advqa.json").is_file()
+    from grace_app.studies.publish import add_source, page_markdown
+
+    assert add_source(out, tmp_path / "pages").name == "quickstart-vqa.json"
+    other = tmp_path / "world1"  # a second VQA world's quick start is a page of its own
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps(dict(summary, seed=1)))
+    assert add_source(other, tmp_path / "pages").name == "quickstart-vqa-world1.json"
+    assert page_markdown(dict(summary, seed=1)).startswith("# Quick start, VQA world seed 1\n")
     assert main(["quickstart", "--task", "vqa", "--seeds", "2", "--out", str(out)]) == 2
 
 

@@ -77,7 +77,9 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
         name = f"tuning-{task}{doc.get('size')}-seed{doc.get('seed')}.json"
     else:
         world = doc.get("world_seed") or 0  # a second world's study gets a page of its own
-        name = "quickstart.json" if kind == "quickstart" else "quickstart-vqa.json" if kind == "quickstart-vqa" else \
+        vqa_seed = doc.get("seed") or 0  # the VQA world's seed: a second world gets a page of its own
+        vqa = f"quickstart-vqa-world{vqa_seed}.json" if vqa_seed else "quickstart-vqa.json"
+        name = "quickstart.json" if kind == "quickstart" else vqa if kind == "quickstart-vqa" else \
             f"study-{doc.get('study')}{f'-world{world}' if world else ''}.json"
     dest = Path(data_dir) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +186,8 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
         from .quickstart_vqa import summary_markdown
 
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in (doc.get("phases") or {}).items())
-        return (f"# Quick start, VQA\n\n`grace quickstart --task vqa`, {doc.get('steps')} steps per run, world seed "
+        title = f"# Quick start, VQA world seed {doc['seed']}" if doc.get("seed") else "# Quick start, VQA"
+        return (f"{title}\n\n`grace quickstart --task vqa`, {doc.get('steps')} steps per run, world seed "
                 f"{doc.get('seed')}: {doc.get('seconds'):.0f} s on this run ({phases}; a world or tiny CLIP already "
                 "there counts 0 s).\n\n" + summary_markdown(doc["rows"], doc["legend"], doc.get("calibration")))
     if kind == "study":
