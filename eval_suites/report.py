@@ -401,20 +401,33 @@ def _read_report(r: str | Path) -> tuple[Path, dict]:
     if not f.is_file():
         raise ReportError(f"{f}: no report.json (run `grace eval ... --out {p}` first)")
     rep = read_json(f, ReportError, "not a grace report.json")
+    from .vqa_summary import is_vqa_report
+
+    if is_vqa_report(rep):
+        return p, rep
     if not isinstance(rep, dict) or "axes" not in rep:
         raise ReportError(f"{f}: not a grace report.json (KeyError: 'axes')")
     return p, rep
 
 
 def aggregate_reports(runs: list[str | Path], out_dir: str | Path, table: str | None = "Table 6") -> dict:
-    """``grace report RUN...``: each RUN is a folder holding ``report.json`` (or the file); one row per run.
+    """``grace report RUN...``: each RUN is a folder holding ``report.json`` (or the file); one row per run. VQA
+    reports get their own table (``vqa_summary.aggregate_vqa_reports``).
 
     The rows are compared with the paper's rows under the ``paper`` definition (its Table 6 columns) and with the
     RobustBench board under RobustBench's (clean and AutoAttack accuracy); the ``strict`` table follows. Writes
     summary.json/.md and tradeoff.png under ``out_dir``."""
     from .leaderboard import reference_rows
 
+    from .vqa_summary import aggregate_vqa_reports, is_vqa_report
+
     reports = [_read_report(r) for r in runs]
+    vqa = [is_vqa_report(rep) for _, rep in reports]
+    if any(vqa):  # VQA evaluations: their own table (no paper or RobustBench rows: those are classification's)
+        if not all(vqa):
+            p = next(p for (p, _), v in zip(reports, vqa) if not v)
+            raise ReportError(f"{p}: a classification report among VQA ones; report each task apart")
+        return aggregate_vqa_reports(reports, out_dir)
     rows, paper_rows, rb_rows = [], [], []
     for p, rep in reports:
         method = rep.get("model") or p.name

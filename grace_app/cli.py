@@ -82,7 +82,7 @@ def _cmd_report(a) -> int:
 
     res = aggregate_reports(a.runs, a.out, table=None if a.table.lower() == "none" else a.table)
     print(Path(res["paths"]["md"]).read_text())
-    print(f"wrote {res['paths']['json']}, {res['paths']['md']}, {res['paths']['png']}")
+    print("wrote " + ", ".join(str(v) for v in res["paths"].values()))
     return 0
 
 

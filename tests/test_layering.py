@@ -114,7 +114,7 @@ LAYERS = {
     # "": the package's face
     "registry": [{"naming", "weights"}, {"grace_models"}, {"resolve", "publish", "vqa_entries", ""}],
     "eval_suites": [{"", "attacks", "catalogue", "context", "distributed", "engine", "evaluate", "geometry", "imagenet",
-                     "leaderboard", "plot", "report", "shardsets", "shift", "suites", "vqa",
+                     "leaderboard", "plot", "report", "shardsets", "shift", "suites", "vqa", "vqa_summary",
                      "vqa_analysis", "attention_ratio"}],
     # the application: the testbed, the experiments run on it, the command line on top
     "grace_app": [{"", "testbed"}, {"studies"}, {"parser"}, {"cli", "__main__"}],

@@ -91,6 +91,18 @@ def _register_and_load_by_name(run, ev, vqa_set, tmp_path, capsys, monkeypatch):
     rep2 = json.loads((by_name / "report.json").read_text())
     assert rep2["model"] == "toy-vqa-ft (ft)" and rep2["sets"] == rep["sets"]
     assert (by_name / "predictions" / "vqav2.json").read_text() == (ev / "predictions" / "vqav2.json").read_text()
+    # grace report over VQA evaluations: one row each, the groups and every set; a classification report is refused
+    assert main(["report", str(ev), str(by_name), "--out", str(tmp_path / "summary")]) == 0
+    summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == [rep["model"], "toy-vqa-ft (ft)"]
+    assert summary["rows"][1]["id"] == rep["id"]["accuracy"] and summary["rows"][1]["sets"]["ok-vqa"] == \
+        rep["sets"]["ok-vqa"]["accuracy"]
+    assert "| method | vqav2 | ok-vqa |" in (tmp_path / "summary" / "summary.md").read_text()
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "report.json").write_text(json.dumps({"axes": {}, "model": "x"}))
+    capsys.readouterr()
+    assert main(["report", str(ev), str(tmp_path / "cls"), "--out", str(tmp_path / "mixed")]) == 2
+    assert "a classification report among VQA ones" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["register", str(run), "--name", "../x"]) == 2
     assert "--name '../x': a VQA model name" in capsys.readouterr().err

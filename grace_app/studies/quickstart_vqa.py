@@ -67,17 +67,6 @@ def prepare_vqa_testbed(out: Path, seed: int, size: str, pretrain_steps: int | N
     return data, pretrained
 
 
-def _row(method: str, rep: dict) -> dict:
-    row = {"method": method}
-    for g in ("id", "near", "far", "ood"):
-        row[g], row[f"{g}_ci95"] = rep[g]["accuracy"], rep[g]["ci95"]
-    adv = rep.get("adversarial") or {}
-    row["adv"], row["adv_ci95"] = adv.get("accuracy"), adv.get("ci95")
-    row["sets"] = {k: v["accuracy"] for k, v in rep["sets"].items()}
-    row["set_ci95"] = {k: v["ci95"] for k, v in rep["sets"].items()}
-    return row
-
-
 # chance of a uniform guess among the answers a question of the set can have (grace_app/testbed/vqa_world.py):
 # textvqa's nine digits, ok-vqa's four corner counts
 CHANCE = {"textvqa": 100 / 9, "ok-vqa": 100 / 4}
@@ -110,19 +99,10 @@ def calibration(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _cell(v, ci) -> str:
-    return "-" if v is None else f"{v:.2f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
-
-
 def summary_markdown(rows: list[dict], legend: str, checks: list[dict] | None = None) -> str:
-    lines = ["| method | ID | near OOD | far OOD | OOD | Adv |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | " + " | ".join(_cell(r[g], r[f"{g}_ci95"]) for g in
-                                                        ("id", "near", "far", "ood", "adv")) + " |")
-    sets = list(rows[0]["sets"]) if rows else []
-    lines += ["", "| method | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | " + " | ".join(f"{r['sets'][s]:.2f}" for s in sets) + " |")
+    from eval_suites.vqa_summary import vqa_table
+
+    lines = vqa_table(rows).splitlines()
     if checks:
         lines += ["", "The world's calibration, on the baselines only:", "", "| check | holds | values |",
                   "|---|---|---|"]
@@ -134,6 +114,7 @@ def summary_markdown(rows: list[dict], legend: str, checks: list[dict] | None = 
 def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=print) -> dict:
     from eval_suites.context import SuiteContext
     from eval_suites.engine import evaluate, expand_shorthands, write_evaluation
+    from eval_suites.vqa_summary import vqa_row
     from grace_plugin.finetune import fine_tune
     from grace_plugin.runtime import resolve_device
     from grace_plugin.tensor_io import atomic_write_text
@@ -172,7 +153,7 @@ def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=pri
                            n_adv=cfg.n_adv, seed=cfg.seed, out_dir=dest,
                            answers_min_count=int(vqa_layer["data"]["answers_min_count"]))
         write_evaluation(dest, evaluate(model, names, ctx), ctx)
-        rows.append(_row(label, json.loads((dest / "report.json").read_text())))  # the row is what was written
+        rows.append(vqa_row(label, json.loads((dest / "report.json").read_text())))  # the row is what was written
     phases["evaluation"] = round(time.time() - t1, 1)
     legend = (f"VQA accuracy (the official evaluator's), percent, [95% interval]: ID = vqav2 test; near OOD = the "
               f"mean of {', '.join(OOD_SETS[:6])}; far OOD = the mean of {', '.join(OOD_SETS[6:])}; OOD = the mean "
