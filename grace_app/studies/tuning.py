@@ -90,7 +90,7 @@ def select_trial(rows: list[dict], threshold: float) -> int | None:
                                   round(rows[i].get("mean") or 0.0, 6), -i))
 
 
-def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) -> Path:
+def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str], task: str = "classification") -> Path:
     """Update ``path`` (tuned.yaml): the given methods' entries replaced, the others kept; one comment per entry."""
     import yaml
 
@@ -105,8 +105,12 @@ def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str]) ->
             if line.startswith("# [") and "]" in line:
                 old_notes[line[3:line.index("]")]] = line
     current.update(selected)
-    lines = ["# Selected values per method, written by `grace study tune` (eval_suites/tuning.py); layered over the",
-             "# method's files by grace_app/testbed/configs.py. Protocol and grids: tuning.yaml.", ""]
+    lines = ["# Selected values per method, written by `grace study tune` (grace_app/studies/tuning.py); layered over "
+             "the", "# method's files by grace_app/testbed/configs.py. Protocol and grids: tuning.yaml.", ""]
+    if task == "vqa":
+        lines[:2] = ["# Selected values per method on the VQA world, written by `grace study tune --task vqa`",
+                     "# (grace_app/studies/tuning.py); no run reads them yet (docs/vqa.md). Protocol and grids: "
+                     "tuning.yaml."]
     for name in sorted(current):
         lines.append(f"# [{name}] {notes[name]}" if name in notes else old_notes.get(name, f"# [{name}]"))
         lines.append(yaml.safe_dump({name: current[name]}, sort_keys=True, default_flow_style=False).rstrip())
@@ -548,5 +552,5 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     atomic_write_text(out / "tuning.md", tuning_markdown(doc))
     paths = {"json": out / "tuning.json", "md": out / "tuning.md"}
     if cfg.write is not None and selected:
-        paths["tuned"] = write_tuned(Path(cfg.write), selected, notes)
+        paths["tuned"] = write_tuned(Path(cfg.write), selected, notes, cfg.task)
     return {"doc": doc, "paths": paths}
