@@ -51,8 +51,8 @@ def _load_run_with_text(run_dir: Path):
 
     model, meta = load_run(run_dir)
     if meta.get("task", "classification") != "classification":  # RobustBench, timm and open_clip names classify
-        raise RegistryError(f"{run_dir}: a {meta['task']} run; register and export publish image classifiers "
-                            "(a VQA run is loaded by grace eval --task vqa --model RUN)")
+        raise RegistryError(f"{run_dir}: a {meta['task']} run; timm/RobustBench names and export publish image "
+                            "classifiers (a VQA run: grace register RUN --name NAME, registry/vqa_entries.py)")
     text_file = run_dir / "text.safetensors"
     if not meta.get("clip") or not text_file.is_file():
         raise RegistryError(f"{text_file}: missing; the run carries no text tower to build a head with")

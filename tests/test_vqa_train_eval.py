@@ -190,7 +190,7 @@ def test_attack_batched_and_one_question_at_a_time(vqa_set, tiny_clip_dir, tmp_p
     assert clean.shape == adv.shape == (4,)
 
 
-def test_a_vqa_run_is_refused_where_a_classifier_is_expected(vqa_set, tiny_clip_dir, tmp_path, capsys):
+def test_a_vqa_run_is_refused_where_a_classifier_is_expected(vqa_set, tiny_clip_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", "--task", "vqa", "--recipe", "ft", "--init", str(tiny_clip_dir), "--data", str(vqa_set),
                  "--out", str(run), "--steps", "1", "--no-progress", "--set", "data.answers_min_count=2",
@@ -198,8 +198,13 @@ def test_a_vqa_run_is_refused_where_a_classifier_is_expected(vqa_set, tiny_clip_
     capsys.readouterr()
     assert main(["eval", "--model", str(run), "--data", str(vqa_set), "--out", str(tmp_path / "e")]) == 2
     assert "a vqa run; evaluate it with grace eval --task vqa" in capsys.readouterr().err
-    assert main(["register", str(run), "--name", "X_VQA", "--dataset", "imagenet"]) == 2
-    assert "register and export publish image classifiers" in capsys.readouterr().err
+    monkeypatch.setenv("GRACE_WEIGHTS_DIR", str(tmp_path / "weights"))  # register: a VQA entry, not a timm name
+    assert main(["register", str(run), "--name", "X_VQA"]) == 0
+    assert (tmp_path / "weights" / "vqa" / "X_VQA" / "card.json").is_file()
+    assert not (tmp_path / "weights" / "X_VQA").exists()
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "open_clip", "--out", str(tmp_path / "x")]) == 2
+    assert "names and export publish image classifiers" in capsys.readouterr().err
     assert main(["eval", "--data", str(vqa_set), "--out", str(tmp_path / "e2")]) == 2
     assert "--model is required" in capsys.readouterr().err
 
