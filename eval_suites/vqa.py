@@ -283,8 +283,6 @@ def _vqa_set(ctx, name: str, path, is_id: bool):
 
     key = ("vqa-set", name)
     if key not in ctx.cache:
-        if not is_id and ctx.id_set and name == ctx.id_set[0]:
-            raise UsageError(f"set name {name!r} given twice; name them NAME=DIR")
         s = open_shard_set(path)
         if s.layout != "vqa":
             raise UsageError(f"{path}: a {s.layout} set, not a VQA set (grace shards convert --format frames|coco-vqa)")
@@ -298,7 +296,10 @@ def _set_args(ctx, suite: str) -> tuple[str, Path, bool]:
         if ctx.id_set is None:
             raise UsageError("--task vqa needs --data NAME=DIR (the ID set)")
         return ctx.id_set[0], Path(ctx.id_set[1]), True
-    return (*ctx.resolve_set(suite.partition(":")[2]), False)
+    name, path = ctx.resolve_set(suite.partition(":")[2])
+    if ctx.id_set and name == ctx.id_set[0]:  # one name, one set: its predictions, scores and group are keyed by it
+        raise UsageError(f"set name {name!r} given twice; name them NAME=DIR")
+    return name, path, False
 
 
 def _clean_suites(ctx) -> list[str]:

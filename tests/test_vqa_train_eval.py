@@ -134,6 +134,10 @@ def test_zero_shot_and_refusals(vqa_set, tiny_clip_dir, tmp_path, capsys):
     assert main(["eval", "--task", "vqa", "--model", str(tiny_clip_dir), "--data", f"toy={vqa_set}", "--ood",
                  f"mystery={vqa_set}", "--out", str(tmp_path / "x")]) == 2
     assert "--ood mystery: its group (near or far) is unknown" in capsys.readouterr().err
+    # an OOD set named as the ID set is refused (it would be scored as the ID set under its name)
+    assert main(["eval", "--task", "vqa", "--model", str(tiny_clip_dir), "--data", f"ok-vqa={vqa_set}", "--ood",
+                 f"ok-vqa={vqa_set}", "--answers-min-count", "2", "--out", str(tmp_path / "twice")]) == 2
+    assert "set name 'ok-vqa' given twice" in capsys.readouterr().err
     assert main(["train", "--task", "vqa", "--recipe", "flyp", "--init", str(tiny_clip_dir), "--data",
                  str(vqa_set), "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
     assert "recipe 'flyp' trains only classification" in capsys.readouterr().err
