@@ -297,7 +297,9 @@ def _set_args(ctx, suite: str) -> tuple[str, Path, bool]:
             raise UsageError("--task vqa needs --data NAME=DIR (the ID set)")
         return ctx.id_set[0], Path(ctx.id_set[1]), True
     name, path = ctx.resolve_set(suite.partition(":")[2])
-    if ctx.id_set and name == ctx.id_set[0]:  # one name, one set: its predictions, scores and group are keyed by it
+    # one name, one set: its predictions, scores and group are keyed by it
+    paths = ctx.cache.setdefault(("vqa-set-paths",), {})
+    if (ctx.id_set and name == ctx.id_set[0]) or paths.setdefault(name, str(path)) != str(path):
         raise UsageError(f"set name {name!r} given twice; name them NAME=DIR")
     return name, path, False
 

@@ -138,6 +138,12 @@ def test_zero_shot_and_refusals(vqa_set, tiny_clip_dir, tmp_path, capsys):
     assert main(["eval", "--task", "vqa", "--model", str(tiny_clip_dir), "--data", f"ok-vqa={vqa_set}", "--ood",
                  f"ok-vqa={vqa_set}", "--answers-min-count", "2", "--out", str(tmp_path / "twice")]) == 2
     assert "set name 'ok-vqa' given twice" in capsys.readouterr().err
+    other = tmp_path / "ok-vqa"  # a folder whose name is another --ood set's name
+    other.symlink_to(vqa_set, target_is_directory=True)
+    assert main(["eval", "--task", "vqa", "--model", str(tiny_clip_dir), "--data", f"toy={vqa_set}", "--ood",
+                 f"ok-vqa={vqa_set}", "--ood", str(other), "--answers-min-count", "2", "--out",
+                 str(tmp_path / "twice2")]) == 2
+    assert "set name 'ok-vqa' given twice" in capsys.readouterr().err
     assert main(["train", "--task", "vqa", "--recipe", "flyp", "--init", str(tiny_clip_dir), "--data",
                  str(vqa_set), "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
     assert "recipe 'flyp' trains only classification" in capsys.readouterr().err
