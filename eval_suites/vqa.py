@@ -20,7 +20,7 @@ import torch
 
 from grace_plugin.errors import GraceError, UsageError, read_json
 from grace_plugin.tensor_io import atomic_write_text
-from grace_plugin.vqa.accuracy import group_mean, question_accuracy, summarise_scores
+from grace_plugin.vqa.accuracy import accuracy_cell, group_mean, question_accuracy, summarise_scores
 
 from .engine import EvalTask, register_eval_task, register_suite
 
@@ -53,22 +53,16 @@ def load_vqa_model(spec: str, device, id_records: list[dict] | None = None, min_
     pre-trained CLIP), a registered VQA model's name (``registry.vqa_entries``), or a CLIP folder /
     ``NAME:PRETRAINED`` as the zero-shot answer scorer over the answers of ``id_records`` given at least
     ``min_count`` times."""
-    from grace_plugin.checkpoint import load_run
-    from grace_plugin.models.clip import bundle_from_text_state, load_clip
-    from grace_plugin.tensor_io import read_tensors
+    from grace_plugin.models.clip import load_clip
     from grace_plugin.vqa.data import answer_vocabulary
     from grace_plugin.vqa.model import QuestionEncoder, zero_shot_vqa_from_clip
 
-    from registry.vqa_entries import load_vqa_entry, vqa_entry
+    from registry.vqa_entries import load_vqa_entry, load_vqa_run, vqa_entry
 
     p = Path(spec)
     if (p / "checkpoint.json").is_file():
-        model, meta = load_run(p, device=device)
-        if meta.get("task") != "vqa":
-            raise UsageError(f"--model {spec}: a {meta.get('task', 'classification')} run, not a VQA run")
-        clip = meta["clip"]
-        bundle = bundle_from_text_state(clip["model_name"], clip["model_cfg"], read_tensors(p / "text.safetensors"))
-        return model, QuestionEncoder(bundle, device), f"run {p} ({meta.get('recipe')})", meta.get("init")
+        model, meta, encoder = load_vqa_run(p, device)
+        return model, encoder, f"run {p} ({meta.get('recipe')})", meta.get("init")
     if not p.exists() and vqa_entry(spec) is not None:  # a name registered by `grace register` (registry.vqa_entries)
         model, meta, encoder = load_vqa_entry(spec, device)
         return model, encoder, f"{spec} ({meta.get('recipe')})", meta.get("init")
@@ -201,23 +195,16 @@ def vqa_report(model: str, sets: dict[str, dict], adversarial: dict | None = Non
     return out
 
 
-def _fmt(m: dict) -> str:
-    if m.get("accuracy") is None:
-        return "-"
-    ci = m.get("ci95")
-    return f"{m['accuracy']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-
 def report_markdown(rep: dict) -> str:
     lines = [f"# VQA evaluation: {rep['model']}", "", rep["metric"], "", "| set | group | n | VQA accuracy [95%] |",
              "|---|---|---:|---|"]
     for name, s in rep["sets"].items():
-        lines.append(f"| {name} | {s['group']} | {s['n']} | {_fmt(s)} |")
+        lines.append(f"| {name} | {s['group']} | {s['n']} | {accuracy_cell(s)} |")
     adv = rep.get("adversarial")
-    head, cells = "| ID | near OOD | far OOD | OOD |", [_fmt(rep[g]) for g in ("id", "near", "far", "ood")]
+    head, cells = "| ID | near OOD | far OOD | OOD |", [accuracy_cell(rep[g]) for g in ("id", "near", "far", "ood")]
     if adv:
         head += f" Adv ({adv['attack']}, eps {adv['eps']:.4g}, first {adv['n']} of {adv['set']}) |"
-        cells.append(_fmt(adv))
+        cells.append(accuracy_cell(adv))
     lines += ["", head, "|---" * len(cells) + "|", "| " + " | ".join(cells) + " |", ""]
     cls = {n: v["classification"] for n, v in rep["sets"].items() if v.get("classification")}
     if cls:

@@ -26,11 +26,12 @@ from pathlib import Path
 from grace_plugin.checkpoint import load_run, load_run_meta
 from grace_plugin.errors import read_json
 from grace_plugin.tensor_io import atomic_write_text, sha256_file
+from grace_plugin.vqa.accuracy import accuracy_cell
 
 from .grace_models import CARD_FILE, CARD_FORMAT, TEXT_FILE, WEIGHTS_FILE, RegistryError, weights_dir
 from .weights import verify_sha256
 
-__all__ = ["register_vqa_run", "vqa_entry", "list_vqa_models", "load_vqa_entry", "VQA_SUBDIR"]
+__all__ = ["register_vqa_run", "vqa_entry", "list_vqa_models", "load_vqa_entry", "load_vqa_run", "VQA_SUBDIR"]
 
 VQA_SUBDIR = "vqa"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -72,13 +73,6 @@ def _results(report_file: str | Path | None) -> dict | None:
     return out
 
 
-def _cell(m: dict) -> str:
-    if not m or m.get("accuracy") is None:
-        return "-"
-    ci = m.get("ci95")
-    return f"{m['accuracy']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-
 def card_markdown(card: dict) -> str:
     """The model card for people: what the model is, how it was trained, what was measured, how to load it."""
     clip = card["clip"]
@@ -95,11 +89,11 @@ def card_markdown(card: dict) -> str:
     if res:
         lines += ["## Evaluation", "", f"{res['metric']}. From `{res['source']}` ({res['model']}).", "",
                   "| set | group | n | VQA accuracy [95%] |", "|---|---|---:|---|"]
-        lines += [f"| {n} | {s['group']} | {s['n']} | {_cell(s)} |" for n, s in res["sets"].items()]
+        lines += [f"| {n} | {s['group']} | {s['n']} | {accuracy_cell(s)} |" for n, s in res["sets"].items()]
         lines += ["", "| ID | near OOD | far OOD | OOD |" + (" Adv |" if res.get("adversarial") else ""),
                   "|---|---|---|---|" + ("---|" if res.get("adversarial") else ""),
-                  "| " + " | ".join(_cell(res["means"][g]) for g in ("id", "near", "far", "ood")) + " |"
-                  + (f" {_cell(res['adversarial'])} |" if res.get("adversarial") else ""), ""]
+                  "| " + " | ".join(accuracy_cell(res["means"][g]) for g in ("id", "near", "far", "ood")) + " |"
+                  + (f" {accuracy_cell(res['adversarial'])} |" if res.get("adversarial") else ""), ""]
         if res.get("adversarial"):
             a = res["adversarial"]
             lines += [f"Adv: {a['attack']} on the image, l_inf {a['eps']:.4g}, the first {a['n']} questions of "
@@ -126,8 +120,6 @@ def register_vqa_run(run_dir: str | Path, name: str, out_dir: str | Path | None 
     for f in (WEIGHTS_FILE, TEXT_FILE):
         if not (run_dir / f).is_file():
             raise RegistryError(f"{run_dir / f}: missing; not a finished VQA run")
-    if meta.get("weights_sha256") and sha256_file(run_dir / WEIGHTS_FILE) != meta["weights_sha256"]:
-        raise RegistryError(f"{run_dir / WEIGHTS_FILE}: sha256 differs from checkpoint.json")
     results = _results(report)
     base = _base(out_dir)
     base.mkdir(parents=True, exist_ok=True)
@@ -136,11 +128,15 @@ def register_vqa_run(run_dir: str | Path, name: str, out_dir: str | Path | None 
     tmp.mkdir()
     for f in (WEIGHTS_FILE, TEXT_FILE, "checkpoint.json"):
         shutil.copyfile(run_dir / f, tmp / f)
+    weights_sha = sha256_file(tmp / WEIGHTS_FILE)  # the copy's, read once: it must be the run's recorded weights
+    if meta.get("weights_sha256") and weights_sha != meta["weights_sha256"]:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RegistryError(f"{run_dir / WEIGHTS_FILE}: sha256 differs from checkpoint.json")
     card = {"format_version": CARD_FORMAT, "name": name, "task": "vqa",
             "clip": {"model_name": meta["clip"]["model_name"]}, "init": meta.get("init"),
             "recipe": meta.get("recipe"), "data": meta.get("data"),
             "steps": ((meta.get("metrics") or {}).get("train") or {}).get("steps"),
-            "answers": len(meta["classnames"]), "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
+            "answers": len(meta["classnames"]), "weights_sha256": weights_sha,
             "text_sha256": sha256_file(tmp / TEXT_FILE), "license": "mit",
             "source": {"run_dir": str(run_dir.resolve()), "run_weights_sha256": meta.get("weights_sha256")}}
     if results:
@@ -156,14 +152,26 @@ def register_vqa_run(run_dir: str | Path, name: str, out_dir: str | Path | None 
     return folder
 
 
-def load_vqa_entry(name: str, device="cpu", out_dir: str | Path | None = None):
-    """``(model, meta, question encoder)`` of the registered VQA model ``name``, its files checked against the card's
-    sha256 (a replaced or corrupt file is refused, naming it)."""
+def load_vqa_run(folder: str | Path, device="cpu"):
+    """``(model, meta, question encoder)`` of a VQA run folder (or a registered entry's, which holds the same files);
+    a run of another task is refused, naming it."""
     from grace_plugin.models.clip import bundle_from_text_state
     from grace_plugin.vqa.model import QuestionEncoder
 
     from .weights import load_state_dict_safe
 
+    folder = Path(folder)
+    model, meta = load_run(folder, device=device)
+    if meta.get("task") != "vqa":
+        raise RegistryError(f"--model {folder}: a {meta.get('task', 'classification')} run, not a VQA run")
+    clip = meta["clip"]
+    bundle = bundle_from_text_state(clip["model_name"], clip["model_cfg"], load_state_dict_safe(folder / TEXT_FILE))
+    return model, meta, QuestionEncoder(bundle, device)
+
+
+def load_vqa_entry(name: str, device="cpu", out_dir: str | Path | None = None):
+    """``(model, meta, question encoder)`` of the registered VQA model ``name``, its files checked against the card's
+    sha256 (a replaced or corrupt file is refused, naming it)."""
     folder = vqa_entry(name, out_dir)
     if folder is None:
         known = ", ".join(list_vqa_models(out_dir)) or "none"
@@ -171,7 +179,4 @@ def load_vqa_entry(name: str, device="cpu", out_dir: str | Path | None = None):
     card = read_json(folder / CARD_FILE, RegistryError)
     for f, key in ((WEIGHTS_FILE, "weights_sha256"), (TEXT_FILE, "text_sha256")):
         verify_sha256(folder / f, card.get(key), what=f"VQA entry {name}'s card")
-    model, meta = load_run(folder, device=device)
-    clip = meta["clip"]
-    bundle = bundle_from_text_state(clip["model_name"], clip["model_cfg"], load_state_dict_safe(folder / TEXT_FILE))
-    return model, meta, QuestionEncoder(bundle, device)
+    return load_vqa_run(folder, device)

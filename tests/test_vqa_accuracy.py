@@ -93,3 +93,7 @@ def test_summaries_and_group_means():
     assert g["accuracy"] == 50.0 and g["sets"] == 2
     assert g["ci95"][1] - 50.0 == pytest.approx(1.959963984540054 * math.sqrt(9 + 16) / 2, abs=1e-3)
     assert A.group_mean([])["accuracy"] is None
+    # the one cell format of the report, the model card: two decimals, the interval beside, "-" when unmeasured
+    assert A.accuracy_cell({"accuracy": 82.1666, "ci95": [79.3, 85.034]}) == "82.17 [79.30, 85.03]"
+    assert A.accuracy_cell({"accuracy": 50.0, "ci95": None}) == "50.00"
+    assert A.accuracy_cell(A.group_mean([])) == "-" and A.accuracy_cell(None) == "-"

@@ -23,7 +23,8 @@ import re
 from collections.abc import Iterable, Sequence
 
 __all__ = ["normalize_prediction", "process_punctuation", "process_digit_article", "prepare_ground_truth",
-           "question_accuracy", "accuracy_from_matches", "answer_scores", "summarise_scores", "group_mean"]
+           "question_accuracy", "accuracy_from_matches", "answer_scores", "summarise_scores", "group_mean",
+           "accuracy_cell"]
 
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
@@ -165,3 +166,12 @@ def group_mean(summaries: Iterable[dict]) -> dict:
         half = _Z95 * math.sqrt(math.fsum(s["se"] ** 2 for s in summaries)) / k
         ci = [round(mean - half, 4), round(mean + half, 4)]
     return {"accuracy": mean, "sets": k, "ci95": ci}
+
+
+def accuracy_cell(m: dict | None) -> str:
+    """A summary (``summarise_scores``, ``group_mean``) as a table cell: ``"82.17 [79.30, 85.03]"``; ``-`` when
+    there is no accuracy."""
+    if not m or m.get("accuracy") is None:
+        return "-"
+    ci = m.get("ci95")
+    return f"{m['accuracy']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
