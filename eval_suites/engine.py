@@ -38,7 +38,7 @@ from grace_plugin.registries import Registry, first_doc_line
 from .context import SuiteContext, split_named
 
 __all__ = ["register_suite", "list_suites", "parse_suite", "UnknownSuiteError", "run_suites", "expand_shorthands",
-           "evaluate", "EvalTask", "register_eval_task", "write_evaluation", "evaluation_markdown"]
+           "evaluate", "EvalTask", "register_eval_task", "write_evaluation", "evaluation_markdown", "id_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,15 @@ class EvalTask:
     """How the engine evaluates a task (``grace_plugin.tasks``' names): ``load(spec, ctx)`` -> what the suites take
     (``spec`` may be None where the task scores files made elsewhere); ``report(loaded, results, ctx)`` -> the report
     from the suites' results (name -> dict, in run order); ``write(out, report, ctx)`` -> the path of what was
-    written; ``markdown(report)`` -> the report as a table."""
+    written; ``markdown(report)`` -> the report as a table; ``id_scores(report, set name)`` -> ``(clean, robust,
+    feature spread)`` of the ID set, percent (None where not measured): what tuning scores a trial on."""
 
     name: str
     load: Callable
     report: Callable
     write: Callable
     markdown: Callable
+    id_scores: Callable
 
 
 class UnknownEvalTaskError(UsageError, KeyError):
@@ -237,8 +239,19 @@ def _classification_markdown(report: dict) -> str:
     return report_markdown(report)
 
 
+def _classification_id_scores(report: dict, name: str) -> tuple:
+    """Top-1 and robust top-1 (the Adv axis) of the ID set, and its feature spread."""
+    return (report["datasets"][name]["top1"], (report.get("adversarial") or {}).get("robust_acc"),
+            report["datasets"][name].get("feature_spread"))
+
+
 register_eval_task(EvalTask("classification", _load_classifier, _classification_report, _write_classification,
-                            _classification_markdown))
+                            _classification_markdown, _classification_id_scores))
+
+
+def id_scores(report: dict, ctx: SuiteContext) -> tuple:
+    """``(clean, robust, feature spread)`` of ``ctx``'s ID set in ``report``, read by its task (``EvalTask``)."""
+    return _EVAL_TASKS.get(ctx.task).id_scores(report, ctx.id_set[0])
 
 
 def write_evaluation(out, report: dict, ctx: SuiteContext):

@@ -472,4 +472,9 @@ def _load(spec: str | None, ctx) -> VqaLoaded:
     return VqaLoaded(desc, model, encoder, init)
 
 
-register_eval_task(EvalTask("vqa", _load, _report, _write, report_markdown))
+def _id_scores(rep: dict, name: str) -> tuple:
+    """VQA accuracy of the ID set clean and on the attacked images; a VQA model reports no feature spread."""
+    return rep["sets"][name]["accuracy"], (rep.get("adversarial") or {}).get("accuracy"), None
+
+
+register_eval_task(EvalTask("vqa", _load, _report, _write, report_markdown, _id_scores))

@@ -130,7 +130,7 @@ def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, train
     from grace_plugin.finetune import fine_tune
 
     from eval_suites.context import SuiteContext
-    from eval_suites.engine import evaluate
+    from eval_suites.engine import evaluate, id_scores
     from ..testbed.configs import merge, method_config, nest
 
     t0, c0 = time.time(), time.process_time()
@@ -138,20 +138,11 @@ def validation_trial(method, point: dict, run_dir: Path, pretrained: Path, train
                             tuned=False)
     fine_tune(method.recipe, pretrained, train_data, run_dir, run_cfg, progress=progress, on_check=on_check)
     ctx = SuiteContext(**ctx_args)
-    clean, robust, spread = validation_scores(evaluate(str(run_dir), ["id", f"adv:{attack}"], ctx), ctx)
+    # read by the task's evaluation (a VQA model reports no feature spread: never "collapsed")
+    clean, robust, spread = id_scores(evaluate(str(run_dir), ["id", f"adv:{attack}"], ctx), ctx)
     return {"val_clean": clean, "val_robust": robust, **trial_score(clean, robust), "feature_spread": spread,
             "train_steps": steps, "cpu_seconds": round(time.process_time() - c0, 1),
             "wall_seconds": round(time.time() - t0, 1)}
-
-
-def validation_scores(rep: dict, ctx) -> tuple[float | None, float | None, float | None]:
-    """``(clean, robust, feature spread)`` of a validation report, percent: classification top-1 and robust top-1;
-    VQA accuracy clean and on the attacked images (a VQA model reports no feature spread: never "collapsed")."""
-    name = ctx.id_set[0]
-    if ctx.task == "vqa":
-        return rep["sets"][name]["accuracy"], (rep.get("adversarial") or {}).get("accuracy"), None
-    return (rep["datasets"][name]["top1"], (rep.get("adversarial") or {}).get("robust_acc"),
-            rep["datasets"][name].get("feature_spread"))
 
 
 # ------------------------------------------------------------------------------------------------------ Optuna
