@@ -55,7 +55,8 @@ def load_vqa_model(spec: str, device, id_records: list[dict] | None = None, min_
     ``min_count`` times."""
     from grace_plugin.models.clip import load_clip
     from grace_plugin.vqa.data import answer_vocabulary
-    from grace_plugin.vqa.model import QuestionEncoder, zero_shot_vqa_from_clip
+    from grace_plugin.vqa.backbones import backbone_for
+    from grace_plugin.vqa.model import QuestionEncoder
 
     from registry.vqa_entries import load_vqa_entry, load_vqa_run, vqa_entry
 
@@ -67,11 +68,15 @@ def load_vqa_model(spec: str, device, id_records: list[dict] | None = None, min_
         model, meta, encoder = load_vqa_entry(spec, device)
         return model, encoder, f"{spec} ({meta.get('recipe')})", meta.get("init")
     bundle = load_clip(spec)
-    answers = answer_vocabulary(id_records or [], min_count)
-    if not answers:
-        raise UsageError(f"--answers-min-count {min_count}: no answer of the --data set is given that often")
-    return (zero_shot_vqa_from_clip(bundle, answers).to(device), QuestionEncoder(bundle, device),
-            f"zero-shot {spec} ({len(answers)} answers)", spec)
+    backbone = backbone_for(bundle)
+    answers: list[str] = []
+    if backbone.uses_vocabulary:
+        answers = answer_vocabulary(id_records or [], min_count)
+        if not answers:
+            raise UsageError(f"--answers-min-count {min_count}: no answer of the --data set is given that often")
+    what = f"{len(answers)} answers" if backbone.uses_vocabulary else "generative, greedy"
+    return (backbone.zero_shot(bundle, answers).to(device), QuestionEncoder(bundle, device),
+            f"zero-shot {spec} ({what})", spec)
 
 
 @torch.no_grad()
@@ -93,8 +98,8 @@ def predict_set(model, encoder, urls: list[str], batch_size: int, device) -> tup
         rows = []
         if b["image"].numel():
             with bound(encoder.context(model, b["question"])):
-                pred = model(b["image"].to(device)).argmax(1).tolist()
-            rows = [{**rec, "answer": model.answers[i]} for i, rec in zip(pred, b["record"])]
+                pred = model.predict_answers(b["image"].to(device))
+            rows = [{**rec, "answer": a} for a, rec in zip(pred, b["record"])]
         records.append({"key": b["key"], "rows": rows, "skipped": b.get("skipped", {})})
     rows, skipped = [], {}
     for r in merge_records(records):
@@ -104,28 +109,30 @@ def predict_set(model, encoder, urls: list[str], batch_size: int, device) -> tup
     return rows, skipped
 
 
-def _attacked(model, ctx, x: torch.Tensor, run) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clean answers, answers on the attacked images) of one batch whose questions are ``ctx``; the attack's label
-    is the clean answer, so every row starts "correct" and AutoAttack's APGD-CE (one restart) attacks the batch as a
-    whole; an attack that re-runs on a subset of the rows (a second attack, a restart) is redone one question at a
-    time, the only batch whose subsets keep their questions."""
+def _attacked(model, ctx, x: torch.Tensor, run) -> tuple[list[str], list[str]]:
+    """(clean answers, answers on the attacked images) of one batch whose questions are ``ctx``. The attack's label
+    is the model's own clean answer (``model.attack_target``: an answer index, or for a generative model label 0 of
+    its answer's log-likelihood output), so every row starts "correct" and AutoAttack's APGD-CE (one restart)
+    attacks the batch as a whole; an attack that re-runs on a subset of the rows (a second attack, a restart) is
+    redone one question at a time, the only batch whose subsets keep their questions."""
     from grace_plugin.vqa.model import UnboundQuestions, bound
 
     with bound(ctx):
-        with torch.no_grad():
-            clean = model(x).argmax(1)
+        clean, labels, actx = model.attack_target(x)
+    actx = actx or ctx
+    with bound(actx):
         try:
-            x_adv = run(x, clean)
+            x_adv = run(x, labels)
         except UnboundQuestions:
             x_adv = None
     if x_adv is None:
         parts = []
         for i in range(x.shape[0]):
-            with bound(ctx[i:i + 1]):
-                parts.append(run(x[i:i + 1], clean[i:i + 1]))
+            with bound(actx[i:i + 1]):
+                parts.append(run(x[i:i + 1], labels[i:i + 1]))
         x_adv = torch.cat(parts)
     with bound(ctx), torch.no_grad():
-        return clean, model(x_adv).argmax(1)
+        return clean, model.predict_answers(x_adv)
 
 
 def attack_set(model, encoder, urls: list[str], attack: str, eps: float, n: int, device, seed: int = 0,
@@ -149,8 +156,7 @@ def attack_set(model, encoder, urls: list[str], attack: str, eps: float, n: int,
         if b["image"].numel():
             clean, adv = _attacked(model, encoder.context(model, b["question"]), b["image"].to(device),
                                    create_attack(attack, model, eps, seed=seed))
-            rows = [{**rec, "answer": model.answers[i], "clean_answer": model.answers[c]}
-                    for i, c, rec in zip(adv.tolist(), clean.tolist(), b["record"])]
+            rows = [{**rec, "answer": a, "clean_answer": c} for a, c, rec in zip(adv, clean, b["record"])]
         records.append({"key": b["key"], "rows": rows})
     return [{**r, "score": question_accuracy(r["answer"], r["answers"])} for rec in merge_records(records)
             for r in rec["rows"]]
@@ -386,6 +392,9 @@ def _suite_shift(loaded: VqaLoaded, ctx, arg=None) -> dict:
 
     if loaded.model is None:
         raise UsageError("suite 'shift' needs a --model (it embeds the questions), not --predictions")
+    if getattr(loaded.model, "generative", False):
+        raise UsageError("suite 'shift' embeds a CLIP VQA model's concepts; for a generative (CoCa) model they are "
+                         "not built yet")
     scored = [_scored(loaded, ctx, n) for n in _clean_suites(ctx)]
     if not scored:
         raise UsageError("suite 'shift' needs the sets: --data NAME=DIR and --ood NAME=DIR")

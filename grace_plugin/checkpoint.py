@@ -95,17 +95,17 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", check_sha256: 
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
     check_finite(sd, weights)
-    arch = meta["architecture"]
-    tower = build_tower(arch["tower"])
-    if meta.get("task", "classification") == "vqa":  # an answer head (grace_plugin/vqa/model.py)
-        from .vqa.model import ClipVQA
+    if meta.get("task", "classification") == "vqa":  # a VQA backbone's model (grace_plugin/vqa/backbones.py)
+        from .vqa.backbones import backbone_of_run
 
-        model = ClipVQA.from_spec(tower, arch, meta["pretrained_cfg"], meta["classnames"])
+        model = backbone_of_run(meta, weights).rebuild(meta, weights)
         missing, unexpected = load_state_dict_checked(model, sd, weights)
         if missing or unexpected:
             raise CheckpointError(f"{weights}: does not match the VQA architecture in checkpoint.json "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model.to(device).eval(), meta
+    arch = meta["architecture"]
+    tower = build_tower(arch["tower"])
     head_w = sd.get("head.weight")
     if head_w is None:
         raise CheckpointError(f"{weights}: no 'head.weight' tensor")

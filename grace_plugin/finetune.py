@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .checkpoint import save_run
@@ -112,7 +113,6 @@ def build_validator(data: str | Path, cfg: RunConfig, pretrained_cfg: dict, num_
 def _first_images(data, field: str, split: str, n_max: int, cfg: RunConfig, pretrained_cfg: dict,
                   num_classes: int):
     """The first ``n_max`` usable images of ``split`` (shard order); none: a one-line error naming ``field``."""
-    import torch
 
     from .data.loader import make_eval_loader
     from .data.shards import open_shard_set
@@ -235,7 +235,7 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
     final = rec.export_model().cpu().eval()
     # finite weights can still give NaN logits (e.g. after a few skipped NaN steps): check on a real batch
     probe = next(iter(loader))
-    with built.bind({k: v[:64] for k, v in probe.items() if k in ("image", "question")}):
+    with built.bind({k: v[:64] for k, v in probe.items() if isinstance(v, (list, torch.Tensor))}):
         check_outputs_finite(final, probe["image"][:64].cpu(), f"run {out}")
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "skipped_steps": result.skipped_steps,
                                          "final_loss": result.final_loss, "seconds": round(result.seconds, 2),
@@ -252,7 +252,7 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
         extra["selection"] = result.selection
     if result.stopped:
         extra["stopped"] = result.stopped
-    save_run(work, final, tower=tower_spec(bundle.model_name, bundle.model_cfg),
+    save_run(work, final, tower=built.tower or tower_spec(bundle.model_name, bundle.model_cfg),
              clip_meta={"model_name": bundle.model_name, "model_cfg": bundle.model_cfg},
              text_state=text_state_dict(bundle), classnames=classnames, templates=shards.templates,
              recipe=recipe, config=resolved, metrics=metrics, extra=extra)

@@ -31,6 +31,7 @@ class TaskModel:
     labels: list[str]
     target: Callable | None
     bind: Callable[[dict], contextlib.AbstractContextManager]
+    tower: dict | None = None  # checkpoint.json's architecture.tower (None: the CLIP's timm tower spec)
 
 
 @dataclass(frozen=True)
@@ -86,19 +87,24 @@ def _build_classification(bundle, shards, data_cfg, seed) -> TaskModel:
 
 
 def _build_vqa(bundle, shards, data_cfg, seed) -> TaskModel:
+    """The VQA model of the backbone that takes ``bundle`` (``grace_plugin/vqa/backbones.py``: CLIP with an answer
+    head, or a generative CoCa)."""
     from .errors import UsageError as _Usage
+    from .vqa.backbones import backbone_for
     from .vqa.data import answer_vocabulary, read_records
-    from .vqa.model import QuestionEncoder, vqa_model_from_clip
 
     if shards.layout != "vqa":
         raise _Usage(f"data.task=vqa: {shards.root} is a {shards.layout} set, not a VQA set (grace shards convert "
                      "--format frames|coco-vqa writes one)")
-    answers = answer_vocabulary(read_records(shards.urls), data_cfg.answers_min_count, data_cfg.answers_max)
-    if not answers:
-        raise _Usage(f"data.answers_min_count={data_cfg.answers_min_count}: no answer of {shards.root} split "
-                     f"{shards.split} is given that often; lower it")
-    model = vqa_model_from_clip(bundle, answers, seed=seed)
-    return TaskModel(model, answers, _vqa_target(answers, True), _vqa_binder(model, QuestionEncoder(bundle)))
+    backbone = backbone_for(bundle)
+    answers: list[str] = []
+    if backbone.uses_vocabulary:
+        answers = answer_vocabulary(read_records(shards.urls), data_cfg.answers_min_count, data_cfg.answers_max)
+        if not answers:
+            raise _Usage(f"data.answers_min_count={data_cfg.answers_min_count}: no answer of {shards.root} split "
+                         f"{shards.split} is given that often; lower it")
+    model, target, bind = backbone.build(bundle, answers, seed)
+    return TaskModel(model, answers, target, bind, tower=backbone.tower(bundle))
 
 
 register_task(Task("classification", "image -> class (a zero-shot CLIP head over the set's class names)",

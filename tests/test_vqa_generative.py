@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grace_plugin.vqa.generative import EOT, QUESTION_PROMPT, CocaVQA, tiny_coca_config, training_answer
+from grace_plugin.vqa.generative import EOT, IGNORE, QUESTION_PROMPT, CocaVQA, tiny_coca_config, training_answer
 
 NAME = "GRACE-Tiny-CoCa-test"
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
@@ -41,12 +41,12 @@ def test_only_the_answer_tokens_and_eot_carry_loss(vqa):
     text, labels = vqa.lm_batch(qs, ans)
     for i, (q, a) in enumerate(zip(qs, ans)):
         answer_ids = vqa._ids(QUESTION_PROMPT.format(q=q) + f" {a}")[len(vqa.prompt_ids(q)):]
-        assert answer_ids[-1] == EOT and labels[i][labels[i] != 0].tolist() == answer_ids
-        assert text[i, 1:][labels[i] != 0].tolist() == answer_ids  # each label is the next token of the text
+        assert answer_ids[-1] == EOT and labels[i][labels[i] != IGNORE].tolist() == answer_ids
+        assert text[i, 1:][labels[i] != IGNORE].tolist() == answer_ids  # each label is the next token of the text
     # the loss is the mean cross-entropy over exactly those positions (an independent masked computation)
     x = _images(2)
     logits = vqa.coca(vqa.normalize(x), text[:, :-1], output_labels=False)["logits"]
-    mask = labels != 0
+    mask = labels != IGNORE
     expect = F.cross_entropy(logits[mask], labels[mask])
     with torch.no_grad():
         assert float(vqa.answer_loss(x, qs, ans)) == pytest.approx(float(expect), rel=1e-5)

@@ -195,9 +195,9 @@ def test_attack_batched_and_one_question_at_a_time(vqa_set, tiny_clip_dir, tmp_p
         return xb + 0 * model(xb[:1]).sum()
 
     clean, adv = _attacked(model, ctx, x, subset_attack)
-    assert calls == [4, 1, 1, 1, 1] and torch.equal(clean, adv)
+    assert calls == [4, 1, 1, 1, 1] and clean == adv
     clean, adv = _attacked(model, ctx, x, create_attack("apgd-ce", model, 4 / 255))
-    assert clean.shape == adv.shape == (4,)
+    assert len(clean) == len(adv) == 4 and set(clean + adv) <= set(model.answers)
 
 
 def test_a_vqa_run_is_refused_where_a_classifier_is_expected(vqa_set, tiny_clip_dir, tmp_path, capsys, monkeypatch):

@@ -52,6 +52,17 @@ class LoRALinear(nn.Module):
     def awp_delta(self) -> torch.Tensor:
         return (self.awp_B * self.awp_mask) @ self.awp_A
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The layer's effective weight ``W0 + s·BA`` (+ the AWP branch while active), for code that reads a Linear's
+        ``weight`` instead of calling it (open_clip reads ``mlp.c_fc.weight.dtype`` for its cast dtype)."""
+        w = self.base.weight + self.lora_delta()
+        return w + self.awp_delta() if self.awp_enabled and self.awp_rank else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         h = F.linear(x, self.lora_A)  # (..., splits*rank)
@@ -86,6 +97,11 @@ def inject_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, s
              and any(fnmatch.fnmatchcase(n, t) for t in targets)]
     if not names:
         raise ValueError(f"no nn.Linear matches LoRA targets {targets}")
+    inside_mha = [n for n in names if isinstance(model.get_submodule(n.rpartition(".")[0]) if "." in n else model,
+                                                 nn.MultiheadAttention)]
+    if inside_mha:  # it passes out_proj.weight to F.multi_head_attention_forward: the adapter's forward never runs
+        raise ValueError(f"LoRA target {inside_mha[0]} is inside an nn.MultiheadAttention, which reads its weights "
+                         "directly")
     for n in names:
         base = model.get_submodule(n)
         splits = 3 if (split_qkv and n.endswith("qkv")) else 1

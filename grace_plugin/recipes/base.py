@@ -167,8 +167,14 @@ class Recipe:
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.lora:
-            inject_lora(model.visual, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_split_qkv,
-                        awp_rank=self.awp_rank())
+            try:
+                inject_lora(model.visual, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_split_qkv,
+                            awp_rank=self.awp_rank())
+            except ValueError as e:  # the globs name another architecture's layers: say which this one has
+                from ..config import ConfigError
+
+                hint = getattr(model, "lora_targets_hint", None)
+                raise ConfigError(f"recipe.lora_targets: {e}" + (f"; this model's: {hint}" if hint else "")) from None
             if cfg.lora_modules_to_save:
                 import fnmatch
 
@@ -191,6 +197,9 @@ class Recipe:
         # a new head (a VQA answer head) has no pre-trained value to keep: it trains in every recipe
         for p in model.head.parameters():
             p.requires_grad_(bool(cfg.train_head) or bool(getattr(model, "head_is_new", False)))
+        # what a model says no output depends on (a CoCa's contrastive side): never trained
+        for p in getattr(model, "untrained_parameters", list)():
+            p.requires_grad_(False)
 
     def awp_rank(self) -> int:
         return 0

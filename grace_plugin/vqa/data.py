@@ -10,12 +10,13 @@ import torch
 
 from .accuracy import answer_scores, prepare_ground_truth
 
-__all__ = ["VqaTarget", "answer_vocabulary", "read_records", "RECORD_FIELDS"]
+__all__ = ["VqaTarget", "parse_record", "answer_vocabulary", "read_records", "RECORD_FIELDS"]
 
 RECORD_FIELDS = ("question_id", "answers", "question_type", "answer_type", "label")  # label: classification as VQA
 
 
-def _record(sample: dict) -> dict | None:
+def parse_record(sample: dict) -> dict | None:
+    """A sample's VQA record (its ``json`` member), or None when it is not a usable one."""
     raw = sample.get("json")
     try:
         rec = json.loads(raw) if isinstance(raw, (bytes, bytearray, str)) else raw
@@ -42,7 +43,7 @@ class VqaTarget:
         self.size, self.train = len(vocabulary), train
 
     def __call__(self, sample: dict) -> dict | str:
-        rec = _record(sample)
+        rec = parse_record(sample)
         if rec is None:
             return "bad_record"
         label = torch.zeros(self.size)
@@ -63,7 +64,7 @@ def read_records(urls: list[str]) -> list[dict]:
     out = []
     for _, tf, m in _file_members(urls):
         if m.name.endswith(".json"):
-            rec = _record({"json": tf.extractfile(m).read()})
+            rec = parse_record({"json": tf.extractfile(m).read()})
             if rec is not None:
                 out.append(rec)
     return out

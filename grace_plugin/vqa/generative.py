@@ -27,22 +27,27 @@ from torch import nn
 from ..errors import GraceError
 from ..models.classifier import ImageNormalizer
 
-__all__ = ["QUESTION_PROMPT", "CocaVQA", "tiny_coca_config", "training_answer"]
+__all__ = ["QUESTION_PROMPT", "IGNORE", "CocaTokens", "CocaTarget", "CocaVQA", "tiny_coca_config", "training_answer",
+           "coca_vqa_from_clip"]
 
 QUESTION_PROMPT = "question: {q} answer:"
 SOT, EOT = 49406, 49407  # open_clip's SimpleTokenizer: <start_of_text>, <end_of_text>
+IGNORE = -100  # a label no loss reads (F.cross_entropy's default ignore_index)
 
 
 def tiny_coca_config(width: int = 96, layers: int = 3, embed_dim: int = 64, image_size: int = 32, patch_size: int = 8,
                      text_width: int = 64, text_layers: int = 2, decoder_layers: int = 2,
                      context_length: int = 24) -> dict:
     """An open_clip CoCa config for the testbed, with the keys of open_clip's ``coca_ViT-B-32.json`` (attentional
-    pooler and image tokens out, a CLS token on the text tower, a cross-attending decoder)."""
+    pooler and image tokens out, a CLS token on the text tower, a cross-attending decoder). The pooler's 17 queries
+    give the decoder 16 image tokens and the contrastive side one (``coca_ViT-B-32`` has 256 for its 49 patches;
+    the tiny tower has 16 patches)."""
     return {
         "embed_dim": embed_dim,
         "quick_gelu": True,
         "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "patch_size": patch_size,
-                       "head_width": 32, "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+                       "head_width": 32, "attentional_pool": True, "attn_pooler_heads": 2,
+                       "attn_pooler_queries": 17, "output_tokens": True},
         "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": text_width, "heads": 2,
                      "layers": text_layers, "embed_cls": True, "output_tokens": True},
         "multimodal_cfg": {"context_length": context_length, "vocab_size": 49408, "width": text_width, "heads": 2,
@@ -58,56 +63,213 @@ def training_answer(answers: Sequence[str]) -> str:
     return max(counts, key=lambda a: (counts[a], -answers.index(a)))
 
 
-class CocaVQA(nn.Module):
-    """An open_clip CoCa that answers questions about [0, 1] images.
+class CocaTokens:
+    """The prompt and answer tokens of a CoCa (picklable: the sample decoder of a loader worker uses it).
 
-    ``coca``: an ``open_clip.CoCa``; ``mean``/``std``: its pre-processing; ``tokenizer``: its open_clip tokenizer
-    (``open_clip.get_tokenizer(name)``)."""
+    ``lm_row(q, a)`` -> ``(text [C], labels [C - 1])``: ``text`` the tokens of prompt + answer + ``<eot>`` padded with
+    the pad id 0; ``labels = text[1:]`` with every position that predicts a prompt token (and the padding) set to
+    ``IGNORE`` (-100, the default ``ignore_index`` of ``F.cross_entropy``, so every recipe's loss is the answer
+    tokens' mean cross-entropy)."""
 
-    def __init__(self, coca: nn.Module, mean, std, tokenizer, max_new_tokens: int = 6):
-        super().__init__()
-        self.coca = coca
-        self.normalize = ImageNormalizer(mean, std)
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.context_length = int(coca.context_length)
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, int(context_length)
 
-    def _ids(self, text: str) -> list[int]:
+    def ids(self, text: str) -> list[int]:
         """The tokens of ``text`` as the tokenizer writes them: ``<sot> ... <eot>``, unpadded and not truncated (a
         text longer than the model's context is refused where it is used, never cut silently)."""
         row = self.tokenizer([text], context_length=max(1024, self.context_length))[0].tolist()
         return row[:row.index(EOT) + 1] if EOT in row else row
 
-    def _fits(self, n: int, question: str, what: str) -> None:
+    def fits(self, n: int, question: str, what: str) -> None:
         if n > self.context_length:
             raise GraceError(f"question {question!r}: {what} is {n} tokens, more than the model's context of "
                              f"{self.context_length}")
 
     def prompt_ids(self, question: str) -> list[int]:
         """The prompt's tokens without ``<eot>``: where answering starts."""
-        return self._ids(QUESTION_PROMPT.format(q=question))[:-1]
+        return self.ids(QUESTION_PROMPT.format(q=question))[:-1]
+
+    def lm_row(self, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        full = self.ids(QUESTION_PROMPT.format(q=question) + f" {answer}")
+        self.fits(len(full), question, f"prompt + answer {answer!r} + <eot>")
+        p = len(self.prompt_ids(question))
+        text = torch.zeros(self.context_length, dtype=torch.long)
+        labels = torch.full((self.context_length - 1,), IGNORE, dtype=torch.long)
+        text[:len(full)] = torch.tensor(full)
+        # label j is token j + 1: the first answer token is token p, predicted at position p - 1
+        labels[p - 1:len(full) - 1] = torch.tensor(full[p:])
+        return text, labels
+
+    def lm_batch(self, questions: Sequence[str], answers: Sequence[str], device=None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.lm_row(q, a) for q, a in zip(questions, answers)]
+        return (torch.stack([r[0] for r in rows]).to(device), torch.stack([r[1] for r in rows]).to(device))
+
+
+class CocaTarget:
+    """A raw VQA sample -> ``{"label": answer-token labels [C - 1], "text": tokens [C], "question", "record"}`` or a
+    skip reason: the target of ``data.decode.decode_sample`` for a generative run (PaliGemma's recipe in FRAMES-VQA:
+    the training answer is the annotators' most frequent, ``training_answer``). A question whose prompt and answer do
+    not fit the context is skipped as ``bad_record`` (counted; ``--strict`` refuses), never truncated."""
+
+    def __init__(self, tokens: CocaTokens):
+        self.tokens = tokens
+
+    def __call__(self, sample: dict) -> dict | str:
+        from .data import RECORD_FIELDS, parse_record
+
+        rec = parse_record(sample)
+        if rec is None:
+            return "bad_record"
+        try:
+            text, labels = self.tokens.lm_row(rec["question"], training_answer(rec["answers"]))
+        except GraceError:
+            return "bad_record"
+        return {"label": labels, "text": text, "question": rec["question"],
+                "record": {k: rec.get(k) for k in RECORD_FIELDS}}
+
+
+class _DecoderHead(nn.Module):
+    """``CocaVQA.head``: image features -> answer-token logits (what ``model.head(model.encode(x))`` computes in the
+    recipes that split the model, GRACE and LP-FT), whose trainable parameters are the decoder's final LayerNorm and
+    output projection (FRAMES-VQA's LP trains PaliGemma's ``lm_head`` only). A view into the owner's CoCa: it
+    registers nothing of its own, so the weights have one name in a state dict."""
+
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the owner's CoCa holds the weights
+
+    def parameters(self, recurse: bool = True):
+        dec = self._owner.coca.text_decoder
+        return iter([dec.ln_final.weight, dec.ln_final.bias, dec.text_projection])
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self._owner.logits_from_features(f)
+
+
+class CocaVQA(nn.Module):
+    """An open_clip CoCa that answers questions about [0, 1] images, with the interface every recipe trains.
+
+    ``coca``: an ``open_clip.CoCa``; ``mean``/``std``: its pre-processing; ``tokenizer``: its open_clip tokenizer
+    (``open_clip.get_tokenizer(name)``); ``pretrained_cfg``: timm's cfg for the transforms.
+
+    The batch reaches the model through the VQA binding (``grace_plugin.vqa.model.bound``), as for ``ClipVQA``:
+
+    * questions and teacher-forcing tokens bound (``QuestionContext.text``, ``labels``; training, and the attacks of
+      adversarial recipes): ``model(x)`` is the answer-token logits ``[B, V, C - 1]`` (class dimension second, as
+      ``F.cross_entropy`` takes a sequence), so ``F.cross_entropy(model(x), labels)`` is the answer loss;
+    * ``sequence=True`` as well (the evaluation's attacks): ``[B, 2]`` = ``(log p(a|x, q), log(1 - p(a|x, q)))`` of
+      the bound answer ``a``'s whole token sequence, so the cross-entropy at label 0 is the answer's negative
+      log-likelihood and "still correct" means ``p(a) > 1/2``: any attack of the registry (APGD-CE, PGD, ...)
+      attacks the answer as a classifier's label;
+    * questions only: ``predict_answers(x)`` decodes greedily.
+
+    The recipe interface: ``visual`` is the whole CoCa (image tower, text tower and decoder: FRAMES-VQA's full
+    fine-tuning trains all of PaliGemma; LoRA targets are globs over its module names); ``head`` the decoder's
+    output layer (``_DecoderHead``); ``encode(x)`` the image side the decoder reads, flattened to one vector per
+    image (the pooled latent, then the decoder's image tokens), ``head(f)`` the logits from it."""
+
+    generative = True  # answers are decoded (no answer list); eval_suites.vqa asks
+    head_is_new = False  # the output layer is pre-trained: it trains only where a recipe trains the head
+    # LoRA's targets here: the MLP layers of every tower. open_clip's attention is ``nn.MultiheadAttention``, which
+    # reads its q/k/v and output weights as tensors (``F.multi_head_attention_forward``) instead of calling a Linear,
+    # so an adapter wrapping them would never run; FRAMES-VQA's PaliGemma LoRA targets q/k/v/o (arXiv 2505.21755 §5)
+    lora_targets_hint = ["*.mlp.c_fc", "*.mlp.c_proj"]
+    # what no answer depends on: the contrastive side (the pooled image and text latents and their projections, the
+    # text tower's CLS token and final norm, which only the latent reads; the logit scale); never trained
+    CONTRASTIVE_ONLY = ("coca.logit_scale", "coca.logit_bias", "coca.visual.proj", "coca.text.text_projection",
+                        "coca.text.cls_emb", "coca.text.ln_final.*")
+
+    def untrained_parameters(self) -> list[nn.Parameter]:
+        import fnmatch
+
+        return [p for n, p in self.named_parameters() if any(fnmatch.fnmatchcase(n, g) for g in self.CONTRASTIVE_ONLY)]
+    question_fields = ("questions",)
+
+    def __init__(self, coca: nn.Module, mean, std, tokenizer, max_new_tokens: int = 6,
+                 pretrained_cfg: dict | None = None):
+        super().__init__()
+        self.coca = coca
+        self.normalize = ImageNormalizer(mean, std)
+        self.tokens = CocaTokens(tokenizer, int(coca.context_length))
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.context_length = int(coca.context_length)
+        self.answers: list[str] = []  # no answer vocabulary: answers are decoded
+        self.num_classes = 0
+        self.pretrained_cfg = dict(pretrained_cfg or {"mean": tuple(mean), "std": tuple(std)})
+        self.default_cfg = self.pretrained_cfg  # timm alias
+        self.head = _DecoderHead(self)
+        with torch.no_grad():  # the decoder's image tokens per image (what ``encode`` flattens)
+            _, embs = coca._encode_image(torch.zeros(1, 3, *coca.visual.image_size))
+        self.token_shape = tuple(int(v) for v in embs.shape[1:])
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.coca
+
+    def head_spec(self) -> dict:
+        """checkpoint.json's architecture: a CoCa rebuilt from the run's open_clip config (``from_run``)."""
+        return {"head": {"kind": "coca", "max_new_tokens": self.max_new_tokens}}
+
+    # ------------------------------------------------------------------ tokens (CocaTokens)
+    def _ids(self, text: str) -> list[int]:
+        return self.tokens.ids(text)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.tokens.prompt_ids(question)
 
     def lm_batch(self, questions: Sequence[str], answers: Sequence[str], device=None) -> tuple[torch.Tensor, ...]:
-        """``(text, labels)``: ``text`` the padded tokens of prompt + answer + ``<eot>``; ``labels = text[:, 1:]`` with
-        every position that predicts a prompt token (and the padding) set to the pad id 0, which the loss ignores."""
-        pad = int(getattr(self.coca, "pad_id", 0))
-        text = torch.full((len(questions), self.context_length), pad, dtype=torch.long)
-        labels = torch.full((len(questions), self.context_length - 1), pad, dtype=torch.long)
-        for i, (q, a) in enumerate(zip(questions, answers)):
-            full = self._ids(QUESTION_PROMPT.format(q=q) + f" {a}")
-            self._fits(len(full), q, f"prompt + answer {a!r} + <eot>")
-            p = len(self.prompt_ids(q))
-            text[i, :len(full)] = torch.tensor(full)
-            # label j is token j + 1: the first answer token is token p, predicted at position p - 1
-            labels[i, p - 1:len(full) - 1] = torch.tensor(full[p:])
-        return text.to(device), labels.to(device)
+        return self.tokens.lm_batch(questions, answers, device)
+
+    # ------------------------------------------------------------------ the recipe interface
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        latent, embs = self.coca._encode_image(self.normalize(x))
+        return torch.cat([latent, embs.flatten(1)], dim=1)
+
+    def logits_from_features(self, f: torch.Tensor) -> torch.Tensor:
+        from .model import bound_flag, current_questions
+
+        n, d = self.token_shape
+        latent, embs = f[:, :f.shape[1] - n * d], f[:, f.shape[1] - n * d:].reshape(f.shape[0], n, d)
+        text = current_questions(f.shape[0], "text")
+        logits = self.coca(None, text[:, :-1].to(f.device), image_latent=latent, image_embs=embs,
+                           output_labels=False)["logits"]
+        if not bound_flag("sequence"):
+            return logits.transpose(1, 2)  # [B, V, C - 1]
+        labels = current_questions(f.shape[0], "labels").to(f.device)
+        keep = labels != IGNORE
+        tok = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        logp = (tok * keep).sum(1).clamp_max(-1e-6)  # log p(a); below 0 so that log(1 - p) is finite
+        return torch.stack([logp, torch.log(-torch.expm1(logp))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode(x))
 
     def answer_loss(self, images: torch.Tensor, questions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Mean cross-entropy of the answer tokens and ``<eot>`` given the image and the prompt (teacher forcing)."""
         text, labels = self.lm_batch(questions, answers, images.device)
         out = self.coca(self.normalize(images), text[:, :-1], output_labels=False)
         return F.cross_entropy(out["logits"].float().reshape(-1, out["logits"].shape[-1]), labels.reshape(-1),
-                               ignore_index=int(getattr(self.coca, "pad_id", 0)))
+                               ignore_index=IGNORE)
+
+    # ------------------------------------------------------------------ evaluation (the questions bound)
+    def predict_answers(self, x: torch.Tensor) -> list[str]:
+        """The bound questions' answers in words (greedy)."""
+        from .model import current_questions
+
+        return self.answer(x, current_questions(x.shape[0], "questions"))
+
+    def attack_target(self, x: torch.Tensor):
+        """``(clean answers, labels, context)`` for an attack on ``x``: the model's own greedy answers, label 0 of the
+        ``sequence`` output, and the binding under which ``model(x)`` scores those answers."""
+        from .model import QuestionContext, current_questions
+
+        questions = list(current_questions(x.shape[0], "questions"))
+        clean = self.answer(x, questions)
+        text, labels = self.lm_batch(questions, clean, x.device)
+        ctx = QuestionContext(questions=questions, text=text, labels=labels, sequence=True)
+        return clean, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), ctx
 
     @torch.no_grad()
     def greedy_ids(self, images: torch.Tensor, prompts: torch.Tensor, max_new_tokens: int | None = None
@@ -141,7 +303,7 @@ class CocaVQA(nn.Module):
         """Each question's answer in words: the greedy continuation of its prompt, prompts of one length batched."""
         prompts = [self.prompt_ids(q) for q in questions]
         for q, ids in zip(questions, prompts):
-            self._fits(len(ids) + 1, q, "the prompt with room for one answer token")
+            self.tokens.fits(len(ids) + 1, q, "the prompt with room for one answer token")
         answers: list[str] = [""] * len(questions)
         for length in sorted({len(p) for p in prompts}):
             idx = [i for i, p in enumerate(prompts) if len(p) == length]
@@ -177,3 +339,15 @@ class CocaVQA(nn.Module):
         for i, q in enumerate(questions):
             prompt[i, :len(self.prompt_ids(q))] = True
         return got["self"], got["cross"], prompt
+
+
+def coca_vqa_from_clip(bundle, max_new_tokens: int = 6) -> CocaVQA:
+    """A ``CocaVQA`` on a copy of the CoCa ``bundle`` (``models.clip.load_clip``; the bundle stays the pre-trained
+    reference), with timm's pretrained cfg for the transforms."""
+    import copy
+
+    from ..models.clip import pretrained_cfg_from_clip
+
+    cfg = pretrained_cfg_from_clip(bundle)
+    return CocaVQA(copy.deepcopy(bundle.clip), cfg["mean"], cfg["std"], bundle.tokenizer(), max_new_tokens,
+                   pretrained_cfg=cfg).eval()

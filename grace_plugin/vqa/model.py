@@ -28,8 +28,9 @@ from torch import nn
 from ..errors import GraceError
 from ..models.classifier import ImageNormalizer
 
-__all__ = ["QuestionContext", "bound", "rows", "current_questions", "AnswerHead", "ClipVQA", "ZeroShotVQA",
-           "QuestionEncoder", "PROMPT", "UnboundQuestions", "vqa_model_from_clip", "zero_shot_vqa_from_clip"]
+__all__ = ["QuestionContext", "bound", "rows", "current_questions", "bound_flag", "AnswerHead", "ClipVQA",
+           "ZeroShotVQA", "QuestionEncoder", "PROMPT", "UnboundQuestions", "vqa_model_from_clip",
+           "zero_shot_vqa_from_clip"]
 
 PROMPT = "question: {q} answer: {a}"
 
@@ -41,14 +42,31 @@ class UnboundQuestions(GraceError, RuntimeError):
 @dataclass
 class QuestionContext:
     """The questions of the rows a VQA model is about to see: ``embedding`` ``[B, D]`` (ClipVQA) and/or
-    ``prompts`` ``[B, A, D]`` (ZeroShotVQA), unit-norm."""
+    ``prompts`` ``[B, A, D]`` (ZeroShotVQA), unit-norm; for the generative ``CocaVQA``
+    (``grace_plugin/vqa/generative.py``) the ``questions`` themselves, and, where an answer is scored, its
+    teacher-forcing tokens ``text`` ``[B, C]`` and ``labels`` ``[B, C - 1]``, with ``sequence`` asking for the
+    whole answer's log-likelihood (``CocaVQA``'s attack output)."""
 
     embedding: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
+    questions: list[str] | None = None
+    text: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    sequence: bool = False
 
     def __getitem__(self, idx) -> QuestionContext:
-        return QuestionContext(None if self.embedding is None else self.embedding[idx],
-                               None if self.prompts is None else self.prompts[idx])
+        def pick(v):
+            if v is None or isinstance(v, torch.Tensor):
+                return None if v is None else v[idx]
+            if isinstance(idx, slice):
+                return v[idx]
+            i = idx.tolist() if isinstance(idx, torch.Tensor) else idx
+            if isinstance(i, list) and i and isinstance(i[0], bool):
+                return [q for q, keep in zip(v, i) if keep]
+            return [v[j] for j in i] if isinstance(i, list) else [v[i]]
+
+        return QuestionContext(pick(self.embedding), pick(self.prompts), pick(self.questions), pick(self.text),
+                               pick(self.labels), self.sequence)
 
 
 _BOUND: contextvars.ContextVar[QuestionContext | None] = contextvars.ContextVar("grace_vqa_questions", default=None)
@@ -75,14 +93,20 @@ def rows(idx):
         yield
 
 
+def bound_flag(field: str) -> bool:
+    """A boolean field of the bound context (False when none is bound)."""
+    ctx = _BOUND.get()
+    return bool(ctx is not None and getattr(ctx, field))
+
+
 def current_questions(n: int, field: str) -> torch.Tensor:
     ctx = _BOUND.get()
     value = None if ctx is None else getattr(ctx, field)
     if value is None:
         raise UnboundQuestions("a VQA model needs its batch's questions: call it inside grace_plugin.vqa.model.bound("
                                "...) (the task does this around each training step and evaluation batch)")
-    if value.shape[0] != n:
-        raise UnboundQuestions(f"{n} images but {value.shape[0]} bound questions: narrow the binding to the rows "
+    if len(value) != n:
+        raise UnboundQuestions(f"{n} images but {len(value)} bound questions: narrow the binding to the rows "
                                "used (grace_plugin.vqa.model.rows)")
     return value
 
@@ -123,6 +147,18 @@ class _ImageSide(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of [0,1] images."""
         return F.normalize(self.visual(self.normalize(x)), dim=-1)
+
+    @torch.no_grad()
+    def predict_answers(self, x: torch.Tensor) -> list[str]:
+        """The bound questions' answers: the arg-max over the answer list."""
+        return [self.answers[i] for i in self(x).argmax(1).tolist()]
+
+    @torch.no_grad()
+    def attack_target(self, x: torch.Tensor):
+        """``(clean answers, labels, context)`` for an attack on ``x``: the model's own answers as the labels, under
+        the binding as it is (None)."""
+        idx = self(x).argmax(1)
+        return [self.answers[i] for i in idx.tolist()], idx, None
 
 
 class ClipVQA(_ImageSide):
@@ -193,6 +229,8 @@ class QuestionEncoder:
         ctx = QuestionContext()
         if "embedding" in fields:
             ctx.embedding = self.encode(list(questions))
+        if "questions" in fields:
+            ctx.questions = list(questions)
         if "prompts" in fields:
             answers = model.answers
             flat = self.encode([PROMPT.format(q=q, a=a) for q in questions for a in answers])

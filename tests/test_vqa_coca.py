@@ -1,0 +1,238 @@
+"""The generative backbone as a VQA task model: every VQA recipe trains a CoCa on a batch of answer tokens (the
+questions and teacher-forcing tokens bound), the attack output is the answer's log-likelihood, and a CoCa run goes
+through ``grace train --task vqa`` / ``grace eval --task vqa`` (model, zero-shot, attacks) like a CLIP one."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grace_plugin.recipes import StepContext, create_recipe, get_recipe_class, list_recipes
+from grace_plugin.vqa.generative import IGNORE, CocaTarget, CocaVQA, tiny_coca_config
+from grace_plugin.vqa.model import QuestionContext, bound, rows
+
+from test_recipes import _recipe_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NAME = "GRACE-Tiny-CoCa-task-test"
+QUESTIONS = ["how many circles are there?", "what colour is the square?", "is there a red circle?",
+             "how many squares are there?"]
+GT = [["1"] * 10, ["red"] * 7 + ["blue"] * 3, ["yes"] * 10, ["2"] * 6 + ["1"] * 4]
+VQA_RECIPES = [n for n in list_recipes() if "vqa" in get_recipe_class(n).tasks]
+
+
+def _coca():
+    import open_clip
+
+    from grace_plugin.models.clip import register_open_clip_config
+
+    register_open_clip_config(NAME, tiny_coca_config())
+    torch.manual_seed(0)
+    coca = open_clip.create_model(NAME, pretrained=None).eval()
+    # open_clip initialises the decoder's output projection to zero (every logit a tie): give it weights
+    torch.nn.init.normal_(coca.text_decoder.text_projection, std=0.1)
+    return coca
+
+
+@pytest.fixture(scope="module")
+def coca_dir(tmp_path_factory):
+    from grace_plugin.models.clip import ClipBundle, save_clip
+
+    return save_clip(ClipBundle(NAME, tiny_coca_config(), _coca()), tmp_path_factory.mktemp("coca") / "coca")
+
+
+@pytest.fixture(scope="module")
+def _model_once(coca_dir):
+    from grace_plugin.models.clip import load_clip
+    from grace_plugin.vqa.generative import coca_vqa_from_clip
+
+    return coca_vqa_from_clip(load_clip(coca_dir))
+
+
+@pytest.fixture()
+def coca_batch(_model_once):
+    target = CocaTarget(_model_once.tokens)
+    fields = [target({"json": {"question_id": i, "question": q, "answers": a}}) for i, (q, a) in
+              enumerate(zip(QUESTIONS, GT))]
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.rand(4, 3, 32, 32, generator=g), "label": torch.stack([f["label"] for f in fields]),
+            "text": torch.stack([f["text"] for f in fields]), "question": [f["question"] for f in fields],
+            "record": [f["record"] for f in fields]}
+
+
+def _bind(batch):
+    return bound(QuestionContext(questions=list(batch["question"]), text=batch["text"], labels=batch["label"]))
+
+
+def test_target_labels_the_training_answer_only(_model_once):
+    model = _model_once
+    f = CocaTarget(model.tokens)({"json": {"question_id": 1, "question": QUESTIONS[1], "answers": GT[1]}})
+    text, labels = model.lm_batch([QUESTIONS[1]], ["red"])  # the most frequent answer
+    assert torch.equal(f["text"], text[0]) and torch.equal(f["label"], labels[0])
+    answer = model.tokens.ids("question: what colour is the square? answer: red")[len(model.prompt_ids(QUESTIONS[1])):]
+    assert f["label"][f["label"] != IGNORE].tolist() == answer  # "red" and <eot>
+    assert CocaTarget(model.tokens)({"json": b"{no"}) == "bad_record"
+    long_q = "how many " + "very " * 30 + "circles?"  # does not fit the context: skipped, never truncated
+    assert CocaTarget(model.tokens)({"json": {"question_id": 2, "question": long_q, "answers": ["1"]}}) == "bad_record"
+
+
+def test_forward_is_the_answer_token_cross_entropy(_model_once, coca_batch):
+    model, b = _model_once, coca_batch
+    with torch.no_grad(), _bind(b):
+        logits = model(b["image"])
+    assert logits.shape == (4, 49408, model.context_length - 1)
+    with torch.no_grad():
+        expect = torch.stack([model.answer_loss(b["image"][i:i + 1], [q], [a[0] if i != 3 else "2"])
+                              for i, (q, a) in enumerate(zip(QUESTIONS, GT))])
+        ours = F.cross_entropy(logits, b["label"], reduction="none").sum(1) / (b["label"] != IGNORE).sum(1)
+    assert torch.allclose(ours, expect, atol=1e-5)
+    # rows(idx) narrows questions, tokens and labels together
+    with torch.no_grad(), _bind(b), rows(torch.tensor([2, 0])):
+        sub = model(b["image"][[2, 0]])
+    assert torch.allclose(sub, logits[[2, 0]], atol=1e-5)
+
+
+def test_attack_output_is_the_answer_log_likelihood(_model_once, coca_batch):
+    model, x = _model_once, coca_batch["image"]
+    with bound(QuestionContext(questions=QUESTIONS)):
+        clean, labels, actx = model.attack_target(x)
+        assert clean == model.predict_answers(x) and torch.equal(labels, torch.zeros(4, dtype=torch.long))
+    with torch.no_grad(), bound(actx):
+        z = model(x)
+    assert z.shape == (4, 2)
+    with torch.no_grad():  # independent: the clean answers' summed token log-probabilities, teacher-forced
+        text, lab = model.lm_batch(QUESTIONS, clean)
+        logp = torch.log_softmax(model.coca(model.normalize(x), text[:, :-1], output_labels=False)["logits"], -1)
+        keep = lab != IGNORE
+        expect = (logp.gather(-1, lab.clamp_min(0)[..., None])[..., 0] * keep).sum(1)
+    assert torch.allclose(z[:, 0], expect, atol=1e-4)
+    assert torch.allclose(F.cross_entropy(z, labels, reduction="none"), -expect, atol=1e-4)  # CE = the answer's NLL
+    assert torch.allclose(z.exp().sum(1), torch.ones(4), atol=1e-4)
+
+
+def test_pgd_raises_the_answer_loss(_model_once, coca_batch):
+    from grace_plugin.recipes.adversarial import pgd_attack
+
+    model, b = _model_once, coca_batch
+    with _bind(b):
+        x_adv = pgd_attack(model, b["image"], b["label"], 8 / 255, 2 / 255, 5)
+        with torch.no_grad():
+            clean, adv = F.cross_entropy(model(b["image"]), b["label"]), F.cross_entropy(model(x_adv), b["label"])
+    assert (x_adv - b["image"]).abs().max() <= 8 / 255 + 1e-6 and adv > clean
+
+
+@pytest.mark.parametrize("name", VQA_RECIPES)
+def test_one_vqa_step_on_coca(name, _model_once, coca_batch):
+    torch.manual_seed(0)
+    model = copy.deepcopy(_model_once)
+    cfg = _recipe_cfg(name)
+    if cfg.lora:
+        cfg.lora_targets, cfg.lora_modules_to_save = list(model.lora_targets_hint), []
+    rec = create_recipe(name, model, cfg)
+    trainable = rec.trainable_parameters()
+    assert trainable
+    head = {id(p) for p in model.head.parameters()}
+    assert (head <= {id(p) for p in trainable}) == bool(cfg.train_head), "the output layer trains iff train_head"
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ctx = StepContext(device=torch.device("cpu"), step=0, total_steps=10)
+    with _bind(coca_batch):
+        out = rec.training_step(coca_batch, ctx)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        rec.after_step(coca_batch, ctx)
+    ids = {id(p) for p in trainable}
+    for n, p in model.named_parameters():
+        if id(p) in ids and p.grad is None:
+            assert name == "lp_ft" and id(p) not in head, f"{name}: trainable {n} got no gradient"
+        if id(p) not in ids:
+            assert p.grad is None and torch.equal(p, frozen_before[n]), f"{name}: frozen {n} moved"
+    exported = rec.export_model()
+    assert not any("lora_" in k for k in exported.state_dict())
+    with torch.no_grad(), _bind(coca_batch):
+        assert exported(coca_batch["image"]).shape[:2] == (4, 49408)
+
+
+def test_lora_targets_of_another_architecture_are_refused_naming_this_ones(_model_once):
+    from grace_plugin.config import ConfigError
+
+    cfg = _recipe_cfg("ft")
+    cfg.lora, cfg.lora_targets = True, ["blocks.*.attn.qkv"]
+    with pytest.raises(ConfigError, match=r"recipe.lora_targets: .*this model's: \['\*.mlp.c_fc'"):
+        create_recipe("ft", copy.deepcopy(_model_once), cfg)
+
+
+def test_train_eval_and_zero_shot_through_the_cli(coca_dir, tmp_path, capsys):
+    """A CoCa run: trained by `grace train --task vqa`, reloaded from its folder to the same weights, evaluated with
+    its answers decoded and two attacks; the pre-trained CoCa evaluated zero-shot; the predictions file scored
+    elsewhere gives the same number."""
+    from grace_app.cli import main
+    from grace_plugin.checkpoint import load_run
+
+    data = _toy_set(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "--task", "vqa", "--recipe", "ft", "--init", str(coca_dir), "--data", str(data), "--out",
+                 str(run), "--steps", "3", "--no-progress", "--set", "train.batch_size=8",
+                 "--set", "train.val_every=0"]) == 0
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert meta["architecture"]["head"]["kind"] == "coca" and meta["classnames"] == []
+    model, _ = load_run(run)
+    assert isinstance(model, CocaVQA) and meta["architecture"]["tower"]["arch"] == "open_clip"
+    ev = tmp_path / "ev"
+    assert main(["eval", "--task", "vqa", "--model", str(run), "--data", f"vqav2={data}", "--attack", "apgd-ce",
+                 "--suite", "adv:pgd", "--n-adv", "4", "--out", str(ev), "--no-progress"]) == 0
+    rep = json.loads((ev / "report.json").read_text())
+    assert rep["sets"]["vqav2"]["n"] == 8 and rep["adversarial"]["n"] == 4
+    assert set(rep["suites"]) >= {"adv:apgd-ce", "adv:pgd"}
+    preds = json.loads((ev / "predictions" / "vqav2.json").read_text())
+    assert len(preds) == 8 and all(isinstance(p["answer"], str) for p in preds)
+    ev2 = tmp_path / "ev2"
+    assert main(["eval", "--task", "vqa", "--data", f"vqav2={data}", "--predictions",
+                 str(ev / "predictions" / "vqav2.json"), "--out", str(ev2)]) == 0
+    assert json.loads((ev2 / "report.json").read_text())["sets"]["vqav2"]["accuracy"] == rep["sets"]["vqav2"][
+        "accuracy"]
+    zs = tmp_path / "zs"
+    assert main(["eval", "--task", "vqa", "--model", str(coca_dir), "--data", f"vqav2={data}", "--out", str(zs),
+                 "--no-progress"]) == 0
+    assert "generative, greedy" in json.loads((zs / "report.json").read_text())["model"]
+    assert main(["eval", "--task", "vqa", "--model", str(run), "--data", f"vqav2={data}", "--shift", "--out",
+                 str(tmp_path / "sh"), "--no-progress"]) == 2
+    assert "generative" in capsys.readouterr().err
+
+
+def _toy_set(root):
+    import numpy as np
+    from PIL import Image
+
+    from grace_app.cli import main
+
+    rng = np.random.default_rng(0)
+    out = root / "set"
+    for split, n in (("train", 8), ("test", 4)):
+        imgs, records = root / f"img_{split}", []
+        imgs.mkdir()
+        for i in range(n):
+            c = ("red", "blue")[i % 2]
+            rgb = (220, 30, 30) if c == "red" else (30, 30, 220)
+            arr = np.clip(np.array(rgb) + rng.normal(0, 10, (32, 32, 3)), 0, 255).astype("uint8")
+            Image.fromarray(arr).save(imgs / f"{i}.png")
+            records += [{"question_id": f"{split}{i}a", "question": "what colour is the picture?", "image": f"{i}.png",
+                         "answer": [c] * 10, "answer_type": "other"},
+                        {"question_id": f"{split}{i}b", "question": "is the picture red?", "image": f"{i}.png",
+                         "answer": ["yes" if c == "red" else "no"] * 10, "answer_type": "yes/no"}]
+        (root / f"{split}.json").write_text(json.dumps(records))
+        assert main(["shards", "convert", "--format", "frames", "--records", str(root / f"{split}.json"), "--images",
+                     str(imgs), "--split", split, "--out", str(out), "--name", "toy"]) == 0
+    return out
+
+
+def test_lora_weight_reads_as_the_merged_weight_and_attention_projections_are_refused(_model_once):
+    from grace_plugin.models.lora import inject_lora, lora_modules
+
+    model = copy.deepcopy(_model_once)
+    inject_lora(model.visual, ["text.transformer.resblocks.0.mlp.c_fc"], rank=2, alpha=4.0)
+    layer = lora_modules(model.visual)["text.transformer.resblocks.0.mlp.c_fc"]
+    torch.nn.init.normal_(layer.lora_B)
+    assert torch.allclose(layer.weight, layer.merged_linear().weight) and layer.bias is layer.base.bias
+    with pytest.raises(ValueError, match="inside an nn.MultiheadAttention"):
+        inject_lora(copy.deepcopy(_model_once).visual, ["*.attn.out_proj"], rank=2, alpha=4.0)
