@@ -93,6 +93,10 @@ def _cmd_quickstart(a) -> int:
 
     if a.task == "vqa":
         return _quickstart_vqa(a)
+    if a.backbone != "clip":
+        from grace_plugin.errors import UsageError
+
+        raise UsageError("--backbone: a flag of `grace quickstart --task vqa` (classification runs a CLIP)")
     recipes = ("ft,tecoa,grace" if a.recipes is None else a.recipes).split(",")
     recipes = list_recipes() if recipes == ["all"] else [r.strip() for r in recipes if r.strip()]
     for r in recipes:
@@ -122,7 +126,8 @@ def _quickstart_vqa(a) -> int:
             raise UsageError(f"{flag}: not a flag of `grace quickstart --task vqa`")
     rows = list(VQA_METHODS) if a.recipes in (None, "all") else [r.strip() for r in a.recipes.split(",")]
     cfg = VqaQuickstartConfig(out=Path(a.out), seed=a.seed, methods=rows, steps=a.steps, device=a.device,
-                              n_adv=100 if a.n_adv is None else a.n_adv, size=a.size, pretrain_steps=a.pretrain_steps)
+                              n_adv=100 if a.n_adv is None else a.n_adv, size=a.size, pretrain_steps=a.pretrain_steps,
+                              backbone=a.backbone)
     res = run_vqa_quickstart(cfg, progress=not a.no_progress)
     print("\n" + res["md"] + f"\nwrote {res['paths']['md']} ({res['seconds']:.0f} s)")
     return 0

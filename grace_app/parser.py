@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default 1500)")
     q.add_argument("--pretrain-threads", type=int, help=PRETRAIN_THREADS_HELP)
     q.add_argument("--world", choices=["v1", "v2"], default="v2", help="synthetic world version (see grace synth)")
+    q.add_argument("--backbone", choices=["clip", "coca"], default="clip",
+                   help="vqa: clip (the world's tiny CLIP, an answer head) or coca (its tiny CoCa, answers in words; "
+                        "written under OUT/coca)")
     q.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
     q.add_argument("--no-progress", action="store_true")
 

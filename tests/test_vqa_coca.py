@@ -57,31 +57,38 @@ def coca_batch(_model_once):
               enumerate(zip(QUESTIONS, GT))]
     g = torch.Generator().manual_seed(0)
     return {"image": torch.rand(4, 3, 32, 32, generator=g), "label": torch.stack([f["label"] for f in fields]),
-            "text": torch.stack([f["text"] for f in fields]), "question": [f["question"] for f in fields],
+            "text": torch.stack([f["text"] for f in fields]),
+            "positions": torch.stack([f["positions"] for f in fields]),
+            "question": [f["question"] for f in fields],
             "record": [f["record"] for f in fields]}
 
 
 def _bind(batch):
-    return bound(QuestionContext(questions=list(batch["question"]), text=batch["text"], labels=batch["label"]))
+    return bound(QuestionContext(questions=list(batch["question"]), text=batch["text"], labels=batch["label"],
+                                 positions=batch["positions"]))
 
 
 def test_target_labels_the_training_answer_only(_model_once):
     model = _model_once
     f = CocaTarget(model.tokens)({"json": {"question_id": 1, "question": QUESTIONS[1], "answers": GT[1]}})
-    text, labels = model.lm_batch([QUESTIONS[1]], ["red"])  # the most frequent answer
+    text, labels, positions = model.lm_batch([QUESTIONS[1]], ["red"])  # the most frequent answer
     assert torch.equal(f["text"], text[0]) and torch.equal(f["label"], labels[0])
+    assert torch.equal(f["positions"], positions[0])
     answer = model.tokens.ids("question: what colour is the square? answer: red")[len(model.prompt_ids(QUESTIONS[1])):]
     assert f["label"][f["label"] != IGNORE].tolist() == answer  # "red" and <eot>
     assert CocaTarget(model.tokens)({"json": b"{no"}) == "bad_record"
     long_q = "how many " + "very " * 30 + "circles?"  # does not fit the context: skipped, never truncated
     assert CocaTarget(model.tokens)({"json": {"question_id": 2, "question": long_q, "answers": ["1"]}}) == "bad_record"
+    long_a = ["a very long answer of very many words"] * 10  # more tokens than the answer positions: skipped, never cut
+    target = CocaTarget(model.tokens)
+    assert target({"json": {"question_id": 3, "question": "what?", "answers": long_a}}) == "bad_record"
 
 
 def test_forward_is_the_answer_token_cross_entropy(_model_once, coca_batch):
     model, b = _model_once, coca_batch
     with torch.no_grad(), _bind(b):
         logits = model(b["image"])
-    assert logits.shape == (4, 49408, model.context_length - 1)
+    assert logits.shape == (4, 49408, model.tokens.answer_tokens)
     with torch.no_grad():
         expect = torch.stack([model.answer_loss(b["image"][i:i + 1], [q], [a[0] if i != 3 else "2"])
                               for i, (q, a) in enumerate(zip(QUESTIONS, GT))])
@@ -102,8 +109,9 @@ def test_attack_output_is_the_answer_log_likelihood(_model_once, coca_batch):
         z = model(x)
     assert z.shape == (4, 2)
     with torch.no_grad():  # independent: the clean answers' summed token log-probabilities, teacher-forced
-        text, lab = model.lm_batch(QUESTIONS, clean)
+        text, lab, pos = model.lm_batch(QUESTIONS, clean)
         logp = torch.log_softmax(model.coca(model.normalize(x), text[:, :-1], output_labels=False)["logits"], -1)
+        logp = logp[torch.arange(4)[:, None], pos]
         keep = lab != IGNORE
         expect = (logp.gather(-1, lab.clamp_min(0)[..., None])[..., 0] * keep).sum(1)
     assert torch.allclose(z[:, 0], expect, atol=1e-4)
@@ -236,3 +244,47 @@ def test_lora_weight_reads_as_the_merged_weight_and_attention_projections_are_re
     assert torch.allclose(layer.weight, layer.merged_linear().weight) and layer.bias is layer.base.bias
     with pytest.raises(ValueError, match="inside an nn.MultiheadAttention"):
         inject_lora(copy.deepcopy(_model_once).visual, ["*.attn.out_proj"], rank=2, alpha=4.0)
+
+
+def test_pretraining_caption_loss_is_open_clips_on_the_caption_tokens(_model_once):
+    """The tiny CoCa's pretraining projects only the caption's positions onto the vocabulary; the loss is open_clip's
+    CoCaLoss caption term (cross-entropy over the non-pad labels) all the same."""
+    import open_clip
+
+    from grace_app.testbed.tiny_coca import caption_loss
+
+    coca = _model_once.coca
+    text = _model_once.tokenizer(["a red circle", "question: how many squares are there? answer: 2", "a 4"],
+                                 context_length=coca.context_length)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = caption_loss(coca, x, text)
+        out = coca(x, text)
+        ref = open_clip.CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0)(
+            out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"],
+            output_dict=True)["caption_loss"]
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_coca_quickstart_smoke(tmp_path, capsys):
+    """`grace quickstart --task vqa --backbone coca` at smoke size: the world's tiny CoCa pretrained, a GRACE row
+    trained (LoRA on the MLPs, its AWP on the image tower's adapters) and evaluated in words, written under OUT/coca,
+    a page of its own."""
+    from grace_app.cli import main
+    from grace_app.studies.publish import add_source, page_markdown
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--task", "vqa", "--backbone", "coca", "--size", "small", "--steps", "2",
+                 "--pretrain-steps", "3", "--n-adv", "2", "--recipes", "GRACE", "--out", str(out),
+                 "--no-progress"]) == 0
+    summary = json.loads((out / "coca" / "summary.json").read_text())
+    assert summary["backbone"] == "coca" and [r["method"] for r in summary["rows"]] == ["GRACE"]
+    assert all(r["id"] is not None and r["adv"] is not None and len(r["sets"]) == 10 for r in summary["rows"])
+    meta = json.loads((out / "coca" / "runs" / "grace" / "checkpoint.json").read_text())
+    assert meta["architecture"]["head"]["kind"] == "coca" and meta["config"]["recipe"]["lora_targets"] == [
+        "*.mlp.c_fc", "*.mlp.c_proj"]
+    assert (out / "data" / "world.json").is_file() and not (out / "summary.json").exists()
+    assert add_source(out / "coca", tmp_path / "pages").name == "quickstart-vqa-coca.json"
+    assert page_markdown(summary).startswith("# Quick start, VQA with the generative backbone (CoCa)\n")
+    assert main(["quickstart", "--backbone", "coca", "--out", str(tmp_path / "c")]) == 2
+    assert "--backbone: a flag of `grace quickstart --task vqa`" in capsys.readouterr().err

@@ -38,16 +38,22 @@ def test_training_answer_is_the_most_frequent_first_on_ties():
 
 def test_only_the_answer_tokens_and_eot_carry_loss(vqa):
     qs, ans = ["how many circles?", "what colour is the square in the top left corner?"], ["2", "dark red"]
-    text, labels = vqa.lm_batch(qs, ans)
+    text, labels, positions = vqa.lm_batch(qs, ans)
     for i, (q, a) in enumerate(zip(qs, ans)):
         answer_ids = vqa._ids(QUESTION_PROMPT.format(q=q) + f" {a}")[len(vqa.prompt_ids(q)):]
-        assert answer_ids[-1] == EOT and labels[i][labels[i] != IGNORE].tolist() == answer_ids
-        assert text[i, 1:][labels[i] != IGNORE].tolist() == answer_ids  # each label is the next token of the text
-    # the loss is the mean cross-entropy over exactly those positions (an independent masked computation)
+        keep = labels[i] != IGNORE
+        assert answer_ids[-1] == EOT and labels[i][keep].tolist() == answer_ids
+        assert text[i, positions[i][keep] + 1].tolist() == answer_ids  # each label is the next token of the text
+    # the loss is the mean cross-entropy over exactly those positions (an independent masked computation over the
+    # whole context: every position whose next token is an answer token)
     x = _images(2)
     logits = vqa.coca(vqa.normalize(x), text[:, :-1], output_labels=False)["logits"]
-    mask = labels != IGNORE
-    expect = F.cross_entropy(logits[mask], labels[mask])
+    full = torch.full(text[:, 1:].shape, -100)
+    for i, (q, a) in enumerate(zip(qs, ans)):
+        p, n = len(vqa.prompt_ids(q)), len(vqa._ids(QUESTION_PROMPT.format(q=q) + f" {a}"))
+        full[i, p - 1:n - 1] = text[i, p:n]
+    mask = full != -100
+    expect = F.cross_entropy(logits[mask], full[mask])
     with torch.no_grad():
         assert float(vqa.answer_loss(x, qs, ans)) == pytest.approx(float(expect), rel=1e-5)
 
@@ -76,7 +82,7 @@ def test_batched_answers_equal_one_at_a_time_across_prompt_lengths(vqa):
 
 def test_pixels_in_unit_range_are_normalised_inside(vqa):
     x = _images(2, seed=3)
-    text, _ = vqa.lm_batch(["how many?"] * 2, ["2"] * 2)
+    text = vqa.lm_batch(["how many?"] * 2, ["2"] * 2)[0]
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     a = vqa.coca(vqa.normalize(x), text, output_labels=False)["logits"]
     b = vqa.coca((x - mean) / std, text, output_labels=False)["logits"]

@@ -78,7 +78,8 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
     else:
         world = doc.get("world_seed") or 0  # a second world's study gets a page of its own
         vqa_seed = doc.get("seed") or 0  # the VQA world's seed: a second world gets a page of its own
-        vqa = f"quickstart-vqa-world{vqa_seed}.json" if vqa_seed else "quickstart-vqa.json"
+        coca = "-coca" if doc.get("backbone", "clip") == "coca" else ""  # and so does the generative backbone
+        vqa = f"quickstart-vqa{coca}-world{vqa_seed}.json" if vqa_seed else f"quickstart-vqa{coca}.json"
         name = "quickstart.json" if kind == "quickstart" else vqa if kind == "quickstart-vqa" else \
             f"study-{doc.get('study')}{f'-world{world}' if world else ''}.json"
     dest = Path(data_dir) / name
@@ -186,10 +187,13 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
         from .quickstart_vqa import summary_markdown
 
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in (doc.get("phases") or {}).items())
-        title = f"# Quick start, VQA world seed {doc['seed']}" if doc.get("seed") else "# Quick start, VQA"
-        return (f"{title}\n\n`grace quickstart --task vqa`, {doc.get('steps')} steps per run, world seed "
-                f"{doc.get('seed')}: {doc.get('seconds'):.0f} s on this run ({phases}; a world or tiny CLIP already "
-                "there counts 0 s).\n\n" + summary_markdown(doc["rows"], doc["legend"], doc.get("calibration")))
+        coca = doc.get("backbone", "clip") == "coca"
+        title = ("# Quick start, VQA" + (" with the generative backbone (CoCa)" if coca else "")
+                 + (f" world seed {doc['seed']}" if doc.get("seed") else ""))
+        return (f"{title}\n\n`grace quickstart --task vqa{' --backbone coca' if coca else ''}`, {doc.get('steps')} "
+                f"steps per run, world seed {doc.get('seed')}: {doc.get('seconds'):.0f} s on this run ({phases}; a "
+                f"world or tiny {'CoCa' if coca else 'CLIP'} already there counts 0 s).\n\n"
+                + summary_markdown(doc["rows"], doc["legend"], doc.get("calibration")))
     if kind == "study":
         from .runner import verdicts_for_page
         from .study_page import study_markdown

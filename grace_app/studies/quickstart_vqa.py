@@ -1,9 +1,10 @@
 """``grace quickstart --task vqa``: the VQA world -> its tiny CLIP -> zero-shot, LoRA, FT, DiGraP and GRACE -> one
-table of ID / near-OOD / far-OOD / OOD VQA accuracy and pixel-space robustness.
+table of ID / near-OOD / far-OOD / OOD VQA accuracy and pixel-space robustness. ``--backbone coca``: the same rows
+with the generative backbone, the world's tiny CoCa (grace_app/testbed/tiny_coca.py).
 
 Layout under ``out``: ``data/`` (the VQA world, grace_app/testbed/vqa_world.py), ``pretrained/`` (its tiny CLIP),
 ``runs/<method>/`` (VQA run folders, each with its evaluation in ``eval/``), ``zero_shot/`` (the zero-shot
-evaluation), ``summary.json`` and ``summary.md``.
+evaluation), ``summary.json`` and ``summary.md``; with ``--backbone coca`` all but ``data/`` under ``coca/``.
 """
 from __future__ import annotations
 
@@ -35,23 +36,45 @@ class VqaQuickstartConfig:
     device: str = "auto"
     size: str = "default"  # "small": a few hundred questions and a 2-layer CLIP (smoke tests)
     pretrain_steps: int | None = checked(None, flag="--pretrain-steps", gt=0)
+    # the pre-trained model every row starts from: the tiny CLIP (ClipVQA rows) or the tiny CoCa (generative rows)
+    backbone: str = checked("clip", flag="--backbone", choices=("clip", "coca"))
 
     def __post_init__(self):
         validate(self)
 
 
+def _pretrained(backbone: str, size: str, pretrain_steps: int | None):
+    """``(what, make(data, out, progress))``: the backbone's tiny pre-trained model, cached."""
+    if backbone == "coca":
+        from grace_app.testbed.tiny_coca import CocaPretrainConfig, tiny_coca
+
+        pre = CocaPretrainConfig(width=64, layers=2, batch_size=32) if size == "small" else CocaPretrainConfig()
+        make, what = tiny_coca, "tiny CoCa"
+    else:
+        from grace_app.testbed.tiny_clip import PretrainConfig, tiny_clip
+
+        pre = PretrainConfig(width=64, layers=2, batch_size=64) if size == "small" else PretrainConfig()
+        make, what = tiny_clip, "tiny CLIP"
+    if pretrain_steps is not None:
+        pre.steps = pretrain_steps
+    return what, lambda data, out, progress: make(data, out, cfg=pre, progress=progress)
+
+
+def backbone_folder(out: Path, backbone: str) -> Path:
+    """Where a backbone's pretrained model, runs, evaluations and summary go: ``out`` for the CLIP, ``out/coca``
+    for the CoCa (both share ``out/data``, the world)."""
+    return out if backbone == "clip" else out / backbone
+
+
 def prepare_vqa_testbed(out: Path, seed: int, size: str, pretrain_steps: int | None, progress: bool, echo,
-                        phases: dict) -> tuple[Path, Path]:
-    """The VQA world under ``out/data`` (reused when its spec and seed match) and its tiny CLIP (cached)."""
-    from grace_app.testbed.tiny_clip import PretrainConfig, tiny_clip
+                        phases: dict, backbone: str = "clip") -> tuple[Path, Path]:
+    """The VQA world under ``out/data`` (reused when its spec and seed match) and its tiny CLIP or CoCa (cached)."""
     from grace_app.testbed.vqa_world import VqaWorldSpec, write_vqa_world
     from grace_plugin.runfolder import folder_lock
 
-    data, pretrained = out / "data", out / "pretrained"
+    data, pretrained = out / "data", backbone_folder(out, backbone) / "pretrained"
     spec = VqaWorldSpec.small() if size == "small" else VqaWorldSpec()
-    pre = PretrainConfig(width=64, layers=2, batch_size=64) if size == "small" else PretrainConfig()
-    if pretrain_steps is not None:
-        pre.steps = pretrain_steps
+    what, make = _pretrained(backbone, size, pretrain_steps)
     t0 = time.time()
     with folder_lock(data, what="VQA testbed (world and tiny CLIP)", wait=echo):
         meta = json.loads((data / "world.json").read_text()) if (data / "world.json").is_file() else {}
@@ -61,9 +84,9 @@ def prepare_vqa_testbed(out: Path, seed: int, size: str, pretrain_steps: int | N
             echo(f"[1/4] VQA world -> {data}")
             write_vqa_world(data, seed=seed, spec=spec)
         t1 = time.time()
-        echo(f"[2/4] tiny CLIP -> {pretrained} (pretrained on the world's captions once, then cached)")
-        tiny_clip(data, pretrained, cfg=pre, progress=progress)
-    phases.update(world=round(t1 - t0, 1), tiny_clip=round(time.time() - t1, 1))
+        echo(f"[2/4] {what} -> {pretrained} (pretrained on the world's captions once, then cached)")
+        make(data, pretrained, progress)
+    phases.update(world=round(t1 - t0, 1), **{f"tiny_{backbone}": round(time.time() - t1, 1)})
     return data, pretrained
 
 
@@ -127,9 +150,11 @@ def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=pri
 
         raise UsageError(f"--recipes {unknown[0]}: not a VQA quick-start row; rows: {', '.join(VQA_METHODS)}")
     t0, out, phases = time.time(), Path(cfg.out), {}
-    data, pretrained = prepare_vqa_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, phases)
+    data, pretrained = prepare_vqa_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, phases,
+                                           cfg.backbone)
+    base = backbone_folder(out, cfg.backbone)
     device = str(resolve_device(cfg.device))
-    vqa_layer = _load("vqa.yaml")
+    vqa_layer = _load("vqa.yaml") if cfg.backbone == "clip" else merge(_load("vqa.yaml"), _load("coca.yaml"))
     ood = [f"{n}={data / n}" for n in OOD_SETS]
     trained = {}
     echo("[3/4] fine-tuning on vqav2 train: " + ", ".join(m for m in cfg.methods if VQA_METHODS[m]))
@@ -140,14 +165,14 @@ def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=pri
         run_cfg = method_config(VQA_METHODS[label], tuned=False, steps=cfg.steps,
                                 overrides=merge(vqa_layer, {"train": {"seed": cfg.seed, "device": device}}))
         trained[label] = fine_tune(_recipe_of(VQA_METHODS[label]), pretrained, data / "vqav2",
-                                   out / "runs" / label.lower(), run_cfg, progress=progress)
+                                   base / "runs" / label.lower(), run_cfg, progress=progress)
         phases[f"fine-tune {label}"] = round(time.time() - t1, 1)
     echo(f"[4/4] evaluation: vqav2 test and {len(OOD_SETS)} OOD sets; {cfg.attack} l_inf eps={cfg.eps:.4f} on "
          f"the first {cfg.n_adv} vqav2 test questions")
     rows, t1 = [], time.time()
     for label in cfg.methods:
         model = str(pretrained) if VQA_METHODS[label] is None else str(trained[label])
-        dest = out / "zero_shot" if VQA_METHODS[label] is None else trained[label] / "eval"
+        dest = base / "zero_shot" if VQA_METHODS[label] is None else trained[label] / "eval"
         names, sets = expand_shorthands(f"vqav2={data / 'vqav2'}", ood, cfg.attack if cfg.n_adv else None)
         ctx = SuiteContext(task="vqa", id_set=f"vqav2={data / 'vqav2'}", sets=sets, device=device, eps=cfg.eps,
                            n_adv=cfg.n_adv, seed=cfg.seed, out_dir=dest,
@@ -158,16 +183,19 @@ def run_vqa_quickstart(cfg: VqaQuickstartConfig, progress: bool = True, echo=pri
     legend = (f"VQA accuracy (the official evaluator's), percent, [95% interval]: ID = vqav2 test; near OOD = the "
               f"mean of {', '.join(OOD_SETS[:6])}; far OOD = the mean of {', '.join(OOD_SETS[6:])}; OOD = the mean "
               f"of all nine; Adv = {cfg.attack} (l_inf {cfg.eps:.4f}) on the image, first {cfg.n_adv} vqav2 test "
-              f"questions. {cfg.steps} steps per run, world seed {cfg.seed}; the zero-shot row scores each answer's "
-              "prompt with the tiny CLIP (no new parameter).")
+              f"questions. {cfg.steps} steps per run, world seed {cfg.seed}; " + (
+                  "the zero-shot row scores each answer's prompt with the tiny CLIP (no new parameter)."
+                  if cfg.backbone == "clip" else "generative backbone: every row is the tiny CoCa answering in words "
+                  "(greedy), the zero-shot row the pre-trained CoCa itself; fine-tuning trains the answer tokens."))
     checks = calibration(rows)
-    summary = {"task": "vqa", "rows": rows, "calibration": checks, "steps": cfg.steps, "seed": cfg.seed,
+    summary = {"task": "vqa", "backbone": cfg.backbone, "rows": rows, "calibration": checks, "steps": cfg.steps,
+               "seed": cfg.seed,
                "legend": legend, "phases": phases,
                "seconds": round(time.time() - t0, 1), "config": {k: str(v) for k, v in asdict(cfg).items()}}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(base / "summary.json", json.dumps(summary, indent=2) + "\n")
     md = summary_markdown(rows, legend, checks)
-    atomic_write_text(out / "summary.md", md)
-    return {"rows": rows, "md": md, "seconds": summary["seconds"], "paths": {"md": out / "summary.md"}}
+    atomic_write_text(base / "summary.md", md)
+    return {"rows": rows, "md": md, "seconds": summary["seconds"], "paths": {"md": base / "summary.md"}}
 
 
 def _recipe_of(method: str) -> str:

@@ -25,7 +25,8 @@ import torch
 from grace_plugin.models.clip import TINY_CLIP_NAME, ClipBundle, register_open_clip_config, save_clip, tiny_clip_config
 from grace_plugin.paths import cache_dir
 
-__all__ = ["PretrainConfig", "pretrain_tiny_clip", "tiny_clip", "tiny_clip_identity", "cache_dir", "SHIPPED"]
+__all__ = ["PretrainConfig", "pretrain_tiny_clip", "tiny_clip", "tiny_clip_identity", "cache_dir", "SHIPPED",
+           "cached_model", "load_pairs"]
 
 _VERSION = 2  # bump when the pretraining procedure changes (invalidates caches); 2: fused AdamW
 
@@ -47,7 +48,7 @@ class PretrainConfig:
     threads: int = 1
 
 
-def _load_pairs(pairs_dir: Path, image_size: int):
+def load_pairs(pairs_dir: Path, image_size: int):
     """All pairs in memory as uint8 images + captions (the set is small; read through webdataset)."""
     import io
 
@@ -92,7 +93,7 @@ def _pretrain(pairs_dir: Path, out: Path, cfg: PretrainConfig, progress: bool) -
     clip = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
     tok = open_clip.get_tokenizer(TINY_CLIP_NAME)
     size = model_cfg["vision_cfg"]["image_size"]
-    images, captions = _load_pairs(Path(pairs_dir), size)
+    images, captions = load_pairs(Path(pairs_dir), size)
     texts = tok(captions)
     mean = torch.tensor(clip.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(clip.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
@@ -166,15 +167,25 @@ def tiny_clip(data_dir: str | Path, out: str | Path, cfg: PretrainConfig | None 
               progress: bool = True, use_cache: bool = True) -> Path:
     """Pretrain (or fetch from the cache, or copy the shipped one: ``SHIPPED``) the tiny CLIP for the world in
     ``data_dir``; copy it to ``out``."""
-    data_dir, out, cfg = Path(data_dir), Path(out), cfg or PretrainConfig()
+    data_dir, cfg = Path(data_dir), cfg or PretrainConfig()
     key = _key(data_dir, cfg)
-    cached = cache_dir() / "tiny_clip" / key
+
+    def make(tmp: Path) -> None:
+        if not _shipped_copy(key, tmp):
+            pretrain_tiny_clip(data_dir / "pairs", tmp, cfg, progress=progress)
+
+    return cached_model("tiny_clip", key, Path(out), make, use_cache)
+
+
+def cached_model(kind: str, key: str, out: Path, make, use_cache: bool = True) -> Path:
+    """``out`` holds the model cached as ``<cache>/<kind>/<key>``, made by ``make(folder)`` when missing (written
+    beside and renamed: a kill leaves no half-written cache entry or ``out``)."""
+    cached = cache_dir() / kind / key
     if not (use_cache and (cached / "open_clip_model.safetensors").is_file()):
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        if not _shipped_copy(key, tmp):
-            pretrain_tiny_clip(data_dir / "pairs", tmp, cfg, progress=progress)
+        make(tmp)
         if use_cache:
             if cached.exists():
                 shutil.rmtree(cached)

@@ -87,7 +87,8 @@ class LarAwp:
 
     def __init__(self, model, cfg):
         self.model, self.cfg = model, cfg
-        self.layers = lora_modules(model.visual)
+        # the layers ``model.encode`` runs: the image tower (a CoCa's ``feature_tower``; its text side runs in the head)
+        self.layers = lora_modules(getattr(model, "feature_tower", model.visual))
         self.curvature: dict[str, float] = {}
         uniform = cfg.rank_levels[1] if cfg.awp == "uniform" else 0
         self.ranks: dict[str, int] = {n: uniform for n in self.layers}  # curriculum: Alg. 1 l.2, r_AWP <- 0

@@ -115,7 +115,8 @@ def _coca_build(bundle, answers, seed):
     def bind(batch):
         if "text" not in batch:  # an evaluation probe without answers: the questions only
             return bound(QuestionContext(questions=list(batch["question"])))
-        return bound(QuestionContext(questions=list(batch["question"]), text=batch["text"], labels=batch["label"]))
+        return bound(QuestionContext(questions=list(batch["question"]), text=batch["text"], labels=batch["label"],
+                                     positions=batch["positions"]))
 
     return model, CocaTarget(model.tokens), bind
 

@@ -7,9 +7,9 @@ cross-attends the image tokens; ``model(image, text)["logits"][:, t]`` predicts 
 prompt ``"question: {q} answer:"``:
 
 * **training** (the PaliGemma recipe of FRAMES-VQA: the answer tokens after the prompt are the only labels): text =
-  the tokens of ``"question: {q} answer: {a}"``; the labels of the prompt's tokens are the pad id, which the
-  cross-entropy ignores, so only the answer's tokens and the closing ``<eot>`` carry loss; ``a`` is the most frequent
-  of the annotators' answers (``training_answer``);
+  the tokens of ``"question: {q} answer: {a}"``; the labels are the answer's tokens and the closing ``<eot>``
+  only, at the positions that predict them (``CocaTokens``); ``a`` is the most frequent of the annotators' answers
+  (``training_answer``);
 * **answering**: a greedy loop written here: open_clip's beam search ignores a text prefix and its ``generate``
   needs ``transformers`` (https://github.com/mlfoundations/open_clip/blob/v2.32.0/src/open_clip/coca_model.py). It
   starts from the prompt's tokens without ``<eot>`` and padding, appends the arg-max of the last position's logits
@@ -66,13 +66,15 @@ def training_answer(answers: Sequence[str]) -> str:
 class CocaTokens:
     """The prompt and answer tokens of a CoCa (picklable: the sample decoder of a loader worker uses it).
 
-    ``lm_row(q, a)`` -> ``(text [C], labels [C - 1])``: ``text`` the tokens of prompt + answer + ``<eot>`` padded with
-    the pad id 0; ``labels = text[1:]`` with every position that predicts a prompt token (and the padding) set to
-    ``IGNORE`` (-100, the default ``ignore_index`` of ``F.cross_entropy``, so every recipe's loss is the answer
-    tokens' mean cross-entropy)."""
+    ``lm_row(q, a)`` -> ``(text [C], labels [K], positions [K])``: ``text`` the tokens of prompt + answer + ``<eot>``
+    padded with the pad id 0; ``labels`` the answer's tokens and ``<eot>``, each predicted at decoder position
+    ``positions`` (label ``j`` is ``text[positions[j] + 1]``), padded with ``IGNORE`` (-100, the default
+    ``ignore_index`` of ``F.cross_entropy``, so every recipe's loss is the answer tokens' mean cross-entropy). Only the
+    ``K = answer_tokens`` positions that can carry a label are projected onto the 49,408-token vocabulary, not the
+    whole context (3x fewer rows at the testbed's sizes); an answer longer than that is refused, never cut."""
 
-    def __init__(self, tokenizer, context_length: int):
-        self.tokenizer, self.context_length = tokenizer, int(context_length)
+    def __init__(self, tokenizer, context_length: int, answer_tokens: int = 8):
+        self.tokenizer, self.context_length, self.answer_tokens = tokenizer, int(context_length), int(answer_tokens)
 
     def ids(self, text: str) -> list[int]:
         """The tokens of ``text`` as the tokenizer writes them: ``<sot> ... <eot>``, unpadded and not truncated (a
@@ -89,25 +91,30 @@ class CocaTokens:
         """The prompt's tokens without ``<eot>``: where answering starts."""
         return self.ids(QUESTION_PROMPT.format(q=question))[:-1]
 
-    def lm_row(self, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def lm_row(self, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         full = self.ids(QUESTION_PROMPT.format(q=question) + f" {answer}")
         self.fits(len(full), question, f"prompt + answer {answer!r} + <eot>")
         p = len(self.prompt_ids(question))
+        if len(full) - p > self.answer_tokens:
+            raise GraceError(f"answer {answer!r}: {len(full) - p} tokens with <eot>, more than the "
+                             f"{self.answer_tokens} answer positions")
         text = torch.zeros(self.context_length, dtype=torch.long)
-        labels = torch.full((self.context_length - 1,), IGNORE, dtype=torch.long)
         text[:len(full)] = torch.tensor(full)
-        # label j is token j + 1: the first answer token is token p, predicted at position p - 1
-        labels[p - 1:len(full) - 1] = torch.tensor(full[p:])
-        return text, labels
+        labels = torch.full((self.answer_tokens,), IGNORE, dtype=torch.long)
+        labels[:len(full) - p] = torch.tensor(full[p:])
+        # the first answer token is token p, predicted at position p - 1; unused slots point at the last position
+        positions = torch.clamp(torch.arange(p - 1, p - 1 + self.answer_tokens), max=self.context_length - 2)
+        return text, labels, positions
 
     def lm_batch(self, questions: Sequence[str], answers: Sequence[str], device=None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = [self.lm_row(q, a) for q, a in zip(questions, answers)]
-        return (torch.stack([r[0] for r in rows]).to(device), torch.stack([r[1] for r in rows]).to(device))
+        return tuple(torch.stack([r[k] for r in rows]).to(device) for k in range(3))
 
 
 class CocaTarget:
-    """A raw VQA sample -> ``{"label": answer-token labels [C - 1], "text": tokens [C], "question", "record"}`` or a
+    """A raw VQA sample -> ``{"label": answer-token labels [K], "text": tokens [C], "positions" [K], "question",
+    "record"}`` or a
     skip reason: the target of ``data.decode.decode_sample`` for a generative run (PaliGemma's recipe in FRAMES-VQA:
     the training answer is the annotators' most frequent, ``training_answer``). A question whose prompt and answer do
     not fit the context is skipped as ``bad_record`` (counted; ``--strict`` refuses), never truncated."""
@@ -122,10 +129,10 @@ class CocaTarget:
         if rec is None:
             return "bad_record"
         try:
-            text, labels = self.tokens.lm_row(rec["question"], training_answer(rec["answers"]))
+            text, labels, positions = self.tokens.lm_row(rec["question"], training_answer(rec["answers"]))
         except GraceError:
             return "bad_record"
-        return {"label": labels, "text": text, "question": rec["question"],
+        return {"label": labels, "text": text, "positions": positions, "question": rec["question"],
                 "record": {k: rec.get(k) for k in RECORD_FIELDS}}
 
 
@@ -155,9 +162,10 @@ class CocaVQA(nn.Module):
 
     The batch reaches the model through the VQA binding (``grace_plugin.vqa.model.bound``), as for ``ClipVQA``:
 
-    * questions and teacher-forcing tokens bound (``QuestionContext.text``, ``labels``; training, and the attacks of
-      adversarial recipes): ``model(x)`` is the answer-token logits ``[B, V, C - 1]`` (class dimension second, as
-      ``F.cross_entropy`` takes a sequence), so ``F.cross_entropy(model(x), labels)`` is the answer loss;
+    * questions and teacher-forcing tokens bound (``QuestionContext.text``, ``labels``, ``positions``; training, and
+      the attacks of adversarial recipes): ``model(x)`` is the answer-token logits ``[B, V, K]`` at the answer
+      positions (class dimension second, as ``F.cross_entropy`` takes a sequence), so ``F.cross_entropy(model(x),
+      labels)`` is the answer loss;
     * ``sequence=True`` as well (the evaluation's attacks): ``[B, 2]`` = ``(log p(a|x, q), log(1 - p(a|x, q)))`` of
       the bound answer ``a``'s whole token sequence, so the cross-entropy at label 0 is the answer's negative
       log-likelihood and "still correct" means ``p(a) > 1/2``: any attack of the registry (APGD-CE, PGD, ...)
@@ -208,6 +216,12 @@ class CocaVQA(nn.Module):
     def visual(self) -> nn.Module:
         return self.coca
 
+    @property
+    def feature_tower(self) -> nn.Module:
+        """The part of ``visual`` that ``encode`` runs (the image tower): where GRACE's LAR-AWP perturbs, as the
+        paper perturbs CLIP's vision encoder (arXiv 2603.27139)."""
+        return self.coca.visual
+
     def head_spec(self) -> dict:
         """checkpoint.json's architecture: a CoCa rebuilt from the run's open_clip config (``from_run``)."""
         return {"head": {"kind": "coca", "max_new_tokens": self.max_new_tokens}}
@@ -232,11 +246,21 @@ class CocaVQA(nn.Module):
 
         n, d = self.token_shape
         latent, embs = f[:, :f.shape[1] - n * d], f[:, f.shape[1] - n * d:].reshape(f.shape[0], n, d)
-        text = current_questions(f.shape[0], "text")
-        logits = self.coca(None, text[:, :-1].to(f.device), image_latent=latent, image_embs=embs,
-                           output_labels=False)["logits"]
+        text = current_questions(f.shape[0], "text").to(f.device)
+        positions = current_questions(f.shape[0], "positions").to(f.device)
+        rows = torch.arange(f.shape[0], device=f.device)[:, None]
+
+        def answer_rows(_module, _inputs, out):  # [B, C-1, W] -> [B, K, W]: only these reach the vocabulary
+            return out[rows, positions]
+
+        handle = self.coca.text_decoder.ln_final.register_forward_hook(answer_rows)
+        try:
+            logits = self.coca(None, text[:, :-1], image_latent=latent, image_embs=embs,
+                               output_labels=False)["logits"]  # [B, K, V]
+        finally:
+            handle.remove()
         if not bound_flag("sequence"):
-            return logits.transpose(1, 2)  # [B, V, C - 1]
+            return logits.transpose(1, 2)  # [B, V, K]
         labels = current_questions(f.shape[0], "labels").to(f.device)
         keep = labels != IGNORE
         tok = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
@@ -248,10 +272,10 @@ class CocaVQA(nn.Module):
 
     def answer_loss(self, images: torch.Tensor, questions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Mean cross-entropy of the answer tokens and ``<eot>`` given the image and the prompt (teacher forcing)."""
-        text, labels = self.lm_batch(questions, answers, images.device)
-        out = self.coca(self.normalize(images), text[:, :-1], output_labels=False)
-        return F.cross_entropy(out["logits"].float().reshape(-1, out["logits"].shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE)
+        text, labels, positions = self.lm_batch(questions, answers, images.device)
+        logits = self.coca(self.normalize(images), text[:, :-1], output_labels=False)["logits"]
+        at = logits[torch.arange(len(questions), device=images.device)[:, None], positions]  # [B, K, V]
+        return F.cross_entropy(at.float().reshape(-1, at.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
     # ------------------------------------------------------------------ evaluation (the questions bound)
     def predict_answers(self, x: torch.Tensor) -> list[str]:
@@ -267,8 +291,8 @@ class CocaVQA(nn.Module):
 
         questions = list(current_questions(x.shape[0], "questions"))
         clean = self.answer(x, questions)
-        text, labels = self.lm_batch(questions, clean, x.device)
-        ctx = QuestionContext(questions=questions, text=text, labels=labels, sequence=True)
+        text, labels, positions = self.lm_batch(questions, clean, x.device)
+        ctx = QuestionContext(questions=questions, text=text, labels=labels, positions=positions, sequence=True)
         return clean, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), ctx
 
     @torch.no_grad()
@@ -319,7 +343,7 @@ class CocaVQA(nn.Module):
         """Teacher forcing on ``answers``: the decoder's last-layer self-attention and cross-attention outputs
         ``[B, L, D]`` (before the residual sums) and the mask of the prompt's text positions ``[B, L]`` (``<sot>``
         and the question; not the answer, not the padding)."""
-        text, _ = self.lm_batch(questions, answers, images.device)
+        text = self.lm_batch(questions, answers, images.device)[0]
         dec = self.coca.text_decoder
         got: dict[str, torch.Tensor] = {}
 

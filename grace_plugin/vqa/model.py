@@ -44,14 +44,15 @@ class QuestionContext:
     """The questions of the rows a VQA model is about to see: ``embedding`` ``[B, D]`` (ClipVQA) and/or
     ``prompts`` ``[B, A, D]`` (ZeroShotVQA), unit-norm; for the generative ``CocaVQA``
     (``grace_plugin/vqa/generative.py``) the ``questions`` themselves, and, where an answer is scored, its
-    teacher-forcing tokens ``text`` ``[B, C]`` and ``labels`` ``[B, C - 1]``, with ``sequence`` asking for the
-    whole answer's log-likelihood (``CocaVQA``'s attack output)."""
+    teacher-forcing tokens ``text`` ``[B, C]``, ``labels`` ``[B, K]`` and their decoder ``positions`` ``[B, K]``,
+    with ``sequence`` asking for the whole answer's log-likelihood (``CocaVQA``'s attack output)."""
 
     embedding: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
     questions: list[str] | None = None
     text: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
     sequence: bool = False
 
     def __getitem__(self, idx) -> QuestionContext:
@@ -66,7 +67,7 @@ class QuestionContext:
             return [v[j] for j in i] if isinstance(i, list) else [v[i]]
 
         return QuestionContext(pick(self.embedding), pick(self.prompts), pick(self.questions), pick(self.text),
-                               pick(self.labels), self.sequence)
+                               pick(self.labels), pick(self.positions), self.sequence)
 
 
 _BOUND: contextvars.ContextVar[QuestionContext | None] = contextvars.ContextVar("grace_vqa_questions", default=None)
