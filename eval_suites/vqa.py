@@ -241,12 +241,16 @@ def _analysis_markdown(an: dict) -> list[str]:
     lines += ["", "Per-sample Pearson between concept distances:", "", "| set | " + " | ".join(pairs) + " |",
               "|---" * (len(pairs) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(f(v.get(p)) for p in pairs) + " |" for n, v in an["concept_pairs"].items()]
+    keys = [k for k in ("image", "question", "question_share", "self_over_cross")
+            if any(k in v for v in an["modality_importance"].values())]
     lines += ["", "## Modality importance", "", "Drop of the predicted answer's probability without the image "
-              "(the ID mean image) and without the question (empty), and the question's share (median [quartiles]).",
-              "", "| set | image | question | question share |", "|---|---|---|---|"]
+              "(the ID mean image) and without the question (empty), and the question's share (median [quartiles])"
+              + ("; self/cross: the decoder's self-attention over cross-attention output norm at the prompt "
+                 "positions (larger = more from the question)" if "self_over_cross" in keys else "") + ".",
+              "", "| set | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for n, v in an["modality_importance"].items():
         lines.append(f"| {n} | " + " | ".join(f"{v[k]['median']:.3f} [{v[k]['q25']:.3f}, {v[k]['q75']:.3f}]"
-                                              for k in ("image", "question", "question_share")) + " |")
+                                              for k in keys) + " |")
     return lines + [""]
 
 
@@ -392,9 +396,6 @@ def _suite_shift(loaded: VqaLoaded, ctx, arg=None) -> dict:
 
     if loaded.model is None:
         raise UsageError("suite 'shift' needs a --model (it embeds the questions), not --predictions")
-    if getattr(loaded.model, "generative", False):
-        raise UsageError("suite 'shift' embeds a CLIP VQA model's concepts; for a generative (CoCa) model they are "
-                         "not built yet")
     scored = [_scored(loaded, ctx, n) for n in _clean_suites(ctx)]
     if not scored:
         raise UsageError("suite 'shift' needs the sets: --data NAME=DIR and --ood NAME=DIR")

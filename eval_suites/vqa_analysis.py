@@ -38,9 +38,13 @@ PAIRS = (("image", "joint"), ("question", "joint"), ("uni_image", "image"), ("un
 
 
 @torch.no_grad()
-def _batch_concepts(model, reference, encoder, ref_encoder, x: torch.Tensor, questions: list[str]) -> dict:
+def _batch_concepts(model, reference, encoder, ref_encoder, x: torch.Tensor, questions: list[str]
+                    ) -> tuple[dict, list[str]]:
+    """``({concept: [B, d] float64}, the predicted answers)`` of one batch."""
     from grace_plugin.vqa.model import bound
 
+    if getattr(model, "generative", False):
+        return _coca_concepts(model, reference, ref_encoder, x, questions)
     f = model.encode(x).float()
     out = {"uni_image": reference.encode(x).float(), "uni_question": ref_encoder.encode(questions).float(),
            "image": f}
@@ -55,7 +59,48 @@ def _batch_concepts(model, reference, encoder, ref_encoder, x: torch.Tensor, que
         t = ctx.prompts.to(f)[torch.arange(f.shape[0]), pred]
         out["joint"] = torch.cat([f, t], dim=1)
         out["question"] = ref_encoder.encode(questions).float()
-    return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}, pred
+    return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}, [model.answers[i] for i in pred.tolist()]
+
+
+def _prompt_states(model, image_embs: torch.Tensor, questions: list[str]) -> torch.Tensor:
+    """The CoCa decoder's final states (the input of its last norm) averaged over each prompt's positions (``<sot>``
+    and ``question: ... answer:``), with the image tokens ``image_embs``: ``[B, W]``. The decoder is causal, so the
+    padding after a prompt does not reach its positions."""
+    prompts = [model.prompt_ids(q) for q in questions]
+    n = max(len(p) for p in prompts)
+    text = torch.zeros(len(prompts), n, dtype=torch.long, device=image_embs.device)
+    mask = torch.zeros(len(prompts), n, dtype=torch.bool, device=image_embs.device)
+    for i, ids in enumerate(prompts):
+        text[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = True
+    got = {}
+    handle = model.coca.text_decoder.ln_final.register_forward_pre_hook(lambda _m, args: got.__setitem__("h", args[0]))
+    try:
+        _, token_embs = model.coca._encode_text(text)
+        model.coca.text_decoder(image_embs, token_embs)
+    finally:
+        handle.remove()
+    m = mask[..., None].to(got["h"].dtype)
+    return (got["h"] * m).sum(1) / m.sum(1)
+
+
+def _coca_concepts(model, reference, ref_encoder, x: torch.Tensor, questions: list[str]) -> tuple[dict, list[str]]:
+    """FRAMES-VQA's concepts for the generative backbone (its PaliGemma ones, arXiv 2505.21755 §4, on a CoCa):
+    ``image`` = the mean of the image tokens the decoder reads; ``joint`` = the average of that and the decoder's
+    states over the prompt positions (PaliGemma's joint averages the image and the text positions of one sequence);
+    ``question`` = the decoder's prompt states with the image tokens zeroed (the image removed)."""
+    from grace_plugin.errors import UsageError
+
+    _, embs = model.coca._encode_image(model.normalize(x))
+    img = embs.float().mean(1)
+    states = _prompt_states(model, embs, questions).float()
+    if states.shape[1] != img.shape[1]:
+        raise UsageError(f"--shift: this CoCa's image tokens ({img.shape[1]}) and decoder ({states.shape[1]}) differ "
+                         "in width; the joint concept averages the two")
+    out = {"uni_image": reference.encode(x).float(), "uni_question": ref_encoder.encode(questions).float(),
+           "image": img, "joint": (img + states) / 2,
+           "question": _prompt_states(model, torch.zeros_like(embs), questions).float()}
+    return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}, model.answer(x, questions)
 
 
 def embeddings(model, reference, encoder, ref_encoder, urls: list[str], batch_size: int, device,
@@ -78,7 +123,7 @@ def embeddings(model, reference, encoder, ref_encoder, urls: list[str], batch_si
         for c in CONCEPTS:
             parts[c].append(concepts[c])
         ids += [r["question_id"] for r in b["record"]]
-        answers += [model.answers[i] for i in pred.tolist()]
+        answers += pred
     return {"question_id": ids, "answer": answers, **{c: np.concatenate(v) for c, v in parts.items() if v}}
 
 
@@ -123,9 +168,14 @@ def relate(shift: dict, accuracy: dict[str, float]) -> dict:
 def modality_importance(model, encoder, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor
                         ) -> dict[str, np.ndarray]:
     """Per sample: the predicted answer's probability drop when the image is the ID mean image (``image``) and when
-    the question is empty (``question``), and the question's share of the two (absolute) drops."""
+    the question is empty (``question``), and the question's share of the two (absolute) drops. For a generative
+    model the probability is the whole answer's (teacher-forced), and ``self_over_cross`` is the decoder's
+    attention-output ratio (``attention_ratio.residual_ratio``, the counterpart of FRAMES-VQA's text-over-image
+    attention: larger = the question contributes more than the image)."""
     from grace_plugin.vqa.model import bound
 
+    if getattr(model, "generative", False):
+        return _coca_importance(model, x, questions, mean_image)
     ctx, empty = encoder.context(model, questions), encoder.context(model, [""] * len(questions))
     with bound(ctx):
         p = model(x).float().softmax(1)
@@ -134,11 +184,33 @@ def modality_importance(model, encoder, x: torch.Tensor, questions: list[str], m
     with bound(empty):
         p_q = model(x).float().softmax(1)
     base = p.gather(1, pred)
-    di = (base - p_img.gather(1, pred)).squeeze(1)
-    dq = (base - p_q.gather(1, pred)).squeeze(1)
+    return _drops(base.squeeze(1), p_img.gather(1, pred).squeeze(1), p_q.gather(1, pred).squeeze(1))
+
+
+def _drops(base: torch.Tensor, no_image: torch.Tensor, no_question: torch.Tensor) -> dict[str, np.ndarray]:
+    di, dq = base - no_image, base - no_question
     tot = di.abs() + dq.abs()
     share = torch.where(tot > 0, dq.abs() / tot.clamp_min(1e-12), torch.full_like(tot, 0.5))
     return {"image": di.cpu().numpy(), "question": dq.cpu().numpy(), "question_share": share.cpu().numpy()}
+
+
+def _coca_importance(model, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor) -> dict[str, np.ndarray]:
+    from grace_plugin.vqa.model import QuestionContext, bound
+
+    from .attention_ratio import residual_ratio
+
+    answers = model.answer(x, questions)
+
+    def p_answer(images, qs):  # p(the predicted answer | images, qs), the whole sequence
+        text, labels, positions = model.lm_batch(qs, answers, images.device)
+        with bound(QuestionContext(questions=list(qs), text=text, labels=labels, positions=positions,
+                                   sequence=True)):
+            return model(images)[:, 0].double().exp()
+
+    out = _drops(p_answer(x, questions), p_answer(mean_image.expand_as(x), questions), p_answer(x, [""] * len(x)))
+    self_out, cross_out, prompt = model.attention_outputs(x, questions, answers)
+    out["self_over_cross"] = residual_ratio(self_out, cross_out, prompt).cpu().numpy()
+    return out
 
 
 def importance_summary(values: dict[str, np.ndarray]) -> dict:
@@ -178,6 +250,30 @@ def _importance(model, encoder, urls: list[str], mean_image: torch.Tensor, n: in
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+class _OpenClipImage(torch.nn.Module):
+    """The frozen pre-trained image embedding of an open_clip model that has no timm tower (a CoCa): [0, 1] pixels
+    normalised inside, ``encode_image(normalize=True)``."""
+
+    def __init__(self, bundle):
+        from grace_plugin.models.classifier import ImageNormalizer
+        from grace_plugin.models.clip import pretrained_cfg_from_clip
+
+        super().__init__()
+        cfg = pretrained_cfg_from_clip(bundle)
+        self.clip, self.normalize = bundle.clip.eval(), ImageNormalizer(cfg["mean"], cfg["std"])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(self.normalize(x), normalize=True)
+
+
+def _reference(bundle):
+    """The uni-modal image concept's model: the pre-trained CLIP's timm image tower, or a CoCa's own encoder."""
+    from grace_plugin.vqa.backbones import backbone_for
+    from grace_plugin.vqa.model import zero_shot_vqa_from_clip
+
+    return zero_shot_vqa_from_clip(bundle, ["-"]) if backbone_for(bundle).uses_vocabulary else _OpenClipImage(bundle)
+
+
 def analyse(model, encoder, reference: str, shards: dict, accuracy: dict, opts, device,
             batch_size: int = 128) -> tuple[dict, dict]:
     """The shift per modality and the modality importance of every set in ``shards`` (``name -> (ShardSet,
@@ -187,12 +283,12 @@ def analyse(model, encoder, reference: str, shards: dict, accuracy: dict, opts, 
     from grace_plugin.data.shards import open_shard_set
     from grace_plugin.errors import UsageError
     from grace_plugin.models.clip import load_clip
-    from grace_plugin.vqa.model import QuestionEncoder, zero_shot_vqa_from_clip
+    from grace_plugin.vqa.model import QuestionEncoder
 
     if not reference:
         raise UsageError("--shift needs the pre-trained CLIP (--reference CLIP), which this model does not record")
     bundle = load_clip(reference)
-    ref, ref_enc = zero_shot_vqa_from_clip(bundle, ["-"]).to(device), QuestionEncoder(bundle, device)
+    ref, ref_enc = _reference(bundle).to(device), QuestionEncoder(bundle, device)
     id_set = next(s for s, g in shards.values() if g == "id")
     try:
         train = open_shard_set(id_set.root, split="train")

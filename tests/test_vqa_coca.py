@@ -170,10 +170,10 @@ def test_lora_targets_of_another_architecture_are_refused_naming_this_ones(_mode
         create_recipe("ft", copy.deepcopy(_model_once), cfg)
 
 
-def test_train_eval_and_zero_shot_through_the_cli(coca_dir, tmp_path, capsys):
+def test_train_eval_and_zero_shot_through_the_cli(coca_dir, tmp_path):
     """A CoCa run: trained by `grace train --task vqa`, reloaded from its folder to the same weights, evaluated with
     its answers decoded and two attacks; the pre-trained CoCa evaluated zero-shot; the predictions file scored
-    elsewhere gives the same number."""
+    elsewhere gives the same number; the shift suite's concepts and importance on a CoCa."""
     from grace_app.cli import main
     from grace_plugin.checkpoint import load_run
 
@@ -203,9 +203,13 @@ def test_train_eval_and_zero_shot_through_the_cli(coca_dir, tmp_path, capsys):
     assert main(["eval", "--task", "vqa", "--model", str(coca_dir), "--data", f"vqav2={data}", "--out", str(zs),
                  "--no-progress"]) == 0
     assert "generative, greedy" in json.loads((zs / "report.json").read_text())["model"]
-    assert main(["eval", "--task", "vqa", "--model", str(run), "--data", f"vqav2={data}", "--shift", "--out",
-                 str(tmp_path / "sh"), "--no-progress"]) == 2
-    assert "generative" in capsys.readouterr().err
+    sh = tmp_path / "sh"  # the shift suite on a CoCa: its concepts and both importance measures
+    assert main(["eval", "--task", "vqa", "--model", str(run), "--data", f"vqav2={data}", "--ood", f"ok-vqa={data}",
+                 "--shift", "--out", str(sh), "--no-progress"]) == 0
+    an = json.loads((sh / "report.json").read_text())["analysis"]
+    assert set(an["shift"]["vqav2"]) == {"uni_image", "uni_question", "image", "joint", "question"}
+    assert set(an["modality_importance"]["ok-vqa"]) == {"image", "question", "question_share", "self_over_cross"}
+    assert "self/cross" in (sh / "report.md").read_text()
 
 
 def _toy_set(root):
@@ -288,3 +292,42 @@ def test_coca_quickstart_smoke(tmp_path, capsys):
     assert page_markdown(summary).startswith("# Quick start, VQA with the generative backbone (CoCa)\n")
     assert main(["quickstart", "--backbone", "coca", "--out", str(tmp_path / "c")]) == 2
     assert "--backbone: a flag of `grace quickstart --task vqa`" in capsys.readouterr().err
+
+
+def test_coca_prompt_states_ignore_padding_and_answer(_model_once):
+    """The joint/question concepts read the decoder at the prompt's positions: the same with the batch padded to a
+    longer prompt as alone, whatever the image tokens; and they move with the image (the cross-attention)."""
+    from eval_suites.vqa_analysis import _prompt_states
+
+    model = _model_once
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, embs = model.coca._encode_image(model.normalize(x))
+        qs = ["how many?", "what colour is the big square on the left of the picture?"]
+        both = _prompt_states(model, embs, qs)
+        alone = torch.cat([_prompt_states(model, embs[i:i + 1], [q]) for i, q in enumerate(qs)])
+        zero = _prompt_states(model, torch.zeros_like(embs), qs)
+    assert torch.allclose(both, alone, atol=1e-5) and not torch.allclose(both, zero, atol=1e-3)
+
+
+def test_coca_importance_is_the_answers_probability_drop(_model_once):
+    from eval_suites.vqa_analysis import modality_importance
+
+    model = _model_once
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    qs = QUESTIONS[:3]
+    mean = x.mean(0, keepdim=True)
+    got = modality_importance(model, None, x, qs, mean)
+    with torch.no_grad():  # independent: exp of minus the answer's summed token NLL, from the full logits
+        answers = model.answer(x, qs)
+
+        def p(images, questions):
+            n = torch.tensor([float((model.lm_batch([q], [a])[1] != IGNORE).sum()) for q, a in zip(questions, answers)])
+            return torch.stack([torch.exp(-model.answer_loss(images[i:i + 1], [q], [a]) * n[i])
+                                for i, (q, a) in enumerate(zip(questions, answers))])
+
+        base = p(x, qs)
+        di, dq = base - p(mean.expand_as(x), qs), base - p(x, [""] * 3)
+    assert torch.allclose(torch.tensor(got["image"]).float(), di, atol=1e-5)
+    assert torch.allclose(torch.tensor(got["question"]).float(), dq, atol=1e-5)
+    assert got["self_over_cross"].shape == (3,) and (got["self_over_cross"] > 0).all()
