@@ -331,3 +331,27 @@ def test_coca_importance_is_the_answers_probability_drop(_model_once):
     assert torch.allclose(torch.tensor(got["image"]).float(), di, atol=1e-5)
     assert torch.allclose(torch.tensor(got["question"]).float(), dq, atol=1e-5)
     assert got["self_over_cross"].shape == (3,) and (got["self_over_cross"] > 0).all()
+
+
+def test_classification_recast_as_vqa_answered_in_words(coca_dir, tiny_world, tiny_clip_dir, tmp_path):
+    """DiGraP §4.2 on the generative backbone: the classification world's images asked "what is in the image?",
+    a CoCa fine-tuned on the ID train split's class names, its open answers scored by exact match and by ClipMatch
+    (a CLIP text tower: --reference), beside the VQA accuracy of the same answers."""
+    from grace_app.cli import main
+
+    recast = tmp_path / "id-as-vqa"
+    for split in ("train", "test"):
+        assert main(["shards", "convert", "--format", "classification", "--source-set", str(tiny_world / "id"),
+                     "--split", split, "--out", str(recast)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--task", "vqa", "--recipe", "ft", "--init", str(coca_dir), "--data", str(recast),
+                 "--out", str(run), "--steps", "2", "--no-progress", "--set", "train.batch_size=8",
+                 "--set", "train.val_every=0"]) == 0
+    ev = tmp_path / "ev"
+    assert main(["eval", "--task", "vqa", "--model", str(run), "--data", f"cls={recast}", "--reference",
+                 str(tiny_clip_dir), "--out", str(ev), "--no-progress"]) == 0
+    s = json.loads((ev / "report.json").read_text())["sets"]["cls"]
+    c = s["classification"]
+    assert c["n"] == s["n"] > 0 and c["exact_match"] == pytest.approx(s["accuracy"])
+    assert 0 <= c["clip_match_1"] <= c["clip_match_5"] <= 100
+    assert "ClipMatch@1" in (ev / "report.md").read_text()
