@@ -157,6 +157,7 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
 
 STUDY_ONLY, TUNE_ONLY = ("seeds", "n_adv"), ("trials", "n_val_adv", "rescore_seeds", "write", "no_write", "task")
 CONTROLS_ONLY = ("control", "arms")
+FRAMES_ONLY = ("backbones", "n_shift", "no_judge")
 
 
 def _refuse_flags(a, names: tuple[str, ...], command: str) -> None:
@@ -173,6 +174,9 @@ def _cmd_study(a) -> int:
     from grace_app.studies.runner import StudyConfig, run_study
 
     _refuse_flags(a, TUNE_ONLY, f"grace study {a.name}")
+    if a.name == "frames":
+        return _cmd_frames(a)
+    _refuse_flags(a, FRAMES_ONLY, f"grace study {a.name}")
     if a.name == "controls":
         return _cmd_controls(a)
     _refuse_flags(a, CONTROLS_ONLY, f"grace study {a.name}")
@@ -213,13 +217,36 @@ def _cmd_controls(a) -> int:
     return 0
 
 
+def _cmd_frames(a) -> int:
+    """`grace study frames` (grace_app/studies/frames.py): rows x backbones x seeds on the VQA world, judged."""
+    from grace_app.studies.frames import BACKBONES, FRAMES_ROWS, FramesConfig, run_frames
+    from grace_plugin.errors import UsageError
+
+    _refuse_flags(a, CONTROLS_ONLY, "grace study frames")
+    if a.overrides or a.pretrain_threads:
+        raise UsageError(f"{'--set' if a.overrides else '--pretrain-threads'}: not a flag of `grace study frames`")
+    count, run_seeds = _parse_seeds(a.seeds or "5")
+    cfg = FramesConfig(out=Path(a.out or Path("studies") / "frames"), seed=a.seed,
+                       seeds=run_seeds or list(range(count)), backbones=_comma_list(a.backbones) or list(BACKBONES),
+                       methods=_comma_list(a.methods) or list(FRAMES_ROWS), steps=a.steps or 300,
+                       n_adv=100 if a.n_adv is None else a.n_adv, n_shift=a.n_shift or 200, size=a.size,
+                       pretrain_steps=a.pretrain_steps, device=a.device, judge=not a.no_judge)
+    res = run_frames(cfg, progress=not a.no_progress)
+    if res["doc"] is not None:
+        print((cfg.out / "frames.md").read_text())
+        print(f"wrote {cfg.out / 'frames.json'}, {cfg.out / 'frames.md'} ({res['seconds']:.0f} s)")
+    else:
+        print(f"lane done ({res['seconds']:.0f} s); the page is written by an invocation without --no-judge")
+    return 0
+
+
 def _cmd_tune(a) -> int:
     """`grace study tune`: the tuning protocol (tuning.yaml) for --methods; writes the selection to tuned.yaml."""
     from grace_app.studies.tuning import TuneConfig, run_tuning
     from grace_app.testbed.configs import installed_copy, testbed_dir
     from grace_plugin.errors import UsageError
 
-    _refuse_flags(a, STUDY_ONLY + CONTROLS_ONLY, "grace study tune")
+    _refuse_flags(a, STUDY_ONLY + CONTROLS_ONLY + FRAMES_ONLY, "grace study tune")
     if not a.methods:
         raise UsageError("grace study tune needs --methods, e.g. --methods ft,tecoa,grace")
     if not (a.write or a.no_write) and installed_copy():

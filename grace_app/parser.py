@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="a named study on the testbed (configs/testbed/studies.yaml: table6, table7, "
                         "table8, core, geometry, shift, cost) with verdicts on the paper's claims; or `study tune`: "
                         "the tuning protocol (its own command path and flags)")
-    st.add_argument("name", help="study name (table6, table7, table8, core, geometry, shift, cost), 'tune' or "
-                    "'controls' (positive controls: grace_app/studies/controls.py)")
+    st.add_argument("name", help="study name (table6, table7, table8, core, geometry, shift, cost), 'tune', "
+                    "'controls' (positive controls: grace_app/studies/controls.py) or 'frames' (FRAMES-VQA and "
+                    "DiGraP's VQA claims on the VQA world: grace_app/studies/frames.py)")
     st.add_argument("--out", help="output folder (default studies/NAME)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--steps", type=int, help="fine-tuning steps per run (study default 300; tune: tuning.yaml)")
@@ -166,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--control", help="comma-separated controls (default all: awp-dose, overfit, ranks, volume)")
     cg.add_argument("--arms", help="only these arms of the control (a lane; the control is judged by an "
                     "invocation that runs every arm, reusing the finished runs)")
+    fg = st.add_argument_group("study frames only")
+    fg.add_argument("--backbones", help="comma-separated: clip, coca (default both)")
+    fg.add_argument("--n-shift", type=int, help="questions per set scored by the shift suite (default 200)")
+    fg.add_argument("--no-judge", action="store_true", default=None,
+                    help="train and evaluate this lane only; a later invocation writes the page")
     tg = st.add_argument_group("study tune only")
     tg.add_argument("--trials", type=int, help="trials per method (default: tuning.yaml's)")
     tg.add_argument("--n-val-adv", type=int, help="validation images attacked per trial")

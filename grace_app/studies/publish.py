@@ -7,6 +7,7 @@ Sources are copies of outputs, kept in ``docs/results/data/``:
 - ``study-<name>.json``: a study's ``study.json`` (``grace study NAME``), rendered by the study's own markdown
   (``study-<name>-world<k>.json`` for a study on world seed k > 0);
 - ``controls.json``: ``grace study controls``'s positive controls (``controls-world<k>.json`` on world seed k > 0);
+- ``frames.json``: ``grace study frames`` on the VQA world (``frames-world<k>.json`` on world seed k > 0);
 - ``bench-<name>.json``: ``bench/step_cost.py --json`` rows, with ``bench-<name>.txt`` (the full output of the run,
   e.g. ``bench/gpu_check.sh``'s table) shown beside it when present; or a bench's table (``"bench": "table"``:
   ``bench/lora_capacity.py``, ``bench/grace_corners.py``).
@@ -42,6 +43,8 @@ def _kind(doc: dict) -> str | None:
         return "study"
     if isinstance(doc, dict) and doc.get("kind") == "controls" and isinstance(doc.get("controls"), dict):
         return "controls"  # ``grace study controls``'s controls.json
+    if isinstance(doc, dict) and doc.get("kind") == "frames" and isinstance(doc.get("records"), dict):
+        return "frames"  # ``grace study frames``'s frames.json
     if isinstance(doc, dict) and {"protocol", "methods", "trials"} <= set(doc):
         return "tuning"  # ``grace study tune``'s tuning.json
     if isinstance(doc, dict) and doc.get("task") == "vqa" and "rows" in doc and "legend" in doc:
@@ -55,7 +58,8 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
     """Copy a quickstart folder's ``summary.json``, a study folder's ``study.json``, a tuning folder's
     ``tuning.json`` or a bench JSON into ``data_dir`` under the name its page will have."""
     p = Path(path)
-    f = next((p / n for n in ("study.json", "summary.json", "tuning.json", "controls.json") if (p / n).is_file()),
+    f = next((p / n for n in ("study.json", "summary.json", "tuning.json", "controls.json", "frames.json")
+              if (p / n).is_file()),
              None) \
         if p.is_dir() else p
     if f is None or not f.is_file():
@@ -69,9 +73,9 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
         name = f"bench-step_cost-{device}-{doc.get('arch')}-b{doc.get('batch')}.json"
     elif kind == "table":
         name = f"bench-{re.sub(r'[^a-z0-9_]+', '-', str(doc['name']).lower())}.json"
-    elif kind == "controls":  # one page per world
+    elif kind in ("controls", "frames"):  # one page per world
         world = doc.get("world_seed") or 0
-        name = f"controls-world{world}.json" if world else "controls.json"
+        name = f"{kind}-world{world}.json" if world else f"{kind}.json"
     elif kind == "tuning":  # one page per world (and task: the VQA world's tuning is a page of its own)
         task = "" if doc.get("task", "classification") == "classification" else f"{doc['task']}-"
         name = f"tuning-{task}{doc.get('size')}-seed{doc.get('seed')}.json"
@@ -207,6 +211,10 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
         from .controls import controls_markdown
 
         return controls_markdown(doc)
+    if kind == "frames":
+        from .frames import frames_markdown
+
+        return frames_markdown(doc)
     raise UsageError("not a study.json, quickstart summary.json, tuning.json, controls.json or bench JSON")
 
 
@@ -215,7 +223,7 @@ def _group(doc: dict) -> str:
     kind = _kind(doc)
     if kind in ("quickstart", "quickstart-vqa"):
         return "Quick start"
-    if kind in ("study", "controls"):
+    if kind in ("study", "controls", "frames"):
         world = doc.get("world_seed") or 0
         return f"Studies, world seed {world}" if world else "Studies, default world"
     if kind == "tuning":

@@ -1,0 +1,114 @@
+"""`grace study frames`: the statistics as pure functions against closed forms and scipy, and the study end to end
+on the small VQA world (both backbones, two seeds, lanes then one judging invocation, its page generated)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from grace_app.studies.frames import bootstrap_far_minus_near, judge, non_inferior, spearman_test, t_interval
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_t_interval_and_non_inferiority_against_scipy():
+    from scipy import stats
+
+    d = [0.5, -0.2, 0.9, 0.1, 0.4]
+    ci = t_interval(d)
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=np.mean(d), scale=stats.sem(d))
+    assert ci["ci95"] == pytest.approx([lo, hi]) and ci["n"] == 5
+    assert non_inferior(d, margin=1.0)["verdict"] == "holds"  # lower end above -1
+    assert non_inferior([-3.1, -2.9, -3.0], margin=1.0)["verdict"] == "fails"  # wholly below 0
+    assert non_inferior([-1.5, 0.5, -0.9], margin=1.0)["verdict"] == "inconclusive"
+    assert non_inferior([1.0], margin=1.0)["verdict"] == "inconclusive"  # one seed: no interval
+
+
+def test_far_minus_near_bootstrap():
+    near = [[1.0, 1.0, 1.0], [2.0, 2.0]]
+    far = [[4.0, 4.0], [6.0, 6.0, 6.0, 6.0]]
+    d = bootstrap_far_minus_near(near, far)
+    assert d["mean"] == pytest.approx(5.0 - 1.5) and d["ci95"] == pytest.approx([3.5, 3.5])  # no spread: exact
+    rng = np.random.default_rng(0)
+    noisy = bootstrap_far_minus_near([rng.normal(0, 1, 200)], [rng.normal(0.05, 1, 200)])
+    assert noisy["ci95"][0] < noisy["mean"] < noisy["ci95"][1]
+
+
+def test_spearman_against_scipy():
+    from scipy import stats
+
+    x, y = [1.0, 2.0, 3.5, 4.0, 7.0], [9.0, 7.0, 8.0, 3.0, 1.0]
+    t = spearman_test(x, y)
+    assert t["rho"] == pytest.approx(stats.spearmanr(x, y).statistic) and t["p"] == pytest.approx(
+        stats.spearmanr(x, y).pvalue)
+    assert spearman_test([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])["rho"] is None  # constant: undefined, not a number
+
+
+def _rec(id_, ood, sets=None):
+    return {"axes": {"id": id_, "near": ood, "far": ood, "ood": ood, "adv": 0.0}, "sets": sets or {}}
+
+
+def test_judge_digrap_against_rows():
+    rows = {"DiGraP": {"0": _rec(80, 50), "1": _rec(81, 51), "2": _rec(79, 52)},
+            "FT": {"0": _rec(70, 50.5), "1": _rec(71, 50.8), "2": _rec(69, 51.9)},
+            "zero-shot": {"zero": _rec(40, 60)}}
+    v = {x["claim"]: x for x in judge({"clip": rows})}
+    assert v["DiGraP at or above FT on ID"]["verdict"] == "holds"
+    assert v["DiGraP at or above FT on ID"]["mean"] == pytest.approx(10.0)
+    assert v["DiGraP at or above zero-shot on OOD"]["verdict"] == "fails"  # 9-10 points below the one zero-shot
+    assert v["DiGraP at or above zero-shot on ID"]["n"] == 3
+
+
+def test_frames_lanes_then_judge_on_the_small_world(tmp_path, capsys):
+    """One backbone, two rows: a lane that does not judge, then the judging invocation reuses its run and adds a
+    seed; the page is generated from frames.json."""
+    from grace_app.cli import main
+    from grace_app.studies.publish import add_source, page_markdown
+
+    out = tmp_path / "fr"
+    common = ["study", "frames", "--size", "small", "--steps", "2", "--pretrain-steps", "3", "--n-adv", "2",
+              "--n-shift", "20", "--out", str(out), "--no-progress", "--backbones", "clip", "--methods",
+              "zero-shot,DiGraP"]
+    assert main(common + ["--seeds", "0-0", "--no-judge"]) == 0 and not (out / "frames.json").exists()
+    capsys.readouterr()
+    assert main(common + ["--seeds", "0-1"]) == 0
+    assert "clip: 1 runs reused, 0 resumed, 1 trained" in capsys.readouterr().out
+    doc = json.loads((out / "frames.json").read_text())
+    assert set(doc["records"]["clip"]["DiGraP"]) == {"0", "1"}
+    v = {x["claim"]: x for x in doc["verdicts"]}
+    assert v["DiGraP at or above zero-shot on ID"]["n"] == 2
+    assert page_markdown(doc).startswith("# FRAMES-VQA study, VQA world seed 0")
+    assert add_source(out, tmp_path / "pages").name == "frames.json"
+    assert main(["study", "frames", "--backbones", "vit", "--out", str(tmp_path / "x")]) == 2
+    assert main(["study", "table6", "--backbones", "clip", "--out", str(tmp_path / "y")]) == 2
+
+
+@pytest.mark.slow
+def test_frames_study_end_to_end_small(tmp_path, capsys):
+    from grace_app.cli import main
+    from grace_app.studies.publish import add_source, page_markdown
+
+    out = tmp_path / "fr"
+    common = ["study", "frames", "--size", "small", "--steps", "2", "--pretrain-steps", "3", "--n-adv", "2",
+              "--n-shift", "20", "--out", str(out), "--no-progress"]
+    # two lanes (one per backbone) that do not judge, then one invocation that reuses everything and judges
+    assert main(common + ["--backbones", "clip", "--methods", "zero-shot,FT,DiGraP", "--seeds", "0-1",
+                          "--no-judge"]) == 0
+    assert not (out / "frames.json").exists()
+    assert main(common + ["--backbones", "coca", "--methods", "zero-shot,DiGraP", "--seeds", "0-1", "--no-judge"]) == 0
+    capsys.readouterr()
+    assert main(common + ["--backbones", "clip,coca", "--methods", "zero-shot,FT,DiGraP", "--seeds", "0-1"]) == 0
+    assert "clip: 4 runs reused, 0 resumed, 0 trained" in capsys.readouterr().out  # the lane's runs, not retrained
+    doc = json.loads((out / "frames.json").read_text())
+    recs = doc["records"]
+    assert set(recs) == {"clip", "coca"} and set(recs["clip"]["DiGraP"]) == {"0", "1"}
+    assert "analysis" in recs["clip"]["DiGraP"]["0"] and "analysis" not in recs["clip"]["DiGraP"]["1"]
+    assert "samples_by_set" in recs["coca"]["zero-shot"]["zero"]["analysis"]
+    claims = [v["claim"] for v in doc["verdicts"]]
+    assert "DiGraP at or above FT on ID" in claims and any(c.startswith("near-OOD sets closer") for c in claims)
+    assert all(v["verdict"] in ("holds", "fails", "inconclusive") for v in doc["verdicts"])
+    assert (out / "runs" / "coca" / "digrap" / "seed1" / "eval" / "report.json").is_file()
+    md = page_markdown(doc)
+    assert md.startswith("# FRAMES-VQA study, VQA world seed 0") and "## coca" in md and "## Verdicts" in md
+    assert add_source(out, tmp_path / "pages").name == "frames.json"
+    assert not math.isnan(sum(r["axes"]["id"] for r in recs["clip"]["FT"].values()))
