@@ -79,6 +79,8 @@ def test_frames_lanes_then_judge_on_the_small_world(tmp_path, capsys):
     assert v["DiGraP at or above zero-shot on ID"]["n"] == 2
     assert page_markdown(doc).startswith("# FRAMES-VQA study, VQA world seed 0")
     assert add_source(out, tmp_path / "pages").name == "frames.json"
+    assert main(common[:5] + ["3"] + common[6:] + ["--seeds", "0-0"]) == 2  # another run length: refused
+    assert "steps=2, not 3" in capsys.readouterr().err
     assert main(["study", "frames", "--backbones", "vit", "--out", str(tmp_path / "x")]) == 2
     assert main(["study", "table6", "--backbones", "clip", "--out", str(tmp_path / "y")]) == 2
 

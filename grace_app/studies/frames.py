@@ -220,6 +220,7 @@ def run_frames(cfg: FramesConfig, progress: bool = True, echo=print) -> dict:
     from .quickstart_vqa import prepare_vqa_testbed
 
     out, t0 = Path(cfg.out), time.time()
+    _check_protocol(cfg)
     device = str(resolve_device(cfg.device))
     store = out / "frames-records.json"  # every evaluated model's record, merged across lanes
     total = {"reused": 0, "resumed": 0, "trained": 0}
@@ -255,6 +256,26 @@ def run_frames(cfg: FramesConfig, progress: bool = True, echo=print) -> dict:
         atomic_write_text(out / "frames.json", json.dumps(doc, indent=2) + "\n")
         atomic_write_text(out / "frames.md", frames_markdown(doc))
     return {"doc": doc, "counts": total, "seconds": round(time.time() - t0, 1)}
+
+
+def _check_protocol(cfg: FramesConfig) -> None:
+    """One study folder, one protocol: its records are pooled across invocations, so an invocation whose run length,
+    attack, shift size, world or size differ from the folder's first is refused (use another --out)."""
+    from grace_plugin.errors import UsageError
+    from grace_plugin.tensor_io import atomic_write_text
+
+    protocol = {"steps": cfg.steps, "attack": cfg.attack, "eps": cfg.eps, "n_adv": cfg.n_adv, "n_shift": cfg.n_shift,
+                "world_seed": cfg.seed, "size": cfg.size, "pretrain_steps": cfg.pretrain_steps}
+    f = Path(cfg.out) / "frames-protocol.json"
+    if f.is_file():
+        before = json.loads(f.read_text())
+        changed = [k for k in protocol if before.get(k) != protocol[k]]
+        if changed:
+            raise UsageError(f"--out {cfg.out}: a frames study with {changed[0]}={before.get(changed[0])!r}, not "
+                             f"{protocol[changed[0]]!r}; its records would mix two protocols (use another --out)")
+        return
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(f, json.dumps(protocol, indent=2) + "\n")
 
 
 def _store(store: Path, backbone: str, label: str, seed: int | None, record: dict) -> None:

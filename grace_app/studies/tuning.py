@@ -109,7 +109,7 @@ def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str], ta
              "the", "# method's files by grace_app/testbed/configs.py. Protocol and grids: tuning.yaml.", ""]
     if task == "vqa":
         lines[:2] = ["# Selected values per method on the VQA world, written by `grace study tune --task vqa`",
-                     "# (grace_app/studies/tuning.py); no run reads them yet (docs/vqa.md). Protocol and grids: "
+                     "# (grace_app/studies/tuning.py); read by `grace study frames` (CLIP rows). Protocol and grids: "
                      "tuning.yaml."]
     for name in sorted(current):
         lines.append(f"# [{name}] {notes[name]}" if name in notes else old_notes.get(name, f"# [{name}]"))
