@@ -157,7 +157,7 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
 
 STUDY_ONLY, TUNE_ONLY = ("seeds", "n_adv"), ("trials", "n_val_adv", "rescore_seeds", "write", "no_write", "task")
 CONTROLS_ONLY = ("control", "arms")
-FRAMES_ONLY = ("backbones", "n_shift", "no_judge")
+FRAMES_ONLY = ("n_shift", "no_judge")
 
 
 def _refuse_flags(a, names: tuple[str, ...], command: str) -> None:
@@ -176,7 +176,7 @@ def _cmd_study(a) -> int:
     _refuse_flags(a, TUNE_ONLY, f"grace study {a.name}")
     if a.name == "frames":
         return _cmd_frames(a)
-    _refuse_flags(a, FRAMES_ONLY, f"grace study {a.name}")
+    _refuse_flags(a, FRAMES_ONLY + ("backbones",), f"grace study {a.name}")
     if a.name == "controls":
         return _cmd_controls(a)
     _refuse_flags(a, CONTROLS_ONLY, f"grace study {a.name}")
@@ -254,13 +254,18 @@ def _cmd_tune(a) -> int:
                          f"({testbed_dir()}); pass --write PATH/tuned.yaml (a copy of configs/testbed, then "
                          "GRACE_TESTBED_CONFIGS=PATH) or --no-write")
     task = a.task or "classification"
-    tuned = "tuned-vqa.yaml" if task == "vqa" else "tuned.yaml"  # the VQA world's selection never moves the other's
+    backbone = (_comma_list(a.backbones) or ["clip"])
+    if len(backbone) != 1 or backbone[0] not in ("clip", "coca") or (task != "vqa" and backbone != ["clip"]):
+        raise UsageError(f"--backbones {a.backbones}: `grace study tune` takes one, clip or coca (coca: --task vqa)")
+    backbone = backbone[0]
+    # the VQA world's selection never moves the other's, nor one backbone's the other's
+    tuned = "tuned.yaml" if task != "vqa" else "tuned-vqa.yaml" if backbone == "clip" else f"tuned-vqa-{backbone}.yaml"
     write = None if a.no_write else Path(a.write) if a.write else testbed_dir() / tuned
     cfg = TuneConfig(methods=[m.strip() for m in a.methods.split(",") if m.strip()],
                      out=Path(a.out or Path("studies") / "tune"), trials=a.trials, steps=a.steps, seed=a.seed,
                      device=a.device, size=a.size, pretrain_steps=a.pretrain_steps,
                      pretrain_threads=a.pretrain_threads, n_val_adv=a.n_val_adv, overrides=a.overrides,
-                     write=write, rescore_seeds=a.rescore_seeds, task=task)
+                     write=write, rescore_seeds=a.rescore_seeds, task=task, backbone=backbone)
     res = run_tuning(cfg, progress=not a.no_progress)
     print(Path(res["paths"]["md"]).read_text())
     print("wrote " + ", ".join(str(p) for p in res["paths"].values()))

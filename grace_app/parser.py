@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--arms", help="only these arms of the control (a lane; the control is judged by an "
                     "invocation that runs every arm, reusing the finished runs)")
     fg = st.add_argument_group("study frames only")
-    fg.add_argument("--backbones", help="comma-separated: clip, coca (default both)")
+    fg.add_argument("--backbones", help="comma-separated: clip, coca (default both; study tune --task vqa: one, "
+                    "default clip)")
     fg.add_argument("--n-shift", type=int, help="questions per set scored by the shift suite (default 200)")
     fg.add_argument("--no-judge", action="store_true", default=None,
                     help="train and evaluate this lane only; a later invocation writes the page")

@@ -355,3 +355,24 @@ def test_classification_recast_as_vqa_answered_in_words(coca_dir, tiny_world, ti
     assert c["n"] == s["n"] > 0 and c["exact_match"] == pytest.approx(s["accuracy"])
     assert 0 <= c["clip_match_1"] <= c["clip_match_5"] <= 100
     assert "ClipMatch@1" in (ev / "report.md").read_text()
+
+
+def test_coca_tuning_smoke(tmp_path, capsys):
+    """`grace study tune --task vqa --backbones coca`: the protocol's trials on the tiny CoCa (coca.yaml layered),
+    its own page and its own tuned file (never tuned-vqa.yaml, the CLIP's)."""
+    from grace_app.cli import main
+    from grace_app.studies.publish import add_source
+
+    out, tuned = tmp_path / "tune", tmp_path / "tuned-vqa-coca.yaml"
+    assert main(["study", "tune", "--task", "vqa", "--backbones", "coca", "--methods", "ft", "--size", "small",
+                 "--steps", "2", "--trials", "2", "--n-val-adv", "2", "--rescore-seeds", "1", "--pretrain-steps", "3",
+                 "--out", str(out), "--write", str(tuned), "--no-progress"]) == 0
+    doc = json.loads((out / "tuning.json").read_text())
+    assert doc["backbone"] == "coca" and len(doc["methods"]["ft"]["trials"]) == 2
+    assert (out / "coca" / "pretrained" / "open_clip_config.json").is_file()
+    assert "for the coca backbone" in tuned.read_text() and "ft:" in tuned.read_text()
+    assert add_source(out, tmp_path / "data").name == "tuning-vqa-coca-small-seed0.json"
+    capsys.readouterr()
+    assert main(["study", "tune", "--backbones", "coca", "--methods", "ft", "--out", str(tmp_path / "t2"),
+                 "--no-write"]) == 2
+    assert "coca: --task vqa" in capsys.readouterr().err

@@ -133,16 +133,19 @@ def _layers(backbone: str, method: str) -> dict:
     layer = _load("vqa.yaml")
     if backbone == "coca":
         layer = merge(layer, _load("coca.yaml"))
-    else:  # the VQA protocol's selections (grace study tune --task vqa) for this method, where it ran
-        tuned = _load("tuned-vqa.yaml") or {}
-        layer = merge(layer, nest(tuned.get(method) or {}))
-    return layer
+    # the VQA protocol's selections (grace study tune --task vqa --backbones B) for this method, where it ran
+    return merge(layer, nest(_tuned(backbone).get(method) or {}))
 
 
-def _tuned_methods() -> set[str]:
-    from ..testbed.configs import _load
+def _tuned(backbone: str) -> dict:
+    from ..testbed.configs import _load, testbed_dir
 
-    return set(_load("tuned-vqa.yaml") or {})
+    name = "tuned-vqa.yaml" if backbone == "clip" else f"tuned-vqa-{backbone}.yaml"
+    return (_load(name) or {}) if (testbed_dir() / name).is_file() else {}
+
+
+def _tuned_methods() -> dict[str, list[str]]:
+    return {b: sorted(_tuned(b)) for b in BACKBONES}
 
 
 def _train(cfg: FramesConfig, backbone: str, method: str, seed: int, data: Path, pretrained: Path, device: str,
@@ -250,7 +253,7 @@ def run_frames(cfg: FramesConfig, progress: bool = True, echo=print) -> dict:
     if cfg.judge:
         records = json.loads(store.read_text())
         doc = {"kind": "frames", "world_seed": cfg.seed, "steps": cfg.steps, "attack": cfg.attack, "eps": cfg.eps,
-               "n_adv": cfg.n_adv, "n_shift": cfg.n_shift, "margin": MARGIN, "tuned": sorted(_tuned_methods()),
+               "n_adv": cfg.n_adv, "n_shift": cfg.n_shift, "margin": MARGIN, "tuned": _tuned_methods(),
                "rows": FRAMES_ROWS, "records": records, "verdicts": judge(records), "size": cfg.size,
                "config": {k: str(v) for k, v in asdict(cfg).items()}, "seconds": round(time.time() - t0, 1)}
         atomic_write_text(out / "frames.json", json.dumps(doc, indent=2) + "\n")
@@ -400,8 +403,9 @@ def frames_markdown(doc: dict) -> str:
               f"{', '.join(OOD_SETS[:6])}, far = the mean of {', '.join(OOD_SETS[6:])}, OOD = all nine; Adv = "
               f"{doc['attack']} (l_inf {doc['eps']:.4f}) on the image of the first {doc['n_adv']} test questions. "
               f"Compute: {cpu / 3600:.2f} CPU-hours (training and evaluation). Rows tuned on the VQA world's "
-              f"validation split: {', '.join(doc['tuned']) or 'none'} (CLIP); every other row runs at the VQA "
-              "layer's learning rate, untuned.", ""]
+              "validation split (`grace study tune --task vqa`): " + "; ".join(
+                  f"{b}: {', '.join(m) or 'none'}" for b, m in doc["tuned"].items() if b in records)
+              + ". Every other row runs at the VQA layer's learning rate, untuned.", ""]
     for backbone, rows in records.items():
         lines += [f"## {backbone}", "", "| row | ID | near OOD | far OOD | OOD | Adv |", "|---|---|---|---|---|---|"]
         for label, recs in rows.items():

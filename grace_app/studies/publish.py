@@ -78,6 +78,7 @@ def add_source(path: str | Path, data_dir: str | Path) -> Path:
         name = f"{kind}-world{world}.json" if world else f"{kind}.json"
     elif kind == "tuning":  # one page per world (and task: the VQA world's tuning is a page of its own)
         task = "" if doc.get("task", "classification") == "classification" else f"{doc['task']}-"
+        task += f"{doc['backbone']}-" if doc.get("backbone", "clip") != "clip" else ""  # a backbone's own page
         name = f"tuning-{task}{doc.get('size')}-seed{doc.get('seed')}.json"
     else:
         world = doc.get("world_seed") or 0  # a second world's study gets a page of its own

@@ -50,6 +50,7 @@ class TuneConfig:
     write: Path | None = None  # tuned.yaml to update (None: do not write)
     rescore_seeds: int | None = None  # default: tuning.yaml's
     task: str = "classification"  # vqa: on the VQA world, scored by VQA accuracy on vqav2 val (grace_plugin.tasks)
+    backbone: str = "clip"  # vqa: the world's tiny CLIP, or its tiny CoCa (coca.yaml layered on vqa.yaml)
 
 
 def trial_score(clean: float | None, robust: float | None) -> dict:
@@ -90,7 +91,8 @@ def select_trial(rows: list[dict], threshold: float) -> int | None:
                                   round(rows[i].get("mean") or 0.0, 6), -i))
 
 
-def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str], task: str = "classification") -> Path:
+def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str], task: str = "classification",
+                backbone: str = "clip") -> Path:
     """Update ``path`` (tuned.yaml): the given methods' entries replaced, the others kept; one comment per entry."""
     import yaml
 
@@ -111,6 +113,10 @@ def write_tuned(path: Path, selected: dict[str, dict], notes: dict[str, str], ta
         lines[:2] = ["# Selected values per method on the VQA world, written by `grace study tune --task vqa`",
                      "# (grace_app/studies/tuning.py); read by `grace study frames` (CLIP rows). Protocol and grids: "
                      "tuning.yaml."]
+        if backbone != "clip":
+            lines[:2] = [f"# Selected values per method on the VQA world for the {backbone} backbone, written by "
+                         f"`grace study tune --task vqa --backbones {backbone}`", "# (grace_app/studies/tuning.py); "
+                         f"read by `grace study frames` ({backbone} rows). Protocol and grids: tuning.yaml."]
     for name in sorted(current):
         lines.append(f"# [{name}] {notes[name]}" if name in notes else old_notes.get(name, f"# [{name}]"))
         lines.append(yaml.safe_dump({name: current[name]}, sort_keys=True, default_flow_style=False).rstrip())
@@ -432,10 +438,11 @@ def _trial_data(cfg: TuneConfig, proto: dict, out: Path, n_val_adv: int, device:
     ctx_args = dict(eps=float(proto.get("eps", 4 / 255)), n_adv=n_val_adv, device=device, seed=cfg.seed)
     if cfg.task == "vqa":
         from .quickstart_vqa import prepare_vqa_testbed
-        from ..testbed.configs import _load
+        from ..testbed.configs import _load, merge
 
-        data, pretrained = prepare_vqa_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, {})
-        layer = _load("vqa.yaml")
+        data, pretrained = prepare_vqa_testbed(out, cfg.seed, cfg.size, cfg.pretrain_steps, progress, echo, {},
+                                               cfg.backbone)
+        layer = _load("vqa.yaml") if cfg.backbone == "clip" else merge(_load("vqa.yaml"), _load("coca.yaml"))
         ctx_args |= dict(task="vqa", id_set=("vqav2", data / "vqav2" / "val"),
                          answers_min_count=int(layer["data"]["answers_min_count"]))
         return pretrained, data / "vqav2", ctx_args, layer
@@ -525,7 +532,8 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
         base = b["hm"] if res["score"] == "hm" else b["val_clean"]
         seed_mean = base if b.get("seed_mean") is None else b["seed_mean"]
         notes[name] = (f"{c['trials']} trials (Optuna TPE), {steps} steps, score {res['score']}, "
-                       f"{'VQA world' if cfg.task == 'vqa' else 'world'} {cfg.size}, "
+                       f"{'VQA world' if cfg.task == 'vqa' else 'world'} {cfg.size}"
+                       + (f" ({cfg.backbone})" if cfg.backbone != "clip" else "") + ", "
                        f"seed {cfg.seed}: trial {res['selected']} val clean {b['val_clean']:.2f} robust "
                        f"{b['val_robust']:.2f}"
                        + ("" if b["feature_spread"] is None else f" spread {b['feature_spread']:.3f}")
@@ -533,7 +541,8 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
                        f"{len(b.get('seed_scores') or [1])} seeds {seed_mean:.2f}; compute "
                        f"{c['cpu_seconds']:.0f} CPU-s ({time.strftime('%Y-%m-%d')})"
                        + (f"; edge: {', '.join(res['at_range_edge'])}" if res["at_range_edge"] else ""))
-    doc = {"task": cfg.task, "protocol": {k: v for k, v in proto.items() if k not in ("space", "anchors")},
+    doc = {"task": cfg.task, **({"backbone": cfg.backbone} if cfg.backbone != "clip" else {}),
+           "protocol": {k: v for k, v in proto.items() if k not in ("space", "anchors")},
            "trials": trials,
            "steps": steps, "size": cfg.size, "seed": cfg.seed, "methods": results,
            "seconds": round(time.time() - t0, 1)}
@@ -543,5 +552,5 @@ def run_tuning(cfg: TuneConfig, progress: bool = False, echo=print) -> dict:
     atomic_write_text(out / "tuning.md", tuning_markdown(doc))
     paths = {"json": out / "tuning.json", "md": out / "tuning.md"}
     if cfg.write is not None and selected:
-        paths["tuned"] = write_tuned(Path(cfg.write), selected, notes, cfg.task)
+        paths["tuned"] = write_tuned(Path(cfg.write), selected, notes, cfg.task, cfg.backbone)
     return {"doc": doc, "paths": paths}
