@@ -407,9 +407,12 @@ def frames_markdown(doc: dict) -> str:
                   f"{b}: {', '.join(m) or 'none'}" for b, m in doc["tuned"].items() if b in records)
               + ". Every other row runs at the VQA layer's learning rate, untuned.", ""]
     for backbone, rows in records.items():
-        lines += [f"## {backbone}", "", "| row | ID | near OOD | far OOD | OOD | Adv |", "|---|---|---|---|---|---|"]
+        rows = {k: rows[k] for k in sorted(rows, key=lambda r: list(FRAMES_ROWS).index(r) if r in FRAMES_ROWS else 99)}
+        lines += [f"## {backbone}", "", "| row | seeds | ID | near OOD | far OOD | OOD | Adv |",
+                  "|---|---|---|---|---|---|---|"]
         for label, recs in rows.items():
-            lines.append(f"| {label} | " + " | ".join(_cell([r["axes"][a] for r in recs.values()
+            n = "-" if "zero" in recs else str(len(recs))
+            lines.append(f"| {label} | {n} | " + " | ".join(_cell([r["axes"][a] for r in recs.values()
                                                              if r["axes"].get(a) is not None]) for a in AXES) + " |")
         sets = next(iter(next(iter(rows.values())).values()))["sets"]
         lines += ["", "| row | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
