@@ -108,7 +108,7 @@ def test_frames_study_end_to_end_small(tmp_path, capsys):
     assert "samples_by_set" in recs["coca"]["zero-shot"]["zero"]["analysis"]
     claims = [v["claim"] for v in doc["verdicts"]]
     assert "DiGraP at or above FT on ID" in claims and any(c.startswith("near-OOD sets closer") for c in claims)
-    assert all(v["verdict"] in ("holds", "fails", "inconclusive") for v in doc["verdicts"])
+    assert all(v["verdict"] in ("holds", "fails", "inconclusive", "image", "question") for v in doc["verdicts"])
     assert (out / "runs" / "coca" / "digrap" / "seed1" / "eval" / "report.json").is_file()
     md = page_markdown(doc)
     assert md.startswith("# FRAMES-VQA study, VQA world seed 0") and "## coca" in md and "## Verdicts" in md

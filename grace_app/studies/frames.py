@@ -25,7 +25,8 @@ Verdicts (``judge``), with their statistics, on the claims the seeds can test:
 * larger shift, larger drop (per backbone, row and concept): Spearman's rho across the sets between a set's shift
   (the row's own model, first seed) and its accuracy, with its p-value; the claim holds when rho < 0 at p < 0.05;
 * which modality the joint shift follows (per backbone and row): the per-sample Pearson of (image, joint) against
-  (question, joint), paired over the OOD sets by a t interval.
+  (question, joint), paired over the OOD sets by a t interval: "image" when its 95% interval is above 0, "question"
+  when below, otherwise inconclusive (a question, not a directional claim).
 """
 from __future__ import annotations
 
@@ -365,10 +366,9 @@ def judge(records: dict, margin: float = MARGIN) -> list[dict]:
             ci = t_interval(diffs)
             follows = "inconclusive" if ci is None else "image" if ci["ci95"][0] > 0 else \
                 "question" if ci["ci95"][1] < 0 else "inconclusive"
-            out.append({"backbone": backbone, "claim": f"the joint shift follows the image more than the question "
-                        f"({label})", "test": "r(image, joint) - r(question, joint) over the OOD sets, t 95%",
-                        "verdict": "holds" if follows == "image" else "fails" if follows == "question"
-                        else "inconclusive", "follows": follows, **(ci or {})})
+            out.append({"backbone": backbone, "claim": f"which modality the joint shift follows ({label})",
+                        "test": "r(image, joint) - r(question, joint) over the OOD sets, t 95%: image when above 0, "
+                        "question when below", "verdict": follows, **(ci or {})})
     return out
 
 
