@@ -376,3 +376,23 @@ def test_coca_tuning_smoke(tmp_path, capsys):
     assert main(["study", "tune", "--backbones", "coca", "--methods", "ft", "--out", str(tmp_path / "t2"),
                  "--no-write"]) == 2
     assert "coca: --task vqa" in capsys.readouterr().err
+
+
+def test_tiny_coca_pretraining_is_deterministic_in_one_process(tmp_path):
+    """open_clip leaves the CoCa decoder's output projection uninitialised (torch.empty): the pretraining sets it,
+    so a second pretraining in the same process, after the allocator has handed out other memory, is identical."""
+    import hashlib
+
+    from grace_app.testbed.tiny_coca import CocaPretrainConfig, pretrain_tiny_coca
+    from grace_app.testbed.vqa_world import VqaWorldSpec, write_vqa_world
+
+    world = tmp_path / "w"
+    write_vqa_world(world, seed=0, spec=VqaWorldSpec(train=8, val=2, test=2, ood=2, pairs=40, shard_size=100))
+    cfg = CocaPretrainConfig(steps=2, batch_size=8, width=64, layers=2)
+    digests = []
+    for i in range(2):
+        junk = torch.full((3000, 3000), 7.0)  # leave non-zero memory behind in the allocator
+        del junk
+        d = pretrain_tiny_coca(world / "pairs", tmp_path / f"c{i}", cfg, progress=False)
+        digests.append(hashlib.sha256((d / "open_clip_model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .tiny_clip import PretrainConfig
 
 __all__ = ["CocaPretrainConfig", "pretrain_tiny_coca", "tiny_coca", "TINY_COCA_NAME", "caption_loss"]
 
@@ -31,18 +32,14 @@ _VERSION = 1  # bump when the pretraining procedure changes (invalidates caches)
 
 
 @dataclass
-class CocaPretrainConfig:
+class CocaPretrainConfig(PretrainConfig):
+    """The tiny CLIP's pretraining settings (threads pinned, part of the cache key), at the CoCa's length and batch,
+    with CoCa's two loss weights."""
+
     steps: int = 1000
     batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 50
-    seed: int = 0
-    width: int = 96
-    layers: int = 3
     caption_weight: float = 2.0
     contrastive_weight: float = 1.0
-    threads: int = 1  # pinned, and part of the cache key, as for the tiny CLIP (CPU reductions split by thread count)
 
 
 def caption_loss(coca, images: torch.Tensor, text: torch.Tensor, pad_id: int = 0) -> tuple[torch.Tensor, dict]:
@@ -65,69 +62,42 @@ def caption_loss(coca, images: torch.Tensor, text: torch.Tensor, pad_id: int = 0
 def pretrain_tiny_coca(pairs_dir: str | Path, out: str | Path, cfg: CocaPretrainConfig | None = None,
                        progress: bool = True) -> Path:
     """Pretrain the tiny CoCa on ``pairs_dir`` under ``cfg.threads`` intra-op threads (restored after)."""
+    from .tiny_clip import with_threads
+
     cfg = cfg or CocaPretrainConfig()
-    ambient = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _pretrain(Path(pairs_dir), Path(out), cfg, progress)
-    finally:
-        torch.set_num_threads(ambient)
+    return with_threads(cfg.threads, lambda: _pretrain(Path(pairs_dir), Path(out), cfg, progress))
 
 
 def _pretrain(pairs_dir: Path, out: Path, cfg: CocaPretrainConfig, progress: bool) -> Path:
     import open_clip
-    from timm.scheduler import create_scheduler_v2
 
     from grace_plugin.models.clip import ClipBundle, register_open_clip_config, save_clip
     from grace_plugin.vqa.generative import tiny_coca_config
 
-    from .tiny_clip import load_pairs
+    from .tiny_clip import load_pairs, pretrain_loop
 
     torch.manual_seed(cfg.seed)
     model_cfg = tiny_coca_config(width=cfg.width, layers=cfg.layers)
     register_open_clip_config(TINY_COCA_NAME, model_cfg)
     coca = open_clip.create_model(TINY_COCA_NAME, pretrained=None)
+    # open_clip 2.32 leaves the decoder's output projection uninitialised (torch.empty; its init is commented out in
+    # MultimodalTransformer.init_parameters): whatever the allocator hands back, zeros in a fresh process and other
+    # values later, so two pretrainings in one process differed. Zeros, stated: what a fresh process gets
+    torch.nn.init.zeros_(coca.text_decoder.text_projection)
     tok = open_clip.get_tokenizer(TINY_COCA_NAME)
     images, captions = load_pairs(pairs_dir, model_cfg["vision_cfg"]["image_size"])
     texts = tok(captions, context_length=int(coca.context_length))
-    mean = torch.tensor(coca.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(coca.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
-    try:  # fused AdamW (CPU since torch 2.4), as for the tiny CLIP
-        opt = torch.optim.AdamW(coca.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(coca.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=cfg.steps, warmup_epochs=cfg.warmup_steps,
-                                   warmup_lr=cfg.lr * 1e-2, step_on_epochs=False, updates_per_epoch=1)
     contrastive = open_clip.ClipLoss()
-    g = torch.Generator().manual_seed(cfg.seed)
-    bar = None
-    if progress:
-        from grace_plugin.progress import progress as progress_bar
 
-        bar = progress_bar(total=cfg.steps, desc="pretrain tiny CoCa", unit="step")
-    t0, n = time.time(), images.shape[0]
-    coca.train()
-    for step in range(cfg.steps):
-        sched.step_update(step)
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
-        x = (images[idx].float() / 255 - mean) / std
+    def step_loss(x, idx):
         cap, fwd = caption_loss(coca, x, texts[idx])
         con = contrastive(fwd["image_features"], fwd["text_features"], fwd["logit_scale"])
-        loss = cfg.contrastive_weight * con + cfg.caption_weight * cap
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            coca.logit_scale.clamp_(0, 4.6052)  # CLIP's cap at 100
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(caption=f"{float(cap.detach()):.3f}", contrastive=f"{float(con.detach()):.3f}")
-    if bar is not None:
-        bar.close()
-    coca.eval()
+        return cfg.contrastive_weight * con + cfg.caption_weight * cap, {"caption": cap, "contrastive": con}
+
+    last, seconds = pretrain_loop(coca, images, cfg, step_loss, "pretrain tiny CoCa", progress)
     return save_clip(ClipBundle(TINY_COCA_NAME, model_cfg, coca), out,
-                     extra={"pretrain": asdict(cfg), "seconds": round(time.time() - t0, 1), "pairs": n,
-                            "final_caption_loss": float(cap.detach()), "final_contrastive_loss": float(con.detach())})
+                     extra={"pretrain": asdict(cfg), "seconds": round(seconds, 1), "pairs": images.shape[0],
+                            "final_caption_loss": last["caption"], "final_contrastive_loss": last["contrastive"]})
 
 
 def _key(data_dir: Path, cfg: CocaPretrainConfig) -> str:
