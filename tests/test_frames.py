@@ -22,6 +22,7 @@ def test_t_interval_and_non_inferiority_against_scipy():
     assert non_inferior([-3.1, -2.9, -3.0], margin=1.0)["verdict"] == "fails"  # wholly below 0
     assert non_inferior([-1.5, 0.5, -0.9], margin=1.0)["verdict"] == "inconclusive"
     assert non_inferior([1.0], margin=1.0)["verdict"] == "inconclusive"  # one seed: no interval
+    assert non_inferior([0.5, 0.5], margin=1.0)["verdict"] == "inconclusive"  # no spread: a zero-width interval
 
 
 def test_far_minus_near_bootstrap():
@@ -50,11 +51,11 @@ def _rec(id_, ood, sets=None):
 
 def test_judge_digrap_against_rows():
     rows = {"DiGraP": {"0": _rec(80, 50), "1": _rec(81, 51), "2": _rec(79, 52)},
-            "FT": {"0": _rec(70, 50.5), "1": _rec(71, 50.8), "2": _rec(69, 51.9)},
+            "FT": {"0": _rec(70, 50.5), "1": _rec(71.5, 50.8), "2": _rec(68, 51.9)},
             "zero-shot": {"zero": _rec(40, 60)}}
     v = {x["claim"]: x for x in judge({"clip": rows})}
     assert v["DiGraP at or above FT on ID"]["verdict"] == "holds"
-    assert v["DiGraP at or above FT on ID"]["mean"] == pytest.approx(10.0)
+    assert v["DiGraP at or above FT on ID"]["mean"] == pytest.approx((10 + 9.5 + 11) / 3)
     assert v["DiGraP at or above zero-shot on OOD"]["verdict"] == "fails"  # 9-10 points below the one zero-shot
     assert v["DiGraP at or above zero-shot on ID"]["n"] == 3
 

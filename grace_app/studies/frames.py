@@ -47,6 +47,7 @@ FRAMES_ROWS = {"zero-shot": None, "LP": "lp", "LoRA": "lora-ft", "FT": "ft", "LP
 BACKBONES = ("clip", "coca")
 MARGIN = 1.0  # points of VQA accuracy: "at or above" holds when DiGraP is not more than this below (non-inferiority)
 AXES = ("id", "near", "far", "ood", "adv")
+NEAR_FAR = ("uni_image", "uni_question", "joint")  # the concepts the near/far claim is judged on (pre-trained model)
 
 
 @dataclass
@@ -95,6 +96,9 @@ def non_inferior(diffs: list[float], margin: float = MARGIN) -> dict:
     ci = t_interval(diffs)
     if ci is None:
         return {"verdict": "inconclusive", "why": "fewer than two seeds", "margin": margin}
+    if ci["ci95"][0] == ci["ci95"][1]:  # equal differences on every seed: a zero-width interval is no test
+        return {"verdict": "inconclusive", "why": f"the same difference on all {ci['n']} seeds: no spread",
+                "margin": margin, **ci}
     lo, hi = ci["ci95"]
     verdict = "holds" if lo > -margin else "fails" if hi < 0 else "inconclusive"
     return {"verdict": verdict, **ci, "margin": margin}
@@ -252,12 +256,13 @@ def run_frames(cfg: FramesConfig, progress: bool = True, echo=print) -> dict:
         total = {k: total[k] + v for k, v in counts.items()}
     doc = None
     if cfg.judge:
-        records = json.loads(store.read_text())
+        records = _compact(json.loads(store.read_text()))
         doc = {"kind": "frames", "world_seed": cfg.seed, "steps": cfg.steps, "attack": cfg.attack, "eps": cfg.eps,
                "n_adv": cfg.n_adv, "n_shift": cfg.n_shift, "margin": MARGIN, "tuned": _tuned_methods(),
                "rows": FRAMES_ROWS, "records": records, "verdicts": judge(records), "size": cfg.size,
-               "config": {k: str(v) for k, v in asdict(cfg).items()}, "seconds": round(time.time() - t0, 1)}
-        atomic_write_text(out / "frames.json", json.dumps(doc, indent=2) + "\n")
+               # the invocation that judged (its lanes' records are all of ``records``, whatever it ran itself)
+               "judged_by": {k: str(v) for k, v in asdict(cfg).items()}, "seconds": round(time.time() - t0, 1)}
+        atomic_write_text(out / "frames.json", json.dumps(doc, separators=(",", ":")) + "\n")  # per-question data
         atomic_write_text(out / "frames.md", frames_markdown(doc))
     return {"doc": doc, "counts": total, "seconds": round(time.time() - t0, 1)}
 
@@ -280,6 +285,18 @@ def _check_protocol(cfg: FramesConfig) -> None:
         return
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(f, json.dumps(protocol, indent=2) + "\n")
+
+
+def _compact(records: dict) -> dict:
+    """The per-question distances kept for the near/far claim, to 3 decimals (the page's JSON stays small; the claim
+    is judged on exactly what the page's JSON holds)."""
+    for rows in records.values():
+        for recs in rows.values():
+            for r in recs.values():
+                per = (r.get("analysis") or {}).get("samples_by_set") or {}
+                for name, concepts in per.items():
+                    per[name] = {c: [round(float(x), 3) for x in v] for c, v in concepts.items() if c in NEAR_FAR}
+    return records
 
 
 def _store(store: Path, backbone: str, label: str, seed: int | None, record: dict) -> None:
@@ -337,7 +354,7 @@ def judge(records: dict, margin: float = MARGIN) -> list[dict]:
                                 **non_inferior(_diffs(rows, "DiGraP", label, axis), margin)})
         zs = _first_analysis(rows, "zero-shot")
         if zs and zs.get("samples_by_set"):
-            for concept in ("uni_image", "uni_question", "joint"):
+            for concept in NEAR_FAR:
                 per = zs["samples_by_set"]
                 if all(n in per and concept in per[n] for n in near + far):
                     d = bootstrap_far_minus_near([per[n][concept] for n in near], [per[n][concept] for n in far])
@@ -382,12 +399,14 @@ def _cell(values: list[float]) -> str:
 
 
 def _stat(v: dict) -> str:
+    if v.get("why"):
+        return v["why"]
     if v.get("rho") is not None:
         return f"rho {v['rho']:+.2f}, p {v['p']:.3f}, {v['n']} sets"
     if v.get("ci95"):
         lo, hi = v["ci95"]
         return f"{v['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (f", n {v['n']}" if v.get("n") else "")
-    return v.get("why", "-")
+    return "-"
 
 
 def frames_markdown(doc: dict) -> str:
