@@ -62,26 +62,30 @@ def _batch_concepts(model, reference, encoder, ref_encoder, x: torch.Tensor, que
     return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}, [model.answers[i] for i in pred.tolist()]
 
 
-def _prompt_states(model, image_embs: torch.Tensor, questions: list[str]) -> torch.Tensor:
+def _prompt_states(model, questions: list[str], *image_embs: torch.Tensor) -> list[torch.Tensor]:
     """The CoCa decoder's final states (the input of its last norm) averaged over each prompt's positions (``<sot>``
-    and ``question: ... answer:``), with the image tokens ``image_embs``: ``[B, W]``. The decoder is causal, so the
-    padding after a prompt does not reach its positions."""
+    and ``question: ... answer:``), once per image-token tensor of ``image_embs``: ``[B, W]`` each. The prompts are
+    tokenised and text-encoded once. The decoder is causal, so the padding after a prompt does not reach its
+    positions."""
     prompts = [model.prompt_ids(q) for q in questions]
-    n = max(len(p) for p in prompts)
-    text = torch.zeros(len(prompts), n, dtype=torch.long, device=image_embs.device)
-    mask = torch.zeros(len(prompts), n, dtype=torch.bool, device=image_embs.device)
+    device = image_embs[0].device
+    text = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long, device=device)
+    mask = torch.zeros_like(text, dtype=torch.bool)
     for i, ids in enumerate(prompts):
         text[i, :len(ids)] = torch.tensor(ids)
         mask[i, :len(ids)] = True
+    _, token_embs = model.coca._encode_text(text)
     got = {}
     handle = model.coca.text_decoder.ln_final.register_forward_pre_hook(lambda _m, args: got.__setitem__("h", args[0]))
+    out = []
     try:
-        _, token_embs = model.coca._encode_text(text)
-        model.coca.text_decoder(image_embs, token_embs)
+        for embs in image_embs:
+            model.coca.text_decoder(embs, token_embs)
+            m = mask[..., None].to(got["h"].dtype)
+            out.append((got["h"] * m).sum(1) / m.sum(1))
     finally:
         handle.remove()
-    m = mask[..., None].to(got["h"].dtype)
-    return (got["h"] * m).sum(1) / m.sum(1)
+    return out
 
 
 def _coca_concepts(model, reference, ref_encoder, x: torch.Tensor, questions: list[str]) -> tuple[dict, list[str]]:
@@ -93,13 +97,13 @@ def _coca_concepts(model, reference, ref_encoder, x: torch.Tensor, questions: li
 
     _, embs = model.coca._encode_image(model.normalize(x))
     img = embs.float().mean(1)
-    states = _prompt_states(model, embs, questions).float()
+    states, no_image = (t.float() for t in _prompt_states(model, questions, embs, torch.zeros_like(embs)))
     if states.shape[1] != img.shape[1]:
         raise UsageError(f"--shift: this CoCa's image tokens ({img.shape[1]}) and decoder ({states.shape[1]}) differ "
                          "in width; the joint concept averages the two")
     out = {"uni_image": reference.encode(x).float(), "uni_question": ref_encoder.encode(questions).float(),
            "image": img, "joint": (img + states) / 2,
-           "question": _prompt_states(model, torch.zeros_like(embs), questions).float()}
+           "question": no_image}
     return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}, model.answer(x, questions)
 
 

@@ -304,9 +304,8 @@ def test_coca_prompt_states_ignore_padding_and_answer(_model_once):
     with torch.no_grad():
         _, embs = model.coca._encode_image(model.normalize(x))
         qs = ["how many?", "what colour is the big square on the left of the picture?"]
-        both = _prompt_states(model, embs, qs)
-        alone = torch.cat([_prompt_states(model, embs[i:i + 1], [q]) for i, q in enumerate(qs)])
-        zero = _prompt_states(model, torch.zeros_like(embs), qs)
+        both, zero = _prompt_states(model, qs, embs, torch.zeros_like(embs))
+        alone = torch.cat([_prompt_states(model, [q], embs[i:i + 1])[0] for i, q in enumerate(qs)])
     assert torch.allclose(both, alone, atol=1e-5) and not torch.allclose(both, zero, atol=1e-3)
 
 
