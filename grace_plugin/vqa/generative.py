@@ -200,9 +200,7 @@ class CocaVQA(nn.Module):
         self.coca = coca
         self.normalize = ImageNormalizer(mean, std)
         self.tokens = CocaTokens(tokenizer, int(coca.context_length))
-        self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.context_length = int(coca.context_length)
         self.answers: list[str] = []  # no answer vocabulary: answers are decoded
         self.num_classes = 0
         self.pretrained_cfg = dict(pretrained_cfg or {"mean": tuple(mean), "std": tuple(std)})
@@ -211,6 +209,14 @@ class CocaVQA(nn.Module):
         with torch.no_grad():  # the decoder's image tokens per image (what ``encode`` flattens)
             _, embs = coca._encode_image(torch.zeros(1, 3, *coca.visual.image_size))
         self.token_shape = tuple(int(v) for v in embs.shape[1:])
+
+    @property
+    def tokenizer(self):
+        return self.tokens.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.tokens.context_length
 
     @property
     def visual(self) -> nn.Module:
