@@ -38,9 +38,8 @@ PAIRS = (("image", "joint"), ("question", "joint"), ("uni_image", "image"), ("un
 
 
 @torch.no_grad()
-def _batch_concepts(model, reference, encoder, ref_encoder, x: torch.Tensor, questions: list[str]
-                    ) -> tuple[dict, list[str]]:
-    """``({concept: [B, d] float64}, the predicted answers)`` of one batch."""
+def _batch_concepts(model, reference, encoder, ref_encoder, x: torch.Tensor, questions: list[str]) -> dict:
+    """``{concept: [B, d] float64}`` of one batch."""
     from grace_plugin.vqa.model import bound
 
     if getattr(model, "generative", False):
@@ -49,17 +48,17 @@ def _batch_concepts(model, reference, encoder, ref_encoder, x: torch.Tensor, que
     out = {"uni_image": reference.encode(x).float(), "uni_question": ref_encoder.encode(questions).float(),
            "image": f}
     ctx = encoder.context(model, questions)
-    with bound(ctx):
-        pred = model(x).argmax(1)
     if ctx.embedding is not None:  # ClipVQA
         q = ctx.embedding.to(f)
         out["joint"] = model.head.hidden(f, q)
         out["question"] = model.head.hidden(torch.zeros_like(f), q)
     else:  # the zero-shot scorer: the predicted answer's prompt embedding
+        with bound(ctx):
+            pred = model(x).argmax(1)
         t = ctx.prompts.to(f)[torch.arange(f.shape[0]), pred]
         out["joint"] = torch.cat([f, t], dim=1)
         out["question"] = ref_encoder.encode(questions).float()
-    return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}, [model.answers[i] for i in pred.tolist()]
+    return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}
 
 
 def _prompt_states(model, questions: list[str], *image_embs: torch.Tensor) -> list[torch.Tensor]:
@@ -88,7 +87,7 @@ def _prompt_states(model, questions: list[str], *image_embs: torch.Tensor) -> li
     return out
 
 
-def _coca_concepts(model, reference, ref_encoder, x: torch.Tensor, questions: list[str]) -> tuple[dict, list[str]]:
+def _coca_concepts(model, reference, ref_encoder, x: torch.Tensor, questions: list[str]) -> dict:
     """FRAMES-VQA's concepts for the generative backbone (its PaliGemma ones, arXiv 2505.21755 §4, on a CoCa):
     ``image`` = the mean of the image tokens the decoder reads; ``joint`` = the average of that and the decoder's
     states over the prompt positions (PaliGemma's joint averages the image and the text positions of one sequence);
@@ -104,12 +103,12 @@ def _coca_concepts(model, reference, ref_encoder, x: torch.Tensor, questions: li
     out = {"uni_image": reference.encode(x).float(), "uni_question": ref_encoder.encode(questions).float(),
            "image": img, "joint": (img + states) / 2,
            "question": no_image}
-    return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}, model.answer(x, questions)
+    return {k: v.cpu().numpy().astype(np.float64) for k, v in out.items()}
 
 
 def embeddings(model, reference, encoder, ref_encoder, urls: list[str], batch_size: int, device,
                limit: int | None = None) -> dict:
-    """``{"question_id": [...], "answer": [...], <concept>: [n, d]}`` for the questions of a set in shard order
+    """``{"question_id": [...], <concept>: [n, d]}`` for the questions of a set in shard order
     (the first ``limit``). ``reference``: the pre-trained image side (``encode``); ``ref_encoder``: the pre-trained
     question encoder."""
     from grace_plugin.data.loader import make_eval_loader
@@ -117,18 +116,17 @@ def embeddings(model, reference, encoder, ref_encoder, urls: list[str], batch_si
     from grace_plugin.vqa.data import VqaTarget
 
     parts: dict[str, list] = {c: [] for c in CONCEPTS}
-    ids, answers = [], []
+    ids = []
     loader = make_eval_loader(urls, eval_transform(model.pretrained_cfg), batch_size,
                               target=VqaTarget(model.answers), limit=limit, ranks=(0, 1))
     for b in loader:
         if not b["image"].numel():
             continue
-        concepts, pred = _batch_concepts(model, reference, encoder, ref_encoder, b["image"].to(device), b["question"])
+        concepts = _batch_concepts(model, reference, encoder, ref_encoder, b["image"].to(device), b["question"])
         for c in CONCEPTS:
             parts[c].append(concepts[c])
         ids += [r["question_id"] for r in b["record"]]
-        answers += pred
-    return {"question_id": ids, "answer": answers, **{c: np.concatenate(v) for c, v in parts.items() if v}}
+    return {"question_id": ids, **{c: np.concatenate(v) for c, v in parts.items() if v}}
 
 
 def shift_scores(id_train: dict, sets: dict[str, dict], ridge: float | None = None) -> dict:
@@ -169,17 +167,18 @@ def relate(shift: dict, accuracy: dict[str, float]) -> dict:
 
 
 @torch.no_grad()
-def modality_importance(model, encoder, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor
-                        ) -> dict[str, np.ndarray]:
+def modality_importance(model, encoder, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor,
+                        answers: list[str] | None = None) -> dict[str, np.ndarray]:
     """Per sample: the predicted answer's probability drop when the image is the ID mean image (``image``) and when
     the question is empty (``question``), and the question's share of the two (absolute) drops. For a generative
     model the probability is the whole answer's (teacher-forced), and ``self_over_cross`` is the decoder's
     attention-output ratio (``attention_ratio.residual_ratio``, the counterpart of FRAMES-VQA's text-over-image
-    attention: larger = the question contributes more than the image)."""
+    attention: larger = the question contributes more than the image). ``answers``: the generative model's answers
+    to these questions where the caller has them (the suite's own predictions), else decoded here."""
     from grace_plugin.vqa.model import bound
 
     if getattr(model, "generative", False):
-        return _coca_importance(model, x, questions, mean_image)
+        return _coca_importance(model, x, questions, mean_image, answers)
     ctx, empty = encoder.context(model, questions), encoder.context(model, [""] * len(questions))
     with bound(ctx):
         p = model(x).float().softmax(1)
@@ -198,12 +197,13 @@ def _drops(base: torch.Tensor, no_image: torch.Tensor, no_question: torch.Tensor
     return {"image": di.cpu().numpy(), "question": dq.cpu().numpy(), "question_share": share.cpu().numpy()}
 
 
-def _coca_importance(model, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor) -> dict[str, np.ndarray]:
+def _coca_importance(model, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor,
+                     answers: list[str] | None = None) -> dict[str, np.ndarray]:
     from grace_plugin.vqa.model import QuestionContext, bound
 
     from .attention_ratio import residual_ratio
 
-    answers = model.answer(x, questions)
+    answers = model.answer(x, questions) if answers is None else answers
 
     def p_answer(images, qs):  # p(the predicted answer | images, qs), the whole sequence
         text, labels, positions = model.lm_batch(qs, answers, images.device)
@@ -239,7 +239,10 @@ def _mean_image(model, urls: list[str], n: int) -> torch.Tensor:
     return total / max(count, 1)
 
 
-def _importance(model, encoder, urls: list[str], mean_image: torch.Tensor, n: int, batch_size: int, device) -> dict:
+def _importance(model, encoder, urls: list[str], mean_image: torch.Tensor, n: int, batch_size: int, device,
+                answers: dict[str, str] | None = None) -> dict:
+    """Per-sample modality importance of a set's first ``n`` questions; ``answers``: question_id -> the model's
+    answer (the suite's predictions), so a generative model does not decode them again."""
     from grace_plugin.data.loader import make_eval_loader
     from grace_plugin.data.transforms import eval_transform
     from grace_plugin.vqa.data import VqaTarget
@@ -248,8 +251,10 @@ def _importance(model, encoder, urls: list[str], mean_image: torch.Tensor, n: in
     for b in make_eval_loader(urls, eval_transform(model.pretrained_cfg), batch_size,
                               target=VqaTarget(model.answers), limit=n, ranks=(0, 1)):
         if b["image"].numel():
+            given = [(answers or {}).get(str(r["question_id"])) for r in b["record"]]
+            given = None if None in given else given  # a question the caller did not answer: decode the batch
             for k, v in modality_importance(model, encoder, b["image"].to(device), b["question"],
-                                            mean_image.to(device)).items():
+                                            mean_image.to(device), given).items():
                 parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -279,11 +284,12 @@ def _reference(bundle):
 
 
 def analyse(model, encoder, reference: str, shards: dict, accuracy: dict, opts, device,
-            batch_size: int = 128) -> tuple[dict, dict]:
+            batch_size: int = 128, answers: dict[str, dict[str, str]] | None = None) -> tuple[dict, dict]:
     """The shift per modality and the modality importance of every set in ``shards`` (``name -> (ShardSet,
     group)``), related to each set's ``accuracy``; ``(analysis, per-sample scores per set)``. ``opts``
     (``context.ShiftOptions``): the Gaussians are fitted on the ID train split's first ``n_fit`` questions, each set's
-    first ``n`` questions are scored. Every rank computes the whole analysis."""
+    first ``n`` questions are scored; ``answers`` (set -> question_id -> answer): the model's predictions where the
+    caller made them. Every rank computes the whole analysis."""
     from grace_plugin.data.shards import open_shard_set
     from grace_plugin.errors import UsageError
     from grace_plugin.models.clip import load_clip
@@ -305,7 +311,8 @@ def analyse(model, encoder, reference: str, shards: dict, accuracy: dict, opts, 
     related = relate(scores, accuracy)
     mean_image = _mean_image(model, train.urls, opts.n_fit)
     importance = {n: importance_summary(_importance(model, encoder, s.urls, mean_image, opts.n, batch_size,
-                                                    device)) for n, (s, _) in shards.items()}
+                                                    device, (answers or {}).get(n)))
+                  for n, (s, _) in shards.items()}
     analysis = {"reference": str(reference), "n_fit": len(fit["question_id"]), "ridge": scores["ridge"],
                 "shift": scores["sets"], **related, "modality_importance": importance,
                 "definitions": "shift: mean Mahalanobis distance to ID train per concept (higher = farther); "

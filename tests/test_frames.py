@@ -60,6 +60,21 @@ def test_judge_digrap_against_rows():
     assert v["DiGraP at or above zero-shot on ID"]["n"] == 3
 
 
+def test_config_id_ignores_seed_and_device_and_judge_refuses_two_configs_in_a_row():
+    from grace_app.studies.frames import config_id
+    from grace_plugin.errors import UsageError
+
+    a = {"train": {"seed": 0, "device": "cpu", "lr": 1e-3}, "recipe": {"rho": 0.1}}
+    assert config_id("ft", a) == config_id("ft", {"train": {"seed": 3, "device": "cuda", "lr": 1e-3},
+                                                  "recipe": {"rho": 0.1}})
+    assert config_id("ft", a) != config_id("ft", {"train": {"seed": 0, "device": "cpu", "lr": 2e-3},
+                                                  "recipe": {"rho": 0.1}})
+    assert config_id("ft", a) != config_id("lp_ft", a) and a["train"]["seed"] == 0  # the input is not changed
+    rows = {"DiGraP": {"0": _rec(80, 50) | {"config_id": "x"}, "1": _rec(81, 51) | {"config_id": "y"}}}
+    with pytest.raises(UsageError, match="clip DiGraP: seeds ran under 2 configs"):
+        judge({"clip": rows})
+
+
 def test_frames_lanes_then_judge_on_the_small_world(tmp_path, capsys):
     """One backbone, two rows: a lane that does not judge, then the judging invocation reuses its run and adds a
     seed; the page is generated from frames.json."""
@@ -71,11 +86,14 @@ def test_frames_lanes_then_judge_on_the_small_world(tmp_path, capsys):
               "--n-shift", "20", "--out", str(out), "--no-progress", "--backbones", "clip", "--methods",
               "zero-shot,DiGraP"]
     assert main(common + ["--seeds", "0-0", "--no-judge"]) == 0 and not (out / "frames.json").exists()
+    assert main(common + ["--seeds", "1-1", "--no-judge"]) == 0  # a later seed's lane: no second shift analysis
     capsys.readouterr()
     assert main(common + ["--seeds", "0-1"]) == 0
-    assert "clip: 1 runs reused, 0 resumed, 1 trained" in capsys.readouterr().out
+    assert "clip: 2 runs reused, 0 resumed, 0 trained" in capsys.readouterr().out
     doc = json.loads((out / "frames.json").read_text())
-    assert set(doc["records"]["clip"]["DiGraP"]) == {"0", "1"}
+    recs = doc["records"]["clip"]["DiGraP"]
+    assert set(recs) == {"0", "1"} and "analysis" in recs["0"] and "analysis" not in recs["1"]
+    assert recs["0"]["config_id"] == recs["1"]["config_id"]  # one row, one config
     v = {x["claim"]: x for x in doc["verdicts"]}
     assert v["DiGraP at or above zero-shot on ID"]["n"] == 2
     assert page_markdown(doc).startswith("# FRAMES-VQA study, VQA world seed 0")

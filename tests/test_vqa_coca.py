@@ -4,6 +4,7 @@ through ``grace train --task vqa`` / ``grace eval --task vqa`` (model, zero-shot
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,7 @@ def test_lora_targets_of_another_architecture_are_refused_naming_this_ones(_mode
         create_recipe("ft", copy.deepcopy(_model_once), cfg)
 
 
-def test_train_eval_and_zero_shot_through_the_cli(coca_dir, tmp_path):
+def test_train_eval_and_zero_shot_through_the_cli(coca_dir, tmp_path, monkeypatch):
     """A CoCa run: trained by `grace train --task vqa`, reloaded from its folder to the same weights, evaluated with
     its answers decoded and two attacks; the pre-trained CoCa evaluated zero-shot; the predictions file scored
     elsewhere gives the same number; the shift suite's concepts and importance on a CoCa."""
@@ -204,11 +205,16 @@ def test_train_eval_and_zero_shot_through_the_cli(coca_dir, tmp_path):
                  "--no-progress"]) == 0
     assert "generative, greedy" in json.loads((zs / "report.json").read_text())["model"]
     sh = tmp_path / "sh"  # the shift suite on a CoCa: its concepts and both importance measures
+    decoded = []  # the answers are decoded once, by the accuracy pass; the shift suite reuses them
+    answer = CocaVQA.answer
+    monkeypatch.setattr(CocaVQA, "answer", lambda self, x, qs, *a, **k: decoded.extend(qs) or answer(self, x, qs,
+                                                                                                     *a, **k))
     assert main(["eval", "--task", "vqa", "--model", str(run), "--data", f"vqav2={data}", "--ood", f"ok-vqa={data}",
                  "--shift", "--out", str(sh), "--no-progress"]) == 0
     an = json.loads((sh / "report.json").read_text())["analysis"]
     assert set(an["shift"]["vqav2"]) == {"uni_image", "uni_question", "image", "joint", "question"}
     assert set(an["modality_importance"]["ok-vqa"]) == {"image", "question", "question_share", "self_over_cross"}
+    assert len(decoded) == 16  # vqav2's 8 questions and ok-vqa's 8
     assert "self/cross" in (sh / "report.md").read_text()
 
 
@@ -330,6 +336,10 @@ def test_coca_importance_is_the_answers_probability_drop(_model_once):
     assert torch.allclose(torch.tensor(got["image"]).float(), di, atol=1e-5)
     assert torch.allclose(torch.tensor(got["question"]).float(), dq, atol=1e-5)
     assert got["self_over_cross"].shape == (3,) and (got["self_over_cross"] > 0).all()
+    given = modality_importance(model, None, x, qs, mean, answers)  # the caller's answers: the same numbers
+    assert all(np.array_equal(given[k], got[k]) for k in got)
+    other = modality_importance(model, None, x, qs, mean, ["zebra"] * 3)  # and they are the ones scored
+    assert not np.array_equal(other["image"], got["image"])
 
 
 def test_classification_recast_as_vqa_answered_in_words(coca_dir, tiny_world, tiny_clip_dir, tmp_path):

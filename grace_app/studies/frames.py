@@ -153,8 +153,19 @@ def _tuned_methods() -> dict[str, list[str]]:
     return {b: sorted(_tuned(b)) for b in BACKBONES}
 
 
+def config_id(recipe: str, resolved: dict) -> str:
+    """A short hash of a run's resolved config without its seed and device: the seeds of one row share it, so a
+    testbed file edited between two lanes (another learning rate, say) shows as two ids in one row."""
+    import hashlib
+
+    d = json.loads(json.dumps(resolved, default=str))
+    for k in ("seed", "device"):
+        (d.get("train") or {}).pop(k, None)
+    return hashlib.sha256(json.dumps([recipe, d], sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _train(cfg: FramesConfig, backbone: str, method: str, seed: int, data: Path, pretrained: Path, device: str,
-           echo) -> tuple[Path, str]:
+           echo) -> tuple[Path, str, str]:
     from grace_plugin.config import to_dict
     from grace_plugin.finetune import fine_tune
 
@@ -165,12 +176,13 @@ def _train(cfg: FramesConfig, backbone: str, method: str, seed: int, data: Path,
     run_dir = Path(cfg.out) / "runs" / backbone / method / f"seed{seed}"
     run_cfg = method_config(m, tuned=False, steps=cfg.steps, overrides=merge(
         _layers(backbone, method), {"train": {"seed": seed, "device": device}}))
+    cid = config_id(m.recipe, to_dict(run_cfg))
     if finished_run_matches(run_dir, m.recipe, to_dict(run_cfg)):
-        return run_dir, "reused"
+        return run_dir, "reused", cid
     resume = killed_run_matches(run_dir, m.recipe, to_dict(run_cfg))
     echo(f"      {backbone} {method} seed {seed}: {'resuming' if resume else 'training'}")
     fine_tune(m.recipe, pretrained, data / "vqav2", run_dir, run_cfg, progress=False, resume=resume)
-    return run_dir, "resumed" if resume else "trained"
+    return run_dir, "resumed" if resume else "trained", cid
 
 
 def _evaluate(cfg: FramesConfig, model: Path, dest: Path, data: Path, device: str, shift: bool) -> dict:
@@ -245,12 +257,12 @@ def run_frames(cfg: FramesConfig, progress: bool = True, echo=print) -> dict:
                        | {"eval_cpu_seconds": time.process_time() - t1})
                 continue
             for k in cfg.seeds:
-                run, how = _train(cfg, backbone, method, k, data, pretrained, device, echo)
+                run, how, cid = _train(cfg, backbone, method, k, data, pretrained, device, echo)
                 counts[how] += 1
                 t1 = time.process_time()
-                rep = _evaluate(cfg, run, run / "eval", data, device, shift=k == min(cfg.seeds))
+                rep = _evaluate(cfg, run, run / "eval", data, device, shift=_shift_here(store, backbone, label, k))
                 _store(store, backbone, label, k, _record(rep, run, run / "eval")
-                       | {"eval_cpu_seconds": time.process_time() - t1})
+                       | {"eval_cpu_seconds": time.process_time() - t1, "config_id": cid})
         echo(f"      {backbone}: {counts['reused']} runs reused, {counts['resumed']} resumed, "
              f"{counts['trained']} trained")
         total = {k: total[k] + v for k, v in counts.items()}
@@ -299,6 +311,13 @@ def _compact(records: dict) -> dict:
     return records
 
 
+def _shift_here(store: Path, backbone: str, label: str, seed: int) -> bool:
+    """Whether run ``seed`` of a row gets the shift suite: unless a lower seed of the row already has it (the page
+    reads a row's lowest analysed seed), so a lane of later seeds does not repeat it once seed 0's lane has run."""
+    recs = ((json.loads(store.read_text()) if store.is_file() else {}).get(backbone) or {}).get(label) or {}
+    return not any(k.isdigit() and int(k) < seed and r.get("analysis") for k, r in recs.items())
+
+
 def _store(store: Path, backbone: str, label: str, seed: int | None, record: dict) -> None:
     """Add one record to the study's store under a lock (lanes write it concurrently)."""
     from grace_plugin.runfolder import folder_lock
@@ -337,12 +356,29 @@ def _first_analysis(rows: dict, label: str) -> dict | None:
     return None
 
 
+def _check_one_config(records: dict) -> None:
+    """Refuse to pool a row whose seeds ran under two configs (a testbed file changed between lanes)."""
+    from grace_plugin.errors import UsageError
+
+    for backbone, rows in records.items():
+        for label, recs in rows.items():
+            ids: dict[str, list[str]] = {}
+            for k, r in recs.items():
+                if r.get("config_id"):
+                    ids.setdefault(r["config_id"], []).append(k)
+            if len(ids) > 1:
+                raise UsageError(f"frames records: {backbone} {label}: seeds ran under {len(ids)} configs ("
+                                 + "; ".join(f"{c}: seeds {', '.join(sorted(v))}" for c, v in ids.items())
+                                 + "); rerun the row's seeds under today's testbed files, or use another --out")
+
+
 def judge(records: dict, margin: float = MARGIN) -> list[dict]:
     """Every claim's verdict with its statistics, per backbone (see the module docstring)."""
     from .quickstart_vqa import OOD_SETS
 
     near, far = OOD_SETS[:6], OOD_SETS[6:]
     out = []
+    _check_one_config(records)
     for backbone, rows in records.items():
         if "DiGraP" in rows:
             for label in rows:
