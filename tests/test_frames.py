@@ -133,3 +133,35 @@ def test_frames_study_end_to_end_small(tmp_path, capsys):
     assert md.startswith("# FRAMES-VQA study, VQA world seed 0") and "## coca" in md and "## Verdicts" in md
     assert add_source(out, tmp_path / "pages").name == "frames.json"
     assert not math.isnan(sum(r["axes"]["id"] for r in recs["clip"]["FT"].values()))
+
+
+def test_a_clip_lane_does_not_wait_for_a_coca_pretraining(tmp_path, monkeypatch):
+    """The testbed's locks: the world under one, each backbone's pretrained model under its own, so a CLIP lane
+    goes on while another lane pretrains the CoCa (it waited for the CoCa's whole pretraining before)."""
+    import threading
+
+    from grace_app.studies import quickstart_vqa as qv
+
+    inside, release, done = threading.Event(), threading.Event(), []
+    real = qv._pretrained
+
+    def fake(backbone, size, steps):  # the CoCa's pretraining blocks until released
+        if backbone == "coca":
+            return "tiny CoCa", lambda data, out, progress: (inside.set(), release.wait(240))
+        return real(backbone, size, steps)
+
+    monkeypatch.setattr(qv, "_pretrained", fake)
+    out = tmp_path / "fr"
+    coca = threading.Thread(target=qv.prepare_vqa_testbed, args=(out, 0, "small", 3, False, lambda _m: None, {},
+                                                                 "coca"), daemon=True)
+    coca.start()
+    try:
+        assert inside.wait(120)
+        clip = threading.Thread(target=lambda: done.append(qv.prepare_vqa_testbed(out, 0, "small", 3, False,
+                                                                                  lambda _m: None, {})), daemon=True)
+        clip.start()
+        clip.join(timeout=120)
+        assert done and (done[0][1] / "open_clip_model.safetensors").is_file() and not release.is_set()
+    finally:
+        release.set()
+        coca.join(timeout=60)

@@ -76,14 +76,18 @@ def prepare_vqa_testbed(out: Path, seed: int, size: str, pretrain_steps: int | N
     spec = VqaWorldSpec.small() if size == "small" else VqaWorldSpec()
     what, make = _pretrained(backbone, size, pretrain_steps)
     t0 = time.time()
-    with folder_lock(data, what="VQA testbed (world and tiny CLIP)", wait=echo):
+    with folder_lock(data, what="VQA world", wait=echo):
         meta = json.loads((data / "world.json").read_text()) if (data / "world.json").is_file() else {}
         if meta.get("spec") == asdict(spec) and meta.get("seed") == seed and meta.get("task") == "vqa":
             echo(f"[1/4] VQA world: reusing {data}")
         else:
             echo(f"[1/4] VQA world -> {data}")
             write_vqa_world(data, seed=seed, spec=spec)
-        t1 = time.time()
+    t1 = time.time()
+    # a lock per backbone: a CLIP lane does not wait for another lane's CoCa pretraining. The world is complete
+    # when its lock is released; a second invocation on this folder with another world seed or size would rewrite
+    # it under a running pretraining (the studies refuse that: one protocol per folder)
+    with folder_lock(pretrained, what=f"{what} of this VQA testbed", wait=echo):
         echo(f"[2/4] {what} -> {pretrained} (pretrained on the world's captions once, then cached)")
         make(data, pretrained, progress)
     phases.update(world=round(t1 - t0, 1), **{f"tiny_{backbone}": round(time.time() - t1, 1)})
