@@ -269,6 +269,34 @@ def _load_state(state_path: Path, signature: dict) -> dict:
     return batches
 
 
+class BatchState:
+    """The resume state of a batched attack: ``DIR/NAME.json`` names it, each rank rewrites ``DIR/NAME.rank<r>.json``
+    after every finished batch with the ``signature`` it was computed from; a rerun with the same signature reads the
+    finished batches of every rank's file (so it resumes on any number of ranks). ``state_path`` None: no state."""
+
+    def __init__(self, state_path: str | Path | None, signature: dict):
+        from grace_plugin.runtime import world_info
+
+        self.signature, self.own, self.file, self.done = signature, {}, None, {}
+        if state_path is not None:
+            state_path = Path(state_path)
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            self.done = _load_state(state_path, signature)
+            self.file = state_path.parent / f"{state_path.stem}.rank{world_info()[0]}.json"
+
+    def get(self, name: str) -> dict | None:
+        """A finished batch's record, or None."""
+        return self.done.get(name)
+
+    def put(self, name: str, rec: dict) -> None:
+        """Record a finished batch (written at once: a kill loses at most the batch under way)."""
+        from grace_plugin.tensor_io import atomic_write_text
+
+        if self.file is not None:
+            self.own[name] = {k: v for k, v in rec.items() if k != "resumed"}
+            atomic_write_text(self.file, json.dumps({"signature": self.signature, "batches": self.own}) + "\n")
+
+
 def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int | None = None,
                          norm: str = "Linf", device: str | torch.device = "cpu", seed: int = 0,
                          progress: bool = False, state_path=None, unit_input: bool | None = None,
@@ -283,29 +311,20 @@ def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int
     seed, so a batch's result depends only on its samples. The model must take [0,1] input
     (``attacks.check_unit_input``).
     """
-    from grace_plugin.tensor_io import atomic_write_text
-
     from .attacks import check_unit_input, create_attack
     from .distributed import merge_records
-    from grace_plugin.runtime import world_info
 
     check_unit_input(model, unit_input, name=model_name)
     model = model.float().eval()  # fp32: low precision weakens gradient attacks
     attack = create_attack(attack_name, model, eps=eps, norm=norm, seed=seed)
-    rank, _ = world_info()
-    sig = dict(signature or {}, attack=attack_name, eps=eps, norm=norm, seed=seed, n=n_max)
-    done, own, own_file = {}, {}, None
-    if state_path is not None:
-        state_path = Path(state_path)
-        done = _load_state(state_path, sig)
-        own_file = state_path.parent / f"{state_path.stem}.rank{rank}.json"
+    state = BatchState(state_path, dict(signature or {}, attack=attack_name, eps=eps, norm=norm, seed=seed, n=n_max))
     records = []
     bar = _bar(progress, n_max, f"attack {attack_name}", "img")
     for idx, batch in enumerate(loader):
         key = _key(batch, idx)
         name = ":".join(str(k) for k in key)
         x, y = batch["image"], batch["label"]
-        rec = done.get(name)
+        rec = state.get(name)
         if rec is not None and len(rec["clean"]) == int(y.numel()) and rec["skipped"] == batch.get("skipped", {}):
             rec = dict(rec, key=key, resumed=True)
         elif x.numel() == 0:
@@ -323,9 +342,7 @@ def evaluate_adversarial(model, loader, attack_name: str, eps: float, n_max: int
                 robust = (logits.argmax(-1) == y).int().tolist()
             rec = {"key": key, "clean": clean, "robust": robust, "skipped": dict(batch.get("skipped", {}))}
         records.append(rec)
-        if own_file is not None:
-            own[name] = {k: v for k, v in rec.items() if k != "resumed"}
-            atomic_write_text(own_file, json.dumps({"signature": sig, "batches": own}) + "\n")
+        state.put(name, rec)
         if bar is not None:
             bar.update(len(rec["clean"]))
     if bar is not None:

@@ -20,9 +20,10 @@ import torch
 
 from grace_plugin.errors import GraceError, UsageError, read_json
 from grace_plugin.tensor_io import atomic_write_text
-from grace_plugin.vqa.accuracy import accuracy_cell, group_mean, question_accuracy, summarise_scores
+from grace_plugin.vqa.accuracy import group_mean, question_accuracy, summarise_scores
 
 from .engine import EvalTask, register_eval_task, register_suite
+from .vqa_summary import report_markdown
 
 __all__ = ["FRAMES_GROUPS", "set_group", "load_vqa_model", "predict_set", "attack_set", "score_predictions",
            "vqa_report", "report_markdown", "read_prediction_file", "PredictionFileError", "VqaLoaded"]
@@ -136,28 +137,36 @@ def _attacked(model, ctx, x: torch.Tensor, run) -> tuple[list[str], list[str]]:
 
 
 def attack_set(model, encoder, urls: list[str], attack: str, eps: float, n: int, device, seed: int = 0,
-               batch_size: int = 64) -> list[dict]:
+               batch_size: int = 64, state_path: Path | None = None, signature: dict | None = None) -> list[dict]:
     """Pixel-space robustness on the first ``n`` questions of a set (shard order): the registered ``attack``
     (``eval_suites.attacks``, e.g. APGD-CE) on the image, l_inf ``eps``, against the model's clean answer (it
     maximises the loss of what the model said), then the answer on the attacked image, scored by the VQA accuracy
-    (``_attacked``). Under torchrun the batches are shared by the ranks and gathered."""
+    (``_attacked``). Under torchrun the batches are shared by the ranks and gathered. Resumable as the classification
+    attack is (``evaluate.BatchState``): with ``state_path``, a rerun with the same ``signature`` reuses the finished
+    batches."""
     from grace_plugin.data.loader import make_eval_loader
     from grace_plugin.data.transforms import eval_transform
     from grace_plugin.vqa.data import VqaTarget
 
     from .attacks import create_attack
     from .distributed import merge_records
+    from .evaluate import BatchState
 
-    records = []
+    records, state = [], BatchState(state_path, dict(signature or {}, attack=attack, eps=eps, n=n, seed=seed,
+                                                     batch_size=batch_size))
     loader = make_eval_loader(urls, eval_transform(model.pretrained_cfg), batch_size,
                               target=VqaTarget(model.answers), limit=n)
     for b in loader:
-        rows = []
-        if b["image"].numel():
+        name, rows = ":".join(map(str, b["key"])), []
+        done = state.get(name)
+        if done is not None and [r["question_id"] for r in done["rows"]] == [r["question_id"] for r in b["record"]]:
+            rows = done["rows"]
+        elif b["image"].numel():
             clean, adv = _attacked(model, encoder.context(model, b["question"]), b["image"].to(device),
                                    create_attack(attack, model, eps, seed=seed))
             rows = [{**rec, "answer": a, "clean_answer": c} for a, c, rec in zip(adv, clean, b["record"])]
         records.append({"key": b["key"], "rows": rows})
+        state.put(name, records[-1])
     return [{**r, "score": question_accuracy(r["answer"], r["answers"])} for rec in merge_records(records)
             for r in rec["rows"]]
 
@@ -199,59 +208,6 @@ def vqa_report(model: str, sets: dict[str, dict], adversarial: dict | None = Non
         out["adversarial"] = {k: adversarial[k] for k in ("attack", "eps", "set")} | summarise_scores(
             [r["score"] for r in rows])
     return out
-
-
-def report_markdown(rep: dict) -> str:
-    lines = [f"# VQA evaluation: {rep['model']}", "", rep["metric"], "", "| set | group | n | VQA accuracy [95%] |",
-             "|---|---|---:|---|"]
-    for name, s in rep["sets"].items():
-        lines.append(f"| {name} | {s['group']} | {s['n']} | {accuracy_cell(s)} |")
-    adv = rep.get("adversarial")
-    head, cells = "| ID | near OOD | far OOD | OOD |", [accuracy_cell(rep[g]) for g in ("id", "near", "far", "ood")]
-    if adv:
-        head += f" Adv ({adv['attack']}, eps {adv['eps']:.4g}, first {adv['n']} of {adv['set']}) |"
-        cells.append(accuracy_cell(adv))
-    lines += ["", head, "|---" * len(cells) + "|", "| " + " | ".join(cells) + " |", ""]
-    cls = {n: v["classification"] for n, v in rep["sets"].items() if v.get("classification")}
-    if cls:
-        lines += ["Classification recast as VQA (percent): exact match, ClipMatch@1, @5", "",
-                  "| set | n | exact match | ClipMatch@1 | ClipMatch@5 |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {v['n']} | " + " | ".join("-" if v.get(k) is None else f"{v[k]:.2f}" for k in
-                                                      ("exact_match", "clip_match_1", "clip_match_5")) + " |"
-                  for n, v in cls.items()] + [""]
-    if rep.get("analysis"):
-        lines += _analysis_markdown(rep["analysis"])
-    return "\n".join(lines)
-
-
-def _analysis_markdown(an: dict) -> list[str]:
-    from .vqa_analysis import CONCEPTS
-
-    def f(v):
-        return "-" if v is None else f"{v:.3f}"
-
-    lines = ["## Shift per modality", "", f"Mean Mahalanobis distance to ID train ({an['n_fit']} questions; "
-             f"uni-modal concepts from {an['reference']}); higher is farther.", "",
-             "| set | " + " | ".join(CONCEPTS) + " |", "|---" * (len(CONCEPTS) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(f(v.get(c)) for c in CONCEPTS) + " |" for n, v in an["shift"].items()]
-    lines += ["", "| concept | Pearson (shift, accuracy) | Spearman | sets |", "|---|---|---|---|"]
-    lines += [f"| {c} | {f(v['pearson'])} | {f(v['spearman'])} | {v['sets']} |"
-              for c, v in an["shift_vs_accuracy"].items()]
-    pairs = sorted({p for v in an["concept_pairs"].values() for p in v})
-    lines += ["", "Per-sample Pearson between concept distances:", "", "| set | " + " | ".join(pairs) + " |",
-              "|---" * (len(pairs) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(f(v.get(p)) for p in pairs) + " |" for n, v in an["concept_pairs"].items()]
-    keys = [k for k in ("image", "question", "question_share", "self_over_cross")
-            if any(k in v for v in an["modality_importance"].values())]
-    lines += ["", "## Modality importance", "", "Drop of the predicted answer's probability without the image "
-              "(the ID mean image) and without the question (empty), and the question's share (median [quartiles])"
-              + ("; self/cross: the decoder's self-attention over cross-attention output norm at the prompt "
-                 "positions (larger = more from the question)" if "self_over_cross" in keys else "") + ".",
-              "", "| set | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for n, v in an["modality_importance"].items():
-        lines.append(f"| {n} | " + " | ".join(f"{v[k]['median']:.3f} [{v[k]['q25']:.3f}, {v[k]['q75']:.3f}]"
-                                              for k in keys) + " |")
-    return lines + [""]
 
 
 def read_prediction_file(path: str | Path) -> list[dict]:
@@ -377,13 +333,28 @@ def _suite_ood(loaded: VqaLoaded, ctx, arg: str) -> dict:
     return _clean_result(loaded, ctx, f"ood:{arg}")
 
 
+def _encoder_id(encoder) -> str:
+    """The question encoder's identity for a resume state: its text tower's weights (a CoCa reads its own)."""
+    from .evaluate import model_sha256
+
+    clip = getattr(encoder, "clip", None)
+    return model_sha256(clip) if clip is not None else type(encoder).__name__
+
+
 @register_suite("adv", takes_arg=True, task="vqa")
 def _suite_adv(loaded: VqaLoaded, ctx, arg: str) -> dict:
     """Pixel-space robustness: the attack on the image of the first --n-adv ID questions, against the clean answer."""
+    from .evaluate import model_sha256
+
     name, path, _ = _set_args(ctx, "id")
     s, _ = _vqa_set(ctx, name, path, True)
+    state = None if ctx.out_dir is None else Path(ctx.out_dir) / "state" / f"vqa-adv-{arg}.json"
+    sig = None if state is None else {  # what the result was computed from: a resume state must match all of it
+        "weights_sha256": model_sha256(loaded.model), "questions": _encoder_id(loaded.encoder),
+        "data": [[u, *((Path(u).stat().st_size, Path(u).stat().st_mtime_ns) if Path(u).is_file() else (None, None))]
+                 for u in s.urls]}
     rows = attack_set(loaded.model, loaded.encoder, s.urls, arg, ctx.eps, ctx.n_adv, ctx.device, ctx.seed,
-                      ctx.batch_size)
+                      ctx.batch_size, state, sig)
     ctx.cache[("vqa-adv", arg)] = rows
     return {"kind": "adv", "attack": arg, "eps": ctx.eps, "set": name,
             **summarise_scores([r["score"] for r in rows])}

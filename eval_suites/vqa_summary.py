@@ -1,6 +1,7 @@
 """VQA evaluations side by side: one row per report (ID / near-OOD / far-OOD / OOD and pixel robustness, each with
 its interval, and every set's accuracy) and the table of them; ``grace report`` over VQA run folders
-(``aggregate_vqa_reports``: ``summary.json`` and ``summary.md``). FRAMES-VQA's groups: arXiv 2505.21755."""
+(``aggregate_vqa_reports``: ``summary.json`` and ``summary.md``); one report as markdown (``report_markdown``: a
+``grace eval --task vqa`` report.md). FRAMES-VQA's groups: arXiv 2505.21755."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from grace_plugin.tensor_io import atomic_write_text
 
-__all__ = ["vqa_row", "vqa_table", "aggregate_vqa_reports", "is_vqa_report"]
+__all__ = ["vqa_row", "vqa_table", "aggregate_vqa_reports", "is_vqa_report", "report_markdown"]
 
 GROUPS = ("id", "near", "far", "ood")
 
@@ -68,3 +69,60 @@ def aggregate_vqa_reports(reports: list[tuple[Path, dict]], out_dir: str | Path)
                       + "\n")
     atomic_write_text(out / "summary.md", md)
     return {"rows": rows, "paths": {"json": out / "summary.json", "md": out / "summary.md"}}
+
+
+def report_markdown(rep: dict) -> str:
+    """One `grace eval --task vqa` report as markdown (report.md): per-set accuracy, the group means, pixel robustness,
+    classification-as-VQA scores and the shift analysis where present."""
+    from grace_plugin.vqa.accuracy import accuracy_cell
+
+    lines = [f"# VQA evaluation: {rep['model']}", "", rep["metric"], "", "| set | group | n | VQA accuracy [95%] |",
+             "|---|---|---:|---|"]
+    for name, s in rep["sets"].items():
+        lines.append(f"| {name} | {s['group']} | {s['n']} | {accuracy_cell(s)} |")
+    adv = rep.get("adversarial")
+    head, cells = "| ID | near OOD | far OOD | OOD |", [accuracy_cell(rep[g]) for g in ("id", "near", "far", "ood")]
+    if adv:
+        head += f" Adv ({adv['attack']}, eps {adv['eps']:.4g}, first {adv['n']} of {adv['set']}) |"
+        cells.append(accuracy_cell(adv))
+    lines += ["", head, "|---" * len(cells) + "|", "| " + " | ".join(cells) + " |", ""]
+    cls = {n: v["classification"] for n, v in rep["sets"].items() if v.get("classification")}
+    if cls:
+        lines += ["Classification recast as VQA (percent): exact match, ClipMatch@1, @5", "",
+                  "| set | n | exact match | ClipMatch@1 | ClipMatch@5 |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {v['n']} | " + " | ".join("-" if v.get(k) is None else f"{v[k]:.2f}" for k in
+                                                      ("exact_match", "clip_match_1", "clip_match_5")) + " |"
+                  for n, v in cls.items()] + [""]
+    if rep.get("analysis"):
+        lines += _analysis_markdown(rep["analysis"])
+    return "\n".join(lines)
+
+
+def _analysis_markdown(an: dict) -> list[str]:
+    from .vqa_analysis import CONCEPTS
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["## Shift per modality", "", f"Mean Mahalanobis distance to ID train ({an['n_fit']} questions; "
+             f"uni-modal concepts from {an['reference']}); higher is farther.", "",
+             "| set | " + " | ".join(CONCEPTS) + " |", "|---" * (len(CONCEPTS) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f(v.get(c)) for c in CONCEPTS) + " |" for n, v in an["shift"].items()]
+    lines += ["", "| concept | Pearson (shift, accuracy) | Spearman | sets |", "|---|---|---|---|"]
+    lines += [f"| {c} | {f(v['pearson'])} | {f(v['spearman'])} | {v['sets']} |"
+              for c, v in an["shift_vs_accuracy"].items()]
+    pairs = sorted({p for v in an["concept_pairs"].values() for p in v})
+    lines += ["", "Per-sample Pearson between concept distances:", "", "| set | " + " | ".join(pairs) + " |",
+              "|---" * (len(pairs) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f(v.get(p)) for p in pairs) + " |" for n, v in an["concept_pairs"].items()]
+    keys = [k for k in ("image", "question", "question_share", "self_over_cross")
+            if any(k in v for v in an["modality_importance"].values())]
+    lines += ["", "## Modality importance", "", "Drop of the predicted answer's probability without the image "
+              "(the ID mean image) and without the question (empty), and the question's share (median [quartiles])"
+              + ("; self/cross: the decoder's self-attention over cross-attention output norm at the prompt "
+                 "positions (larger = more from the question)" if "self_over_cross" in keys else "") + ".",
+              "", "| set | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for n, v in an["modality_importance"].items():
+        lines.append(f"| {n} | " + " | ".join(f"{v[k]['median']:.3f} [{v[k]['q25']:.3f}, {v[k]['q75']:.3f}]"
+                                              for k in keys) + " |")
+    return lines + [""]

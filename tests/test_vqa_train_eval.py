@@ -200,6 +200,30 @@ def test_attack_batched_and_one_question_at_a_time(vqa_set, tiny_clip_dir, tmp_p
     assert len(clean) == len(adv) == 4 and set(clean + adv) <= set(model.answers)
 
 
+def test_vqa_attack_resumes_from_its_state(vqa_set, tiny_clip_dir, tmp_path, monkeypatch):
+    """The VQA pixel attack keeps a resume state per finished batch, as the classification attack does: a rerun with
+    the same signature attacks nothing again and returns the same rows; another signature recomputes."""
+    from eval_suites import vqa
+    from grace_plugin.data.shards import open_shard_set
+    from grace_plugin.models.clip import load_clip
+    from grace_plugin.vqa.model import QuestionEncoder, vqa_model_from_clip
+
+    bundle = load_clip(tiny_clip_dir)
+    model, enc = vqa_model_from_clip(bundle, ["red", "blue", "green", "yes", "no"]), QuestionEncoder(bundle)
+    urls, state = open_shard_set(vqa_set, split="test").urls, tmp_path / "state" / "vqa-adv-pgd.json"
+    first = vqa.attack_set(model, enc, urls, "pgd", 4 / 255, 10, "cpu", batch_size=4, state_path=state,
+                           signature={"w": 1})
+    assert len(first) == 10 and list(state.parent.glob("vqa-adv-pgd.rank0.json"))
+    calls = []
+    real = vqa._attacked
+    monkeypatch.setattr(vqa, "_attacked", lambda *a: calls.append(1) or real(*a))
+    again = vqa.attack_set(model, enc, urls, "pgd", 4 / 255, 10, "cpu", batch_size=4, state_path=state,
+                           signature={"w": 1})
+    assert again == first and calls == []  # all three batches read back
+    vqa.attack_set(model, enc, urls, "pgd", 4 / 255, 10, "cpu", batch_size=4, state_path=state, signature={"w": 2})
+    assert len(calls) == 3  # another model: recomputed, never the old numbers
+
+
 def test_a_vqa_run_is_refused_where_a_classifier_is_expected(vqa_set, tiny_clip_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", "--task", "vqa", "--recipe", "ft", "--init", str(tiny_clip_dir), "--data", str(vqa_set),
