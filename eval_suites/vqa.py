@@ -372,9 +372,8 @@ def _suite_shift(loaded: VqaLoaded, ctx, arg=None) -> dict:
         raise UsageError("suite 'shift' needs the sets: --data NAME=DIR and --ood NAME=DIR")
     shards = {sc["name"]: _vqa_set(ctx, sc["name"], sc["path"], sc["group"] == "id") for sc in scored}
     accuracy = {sc["name"]: summarise_scores([r["score"] for r in sc["rows"]])["accuracy"] for sc in scored}
-    answers = {sc["name"]: {str(r["question_id"]): r["answer"] for r in sc["rows"]} for sc in scored}
     analysis, samples = analyse(loaded.model, loaded.encoder, ctx.reference or loaded.init, shards, accuracy,
-                                ctx.shift, ctx.device, ctx.batch_size, answers)
+                                ctx.shift, ctx.device, ctx.batch_size)
     ctx.cache[("vqa-shift-samples",)] = samples
     return {"kind": "shift", **analysis}
 

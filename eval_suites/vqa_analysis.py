@@ -167,18 +167,18 @@ def relate(shift: dict, accuracy: dict[str, float]) -> dict:
 
 
 @torch.no_grad()
-def modality_importance(model, encoder, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor,
-                        answers: list[str] | None = None) -> dict[str, np.ndarray]:
+def modality_importance(model, encoder, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor
+                        ) -> dict[str, np.ndarray]:
     """Per sample: the predicted answer's probability drop when the image is the ID mean image (``image``) and when
     the question is empty (``question``), and the question's share of the two (absolute) drops. For a generative
     model the probability is the whole answer's (teacher-forced), and ``self_over_cross`` is the decoder's
     attention-output ratio (``attention_ratio.residual_ratio``, the counterpart of FRAMES-VQA's text-over-image
-    attention: larger = the question contributes more than the image). ``answers``: the generative model's answers
-    to these questions where the caller has them (the suite's own predictions), else decoded here."""
+    attention: larger = the question contributes more than the image). The generative model's answer is its greedy
+    tokens (``answer_ids``), teacher-forced as generated: their text need not tokenise back to them."""
     from grace_plugin.vqa.model import bound
 
     if getattr(model, "generative", False):
-        return _coca_importance(model, x, questions, mean_image, answers)
+        return _coca_importance(model, x, questions, mean_image)
     ctx, empty = encoder.context(model, questions), encoder.context(model, [""] * len(questions))
     with bound(ctx):
         p = model(x).float().softmax(1)
@@ -197,13 +197,12 @@ def _drops(base: torch.Tensor, no_image: torch.Tensor, no_question: torch.Tensor
     return {"image": di.cpu().numpy(), "question": dq.cpu().numpy(), "question_share": share.cpu().numpy()}
 
 
-def _coca_importance(model, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor,
-                     answers: list[str] | None = None) -> dict[str, np.ndarray]:
+def _coca_importance(model, x: torch.Tensor, questions: list[str], mean_image: torch.Tensor) -> dict[str, np.ndarray]:
     from grace_plugin.vqa.model import QuestionContext, bound
 
     from .attention_ratio import residual_ratio
 
-    answers = model.answer(x, questions) if answers is None else answers
+    answers = model.answer_ids(x, questions)
 
     def p_answer(images, qs):  # p(the predicted answer | images, qs), the whole sequence
         text, labels, positions = model.lm_batch(qs, answers, images.device)
@@ -239,10 +238,8 @@ def _mean_image(model, urls: list[str], n: int) -> torch.Tensor:
     return total / max(count, 1)
 
 
-def _importance(model, encoder, urls: list[str], mean_image: torch.Tensor, n: int, batch_size: int, device,
-                answers: dict[str, str] | None = None) -> dict:
-    """Per-sample modality importance of a set's first ``n`` questions; ``answers``: question_id -> the model's
-    answer (the suite's predictions), so a generative model does not decode them again."""
+def _importance(model, encoder, urls: list[str], mean_image: torch.Tensor, n: int, batch_size: int, device) -> dict:
+    """Per-sample modality importance of a set's first ``n`` questions."""
     from grace_plugin.data.loader import make_eval_loader
     from grace_plugin.data.transforms import eval_transform
     from grace_plugin.vqa.data import VqaTarget
@@ -251,10 +248,8 @@ def _importance(model, encoder, urls: list[str], mean_image: torch.Tensor, n: in
     for b in make_eval_loader(urls, eval_transform(model.pretrained_cfg), batch_size,
                               target=VqaTarget(model.answers), limit=n, ranks=(0, 1)):
         if b["image"].numel():
-            given = [(answers or {}).get(str(r["question_id"])) for r in b["record"]]
-            given = None if None in given else given  # a question the caller did not answer: decode the batch
             for k, v in modality_importance(model, encoder, b["image"].to(device), b["question"],
-                                            mean_image.to(device), given).items():
+                                            mean_image.to(device)).items():
                 parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -284,12 +279,11 @@ def _reference(bundle):
 
 
 def analyse(model, encoder, reference: str, shards: dict, accuracy: dict, opts, device,
-            batch_size: int = 128, answers: dict[str, dict[str, str]] | None = None) -> tuple[dict, dict]:
+            batch_size: int = 128) -> tuple[dict, dict]:
     """The shift per modality and the modality importance of every set in ``shards`` (``name -> (ShardSet,
     group)``), related to each set's ``accuracy``; ``(analysis, per-sample scores per set)``. ``opts``
     (``context.ShiftOptions``): the Gaussians are fitted on the ID train split's first ``n_fit`` questions, each set's
-    first ``n`` questions are scored; ``answers`` (set -> question_id -> answer): the model's predictions where the
-    caller made them. Every rank computes the whole analysis."""
+    first ``n`` questions are scored. Every rank computes the whole analysis."""
     from grace_plugin.data.shards import open_shard_set
     from grace_plugin.errors import UsageError
     from grace_plugin.models.clip import load_clip
@@ -311,8 +305,7 @@ def analyse(model, encoder, reference: str, shards: dict, accuracy: dict, opts, 
     related = relate(scores, accuracy)
     mean_image = _mean_image(model, train.urls, opts.n_fit)
     importance = {n: importance_summary(_importance(model, encoder, s.urls, mean_image, opts.n, batch_size,
-                                                    device, (answers or {}).get(n)))
-                  for n, (s, _) in shards.items()}
+                                                    device)) for n, (s, _) in shards.items()}
     analysis = {"reference": str(reference), "n_fit": len(fit["question_id"]), "ridge": scores["ridge"],
                 "shift": scores["sets"], **related, "modality_importance": importance,
                 "definitions": "shift: mean Mahalanobis distance to ID train per concept (higher = farther); "

@@ -123,6 +123,31 @@ def die_at_step():
     return wrap
 
 
+@pytest.fixture()
+def killed_trainer(monkeypatch, die_at_step):
+    """``with killed_trainer(step):`` every run the trainer starts inside the block is killed at trainer step
+    ``step`` (KeyboardInterrupt, through ``die_at_step``); the real trainer is back after it."""
+    import contextlib
+
+    from grace_plugin import trainer
+
+    @contextlib.contextmanager
+    def kill(step: int):
+        real = trainer.train
+
+        def dying(rec, *a, **k):
+            die_at_step(rec, step)
+            return real(rec, *a, **k)
+
+        monkeypatch.setattr(trainer, "train", dying)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(trainer, "train", real)
+
+    return kill
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` skip where no CUDA device is visible (tox -e slow runs them; tox -e py deselects them)."""
     if torch.cuda.is_available():

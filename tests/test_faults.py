@@ -496,23 +496,14 @@ def test_run_folder_is_replaced_as_one_unit(env, tmp_path, capsys, monkeypatch):
     assert {oct((out / n).stat().st_mode & 0o777) for n in new} == {oct(0o666 & ~umask)}
 
 
-def test_killed_run_resumes_from_its_staging_folder(env, tmp_path, capsys, monkeypatch, die_at_step):
+def test_killed_run_resumes_from_its_staging_folder(env, tmp_path, capsys, killed_trainer):
     """Killed mid-run: --out keeps nothing half-written, the state waits in the staging folder, --resume ends it."""
-    from grace_plugin import trainer
     from grace_plugin.runfolder import partial_dir
 
     out = tmp_path / "run"
-    real = trainer.train
-
-    def dying(rec, *a, **k):
-        die_at_step(rec, 2)
-        return real(rec, *a, **k)
-
-    monkeypatch.setattr(trainer, "train", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_trainer(2), pytest.raises(KeyboardInterrupt):
         main([str(a) for a in train_argv(env, out, "--steps", "3", "--set", "train.ckpt_every=1")])
     assert not out.exists() and (partial_dir(out) / "train_state.pt").is_file()
-    monkeypatch.setattr(trainer, "train", real)
     rc, err = cli(capsys, train_argv(env, out, "--steps", "3", "--set", "train.ckpt_every=1", "--resume"))
     assert rc == 0, err
     assert (out / "checkpoint.json").is_file() and not partial_dir(out).exists()

@@ -4,16 +4,16 @@ through ``grace train --task vqa`` / ``grace eval --task vqa`` (model, zero-shot
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from grace_plugin.recipes import StepContext, create_recipe, get_recipe_class, list_recipes
+from grace_plugin.recipes import create_recipe, get_recipe_class, list_recipes
 from grace_plugin.vqa.generative import IGNORE, CocaTarget, CocaVQA, tiny_coca_config
 from grace_plugin.vqa.model import QuestionContext, bound, rows
 
 from test_recipes import _recipe_cfg
+from test_vqa_recipes import one_step_checked
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAME = "GRACE-Tiny-CoCa-task-test"
@@ -85,6 +85,28 @@ def test_target_labels_the_training_answer_only(_model_once):
     assert target({"json": {"question_id": 3, "question": "what?", "answers": long_a}}) == "bad_record"
 
 
+def test_an_answer_whose_text_tokenises_otherwise_is_attacked_as_generated(_model_once, coca_batch, monkeypatch):
+    """Greedy decoding can write tokens whose decoded text tokenises back into more tokens than the answer positions
+    (found in a test run: 6 tokens -> 10). The attack target and the importance teacher-force the generated tokens
+    themselves, so such an answer is evaluated, not refused."""
+    from grace_plugin.errors import GraceError
+
+    model, x = _model_once, coca_batch["image"][:2]
+    odd = [41971, 13401, 36211, 31262, 29013, 34168]  # no <eot> within max_new_tokens
+    monkeypatch.setattr(model, "greedy_ids", lambda images, prompts, n=None: torch.cat(
+        [prompts, torch.tensor([odd] * prompts.shape[0])], dim=1))
+    qs = QUESTIONS[:2]
+    text = model.answer(x, qs)[0]
+    with pytest.raises(GraceError, match="more than the 8 answer positions"):
+        model.lm_batch(qs[:1], [text])  # its words do not fit: why the tokens are kept
+    with bound(QuestionContext(questions=qs)):
+        clean, _, actx = model.attack_target(x)
+    assert clean == [text, text] and actx.labels[0, :6].tolist() == odd and (actx.labels[:, 6:] == IGNORE).all()
+    with torch.no_grad(), bound(actx):
+        z = model(x)
+    assert torch.isfinite(z).all()
+
+
 def test_forward_is_the_answer_token_cross_entropy(_model_once, coca_batch):
     model, b = _model_once, coca_batch
     with torch.no_grad(), _bind(b):
@@ -109,8 +131,8 @@ def test_attack_output_is_the_answer_log_likelihood(_model_once, coca_batch):
     with torch.no_grad(), bound(actx):
         z = model(x)
     assert z.shape == (4, 2)
-    with torch.no_grad():  # independent: the clean answers' summed token log-probabilities, teacher-forced
-        text, lab, pos = model.lm_batch(QUESTIONS, clean)
+    with torch.no_grad():  # independent: the generated answers' summed token log-probabilities, teacher-forced
+        text, lab, pos = model.lm_batch(QUESTIONS, model.answer_ids(x, QUESTIONS))
         logp = torch.log_softmax(model.coca(model.normalize(x), text[:, :-1], output_labels=False)["logits"], -1)
         logp = logp[torch.arange(4)[:, None], pos]
         keep = lab != IGNORE
@@ -143,19 +165,7 @@ def test_one_vqa_step_on_coca(name, _model_once, coca_batch):
     assert trainable
     head = {id(p) for p in model.head.parameters()}
     assert (head <= {id(p) for p in trainable}) == bool(cfg.train_head), "the output layer trains iff train_head"
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    ctx = StepContext(device=torch.device("cpu"), step=0, total_steps=10)
-    with _bind(coca_batch):
-        out = rec.training_step(coca_batch, ctx)
-        assert torch.isfinite(out.loss)
-        out.loss.backward()
-        rec.after_step(coca_batch, ctx)
-    ids = {id(p) for p in trainable}
-    for n, p in model.named_parameters():
-        if id(p) in ids and p.grad is None:
-            assert name == "lp_ft" and id(p) not in head, f"{name}: trainable {n} got no gradient"
-        if id(p) not in ids:
-            assert p.grad is None and torch.equal(p, frozen_before[n]), f"{name}: frozen {n} moved"
+    one_step_checked(name, rec, model, coca_batch, _bind, head)
     exported = rec.export_model()
     assert not any("lora_" in k for k in exported.state_dict())
     with torch.no_grad(), _bind(coca_batch):
@@ -205,43 +215,23 @@ def test_train_eval_and_zero_shot_through_the_cli(coca_dir, tmp_path, monkeypatc
                  "--no-progress"]) == 0
     assert "generative, greedy" in json.loads((zs / "report.json").read_text())["model"]
     sh = tmp_path / "sh"  # the shift suite on a CoCa: its concepts and both importance measures
-    decoded = []  # the answers are decoded once, by the accuracy pass; the shift suite reuses them
-    answer = CocaVQA.answer
-    monkeypatch.setattr(CocaVQA, "answer", lambda self, x, qs, *a, **k: decoded.extend(qs) or answer(self, x, qs,
-                                                                                                     *a, **k))
+    decoded = []  # the shift suite decodes each scored question once more (the importance), not for its concepts
+    answer = CocaVQA.answer_ids
+    monkeypatch.setattr(CocaVQA, "answer_ids", lambda self, x, qs, *a, **k: decoded.extend(qs) or answer(self, x, qs,
+                                                                                                         *a, **k))
     assert main(["eval", "--task", "vqa", "--model", str(run), "--data", f"vqav2={data}", "--ood", f"ok-vqa={data}",
                  "--shift", "--out", str(sh), "--no-progress"]) == 0
     an = json.loads((sh / "report.json").read_text())["analysis"]
     assert set(an["shift"]["vqav2"]) == {"uni_image", "uni_question", "image", "joint", "question"}
     assert set(an["modality_importance"]["ok-vqa"]) == {"image", "question", "question_share", "self_over_cross"}
-    assert len(decoded) == 16  # vqav2's 8 questions and ok-vqa's 8
+    assert len(decoded) == 32  # vqav2's 8 questions and ok-vqa's 8, for the accuracy and for the importance
     assert "self/cross" in (sh / "report.md").read_text()
 
 
 def _toy_set(root):
-    import numpy as np
-    from PIL import Image
+    from test_vqa_train_eval import toy_vqa_set
 
-    from grace_app.cli import main
-
-    rng = np.random.default_rng(0)
-    out = root / "set"
-    for split, n in (("train", 8), ("test", 4)):
-        imgs, records = root / f"img_{split}", []
-        imgs.mkdir()
-        for i in range(n):
-            c = ("red", "blue")[i % 2]
-            rgb = (220, 30, 30) if c == "red" else (30, 30, 220)
-            arr = np.clip(np.array(rgb) + rng.normal(0, 10, (32, 32, 3)), 0, 255).astype("uint8")
-            Image.fromarray(arr).save(imgs / f"{i}.png")
-            records += [{"question_id": f"{split}{i}a", "question": "what colour is the picture?", "image": f"{i}.png",
-                         "answer": [c] * 10, "answer_type": "other"},
-                        {"question_id": f"{split}{i}b", "question": "is the picture red?", "image": f"{i}.png",
-                         "answer": ["yes" if c == "red" else "no"] * 10, "answer_type": "yes/no"}]
-        (root / f"{split}.json").write_text(json.dumps(records))
-        assert main(["shards", "convert", "--format", "frames", "--records", str(root / f"{split}.json"), "--images",
-                     str(imgs), "--split", split, "--out", str(out), "--name", "toy"]) == 0
-    return out
+    return toy_vqa_set(root, (("train", 8), ("test", 4)))
 
 
 def test_lora_weight_reads_as_the_merged_weight_and_attention_projections_are_refused(_model_once):
@@ -336,10 +326,6 @@ def test_coca_importance_is_the_answers_probability_drop(_model_once):
     assert torch.allclose(torch.tensor(got["image"]).float(), di, atol=1e-5)
     assert torch.allclose(torch.tensor(got["question"]).float(), dq, atol=1e-5)
     assert got["self_over_cross"].shape == (3,) and (got["self_over_cross"] > 0).all()
-    given = modality_importance(model, None, x, qs, mean, answers)  # the caller's answers: the same numbers
-    assert all(np.array_equal(given[k], got[k]) for k in got)
-    other = modality_importance(model, None, x, qs, mean, ["zebra"] * 3)  # and they are the ones scored
-    assert not np.array_equal(other["image"], got["image"])
 
 
 def test_classification_recast_as_vqa_answered_in_words(coca_dir, tiny_world, tiny_clip_dir, tmp_path):

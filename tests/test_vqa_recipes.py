@@ -57,6 +57,26 @@ def test_soft_target_is_the_normalised_vqa_accuracy(vqa_batch):
     assert VqaTarget(ANSWERS)({"json": b"{not json"}) == "bad_record"
 
 
+def one_step_checked(name, rec, model, batch, bind, head_ids: set) -> None:
+    """One training step of recipe ``rec`` (named ``name``) on ``batch`` bound by ``bind``: a finite loss, a gradient
+    on every trainable weight (lp_ft's first steps probe: there only the head, ``head_ids``, learns), none on a frozen
+    weight, and no frozen weight moved by the step's after_step."""
+    trainable = {id(p) for p in rec.trainable_parameters()}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ctx = StepContext(device=torch.device("cpu"), step=0, total_steps=10)
+    with bind(batch):
+        out = rec.training_step(batch, ctx)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        rec.after_step(batch, ctx)
+    for n, p in model.named_parameters():
+        if id(p) in trainable and p.grad is None:
+            assert name == "lp_ft" and id(p) not in head_ids, f"{name}: trainable {n} got no gradient"
+        if id(p) not in trainable:
+            assert p.grad is None, f"{name}: frozen {n} got a gradient"
+            assert torch.equal(p, frozen_before[n]), f"{name}: frozen {n} changed"
+
+
 @pytest.mark.parametrize("name", VQA_RECIPES)
 def test_one_vqa_step(name, _vqa_once, vqa_batch):
     torch.manual_seed(0)
@@ -65,22 +85,8 @@ def test_one_vqa_step(name, _vqa_once, vqa_batch):
     head_ids = {id(p) for p in model.head.parameters()}
     trainable = rec.trainable_parameters()
     assert head_ids <= {id(p) for p in trainable}, "the new answer head trains in every recipe"
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     bind = get_task("vqa").binder(model, encoder)
-    ctx = StepContext(device=torch.device("cpu"), step=0, total_steps=10)
-    with bind(vqa_batch):
-        out = rec.training_step(vqa_batch, ctx)
-        assert torch.isfinite(out.loss)
-        out.loss.backward()
-        rec.after_step(vqa_batch, ctx)
-    ids = {id(p) for p in trainable}
-    for n, p in model.named_parameters():
-        if id(p) in ids and p.grad is None:
-            # (lp_ft's first steps probe: only the head learns)
-            assert name == "lp_ft" and not n.startswith("head."), f"{name}: trainable {n} got no gradient"
-        if id(p) not in ids:
-            assert p.grad is None, f"{name}: frozen {n} got a gradient"
-            assert torch.equal(p, frozen_before[n]), f"{name}: frozen {n} changed"
+    one_step_checked(name, rec, model, vqa_batch, bind, head_ids)
     exported = rec.export_model()
     assert not any("lora_" in k for k in exported.state_dict())
     with bind(vqa_batch):

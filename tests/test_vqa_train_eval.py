@@ -1,6 +1,7 @@
 """End to end on a tiny VQA set in the frames format: convert, ``grace train --task vqa``, ``grace eval --task
 vqa`` (model, zero-shot CLIP, and a result file: the same question gets the same number on every path)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +15,15 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 
 @pytest.fixture(scope="module")
 def vqa_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vqa")
+    return toy_vqa_set(tmp_path_factory.mktemp("vqa"), (("train", 36), ("test", 12)))
+
+
+def toy_vqa_set(root, sizes) -> Path:
+    """A set folder in the FRAMES record layout, converted by `grace shards convert`: per image (one colour, noisy)
+    two questions, its colour (8 of 10 annotators; 2 say "dark") and "is the picture red?"; ``sizes``: (split, n)."""
     rng = np.random.default_rng(0)
     out = root / "set"
-    for split, n in (("train", 36), ("test", 12)):
+    for split, n in sizes:
         imgs, records = root / f"img_{split}", []
         imgs.mkdir()
         for i in range(n):
@@ -243,26 +249,16 @@ def test_a_vqa_run_is_refused_where_a_classifier_is_expected(vqa_set, tiny_clip_
     assert "--model is required" in capsys.readouterr().err
 
 
-def test_vqa_run_killed_and_resumed_is_bit_identical(vqa_set, tiny_clip_dir, tmp_path, monkeypatch, die_at_step):
+def test_vqa_run_killed_and_resumed_is_bit_identical(vqa_set, tiny_clip_dir, tmp_path, killed_trainer):
     """The trainer's resume serves VQA unchanged: killed after step 2 and resumed, the weights equal an unbroken
     run's byte for byte (the binder holds no state beyond a cache)."""
-    from grace_plugin import trainer
-
     base = ["train", "--task", "vqa", "--recipe", "grace", "--init", str(tiny_clip_dir), "--data", str(vqa_set),
             "--steps", "4", "--no-progress", "--set", "data.answers_min_count=2", "--set", "train.batch_size=8",
             "--set", "train.val_every=0", "--set", "train.ckpt_every=1", "--set", "recipe.lora_rank=4",
             "--set", "recipe.pgd_steps=1"]
     assert main([*base, "--out", str(tmp_path / "whole")]) == 0
-    real = trainer.train
-
-    def dying(rec, *a, **k):
-        die_at_step(rec, 2)
-        return real(rec, *a, **k)
-
-    monkeypatch.setattr(trainer, "train", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_trainer(2), pytest.raises(KeyboardInterrupt):
         main([*base, "--out", str(tmp_path / "broken")])
-    monkeypatch.setattr(trainer, "train", real)
     assert main([*base, "--out", str(tmp_path / "broken"), "--resume"]) == 0
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert (tmp_path / "broken" / "model.safetensors").read_bytes() == whole

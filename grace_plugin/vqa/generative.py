@@ -91,10 +91,16 @@ class CocaTokens:
         """The prompt's tokens without ``<eot>``: where answering starts."""
         return self.ids(QUESTION_PROMPT.format(q=question))[:-1]
 
-    def lm_row(self, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        full = self.ids(QUESTION_PROMPT.format(q=question) + f" {answer}")
+    def lm_row(self, question: str, answer: str | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``answer``: words (tokenised after the prompt, ``<eot>`` added), or the tokens a decoder generated
+        (``CocaVQA.answer_ids``: the model's own tokens, which the decoded text need not tokenise back to)."""
+        prompt = self.prompt_ids(question)
+        if isinstance(answer, str):
+            full = self.ids(QUESTION_PROMPT.format(q=question) + f" {answer}")
+        else:
+            full = prompt + [int(t) for t in answer]
         self.fits(len(full), question, f"prompt + answer {answer!r} + <eot>")
-        p = len(self.prompt_ids(question))
+        p = len(prompt)
         if len(full) - p > self.answer_tokens:
             raise GraceError(f"answer {answer!r}: {len(full) - p} tokens with <eot>, more than the "
                              f"{self.answer_tokens} answer positions")
@@ -106,7 +112,7 @@ class CocaTokens:
         positions = torch.clamp(torch.arange(p - 1, p - 1 + self.answer_tokens), max=self.context_length - 2)
         return text, labels, positions
 
-    def lm_batch(self, questions: Sequence[str], answers: Sequence[str], device=None
+    def lm_batch(self, questions: Sequence[str], answers: Sequence[str | Sequence[int]], device=None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = [self.lm_row(q, a) for q, a in zip(questions, answers)]
         return tuple(torch.stack([r[k] for r in rows]).to(device) for k in range(3))
@@ -239,7 +245,8 @@ class CocaVQA(nn.Module):
     def prompt_ids(self, question: str) -> list[int]:
         return self.tokens.prompt_ids(question)
 
-    def lm_batch(self, questions: Sequence[str], answers: Sequence[str], device=None) -> tuple[torch.Tensor, ...]:
+    def lm_batch(self, questions: Sequence[str], answers: Sequence[str | Sequence[int]], device=None
+                 ) -> tuple[torch.Tensor, ...]:
         return self.tokens.lm_batch(questions, answers, device)
 
     # ------------------------------------------------------------------ the recipe interface
@@ -296,8 +303,9 @@ class CocaVQA(nn.Module):
         from .model import QuestionContext, current_questions
 
         questions = list(current_questions(x.shape[0], "questions"))
-        clean = self.answer(x, questions)
-        text, labels, positions = self.lm_batch(questions, clean, x.device)
+        ids = self.answer_ids(x, questions)  # the generated tokens themselves: their text may tokenise otherwise
+        clean = [self.decode(a) for a in ids]
+        text, labels, positions = self.lm_batch(questions, ids, x.device)
         ctx = QuestionContext(questions=questions, text=text, labels=labels, positions=positions, sequence=True)
         return clean, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), ctx
 
@@ -329,26 +337,32 @@ class CocaVQA(nn.Module):
         return open_clip.decode(torch.tensor([t for t in ids if t not in (0, SOT)])).strip()
 
     @torch.no_grad()
-    def answer(self, images: torch.Tensor, questions: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
-        """Each question's answer in words: the greedy continuation of its prompt, prompts of one length batched."""
+    def answer_ids(self, images: torch.Tensor, questions: Sequence[str], max_new_tokens: int | None = None
+                   ) -> list[list[int]]:
+        """Each question's greedy answer tokens (the continuation of its prompt, up to and with ``<eot>`` where the
+        decoder ended it), prompts of one length batched."""
         prompts = [self.prompt_ids(q) for q in questions]
         for q, ids in zip(questions, prompts):
             self.tokens.fits(len(ids) + 1, q, "the prompt with room for one answer token")
-        answers: list[str] = [""] * len(questions)
+        answers: list[list[int]] = [[] for _ in questions]
         for length in sorted({len(p) for p in prompts}):
             idx = [i for i, p in enumerate(prompts) if len(p) == length]
             ids = torch.tensor([prompts[i] for i in idx], device=images.device)
             out = self.greedy_ids(images[idx], ids, max_new_tokens)
             for row, i in zip(out[:, length:].tolist(), idx):
-                answers[i] = self.decode(row)
+                answers[i] = row[:row.index(EOT) + 1] if EOT in row else row
         return answers
 
+    def answer(self, images: torch.Tensor, questions: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
+        """Each question's answer in words (``answer_ids`` decoded)."""
+        return [self.decode(ids) for ids in self.answer_ids(images, questions, max_new_tokens)]
+
     @torch.no_grad()
-    def attention_outputs(self, images: torch.Tensor, questions: Sequence[str], answers: Sequence[str]
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Teacher forcing on ``answers``: the decoder's last-layer self-attention and cross-attention outputs
-        ``[B, L, D]`` (before the residual sums) and the mask of the prompt's text positions ``[B, L]`` (``<sot>``
-        and the question; not the answer, not the padding)."""
+    def attention_outputs(self, images: torch.Tensor, questions: Sequence[str],
+                          answers: Sequence[str | Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher forcing on ``answers`` (words or generated tokens, as ``lm_batch``): the decoder's last-layer
+        self-attention and cross-attention outputs ``[B, L, D]`` (before the residual sums) and the mask of the
+        prompt's text positions ``[B, L]`` (``<sot>`` and the question; not the answer, not the padding)."""
         text = self.lm_batch(questions, answers, images.device)[0]
         dec = self.coca.text_decoder
         got: dict[str, torch.Tensor] = {}
