@@ -97,6 +97,8 @@ def test_frames_lanes_then_judge_on_the_small_world(tmp_path, capsys):
     v = {x["claim"]: x for x in doc["verdicts"]}
     assert v["DiGraP at or above zero-shot on ID"]["n"] == 2
     assert page_markdown(doc).startswith("# FRAMES-VQA study, VQA world seed 0")
+    assert set(doc["pretrain_seconds"]) == {"clip"} and doc["pretrain_seconds"]["clip"] > 0
+    assert "for pretraining the tiny CLIP" in page_markdown(doc)
     assert add_source(out, tmp_path / "pages").name == "frames.json"
     assert main(common[:5] + ["3"] + common[6:] + ["--seeds", "0-0"]) == 2  # another run length: refused
     assert "steps=2, not 3" in capsys.readouterr().err

@@ -273,10 +273,24 @@ def run_frames(cfg: FramesConfig, progress: bool = True, echo=print) -> dict:
                "n_adv": cfg.n_adv, "n_shift": cfg.n_shift, "margin": MARGIN, "tuned": _tuned_methods(),
                "rows": FRAMES_ROWS, "records": records, "verdicts": judge(records), "size": cfg.size,
                # the invocation that judged (its lanes' records are all of ``records``, whatever it ran itself)
-               "judged_by": {k: str(v) for k, v in asdict(cfg).items()}, "seconds": round(time.time() - t0, 1)}
+               "judged_by": {k: str(v) for k, v in asdict(cfg).items()}, "seconds": round(time.time() - t0, 1),
+               "pretrain_seconds": _pretrain_seconds(out, records)}
         atomic_write_text(out / "frames.json", json.dumps(doc, separators=(",", ":")) + "\n")  # per-question data
         atomic_write_text(out / "frames.md", frames_markdown(doc))
     return {"doc": doc, "counts": total, "seconds": round(time.time() - t0, 1)}
+
+
+def _pretrain_seconds(out: Path, records: dict) -> dict[str, float]:
+    """Each backbone's pretraining time as its open_clip_config.json records it (one pinned thread: wall = CPU),
+    the study's cost beside its runs' (a cached model was pretrained once, by whichever study came first)."""
+    from .quickstart_vqa import backbone_folder
+
+    got = {}
+    for b in records:
+        f = backbone_folder(out, b) / "pretrained" / "open_clip_config.json"
+        if f.is_file() and isinstance(json.loads(f.read_text()).get("seconds"), (int, float)):
+            got[b] = float(json.loads(f.read_text())["seconds"])
+    return got
 
 
 def _check_protocol(cfg: FramesConfig) -> None:
@@ -457,7 +471,8 @@ def frames_markdown(doc: dict) -> str:
               "(the official evaluator's), percent, mean ± SD over seeds; ID = vqav2 test, near = the mean of "
               f"{', '.join(OOD_SETS[:6])}, far = the mean of {', '.join(OOD_SETS[6:])}, OOD = all nine; Adv = "
               f"{doc['attack']} (l_inf {doc['eps']:.4f}) on the image of the first {doc['n_adv']} test questions. "
-              f"Compute: {cpu / 3600:.2f} CPU-hours (training and evaluation). Rows tuned on the VQA world's "
+              f"Compute: {cpu / 3600:.2f} CPU-hours (training and evaluation)" + _pretrain_note(doc)
+              + ". Rows tuned on the VQA world's "
               "validation split (`grace study tune --task vqa`): " + "; ".join(
                   f"{b}: {', '.join(m) or 'none'}" for b, m in doc["tuned"].items() if b in records)
               + ". Every other row runs at the VQA layer's learning rate, untuned.", ""]
@@ -479,6 +494,12 @@ def frames_markdown(doc: dict) -> str:
     lines += [f"| {v['backbone']} | {v['claim']} | {v['test']} | {_stat(v)} | {v['verdict']} |"
               for v in doc["verdicts"]]
     return "\n".join(lines) + "\n"
+
+
+def _pretrain_note(doc: dict) -> str:
+    pre = doc.get("pretrain_seconds") or {}
+    return (", plus " + " and ".join(f"{v / 3600:.2f} for pretraining the tiny {b.upper() if b == 'clip' else 'CoCa'}"
+                                     for b, v in pre.items())) if pre else ""
 
 
 def _shift_lines(rows: dict) -> list[str]:
