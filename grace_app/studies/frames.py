@@ -521,6 +521,29 @@ def _shift_lines(rows: dict) -> list[str]:
         an = _first_analysis(rows, label)
         if an:
             out.append(_importance_row(label, an))
+    return out + ["", *_own_shift_table(rows)]
+
+
+def _own_shift_table(rows: dict) -> list[str]:
+    """Each row's own distances (first seed) by concept, near-OOD and far-OOD means: the shift a method's own
+    embeddings see, beside the pre-trained model's (FRAMES-VQA's shift table, arXiv 2505.21755 §4)."""
+    from .quickstart_vqa import OOD_SETS
+
+    concepts, groups = ("image", "question", "joint"), (("near", OOD_SETS[:6]), ("far", OOD_SETS[6:]))
+    out = ["Each row's own shift (first seed; mean Mahalanobis distance to its ID train Gaussian), mean over the "
+           "near-OOD and the far-OOD sets:", "",
+           "| row | " + " | ".join(f"{c} {g}" for c in concepts for g, _ in groups) + " |",
+           "|---" * (len(concepts) * len(groups) + 1) + "|"]
+    for label in rows:
+        an = _first_analysis(rows, label)
+        if not an:
+            continue
+        cells = []
+        for c in concepts:
+            for _, names in groups:
+                vals = [an["shift"][n][c] for n in names if an["shift"].get(n, {}).get(c) is not None]
+                cells.append(f"{statistics.fmean(vals):.2f}" if vals else "-")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
 
 
