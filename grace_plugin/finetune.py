@@ -247,7 +247,9 @@ def _fine_tune(recipe: str, init, data, out: Path, cfg: RunConfig, progress: boo
                                          "val_seconds": result.val_seconds, "resumed_at": result.resumed_at}}
     if rec.summary():
         metrics["recipe"] = rec.summary()
-    extra = {"init": str(init), "data": str(data), "device": str(device), "world_size": world, "task": task.name}
+    extra = {"init": str(init), "data": str(data), "device": str(device), "world_size": world, "task": task.name,
+             # CPU sums split over threads: the same run on another thread count can differ in the last bits
+             "torch_threads": torch.get_num_threads()}
     if result.selection is not None:  # which weights were exported, and the validation check that chose them
         extra["selection"] = result.selection
     if result.stopped:

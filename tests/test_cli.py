@@ -55,7 +55,7 @@ def test_train_writes_loadable_runs(trained_runs):
         run = trained_runs / name
         meta = json.loads((run / "checkpoint.json").read_text())
         assert meta["recipe"] == name and meta["metrics"]["train"]["steps"] == 3
-        assert meta["config"]["train"]["batch_size"] == 8
+        assert meta["config"]["train"]["batch_size"] == 8 and meta["torch_threads"] == torch.get_num_threads()
         assert len(meta["classnames"]) == 10 and meta["architecture"]["num_classes"] == 10
         logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in logs] == [0, 1, 2] and all(np.isfinite(r["loss"]) for r in logs)
