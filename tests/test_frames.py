@@ -167,3 +167,14 @@ def test_a_clip_lane_does_not_wait_for_a_coca_pretraining(tmp_path, monkeypatch)
     finally:
         release.set()
         coca.join(timeout=60)
+
+
+def test_the_page_says_where_tuned_values_were_selected():
+    """A study on world 1 that reuses values tuned on world 0 says so beside each tuned row."""
+    from grace_app.studies.frames import frames_markdown
+
+    rows = {"DiGraP": {"0": _rec(80, 50, {"vqav2": 80.0}), "1": _rec(81, 51, {"vqav2": 81.0})}}
+    doc = {"world_seed": 1, "steps": 2, "attack": "apgd-ce", "eps": 4 / 255, "n_adv": 2, "records": {"clip": rows},
+           "tuned": {"clip": ["ft", "digrap"]}, "tuned_on": {"clip": {"ft": 0, "digrap": 1}}, "verdicts": []}
+    md = frames_markdown(doc)
+    assert "clip: ft (values selected on world seed 0, reused here), digrap." in md

@@ -153,6 +153,22 @@ def _tuned_methods() -> dict[str, list[str]]:
     return {b: sorted(_tuned(b)) for b in BACKBONES}
 
 
+def _tuned_worlds() -> dict[str, dict[str, int]]:
+    """The world seed each tuned value was selected on, per backbone and method, from the note
+    ``grace study tune`` writes above it (``# [method] ... seed N: ...``); a study on another world reuses them."""
+    import re
+
+    from ..testbed.configs import testbed_dir
+
+    out: dict[str, dict[str, int]] = {}
+    for b in BACKBONES:
+        f = testbed_dir() / ("tuned-vqa.yaml" if b == "clip" else f"tuned-vqa-{b}.yaml")
+        if f.is_file():
+            out[b] = {m.group(1): int(m.group(2)) for m in re.finditer(r"^# \[(\S+)\] .*?, seed (\d+):",
+                                                                        f.read_text(), re.M)}
+    return out
+
+
 def config_id(recipe: str, resolved: dict) -> str:
     """A short hash of a run's resolved config without its seed and device: the seeds of one row share it, so a
     testbed file edited between two lanes (another learning rate, say) shows as two ids in one row."""
@@ -271,6 +287,7 @@ def run_frames(cfg: FramesConfig, progress: bool = True, echo=print) -> dict:
         records = _compact(json.loads(store.read_text()))
         doc = {"kind": "frames", "world_seed": cfg.seed, "steps": cfg.steps, "attack": cfg.attack, "eps": cfg.eps,
                "n_adv": cfg.n_adv, "n_shift": cfg.n_shift, "margin": MARGIN, "tuned": _tuned_methods(),
+               "tuned_on": _tuned_worlds(),
                "rows": FRAMES_ROWS, "records": records, "verdicts": judge(records), "size": cfg.size,
                # the invocation that judged (its lanes' records are all of ``records``, whatever it ran itself)
                "judged_by": {k: str(v) for k, v in asdict(cfg).items()}, "seconds": round(time.time() - t0, 1),
@@ -472,9 +489,9 @@ def frames_markdown(doc: dict) -> str:
               f"{', '.join(OOD_SETS[:6])}, far = the mean of {', '.join(OOD_SETS[6:])}, OOD = all nine; Adv = "
               f"{doc['attack']} (l_inf {doc['eps']:.4f}) on the image of the first {doc['n_adv']} test questions. "
               f"Compute: {cpu / 3600:.2f} CPU-hours (training and evaluation)" + _pretrain_note(doc)
-              + ". Rows tuned on the VQA world's "
-              "validation split (`grace study tune --task vqa`): " + "; ".join(
-                  f"{b}: {', '.join(m) or 'none'}" for b, m in doc["tuned"].items() if b in records)
+              + ". Rows tuned on a VQA world's validation split (`grace study tune --task vqa`): " + "; ".join(
+                  f"{b}: {', '.join(_tuned_label(doc, b, x) for x in m) or 'none'}" for b, m in doc["tuned"].items()
+                  if b in records)
               + ". Every other row runs at the VQA layer's learning rate, untuned.", ""]
     for backbone, rows in records.items():
         rows = {k: rows[k] for k in sorted(rows, key=lambda r: list(FRAMES_ROWS).index(r) if r in FRAMES_ROWS else 99)}
@@ -494,6 +511,13 @@ def frames_markdown(doc: dict) -> str:
     lines += [f"| {v['backbone']} | {v['claim']} | {v['test']} | {_stat(v)} | {v['verdict']} |"
               for v in doc["verdicts"]]
     return "\n".join(lines) + "\n"
+
+
+def _tuned_label(doc: dict, backbone: str, method: str) -> str:
+    """A tuned method, with the world its values were selected on where that is not this study's world."""
+    world = ((doc.get("tuned_on") or {}).get(backbone) or {}).get(method)
+    return method if world is None or world == doc["world_seed"] else f"{method} (values selected on world seed " \
+        f"{world}, reused here)"
 
 
 def _pretrain_note(doc: dict) -> str:
