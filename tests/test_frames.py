@@ -85,17 +85,21 @@ def test_frames_lanes_then_judge_on_the_small_world(tmp_path, capsys):
     common = ["study", "frames", "--size", "small", "--steps", "2", "--pretrain-steps", "3", "--n-adv", "2",
               "--n-shift", "20", "--out", str(out), "--no-progress", "--backbones", "clip", "--methods",
               "zero-shot,DiGraP"]
-    assert main(common + ["--seeds", "0-0", "--no-judge"]) == 0 and not (out / "frames.json").exists()
-    assert main(common + ["--seeds", "1-1", "--no-judge"]) == 0  # a later seed's lane: no second shift analysis
+    # seed 1's lane runs first (it analyses: no lower seed has), then seed 0's, then seed 2's (it does not)
+    for k in (1, 0, 2):
+        assert main(common + ["--seeds", f"{k}-{k}", "--no-judge"]) == 0 and not (out / "frames.json").exists()
+    seed1 = out / "runs" / "clip" / "digrap" / "seed1" / "eval" / "report.json"
+    before = seed1.stat().st_mtime_ns
     capsys.readouterr()
-    assert main(common + ["--seeds", "0-1"]) == 0
-    assert "clip: 2 runs reused, 0 resumed, 0 trained" in capsys.readouterr().out
+    assert main(common + ["--seeds", "0-2"]) == 0
+    assert "clip: 3 runs reused, 0 resumed, 0 trained" in capsys.readouterr().out
+    assert seed1.stat().st_mtime_ns == before  # its evaluation (with the shift suite) reused, not redone without
     doc = json.loads((out / "frames.json").read_text())
     recs = doc["records"]["clip"]["DiGraP"]
-    assert set(recs) == {"0", "1"} and "analysis" in recs["0"] and "analysis" not in recs["1"]
-    assert recs["0"]["config_id"] == recs["1"]["config_id"]  # one row, one config
+    assert set(recs) == {"0", "1", "2"} and "analysis" in recs["0"] and "analysis" not in recs["2"]
+    assert len({r["config_id"] for r in recs.values()}) == 1  # one row, one config
     v = {x["claim"]: x for x in doc["verdicts"]}
-    assert v["DiGraP at or above zero-shot on ID"]["n"] == 2
+    assert v["DiGraP at or above zero-shot on ID"]["n"] == 3
     assert page_markdown(doc).startswith("# FRAMES-VQA study, VQA world seed 0")
     assert set(doc["pretrain_seconds"]) == {"clip"} and doc["pretrain_seconds"]["clip"] > 0
     assert "for pretraining the tiny CLIP" in page_markdown(doc)

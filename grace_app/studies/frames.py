@@ -202,7 +202,8 @@ def _train(cfg: FramesConfig, backbone: str, method: str, seed: int, data: Path,
 
 
 def _evaluate(cfg: FramesConfig, model: Path, dest: Path, data: Path, device: str, shift: bool) -> dict:
-    """The run's report (reused when ``dest`` holds one made from the same inputs)."""
+    """The run's report (reused when ``dest`` holds one made from the same inputs, or from the same with the shift
+    suite where none is asked: a lane that analysed a later seed first is not evaluated again)."""
     from eval_suites.context import ShiftOptions, SuiteContext
     from eval_suites.engine import evaluate, expand_shorthands, write_evaluation
     from grace_plugin.tensor_io import atomic_write_text
@@ -214,7 +215,8 @@ def _evaluate(cfg: FramesConfig, model: Path, dest: Path, data: Path, device: st
     inputs = {"model": str(model), "weights_mtime_ns": weights.stat().st_mtime_ns, "attack": cfg.attack,
               "eps": cfg.eps, "n_adv": cfg.n_adv, "shift": shift, "n_shift": cfg.n_shift, "seed": cfg.seed}
     marker = dest / "frames-inputs.json"
-    if (dest / "report.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == inputs:
+    if (dest / "report.json").is_file() and marker.is_file() and json.loads(marker.read_text()) in (
+            inputs, {**inputs, "shift": True}):
         return json.loads((dest / "report.json").read_text())
     names, sets = expand_shorthands(f"vqav2={data / 'vqav2'}", [f"{n}={data / n}" for n in OOD_SETS],
                                     cfg.attack if cfg.n_adv else None)
