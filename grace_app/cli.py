@@ -157,7 +157,7 @@ def _parse_seeds(text: str) -> tuple[int, list[int] | None]:
 
 STUDY_ONLY, TUNE_ONLY = ("seeds", "n_adv"), ("trials", "n_val_adv", "rescore_seeds", "write", "no_write", "task")
 CONTROLS_ONLY = ("control", "arms")
-FRAMES_ONLY = ("n_shift", "no_judge")
+FRAMES_ONLY = ("n_shift", "no_judge", "status")
 
 
 def _refuse_flags(a, names: tuple[str, ...], command: str) -> None:
@@ -219,7 +219,7 @@ def _cmd_controls(a) -> int:
 
 def _cmd_frames(a) -> int:
     """`grace study frames` (grace_app/studies/frames.py): rows x backbones x seeds on the VQA world, judged."""
-    from grace_app.studies.frames import BACKBONES, FRAMES_ROWS, FramesConfig, run_frames
+    from grace_app.studies.frames import BACKBONES, FRAMES_ROWS, FramesConfig, frames_status, run_frames
     from grace_plugin.errors import UsageError
 
     _refuse_flags(a, CONTROLS_ONLY, "grace study frames")
@@ -231,6 +231,9 @@ def _cmd_frames(a) -> int:
                        methods=_comma_list(a.methods) or list(FRAMES_ROWS), steps=a.steps or 300,
                        n_adv=100 if a.n_adv is None else a.n_adv, n_shift=a.n_shift or 200, size=a.size,
                        pretrain_steps=a.pretrain_steps, device=a.device, judge=not a.no_judge)
+    if a.status:
+        print(frames_status(cfg))
+        return 0
     res = run_frames(cfg, progress=not a.no_progress)
     if res["doc"] is not None:
         print((cfg.out / "frames.md").read_text())

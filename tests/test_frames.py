@@ -94,6 +94,9 @@ def test_frames_lanes_then_judge_on_the_small_world(tmp_path, capsys):
     assert main(common + ["--seeds", "0-2"]) == 0
     assert "clip: 3 runs reused, 0 resumed, 0 trained" in capsys.readouterr().out
     assert seed1.stat().st_mtime_ns == before  # its evaluation (with the shift suite) reused, not redone without
+    assert main(common + ["--seeds", "0-3", "--status"]) == 0  # what the folder holds; nothing runs
+    status = capsys.readouterr().out
+    assert "clip zero-shot: stored" in status and "clip DiGraP: stored 0,1,2; missing 3" in status
     doc = json.loads((out / "frames.json").read_text())
     recs = doc["records"]["clip"]["DiGraP"]
     assert set(recs) == {"0", "1", "2"} and "analysis" in recs["0"] and "analysis" not in recs["2"]
@@ -175,7 +178,7 @@ def test_a_clip_lane_does_not_wait_for_a_coca_pretraining(tmp_path, monkeypatch)
 
 def test_the_page_says_where_tuned_values_were_selected():
     """A study on world 1 that reuses values tuned on world 0 says so beside each tuned row."""
-    from grace_app.studies.frames import frames_markdown
+    from grace_app.studies.frames_page import frames_markdown
 
     rows = {"DiGraP": {"0": _rec(80, 50, {"vqav2": 80.0}), "1": _rec(81, 51, {"vqav2": 81.0})}}
     doc = {"world_seed": 1, "steps": 2, "attack": "apgd-ce", "eps": 4 / 255, "n_adv": 2, "records": {"clip": rows},

@@ -213,7 +213,7 @@ def page_markdown(doc: dict, text: str | None = None) -> str:
 
         return controls_markdown(doc)
     if kind == "frames":
-        from .frames import frames_markdown
+        from .frames_page import frames_markdown
 
         return frames_markdown(doc)
     raise UsageError("not a study.json, quickstart summary.json, tuning.json, controls.json or bench JSON")
