@@ -216,17 +216,17 @@ def test_vqa_attack_resumes_from_its_state(vqa_set, tiny_clip_dir, tmp_path, mon
 
     bundle = load_clip(tiny_clip_dir)
     model, enc = vqa_model_from_clip(bundle, ["red", "blue", "green", "yes", "no"]), QuestionEncoder(bundle)
-    urls, state = open_shard_set(vqa_set, split="test").urls, tmp_path / "state" / "vqa-adv-pgd.json"
-    first = vqa.attack_set(model, enc, urls, "pgd", 4 / 255, 10, "cpu", batch_size=4, state_path=state,
+    urls, state = open_shard_set(vqa_set, split="test").urls, tmp_path / "state" / "vqa-adv-fgsm.json"
+    first = vqa.attack_set(model, enc, urls, "fgsm", 4 / 255, 10, "cpu", batch_size=4, state_path=state,
                            signature={"w": 1})
-    assert len(first) == 10 and list(state.parent.glob("vqa-adv-pgd.rank0.json"))
+    assert len(first) == 10 and list(state.parent.glob("vqa-adv-fgsm.rank0.json"))
     calls = []
     real = vqa._attacked
     monkeypatch.setattr(vqa, "_attacked", lambda *a: calls.append(1) or real(*a))
-    again = vqa.attack_set(model, enc, urls, "pgd", 4 / 255, 10, "cpu", batch_size=4, state_path=state,
+    again = vqa.attack_set(model, enc, urls, "fgsm", 4 / 255, 10, "cpu", batch_size=4, state_path=state,
                            signature={"w": 1})
     assert again == first and calls == []  # all three batches read back
-    vqa.attack_set(model, enc, urls, "pgd", 4 / 255, 10, "cpu", batch_size=4, state_path=state, signature={"w": 2})
+    vqa.attack_set(model, enc, urls, "fgsm", 4 / 255, 10, "cpu", batch_size=4, state_path=state, signature={"w": 2})
     assert len(calls) == 3  # another model: recomputed, never the old numbers
 
 
