@@ -227,7 +227,9 @@ def test_quickstart_smoke(tmp_path, capsys):
 
     sha = hashlib.sha256((out / "pretrained" / "open_clip_model.safetensors").read_bytes()).hexdigest()
     assert summary["tiny_clip"]["sha256"] == sha and summary["tiny_clip"]["pretrain"]["steps"] == 5
-    origin = f"Tiny CLIP {sha[:12]} (sha256), pretrained 5 steps on 1 thread(s), world v2 seed 0."
+    origin = (f"Tiny CLIP {sha[:12]} (sha256), pretrained 5 steps on 1 thread(s), world v2 seed 0. PyTorch "
+              f"{torch.__version__}.")
+    assert summary["torch"] == torch.__version__
     printed = capsys.readouterr().out
     assert "| zero-shot |" in printed and origin in printed and origin in (out / "summary.md").read_text()
 

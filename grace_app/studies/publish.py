@@ -166,7 +166,7 @@ def _quickstart_markdown(doc: dict) -> str:
     from .quickstart import tiny_clip_line
 
     rows = doc["rows"]
-    origin = (" " + tiny_clip_line(doc["tiny_clip"], doc.get("world_seed", 0), doc.get("world"))
+    origin = (" " + tiny_clip_line(doc["tiny_clip"], doc.get("world_seed", 0), doc.get("world"), doc.get("torch"))
               if doc.get("tiny_clip") else "")
     lines = ["# Quick start", "",
              f"`grace quickstart` on world {doc.get('world')}, seeds {doc.get('seeds')}, {doc.get('steps')} steps "

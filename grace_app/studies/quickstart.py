@@ -172,9 +172,13 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     counts = json.loads((data / "world.json").read_text())["counts"]
     legend = column_definitions(counts, cfg.attack, cfg.eps, min(cfg.n_adv, counts["id"]["test"]), len(seeds))
     tiny = tiny_clip_identity(pretrained)
-    origin = tiny_clip_line(tiny, cfg.seed, cfg.world)
+    import torch
+
+    origin = tiny_clip_line(tiny, cfg.seed, cfg.world, torch.__version__)
     paths = write_summary(out, rows, extra={"seeds": seeds, "steps": cfg.steps, "world": cfg.world,
                                             "world_seed": cfg.seed, "tiny_clip": tiny, "columns": legend,
+                                            # the numbers move with the PyTorch release (its CPU kernels)
+                                            "torch": torch.__version__,
                                             "seconds": round(time.time() - t0, 1), "phases": phases},
                           sections=[summary_markdown([r["paper"] for r in rows], definition="paper")])
     with open(paths["md"], "a") as f:
@@ -182,13 +186,15 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, echo=print) -> 
     return {"rows": rows, "paths": paths, "seconds": time.time() - t0, "legend": legend, "origin": origin}
 
 
-def tiny_clip_line(tiny: dict, world_seed: int, world: str) -> str:
+def tiny_clip_line(tiny: dict, world_seed: int, world: str, torch_version: str | None = None) -> str:
     """Which tiny CLIP the rows start from (``tiny_clip_identity``'s record): the same sha256 is the same model, so
-    two summaries are comparable only when this line matches."""
+    two summaries are comparable only when this line matches; and the PyTorch release the rows ran on, where
+    recorded (another release's CPU kernels can move the adversarially trained rows by a few images)."""
     pre = tiny["pretrain"]
     threads = pre.get("threads")
     return (f"Tiny CLIP {tiny['sha256'][:12]} (sha256), pretrained {pre.get('steps', '?')} steps on "
-            f"{threads or 'unrecorded'} thread(s), world {world} seed {world_seed}.")
+            f"{threads or 'unrecorded'} thread(s), world {world} seed {world_seed}."
+            + (f" PyTorch {torch_version}." if torch_version else ""))
 
 
 def column_definitions(counts: dict, attack: str, eps: float, n_adv: int, n_seeds: int) -> str:
