@@ -80,15 +80,21 @@ class EvalSet:
             d = imagenet_val_dir(self.path)
             files = [d / f for f in subset_files(min(n or 5000, 5000))]
         else:
-            files = [Path(u) if os.path.exists(u) else u for u in self.urls]
-        out = []
-        for f in files:
-            if isinstance(f, Path):
-                st = f.stat()
-                out.append([str(f), st.st_size, st.st_mtime_ns])
-            else:
-                out.append([str(f), None, None])
-        return out
+            files = self.urls
+        return files_signature(files)
+
+
+def files_signature(files) -> list:
+    """``[[file, size, mtime_ns], ...]`` of ``files`` (paths or URLs): what a resume state was computed from; a
+    URL, or a path that is not a local file, as given with no size or mtime."""
+    out = []
+    for f in files:
+        if os.path.exists(f):
+            st = os.stat(f)
+            out.append([str(Path(f)), st.st_size, st.st_mtime_ns])
+        else:
+            out.append([str(f), None, None])
+    return out
 
 
 def open_eval_set(name: str, path: str | Path) -> EvalSet:

@@ -197,8 +197,7 @@ def _run_adv(loaded, ctx: SuiteContext, es: EvalSet, model, attack: str, n: int,
 
     state = None
     if ctx.out_dir is not None and state_name:
-        state = Path(ctx.out_dir) / "state" / f"{state_name}.json"
-        state.parent.mkdir(parents=True, exist_ok=True)
+        state = Path(ctx.out_dir) / "state" / f"{state_name}.json"  # its folder made by evaluate.BatchState
     return evaluate_adversarial(model, _read(es, _transform(loaded), ctx, n, limit=n, num_classes=classes), attack,
                                 ctx.eps, n_max=n,
                                 norm=ctx.norm, device=ctx.device, seed=ctx.seed, progress=ctx.progress,

@@ -344,6 +344,7 @@ def _encoder_id(encoder) -> str:
 @register_suite("adv", takes_arg=True, task="vqa")
 def _suite_adv(loaded: VqaLoaded, ctx, arg: str) -> dict:
     """Pixel-space robustness: the attack on the image of the first --n-adv ID questions, against the clean answer."""
+    from .context import files_signature
     from .evaluate import model_sha256
 
     name, path, _ = _set_args(ctx, "id")
@@ -351,8 +352,7 @@ def _suite_adv(loaded: VqaLoaded, ctx, arg: str) -> dict:
     state = None if ctx.out_dir is None else Path(ctx.out_dir) / "state" / f"vqa-adv-{arg}.json"
     sig = None if state is None else {  # what the result was computed from: a resume state must match all of it
         "weights_sha256": model_sha256(loaded.model), "questions": _encoder_id(loaded.encoder),
-        "data": [[u, *((Path(u).stat().st_size, Path(u).stat().st_mtime_ns) if Path(u).is_file() else (None, None))]
-                 for u in s.urls]}
+        "data": files_signature(s.urls)}
     rows = attack_set(loaded.model, loaded.encoder, s.urls, arg, ctx.eps, ctx.n_adv, ctx.device, ctx.seed,
                       ctx.batch_size, state, sig)
     ctx.cache[("vqa-adv", arg)] = rows

@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--no-judge", action="store_true", default=None,
                     help="train and evaluate this lane only; a later invocation writes the page")
     fg.add_argument("--status", action="store_true", default=None,
-                    help="say what --out holds for these rows and seeds (stored, trained but not evaluated, killed "
-                    "mid-run, missing) and run nothing")
+                    help="say what --out holds for these rows and seeds (stored, trained but not recorded, staged: "
+                    "running or killed and resumable, missing) and run nothing")
     tg = st.add_argument_group("study tune only")
     tg.add_argument("--trials", type=int, help="trials per method (default: tuning.yaml's)")
     tg.add_argument("--n-val-adv", type=int, help="validation images attacked per trial")

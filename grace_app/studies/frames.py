@@ -144,11 +144,18 @@ def _layers(backbone: str, method: str) -> dict:
     return merge(layer, nest(_tuned(backbone).get(method) or {}))
 
 
-def _tuned(backbone: str) -> dict:
-    from ..testbed.configs import _load, testbed_dir
+def _tuned_file(backbone: str) -> Path:
+    """The VQA protocol's selections for ``backbone`` (``grace study tune --task vqa --backbones B`` writes it)."""
+    from ..testbed.configs import testbed_dir
 
-    name = "tuned-vqa.yaml" if backbone == "clip" else f"tuned-vqa-{backbone}.yaml"
-    return (_load(name) or {}) if (testbed_dir() / name).is_file() else {}
+    return testbed_dir() / ("tuned-vqa.yaml" if backbone == "clip" else f"tuned-vqa-{backbone}.yaml")
+
+
+def _tuned(backbone: str) -> dict:
+    from ..testbed.configs import _load
+
+    f = _tuned_file(backbone)
+    return (_load(f.name) or {}) if f.is_file() else {}
 
 
 def _tuned_methods() -> dict[str, list[str]]:
@@ -160,11 +167,9 @@ def _tuned_worlds() -> dict[str, dict[str, int]]:
     ``grace study tune`` writes above it (``# [method] ... seed N: ...``); a study on another world reuses them."""
     import re
 
-    from ..testbed.configs import testbed_dir
-
     out: dict[str, dict[str, int]] = {}
     for b in BACKBONES:
-        f = testbed_dir() / ("tuned-vqa.yaml" if b == "clip" else f"tuned-vqa-{b}.yaml")
+        f = _tuned_file(b)
         if f.is_file():
             out[b] = {m.group(1): int(m.group(2)) for m in re.finditer(r"^# \[(\S+)\] .*?, seed (\d+):",
                                                                         f.read_text(), re.M)}
@@ -182,6 +187,10 @@ def config_id(recipe: str, resolved: dict) -> str:
     return hashlib.sha256(json.dumps([recipe, d], sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _run_dir(out: Path, backbone: str, method: str, seed: int) -> Path:
+    return Path(out) / "runs" / backbone / method / f"seed{seed}"
+
+
 def _train(cfg: FramesConfig, backbone: str, method: str, seed: int, data: Path, pretrained: Path, device: str,
            echo) -> tuple[Path, str, str]:
     from grace_plugin.config import to_dict
@@ -191,7 +200,7 @@ def _train(cfg: FramesConfig, backbone: str, method: str, seed: int, data: Path,
     from .runner import finished_run_matches, killed_run_matches
 
     m = load_methods()[method]
-    run_dir = Path(cfg.out) / "runs" / backbone / method / f"seed{seed}"
+    run_dir = _run_dir(cfg.out, backbone, method, seed)
     run_cfg = method_config(m, tuned=False, steps=cfg.steps, overrides=merge(
         _layers(backbone, method), {"train": {"seed": seed, "device": device}}))
     cid = config_id(m.recipe, to_dict(run_cfg))
@@ -309,8 +318,9 @@ def _pretrain_seconds(out: Path, records: dict) -> dict[str, float]:
     got = {}
     for b in records:
         f = backbone_folder(out, b) / "pretrained" / "open_clip_config.json"
-        if f.is_file() and isinstance(json.loads(f.read_text()).get("seconds"), (int, float)):
-            got[b] = float(json.loads(f.read_text())["seconds"])
+        seconds = json.loads(f.read_text()).get("seconds") if f.is_file() else None
+        if isinstance(seconds, (int, float)):
+            got[b] = float(seconds)
     return got
 
 
@@ -332,7 +342,7 @@ def frames_status(cfg: FramesConfig) -> str:
                 continue
             state: dict[str, list[str]] = {}
             for k in cfg.seeds:
-                run = out / "runs" / backbone / FRAMES_ROWS[label] / f"seed{k}"
+                run = _run_dir(out, backbone, FRAMES_ROWS[label], k)
                 what = "stored" if str(k) in recs else "trained, not recorded" if (run / "checkpoint.json").is_file() \
                     else "staged (running, or killed: a lane resumes it)" if (partial_dir(run) / "train_state.pt"
                                                                               ).is_file() else "missing"
